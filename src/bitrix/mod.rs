@@ -1,0 +1,13 @@
+//! The Bitrix24 REST client: the only place that knows Bitrix24's JSON, HTTP, OAuth and limits.
+
+pub mod client;
+pub mod error;
+pub mod form;
+pub mod oauth;
+pub mod ratelimit;
+pub mod types;
+
+pub use client::{ClientSettings, PortalClient};
+pub use error::{BitrixError, ErrorClass};
+pub use oauth::{TokenStore, Tokens};
+pub use types::{ListPage, ListedEvent, OfflineBatch, OfflineEvent};

@@ -1,0 +1,17 @@
+//! b24eventd: pulls Bitrix24 offline events, journals them in SQLite, delivers them to sinks and
+//! settles them upstream. `main.rs` only calls [`cli::main`]; everything else lives here.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
+
+pub mod bitrix;
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod journal;
+pub mod pipeline;
+pub mod shutdown;
+pub mod simulator;
+pub mod sinks;
+
+/// A boxed, sendable future: the return type of the object-safe async traits (sinks, token store).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

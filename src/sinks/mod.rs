@@ -1,0 +1,40 @@
+//! Sinks: where delivered events go. A trait, one file per sink type, one `match` as the registry,
+//! and the routing (`events` globs, `portals`) that decides which sinks an event goes to.
+//!
+//! Retry is decided outside the sink (pipeline/retry.rs): a sink only says, per envelope, whether
+//! it was delivered, failed in a way worth retrying, or failed for good.
+
+pub mod file;
+pub mod http;
+pub mod route;
+
+use crate::BoxFuture;
+use crate::envelope::Envelope;
+use std::time::Duration;
+
+pub use route::Route;
+
+/// What one delivery attempt of one envelope came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkResult {
+    /// Durably accepted by the sink (written and synced, 2xx, ...).
+    Delivered,
+    /// Failed, worth another attempt (timeout, reset, 5xx, 408, 429). `after` is a hint from the
+    /// sink (e.g. `Retry-After`) that the retry schedule may honour.
+    Retry { error: String, after: Option<Duration> },
+    /// Failed for good (e.g. 422): the event becomes dead for this sink at once.
+    Dead { error: String },
+}
+
+/// A configured destination. Implementations hold their typed config and clients.
+pub trait Sink: Send + Sync {
+    /// The `[sinks.NAME]` this sink was built from.
+    fn name(&self) -> &str;
+
+    /// The most envelopes one `deliver` call should receive (the dispatcher batches up to this).
+    fn max_batch(&self) -> usize;
+
+    /// Delivers a batch; returns exactly one result per envelope, in order. Must never panic on
+    /// odd payloads, and must bound its own time by the sink's `timeout`.
+    fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>>;
+}
