@@ -1,1 +1,2008 @@
-//! (being written)
+//! The per-portal REST client: every HTTP request to a Bitrix24 portal goes through
+//! [`PortalClient::call`], which owns authentication (single-flight refresh, rotation-safe
+//! persistence), the client-side leaky bucket, the portal's limits (503 `QUERY_LIMIT_EXCEEDED`,
+//! 429 `OPERATION_TIME_LIMIT`), domain-change redirects and response classification.
+
+use super::error::{BitrixError, ErrorClass, codes, sanitize_snippet};
+use super::form;
+use super::oauth::{self, TokenStore, Tokens};
+use super::ratelimit::LeakyBucket;
+use super::types::{
+    self, ApiResponse, BatchResponse, ListPage, OfflineBatch, parse_batch, parse_error,
+    parse_offline_get, parse_offline_list, parse_time,
+};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Largest response body read from a portal; a bigger one is an `INVALID_RESPONSE`.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Redirect hops followed per request (the portal moved to a new domain).
+const MAX_REDIRECTS: usize = 3;
+/// Sub-commands per `batch` request (`CRestUtil::BATCH_MAX_LENGTH`).
+pub const MAX_BATCH: usize = 50;
+/// An access token expiring within this margin is refreshed before the call.
+const EXPIRY_MARGIN_SECS: i64 = 60;
+/// After a rejection-triggered refresh, a second rejection within this time does not refresh
+/// again (a fresh token refused means refreshing will not help; it would only hammer the
+/// authorization server, which may block the application).
+const MIN_REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// First backoff after a 503 `QUERY_LIMIT_EXCEEDED`; doubles per repeat up to the cap.
+const LIMIT_BACKOFF_START: Duration = Duration::from_secs(1);
+const LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Wait after a 429 `OPERATION_TIME_LIMIT` when no `operating_reset_at` is known.
+const OPERATING_FALLBACK_WAIT: Duration = Duration::from_secs(60);
+const USER_AGENT: &str = concat!("b24eventd/", env!("CARGO_PKG_VERSION"));
+const SETUP: &str = "client setup";
+
+/// How to reach and authenticate against one portal.
+#[derive(Clone)]
+pub struct ClientSettings {
+    /// The portal's name in the config (used in logs and errors).
+    pub portal: String,
+    /// `https://example.bitrix24.com/rest/` (a missing trailing `/` is added).
+    pub client_endpoint: String,
+    pub oauth_token_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Sent as `auth_connector` on every call when set.
+    pub auth_connector: Option<String>,
+    /// Client-side leaky bucket mirroring the portal's (50 and 2/s; Enterprise 250 and 5/s).
+    pub burst: u32,
+    pub per_second: f64,
+    /// Timeout of one HTTP request, body included.
+    pub request_timeout: Duration,
+    /// How long `call` keeps waiting out 503/429 limit answers before returning the
+    /// Retryable error (zero: return the first one).
+    pub max_limit_wait: Duration,
+}
+
+impl fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientSettings")
+            .field("portal", &self.portal)
+            .field("client_endpoint", &self.client_endpoint)
+            .field("oauth_token_url", &self.oauth_token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("auth_connector", &self.auth_connector)
+            .field("burst", &self.burst)
+            .field("per_second", &self.per_second)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_limit_wait", &self.max_limit_wait)
+            .finish()
+    }
+}
+
+/// Counters of one client since it was built.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ClientStats {
+    /// HTTP requests sent to the portal (redirect hops and retries included).
+    pub requests: u64,
+    pub ok: u64,
+    pub rate_limited_503: u64,
+    pub operating_429: u64,
+    pub auth_errors: u64,
+    /// Other error answers, including bodies that were not Bitrix24 JSON.
+    pub other_errors: u64,
+    /// Requests that did not complete (connect, timeout, reset, cut-off body).
+    pub transport_errors: u64,
+    pub token_refreshes: u64,
+    /// Seconds spent waiting for rate limits: the client-side bucket and 503/429 backoffs.
+    pub rate_wait_seconds: f64,
+}
+
+/// Parameters of `event.offline.get`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetRequest {
+    pub limit: u32,
+    /// `true` deletes what is returned (fetch-delete mode); `false` reserves it (`process_id`).
+    pub clear: bool,
+    /// Re-read the rows already reserved under this id.
+    pub process_id: Option<String>,
+    /// Read the error lane (`error=1`).
+    pub error_lane: bool,
+}
+
+/// Which rows of a reservation `event.offline.clear` deletes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClearTarget {
+    All,
+    MessageIds(Vec<String>),
+    Ids(Vec<i64>),
+}
+
+/// A client for one portal. Cheap to clone; clones share tokens, bucket and counters.
+#[derive(Clone)]
+pub struct PortalClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ClientSettings,
+    http: reqwest::Client,
+    /// The current `client_endpoint` (changes when the portal redirects to a new domain).
+    endpoint: Mutex<String>,
+    tokens: Mutex<TokenState>,
+    /// Single-flight token refresh (and retried persistence), held across the HTTP request and
+    /// the store's save.
+    refresh_lock: tokio::sync::Mutex<()>,
+    bucket: Mutex<LeakyBucket>,
+    operating: Mutex<OperatingState>,
+    stats: Mutex<ClientStats>,
+    store: Arc<dyn TokenStore>,
+}
+
+#[derive(Default)]
+struct TokenState {
+    tokens: Option<Tokens>,
+    /// The in-memory tokens came from a refresh whose save failed: persist before the next call.
+    unsaved: bool,
+    last_rejection_refresh: Option<Instant>,
+}
+
+#[derive(Default)]
+struct OperatingState {
+    /// `operating_reset_at` of the last successful response, per method and overall.
+    by_method: HashMap<String, i64>,
+    last: Option<i64>,
+}
+
+/// Why a refresh is wanted; decides whether a caller that waited for the lock still needs one.
+enum RefreshTrigger<'a> {
+    /// The access token expires soon.
+    Expiring,
+    /// The portal refused this access token.
+    Rejected(&'a str),
+    /// Asked for explicitly.
+    Forced,
+}
+
+/// Locks a std mutex, ignoring poisoning (every critical section leaves consistent state).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PortalClient {
+    /// Builds the client. Fails (Fatal `INVALID_SETTINGS`) on an unusable endpoint or token URL,
+    /// a zero timeout, or when the HTTP client cannot be built.
+    pub fn new(
+        settings: ClientSettings,
+        tokens: Option<Tokens>,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<PortalClient, BitrixError> {
+        let portal = settings.portal.clone();
+        let invalid =
+            |what: String| BitrixError::new(&portal, SETUP, codes::INVALID_SETTINGS, what, None);
+        let endpoint = normalize_endpoint(&settings.client_endpoint)
+            .map_err(|e| invalid(format!("client_endpoint {}: {e}", settings.client_endpoint)))?;
+        match reqwest::Url::parse(&settings.oauth_token_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(invalid(format!(
+                    "oauth_token_url {} is not an http(s) URL",
+                    settings.oauth_token_url
+                )));
+            }
+        }
+        if settings.request_timeout.is_zero() {
+            return Err(invalid("request_timeout must be above zero".to_string()));
+        }
+        if !(settings.per_second > 0.0 && settings.per_second.is_finite()) || settings.burst == 0 {
+            return Err(invalid(format!(
+                "rate limit burst {} per_second {} must both be above zero",
+                settings.burst, settings.per_second
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(30)))
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| invalid(format!("the HTTP client could not be built: {e}")))?;
+        let bucket = LeakyBucket::new(settings.burst, settings.per_second, Instant::now());
+        Ok(PortalClient {
+            inner: Arc::new(Inner {
+                http,
+                endpoint: Mutex::new(endpoint),
+                tokens: Mutex::new(TokenState {
+                    tokens,
+                    ..TokenState::default()
+                }),
+                refresh_lock: tokio::sync::Mutex::new(()),
+                bucket: Mutex::new(bucket),
+                operating: Mutex::new(OperatingState::default()),
+                stats: Mutex::new(ClientStats::default()),
+                store,
+                settings,
+            }),
+        })
+    }
+
+    pub fn portal(&self) -> &str {
+        &self.inner.settings.portal
+    }
+
+    pub fn has_tokens(&self) -> bool {
+        lock(&self.inner.tokens).tokens.is_some()
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        lock(&self.inner.stats).clone()
+    }
+
+    /// The endpoint calls currently go to (differs from the config after a domain redirect).
+    pub fn client_endpoint(&self) -> String {
+        lock(&self.inner.endpoint).clone()
+    }
+
+    /// Calls a REST method: POST `client_endpoint + method` with `params` as a JSON object plus
+    /// `auth` (and `auth_connector` when configured and the caller did not pass one; a caller's
+    /// `"auth_connector": null` sends none).
+    ///
+    /// Waits for the client-side bucket before every request; waits out 503/429 limit answers
+    /// for up to `max_limit_wait`; refreshes the access token when it expires within 60 s and
+    /// once after an auth error (then repeats the call once); follows up to 3 domain redirects.
+    pub async fn call(&self, method: &str, params: Value) -> Result<ApiResponse, BitrixError> {
+        let params = self.prepare_params(method, params)?;
+        let settings = &self.inner.settings;
+        let started = Instant::now();
+        let mut limit_attempts = 0u32;
+        let mut auth_retried = false;
+        loop {
+            let access = self.usable_access_token(method).await?;
+            let mut body = params.clone();
+            body.insert("auth".to_string(), Value::String(access.clone()));
+            let bytes = serde_json::to_vec(&Value::Object(body)).map_err(|e| {
+                BitrixError::new(
+                    self.portal(),
+                    method,
+                    codes::INVALID_PARAMS,
+                    format!("parameters could not be serialized: {e}"),
+                    None,
+                )
+            })?;
+            let err = match self.post(method, bytes, &access).await {
+                Ok(resp) => return Ok(resp),
+                Err(err) => err,
+            };
+            let remaining = settings.max_limit_wait.saturating_sub(started.elapsed());
+            if err.is_code("QUERY_LIMIT_EXCEEDED") {
+                lock(&self.inner.bucket).mark_full(Instant::now());
+                let wait = limit_backoff(limit_attempts).max(err.retry_after.unwrap_or_default());
+                limit_attempts += 1;
+                if remaining.is_zero() {
+                    return Err(err.with_retry_after(Some(wait)));
+                }
+                self.wait_for_limit(method, &err.code, wait.min(remaining))
+                    .await;
+                continue;
+            }
+            if err.is_code("OPERATION_TIME_LIMIT") {
+                let wait = self.operating_wait(method, err.retry_after);
+                limit_attempts += 1;
+                if wait > remaining {
+                    return Err(err.with_retry_after(Some(wait)));
+                }
+                self.wait_for_limit(method, &err.code, wait).await;
+                continue;
+            }
+            if err.class == ErrorClass::Auth && !auth_retried {
+                auth_retried = true;
+                tracing::info!(
+                    portal = self.portal(),
+                    method,
+                    code = %err.code,
+                    "the portal refused the access token; refreshing it and repeating the call"
+                );
+                if self
+                    .refresh_single_flight(RefreshTrigger::Rejected(&access))
+                    .await?
+                {
+                    continue;
+                }
+            }
+            return Err(err);
+        }
+    }
+
+    /// `event.offline.get`: `clear` and `error` go as 0/1.
+    pub async fn offline_get(&self, req: &GetRequest) -> Result<OfflineBatch, BitrixError> {
+        const METHOD: &str = "event.offline.get";
+        let mut params = json!({
+            "limit": req.limit,
+            "clear": u8::from(req.clear),
+            "error": u8::from(req.error_lane),
+        });
+        if let Some(pid) = &req.process_id {
+            params["process_id"] = Value::String(pid.clone());
+        }
+        let resp = self.call(METHOD, params).await?;
+        parse_offline_get(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `event.offline.clear` of a reservation: all of it, or the given `message_id`s or `id`s
+    /// (never both). An empty id list clears nothing and sends no request.
+    pub async fn offline_clear(
+        &self,
+        process_id: &str,
+        target: &ClearTarget,
+    ) -> Result<(), BitrixError> {
+        const METHOD: &str = "event.offline.clear";
+        let mut params = json!({ "process_id": process_id });
+        match target {
+            ClearTarget::All => {}
+            ClearTarget::MessageIds(ids) if ids.is_empty() => return Ok(()),
+            ClearTarget::Ids(ids) if ids.is_empty() => return Ok(()),
+            ClearTarget::MessageIds(ids) => params["message_id"] = json!(ids),
+            ClearTarget::Ids(ids) => params["id"] = json!(ids),
+        }
+        self.call(METHOD, params).await.map(|_| ())
+    }
+
+    /// `event.offline.error`: moves these rows of the reservation to the error lane. An empty
+    /// list sends no request (the server would do nothing).
+    pub async fn offline_error(
+        &self,
+        process_id: &str,
+        message_ids: &[String],
+    ) -> Result<(), BitrixError> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        let params = json!({ "process_id": process_id, "message_id": message_ids });
+        self.call("event.offline.error", params).await.map(|_| ())
+    }
+
+    /// One page of `event.offline.list` (ordered by `ID` ascending), from `start`.
+    pub async fn offline_list(&self, filter: Value, start: u64) -> Result<ListPage, BitrixError> {
+        const METHOD: &str = "event.offline.list";
+        let filter = if filter.is_null() { json!({}) } else { filter };
+        let params = json!({ "filter": filter, "order": {"ID": "ASC"}, "start": start });
+        let resp = self.call(METHOD, params).await?;
+        parse_offline_list(&resp).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// One `batch` request of up to 50 `(key, method, params)` sub-commands, each sent as
+    /// `method?<PHP bracket query>`. Sub-command failures are in [`BatchResponse::errors`].
+    pub async fn batch(
+        &self,
+        commands: &[(String, String, Value)],
+        halt: bool,
+    ) -> Result<BatchResponse, BitrixError> {
+        const METHOD: &str = "batch";
+        if commands.len() > MAX_BATCH {
+            return Err(BitrixError::new(
+                self.portal(),
+                METHOD,
+                codes::BATCH_LENGTH_EXCEEDED,
+                format!(
+                    "{} sub-commands, at most {MAX_BATCH} allowed",
+                    commands.len()
+                ),
+                None,
+            ));
+        }
+        if commands.is_empty() {
+            return Ok(BatchResponse::default());
+        }
+        let mut cmd = Map::new();
+        for (key, method, params) in commands {
+            if key.is_empty() || cmd.contains_key(key) {
+                return Err(BitrixError::new(
+                    self.portal(),
+                    METHOD,
+                    codes::INVALID_PARAMS,
+                    format!("sub-command key {key:?} is empty or used twice"),
+                    None,
+                ));
+            }
+            let query = form::encode(params);
+            let line = if query.is_empty() {
+                method.clone()
+            } else {
+                format!("{method}?{query}")
+            };
+            cmd.insert(key.clone(), Value::String(line));
+        }
+        let resp = self
+            .call(METHOD, json!({ "cmd": cmd, "halt": u8::from(halt) }))
+            .await?;
+        parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// Refreshes the token pair now (and persists it before using it).
+    pub async fn refresh_tokens(&self) -> Result<(), BitrixError> {
+        self.refresh_single_flight(RefreshTrigger::Forced)
+            .await
+            .map(|_| ())
+    }
+
+    fn prepare_params(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<Map<String, Value>, BitrixError> {
+        let mut map = match params {
+            Value::Null => Map::new(),
+            Value::Object(map) => map,
+            other => {
+                return Err(BitrixError::new(
+                    self.portal(),
+                    method,
+                    codes::INVALID_PARAMS,
+                    format!("parameters must be a JSON object, not {other}"),
+                    None,
+                ));
+            }
+        };
+        map.remove("auth");
+        match map.get("auth_connector") {
+            Some(Value::Null) => {
+                map.remove("auth_connector");
+            }
+            Some(_) => {}
+            None => {
+                if let Some(connector) = &self.inner.settings.auth_connector {
+                    map.insert(
+                        "auth_connector".to_string(),
+                        Value::String(connector.clone()),
+                    );
+                }
+            }
+        }
+        Ok(map)
+    }
+
+    /// A successful answer whose `result` has the wrong shape: the call did run.
+    fn shape_error(&self, method: &str, what: String) -> BitrixError {
+        BitrixError::new(
+            self.portal(),
+            method,
+            codes::INVALID_RESPONSE,
+            format!("unexpected result: {what}"),
+            Some(200),
+        )
+        .with_maybe_executed(true)
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut ClientStats)) {
+        f(&mut lock(&self.inner.stats));
+    }
+
+    // ----- tokens -----
+
+    fn no_tokens(&self, method: &str) -> BitrixError {
+        let portal = self.portal();
+        BitrixError::new(
+            portal,
+            method,
+            codes::NO_TOKENS,
+            format!(
+                "no OAuth tokens are stored for this portal: run `b24eventd auth import --portal \
+                 {portal} --refresh-token T` (or `b24eventd auth login --portal {portal}`)"
+            ),
+            None,
+        )
+    }
+
+    /// The access token to send: persists unsaved tokens first, refreshes one that expires soon.
+    async fn usable_access_token(&self, method: &str) -> Result<String, BitrixError> {
+        let (tokens, unsaved) = {
+            let state = lock(&self.inner.tokens);
+            (state.tokens.clone(), state.unsaved)
+        };
+        let Some(tokens) = tokens else {
+            return Err(self.no_tokens(method));
+        };
+        if unsaved {
+            self.persist_unsaved().await?;
+        }
+        let margin = chrono::Duration::seconds(EXPIRY_MARGIN_SECS);
+        if tokens.expires_within(margin, chrono::Utc::now())
+            && let Err(err) = self.refresh_single_flight(RefreshTrigger::Expiring).await
+        {
+            let still_valid = !tokens.access_token.is_empty()
+                && tokens.expires_at.is_some_and(|at| at > chrono::Utc::now());
+            if err.is_retryable() && !err.is_code(codes::JOURNAL_WRITE_FAILED) && still_valid {
+                tracing::warn!(
+                    portal = self.portal(),
+                    method,
+                    error = %err,
+                    "refreshing the expiring access token failed; using it while it lasts"
+                );
+            } else {
+                return Err(err);
+            }
+        }
+        let state = lock(&self.inner.tokens);
+        match &state.tokens {
+            Some(t) => Ok(t.access_token.clone()),
+            None => Err(self.no_tokens(method)),
+        }
+    }
+
+    /// Refreshes unless a caller that held the lock before already did what `trigger` needs.
+    /// Returns whether new tokens are in place (false: a rejection refresh was suppressed).
+    async fn refresh_single_flight(
+        &self,
+        trigger: RefreshTrigger<'_>,
+    ) -> Result<bool, BitrixError> {
+        let _guard = self.inner.refresh_lock.lock().await;
+        let current = {
+            let state = lock(&self.inner.tokens);
+            match &trigger {
+                RefreshTrigger::Expiring => match &state.tokens {
+                    Some(t)
+                        if !t.expires_within(
+                            chrono::Duration::seconds(EXPIRY_MARGIN_SECS),
+                            chrono::Utc::now(),
+                        ) =>
+                    {
+                        return Ok(true);
+                    }
+                    _ => {}
+                },
+                RefreshTrigger::Rejected(stale) => {
+                    if let Some(t) = &state.tokens
+                        && t.access_token != *stale
+                    {
+                        return Ok(true);
+                    }
+                    if state
+                        .last_rejection_refresh
+                        .is_some_and(|at| at.elapsed() < MIN_REJECTION_REFRESH_INTERVAL)
+                    {
+                        tracing::warn!(
+                            portal = self.portal(),
+                            "the portal refused an access token refreshed moments ago; not refreshing again"
+                        );
+                        return Ok(false);
+                    }
+                }
+                RefreshTrigger::Forced => {}
+            }
+            state.tokens.clone()
+        };
+        let Some(current) = current else {
+            return Err(self.no_tokens(oauth::REFRESH_METHOD));
+        };
+        if current.refresh_token.is_empty() {
+            return Err(self.no_tokens(oauth::REFRESH_METHOD));
+        }
+        let settings = &self.inner.settings;
+        let mut fresh = oauth::refresh(
+            &self.inner.http,
+            &settings.oauth_token_url,
+            &settings.client_id,
+            &settings.client_secret,
+            &current.refresh_token,
+            &settings.portal,
+        )
+        .await?;
+        self.stat(|s| s.token_refreshes += 1);
+        // Keep what the answer left out (an older server may not repeat member_id or scope).
+        fresh.member_id = fresh.member_id.or(current.member_id);
+        fresh.scope = fresh.scope.or(current.scope);
+        fresh.user_id = fresh.user_id.or(current.user_id);
+        fresh.client_endpoint = fresh.client_endpoint.or(current.client_endpoint);
+        if let Some(named) = &fresh.client_endpoint {
+            let using = self.client_endpoint();
+            if normalize_endpoint(named).ok().as_deref() != Some(using.as_str()) {
+                tracing::info!(
+                    portal = self.portal(),
+                    token_endpoint = %named,
+                    client_endpoint = %using,
+                    "the token answer names another client_endpoint; calls keep going to the configured one"
+                );
+            }
+        }
+        let saved = self.inner.store.save(self.portal(), &fresh).await;
+        {
+            // Swap even when the save failed: the old refresh token is already dead upstream.
+            let mut state = lock(&self.inner.tokens);
+            state.tokens = Some(fresh.clone());
+            state.unsaved = saved.is_err();
+            if matches!(trigger, RefreshTrigger::Rejected(_)) {
+                state.last_rejection_refresh = Some(Instant::now());
+            }
+        }
+        match saved {
+            Ok(()) => {
+                tracing::info!(
+                    portal = self.portal(),
+                    expires_at = ?fresh.expires_at,
+                    "access token refreshed and the new pair persisted"
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(
+                    portal = self.portal(),
+                    error = %format!("{e:#}"),
+                    "the refreshed token pair could not be persisted; the old refresh token is no \
+                     longer valid, so a restart before the journal accepts the new pair needs \
+                     `b24eventd auth import`"
+                );
+                Err(self.journal_failed(&e))
+            }
+        }
+    }
+
+    /// Retries persisting tokens whose save failed after a refresh.
+    async fn persist_unsaved(&self) -> Result<(), BitrixError> {
+        let _guard = self.inner.refresh_lock.lock().await;
+        let tokens = {
+            let state = lock(&self.inner.tokens);
+            if !state.unsaved {
+                return Ok(());
+            }
+            state.tokens.clone()
+        };
+        let Some(tokens) = tokens else {
+            return Ok(());
+        };
+        match self.inner.store.save(self.portal(), &tokens).await {
+            Ok(()) => {
+                let mut state = lock(&self.inner.tokens);
+                if state.tokens.as_ref() == Some(&tokens) {
+                    state.unsaved = false;
+                }
+                drop(state);
+                tracing::info!(
+                    portal = self.portal(),
+                    "the refreshed token pair is persisted now"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(
+                    portal = self.portal(),
+                    error = %format!("{e:#}"),
+                    "the refreshed token pair still could not be persisted"
+                );
+                Err(self.journal_failed(&e))
+            }
+        }
+    }
+
+    fn journal_failed(&self, e: &anyhow::Error) -> BitrixError {
+        let secrets = self.secrets();
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        BitrixError::new(
+            self.portal(),
+            oauth::REFRESH_METHOD,
+            codes::JOURNAL_WRITE_FAILED,
+            format!(
+                "the new refresh token could not be persisted: {}",
+                sanitize_snippet(&format!("{e:#}"), &secrets, 300)
+            ),
+            None,
+        )
+    }
+
+    /// Strings that must never appear in an error or log line.
+    fn secrets(&self) -> Vec<String> {
+        let mut out = vec![self.inner.settings.client_secret.clone()];
+        if let Some(t) = &lock(&self.inner.tokens).tokens {
+            out.push(t.access_token.clone());
+            out.push(t.refresh_token.clone());
+        }
+        out
+    }
+
+    // ----- limits -----
+
+    async fn acquire_slot(&self, method: &str) {
+        let mut waited = Duration::ZERO;
+        loop {
+            let slot = lock(&self.inner.bucket).try_acquire(Instant::now());
+            match slot {
+                Ok(()) => break,
+                Err(wait) => {
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                }
+            }
+        }
+        if !waited.is_zero() {
+            self.stat(|s| s.rate_wait_seconds += waited.as_secs_f64());
+            tracing::debug!(
+                portal = self.portal(),
+                method,
+                wait_seconds = waited.as_secs_f64(),
+                "waited for the client-side rate limit"
+            );
+        }
+    }
+
+    async fn wait_for_limit(&self, method: &str, code: &str, wait: Duration) {
+        tracing::info!(
+            portal = self.portal(),
+            method,
+            code,
+            wait_seconds = wait.as_secs_f64(),
+            "the portal's limit was hit; waiting before retrying"
+        );
+        self.stat(|s| s.rate_wait_seconds += wait.as_secs_f64());
+        tokio::time::sleep(wait).await;
+    }
+
+    /// How long to wait after a 429: until the method's last known `operating_reset_at`
+    /// (or the error's own hint), else 60 s.
+    fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
+        if let Some(hint) = hint.filter(|h| !h.is_zero()) {
+            return hint;
+        }
+        let reset_at = {
+            let op = lock(&self.inner.operating);
+            op.by_method.get(method).copied().or(op.last)
+        };
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        match reset_at {
+            Some(at) if (at as f64) > now => {
+                Duration::from_secs_f64(at as f64 - now + 0.5).min(Duration::from_secs(11 * 60))
+            }
+            _ => OPERATING_FALLBACK_WAIT,
+        }
+    }
+
+    fn record_time(&self, method: &str, time: &types::TimeInfo) {
+        if let Some(at) = time.operating_reset_at {
+            let mut op = lock(&self.inner.operating);
+            op.by_method.insert(method.to_string(), at);
+            op.last = Some(at);
+        }
+        if let Some(operating) = time.operating {
+            tracing::trace!(portal = self.portal(), method, operating, "operating time");
+        }
+    }
+
+    // ----- HTTP -----
+
+    /// One logical request: bucket slot, POST, redirects, classification of the answer.
+    async fn post(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+        access: &str,
+    ) -> Result<ApiResponse, BitrixError> {
+        let portal = self.portal();
+        for _hop in 0..=MAX_REDIRECTS {
+            let url = format!("{}{method}", self.client_endpoint());
+            self.acquire_slot(method).await;
+            self.stat(|s| s.requests += 1);
+            let started = Instant::now();
+            let sent = self
+                .inner
+                .http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::ACCEPT, "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stat(|s| s.transport_errors += 1);
+                    let err = BitrixError::transport(portal, method, &e);
+                    tracing::debug!(portal, method, error = %err, "request failed");
+                    return Err(err);
+                }
+            };
+            let status = response.status().as_u16();
+            if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                match location {
+                    Some(location) => {
+                        self.follow_redirect(method, &url, &location, status)?;
+                        continue;
+                    }
+                    None => {
+                        self.stat(|s| s.other_errors += 1);
+                        return Err(BitrixError::new(
+                            portal,
+                            method,
+                            codes::INVALID_RESPONSE,
+                            format!("http {status}: a redirect without a Location header"),
+                            Some(status),
+                        ));
+                    }
+                }
+            }
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let bytes = match read_body(response, MAX_BODY).await {
+                Ok(b) => b,
+                Err(BodyError::TooLarge) => {
+                    self.stat(|s| s.other_errors += 1);
+                    return Err(BitrixError::new(
+                        portal,
+                        method,
+                        codes::INVALID_RESPONSE,
+                        format!("http {status}: the body exceeds {MAX_BODY} bytes"),
+                        Some(status),
+                    )
+                    .with_maybe_executed(true));
+                }
+                Err(BodyError::Transport(e)) => {
+                    self.stat(|s| s.transport_errors += 1);
+                    let mut err = BitrixError::transport(portal, method, &e);
+                    if !e.is_timeout() {
+                        err.code = codes::INVALID_RESPONSE.to_string();
+                        err.class = super::error::classify(codes::INVALID_RESPONSE, Some(status));
+                        err.description =
+                            format!("http {status}: the body was cut off ({})", err.description);
+                        err.status = Some(status);
+                    }
+                    return Err(err.with_maybe_executed(true));
+                }
+            };
+            let result = self.interpret(method, status, &bytes, retry_after, access);
+            match &result {
+                Ok(_) => tracing::debug!(
+                    portal,
+                    method,
+                    status,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "call succeeded"
+                ),
+                Err(err) => tracing::debug!(
+                    portal,
+                    method,
+                    status,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    error = %err,
+                    "call failed"
+                ),
+            }
+            return result;
+        }
+        self.stat(|s| s.other_errors += 1);
+        Err(BitrixError::new(
+            portal,
+            method,
+            codes::TOO_MANY_REDIRECTS,
+            format!("more than {MAX_REDIRECTS} redirects; check client_endpoint"),
+            None,
+        ))
+    }
+
+    /// The portal moved: derive the new `client_endpoint` from `Location` and switch to it.
+    fn follow_redirect(
+        &self,
+        method: &str,
+        url: &str,
+        location: &str,
+        status: u16,
+    ) -> Result<(), BitrixError> {
+        let refuse = |what: String| {
+            self.stat(|s| s.other_errors += 1);
+            BitrixError::new(
+                self.portal(),
+                method,
+                codes::REDIRECT_REFUSED,
+                format!("http {status}: {what}"),
+                Some(status),
+            )
+        };
+        let base = reqwest::Url::parse(url).map_err(|e| refuse(format!("bad request URL: {e}")))?;
+        let mut target = base.join(location).map_err(|_| {
+            refuse(format!(
+                "unusable Location {}",
+                sanitize_snippet(location, &[], 200)
+            ))
+        })?;
+        if !matches!(target.scheme(), "http" | "https") {
+            return Err(refuse(format!(
+                "redirect to a {} URL refused",
+                target.scheme()
+            )));
+        }
+        if base.scheme() == "https" && target.scheme() == "http" {
+            return Err(refuse(format!(
+                "redirect from https to plain http ({}) refused",
+                target.host_str().unwrap_or("")
+            )));
+        }
+        target.set_query(None);
+        target.set_fragment(None);
+        // Only a move of the REST endpoint itself is followed (…/rest/METHOD[.json], or …/rest/);
+        // anything else (a login or landing page) must not become the endpoint of later calls.
+        let path = target.path().to_string();
+        let dir = [format!("/{method}"), format!("/{method}.json")]
+            .iter()
+            .find_map(|suffix| path.strip_suffix(suffix.as_str()))
+            .map(|d| format!("{d}/"))
+            .or_else(|| path.ends_with("/rest/").then(|| path.clone()));
+        let Some(dir) = dir else {
+            return Err(refuse(format!(
+                "redirect to {}{} is not a REST endpoint; check client_endpoint",
+                target.host_str().unwrap_or(""),
+                sanitize_snippet(&path, &[], 200)
+            )));
+        };
+        target.set_path(&dir);
+        let new_endpoint = target.to_string();
+        let old_endpoint = {
+            let mut endpoint = lock(&self.inner.endpoint);
+            std::mem::replace(&mut *endpoint, new_endpoint.clone())
+        };
+        tracing::warn!(
+            portal = self.portal(),
+            method,
+            status,
+            old_endpoint = %old_endpoint,
+            new_endpoint = %new_endpoint,
+            "the portal redirected to a new address; using it from now on (update client_endpoint in the config)"
+        );
+        Ok(())
+    }
+
+    /// Classifies a complete HTTP answer and updates the counters.
+    fn interpret(
+        &self,
+        method: &str,
+        status: u16,
+        bytes: &[u8],
+        retry_after: Option<Duration>,
+        access: &str,
+    ) -> Result<ApiResponse, BitrixError> {
+        let portal = self.portal();
+        let secrets = [self.inner.settings.client_secret.as_str(), access];
+        let invalid = |what: String| {
+            BitrixError::new(
+                portal,
+                method,
+                codes::INVALID_RESPONSE,
+                format!("http {status}: {what}"),
+                Some(status),
+            )
+            .with_maybe_executed(!(400..500).contains(&status))
+        };
+        let json: Value = match serde_json::from_slice(bytes) {
+            Ok(v) => v,
+            Err(_) => {
+                self.stat(|s| s.other_errors += 1);
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
+                let trimmed = text.trim_start();
+                let what = if trimmed.is_empty() {
+                    "empty body".to_string()
+                } else if trimmed.starts_with('{') || trimmed.starts_with('[') {
+                    format!(
+                        "truncated or invalid JSON ({} bytes): {}",
+                        bytes.len(),
+                        sanitize_snippet(trimmed, &secrets, 120)
+                    )
+                } else {
+                    format!("not JSON: {}", sanitize_snippet(trimmed, &secrets, 160))
+                };
+                return Err(invalid(what));
+            }
+        };
+        if let Some((code, description)) = parse_error(&json) {
+            let description = sanitize_snippet(&description, &secrets, 500);
+            let mut err = BitrixError::from_api(portal, method, &code, &description, Some(status));
+            let mut hint = retry_after;
+            if err.is_code("OPERATION_TIME_LIMIT") {
+                let time = json.get("time").map(parse_time).unwrap_or_default();
+                if let Some(at) = time.operating_reset_at {
+                    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+                    if at as f64 > now {
+                        hint = Some(Duration::from_secs_f64(at as f64 - now + 0.5));
+                    }
+                }
+            }
+            err.retry_after = hint;
+            self.stat(|s| {
+                if err.is_code("QUERY_LIMIT_EXCEEDED") {
+                    s.rate_limited_503 += 1;
+                } else if err.is_code("OPERATION_TIME_LIMIT") {
+                    s.operating_429 += 1;
+                } else if err.class == ErrorClass::Auth {
+                    s.auth_errors += 1;
+                } else {
+                    s.other_errors += 1;
+                }
+            });
+            return Err(err);
+        }
+        if !(200..300).contains(&status) {
+            self.stat(|s| s.other_errors += 1);
+            return Err(invalid(format!(
+                "no error code in the answer: {}",
+                sanitize_snippet(&json.to_string(), &secrets, 120)
+            )));
+        }
+        match ApiResponse::from_body(&json) {
+            Ok(resp) => {
+                self.stat(|s| s.ok += 1);
+                self.record_time(method, &resp.time);
+                Ok(resp)
+            }
+            Err(what) => {
+                self.stat(|s| s.other_errors += 1);
+                Err(invalid(what))
+            }
+        }
+    }
+}
+
+/// Checks an endpoint URL and gives it exactly one trailing `/`.
+fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme {} is not http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("no host".to_string());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a query or fragment is not allowed".to_string());
+    }
+    let mut s = url.to_string();
+    if !s.ends_with('/') {
+        s.push('/');
+    }
+    Ok(s)
+}
+
+/// Exponential backoff with jitter (±25 %) for repeated 503s: ~1 s, 2 s, 4 s, … up to 60 s.
+fn limit_backoff(attempt: u32) -> Duration {
+    let base = LIMIT_BACKOFF_START
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(LIMIT_BACKOFF_CAP);
+    base.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+/// Why a body could not be read.
+pub(crate) enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads a response body, refusing more than `cap` bytes.
+pub(crate) async fn read_body(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > cap as u64)
+    {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if buf.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// One request the test server saw.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        path: String,
+        query: Value,
+        headers: HeaderMap,
+        body: Value,
+    }
+
+    struct Reply {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: String,
+    }
+
+    fn ok(result: Value) -> Reply {
+        json_reply(200, json!({ "result": result, "time": { "operating": 0 } }))
+    }
+
+    fn json_reply(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: body.to_string(),
+        }
+    }
+
+    fn api_error(status: u16, code: &str, description: &str) -> Reply {
+        json_reply(
+            status,
+            json!({ "error": code, "error_description": description }),
+        )
+    }
+
+    fn token_reply(access: &str, refresh: &str) -> Reply {
+        json_reply(
+            200,
+            json!({
+                "access_token": access, "refresh_token": refresh, "expires_in": 3600,
+                "member_id": "m1", "scope": "crm", "user_id": 1,
+                "client_endpoint": "https://portal.bitrix24.com/rest/"
+            }),
+        )
+    }
+
+    type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
+
+    #[derive(Clone)]
+    struct Server {
+        log: Arc<Mutex<Vec<String>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        script: Arc<Script>,
+        count: Arc<AtomicUsize>,
+    }
+
+    async fn handle(
+        State(srv): State<Server>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let seen = Seen {
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            query: form::decode(uri.query().unwrap_or("")),
+            headers,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        };
+        let entry = if seen.path.starts_with("/oauth/") {
+            format!(
+                "refresh {}",
+                seen.query["refresh_token"].as_str().unwrap_or("")
+            )
+        } else {
+            format!(
+                "call {} auth={}",
+                seen.path,
+                seen.body["auth"].as_str().unwrap_or("")
+            )
+        };
+        lock(&srv.log).push(entry);
+        lock(&srv.seen).push(seen.clone());
+        let n = srv.count.fetch_add(1, Ordering::SeqCst);
+        let reply = (srv.script)(&seen, n);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        for (k, v) in reply.headers {
+            headers.insert(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(&v).unwrap(),
+            );
+        }
+        (
+            StatusCode::from_u16(reply.status).unwrap(),
+            headers,
+            reply.body,
+        )
+            .into_response()
+    }
+
+    async fn serve(
+        script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+    ) -> (String, Server) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let srv = Server {
+            log: Arc::new(Mutex::new(Vec::new())),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            script: Arc::new(script),
+            count: Arc::new(AtomicUsize::new(0)),
+        };
+        let app = axum::Router::new().fallback(handle).with_state(srv.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        (base, srv)
+    }
+
+    struct TestStore {
+        log: Arc<Mutex<Vec<String>>>,
+        fail: AtomicBool,
+    }
+
+    impl TokenStore for TestStore {
+        fn save<'a>(
+            &'a self,
+            portal: &'a str,
+            tokens: &'a Tokens,
+        ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                assert_eq!(portal, "main");
+                lock(&self.log).push(format!("save {}", tokens.access_token));
+                if self.fail.load(Ordering::SeqCst) {
+                    anyhow::bail!("journal write failed: disk I/O error");
+                }
+                Ok(())
+            })
+        }
+    }
+
+    fn settings(base: &str) -> ClientSettings {
+        ClientSettings {
+            portal: "main".into(),
+            client_endpoint: format!("{base}/rest/"),
+            oauth_token_url: format!("{base}/oauth/token/"),
+            client_id: "local.app.1".into(),
+            client_secret: "s3cr3t-client-secret".into(),
+            auth_connector: None,
+            burst: 50,
+            per_second: 50.0,
+            request_timeout: Duration::from_secs(5),
+            max_limit_wait: Duration::from_secs(30),
+        }
+    }
+
+    fn tokens(access: &str, refresh: &str, expires_in: i64) -> Tokens {
+        Tokens {
+            access_token: access.into(),
+            refresh_token: refresh.into(),
+            expires_at: Some(chrono::Utc::now() + chrono::Duration::seconds(expires_in)),
+            member_id: Some("m1".into()),
+            scope: Some("crm".into()),
+            client_endpoint: None,
+            user_id: Some(1),
+        }
+    }
+
+    fn client_with(
+        settings: ClientSettings,
+        tokens: Option<Tokens>,
+        srv: &Server,
+    ) -> (PortalClient, Arc<TestStore>) {
+        let store = Arc::new(TestStore {
+            log: srv.log.clone(),
+            fail: AtomicBool::new(false),
+        });
+        let client = PortalClient::new(settings, tokens, store.clone()).unwrap();
+        (client, store)
+    }
+
+    fn log(srv: &Server) -> Vec<String> {
+        lock(&srv.log).clone()
+    }
+
+    #[tokio::test]
+    async fn retries_after_503_then_succeeds() {
+        let (base, srv) = serve(|_, n| {
+            if n == 0 {
+                api_error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            } else {
+                ok(json!(true))
+            }
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let started = Instant::now();
+        let resp = client
+            .call("event.offline.clear", json!({"process_id": "p"}))
+            .await
+            .unwrap();
+        assert_eq!(resp.result, json!(true));
+        assert!(
+            started.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            started.elapsed()
+        );
+        let stats = client.stats();
+        assert_eq!(
+            (stats.requests, stats.ok, stats.rate_limited_503),
+            (2, 1, 1)
+        );
+        assert!(stats.rate_wait_seconds >= 0.7);
+    }
+
+    #[tokio::test]
+    async fn gives_up_on_limits_after_max_limit_wait() {
+        let (base, srv) =
+            serve(|_, _| api_error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")).await;
+        let mut s = settings(&base);
+        s.max_limit_wait = Duration::ZERO;
+        let (client, _) = client_with(s, Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client
+            .call("event.offline.get", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Retryable);
+        assert_eq!(err.code, "QUERY_LIMIT_EXCEEDED");
+        assert!(!err.maybe_executed);
+        assert!(err.retry_after.is_some());
+        assert_eq!(err.status, Some(503));
+        assert_eq!(
+            err.to_string(),
+            "portal main: event.offline.get failed: QUERY_LIMIT_EXCEEDED (too many requests)"
+        );
+        assert_eq!(client.stats().requests, 1);
+    }
+
+    #[tokio::test]
+    async fn waits_for_operating_reset_at_after_429() {
+        let reset_at = chrono::Utc::now().timestamp() + 2;
+        let (base, srv) = serve(move |_, n| match n {
+            0 => json_reply(
+                200,
+                json!({"result": true, "time": {"operating": 3.5, "operating_reset_at": reset_at}}),
+            ),
+            1 => api_error(
+                429,
+                "OPERATION_TIME_LIMIT",
+                "Method is blocked due to operation time limit.",
+            ),
+            _ => ok(json!(true)),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        client.call("crm.deal.get", json!({"id": 1})).await.unwrap();
+        let started = Instant::now();
+        client.call("crm.deal.get", json!({"id": 2})).await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(client.stats().operating_429, 1);
+    }
+
+    #[tokio::test]
+    async fn operating_limit_beyond_max_wait_is_returned_with_retry_after() {
+        let (base, srv) =
+            serve(|_, _| api_error(429, "OPERATION_TIME_LIMIT", "Method is blocked")).await;
+        let mut s = settings(&base);
+        s.max_limit_wait = Duration::from_secs(5);
+        let (client, _) = client_with(s, Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("crm.deal.get", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Retryable, "OPERATION_TIME_LIMIT")
+        );
+        assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+        assert_eq!(client.stats().requests, 1);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_refreshed_saved_then_the_call_repeated() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                assert_eq!(seen.method, "GET");
+                assert_eq!(seen.query["grant_type"], "refresh_token");
+                assert_eq!(seen.query["client_id"], "local.app.1");
+                assert_eq!(seen.query["client_secret"], "s3cr3t-client-secret");
+                return token_reply("a2", "r2");
+            }
+            match seen.body["auth"].as_str() {
+                Some("a2") => ok(json!({"process_id": null, "events": []})),
+                _ => api_error(
+                    401,
+                    "expired_token",
+                    "The access token provided has expired.",
+                ),
+            }
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let batch = client
+            .offline_get(&GetRequest {
+                limit: 50,
+                clear: false,
+                process_id: None,
+                error_lane: false,
+            })
+            .await
+            .unwrap();
+        assert!(batch.events.is_empty());
+        assert_eq!(
+            log(&srv),
+            vec![
+                "call /rest/event.offline.get auth=a1",
+                "refresh r1",
+                "save a2",
+                "call /rest/event.offline.get auth=a2",
+            ]
+        );
+        let stats = client.stats();
+        assert_eq!(
+            (stats.token_refreshes, stats.auth_errors, stats.ok),
+            (1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_token_save_is_retryable_and_keeps_the_new_tokens() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return token_reply("a2", "r2");
+            }
+            match seen.body["auth"].as_str() {
+                Some("a2") => ok(json!(true)),
+                _ => api_error(
+                    401,
+                    "expired_token",
+                    "The access token provided has expired.",
+                ),
+            }
+        })
+        .await;
+        let (client, store) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        store.fail.store(true, Ordering::SeqCst);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Retryable, "JOURNAL_WRITE_FAILED")
+        );
+        assert!(err.to_string().contains("could not be persisted"), "{err}");
+        // Still failing: nothing is sent with the unpersisted tokens.
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(err.code, "JOURNAL_WRITE_FAILED");
+        store.fail.store(false, Ordering::SeqCst);
+        client.call("app.info", json!({})).await.unwrap();
+        assert_eq!(
+            log(&srv),
+            vec![
+                "call /rest/app.info auth=a1",
+                "refresh r1",
+                "save a2",
+                "save a2",
+                "save a2",
+                "call /rest/app.info auth=a2",
+            ]
+        );
+        assert_eq!(client.stats().token_refreshes, 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_auth_failure_is_returned() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return token_reply("a2", "r2");
+            }
+            api_error(401, "invalid_token", "")
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Auth, "invalid_token")
+        );
+        assert!(!err.maybe_executed);
+        assert_eq!(log(&srv).len(), 4, "{:?}", log(&srv));
+        // A refused fresh token is not refreshed again at once.
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Auth);
+        assert_eq!(client.stats().token_refreshes, 1);
+    }
+
+    #[tokio::test]
+    async fn invalid_grant_on_refresh_is_fatal() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return api_error(400, "invalid_grant", "Invalid grant");
+            }
+            api_error(
+                401,
+                "expired_token",
+                "The access token provided has expired.",
+            )
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "invalid_grant")
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("portal main: oauth token refresh failed: invalid_grant"),
+            "{msg}"
+        );
+        assert!(!msg.contains("s3cr3t") && !msg.contains("r1"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn expiring_token_is_refreshed_once_for_concurrent_calls() {
+        let refreshes = Arc::new(AtomicUsize::new(0));
+        let counter = refreshes.clone();
+        let (base, srv) = serve(move |seen, _| {
+            if seen.path == "/oauth/token/" {
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+                return token_reply("a2", "r2");
+            }
+            assert_eq!(seen.body["auth"], "a2");
+            ok(json!(true))
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 10)), &srv);
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move { c.call("app.info", json!({})).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+        assert_eq!(client.stats().token_refreshes, 1);
+    }
+
+    #[tokio::test]
+    async fn imported_refresh_token_alone_is_enough() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return token_reply("a2", "r2");
+            }
+            ok(json!(true))
+        })
+        .await;
+        let mut t = tokens("", "r1", 0);
+        t.expires_at = None;
+        let (client, _) = client_with(settings(&base), Some(t), &srv);
+        client.call("app.info", json!({})).await.unwrap();
+        assert_eq!(
+            log(&srv),
+            vec!["refresh r1", "save a2", "call /rest/app.info auth=a2"]
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_reposts_to_the_new_endpoint() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path.starts_with("/rest/") {
+                return Reply {
+                    status: 302,
+                    headers: vec![("location", format!("/moved/rest/{}", &seen.path[6..]))],
+                    body: String::new(),
+                };
+            }
+            assert_eq!(seen.method, "POST");
+            assert_eq!(seen.body["auth"], "a1");
+            assert_eq!(seen.body["id"], 7);
+            ok(json!({"ID": "7"}))
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let resp = client.call("crm.deal.get", json!({"id": 7})).await.unwrap();
+        assert_eq!(resp.result["ID"], "7");
+        assert_eq!(client.client_endpoint(), format!("{base}/moved/rest/"));
+        client.call("crm.deal.get", json!({"id": 7})).await.unwrap();
+        assert_eq!(
+            log(&srv),
+            vec![
+                "call /rest/crm.deal.get auth=a1",
+                "call /moved/rest/crm.deal.get auth=a1",
+                "call /moved/rest/crm.deal.get auth=a1",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_loops_stop() {
+        let (base, srv) = serve(|seen, _| Reply {
+            status: 301,
+            headers: vec![("location", seen.path.clone())],
+            body: String::new(),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(err.code, "TOO_MANY_REDIRECTS");
+        assert_eq!(log(&srv).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn redirects_away_from_the_rest_endpoint_are_refused() {
+        let (base, srv) = serve(|_, _| Reply {
+            status: 302,
+            headers: vec![("location", "/auth/?backurl=%2Frest%2Fapp.info".into())],
+            body: String::new(),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "REDIRECT_REFUSED")
+        );
+        assert!(!err.maybe_executed);
+        assert_eq!(client.client_endpoint(), format!("{base}/rest/"));
+        assert_eq!(log(&srv).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn truncated_body_is_retryable_invalid_response() {
+        let (base, srv) = serve(|_, _| Reply {
+            status: 200,
+            headers: vec![],
+            body: r#"{"result":{"process_id":"abc","events":[{"ID":"1","EVENT_NA"#.into(),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client
+            .offline_get(&GetRequest {
+                limit: 10,
+                clear: false,
+                process_id: None,
+                error_lane: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Retryable, "INVALID_RESPONSE")
+        );
+        assert!(err.maybe_executed);
+        assert_eq!(err.status, Some(200));
+        assert!(
+            err.description.contains("truncated or invalid JSON"),
+            "{}",
+            err.description
+        );
+        assert_eq!(client.stats().other_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn body_cut_off_in_transit_is_retryable_invalid_response() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let _ = socket.read(&mut buf).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            socket
+                .write_all(br#"{"result":{"process_id":"abc""#)
+                .await
+                .unwrap();
+            socket.shutdown().await.unwrap();
+        });
+        let store = Arc::new(TestStore {
+            log: Arc::new(Mutex::new(Vec::new())),
+            fail: AtomicBool::new(false),
+        });
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 3600)), store).unwrap();
+        let err = client
+            .call("event.offline.get", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str(), err.maybe_executed),
+            (ErrorClass::Retryable, "INVALID_RESPONSE", true)
+        );
+        assert!(err.description.contains("cut off"), "{}", err.description);
+        assert_eq!(client.stats().transport_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn html_error_pages_are_classified_and_scrubbed() {
+        let (base, srv) = serve(|seen, _| {
+            let status = if seen.path.ends_with("missing") { 404 } else { 502 };
+            let echoed = seen.body["auth"].as_str().unwrap_or("").to_string();
+            Reply {
+                status,
+                headers: vec![("content-type", "text/html".into())],
+                body: format!("<html><title>{status} Bad Gateway</title><body>request auth={echoed}</body></html>"),
+            }
+        })
+        .await;
+        let (client, _) = client_with(
+            settings(&base),
+            Some(tokens("access-token-123", "r1", 3600)),
+            &srv,
+        );
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str(), err.maybe_executed),
+            (ErrorClass::Retryable, "INVALID_RESPONSE", true)
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("502 Bad Gateway"), "{msg}");
+        assert!(
+            !msg.contains("access-token-123") && !format!("{err:?}").contains("access-token-123"),
+            "{msg}"
+        );
+        let err = client.call("missing", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.maybe_executed),
+            (ErrorClass::Rejected, false)
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_transport_and_not_executed() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let store = Arc::new(TestStore {
+            log: Arc::new(Mutex::new(Vec::new())),
+            fail: AtomicBool::new(false),
+        });
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 3600)), store).unwrap();
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str(), err.maybe_executed),
+            (ErrorClass::Retryable, "TRANSPORT", false)
+        );
+        assert!(!err.to_string().contains("127.0.0.1"), "{err}");
+        assert_eq!(client.stats().transport_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn no_tokens_is_fatal_and_says_how_to_import() {
+        let (base, srv) = serve(|_, _| ok(json!(true))).await;
+        let (client, _) = client_with(settings(&base), None, &srv);
+        assert!(!client.has_tokens());
+        let err = client
+            .call("event.offline.get", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "NO_TOKENS")
+        );
+        assert!(
+            err.to_string()
+                .contains("b24eventd auth import --portal main --refresh-token T"),
+            "{err}"
+        );
+        assert!(log(&srv).is_empty());
+    }
+
+    #[tokio::test]
+    async fn fatal_answers_are_not_retried() {
+        let (base, srv) = serve(|_, _| {
+            api_error(
+                403,
+                "WRONG_AUTH_TYPE",
+                "Current authorization type is denied for this method",
+            )
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.offline_list(Value::Null, 0).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Fatal);
+        assert!(err.to_string().contains("not an incoming webhook"), "{err}");
+        assert_eq!(log(&srv).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn offline_methods_send_the_documented_parameters() {
+        let (base, srv) = serve(|seen, _| match seen.path.as_str() {
+            "/rest/event.offline.get" => json_reply(
+                200,
+                json!({"result": {"process_id": "pid1", "events": [{
+                    "ID": "1", "TIMESTAMP_X": "2024-07-18T12:32:31+02:00", "EVENT_NAME": "ONCRMLEADADD",
+                    "EVENT_DATA": false, "EVENT_ADDITIONAL": false, "MESSAGE_ID": "1"}]}, "time": {}}),
+            ),
+            "/rest/event.offline.list" => json_reply(200, json!({"result": [], "total": 0, "time": {}})),
+            _ => ok(json!(true)),
+        })
+        .await;
+        let mut s = settings(&base);
+        s.auth_connector = Some("erp-sync".into());
+        let (client, _) = client_with(s, Some(tokens("a1", "r1", 3600)), &srv);
+        let batch = client
+            .offline_get(&GetRequest {
+                limit: 25,
+                clear: false,
+                process_id: None,
+                error_lane: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(batch.process_id.as_deref(), Some("pid1"));
+        assert_eq!(batch.events[0].data, Value::Null);
+        client
+            .offline_get(&GetRequest {
+                limit: 5,
+                clear: true,
+                process_id: Some("pid1".into()),
+                error_lane: false,
+            })
+            .await
+            .unwrap();
+        client
+            .offline_clear("pid1", &ClearTarget::MessageIds(vec!["m".repeat(32)]))
+            .await
+            .unwrap();
+        client
+            .offline_clear("pid1", &ClearTarget::Ids(vec![1, 2]))
+            .await
+            .unwrap();
+        client
+            .offline_clear("pid1", &ClearTarget::All)
+            .await
+            .unwrap();
+        client
+            .offline_clear("pid1", &ClearTarget::Ids(vec![]))
+            .await
+            .unwrap();
+        client
+            .offline_error("pid1", &["x".repeat(32)])
+            .await
+            .unwrap();
+        client.offline_error("pid1", &[]).await.unwrap();
+        client.offline_list(json!({"ERROR": 1}), 50).await.unwrap();
+        client
+            .call("crm.deal.update", json!({"id": 1, "auth_connector": null}))
+            .await
+            .unwrap();
+
+        let seen = lock(&srv.seen).clone();
+        let bodies: Vec<Value> = seen.iter().map(|s| s.body.clone()).collect();
+        assert_eq!(bodies.len(), 8);
+        assert_eq!(
+            bodies[0],
+            json!({"limit": 25, "clear": 0, "error": 1, "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            bodies[1],
+            json!({"limit": 5, "clear": 1, "error": 0, "process_id": "pid1", "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            bodies[2],
+            json!({"process_id": "pid1", "message_id": ["m".repeat(32)], "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            bodies[3],
+            json!({"process_id": "pid1", "id": [1, 2], "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            bodies[4],
+            json!({"process_id": "pid1", "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(seen[5].path, "/rest/event.offline.error");
+        assert_eq!(
+            bodies[5],
+            json!({"process_id": "pid1", "message_id": ["x".repeat(32)], "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            bodies[6],
+            json!({"filter": {"ERROR": 1}, "order": {"ID": "ASC"}, "start": 50, "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(bodies[7], json!({"id": 1, "auth": "a1"}));
+        let headers = &seen[0].headers;
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["accept"], "application/json");
+        assert!(
+            headers["user-agent"]
+                .to_str()
+                .unwrap()
+                .starts_with("b24eventd/")
+        );
+        assert!(seen.iter().all(|s| s.method == "POST"));
+    }
+
+    #[tokio::test]
+    async fn batch_sends_query_string_subcommands() {
+        let (base, srv) = serve(|_, _| {
+            json_reply(
+                200,
+                json!({"result": {
+                    "result": {"get": {"process_id": "p2", "events": []}, "clear": true},
+                    "result_error": [], "result_total": [], "result_next": [], "result_time": []
+                }, "time": {}}),
+            )
+        })
+        .await;
+        let mut s = settings(&base);
+        s.auth_connector = Some("erp-sync".into());
+        let (client, _) = client_with(s, Some(tokens("a1", "r1", 3600)), &srv);
+        let commands = vec![
+            (
+                "clear".to_string(),
+                "event.offline.clear".to_string(),
+                json!({"process_id": "p1", "message_id": ["a", "b"]}),
+            ),
+            (
+                "get".to_string(),
+                "event.offline.get".to_string(),
+                json!({"clear": 0, "limit": 50}),
+            ),
+            ("info".to_string(), "app.info".to_string(), json!({})),
+        ];
+        let resp = client.batch(&commands, false).await.unwrap();
+        assert_eq!(resp.results["clear"], json!(true));
+        assert_eq!(
+            parse_offline_get(&resp.results["get"])
+                .unwrap()
+                .process_id
+                .as_deref(),
+            Some("p2")
+        );
+        let body = lock(&srv.seen)[0].body.clone();
+        assert_eq!(
+            body,
+            json!({
+                "cmd": {
+                    "clear": "event.offline.clear?message_id[0]=a&message_id[1]=b&process_id=p1",
+                    "get": "event.offline.get?clear=0&limit=50",
+                    "info": "app.info"
+                },
+                "halt": 0, "auth": "a1", "auth_connector": "erp-sync"
+            })
+        );
+        let too_many: Vec<_> = (0..51)
+            .map(|i| (format!("k{i}"), "app.info".to_string(), json!({})))
+            .collect();
+        let err = client.batch(&too_many, true).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Rejected, "ERROR_BATCH_LENGTH_EXCEEDED")
+        );
+        let dup = vec![
+            ("a".to_string(), "app.info".to_string(), json!({})),
+            ("a".to_string(), "app.info".to_string(), json!({})),
+        ];
+        assert!(client.batch(&dup, false).await.is_err());
+        assert_eq!(log(&srv).len(), 1);
+    }
+
+    #[test]
+    fn settings_are_checked_and_secret_free_in_debug() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store: Arc<dyn TokenStore> = Arc::new(TestStore {
+            log: Arc::new(Mutex::new(Vec::new())),
+            fail: AtomicBool::new(false),
+        });
+        let mut s = settings("https://example.bitrix24.com");
+        s.client_endpoint = "https://example.bitrix24.com/rest".into();
+        let client = PortalClient::new(s.clone(), None, store.clone()).unwrap();
+        assert_eq!(
+            client.client_endpoint(),
+            "https://example.bitrix24.com/rest/"
+        );
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+        s.client_endpoint = "example.bitrix24.com/rest/".into();
+        let err = PortalClient::new(s, None, store).err().unwrap();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "INVALID_SETTINGS")
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let first = limit_backoff(0);
+        assert!(first >= Duration::from_millis(750) && first <= Duration::from_millis(1250));
+        let fourth = limit_backoff(3);
+        assert!(fourth >= Duration::from_secs(6) && fourth <= Duration::from_secs(10));
+        assert!(limit_backoff(30) <= Duration::from_secs(75));
+    }
+}

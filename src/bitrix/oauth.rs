@@ -1,1 +1,394 @@
-//! (being written)
+//! OAuth 2.0 tokens of a Bitrix24 application: the token pair, where it is persisted, and the two
+//! requests to the authorization server (refresh and authorization-code exchange, notes §10).
+//!
+//! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
+//! must persist the new pair before relying on it (see [`TokenStore`]).
+
+use super::error::{BitrixError, codes, sanitize_snippet};
+use super::form::percent_encode;
+use super::types::parse_error;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::fmt;
+
+/// Largest token-server answer read (a real one is well under 1 KiB).
+const MAX_TOKEN_BODY: usize = 1024 * 1024;
+
+/// Method names used in errors and logs for the two token requests.
+pub const REFRESH_METHOD: &str = "oauth token refresh";
+pub const EXCHANGE_METHOD: &str = "oauth code exchange";
+
+/// An access/refresh token pair with what the authorization server said about it.
+#[derive(Clone, PartialEq)]
+pub struct Tokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// When the access token expires (it lives one hour); `None` when unknown.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub member_id: Option<String>,
+    pub scope: Option<String>,
+    pub client_endpoint: Option<String>,
+    pub user_id: Option<i64>,
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokens")
+            .field("access_token", &redacted(&self.access_token))
+            .field("refresh_token", &redacted(&self.refresh_token))
+            .field("expires_at", &self.expires_at)
+            .field("member_id", &self.member_id)
+            .field("scope", &self.scope)
+            .field("client_endpoint", &self.client_endpoint)
+            .field("user_id", &self.user_id)
+            .finish()
+    }
+}
+
+fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        "<empty>"
+    } else {
+        "<redacted>"
+    }
+}
+
+impl Tokens {
+    /// True when the access token is missing, or known to expire before `now + margin`.
+    pub fn expires_within(&self, margin: chrono::Duration, now: DateTime<Utc>) -> bool {
+        self.access_token.is_empty() || self.expires_at.is_some_and(|at| at - margin <= now)
+    }
+}
+
+/// Durable storage of a portal's tokens (the journal implements it).
+pub trait TokenStore: Send + Sync {
+    /// Persists the pair; the tokens are durable when the future resolves with `Ok`.
+    fn save<'a>(
+        &'a self,
+        portal: &'a str,
+        tokens: &'a Tokens,
+    ) -> crate::BoxFuture<'a, anyhow::Result<()>>;
+}
+
+/// Renews the token pair: `GET token_url?grant_type=refresh_token&client_id&client_secret&refresh_token`.
+/// `invalid_grant` (refresh token expired or revoked) and `invalid_client` are Fatal.
+pub async fn refresh(
+    http: &reqwest::Client,
+    token_url: &str,
+    client_id: &str,
+    client_secret: &str,
+    refresh_token: &str,
+    portal: &str,
+) -> Result<Tokens, BitrixError> {
+    let params = [
+        ("grant_type", "refresh_token"),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+        ("refresh_token", refresh_token),
+    ];
+    token_request(
+        http,
+        token_url,
+        &params,
+        portal,
+        REFRESH_METHOD,
+        &[client_secret, refresh_token],
+    )
+    .await
+}
+
+/// Exchanges an authorization code (from the OAuth redirect) for a token pair:
+/// `GET token_url?grant_type=authorization_code&client_id&client_secret&code`.
+pub async fn exchange_code(
+    http: &reqwest::Client,
+    token_url: &str,
+    client_id: &str,
+    client_secret: &str,
+    code: &str,
+    portal: &str,
+) -> Result<Tokens, BitrixError> {
+    let params = [
+        ("grant_type", "authorization_code"),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+        ("code", code),
+    ];
+    token_request(
+        http,
+        token_url,
+        &params,
+        portal,
+        EXCHANGE_METHOD,
+        &[client_secret, code],
+    )
+    .await
+}
+
+async fn token_request(
+    http: &reqwest::Client,
+    token_url: &str,
+    params: &[(&str, &str)],
+    portal: &str,
+    method: &str,
+    secrets: &[&str],
+) -> Result<Tokens, BitrixError> {
+    let mut url = token_url.to_string();
+    url.push(if url.contains('?') { '&' } else { '?' });
+    let query: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+        .collect();
+    url.push_str(&query.join("&"));
+
+    let started = std::time::Instant::now();
+    let response = http
+        .get(&url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| BitrixError::transport(portal, method, &e))?;
+    let status = response.status().as_u16();
+    let body = super::client::read_body(response, MAX_TOKEN_BODY)
+        .await
+        .map_err(|e| match e {
+            super::client::BodyError::Transport(e) => BitrixError::transport(portal, method, &e),
+            super::client::BodyError::TooLarge => BitrixError::new(
+                portal,
+                method,
+                codes::INVALID_RESPONSE,
+                format!("http {status}: the answer exceeds {MAX_TOKEN_BODY} bytes"),
+                Some(status),
+            )
+            .with_maybe_executed(true),
+        })?;
+    tracing::debug!(
+        portal,
+        method,
+        status,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "token request answered"
+    );
+    parse_token_answer(&body, status, portal, method, secrets, Utc::now())
+}
+
+/// Turns the token server's answer into tokens or a classified error. Nothing of a body that
+/// looks like JSON is quoted in errors, since a truncated one may hold fresh tokens.
+fn parse_token_answer(
+    body: &[u8],
+    status: u16,
+    portal: &str,
+    method: &str,
+    secrets: &[&str],
+    now: DateTime<Utc>,
+) -> Result<Tokens, BitrixError> {
+    let invalid = |what: String| {
+        BitrixError::new(
+            portal,
+            method,
+            codes::INVALID_RESPONSE,
+            format!("http {status}: {what}"),
+            Some(status),
+        )
+        .with_maybe_executed(!(400..500).contains(&status))
+    };
+    let json: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let trimmed = text.trim_start();
+            let what = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+                format!("truncated or invalid JSON ({} bytes)", body.len())
+            } else if trimmed.is_empty() {
+                "empty body".to_string()
+            } else {
+                format!("not JSON: {}", sanitize_snippet(trimmed, secrets, 160))
+            };
+            return Err(invalid(what));
+        }
+    };
+    if let Some((code, description)) = parse_error(&json) {
+        let description = sanitize_snippet(&description, secrets, 300);
+        return Err(BitrixError::from_api(
+            portal,
+            method,
+            &code,
+            &description,
+            Some(status),
+        ));
+    }
+    if !(200..300).contains(&status) {
+        return Err(invalid(
+            "no tokens and no error code in the answer".to_string(),
+        ));
+    }
+    let string = |key: &str| -> Option<String> {
+        match json.get(key)? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    let integer = |key: &str| -> Option<i64> {
+        match json.get(key)? {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    };
+    let access_token = string("access_token")
+        .ok_or_else(|| invalid("the answer has no access_token".to_string()))?;
+    let refresh_token = string("refresh_token")
+        .ok_or_else(|| invalid("the answer has no refresh_token".to_string()))?;
+    // expires_in is relative and so immune to clock skew; expires is the server's clock.
+    let expires_at = match integer("expires_in") {
+        Some(secs) if secs > 0 => Some(now + chrono::Duration::seconds(secs)),
+        _ => integer("expires").and_then(|at| DateTime::<Utc>::from_timestamp(at, 0)),
+    };
+    Ok(Tokens {
+        access_token,
+        refresh_token,
+        expires_at,
+        member_id: string("member_id"),
+        scope: string("scope"),
+        client_endpoint: string("client_endpoint"),
+        user_id: integer("user_id"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitrix::ErrorClass;
+
+    const REFRESH_EXAMPLE: &str = r#"{
+        "access_token": "ydtj8pho532wydb5ixk78ol7uqlb7sch",
+        "client_endpoint": "https://portal.bitrix24.com/rest/",
+        "domain": "oauth.bitrix.info",
+        "expires": 1780319382,
+        "expires_in": 3600,
+        "member_id": "a223c6b3710f85df22e9377d6c4f7553",
+        "refresh_token": "3s6lr4kr3cv2od4v853gvrchb875bwxb",
+        "scope": "crm,entity,im,task",
+        "server_endpoint": "https://oauth.bitrix.info/rest/",
+        "status": "F",
+        "user_id": 67
+    }"#;
+
+    fn parse(body: &str, status: u16) -> Result<Tokens, BitrixError> {
+        let now = DateTime::<Utc>::from_timestamp(1_780_315_782, 0).unwrap();
+        parse_token_answer(
+            body.as_bytes(),
+            status,
+            "main",
+            REFRESH_METHOD,
+            &["sekret", "oldrefresh"],
+            now,
+        )
+    }
+
+    #[test]
+    fn parses_the_documented_refresh_answer() {
+        let t = parse(REFRESH_EXAMPLE, 200).unwrap();
+        assert_eq!(t.access_token, "ydtj8pho532wydb5ixk78ol7uqlb7sch");
+        assert_eq!(t.refresh_token, "3s6lr4kr3cv2od4v853gvrchb875bwxb");
+        assert_eq!(t.expires_at.unwrap().timestamp(), 1_780_315_782 + 3600);
+        assert_eq!(
+            t.member_id.as_deref(),
+            Some("a223c6b3710f85df22e9377d6c4f7553")
+        );
+        assert_eq!(t.scope.as_deref(), Some("crm,entity,im,task"));
+        assert_eq!(
+            t.client_endpoint.as_deref(),
+            Some("https://portal.bitrix24.com/rest/")
+        );
+        assert_eq!(t.user_id, Some(67));
+    }
+
+    #[test]
+    fn falls_back_to_absolute_expiry() {
+        let t = parse(
+            r#"{"access_token": "a", "refresh_token": "r", "expires": 1780319382, "user_id": "5"}"#,
+            200,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at.unwrap().timestamp(), 1780319382);
+        assert_eq!(t.user_id, Some(5));
+    }
+
+    #[test]
+    fn oauth_errors_are_classified() {
+        let e = parse(
+            r#"{"error": "invalid_grant", "error_description": "Invalid grant"}"#,
+            400,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert_eq!(e.code, "invalid_grant");
+        assert!(e.to_string().contains("auth login --portal main"), "{e}");
+        let e = parse(
+            r#"{"error": "invalid_client", "error_description": "Invalid client"}"#,
+            401,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        let e = parse("<html><body>Bad gateway</body></html>", 502).unwrap_err();
+        assert_eq!(
+            (e.class, e.code.as_str(), e.maybe_executed),
+            (ErrorClass::Retryable, "INVALID_RESPONSE", true)
+        );
+        let e = parse("Not found", 404).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Rejected);
+    }
+
+    #[test]
+    fn errors_never_quote_tokens_or_secrets() {
+        let e = parse(r#"{"access_token": "fresh-access-1234", "refresh_tok"#, 200).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Retryable);
+        assert!(e.maybe_executed);
+        assert!(!e.to_string().contains("fresh-access-1234"), "{e}");
+        let e = parse(
+            "proxy echo: client_secret=sekret&refresh_token=oldrefresh",
+            502,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            !msg.contains("sekret") && !msg.contains("oldrefresh"),
+            "{msg}"
+        );
+        let e = parse(
+            r#"{"error": "invalid_request", "error_description": "bad oldrefresh"}"#,
+            400,
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("oldrefresh"));
+        let e = parse(r#"{"refresh_token": "r"}"#, 200).unwrap_err();
+        assert!(e.description.contains("access_token"));
+    }
+
+    #[test]
+    fn debug_redacts_both_tokens() {
+        let t = parse(REFRESH_EXAMPLE, 200).unwrap();
+        let dbg = format!("{t:?}");
+        assert!(!dbg.contains("ydtj8pho532wydb5ixk78ol7uqlb7sch"), "{dbg}");
+        assert!(!dbg.contains("3s6lr4kr3cv2od4v853gvrchb875bwxb"), "{dbg}");
+        assert!(
+            dbg.contains("<redacted>") && dbg.contains("a223c6b3710f85df22e9377d6c4f7553"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn expiry_margin() {
+        let now = Utc::now();
+        let mut t = parse(REFRESH_EXAMPLE, 200).unwrap();
+        t.expires_at = Some(now + chrono::Duration::seconds(30));
+        assert!(t.expires_within(chrono::Duration::seconds(60), now));
+        t.expires_at = Some(now + chrono::Duration::seconds(3000));
+        assert!(!t.expires_within(chrono::Duration::seconds(60), now));
+        t.expires_at = None;
+        assert!(!t.expires_within(chrono::Duration::seconds(60), now));
+        t.access_token.clear();
+        assert!(t.expires_within(chrono::Duration::seconds(60), now));
+    }
+}

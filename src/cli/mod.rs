@@ -1,1 +1,293 @@
-//! cli (being written)
+//! The command line: argument parsing, logging set-up, and the one place that prints errors and
+//! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
+
+mod demo;
+
+use crate::config::{self, Config, ConfigError};
+use crate::journal::Journal;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration error (sysexits EX_CONFIG); systemd units use it in
+/// `RestartPreventExitStatus=`.
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "b24eventd",
+    version,
+    about = "Pulls Bitrix24 offline events, journals them in SQLite, delivers them to sinks, and settles them upstream",
+    long_about = "b24eventd reserves events from a Bitrix24 portal's offline queue (event.offline.get with clear=0), \
+records each batch in a local SQLite journal before anything else, delivers every event to the sinks the \
+configuration routes it to, and only then settles it upstream: event.offline.clear when delivered, \
+event.offline.error when a sink gave up. No event is lost on a crash, a lost response, a sink outage, a rate \
+limit or an expired token.\n\nStart with `b24eventd demo` (no portal or config needed).",
+    after_help = "Config path: -c/--config, else $B24EVENTD_CONFIG, else ./b24eventd.toml, else /etc/b24eventd/config.toml.\n\
+Logging: B24EVENTD_LOG (or RUST_LOG) takes a tracing filter, e.g. B24EVENTD_LOG=debug.\n\
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error."
+)]
+struct Cli {
+    /// Configuration file (TOML)
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: poll every portal, deliver to every sink, settle upstream
+    Run,
+    /// Run the whole pipeline against the built-in portal simulator (no portal, no config needed)
+    Demo(demo::DemoArgs),
+    /// Serve the portal simulator (REST + OAuth) so you can try a config without a portal
+    Simulate {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8024", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+    },
+    /// Check the configuration and exit 0, or print what is wrong and exit 78
+    Validate,
+    /// Manage the OAuth tokens stored in the journal
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Store a portal's OAuth tokens in the journal (e.g. from the app's installation callback).
+    /// Without --access-token the refresh token is used at once, which checks it and stores
+    /// the rotated pair.
+    Import {
+        /// Portal name, as in [portals.NAME]
+        #[arg(long)]
+        portal: String,
+        /// The refresh token, or "-" to read it from standard input (keeps it out of `ps`)
+        #[arg(long, value_name = "TOKEN")]
+        refresh_token: String,
+        /// A current access token, if you have one
+        #[arg(long, value_name = "TOKEN")]
+        access_token: Option<String>,
+    },
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        let code = if error.downcast_ref::<ConfigError>().is_some() {
+            EXIT_CONFIG
+        } else {
+            1
+        };
+        Failure { code, error }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Failure {
+        Failure {
+            code: EXIT_CONFIG,
+            error: error.into(),
+        }
+    }
+}
+
+/// The entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("b24eventd: {}", format_error(&error));
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn format_error(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+    }
+    out
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    // One TLS crypto provider for the whole process (reqwest is built without one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config_path = cli.config.clone().unwrap_or_else(config::default_config_path);
+    match cli.command {
+        Command::Validate => {
+            let config = config::load(&config_path)?;
+            for portal in config.portals.values() {
+                config::resolve_secret(portal)?;
+            }
+            println!(
+                "{}: ok ({} portal{}, {} sink{})",
+                config_path.display(),
+                config.portals.len(),
+                plural(config.portals.len()),
+                config.sinks.len(),
+                plural(config.sinks.len())
+            );
+            Ok(())
+        }
+        Command::Run => {
+            let config = config::load(&config_path)?;
+            for portal in config.portals.values() {
+                config::resolve_secret(portal)?;
+            }
+            init_logging("info");
+            runtime()?.block_on(run_daemon(config))?;
+            Ok(())
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            runtime()?.block_on(demo::run(args))?;
+            Ok(())
+        }
+        Command::Simulate { listen } => {
+            init_logging("info");
+            runtime()?.block_on(simulate(listen))?;
+            Ok(())
+        }
+        Command::Auth(AuthCommand::Import {
+            portal,
+            refresh_token,
+            access_token,
+        }) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            runtime()?.block_on(auth_import(config, portal, refresh_token, access_token))?;
+            Ok(())
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Logs go to stderr; `B24EVENTD_LOG` (or `RUST_LOG`) overrides the default filter.
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("B24EVENTD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| format!("{default},tokio_cron_scheduler=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_daemon(config: Config) -> anyhow::Result<()> {
+    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+    crate::pipeline::run(config, journal, shutdown).await
+}
+
+async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let sim = crate::simulator::Simulator::start_on(crate::simulator::SimulatorConfig::default(), listener).await?;
+    let (access, refresh) = sim.issue_tokens();
+    let defaults = crate::simulator::SimulatorConfig::default();
+    println!("portal simulator listening on {}", sim.base_url());
+    println!();
+    println!("[portals.sim]");
+    println!("client_endpoint = \"{}\"", sim.client_endpoint());
+    println!("oauth_token_url = \"{}\"", sim.oauth_token_url());
+    println!("client_id = \"{}\"", defaults.client_id);
+    println!("client_secret = \"{}\"", defaults.client_secret);
+    println!("events = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]");
+    println!();
+    println!("then: b24eventd auth import --portal sim --refresh-token {refresh} --access-token {access}");
+    println!(
+        "raise events: curl -s -XPOST {}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'",
+        sim.base_url()
+    );
+    println!("(events are queued only for bound events: POST {}/_sim/bind {{\"event\":\"...\"}} or event.bind)", sim.base_url());
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+    shutdown.cancelled().await;
+    sim.shutdown();
+    Ok(())
+}
+
+async fn auth_import(
+    config: Config,
+    portal: String,
+    refresh_token: String,
+    access_token: Option<String>,
+) -> Result<(), Failure> {
+    let Some(portal_config) = config.portals.get(&portal) else {
+        let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
+        return Err(anyhow::anyhow!("unknown portal {portal}: the config has {}", known.join(", ")).into());
+    };
+    let refresh_token = if refresh_token == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the refresh token from stdin")?;
+        s.trim().to_string()
+    } else {
+        refresh_token
+    };
+    if refresh_token.is_empty() {
+        return Err(anyhow::anyhow!("the refresh token is empty").into());
+    }
+    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let has_access = access_token.is_some();
+    let tokens = crate::bitrix::Tokens {
+        access_token: access_token.unwrap_or_default(),
+        refresh_token,
+        // Without an access token, mark it expired so the first call refreshes.
+        expires_at: if has_access { None } else { Some(chrono::DateTime::UNIX_EPOCH) },
+        member_id: None,
+        scope: None,
+        client_endpoint: None,
+        user_id: None,
+    };
+    journal.save_tokens(&portal, &tokens).await?;
+    if has_access {
+        println!("stored tokens for portal {portal} in {}", journal.path().display());
+        return Ok(());
+    }
+    let client = crate::pipeline::portal_client(portal_config, &journal).await?;
+    client
+        .refresh_tokens()
+        .await
+        .with_context(|| format!("the refresh token was stored, but using it failed for portal {portal}"))?;
+    println!(
+        "stored tokens for portal {portal} in {} (refresh token checked and rotated)",
+        journal.path().display()
+    );
+    Ok(())
+}

@@ -1,1 +1,888 @@
-//! The journal (being written)
+//! The journal: one SQLite file (WAL, `synchronous=FULL` by default) holding tokens, fetched
+//! batches, events, deliveries and upstream settlement. All SQL of the crate lives in this module;
+//! every call runs on tokio's blocking pool so the async runtime never waits on the disk.
+
+mod schema;
+
+pub use schema::SCHEMA_VERSION;
+
+use crate::bitrix::{TokenStore, Tokens};
+use crate::config::Synchronous;
+use crate::envelope::{Envelope, Lane};
+use crate::pipeline::settle::{self, DeliveryState, SettleAction};
+use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A timestamp as the journal stores it: RFC 3339 UTC with milliseconds, so text order is time order.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn now() -> String {
+    timestamp(Utc::now())
+}
+
+/// A handle to the open journal; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+/// Where a batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOrigin {
+    /// Our own `event.offline.get` reserved it.
+    Fetched,
+    /// Found upstream by the orphan sweep (its `get` response was lost) and taken over.
+    Adopted,
+}
+
+impl BatchOrigin {
+    fn as_str(self) -> &'static str {
+        match self {
+            BatchOrigin::Fetched => "fetched",
+            BatchOrigin::Adopted => "adopted",
+        }
+    }
+}
+
+/// One event of a batch about to be journaled, with the sinks routed to it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub offline_id: i64,
+    pub event: String,
+    pub message_id: String,
+    pub timestamp: String,
+    pub data: Value,
+    pub additional: Value,
+    pub sinks: Vec<String>,
+}
+
+/// A reservation (`process_id`) and its events, journaled in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub portal: String,
+    pub process_id: String,
+    pub lane: Lane,
+    pub origin: BatchOrigin,
+    pub events: Vec<NewEvent>,
+}
+
+/// What [`Journal::record_batch`] did.
+#[derive(Debug, Clone, Default)]
+pub struct RecordedBatch {
+    pub batch_id: i64,
+    /// Events new to the journal.
+    pub inserted: usize,
+    /// Events the journal already had under this reservation and still has to settle.
+    pub known_unsettled: usize,
+    /// Events the journal already had and considers settled, yet the portal still holds them
+    /// reserved: their settle call must be repeated (message ids).
+    pub known_settled: Vec<(i64, String)>,
+}
+
+/// A reservation the journal knows and has not finished settling.
+#[derive(Debug, Clone)]
+pub struct OpenBatch {
+    pub batch_id: i64,
+    pub process_id: String,
+    pub lane: Lane,
+}
+
+/// A delivery that is due now, with the envelope to send.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub event_id: i64,
+    /// Attempts already made before this one.
+    pub attempts: u32,
+    pub envelope: Envelope,
+}
+
+/// The result of one delivery attempt, as recorded.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Delivered,
+    Retry {
+        error: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+    Dead {
+        error: String,
+    },
+}
+
+/// Events of one reservation waiting for the same upstream call.
+#[derive(Debug, Clone)]
+pub struct PendingSettlement {
+    pub batch_id: i64,
+    pub process_id: String,
+    pub lane: Lane,
+    pub action: SettleAction,
+    /// `(event row id, offline ID, MESSAGE_ID)`.
+    pub events: Vec<(i64, i64, String)>,
+}
+
+/// Counters for summaries and `journal stats`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JournalCounts {
+    pub events: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    pub pending: u64,
+    pub unsettled_upstream: u64,
+    pub cleared: u64,
+    pub errored: u64,
+    pub batches: u64,
+    pub adopted_batches: u64,
+    pub delivery_attempts: u64,
+    /// Deliveries of an envelope id to a sink beyond the first successful one.
+    pub duplicate_deliveries: u64,
+}
+
+impl Journal {
+    /// Opens (creating if needed, mode 0600) and migrates the journal. Blocking; see [`Journal::open`].
+    pub fn open_blocking(path: &Path, synchronous: Synchronous) -> anyhow::Result<Journal> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create journal directory {}", parent.display()))?;
+        }
+        create_private(path)?;
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("cannot open journal {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            anyhow::bail!("journal {} could not switch to WAL mode (got {mode})", path.display());
+        }
+        let sync = match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        schema::migrate(&mut conn)
+            .with_context(|| format!("cannot migrate journal {}", path.display()))?;
+        // The WAL and shared-memory files hold the same data: keep them private too.
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = set_private(Path::new(&p));
+        }
+        Ok(Journal {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens and migrates the journal off the async runtime.
+    pub async fn open(path: &Path, synchronous: Synchronous) -> anyhow::Result<Journal> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Journal::open_blocking(&path, synchronous)).await?
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn run<R, F>(&self, f: F) -> anyhow::Result<R>
+    where
+        F: FnOnce(&mut Connection) -> anyhow::Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .context("journal task panicked")?
+    }
+
+    /// Runs `f` with the connection on the calling thread (CLI commands, tests).
+    pub fn with_conn<R>(&self, f: impl FnOnce(&mut Connection) -> anyhow::Result<R>) -> anyhow::Result<R> {
+        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+
+    // ---- portals and tokens ------------------------------------------------------------------
+
+    pub async fn load_tokens(&self, portal: &str) -> anyhow::Result<Option<Tokens>> {
+        let portal = portal.to_string();
+        self.run(move |conn| load_tokens(conn, &portal)).await
+    }
+
+    /// Stores tokens durably (the transaction has committed when this returns).
+    pub async fn save_tokens(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
+        let portal = portal.to_string();
+        let tokens = tokens.clone();
+        self.run(move |conn| save_tokens(conn, &portal, &tokens)).await
+    }
+
+    pub fn save_tokens_blocking(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
+        self.with_conn(|conn| save_tokens(conn, portal, tokens))
+    }
+
+    // ---- batches -----------------------------------------------------------------------------
+
+    /// Journals a reservation and its events in one transaction: the batch row, each event not
+    /// yet known under this reservation, and one pending delivery per routed sink. An event no
+    /// sink wants is settled (`clear_pending`) at once.
+    pub async fn record_batch(&self, batch: NewBatch) -> anyhow::Result<RecordedBatch> {
+        self.run(move |conn| record_batch(conn, &batch)).await
+    }
+
+    /// Reservations not fully settled yet.
+    pub async fn open_batches(&self, portal: &str) -> anyhow::Result<Vec<OpenBatch>> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, process_id, lane FROM batches WHERE portal = ?1 AND settled_at IS NULL ORDER BY id",
+            )?;
+            let rows = stmt.query_map([&portal], |r| {
+                Ok(OpenBatch {
+                    batch_id: r.get(0)?,
+                    process_id: r.get(1)?,
+                    lane: lane_from_sql(&r.get::<_, String>(2)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Every `process_id` the journal has seen for `portal`, with whether it is settled.
+    pub async fn known_process_ids(&self, portal: &str) -> anyhow::Result<HashMap<String, bool>> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT process_id, settled_at IS NOT NULL FROM batches WHERE portal = ?1")?;
+            let rows = stmt.query_map([&portal], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+            Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
+        })
+        .await
+    }
+
+    /// Events of `portal` reserved upstream and not settled yet (the `max_unsettled` measure).
+    pub async fn unsettled_count(&self, portal: &str) -> anyhow::Result<u64> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM events WHERE portal = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending')",
+                [&portal],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    // ---- deliveries --------------------------------------------------------------------------
+
+    /// Up to `limit` pending deliveries for `sink` whose time has come, oldest first.
+    pub async fn due_deliveries(&self, sink: &str, limit: usize) -> anyhow::Result<Vec<DueDelivery>> {
+        let sink = sink.to_string();
+        self.run(move |conn| due_deliveries(conn, &sink, &now(), limit)).await
+    }
+
+    /// When the earliest pending delivery of `sink` is due, if any.
+    pub async fn next_due(&self, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+        let sink = sink.to_string();
+        self.run(move |conn| {
+            let at: Option<String> = conn.query_row(
+                "SELECT MIN(next_attempt_at) FROM deliveries WHERE sink = ?1 AND status = 'pending'",
+                [&sink],
+                |r| r.get(0),
+            )?;
+            Ok(at.and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.with_timezone(&Utc)))
+        })
+        .await
+    }
+
+    /// Records attempt outcomes for `sink` and, in the same transaction, settles every event whose
+    /// deliveries are now all final. Returns the portals that have new settle work.
+    pub async fn record_outcomes(&self, sink: &str, outcomes: Vec<(i64, Outcome)>) -> anyhow::Result<Vec<String>> {
+        let sink = sink.to_string();
+        self.run(move |conn| record_outcomes(conn, &sink, &outcomes)).await
+    }
+
+    // ---- settlement --------------------------------------------------------------------------
+
+    /// Events waiting for `event.offline.clear` / `event.offline.error`, grouped by reservation.
+    pub async fn pending_settlements(&self, portal: &str) -> anyhow::Result<Vec<PendingSettlement>> {
+        let portal = portal.to_string();
+        self.run(move |conn| pending_settlements(conn, &portal)).await
+    }
+
+    /// Marks events as settled upstream and closes reservations with nothing left to settle.
+    pub async fn mark_settled(&self, event_ids: Vec<i64>, action: SettleAction) -> anyhow::Result<()> {
+        self.run(move |conn| mark_settled(conn, &event_ids, action)).await
+    }
+
+    // ---- reporting ---------------------------------------------------------------------------
+
+    pub async fn counts(&self) -> anyhow::Result<JournalCounts> {
+        self.run(|conn| counts(conn)).await
+    }
+
+    pub fn counts_blocking(&self) -> anyhow::Result<JournalCounts> {
+        self.with_conn(|conn| counts(conn))
+    }
+}
+
+impl TokenStore for Journal {
+    fn save<'a>(&'a self, portal: &'a str, tokens: &'a Tokens) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.save_tokens(portal, tokens))
+    }
+}
+
+/// Creates `path` with mode 0600 if missing, and tightens an existing one.
+fn create_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create journal {}", path.display()))?;
+    set_private(path).with_context(|| format!("cannot set mode 0600 on journal {}", path.display()))
+}
+
+fn set_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+fn lane_from_sql(s: &str) -> Lane {
+    Lane::parse(s).unwrap_or(Lane::Normal)
+}
+
+fn state_from_sql(s: &str) -> DeliveryState {
+    match s {
+        "delivered" => DeliveryState::Delivered,
+        "dead" => DeliveryState::Dead,
+        _ => DeliveryState::Pending,
+    }
+}
+
+fn parse_time(s: Option<String>) -> Option<DateTime<Utc>> {
+    s.and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn load_tokens(conn: &Connection, portal: &str) -> anyhow::Result<Option<Tokens>> {
+    let tokens = conn
+        .query_row(
+            "SELECT access_token, refresh_token, expires_at, member_id, scope, client_endpoint, user_id
+             FROM tokens WHERE portal = ?1",
+            [portal],
+            |r| {
+                Ok(Tokens {
+                    access_token: r.get(0)?,
+                    refresh_token: r.get(1)?,
+                    expires_at: parse_time(r.get(2)?),
+                    member_id: r.get(3)?,
+                    scope: r.get(4)?,
+                    client_endpoint: r.get(5)?,
+                    user_id: r.get(6)?,
+                })
+            },
+        )
+        .optional()?;
+    Ok(tokens)
+}
+
+fn ensure_portal(conn: &Connection, portal: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO portals (name, first_seen_at) VALUES (?1, ?2)",
+        params![portal, now()],
+    )?;
+    Ok(())
+}
+
+fn save_tokens(conn: &mut Connection, portal: &str, t: &Tokens) -> anyhow::Result<()> {
+    let tx = conn.transaction()?;
+    ensure_portal(&tx, portal)?;
+    tx.execute(
+        "INSERT INTO tokens (portal, access_token, refresh_token, expires_at, scope, member_id, client_endpoint, user_id, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (portal) DO UPDATE SET access_token = excluded.access_token,
+            refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+            scope = COALESCE(excluded.scope, tokens.scope), member_id = COALESCE(excluded.member_id, tokens.member_id),
+            client_endpoint = COALESCE(excluded.client_endpoint, tokens.client_endpoint),
+            user_id = COALESCE(excluded.user_id, tokens.user_id), updated_at = excluded.updated_at",
+        params![
+            portal,
+            t.access_token,
+            t.refresh_token,
+            t.expires_at.map(timestamp),
+            t.scope,
+            t.member_id,
+            t.client_endpoint,
+            t.user_id,
+            now()
+        ],
+    )?;
+    if let Some(member_id) = &t.member_id {
+        tx.execute("UPDATE portals SET member_id = ?2 WHERE name = ?1", params![portal, member_id])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<RecordedBatch> {
+    let tx = conn.transaction()?;
+    ensure_portal(&tx, &batch.portal)?;
+    let fetched_at = now();
+    tx.execute(
+        "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![batch.portal, batch.process_id, batch.lane.as_str(), batch.origin.as_str(), fetched_at],
+    )?;
+    let batch_id: i64 = tx.query_row(
+        "SELECT id FROM batches WHERE portal = ?1 AND process_id = ?2",
+        params![batch.portal, batch.process_id],
+        |r| r.get(0),
+    )?;
+    let mut recorded = RecordedBatch {
+        batch_id,
+        ..RecordedBatch::default()
+    };
+    {
+        let mut find = tx.prepare_cached("SELECT id, upstream FROM events WHERE batch_id = ?1 AND offline_id = ?2")?;
+        let mut insert_event = tx.prepare_cached(
+            "INSERT INTO events (envelope_id, portal, batch_id, offline_id, event, message_id, timestamp, data,
+                                 additional, lane, fetched_at, status, upstream)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        let mut insert_delivery = tx.prepare_cached(
+            "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3)",
+        )?;
+        for e in &batch.events {
+            let known: Option<(i64, String)> = find
+                .query_row(params![batch_id, e.offline_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((_, upstream)) = known {
+                if upstream == "cleared" || upstream == "errored" {
+                    recorded.known_settled.push((e.offline_id, e.message_id.clone()));
+                } else {
+                    recorded.known_unsettled += 1;
+                }
+                continue;
+            }
+            // With no routed sink the lattice settles the event at once.
+            let (status, upstream) = if e.sinks.is_empty() {
+                ("delivered", "clear_pending")
+            } else {
+                ("pending", "reserved")
+            };
+            insert_event.execute(params![
+                Envelope::make_id(&batch.portal, e.offline_id),
+                batch.portal,
+                batch_id,
+                e.offline_id,
+                e.event,
+                e.message_id,
+                e.timestamp,
+                e.data.to_string(),
+                e.additional.to_string(),
+                batch.lane.as_str(),
+                fetched_at,
+                status,
+                upstream
+            ])?;
+            let event_id = tx.last_insert_rowid();
+            for sink in &e.sinks {
+                insert_delivery.execute(params![event_id, sink, fetched_at])?;
+            }
+            recorded.inserted += 1;
+        }
+    }
+    if recorded.inserted > 0 {
+        tx.execute("UPDATE batches SET settled_at = NULL WHERE id = ?1", [batch_id])?;
+    }
+    tx.commit()?;
+    Ok(recorded)
+}
+
+fn due_deliveries(conn: &Connection, sink: &str, now: &str, limit: usize) -> anyhow::Result<Vec<DueDelivery>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d.event_id, d.attempts, e.envelope_id, e.portal, e.event, e.offline_id, e.message_id,
+                e.timestamp, e.data, e.additional, e.lane, e.entity
+         FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.sink = ?1 AND d.status = 'pending' AND d.next_attempt_at <= ?2
+         ORDER BY d.next_attempt_at, d.event_id
+         LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![sink, now, limit as i64], |r| {
+        let attempts: u32 = r.get(1)?;
+        let data: String = r.get(8)?;
+        let additional: String = r.get(9)?;
+        let entity: Option<String> = r.get(11)?;
+        Ok(DueDelivery {
+            event_id: r.get(0)?,
+            attempts,
+            envelope: Envelope {
+                id: r.get(2)?,
+                portal: r.get(3)?,
+                event: r.get(4)?,
+                offline_id: r.get(5)?,
+                message_id: r.get(6)?,
+                timestamp: r.get(7)?,
+                data: serde_json::from_str(&data).unwrap_or(Value::Null),
+                additional: serde_json::from_str(&additional).unwrap_or(Value::Null),
+                lane: lane_from_sql(&r.get::<_, String>(10)?),
+                attempt: attempts + 1,
+                entity: entity.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null),
+            },
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn record_outcomes(conn: &mut Connection, sink: &str, outcomes: &[(i64, Outcome)]) -> anyhow::Result<Vec<String>> {
+    let tx = conn.transaction()?;
+    let at = now();
+    let mut portals = Vec::new();
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE deliveries SET status = ?3, attempts = attempts + 1, next_attempt_at = ?4, last_error = ?5,
+                    delivered_at = CASE WHEN ?3 = 'delivered' THEN ?6 ELSE delivered_at END
+             WHERE event_id = ?1 AND sink = ?2 AND status = 'pending'
+             RETURNING attempts",
+        )?;
+        let mut log_attempt = tx.prepare_cached(
+            "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut states = tx.prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?;
+        let mut event_row = tx.prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?;
+        let mut settle = tx.prepare_cached(
+            "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
+        )?;
+        for (event_id, outcome) in outcomes {
+            let (status, next_at, error, label) = match outcome {
+                Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
+                Outcome::Retry { error, next_attempt_at } => {
+                    ("pending", timestamp(*next_attempt_at), Some(error.as_str()), "retry")
+                }
+                Outcome::Dead { error } => ("dead", at.clone(), Some(error.as_str()), "dead"),
+            };
+            let attempt: Option<i64> = update
+                .query_row(params![event_id, sink, status, next_at, error, at], |r| r.get(0))
+                .optional()?;
+            let Some(attempt) = attempt else {
+                continue; // already final (e.g. settled by an earlier run): nothing to record
+            };
+            log_attempt.execute(params![event_id, sink, attempt, at, label, error])?;
+            if status == "pending" {
+                continue;
+            }
+            let deliveries: Vec<DeliveryState> = states
+                .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
+                .collect::<Result<_, _>>()?;
+            let (lane, portal, upstream): (String, String, String) =
+                event_row.query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            if upstream != "reserved" {
+                continue;
+            }
+            if let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) {
+                let status = if decision.dead { "dead" } else { "delivered" };
+                let upstream = match decision.action {
+                    SettleAction::Clear => "clear_pending",
+                    SettleAction::Error => "error_pending",
+                };
+                settle.execute(params![event_id, status, upstream])?;
+                if !portals.contains(&portal) {
+                    portals.push(portal);
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(portals)
+}
+
+fn pending_settlements(conn: &Connection, portal: &str) -> anyhow::Result<Vec<PendingSettlement>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.batch_id, b.process_id, b.lane, e.upstream, e.id, e.offline_id, e.message_id
+         FROM events e JOIN batches b ON b.id = e.batch_id
+         WHERE e.portal = ?1 AND e.upstream IN ('clear_pending', 'error_pending')
+         ORDER BY e.batch_id, e.upstream, e.id",
+    )?;
+    let mut groups: BTreeMap<(i64, String), PendingSettlement> = BTreeMap::new();
+    let rows = stmt.query_map([portal], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+        ))
+    })?;
+    for row in rows {
+        let (batch_id, process_id, lane, upstream, id, offline_id, message_id) = row?;
+        let action = if upstream == "error_pending" {
+            SettleAction::Error
+        } else {
+            SettleAction::Clear
+        };
+        groups
+            .entry((batch_id, upstream))
+            .or_insert_with(|| PendingSettlement {
+                batch_id,
+                process_id,
+                lane: lane_from_sql(&lane),
+                action,
+                events: Vec::new(),
+            })
+            .events
+            .push((id, offline_id, message_id));
+    }
+    Ok(groups.into_values().collect())
+}
+
+fn mark_settled(conn: &mut Connection, event_ids: &[i64], action: SettleAction) -> anyhow::Result<()> {
+    let tx = conn.transaction()?;
+    let at = now();
+    let (from, to) = match action {
+        SettleAction::Clear => ("clear_pending", "cleared"),
+        SettleAction::Error => ("error_pending", "errored"),
+    };
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE events SET upstream = ?2, settled_at = ?3 WHERE id = ?1 AND upstream = ?4 RETURNING batch_id",
+        )?;
+        let mut close = tx.prepare_cached(
+            "UPDATE batches SET settled_at = ?2 WHERE id = ?1 AND settled_at IS NULL AND NOT EXISTS (
+                SELECT 1 FROM events WHERE batch_id = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending'))",
+        )?;
+        let mut batches = Vec::new();
+        for id in event_ids {
+            if let Some(batch_id) = update
+                .query_row(params![id, to, at, from], |r| r.get::<_, i64>(0))
+                .optional()?
+                && !batches.contains(&batch_id)
+            {
+                batches.push(batch_id);
+            }
+        }
+        for batch_id in batches {
+            close.execute(params![batch_id, at])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn counts(conn: &Connection) -> anyhow::Result<JournalCounts> {
+    let mut c = conn.query_row(
+        "SELECT COUNT(*),
+                COALESCE(SUM(status = 'delivered'), 0), COALESCE(SUM(status = 'dead'), 0),
+                COALESCE(SUM(status = 'pending'), 0),
+                COALESCE(SUM(upstream IN ('reserved', 'clear_pending', 'error_pending')), 0),
+                COALESCE(SUM(upstream = 'cleared'), 0), COALESCE(SUM(upstream = 'errored'), 0)
+         FROM events",
+        [],
+        |r| {
+            Ok(JournalCounts {
+                events: count(r, 0)?,
+                delivered: count(r, 1)?,
+                dead: count(r, 2)?,
+                pending: count(r, 3)?,
+                unsettled_upstream: count(r, 4)?,
+                cleared: count(r, 5)?,
+                errored: count(r, 6)?,
+                ..JournalCounts::default()
+            })
+        },
+    )?;
+    (c.batches, c.adopted_batches) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(origin = 'adopted'), 0) FROM batches",
+        [],
+        |r| Ok((count(r, 0)?, count(r, 1)?)),
+    )?;
+    (c.delivery_attempts, c.duplicate_deliveries) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM delivery_attempts),
+                (SELECT COUNT(*) - COUNT(DISTINCT e.envelope_id || char(31) || a.sink)
+                 FROM delivery_attempts a JOIN events e ON e.id = a.event_id WHERE a.outcome = 'delivered')",
+        [],
+        |r| Ok((count(r, 0)?, count(r, 1)?)),
+    )?;
+    Ok(c)
+}
+
+/// Reads a non-negative SQL integer (a COUNT or SUM) as `u64`.
+fn count(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    Ok(row.get::<_, i64>(idx)?.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open_blocking(&dir.path().join("j.db"), Synchronous::Full).unwrap();
+        (dir, j)
+    }
+
+    fn event(id: i64, sinks: &[&str]) -> NewEvent {
+        NewEvent {
+            offline_id: id,
+            event: "ONCRMDEALUPDATE".into(),
+            message_id: format!("{id:032x}"),
+            timestamp: "2026-11-22T10:00:00+03:00".into(),
+            data: json!({"FIELDS": {"ID": id.to_string()}}),
+            additional: json!({"user_id": 1}),
+            sinks: sinks.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn batch(pid: &str, lane: Lane, events: Vec<NewEvent>) -> NewBatch {
+        NewBatch {
+            portal: "main".into(),
+            process_id: pid.into(),
+            lane,
+            origin: BatchOrigin::Fetched,
+            events,
+        }
+    }
+
+    #[tokio::test]
+    async fn journal_file_is_private_and_migrated() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, j) = open();
+        let mode = std::fs::metadata(dir.path().join("j.db")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let v: i64 = j.with_conn(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        // reopening is a no-op migration
+        drop(j);
+        Journal::open_blocking(&dir.path().join("j.db"), Synchronous::Full).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_delivered_then_cleared() {
+        let (_d, j) = open();
+        let r = j
+            .record_batch(batch("p1", Lane::Normal, vec![event(1, &["a", "b"]), event(2, &["a"])]))
+            .await
+            .unwrap();
+        assert_eq!(r.inserted, 2);
+        assert_eq!(j.unsettled_count("main").await.unwrap(), 2);
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        assert_eq!(due.len(), 2);
+        assert_eq!(due[0].envelope.id, "main:1");
+        assert_eq!(due[0].envelope.attempt, 1);
+        let ids: Vec<i64> = due.iter().map(|d| d.event_id).collect();
+        let portals = j
+            .record_outcomes("a", ids.iter().map(|id| (*id, Outcome::Delivered)).collect())
+            .await
+            .unwrap();
+        assert_eq!(portals, vec!["main".to_string()]); // event 2 only needed sink a
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].events.len(), 1);
+        assert_eq!(pending[0].action, SettleAction::Clear);
+        let b = j.due_deliveries("b", 10).await.unwrap();
+        j.record_outcomes("b", vec![(b[0].event_id, Outcome::Delivered)]).await.unwrap();
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending[0].events.len(), 2);
+        j.mark_settled(pending[0].events.iter().map(|e| e.0).collect(), SettleAction::Clear)
+            .await
+            .unwrap();
+        assert!(j.open_batches("main").await.unwrap().is_empty());
+        assert_eq!(j.unsettled_count("main").await.unwrap(), 0);
+        let c = j.counts().await.unwrap();
+        assert_eq!((c.events, c.delivered, c.cleared, c.duplicate_deliveries), (2, 2, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_dead_delivery_errors_a_normal_event_and_clears_an_error_lane_event() {
+        let (_d, j) = open();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
+        j.record_batch(batch("p2", Lane::Error, vec![event(9, &["a"])])).await.unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        let outcomes = due
+            .iter()
+            .map(|d| (d.event_id, Outcome::Dead { error: "http 422".into() }))
+            .collect();
+        j.record_outcomes("a", outcomes).await.unwrap();
+        let pending = j.pending_settlements("main").await.unwrap();
+        let actions: Vec<(String, SettleAction)> =
+            pending.iter().map(|p| (p.process_id.clone(), p.action)).collect();
+        assert_eq!(
+            actions,
+            vec![("p1".into(), SettleAction::Error), ("p2".into(), SettleAction::Clear)]
+        );
+        assert_eq!(j.counts().await.unwrap().dead, 2);
+    }
+
+    #[tokio::test]
+    async fn retries_are_not_due_before_their_time() {
+        let (_d, j) = open();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        let later = Utc::now() + chrono::Duration::seconds(60);
+        j.record_outcomes(
+            "a",
+            vec![(due[0].event_id, Outcome::Retry { error: "503".into(), next_attempt_at: later })],
+        )
+        .await
+        .unwrap();
+        assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
+        assert!(j.next_due("a").await.unwrap().unwrap() > Utc::now());
+        assert!(j.pending_settlements("main").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn recording_a_known_reservation_again_inserts_only_new_events() {
+        let (_d, j) = open();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
+        let r = j
+            .record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"]), event(2, &["a"])]))
+            .await
+            .unwrap();
+        assert_eq!((r.inserted, r.known_unsettled), (1, 1));
+        assert_eq!(j.counts().await.unwrap().events, 2);
+    }
+
+    #[tokio::test]
+    async fn an_event_without_sinks_is_cleared_at_once() {
+        let (_d, j) = open();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &[])])).await.unwrap();
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].action, SettleAction::Clear);
+    }
+
+    #[tokio::test]
+    async fn tokens_round_trip() {
+        let (_d, j) = open();
+        assert!(j.load_tokens("main").await.unwrap().is_none());
+        let t = Tokens {
+            access_token: "a1".into(),
+            refresh_token: "r1".into(),
+            expires_at: Some(Utc::now()),
+            member_id: Some("m".into()),
+            scope: None,
+            client_endpoint: None,
+            user_id: Some(1),
+        };
+        j.save_tokens("main", &t).await.unwrap();
+        let got = j.load_tokens("main").await.unwrap().unwrap();
+        assert_eq!((got.access_token.as_str(), got.refresh_token.as_str()), ("a1", "r1"));
+        assert_eq!(got.member_id.as_deref(), Some("m"));
+    }
+}

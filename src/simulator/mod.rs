@@ -1,1 +1,355 @@
-//! (being written)
+//! The portal simulator: a local Bitrix24 look-alike (offline event queue, REST methods, batch,
+//! OAuth with strict refresh rotation, rate and operating limits, injected faults) that behaves
+//! as `bitrix24-api-notes.md` §1-§10 describe. Used by the integration tests, by `demo`
+//! (in-process) and by `simulate --listen` (through [`serve`]).
+//!
+//! Layout: `queue` holds the pure queue semantics, `methods` the REST methods and `batch`,
+//! `http` the axum transport and faults, `control` the `/_sim/*` endpoints, `portal` the
+//! shared state, `auth` tokens, `limits` the operating budget, `php` PHP-style parameters,
+//! `rest` error bodies and the `time` block.
+
+mod auth;
+mod control;
+mod http;
+mod limits;
+mod methods;
+mod php;
+mod portal;
+mod queue;
+mod rest;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use portal::State;
+
+/// How the simulated portal behaves.
+#[derive(Clone)]
+pub struct SimulatorConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    pub access_token_ttl: Duration,
+    /// `(burst, per_second)` of the leaky bucket that answers 503; `None` turns it off.
+    pub rate_limit: Option<(u32, f64)>,
+    /// Per-method operating budget that answers 429; `None` turns it off.
+    pub operating_limit: Option<OperatingLimit>,
+    /// Simulated server time charged per method call.
+    pub operating_cost: Duration,
+    /// Extra simulated time per event returned or affected.
+    pub operating_cost_per_event: Duration,
+    /// Plan feature `rest_offline_extended`: without it `get` with `clear=0` is 403.
+    pub rest_offline_extended: bool,
+    /// Plan feature `rest_auth_connector`: without it any call with `auth_connector` is 403.
+    pub rest_auth_connector: bool,
+    /// Whether the token's user is a portal administrator (event methods need one).
+    pub user_is_admin: bool,
+    pub member_id: String,
+    /// Seeds the generator behind faults, tokens and process ids.
+    pub seed: u64,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> SimulatorConfig {
+        SimulatorConfig {
+            client_id: "local.sim.0001".to_string(),
+            client_secret: "sim-secret".to_string(),
+            access_token_ttl: Duration::from_secs(3600),
+            rate_limit: None,
+            operating_limit: None,
+            operating_cost: Duration::from_millis(5),
+            operating_cost_per_event: Duration::from_millis(1),
+            rest_offline_extended: true,
+            rest_auth_connector: true,
+            user_is_admin: true,
+            member_id: "5f0c2d7e9b4a41c3a8e6d1f2b3c4d5e6".to_string(),
+            seed: 0x5eed_b24e,
+        }
+    }
+}
+
+impl fmt::Debug for SimulatorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulatorConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("rate_limit", &self.rate_limit)
+            .field("operating_limit", &self.operating_limit)
+            .field("operating_cost", &self.operating_cost)
+            .field("operating_cost_per_event", &self.operating_cost_per_event)
+            .field("rest_offline_extended", &self.rest_offline_extended)
+            .field("rest_auth_connector", &self.rest_auth_connector)
+            .field("user_is_admin", &self.user_is_admin)
+            .field("member_id", &self.member_id)
+            .field("seed", &self.seed)
+            .finish()
+    }
+}
+
+/// The operating budget of each method: `budget` of server time per `window` (counted in ten
+/// baskets).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OperatingLimit {
+    pub budget: Duration,
+    pub window: Duration,
+}
+
+impl Default for OperatingLimit {
+    fn default() -> OperatingLimit {
+        OperatingLimit {
+            budget: Duration::from_secs(480),
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Faults injected into `/rest` calls (never into `/oauth` or `/_sim`).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Probability of answering 500 `INTERNAL_SERVER_ERROR` without executing.
+    pub fail_500: f64,
+    /// Probability, for requests that ran `event.offline.get` (also inside `batch`), of
+    /// executing and then aborting the connection so the client gets no usable response.
+    pub drop_get_after_commit: f64,
+    /// Probability of executing and answering 200 with the JSON body cut in half.
+    pub truncate: f64,
+    /// Probability of sleeping `slow_delay` before answering.
+    pub slow: f64,
+    pub slow_delay: Duration,
+    /// The next N requests that run `event.offline.get` are dropped after commit.
+    pub drop_next_gets: u32,
+}
+
+/// Counters and a snapshot of the queue table.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SimStats {
+    /// Events raised (`emit`, `emit_change`, `/_sim/emit`), bound or not.
+    pub emitted: u64,
+    /// Rows with `ERROR=0` and no reservation.
+    pub queued: u64,
+    /// Rows with a `PROCESS_ID`.
+    pub reserved: u64,
+    /// Rows with `ERROR=1`.
+    pub error_lane: u64,
+    /// HTTP requests to `/rest` (a batch counts once).
+    pub requests: u64,
+    /// Calls per method, batch sub-commands included.
+    pub calls_by_method: BTreeMap<String, u64>,
+    pub rejected_503: u64,
+    pub rejected_429: u64,
+    pub faults_500: u64,
+    pub dropped_after_commit: u64,
+    pub truncated: u64,
+    pub token_refreshes: u64,
+    pub rejected_refresh: u64,
+    /// Rows deleted by `event.offline.clear` and by `get` with `clear` not 0.
+    pub cleared: u64,
+    /// Rows moved to the error lane by `event.offline.error`.
+    pub errored: u64,
+}
+
+/// One row of the queue table.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimRow {
+    pub id: i64,
+    pub timestamp_x: String,
+    pub event_name: String,
+    pub event_data: Value,
+    pub event_additional: Value,
+    pub message_id: String,
+    pub process_id: String,
+    pub error: bool,
+    pub connector_id: String,
+}
+
+/// What the server tasks and the handle share.
+pub(crate) struct Inner {
+    config: SimulatorConfig,
+    base_url: String,
+    state: Mutex<State>,
+    shutdown: CancellationToken,
+}
+
+impl Inner {
+    fn new(config: SimulatorConfig, addr: SocketAddr, shutdown: CancellationToken) -> Inner {
+        let state = Mutex::new(State::new(&config));
+        Inner {
+            base_url: base_url_of(addr),
+            config,
+            state,
+            shutdown,
+        }
+    }
+
+    /// The state lock; never held across an await.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: &str, data: Value, connectors: &[String], user_id: i64) {
+        self.lock()
+            .raise(event, data, connectors, user_id, rest::portal_now());
+    }
+
+    fn emit_change(&self, event: &str, entity_id: u64) {
+        let mut state = self.lock();
+        let connectors = state.offline_connectors(event);
+        state.raise(
+            event,
+            json!({"FIELDS": {"ID": entity_id.to_string()}}),
+            &connectors,
+            1,
+            rest::portal_now(),
+        );
+    }
+
+    fn issue_tokens(&self) -> (String, String) {
+        let issued = self.lock().issue_tokens(rest::unix_now());
+        (issued.access_token, issued.refresh_token)
+    }
+}
+
+/// `http://HOST:PORT` for a listener address (an unspecified address is reached on loopback).
+fn base_url_of(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+            SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// A running simulated portal; clones share it.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+impl Simulator {
+    /// Serves on `127.0.0.1` with a free port.
+    pub async fn start(config: SimulatorConfig) -> anyhow::Result<Simulator> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Simulator::start_on(config, listener).await
+    }
+
+    /// Serves on `listener` in a background task until [`Simulator::shutdown`].
+    pub async fn start_on(
+        config: SimulatorConfig,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Simulator> {
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner::new(config, addr, CancellationToken::new()));
+        let app = http::router(inner.clone());
+        let token = inner.shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%addr, %error, "portal simulator stopped with an error");
+            }
+        });
+        tracing::debug!(%addr, "portal simulator started");
+        Ok(Simulator { inner })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        self.inner.base_url.clone()
+    }
+
+    /// Where REST calls go: base + `/rest/`.
+    pub fn client_endpoint(&self) -> String {
+        format!("{}/rest/", self.inner.base_url)
+    }
+
+    /// The OAuth server: base + `/oauth/token/`.
+    pub fn oauth_token_url(&self) -> String {
+        format!("{}/oauth/token/", self.inner.base_url)
+    }
+
+    /// A former address of the portal: every call there answers 302 to the same method
+    /// under `/rest/`.
+    pub fn moved_endpoint(&self) -> String {
+        format!("{}/old/rest/", self.inner.base_url)
+    }
+
+    /// A fresh `(access_token, refresh_token)` pair, as if the app was just installed.
+    pub fn issue_tokens(&self) -> (String, String) {
+        self.inner.issue_tokens()
+    }
+
+    /// A one-time code for `grant_type=authorization_code`.
+    pub fn authorization_code(&self) -> String {
+        self.inner.lock().new_authorization_code()
+    }
+
+    /// Like `event.bind` with `event_type=offline` (`connector` "" for none); binding twice
+    /// is a no-op.
+    pub fn bind_offline(&self, event: &str, connector: &str) {
+        self.inner.lock().bind_offline(event, connector);
+    }
+
+    /// Raises an event: queued only if an offline binding of this event and connector exists,
+    /// merged by MESSAGE_ID into an unreserved row of the same content.
+    pub fn emit(&self, event: &str, data: Value, connector: &str, user_id: i64) {
+        self.inner
+            .emit(event, data, &[connector.to_string()], user_id);
+    }
+
+    /// Raises `{"FIELDS":{"ID":"<id>"}}` for every connector bound to `event`, by user 1.
+    pub fn emit_change(&self, event: &str, entity_id: u64) {
+        self.inner.emit_change(event, entity_id);
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.inner.lock().faults = faults;
+    }
+
+    /// Every access token issued so far answers 401 `expired_token` from now on.
+    pub fn expire_access_tokens(&self) {
+        self.inner.lock().tokens.expire_all();
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.inner.lock().stats()
+    }
+
+    /// A snapshot of the queue table, by ID.
+    pub fn rows(&self) -> Vec<SimRow> {
+        self.inner.lock().sim_rows()
+    }
+
+    /// Stops serving (in-flight requests finish).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+/// Serves the simulator on `listener` until `shutdown` is cancelled (for `simulate --listen`).
+pub async fn serve(
+    config: SimulatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let inner = Arc::new(Inner::new(config, addr, shutdown.clone()));
+    tracing::info!(%addr, base_url = %inner.base_url, "portal simulator listening");
+    axum::serve(listener, http::router(inner))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    tracing::info!(%addr, "portal simulator stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,271 @@
-//! (being written)
+//! The `file` sink: appends one envelope per line (JSONL) and syncs once per batch.
+//!
+//! The file is reopened for every batch (so a rotated or deleted file is recreated, mode 0640),
+//! written with one `write_all` and made durable with `sync_data` before the batch counts as
+//! delivered. A failed write is truncated back so a retry does not leave half a line behind.
+
+use super::{Sink, SinkResult};
+use crate::BoxFuture;
+use crate::config::{FileSinkConfig, SinkConfig};
+use crate::envelope::Envelope;
+use anyhow::{Context, bail};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The most envelopes one `deliver` call takes.
+const MAX_BATCH: usize = 500;
+/// Mode of a newly created file: owner read/write, group read.
+const FILE_MODE: u32 = 0o640;
+
+/// Appends envelopes to a JSONL file.
+pub struct FileSink {
+    name: String,
+    path: PathBuf,
+    timeout: Duration,
+    /// Serialises writers so batches stay contiguous and a failed one can be truncated away.
+    lock: Arc<Mutex<()>>,
+}
+
+impl FileSink {
+    /// Checks that the file's directory exists and that the file can be opened for appending
+    /// (creating it, mode 0640, if missing).
+    pub fn new(config: &SinkConfig, file: &FileSinkConfig) -> anyhow::Result<FileSink> {
+        let path = file.path.clone();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            bail!(
+                "sink {}: the directory {} of the file {} does not exist",
+                config.name,
+                parent.display(),
+                path.display()
+            );
+        }
+        open_append(&path).with_context(|| {
+            format!(
+                "sink {}: cannot open {} for appending",
+                config.name,
+                path.display()
+            )
+        })?;
+        Ok(FileSink {
+            name: config.name.clone(),
+            path,
+            timeout: config.timeout,
+            lock: Arc::new(Mutex::new(())),
+        })
+    }
+}
+
+/// Opens `path` for appending; returns whether this call created it.
+fn open_append(path: &Path) -> std::io::Result<(File, bool)> {
+    match OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+    {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((OpenOptions::new().append(true).open(path)?, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Appends `buf` and syncs; on failure cuts the file back to where it was.
+fn append_synced(path: &Path, buf: &[u8]) -> std::io::Result<()> {
+    let (mut file, created) = open_append(path)?;
+    let before = file.metadata()?.len();
+    let written = file.write_all(buf).and_then(|()| file.sync_data());
+    if let Err(e) = written {
+        // Best effort: a half-written line would corrupt the file for its readers.
+        let _ = file.set_len(before);
+        return Err(e);
+    }
+    if created {
+        // A new file's directory entry must be durable too.
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+impl Sink for FileSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Vec::new();
+            }
+            let mut buf = Vec::with_capacity(batch.len() * 512);
+            for envelope in batch {
+                buf.extend_from_slice(envelope.to_json_line().as_bytes());
+                buf.push(b'\n');
+            }
+            let path = self.path.clone();
+            let lock = Arc::clone(&self.lock);
+            let task = tokio::task::spawn_blocking(move || {
+                let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                append_synced(&path, &buf)
+            });
+
+            let error = match tokio::time::timeout(self.timeout, task).await {
+                Ok(Ok(Ok(()))) => return vec![SinkResult::Delivered; batch.len()],
+                Ok(Ok(Err(e))) => format!("cannot append to {}: {e}", self.path.display()),
+                Ok(Err(join)) => format!("write task failed: {join}"),
+                Err(_) => format!(
+                    "append to {} took longer than {}",
+                    self.path.display(),
+                    humantime::format_duration(self.timeout)
+                ),
+            };
+            tracing::warn!(sink = %self.name, path = %self.path.display(), events = batch.len(), error = %error, "file sink write failed");
+            vec![SinkResult::Retry { error, after: None }; batch.len()]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RetryPolicy, SinkKind};
+    use crate::envelope::Lane;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn envelope(n: i64) -> Envelope {
+        Envelope {
+            id: Envelope::make_id("main", n),
+            portal: "main".into(),
+            event: "ONCRMDEALUPDATE".into(),
+            offline_id: n,
+            message_id: format!("{n:032x}"),
+            timestamp: "2026-11-22T10:00:00+03:00".into(),
+            data: serde_json::json!({"FIELDS": {"ID": n.to_string()}, "text": "line\nbreak"}),
+            additional: serde_json::Value::Null,
+            lane: Lane::Normal,
+            attempt: 1,
+            entity: serde_json::Value::Null,
+        }
+    }
+
+    fn sink_config(path: &Path) -> (SinkConfig, FileSinkConfig) {
+        let file = FileSinkConfig {
+            path: path.to_path_buf(),
+        };
+        let config = SinkConfig {
+            name: "archive".into(),
+            route: Default::default(),
+            timeout: Duration::from_secs(10),
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(5),
+            },
+            kind: SinkKind::File(file.clone()),
+        };
+        (config, file)
+    }
+
+    #[tokio::test]
+    async fn writes_one_parseable_line_per_envelope() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (config, file) = sink_config(&path);
+        let sink = FileSink::new(&config, &file).unwrap();
+        assert_eq!(sink.name(), "archive");
+        assert_eq!(sink.max_batch(), 500);
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o640, 0, "mode {mode:o} must not exceed 0640");
+
+        let first: Vec<Envelope> = (1..=3).map(envelope).collect();
+        let second: Vec<Envelope> = (4..=10).map(envelope).collect();
+        assert_eq!(sink.deliver(&first).await, vec![SinkResult::Delivered; 3]);
+        assert_eq!(sink.deliver(&second).await, vec![SinkResult::Delivered; 7]);
+        assert!(sink.deliver(&[]).await.is_empty());
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let back: Vec<Envelope> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let expected: Vec<Envelope> = first.into_iter().chain(second).collect();
+        assert_eq!(back, expected);
+        assert!(text.ends_with('\n'));
+    }
+
+    #[tokio::test]
+    async fn recreates_a_removed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (config, file) = sink_config(&path);
+        let sink = FileSink::new(&config, &file).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            sink.deliver(&[envelope(1)]).await,
+            vec![SinkResult::Delivered]
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn missing_directory_is_a_build_error() {
+        let (config, file) = sink_config(Path::new("/nonexistent-b24eventd-dir/events.jsonl"));
+        let err = FileSink::new(&config, &file)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(err.contains("/nonexistent-b24eventd-dir"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(err.contains("archive"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn io_errors_retry_every_envelope() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("events.jsonl");
+        let (config, file) = sink_config(&path);
+        let sink = FileSink::new(&config, &file).unwrap();
+        // The directory disappears after build: every envelope of the batch is retried.
+        std::fs::remove_dir_all(&sub).unwrap();
+        let results = sink.deliver(&[envelope(1), envelope(2)]).await;
+        assert_eq!(results.len(), 2);
+        for r in results {
+            match r {
+                SinkResult::Retry { error, after: None } => {
+                    assert!(error.contains("events.jsonl"), "{error}")
+                }
+                other => panic!("expected retry, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn write_errors_surface() {
+        // /dev/full accepts opens and fails every write with ENOSPC.
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let err = append_synced(full, b"{\"id\":1}\n").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(28));
+    }
+}

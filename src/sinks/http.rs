@@ -1,1 +1,489 @@
-//! (being written)
+//! The `http` sink: POSTs each envelope as a JSON object, up to `concurrency` requests at once.
+//!
+//! 2xx is delivered; 408, 429, 5xx, timeouts and connection errors are retried (honouring
+//! `Retry-After`); any other status (3xx, 4xx) is dead. Redirects are not followed. Every
+//! request carries `Idempotency-Key: <envelope id>`. Error texts never contain the URL's
+//! credentials or the configured header values.
+
+use super::{Sink, SinkResult};
+use crate::BoxFuture;
+use crate::config::{HttpFormat, HttpSinkConfig, SinkConfig, redact_url};
+use crate::envelope::Envelope;
+use anyhow::Context;
+use futures_util::stream::{self, StreamExt};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::time::Duration;
+
+/// `max_batch` is this many times `concurrency`: enough to keep every slot busy.
+const BATCH_PER_SLOT: usize = 4;
+/// How much of an error response's body goes into the error text.
+const BODY_EXCERPT_CHARS: usize = 200;
+/// The most body bytes read from a response (to reuse the connection, or for the excerpt).
+const BODY_READ_LIMIT: usize = 64 * 1024;
+
+/// Delivers envelopes by HTTP POST.
+pub struct HttpSink {
+    name: String,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    /// `url` without userinfo, for logs and error texts.
+    shown_url: String,
+    format: HttpFormat,
+    timeout: Duration,
+    concurrency: usize,
+}
+
+impl HttpSink {
+    pub fn new(config: &SinkConfig, http: &HttpSinkConfig) -> anyhow::Result<HttpSink> {
+        let shown_url = redact_url(&http.url);
+        let url = reqwest::Url::parse(&http.url)
+            .with_context(|| format!("sink {}: invalid url {shown_url}", config.name))?;
+
+        let mut headers = HeaderMap::new();
+        for (name, value) in &http.headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .with_context(|| format!("sink {}: invalid header name {name:?}", config.name))?;
+            let mut value = HeaderValue::from_str(value).with_context(|| {
+                format!("sink {}: invalid value for header {name:?}", config.name)
+            })?;
+            // Configured headers often carry credentials: keep them out of debug output.
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+
+        ensure_crypto_provider();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("b24eventd/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeout)
+            .pool_max_idle_per_host(config.concurrency)
+            .build()
+            .with_context(|| format!("sink {}: cannot build the http client", config.name))?;
+
+        Ok(HttpSink {
+            name: config.name.clone(),
+            client,
+            url,
+            shown_url,
+            format: http.format,
+            timeout: config.timeout,
+            concurrency: config.concurrency.max(1),
+        })
+    }
+
+    async fn post(&self, envelope: &Envelope) -> SinkResult {
+        let body = match self.format {
+            HttpFormat::Json => match serde_json::to_vec(envelope) {
+                Ok(body) => body,
+                Err(e) => {
+                    return SinkResult::Dead {
+                        error: format!("cannot encode the envelope as JSON: {e}"),
+                    };
+                }
+            },
+        };
+        let request = self
+            .client
+            .post(self.url.clone())
+            .timeout(self.timeout)
+            .header(CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", envelope.id.as_str())
+            .body(body);
+
+        let result = match request.send().await {
+            Ok(response) => self.classify(response).await,
+            Err(e) => SinkResult::Retry {
+                error: self.transport_error(e),
+                after: None,
+            },
+        };
+        if !matches!(result, SinkResult::Delivered) {
+            tracing::debug!(sink = %self.name, id = %envelope.id, url = %self.shown_url, result = ?result, "http delivery failed");
+        }
+        result
+    }
+
+    async fn classify(&self, mut response: reqwest::Response) -> SinkResult {
+        let status = response.status();
+        let after = retry_after(response.headers());
+        if status.is_success() {
+            // Drain a small body so the connection can be reused; the status already decided.
+            let _ = read_body(&mut response).await;
+            return SinkResult::Delivered;
+        }
+        let body = read_body(&mut response).await;
+        let error = status_error(status, &body);
+        if is_retryable(status) {
+            SinkResult::Retry { error, after }
+        } else {
+            SinkResult::Dead { error }
+        }
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> String {
+        let what = if e.is_timeout() {
+            format!(
+                "timed out after {}",
+                humantime::format_duration(self.timeout)
+            )
+        } else if e.is_connect() {
+            "cannot connect".to_string()
+        } else {
+            "request failed".to_string()
+        };
+        let e = e.without_url();
+        let mut causes = Vec::new();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            causes.push(cause.to_string());
+            source = cause.source();
+        }
+        let detail = if causes.is_empty() {
+            e.to_string()
+        } else {
+            causes.join(": ")
+        };
+        format!("{what} ({}): {detail}", self.shown_url)
+    }
+}
+
+/// reqwest is built without a default rustls provider; the binary installs ring in `main`, this
+/// covers every other way of building a sink (tests, tools).
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// `http 422: <first 200 characters of the body>`.
+fn status_error(status: StatusCode, body: &str) -> String {
+    let excerpt: String = body.trim().chars().take(BODY_EXCERPT_CHARS).collect();
+    if excerpt.is_empty() {
+        format!("http {}", status.as_u16())
+    } else {
+        format!("http {}: {excerpt}", status.as_u16())
+    }
+}
+
+/// Reads at most [`BODY_READ_LIMIT`] bytes of the body, lossily as text.
+async fn read_body(response: &mut reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < BODY_READ_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_batch(&self) -> usize {
+        self.concurrency * BATCH_PER_SLOT
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>> {
+        Box::pin(async move {
+            // Futures made up front (not in a stream closure) so the borrow of `self` is plain.
+            let posts: Vec<_> = batch.iter().map(|envelope| self.post(envelope)).collect();
+            stream::iter(posts)
+                .buffered(self.concurrency)
+                .collect()
+                .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RetryPolicy, SinkKind};
+    use crate::envelope::Lane;
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    fn envelope(n: i64) -> Envelope {
+        Envelope {
+            id: Envelope::make_id("main", n),
+            portal: "main".into(),
+            event: "ONCRMDEALUPDATE".into(),
+            offline_id: n,
+            message_id: format!("{n:032x}"),
+            timestamp: "2026-11-22T10:00:00+03:00".into(),
+            data: serde_json::json!({"FIELDS": {"ID": n.to_string()}}),
+            additional: serde_json::json!({"user_id": 1}),
+            lane: Lane::Normal,
+            attempt: 1,
+            entity: serde_json::Value::Null,
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        requests: Vec<(AxumHeaders, serde_json::Value)>,
+    }
+
+    type Shared = Arc<Mutex<Seen>>;
+
+    /// The response depends on the envelope's offline id: 1..=99 ok, 503, 422, 408, 429, 301,
+    /// 1000+ sleeps past the client timeout.
+    async fn handler(
+        State(seen): State<Shared>,
+        headers: AxumHeaders,
+        body: String,
+    ) -> axum::response::Response {
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let offline_id = value["offline_id"].as_i64().unwrap();
+        seen.lock().unwrap().requests.push((headers, value));
+        match offline_id {
+            503 => (
+                AxumStatus::SERVICE_UNAVAILABLE,
+                [("retry-after", "7")],
+                "busy",
+            )
+                .into_response(),
+            422 => (AxumStatus::UNPROCESSABLE_ENTITY, "x".repeat(500)).into_response(),
+            408 => AxumStatus::REQUEST_TIMEOUT.into_response(),
+            429 => (AxumStatus::TOO_MANY_REQUESTS, "slow down").into_response(),
+            301 => (AxumStatus::MOVED_PERMANENTLY, [("location", "/elsewhere")]).into_response(),
+            n if n >= 1000 => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                AxumStatus::OK.into_response()
+            }
+            _ => (AxumStatus::OK, "ok").into_response(),
+        }
+    }
+
+    async fn server() -> (String, Shared) {
+        let seen: Shared = Arc::default();
+        let app = Router::new()
+            .route("/events", post(handler))
+            .with_state(Arc::clone(&seen));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/events"), seen)
+    }
+
+    fn sink(
+        url: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+        concurrency: usize,
+    ) -> HttpSink {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = HttpSinkConfig {
+            url: url.to_string(),
+            format: HttpFormat::Json,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        };
+        let config = SinkConfig {
+            name: "erp".into(),
+            route: Default::default(),
+            timeout,
+            concurrency,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(5),
+            },
+            kind: SinkKind::Http(http.clone()),
+        };
+        HttpSink::new(&config, &http).unwrap()
+    }
+
+    #[tokio::test]
+    async fn statuses_map_to_results_in_order() {
+        let (url, seen) = server().await;
+        let sink = sink(&url, &[], Duration::from_secs(5), 3);
+        assert_eq!(sink.max_batch(), 12);
+        let batch: Vec<Envelope> = [1, 503, 422, 2, 408, 429, 301]
+            .into_iter()
+            .map(envelope)
+            .collect();
+        let results = sink.deliver(&batch).await;
+        assert_eq!(results.len(), batch.len());
+        assert_eq!(results[0], SinkResult::Delivered);
+        assert_eq!(
+            results[1],
+            SinkResult::Retry {
+                error: "http 503: busy".into(),
+                after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(
+            results[2],
+            SinkResult::Dead {
+                error: format!("http 422: {}", "x".repeat(200))
+            }
+        );
+        assert_eq!(results[3], SinkResult::Delivered);
+        assert_eq!(
+            results[4],
+            SinkResult::Retry {
+                error: "http 408".into(),
+                after: None
+            }
+        );
+        assert_eq!(
+            results[5],
+            SinkResult::Retry {
+                error: "http 429: slow down".into(),
+                after: None
+            }
+        );
+        assert_eq!(
+            results[6],
+            SinkResult::Dead {
+                error: "http 301".into()
+            }
+        );
+        assert_eq!(seen.lock().unwrap().requests.len(), batch.len());
+    }
+
+    #[tokio::test]
+    async fn sends_json_with_idempotency_key_and_headers() {
+        let (url, seen) = server().await;
+        let sink = sink(
+            &url,
+            &[("Authorization", "Bearer t0k"), ("X-Source", "b24")],
+            Duration::from_secs(5),
+            4,
+        );
+        let results = sink.deliver(&[envelope(7)]).await;
+        assert_eq!(results, vec![SinkResult::Delivered]);
+
+        let seen = seen.lock().unwrap();
+        let (headers, body) = &seen.requests[0];
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["idempotency-key"], "main:7");
+        assert_eq!(
+            headers["user-agent"],
+            concat!("b24eventd/", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(headers["authorization"], "Bearer t0k");
+        assert_eq!(headers["x-source"], "b24");
+        assert_eq!(body, &serde_json::to_value(envelope(7)).unwrap());
+    }
+
+    #[tokio::test]
+    async fn timeout_is_retried() {
+        let (url, _seen) = server().await;
+        let sink = sink(&url, &[], Duration::from_millis(200), 2);
+        let started = std::time::Instant::now();
+        let results = sink.deliver(&[envelope(1000), envelope(1)]).await;
+        assert!(started.elapsed() < Duration::from_secs(3));
+        match &results[0] {
+            SinkResult::Retry { error, after: None } => {
+                assert!(error.contains("timed out after 200ms"), "{error}")
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+        assert_eq!(results[1], SinkResult::Delivered);
+    }
+
+    #[tokio::test]
+    async fn connection_errors_are_retried_without_credentials() {
+        // Bind then drop a listener: nothing accepts on that port.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let sink = sink(
+            &format!("http://user:hunter2@127.0.0.1:{port}/events"),
+            &[],
+            Duration::from_secs(2),
+            1,
+        );
+        let results = sink.deliver(&[envelope(1)]).await;
+        match &results[0] {
+            SinkResult::Retry { error, after: None } => {
+                assert!(error.contains("cannot connect"), "{error}");
+                assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+                assert!(
+                    !error.contains("hunter2") && !error.contains("user:"),
+                    "{error}"
+                );
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn url_credentials_become_basic_auth() {
+        let (url, seen) = server().await;
+        let url = url.replace("http://", "http://user:pw@");
+        let sink = sink(&url, &[], Duration::from_secs(5), 1);
+        assert_eq!(
+            sink.deliver(&[envelope(1)]).await,
+            vec![SinkResult::Delivered]
+        );
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.requests[0].0["authorization"]
+                .to_str()
+                .unwrap()
+                .starts_with("Basic ")
+        );
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(120)));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn status_classes() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [300, 301, 400, 401, 403, 404, 409, 410, 422] {
+            assert!(!is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        assert_eq!(
+            status_error(StatusCode::BAD_REQUEST, "  ошибка\n"),
+            "http 400: ошибка"
+        );
+    }
+}

@@ -9,7 +9,9 @@ pub mod http;
 pub mod route;
 
 use crate::BoxFuture;
+use crate::config::{SinkConfig, SinkKind};
 use crate::envelope::Envelope;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use route::Route;
@@ -21,7 +23,10 @@ pub enum SinkResult {
     Delivered,
     /// Failed, worth another attempt (timeout, reset, 5xx, 408, 429). `after` is a hint from the
     /// sink (e.g. `Retry-After`) that the retry schedule may honour.
-    Retry { error: String, after: Option<Duration> },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
     /// Failed for good (e.g. 422): the event becomes dead for this sink at once.
     Dead { error: String },
 }
@@ -37,4 +42,13 @@ pub trait Sink: Send + Sync {
     /// Delivers a batch; returns exactly one result per envelope, in order. Must never panic on
     /// odd payloads, and must bound its own time by the sink's `timeout`.
     fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>>;
+}
+
+/// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink
+/// cannot work at all (a file sink's directory is missing, an http client cannot be built).
+pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(match &config.kind {
+        SinkKind::File(file) => Arc::new(file::FileSink::new(config, file)?),
+        SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
+    })
 }

@@ -1,0 +1,116 @@
+//! The journal's schema and its migrations, keyed by `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+/// Each entry migrates from version `i` to `i + 1`. Append only: never edit a shipped migration.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the initial schema (documented in docs/JOURNAL.md)
+    r#"
+    CREATE TABLE portals (
+        name            TEXT PRIMARY KEY,
+        member_id       TEXT,
+        client_endpoint TEXT,
+        first_seen_at   TEXT NOT NULL
+    );
+    CREATE TABLE tokens (
+        portal          TEXT PRIMARY KEY REFERENCES portals(name),
+        access_token    TEXT NOT NULL,
+        refresh_token   TEXT NOT NULL,
+        expires_at      TEXT,
+        scope           TEXT,
+        member_id       TEXT,
+        client_endpoint TEXT,
+        user_id         INTEGER,
+        updated_at      TEXT NOT NULL
+    );
+    CREATE TABLE batches (
+        id          INTEGER PRIMARY KEY,
+        portal      TEXT NOT NULL,
+        process_id  TEXT NOT NULL,
+        lane        TEXT NOT NULL CHECK (lane IN ('normal', 'error')),
+        origin      TEXT NOT NULL CHECK (origin IN ('fetched', 'adopted')),
+        fetched_at  TEXT NOT NULL,
+        settled_at  TEXT,
+        UNIQUE (portal, process_id)
+    );
+    CREATE INDEX batches_open ON batches (portal) WHERE settled_at IS NULL;
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY,
+        envelope_id TEXT NOT NULL,
+        portal      TEXT NOT NULL,
+        batch_id    INTEGER NOT NULL REFERENCES batches(id),
+        offline_id  INTEGER NOT NULL,
+        event       TEXT NOT NULL,
+        message_id  TEXT NOT NULL,
+        timestamp   TEXT NOT NULL,
+        data        TEXT NOT NULL,
+        additional  TEXT NOT NULL,
+        entity      TEXT,
+        lane        TEXT NOT NULL CHECK (lane IN ('normal', 'error')),
+        fetched_at  TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+        upstream    TEXT NOT NULL CHECK (upstream IN ('reserved', 'clear_pending', 'error_pending', 'cleared', 'errored')),
+        settled_at  TEXT,
+        UNIQUE (batch_id, offline_id)
+    );
+    CREATE INDEX events_unsettled ON events (portal, upstream)
+        WHERE upstream IN ('reserved', 'clear_pending', 'error_pending');
+    CREATE INDEX events_envelope_id ON events (envelope_id);
+    CREATE INDEX events_event_fetched ON events (event, fetched_at);
+    CREATE TABLE deliveries (
+        event_id        INTEGER NOT NULL REFERENCES events(id) ON DELETE CASCADE,
+        sink            TEXT NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_error      TEXT,
+        delivered_at    TEXT,
+        PRIMARY KEY (event_id, sink)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at) WHERE status = 'pending';
+    CREATE TABLE delivery_attempts (
+        id          INTEGER PRIMARY KEY,
+        event_id    INTEGER NOT NULL REFERENCES events(id) ON DELETE CASCADE,
+        sink        TEXT NOT NULL,
+        attempt     INTEGER NOT NULL,
+        at          TEXT NOT NULL,
+        outcome     TEXT NOT NULL CHECK (outcome IN ('delivered', 'retry', 'dead')),
+        error       TEXT
+    );
+    CREATE INDEX delivery_attempts_event ON delivery_attempts (event_id);
+    CREATE VIEW event_overview AS
+        SELECT e.id, e.envelope_id, e.portal, e.event, e.offline_id, e.lane, e.status, e.upstream,
+               e.fetched_at, e.settled_at, b.process_id,
+               (SELECT group_concat(d.sink || '=' || d.status, ' ') FROM deliveries d WHERE d.event_id = e.id) AS sinks
+        FROM events e JOIN batches b ON b.id = e.batch_id;
+    CREATE VIEW backlog AS
+        SELECT portal,
+               SUM(upstream IN ('reserved', 'clear_pending', 'error_pending')) AS unsettled,
+               SUM(status = 'pending') AS pending,
+               SUM(status = 'dead') AS dead,
+               MIN(CASE WHEN status = 'pending' THEN fetched_at END) AS oldest_pending_fetched_at
+        FROM events GROUP BY portal;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to [`SCHEMA_VERSION`], one transaction per step. A journal written by a
+/// newer build is refused rather than guessed at.
+pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        anyhow::bail!(
+            "journal schema version {current} is newer than this build supports ({SCHEMA_VERSION}): upgrade b24eventd"
+        );
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(from = version, to = version + 1, "journal schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The `/_sim/*` control API for people running `simulate`: raise events, bind, read stats and
+//! rows, issue or expire tokens, set faults. JSON in, JSON out.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::Response;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::http::json_value;
+use super::rest::portal_now;
+use super::{Faults, Inner};
+
+fn bad_request(description: &str) -> Response {
+    json_value(
+        400,
+        &json!({"error": "INVALID_REQUEST", "error_description": description}),
+    )
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|error| format!("invalid json body: {error}"))
+}
+
+#[derive(Debug, Deserialize)]
+struct EmitRequest {
+    event: String,
+    /// `EVENT_DATA`; without it entity changes `{"FIELDS":{"ID":"<id>"}}` are raised.
+    data: Option<Value>,
+    entity_id: Option<u64>,
+    /// Absent: every connector bound to the event.
+    connector: Option<String>,
+    count: Option<u64>,
+    user_id: Option<i64>,
+}
+
+/// `POST /_sim/emit`: `count` (default 1) distinct entity changes from `entity_id` on (or
+/// from the next unused id), or `count` raises of `data`.
+pub async fn emit(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let req: EmitRequest = match parse(&body) {
+        Ok(req) => req,
+        Err(message) => return bad_request(&message),
+    };
+    if req.event.trim().is_empty() {
+        return bad_request("event is required");
+    }
+    let count = req.count.unwrap_or(1);
+    let user_id = req.user_id.unwrap_or(1);
+    let mut state = inner.lock();
+    let connectors = match &req.connector {
+        Some(connector) => vec![connector.clone()],
+        None => state.offline_connectors(&req.event),
+    };
+    let first_id = req.entity_id.unwrap_or(state.next_entity_id);
+    for i in 0..count {
+        let data = match &req.data {
+            Some(data) => data.clone(),
+            None => json!({"FIELDS": {"ID": (first_id + i).to_string()}}),
+        };
+        state.raise(&req.event, data, &connectors, user_id, portal_now());
+    }
+    if req.data.is_none() {
+        state.next_entity_id = state.next_entity_id.max(first_id + count);
+    }
+    let stats = state.stats();
+    tracing::info!(event = %req.event, count, connectors = ?connectors, "simulated events raised");
+    json_value(200, &json!({"emitted": count, "queued": stats.queued}))
+}
+
+#[derive(Debug, Deserialize)]
+struct BindRequest {
+    event: String,
+    #[serde(default)]
+    connector: String,
+}
+
+/// `POST /_sim/bind`: an offline binding, as `event.bind event_type=offline`.
+pub async fn bind(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let req: BindRequest = match parse(&body) {
+        Ok(req) => req,
+        Err(message) => return bad_request(&message),
+    };
+    let added = inner.lock().bind_offline(&req.event, &req.connector);
+    json_value(200, &json!({"result": true, "added": added}))
+}
+
+/// `GET /_sim/stats`.
+pub async fn stats(State(inner): State<Arc<Inner>>) -> Response {
+    let stats = inner.lock().stats();
+    json_value(200, &serde_json::to_value(stats).unwrap_or(Value::Null))
+}
+
+/// `GET /_sim/rows`: the queue table.
+pub async fn rows(State(inner): State<Arc<Inner>>) -> Response {
+    let rows = inner.lock().sim_rows();
+    json_value(200, &serde_json::to_value(rows).unwrap_or(Value::Null))
+}
+
+/// `POST /_sim/tokens`: a fresh token pair.
+pub async fn tokens(State(inner): State<Arc<Inner>>) -> Response {
+    let (access_token, refresh_token) = inner.issue_tokens();
+    json_value(
+        200,
+        &json!({"access_token": access_token, "refresh_token": refresh_token}),
+    )
+}
+
+/// `POST /_sim/expire_tokens`: every access token issued so far expires.
+pub async fn expire_tokens(State(inner): State<Arc<Inner>>) -> Response {
+    inner.lock().tokens.expire_all();
+    json_value(200, &json!({"result": true}))
+}
+
+/// `slow_delay` as milliseconds or a humantime string ("250ms", "2s").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Delay {
+    Millis(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FaultsRequest {
+    fail_500: f64,
+    drop_get_after_commit: f64,
+    truncate: f64,
+    slow: f64,
+    slow_delay: Option<Delay>,
+    drop_next_gets: u32,
+}
+
+/// `POST /_sim/faults`: replaces the fault settings (fields default to off).
+pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let req: FaultsRequest = match parse(&body) {
+        Ok(req) => req,
+        Err(message) => return bad_request(&message),
+    };
+    let slow_delay = match req.slow_delay {
+        None => Duration::ZERO,
+        Some(Delay::Millis(ms)) => Duration::from_millis(ms),
+        Some(Delay::Text(text)) => match humantime::parse_duration(&text) {
+            Ok(delay) => delay,
+            Err(error) => {
+                return bad_request(&format!("invalid slow_delay: {error}"));
+            }
+        },
+    };
+    let faults = Faults {
+        fail_500: req.fail_500,
+        drop_get_after_commit: req.drop_get_after_commit,
+        truncate: req.truncate,
+        slow: req.slow,
+        slow_delay,
+        drop_next_gets: req.drop_next_gets,
+    };
+    tracing::info!(?faults, "simulated faults set");
+    inner.lock().faults = faults;
+    json_value(200, &json!({"result": true}))
+}

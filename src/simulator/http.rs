@@ -1,0 +1,337 @@
+//! The simulator's HTTP transport (axum): `/rest/...` with the leaky bucket and injected
+//! faults, `/old/rest/...` redirects, the OAuth server at `/oauth/token/`, and the routes of
+//! the `/_sim` control API.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{any, get, post};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::php::Params;
+use super::rest::{RestError, unix_now};
+use super::{Inner, control, methods};
+
+const JSON: &str = "application/json; charset=utf-8";
+
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/rest", any(rest))
+        .route("/rest/", any(rest))
+        .route("/rest/{*path}", any(rest))
+        .route("/old/rest/{*path}", any(moved))
+        .route("/oauth/token", any(oauth))
+        .route("/oauth/token/", any(oauth))
+        .route("/_sim/emit", post(control::emit))
+        .route("/_sim/bind", post(control::bind))
+        .route("/_sim/stats", get(control::stats))
+        .route("/_sim/rows", get(control::rows))
+        .route("/_sim/tokens", post(control::tokens))
+        .route("/_sim/faults", post(control::faults))
+        .route("/_sim/expire_tokens", post(control::expire_tokens))
+        .fallback(not_found)
+        .with_state(inner)
+}
+
+pub(crate) fn json_response(status: u16, body: Vec<u8>) -> Response {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(CONTENT_TYPE, JSON)
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+pub(crate) fn json_value(status: u16, value: &Value) -> Response {
+    json_response(status, serde_json::to_vec(value).unwrap_or_default())
+}
+
+async fn not_found() -> Response {
+    json_value(
+        404,
+        &json!({"error": "NOT_FOUND", "error_description": "Not found"}),
+    )
+}
+
+/// Query-string parameters with the body merged over them: JSON when the content type says
+/// so, a PHP form otherwise.
+fn request_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Params {
+    let query = Params::from_form(uri.query().unwrap_or(""));
+    if body.is_empty() {
+        return query;
+    }
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
+    let body_params = if is_json {
+        Params::from_json(body)
+    } else {
+        Params::from_form(&String::from_utf8_lossy(body))
+    };
+    body_params.merge_over(query)
+}
+
+/// `host:port` the client used, for URLs in answers.
+fn host_of(inner: &Inner, headers: &HeaderMap) -> String {
+    headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| inner.base_url.trim_start_matches("http://").to_string())
+}
+
+/// `method[.json]` or, for an incoming webhook, `<user id>/<code>/method[.json]`.
+fn parse_rest_path(path: &str) -> (String, bool) {
+    let rest = path.trim_start_matches('/');
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (method, webhook) = match segments.as_slice() {
+        [user, _code, method] if !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit()) => {
+            (*method, true)
+        }
+        _ => (rest, false),
+    };
+    let method = method.to_lowercase();
+    let method = method.strip_suffix(".json").unwrap_or(&method).to_string();
+    (method, webhook)
+}
+
+/// What happens to a reply on its way out.
+#[derive(Debug, Default)]
+struct Delivery {
+    slow: Option<Duration>,
+    drop: bool,
+    truncate: bool,
+}
+
+fn roll(rng: &mut fastrand::Rng, probability: f64) -> bool {
+    probability > 0.0 && rng.f64() < probability
+}
+
+async fn rest(
+    State(inner): State<Arc<Inner>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = unix_now();
+    let path = uri.path().strip_prefix("/rest").unwrap_or("");
+    let (method, webhook) = parse_rest_path(path);
+    let params = request_params(&uri, &headers, &body);
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+
+    let (reply, delivery) = {
+        let mut state = inner.lock();
+        state.counters.requests += 1;
+        if let Some(bucket) = state.bucket.as_mut()
+            && bucket.try_acquire(Instant::now()).is_err()
+        {
+            state.counters.rejected_503 += 1;
+            tracing::debug!(method = %method, "rate limit: 503");
+            return error_response(&RestError::query_limit());
+        }
+        let faults = state.faults.clone();
+        if roll(&mut state.rng, faults.fail_500) {
+            state.counters.faults_500 += 1;
+            tracing::debug!(method = %method, "injected fault: 500");
+            return error_response(&RestError::internal());
+        }
+        let call = methods::RestCall {
+            method: method.clone(),
+            webhook,
+            params,
+            bearer,
+            started,
+        };
+        let reply = methods::handle(&mut state, &inner.config, call);
+        let mut delivery = Delivery::default();
+        if reply.ran_get {
+            if state.faults.drop_next_gets > 0 {
+                state.faults.drop_next_gets -= 1;
+                delivery.drop = true;
+            } else {
+                delivery.drop = roll(&mut state.rng, faults.drop_get_after_commit);
+            }
+        }
+        if !delivery.drop && reply.status == 200 {
+            delivery.truncate = roll(&mut state.rng, faults.truncate);
+        }
+        if roll(&mut state.rng, faults.slow) {
+            delivery.slow = Some(faults.slow_delay);
+        }
+        if delivery.drop {
+            state.counters.dropped_after_commit += 1;
+        }
+        if delivery.truncate {
+            state.counters.truncated += 1;
+        }
+        (reply, delivery)
+    };
+    tracing::debug!(method = %method, status = reply.status, ?delivery, "rest call");
+
+    if let Some(delay) = delivery.slow {
+        tokio::time::sleep(delay).await;
+    }
+    if delivery.drop {
+        return dropped_response(reply.status, reply.body);
+    }
+    if delivery.truncate {
+        let mut body = reply.body;
+        body.truncate(body.len() / 2);
+        return json_response(reply.status, body);
+    }
+    json_response(reply.status, reply.body)
+}
+
+fn error_response(error: &RestError) -> Response {
+    json_value(error.status, &error.to_json())
+}
+
+/// Headers and half the body, then the connection is aborted: the client sees a transport
+/// error and no JSON, although the call was executed.
+fn dropped_response(status: u16, body: Vec<u8>) -> Response {
+    let half = body[..body.len() / 2].to_vec();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(half),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "simulated connection drop after commit",
+        )),
+    ];
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+        .header(CONTENT_TYPE, JSON)
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// The portal moved: 302 to the same method under `/rest/` (query kept).
+async fn moved(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) -> Response {
+    let tail = uri.path().strip_prefix("/old/rest/").unwrap_or("");
+    let mut location = format!("http://{}/rest/{tail}", host_of(&inner, &headers));
+    if let Some(query) = uri.query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(LOCATION, location)
+        .header(CONTENT_TYPE, JSON)
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// The OAuth server: `grant_type=refresh_token` (strict rotation) and
+/// `grant_type=authorization_code`, from a query string or a form/JSON body.
+async fn oauth(
+    State(inner): State<Arc<Inner>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let params = request_params(&uri, &headers, &body);
+    let text = |name: &str| {
+        params
+            .get(name)
+            .and_then(super::php::strval)
+            .unwrap_or_default()
+    };
+    let grant_type = text("grant_type");
+    let host = host_of(&inner, &headers);
+    let oauth_error = |status: u16, code: &str, description: &str| {
+        json_value(
+            status,
+            &json!({"error": code, "error_description": description}),
+        )
+    };
+
+    let mut state = inner.lock();
+    let refreshing = grant_type == "refresh_token";
+    if !matches!(grant_type.as_str(), "refresh_token" | "authorization_code") {
+        return oauth_error(400, "invalid_request", "Unsupported or missing grant_type");
+    }
+    if text("client_id") != inner.config.client_id
+        || text("client_secret") != inner.config.client_secret
+    {
+        if refreshing {
+            state.counters.rejected_refresh += 1;
+        }
+        tracing::debug!(grant_type = %grant_type, "oauth: invalid client");
+        return oauth_error(401, "invalid_client", "Invalid client credentials");
+    }
+    let now = unix_now();
+    let issued = {
+        let super::portal::State { tokens, rng, .. } = &mut *state;
+        if refreshing {
+            tokens.refresh(&text("refresh_token"), rng, now)
+        } else {
+            tokens.redeem(&text("code"), rng, now)
+        }
+    };
+    let Some(issued) = issued else {
+        if refreshing {
+            state.counters.rejected_refresh += 1;
+        }
+        tracing::debug!(grant_type = %grant_type, "oauth: invalid grant");
+        return oauth_error(400, "invalid_grant", "Invalid or expired grant");
+    };
+    if refreshing {
+        state.counters.token_refreshes += 1;
+    }
+    drop(state);
+    tracing::debug!(grant_type = %grant_type, "oauth: tokens issued");
+    json_value(
+        200,
+        &json!({
+            "access_token": issued.access_token,
+            "client_endpoint": format!("http://{host}/rest/"),
+            "domain": host,
+            "expires": issued.expires,
+            "expires_in": issued.expires_in,
+            "member_id": inner.config.member_id,
+            "refresh_token": issued.refresh_token,
+            "scope": "crm,task,user,placement,pull",
+            "server_endpoint": format!("http://{host}/rest/"),
+            "status": "L",
+            "user_id": 1,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_paths() {
+        assert_eq!(
+            parse_rest_path("/event.offline.get"),
+            ("event.offline.get".into(), false)
+        );
+        assert_eq!(
+            parse_rest_path("/Event.Offline.Get.json"),
+            ("event.offline.get".into(), false)
+        );
+        assert_eq!(
+            parse_rest_path("/1/abc123/event.offline.get.json"),
+            ("event.offline.get".into(), true)
+        );
+        assert_eq!(
+            parse_rest_path("/x/abc/event.get"),
+            ("x/abc/event.get".into(), false)
+        );
+        assert_eq!(parse_rest_path("/"), (String::new(), false));
+    }
+}

@@ -1,0 +1,232 @@
+//! Shared harness for the integration tests: a simulator-backed portal, a generated config, the
+//! real pipeline running in-process, a programmable HTTP sink endpoint, and polling helpers.
+#![allow(dead_code)]
+
+use b24eventd::bitrix::Tokens;
+use b24eventd::config;
+use b24eventd::journal::Journal;
+use b24eventd::simulator::{Simulator, SimulatorConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const EVENTS: [&str; 2] = ["ONCRMDEALADD", "ONCRMDEALUPDATE"];
+
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("B24EVENTD_LOG").unwrap_or_else(|_| "warn,tokio_cron_scheduler=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A simulator with the demo events bound and a token pair issued.
+pub async fn portal(config: SimulatorConfig) -> (Simulator, Tokens) {
+    let sim = Simulator::start(config).await.expect("simulator starts");
+    for e in EVENTS {
+        sim.bind_offline(e, "");
+    }
+    let (access, refresh) = sim.issue_tokens();
+    let tokens = Tokens {
+        access_token: access,
+        refresh_token: refresh,
+        expires_at: None,
+        member_id: None,
+        scope: None,
+        client_endpoint: None,
+        user_id: None,
+    };
+    (sim, tokens)
+}
+
+/// Writes a config for one portal `main` on `sim` plus the given sink tables; `portal_extra` is
+/// appended to `[portals.main]`.
+pub fn write_config(dir: &Path, sim: &Simulator, endpoint: Option<&str>, portal_extra: &str, sinks: &str) -> PathBuf {
+    let defaults = SimulatorConfig::default();
+    let text = format!(
+        r#"shutdown_timeout = "10s"
+[journal]
+path = "{dir}/journal.db"
+
+[admin]
+listen = ""
+
+[portals.main]
+client_endpoint = "{endpoint}"
+oauth_token_url = "{oauth}"
+client_id = "{client_id}"
+client_secret = "{secret}"
+events = ["ONCRMDEALADD", "ONCRMDEALUPDATE"]
+poll_interval = "200ms"
+orphan_sweep_schedule = "*/2 * * * * *"
+error_lane_schedule = "*/2 * * * * *"
+{portal_extra}
+
+{sinks}
+"#,
+        dir = dir.display(),
+        endpoint = endpoint.map(str::to_string).unwrap_or_else(|| sim.client_endpoint()),
+        oauth = sim.oauth_token_url(),
+        client_id = defaults.client_id,
+        secret = defaults.client_secret,
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn file_sink(dir: &Path) -> String {
+    format!("[sinks.archive]\ntype = \"file\"\npath = \"{}/events.jsonl\"\n", dir.display())
+}
+
+pub fn http_sink(url: &str) -> String {
+    format!(
+        "[sinks.erp]\ntype = \"http\"\nurl = \"{url}\"\ntimeout = \"2s\"\nconcurrency = 8\n[sinks.erp.retry]\nmax_attempts = 50\ninitial_backoff = \"100ms\"\nmax_backoff = \"2s\"\n"
+    )
+}
+
+/// The pipeline running in-process on a config file.
+pub struct Running {
+    pub journal: Journal,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(config_path: &Path, tokens: &Tokens) -> Running {
+        let config = config::load(config_path).expect("config loads");
+        let journal = Journal::open(&config.journal.path, config.journal.synchronous).await.unwrap();
+        if journal.load_tokens("main").await.unwrap().is_none() {
+            journal.save_tokens("main", tokens).await.unwrap();
+        }
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(b24eventd::pipeline::run(config, journal.clone(), shutdown.clone()));
+        Running { journal, shutdown, task }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("pipeline stops within 30 s")
+            .expect("pipeline task did not panic")
+            .expect("pipeline returned ok");
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds, or panics with `what` after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// True when the portal holds nothing: no queued, reserved or error-lane rows.
+pub fn upstream_empty(sim: &Simulator) -> bool {
+    sim.rows().is_empty()
+}
+
+/// Reads the JSONL file sink: envelope id → number of lines with it.
+pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return ids;
+    };
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("every line is a JSON envelope");
+        *ids.entry(v["id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    ids
+}
+
+/// The (event, entity ID) pairs in a JSONL file sink.
+pub fn file_entities(path: &Path) -> std::collections::BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                v["event"].as_str().unwrap().to_string(),
+                v["data"]["FIELDS"]["ID"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// What the test HTTP endpoint answers for one envelope.
+pub type Responder = dyn Fn(&serde_json::Value) -> u16 + Send + Sync;
+
+/// An HTTP endpoint for the `http` sink that records every envelope and answers as told.
+pub struct Endpoint {
+    pub url: String,
+    pub received: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub stop: CancellationToken,
+}
+
+impl Endpoint {
+    pub async fn start(responder: Arc<Responder>) -> Endpoint {
+        use axum::http::StatusCode;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let log = log.clone();
+                let responder = responder.clone();
+                async move {
+                    let v: serde_json::Value = match serde_json::from_slice(&body) {
+                        Ok(v) => v,
+                        Err(_) => return StatusCode::BAD_REQUEST,
+                    };
+                    let status = responder(&v);
+                    if (200..300).contains(&status) {
+                        log.lock().unwrap().push(v);
+                    }
+                    StatusCode::from_u16(status).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Endpoint { url, received, stop }
+    }
+
+    pub fn accepted_ids(&self) -> std::collections::BTreeSet<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Raises `count` changes of distinct deals (ids from `first`), alternating ADD and UPDATE.
+pub fn emit_deals(sim: &Simulator, first: u64, count: u64) {
+    for id in first..first + count {
+        sim.emit_change(EVENTS[(id % 2) as usize], id);
+    }
+}
+
+/// Every (event, entity id) that `emit_deals(first, count)` raised.
+pub fn expected_entities(first: u64, count: u64) -> std::collections::BTreeSet<(String, String)> {
+    (first..first + count)
+        .map(|id| (EVENTS[(id % 2) as usize].to_string(), id.to_string()))
+        .collect()
+}

@@ -1,0 +1,219 @@
+//! The real pipeline, in-process, against the portal simulator: delivery, settlement, token
+//! refresh, rate limits, sink outages, poison events, lost responses and a moved portal.
+
+mod common;
+
+use b24eventd::simulator::{Faults, SimulatorConfig};
+use common::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_events_in_waves_reach_both_sinks_and_the_queue_ends_empty() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let endpoint = Endpoint::start(Arc::new(|_| 200)).await;
+    let sinks = format!("{}\n{}", file_sink(dir.path()), http_sink(&endpoint.url));
+    let config = write_config(dir.path(), &sim, None, "", &sinks);
+    let running = Running::start(&config, &tokens).await;
+
+    for wave in 0..4 {
+        emit_deals(&sim, 1 + wave * 500, 500);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_for("all 2000 events settled upstream", Duration::from_secs(90), || {
+        upstream_empty(&sim) && sim.stats().emitted == 2000
+    })
+    .await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+
+    let jsonl = dir.path().join("events.jsonl");
+    assert_eq!(file_entities(&jsonl), expected_entities(1, 2000));
+    let file = file_ids(&jsonl);
+    assert_eq!(file.len(), 2000);
+    assert!(file.values().all(|n| *n == 1), "no duplicates without faults");
+    assert_eq!(endpoint.accepted_ids().len(), 2000);
+    assert_eq!(endpoint.accepted_ids(), file.keys().cloned().collect());
+    assert_eq!((counts.events, counts.delivered, counts.cleared, counts.dead), (2000, 2000, 2000, 0));
+    assert_eq!(counts.unsettled_upstream, 0);
+    let stats = sim.stats();
+    assert_eq!(stats.cleared, 2000, "every row was removed by clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_run_is_refreshed_and_rotated() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+
+    emit_deals(&sim, 1, 200);
+    wait_for("first wave settled", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    sim.expire_access_tokens();
+    emit_deals(&sim, 201, 200);
+    wait_for("second wave settled after expiry", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    let stored = running.journal.load_tokens("main").await.unwrap().unwrap();
+    running.stop().await;
+
+    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 400));
+    assert!(sim.stats().token_refreshes >= 1, "the expired token was refreshed");
+    assert_ne!(stored.refresh_token, tokens.refresh_token, "the rotated refresh token is in the journal");
+    assert_ne!(stored.access_token, tokens.access_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_storm_is_ridden_out() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    // The portal's bucket is far smaller than the one configured in the daemon: a storm of 503s.
+    let (sim, tokens) = portal(SimulatorConfig {
+        rate_limit: Some((3, 4.0)),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "batch_size = 20\nrate_limit = { burst = 50, per_second = 50.0 }",
+        &file_sink(dir.path()),
+    );
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 300);
+    wait_for("all events settled despite 503s", Duration::from_secs(90), || upstream_empty(&sim)).await;
+    running.stop().await;
+    assert!(sim.stats().rejected_503 > 0, "the storm happened");
+    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_for_a_minute_gets_everything_after_it_recovers() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let endpoint = Endpoint::start(Arc::new(move |_| if flag.load(Ordering::SeqCst) { 503 } else { 200 })).await;
+    let config = write_config(dir.path(), &sim, None, "max_unsettled = 100", &http_sink(&endpoint.url));
+    let running = Running::start(&config, &tokens).await;
+
+    emit_deals(&sim, 1, 300);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // While the sink is down, at most max_unsettled events are reserved; the rest wait upstream.
+    let counts = running.journal.counts().await.unwrap();
+    assert!(counts.events <= 100, "max_unsettled bounds the reservations ({} journaled)", counts.events);
+    assert_eq!(counts.delivered, 0);
+    assert!(!upstream_empty(&sim));
+    down.store(false, Ordering::SeqCst);
+    wait_for("everything delivered after recovery", Duration::from_secs(60), || upstream_empty(&sim)).await;
+    running.stop().await;
+    let ids = endpoint.accepted_ids();
+    assert_eq!(ids.len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // Deal 13 is refused with 422 every time; everything else is accepted.
+    let endpoint = Endpoint::start(Arc::new(|v: &serde_json::Value| {
+        if v["data"]["FIELDS"]["ID"] == "13" { 422 } else { 200 }
+    }))
+    .await;
+    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 100);
+
+    // The normal-lane copy is errored upstream (moves to the error lane); the error-lane poll
+    // fetches it, it fails again, stays dead in the journal and is cleared upstream.
+    wait_for("the poison event cleared from the error lane", Duration::from_secs(60), || {
+        upstream_empty(&sim) && sim.stats().errored >= 1
+    })
+    .await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+
+    let ids = endpoint.accepted_ids();
+    assert_eq!(ids.len(), 99, "every other event was delivered");
+    assert_eq!(counts.dead, 2, "dead in the normal lane and again in the error lane");
+    assert_eq!(counts.errored, 1, "reported with event.offline.error once");
+    let dead: Vec<(String, String, String)> = running_dead(&dir.path().join("journal.db"));
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|(_, _, err)| err.contains("422")), "the error is recorded: {dead:?}");
+    assert_eq!(dead[0].1, "normal");
+    assert_eq!(dead[1].1, "error");
+}
+
+fn running_dead(journal: &std::path::Path) -> Vec<(String, String, String)> {
+    let conn = rusqlite::Connection::open(journal).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT e.envelope_id, e.lane, d.last_error FROM events e JOIN deliveries d ON d.event_id = e.id
+             WHERE e.status = 'dead' ORDER BY e.id",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_get_responses_are_adopted_and_nothing_stays_reserved() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // Events first, so the first gets reserve something before their answers are dropped.
+    emit_deals(&sim, 1, 400);
+    sim.set_faults(Faults {
+        drop_get_after_commit: 0.15,
+        fail_500: 0.05,
+        truncate: 0.05,
+        ..Faults::default()
+    });
+    let config = write_config(dir.path(), &sim, None, "batch_size = 25", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    wait_for("all settled despite lost responses", Duration::from_secs(90), || upstream_empty(&sim)).await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+    let stats = sim.stats();
+    assert!(stats.dropped_after_commit >= 1, "the fault was exercised ({stats:?})");
+    assert!(counts.adopted_batches >= 1, "lost reservations were adopted ({counts:?})");
+    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_portal_is_followed_with_a_re_post() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let moved = sim.moved_endpoint();
+    let config = write_config(dir.path(), &sim, Some(&moved), "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 60);
+    wait_for("events settled through the redirect", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    running.stop().await;
+    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_settles_what_was_delivered() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 150);
+    wait_for("events journaled", Duration::from_secs(30), || sim.stats().reserved > 0 || upstream_empty(&sim)).await;
+    let journal = running.journal.clone();
+    running.stop().await;
+    let counts = journal.counts().await.unwrap();
+    // Whatever was delivered before the stop is settled; nothing delivered is left unsettled.
+    assert_eq!(counts.delivered, counts.cleared, "{counts:?}");
+    assert_eq!(counts.pending + counts.cleared, counts.events, "{counts:?}");
+}
