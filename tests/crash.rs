@@ -12,7 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     Command::new(env!("CARGO_BIN_EXE_b24eventd"))
         .args(["--config", config.to_str().unwrap(), "run"])
         .env("B24EVENTD_LOG", "warn,b24eventd=info")
@@ -36,11 +40,20 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
         drop_get_after_commit: 0.05,
         ..Faults::default()
     });
-    let config = write_config(dir.path(), &sim, None, "batch_size = 20", &file_sink(dir.path()));
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "batch_size = 20",
+        &file_sink(dir.path()),
+    );
     {
-        let journal = Journal::open(&dir.path().join("journal.db"), b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
+        let journal = Journal::open(
+            &dir.path().join("journal.db"),
+            b24eventd::config::Synchronous::Full,
+        )
+        .await
+        .unwrap();
         journal.save_tokens("main", &tokens).await.unwrap();
     }
     let log = dir.path().join("daemon.log");
@@ -62,7 +75,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     while kills < 12 {
         let mut child = spawn_daemon(&config, &log);
         tokio::time::sleep(Duration::from_millis(rng.u64(250..1500))).await;
-        assert!(child.try_wait().unwrap().is_none(), "daemon died on its own; see {}", log.display());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "daemon died on its own; see {}",
+            log.display()
+        );
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
@@ -71,24 +88,46 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
 
     // A last run drains whatever is left, then stops gracefully on SIGTERM.
     let mut child = spawn_daemon(&config, &log);
-    wait_for("the queue drained after the crashes", Duration::from_secs(120), || upstream_empty(&sim)).await;
-    let journal = Journal::open(&dir.path().join("journal.db"), b24eventd::config::Synchronous::Full)
-        .await
-        .unwrap();
-    wait_for("the journal has nothing unsettled", Duration::from_secs(30), || {
-        journal.counts_blocking().unwrap().unsettled_upstream == 0
-    })
+    wait_for(
+        "the queue drained after the crashes",
+        Duration::from_secs(120),
+        || upstream_empty(&sim),
+    )
     .await;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let journal = Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the journal has nothing unsettled",
+        Duration::from_secs(30),
+        || journal.counts_blocking().unwrap().unsettled_upstream == 0,
+    )
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
-    assert_eq!(exit.code(), Some(0), "SIGTERM exits 0; log: {}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "SIGTERM exits 0; log: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     let delivered = file_entities(&dir.path().join("events.jsonl"));
     let expected = expected_entities(1, TOTAL);
     let missing: Vec<_> = expected.difference(&delivered).collect();
     assert!(missing.is_empty(), "lost events: {missing:?}");
-    assert!(sim.rows().is_empty(), "nothing left reserved or queued upstream: {:?}", sim.rows().len());
+    assert!(
+        sim.rows().is_empty(),
+        "nothing left reserved or queued upstream: {:?}",
+        sim.rows().len()
+    );
     let counts = journal.counts_blocking().unwrap();
     let lines: usize = file_ids(&dir.path().join("events.jsonl")).values().sum();
     let stats = sim.stats();

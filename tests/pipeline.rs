@@ -23,9 +23,11 @@ async fn two_thousand_events_in_waves_reach_both_sinks_and_the_queue_ends_empty(
         emit_deals(&sim, 1 + wave * 500, 500);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    wait_for("all 2000 events settled upstream", Duration::from_secs(90), || {
-        upstream_empty(&sim) && sim.stats().emitted == 2000
-    })
+    wait_for(
+        "all 2000 events settled upstream",
+        Duration::from_secs(90),
+        || upstream_empty(&sim) && sim.stats().emitted == 2000,
+    )
     .await;
     let counts = running.journal.counts().await.unwrap();
     running.stop().await;
@@ -34,10 +36,16 @@ async fn two_thousand_events_in_waves_reach_both_sinks_and_the_queue_ends_empty(
     assert_eq!(file_entities(&jsonl), expected_entities(1, 2000));
     let file = file_ids(&jsonl);
     assert_eq!(file.len(), 2000);
-    assert!(file.values().all(|n| *n == 1), "no duplicates without faults");
+    assert!(
+        file.values().all(|n| *n == 1),
+        "no duplicates without faults"
+    );
     assert_eq!(endpoint.accepted_ids().len(), 2000);
     assert_eq!(endpoint.accepted_ids(), file.keys().cloned().collect());
-    assert_eq!((counts.events, counts.delivered, counts.cleared, counts.dead), (2000, 2000, 2000, 0));
+    assert_eq!(
+        (counts.events, counts.delivered, counts.cleared, counts.dead),
+        (2000, 2000, 2000, 0)
+    );
     assert_eq!(counts.unsettled_upstream, 0);
     let stats = sim.stats();
     assert_eq!(stats.cleared, 2000, "every row was removed by clear");
@@ -52,16 +60,33 @@ async fn a_token_expiring_mid_run_is_refreshed_and_rotated() {
     let running = Running::start(&config, &tokens).await;
 
     emit_deals(&sim, 1, 200);
-    wait_for("first wave settled", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    wait_for("first wave settled", Duration::from_secs(30), || {
+        upstream_empty(&sim)
+    })
+    .await;
     sim.expire_access_tokens();
     emit_deals(&sim, 201, 200);
-    wait_for("second wave settled after expiry", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    wait_for(
+        "second wave settled after expiry",
+        Duration::from_secs(30),
+        || upstream_empty(&sim),
+    )
+    .await;
     let stored = running.journal.load_tokens("main").await.unwrap().unwrap();
     running.stop().await;
 
-    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 400));
-    assert!(sim.stats().token_refreshes >= 1, "the expired token was refreshed");
-    assert_ne!(stored.refresh_token, tokens.refresh_token, "the rotated refresh token is in the journal");
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 400)
+    );
+    assert!(
+        sim.stats().token_refreshes >= 1,
+        "the expired token was refreshed"
+    );
+    assert_ne!(
+        stored.refresh_token, tokens.refresh_token,
+        "the rotated refresh token is in the journal"
+    );
     assert_ne!(stored.access_token, tokens.access_token);
 }
 
@@ -84,10 +109,18 @@ async fn a_503_storm_is_ridden_out() {
     );
     let running = Running::start(&config, &tokens).await;
     emit_deals(&sim, 1, 300);
-    wait_for("all events settled despite 503s", Duration::from_secs(90), || upstream_empty(&sim)).await;
+    wait_for(
+        "all events settled despite 503s",
+        Duration::from_secs(90),
+        || upstream_empty(&sim),
+    )
+    .await;
     running.stop().await;
     assert!(sim.stats().rejected_503 > 0, "the storm happened");
-    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 300));
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 300)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,19 +130,41 @@ async fn a_sink_down_for_a_minute_gets_everything_after_it_recovers() {
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
-    let endpoint = Endpoint::start(Arc::new(move |_| if flag.load(Ordering::SeqCst) { 503 } else { 200 })).await;
-    let config = write_config(dir.path(), &sim, None, "max_unsettled = 100", &http_sink(&endpoint.url));
+    let endpoint = Endpoint::start(Arc::new(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            503
+        } else {
+            200
+        }
+    }))
+    .await;
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "max_unsettled = 100",
+        &http_sink(&endpoint.url),
+    );
     let running = Running::start(&config, &tokens).await;
 
     emit_deals(&sim, 1, 300);
     tokio::time::sleep(Duration::from_secs(60)).await;
     // While the sink is down, at most max_unsettled events are reserved; the rest wait upstream.
     let counts = running.journal.counts().await.unwrap();
-    assert!(counts.events <= 100, "max_unsettled bounds the reservations ({} journaled)", counts.events);
+    assert!(
+        counts.events <= 100,
+        "max_unsettled bounds the reservations ({} journaled)",
+        counts.events
+    );
     assert_eq!(counts.delivered, 0);
     assert!(!upstream_empty(&sim));
     down.store(false, Ordering::SeqCst);
-    wait_for("everything delivered after recovery", Duration::from_secs(60), || upstream_empty(&sim)).await;
+    wait_for(
+        "everything delivered after recovery",
+        Duration::from_secs(60),
+        || upstream_empty(&sim),
+    )
+    .await;
     running.stop().await;
     let ids = endpoint.accepted_ids();
     assert_eq!(ids.len(), 300);
@@ -122,7 +177,11 @@ async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     // Deal 13 is refused with 422 every time; everything else is accepted.
     let endpoint = Endpoint::start(Arc::new(|v: &serde_json::Value| {
-        if v["data"]["FIELDS"]["ID"] == "13" { 422 } else { 200 }
+        if v["data"]["FIELDS"]["ID"] == "13" {
+            422
+        } else {
+            200
+        }
     }))
     .await;
     let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
@@ -131,20 +190,28 @@ async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
 
     // The normal-lane copy is errored upstream (moves to the error lane); the error-lane poll
     // fetches it, it fails again, stays dead in the journal and is cleared upstream.
-    wait_for("the poison event cleared from the error lane", Duration::from_secs(60), || {
-        upstream_empty(&sim) && sim.stats().errored >= 1
-    })
+    wait_for(
+        "the poison event cleared from the error lane",
+        Duration::from_secs(60),
+        || upstream_empty(&sim) && sim.stats().errored >= 1,
+    )
     .await;
     let counts = running.journal.counts().await.unwrap();
     running.stop().await;
 
     let ids = endpoint.accepted_ids();
     assert_eq!(ids.len(), 99, "every other event was delivered");
-    assert_eq!(counts.dead, 2, "dead in the normal lane and again in the error lane");
+    assert_eq!(
+        counts.dead, 2,
+        "dead in the normal lane and again in the error lane"
+    );
     assert_eq!(counts.errored, 1, "reported with event.offline.error once");
     let dead: Vec<(String, String, String)> = running_dead(&dir.path().join("journal.db"));
     assert_eq!(dead.len(), 2);
-    assert!(dead.iter().all(|(_, _, err)| err.contains("422")), "the error is recorded: {dead:?}");
+    assert!(
+        dead.iter().all(|(_, _, err)| err.contains("422")),
+        "the error is recorded: {dead:?}"
+    );
     assert_eq!(dead[0].1, "normal");
     assert_eq!(dead[1].1, "error");
 }
@@ -176,15 +243,35 @@ async fn lost_get_responses_are_adopted_and_nothing_stays_reserved() {
         truncate: 0.05,
         ..Faults::default()
     });
-    let config = write_config(dir.path(), &sim, None, "batch_size = 25", &file_sink(dir.path()));
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "batch_size = 25",
+        &file_sink(dir.path()),
+    );
     let running = Running::start(&config, &tokens).await;
-    wait_for("all settled despite lost responses", Duration::from_secs(90), || upstream_empty(&sim)).await;
+    wait_for(
+        "all settled despite lost responses",
+        Duration::from_secs(90),
+        || upstream_empty(&sim),
+    )
+    .await;
     let counts = running.journal.counts().await.unwrap();
     running.stop().await;
     let stats = sim.stats();
-    assert!(stats.dropped_after_commit >= 1, "the fault was exercised ({stats:?})");
-    assert!(counts.adopted_batches >= 1, "lost reservations were adopted ({counts:?})");
-    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 400));
+    assert!(
+        stats.dropped_after_commit >= 1,
+        "the fault was exercised ({stats:?})"
+    );
+    assert!(
+        counts.adopted_batches >= 1,
+        "lost reservations were adopted ({counts:?})"
+    );
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 400)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,9 +283,17 @@ async fn a_moved_portal_is_followed_with_a_re_post() {
     let config = write_config(dir.path(), &sim, Some(&moved), "", &file_sink(dir.path()));
     let running = Running::start(&config, &tokens).await;
     emit_deals(&sim, 1, 60);
-    wait_for("events settled through the redirect", Duration::from_secs(30), || upstream_empty(&sim)).await;
+    wait_for(
+        "events settled through the redirect",
+        Duration::from_secs(30),
+        || upstream_empty(&sim),
+    )
+    .await;
     running.stop().await;
-    assert_eq!(file_entities(&dir.path().join("events.jsonl")), expected_entities(1, 60));
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 60)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +304,10 @@ async fn graceful_shutdown_settles_what_was_delivered() {
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let running = Running::start(&config, &tokens).await;
     emit_deals(&sim, 1, 150);
-    wait_for("events journaled", Duration::from_secs(30), || sim.stats().reserved > 0 || upstream_empty(&sim)).await;
+    wait_for("events journaled", Duration::from_secs(30), || {
+        sim.stats().reserved > 0 || upstream_empty(&sim)
+    })
+    .await;
     let journal = running.journal.clone();
     running.stop().await;
     let counts = journal.counts().await.unwrap();

@@ -51,7 +51,9 @@ pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => {
                 let _ = write!(out, "%{b:02X}");
             }
@@ -156,8 +158,7 @@ fn next_index(map: &Map<String, Value>) -> u64 {
 fn arrays_from_sequential_maps(value: Value) -> Value {
     match value {
         Value::Object(map) => {
-            let sequential = !map.is_empty()
-                && map.keys().all(|k| k.parse::<usize>().is_ok());
+            let sequential = !map.is_empty() && map.keys().all(|k| k.parse::<usize>().is_ok());
             let converted: Map<String, Value> = map
                 .into_iter()
                 .map(|(k, v)| (k, arrays_from_sequential_maps(v)))
@@ -191,13 +192,21 @@ mod tests {
 
     #[test]
     fn encodes_nested_objects_and_arrays_with_brackets() {
-        let q = encode(&json!({"process_id": "abc", "message_id": ["m1", "m2"], "filter": {">ID": 10}}));
-        assert_eq!(q, "filter[%3EID]=10&message_id[0]=m1&message_id[1]=m2&process_id=abc");
+        let q = encode(
+            &json!({"process_id": "abc", "message_id": ["m1", "m2"], "filter": {">ID": 10}}),
+        );
+        assert_eq!(
+            q,
+            "filter[%3EID]=10&message_id[0]=m1&message_id[1]=m2&process_id=abc"
+        );
     }
 
     #[test]
     fn encodes_booleans_as_php_does_and_skips_null() {
-        assert_eq!(encode(&json!({"clear": false, "error": true, "x": null})), "clear=0&error=1");
+        assert_eq!(
+            encode(&json!({"clear": false, "error": true, "x": null})),
+            "clear=0&error=1"
+        );
     }
 
     #[test]
@@ -209,7 +218,10 @@ mod tests {
     #[test]
     fn decodes_like_php_parse_str() {
         let v = decode("filter[%3EID]=10&id[]=5&id[]=6&name=a+b&x[0]=p&x[1]=q");
-        assert_eq!(v, json!({"filter": {">ID": "10"}, "id": ["5", "6"], "name": "a b", "x": ["p", "q"]}));
+        assert_eq!(
+            v,
+            json!({"filter": {">ID": "10"}, "id": ["5", "6"], "name": "a b", "x": ["p", "q"]})
+        );
     }
 
     #[test]

@@ -82,19 +82,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )
         .await?;
 
-    println!("b24eventd demo: portal simulator at {} (limits: 50 burst, 2 req/s, 480 s operating per 10 min)", sim.base_url());
+    println!(
+        "b24eventd demo: portal simulator at {} (limits: 50 burst, 2 req/s, 480 s operating per 10 min)",
+        sim.base_url()
+    );
     println!(
         "raising {} changes of {} entities in {} waves over {:?}; delivering to a JSONL file and an HTTP endpoint{}",
         args.events,
         entity_count(args.events),
         args.waves,
         args.duration,
-        if args.chaos { " (chaos: faults injected)" } else { "" }
+        if args.chaos {
+            " (chaos: faults injected)"
+        } else {
+            ""
+        }
     );
 
     let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(crate::pipeline::run(config, journal.clone(), shutdown.clone()));
-    let seeding = tokio::spawn(seed(sim.clone(), args.events, args.duration, args.waves.max(1)));
+    let pipeline = tokio::spawn(crate::pipeline::run(
+        config,
+        journal.clone(),
+        shutdown.clone(),
+    ));
+    let seeding = tokio::spawn(seed(
+        sim.clone(),
+        args.events,
+        args.duration,
+        args.waves.max(1),
+    ));
 
     let bar = ProgressBar::new(args.events);
     bar.set_style(
@@ -106,7 +122,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let s = sim.stats();
         let c = journal.counts().await?;
         bar.set_length(s.emitted.max(1));
-        bar.set_position(s.emitted.saturating_sub(s.queued + s.reserved + s.error_lane));
+        bar.set_position(
+            s.emitted
+                .saturating_sub(s.queued + s.reserved + s.error_lane),
+        );
         bar.set_message(format!(
             "journaled {} delivered {} cleared {} | upstream queued {} reserved {} | {} requests",
             c.events, c.delivered, c.cleared, s.queued, s.reserved, s.requests
@@ -130,14 +149,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("summary after {:.1} s", elapsed.as_secs_f64());
     println!("  entity changes raised      {}", s.emitted);
-    println!("  events fetched (journaled) {}  (changes of one entity merge upstream while queued)", c.events);
+    println!(
+        "  events fetched (journaled) {}  (changes of one entity merge upstream while queued)",
+        c.events
+    );
     println!("  delivered to every sink    {}", c.delivered);
     println!("  dead                       {}", c.dead);
     println!("  cleared upstream           {}", c.cleared);
     println!("  errored upstream           {}", c.errored);
-    println!("  left upstream              {} queued, {} reserved, {} in the error lane", s.queued, s.reserved, s.error_lane);
+    println!(
+        "  left upstream              {} queued, {} reserved, {} in the error lane",
+        s.queued, s.reserved, s.error_lane
+    );
     println!("  duplicate deliveries       {}", c.duplicate_deliveries);
-    println!("  reservations adopted       {}  (get responses lost after the portal committed)", c.adopted_batches);
+    println!(
+        "  reservations adopted       {}  (get responses lost after the portal committed)",
+        c.adopted_batches
+    );
     println!(
         "  requests used              {}  ({:.1} events per request; {} answered 503, {} answered 429)",
         s.requests,
@@ -145,14 +173,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.rejected_503,
         s.rejected_429
     );
-    println!("  HTTP sink received         {} requests", receiver.received.load(Ordering::Relaxed));
+    println!(
+        "  HTTP sink received         {} requests",
+        receiver.received.load(Ordering::Relaxed)
+    );
     let dir = args.dir.display();
     println!();
     println!("look inside:");
     println!("  head -n 2 {dir}/events.jsonl");
     println!("  sqlite3 {dir}/journal.db 'SELECT * FROM backlog'");
-    println!("  sqlite3 {dir}/journal.db 'SELECT id, envelope_id, event, status, upstream, sinks FROM event_overview LIMIT 10'");
-    println!("  sqlite3 {dir}/journal.db 'SELECT sink, outcome, COUNT(*) FROM delivery_attempts GROUP BY 1, 2'");
+    println!(
+        "  sqlite3 {dir}/journal.db 'SELECT id, envelope_id, event, status, upstream, sinks FROM event_overview LIMIT 10'"
+    );
+    println!(
+        "  sqlite3 {dir}/journal.db 'SELECT sink, outcome, COUNT(*) FROM delivery_attempts GROUP BY 1, 2'"
+    );
     println!("  b24eventd -c {dir}/config.toml validate");
     sim.shutdown();
     receiver.stop.cancel();
@@ -164,10 +199,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for name in ["journal.db", "journal.db-wal", "journal.db-shm", "events.jsonl", "config.toml"] {
+    for name in [
+        "journal.db",
+        "journal.db-wal",
+        "journal.db-shm",
+        "events.jsonl",
+        "config.toml",
+    ] {
         let path = dir.join(name);
         if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
@@ -286,6 +328,10 @@ impl Receiver {
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;
         });
-        Ok(Receiver { url, received, stop })
+        Ok(Receiver {
+            url,
+            received,
+            stop,
+        })
     }
 }

@@ -133,7 +133,10 @@ fn format_error(error: &anyhow::Error) -> String {
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     // One TLS crypto provider for the whole process (reqwest is built without one).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config_path = cli.config.clone().unwrap_or_else(config::default_config_path);
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(config::default_config_path);
     match cli.command {
         Command::Validate => {
             let config = config::load(&config_path)?;
@@ -208,7 +211,8 @@ fn init_logging(default: &str) {
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
     let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
     let shutdown = CancellationToken::new();
-    crate::shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+    crate::shutdown::cancel_on_signals(shutdown.clone())
+        .context("cannot install signal handlers")?;
     crate::pipeline::run(config, journal, shutdown).await
 }
 
@@ -216,7 +220,11 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let sim = crate::simulator::Simulator::start_on(crate::simulator::SimulatorConfig::default(), listener).await?;
+    let sim = crate::simulator::Simulator::start_on(
+        crate::simulator::SimulatorConfig::default(),
+        listener,
+    )
+    .await?;
     let (access, refresh) = sim.issue_tokens();
     let defaults = crate::simulator::SimulatorConfig::default();
     println!("portal simulator listening on {}", sim.base_url());
@@ -228,14 +236,20 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     println!("client_secret = \"{}\"", defaults.client_secret);
     println!("events = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]");
     println!();
-    println!("then: b24eventd auth import --portal sim --refresh-token {refresh} --access-token {access}");
+    println!(
+        "then: b24eventd auth import --portal sim --refresh-token {refresh} --access-token {access}"
+    );
     println!(
         "raise events: curl -s -XPOST {}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'",
         sim.base_url()
     );
-    println!("(events are queued only for bound events: POST {}/_sim/bind {{\"event\":\"...\"}} or event.bind)", sim.base_url());
+    println!(
+        "(events are queued only for bound events: POST {}/_sim/bind {{\"event\":\"...\"}} or event.bind)",
+        sim.base_url()
+    );
     let shutdown = CancellationToken::new();
-    crate::shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+    crate::shutdown::cancel_on_signals(shutdown.clone())
+        .context("cannot install signal handlers")?;
     shutdown.cancelled().await;
     sim.shutdown();
     Ok(())
@@ -249,7 +263,11 @@ async fn auth_import(
 ) -> Result<(), Failure> {
     let Some(portal_config) = config.portals.get(&portal) else {
         let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
-        return Err(anyhow::anyhow!("unknown portal {portal}: the config has {}", known.join(", ")).into());
+        return Err(anyhow::anyhow!(
+            "unknown portal {portal}: the config has {}",
+            known.join(", ")
+        )
+        .into());
     };
     let refresh_token = if refresh_token == "-" {
         let mut s = String::new();
@@ -269,7 +287,11 @@ async fn auth_import(
         access_token: access_token.unwrap_or_default(),
         refresh_token,
         // Without an access token, mark it expired so the first call refreshes.
-        expires_at: if has_access { None } else { Some(chrono::DateTime::UNIX_EPOCH) },
+        expires_at: if has_access {
+            None
+        } else {
+            Some(chrono::DateTime::UNIX_EPOCH)
+        },
         member_id: None,
         scope: None,
         client_endpoint: None,
@@ -277,14 +299,16 @@ async fn auth_import(
     };
     journal.save_tokens(&portal, &tokens).await?;
     if has_access {
-        println!("stored tokens for portal {portal} in {}", journal.path().display());
+        println!(
+            "stored tokens for portal {portal} in {}",
+            journal.path().display()
+        );
         return Ok(());
     }
     let client = crate::pipeline::portal_client(portal_config, &journal).await?;
-    client
-        .refresh_tokens()
-        .await
-        .with_context(|| format!("the refresh token was stored, but using it failed for portal {portal}"))?;
+    client.refresh_tokens().await.with_context(|| {
+        format!("the refresh token was stored, but using it failed for portal {portal}")
+    })?;
     println!(
         "stored tokens for portal {portal} in {} (refresh token checked and rotated)",
         journal.path().display()

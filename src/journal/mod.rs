@@ -158,7 +158,10 @@ impl Journal {
         conn.busy_timeout(std::time::Duration::from_secs(60))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            anyhow::bail!("journal {} could not switch to WAL mode (got {mode})", path.display());
+            anyhow::bail!(
+                "journal {} could not switch to WAL mode (got {mode})",
+                path.display()
+            );
         }
         let sync = match synchronous {
             Synchronous::Full => "FULL",
@@ -206,8 +209,14 @@ impl Journal {
     }
 
     /// Runs `f` with the connection on the calling thread (CLI commands, tests).
-    pub fn with_conn<R>(&self, f: impl FnOnce(&mut Connection) -> anyhow::Result<R>) -> anyhow::Result<R> {
-        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let mut guard = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard)
     }
 
@@ -222,7 +231,8 @@ impl Journal {
     pub async fn save_tokens(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
         let portal = portal.to_string();
         let tokens = tokens.clone();
-        self.run(move |conn| save_tokens(conn, &portal, &tokens)).await
+        self.run(move |conn| save_tokens(conn, &portal, &tokens))
+            .await
     }
 
     pub fn save_tokens_blocking(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
@@ -261,9 +271,12 @@ impl Journal {
     pub async fn known_process_ids(&self, portal: &str) -> anyhow::Result<HashMap<String, bool>> {
         let portal = portal.to_string();
         self.run(move |conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT process_id, settled_at IS NOT NULL FROM batches WHERE portal = ?1")?;
-            let rows = stmt.query_map([&portal], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT process_id, settled_at IS NOT NULL FROM batches WHERE portal = ?1",
+            )?;
+            let rows = stmt.query_map([&portal], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+            })?;
             Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
         })
         .await
@@ -286,9 +299,14 @@ impl Journal {
     // ---- deliveries --------------------------------------------------------------------------
 
     /// Up to `limit` pending deliveries for `sink` whose time has come, oldest first.
-    pub async fn due_deliveries(&self, sink: &str, limit: usize) -> anyhow::Result<Vec<DueDelivery>> {
+    pub async fn due_deliveries(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> anyhow::Result<Vec<DueDelivery>> {
         let sink = sink.to_string();
-        self.run(move |conn| due_deliveries(conn, &sink, &now(), limit)).await
+        self.run(move |conn| due_deliveries(conn, &sink, &now(), limit))
+            .await
     }
 
     /// When the earliest pending delivery of `sink` is due, if any.
@@ -307,22 +325,36 @@ impl Journal {
 
     /// Records attempt outcomes for `sink` and, in the same transaction, settles every event whose
     /// deliveries are now all final. Returns the portals that have new settle work.
-    pub async fn record_outcomes(&self, sink: &str, outcomes: Vec<(i64, Outcome)>) -> anyhow::Result<Vec<String>> {
+    pub async fn record_outcomes(
+        &self,
+        sink: &str,
+        outcomes: Vec<(i64, Outcome)>,
+    ) -> anyhow::Result<Vec<String>> {
         let sink = sink.to_string();
-        self.run(move |conn| record_outcomes(conn, &sink, &outcomes)).await
+        self.run(move |conn| record_outcomes(conn, &sink, &outcomes))
+            .await
     }
 
     // ---- settlement --------------------------------------------------------------------------
 
     /// Events waiting for `event.offline.clear` / `event.offline.error`, grouped by reservation.
-    pub async fn pending_settlements(&self, portal: &str) -> anyhow::Result<Vec<PendingSettlement>> {
+    pub async fn pending_settlements(
+        &self,
+        portal: &str,
+    ) -> anyhow::Result<Vec<PendingSettlement>> {
         let portal = portal.to_string();
-        self.run(move |conn| pending_settlements(conn, &portal)).await
+        self.run(move |conn| pending_settlements(conn, &portal))
+            .await
     }
 
     /// Marks events as settled upstream and closes reservations with nothing left to settle.
-    pub async fn mark_settled(&self, event_ids: Vec<i64>, action: SettleAction) -> anyhow::Result<()> {
-        self.run(move |conn| mark_settled(conn, &event_ids, action)).await
+    pub async fn mark_settled(
+        &self,
+        event_ids: Vec<i64>,
+        action: SettleAction,
+    ) -> anyhow::Result<()> {
+        self.run(move |conn| mark_settled(conn, &event_ids, action))
+            .await
     }
 
     // ---- reporting ---------------------------------------------------------------------------
@@ -337,7 +369,11 @@ impl Journal {
 }
 
 impl TokenStore for Journal {
-    fn save<'a>(&'a self, portal: &'a str, tokens: &'a Tokens) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+    fn save<'a>(
+        &'a self,
+        portal: &'a str,
+        tokens: &'a Tokens,
+    ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.save_tokens(portal, tokens))
     }
 }
@@ -433,7 +469,10 @@ fn save_tokens(conn: &mut Connection, portal: &str, t: &Tokens) -> anyhow::Resul
         ],
     )?;
     if let Some(member_id) = &t.member_id {
-        tx.execute("UPDATE portals SET member_id = ?2 WHERE name = ?1", params![portal, member_id])?;
+        tx.execute(
+            "UPDATE portals SET member_id = ?2 WHERE name = ?1",
+            params![portal, member_id],
+        )?;
     }
     tx.commit()?;
     Ok(())
@@ -457,7 +496,9 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
         ..RecordedBatch::default()
     };
     {
-        let mut find = tx.prepare_cached("SELECT id, upstream FROM events WHERE batch_id = ?1 AND offline_id = ?2")?;
+        let mut find = tx.prepare_cached(
+            "SELECT id, upstream FROM events WHERE batch_id = ?1 AND offline_id = ?2",
+        )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (envelope_id, portal, batch_id, offline_id, event, message_id, timestamp, data,
                                  additional, lane, fetched_at, status, upstream)
@@ -468,11 +509,15 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
         )?;
         for e in &batch.events {
             let known: Option<(i64, String)> = find
-                .query_row(params![batch_id, e.offline_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(params![batch_id, e.offline_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .optional()?;
             if let Some((_, upstream)) = known {
                 if upstream == "cleared" || upstream == "errored" {
-                    recorded.known_settled.push((e.offline_id, e.message_id.clone()));
+                    recorded
+                        .known_settled
+                        .push((e.offline_id, e.message_id.clone()));
                 } else {
                     recorded.known_unsettled += 1;
                 }
@@ -507,13 +552,21 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
         }
     }
     if recorded.inserted > 0 {
-        tx.execute("UPDATE batches SET settled_at = NULL WHERE id = ?1", [batch_id])?;
+        tx.execute(
+            "UPDATE batches SET settled_at = NULL WHERE id = ?1",
+            [batch_id],
+        )?;
     }
     tx.commit()?;
     Ok(recorded)
 }
 
-fn due_deliveries(conn: &Connection, sink: &str, now: &str, limit: usize) -> anyhow::Result<Vec<DueDelivery>> {
+fn due_deliveries(
+    conn: &Connection,
+    sink: &str,
+    now: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<DueDelivery>> {
     let mut stmt = conn.prepare_cached(
         "SELECT d.event_id, d.attempts, e.envelope_id, e.portal, e.event, e.offline_id, e.message_id,
                 e.timestamp, e.data, e.additional, e.lane, e.entity
@@ -541,14 +594,20 @@ fn due_deliveries(conn: &Connection, sink: &str, now: &str, limit: usize) -> any
                 additional: serde_json::from_str(&additional).unwrap_or(Value::Null),
                 lane: lane_from_sql(&r.get::<_, String>(10)?),
                 attempt: attempts + 1,
-                entity: entity.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null),
+                entity: entity
+                    .and_then(|s| serde_json::from_str(&s).ok())
+                    .unwrap_or(Value::Null),
             },
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn record_outcomes(conn: &mut Connection, sink: &str, outcomes: &[(i64, Outcome)]) -> anyhow::Result<Vec<String>> {
+fn record_outcomes(
+    conn: &mut Connection,
+    sink: &str,
+    outcomes: &[(i64, Outcome)],
+) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction()?;
     let at = now();
     let mut portals = Vec::new();
@@ -563,20 +622,29 @@ fn record_outcomes(conn: &mut Connection, sink: &str, outcomes: &[(i64, Outcome)
             "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut states = tx.prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?;
-        let mut event_row = tx.prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?;
+        let mut event_row =
+            tx.prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?;
         let mut settle = tx.prepare_cached(
             "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
         )?;
         for (event_id, outcome) in outcomes {
             let (status, next_at, error, label) = match outcome {
                 Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
-                Outcome::Retry { error, next_attempt_at } => {
-                    ("pending", timestamp(*next_attempt_at), Some(error.as_str()), "retry")
-                }
+                Outcome::Retry {
+                    error,
+                    next_attempt_at,
+                } => (
+                    "pending",
+                    timestamp(*next_attempt_at),
+                    Some(error.as_str()),
+                    "retry",
+                ),
                 Outcome::Dead { error } => ("dead", at.clone(), Some(error.as_str()), "dead"),
             };
             let attempt: Option<i64> = update
-                .query_row(params![event_id, sink, status, next_at, error, at], |r| r.get(0))
+                .query_row(params![event_id, sink, status, next_at, error, at], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             let Some(attempt) = attempt else {
                 continue; // already final (e.g. settled by an earlier run): nothing to record
@@ -651,7 +719,11 @@ fn pending_settlements(conn: &Connection, portal: &str) -> anyhow::Result<Vec<Pe
     Ok(groups.into_values().collect())
 }
 
-fn mark_settled(conn: &mut Connection, event_ids: &[i64], action: SettleAction) -> anyhow::Result<()> {
+fn mark_settled(
+    conn: &mut Connection,
+    event_ids: &[i64],
+    action: SettleAction,
+) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
     let at = now();
     let (from, to) = match action {
@@ -763,9 +835,14 @@ mod tests {
     async fn journal_file_is_private_and_migrated() {
         use std::os::unix::fs::PermissionsExt;
         let (dir, j) = open();
-        let mode = std::fs::metadata(dir.path().join("j.db")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("j.db"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let v: i64 = j.with_conn(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?)).unwrap();
+        let v: i64 = j
+            .with_conn(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         // reopening is a no-op migration
         drop(j);
@@ -776,7 +853,11 @@ mod tests {
     async fn a_batch_is_delivered_then_cleared() {
         let (_d, j) = open();
         let r = j
-            .record_batch(batch("p1", Lane::Normal, vec![event(1, &["a", "b"]), event(2, &["a"])]))
+            .record_batch(batch(
+                "p1",
+                Lane::Normal,
+                vec![event(1, &["a", "b"]), event(2, &["a"])],
+            ))
             .await
             .unwrap();
         assert_eq!(r.inserted, 2);
@@ -787,7 +868,10 @@ mod tests {
         assert_eq!(due[0].envelope.attempt, 1);
         let ids: Vec<i64> = due.iter().map(|d| d.event_id).collect();
         let portals = j
-            .record_outcomes("a", ids.iter().map(|id| (*id, Outcome::Delivered)).collect())
+            .record_outcomes(
+                "a",
+                ids.iter().map(|id| (*id, Outcome::Delivered)).collect(),
+            )
             .await
             .unwrap();
         assert_eq!(portals, vec!["main".to_string()]); // event 2 only needed sink a
@@ -796,35 +880,59 @@ mod tests {
         assert_eq!(pending[0].events.len(), 1);
         assert_eq!(pending[0].action, SettleAction::Clear);
         let b = j.due_deliveries("b", 10).await.unwrap();
-        j.record_outcomes("b", vec![(b[0].event_id, Outcome::Delivered)]).await.unwrap();
-        let pending = j.pending_settlements("main").await.unwrap();
-        assert_eq!(pending[0].events.len(), 2);
-        j.mark_settled(pending[0].events.iter().map(|e| e.0).collect(), SettleAction::Clear)
+        j.record_outcomes("b", vec![(b[0].event_id, Outcome::Delivered)])
             .await
             .unwrap();
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending[0].events.len(), 2);
+        j.mark_settled(
+            pending[0].events.iter().map(|e| e.0).collect(),
+            SettleAction::Clear,
+        )
+        .await
+        .unwrap();
         assert!(j.open_batches("main").await.unwrap().is_empty());
         assert_eq!(j.unsettled_count("main").await.unwrap(), 0);
         let c = j.counts().await.unwrap();
-        assert_eq!((c.events, c.delivered, c.cleared, c.duplicate_deliveries), (2, 2, 2, 0));
+        assert_eq!(
+            (c.events, c.delivered, c.cleared, c.duplicate_deliveries),
+            (2, 2, 2, 0)
+        );
     }
 
     #[tokio::test]
     async fn a_dead_delivery_errors_a_normal_event_and_clears_an_error_lane_event() {
         let (_d, j) = open();
-        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
-        j.record_batch(batch("p2", Lane::Error, vec![event(9, &["a"])])).await.unwrap();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+            .await
+            .unwrap();
+        j.record_batch(batch("p2", Lane::Error, vec![event(9, &["a"])]))
+            .await
+            .unwrap();
         let due = j.due_deliveries("a", 10).await.unwrap();
         let outcomes = due
             .iter()
-            .map(|d| (d.event_id, Outcome::Dead { error: "http 422".into() }))
+            .map(|d| {
+                (
+                    d.event_id,
+                    Outcome::Dead {
+                        error: "http 422".into(),
+                    },
+                )
+            })
             .collect();
         j.record_outcomes("a", outcomes).await.unwrap();
         let pending = j.pending_settlements("main").await.unwrap();
-        let actions: Vec<(String, SettleAction)> =
-            pending.iter().map(|p| (p.process_id.clone(), p.action)).collect();
+        let actions: Vec<(String, SettleAction)> = pending
+            .iter()
+            .map(|p| (p.process_id.clone(), p.action))
+            .collect();
         assert_eq!(
             actions,
-            vec![("p1".into(), SettleAction::Error), ("p2".into(), SettleAction::Clear)]
+            vec![
+                ("p1".into(), SettleAction::Error),
+                ("p2".into(), SettleAction::Clear)
+            ]
         );
         assert_eq!(j.counts().await.unwrap().dead, 2);
     }
@@ -832,12 +940,20 @@ mod tests {
     #[tokio::test]
     async fn retries_are_not_due_before_their_time() {
         let (_d, j) = open();
-        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+            .await
+            .unwrap();
         let due = j.due_deliveries("a", 10).await.unwrap();
         let later = Utc::now() + chrono::Duration::seconds(60);
         j.record_outcomes(
             "a",
-            vec![(due[0].event_id, Outcome::Retry { error: "503".into(), next_attempt_at: later })],
+            vec![(
+                due[0].event_id,
+                Outcome::Retry {
+                    error: "503".into(),
+                    next_attempt_at: later,
+                },
+            )],
         )
         .await
         .unwrap();
@@ -849,9 +965,15 @@ mod tests {
     #[tokio::test]
     async fn recording_a_known_reservation_again_inserts_only_new_events() {
         let (_d, j) = open();
-        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])])).await.unwrap();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+            .await
+            .unwrap();
         let r = j
-            .record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"]), event(2, &["a"])]))
+            .record_batch(batch(
+                "p1",
+                Lane::Normal,
+                vec![event(1, &["a"]), event(2, &["a"])],
+            ))
             .await
             .unwrap();
         assert_eq!((r.inserted, r.known_unsettled), (1, 1));
@@ -861,7 +983,9 @@ mod tests {
     #[tokio::test]
     async fn an_event_without_sinks_is_cleared_at_once() {
         let (_d, j) = open();
-        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &[])])).await.unwrap();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &[])]))
+            .await
+            .unwrap();
         let pending = j.pending_settlements("main").await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].action, SettleAction::Clear);
@@ -882,7 +1006,10 @@ mod tests {
         };
         j.save_tokens("main", &t).await.unwrap();
         let got = j.load_tokens("main").await.unwrap().unwrap();
-        assert_eq!((got.access_token.as_str(), got.refresh_token.as_str()), ("a1", "r1"));
+        assert_eq!(
+            (got.access_token.as_str(), got.refresh_token.as_str()),
+            ("a1", "r1")
+        );
         assert_eq!(got.member_id.as_deref(), Some("m"));
     }
 }

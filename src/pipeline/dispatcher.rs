@@ -32,7 +32,10 @@ impl Dispatcher {
                 Ok(0) => {
                     journal_failures = 0;
                     let wait = match self.journal.next_due(&name).await {
-                        Ok(Some(at)) => (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO).min(IDLE_WAIT),
+                        Ok(Some(at)) => (at - chrono::Utc::now())
+                            .to_std()
+                            .unwrap_or(Duration::ZERO)
+                            .min(IDLE_WAIT),
                         _ => IDLE_WAIT,
                     };
                     tokio::select! {
@@ -58,7 +61,10 @@ impl Dispatcher {
     /// Delivers one batch of due deliveries; returns how many there were.
     async fn dispatch_once(&self) -> anyhow::Result<usize> {
         let name = self.sink.name();
-        let due = self.journal.due_deliveries(name, self.sink.max_batch()).await?;
+        let due = self
+            .journal
+            .due_deliveries(name, self.sink.max_batch())
+            .await?;
         if due.is_empty() {
             return Ok(0);
         }

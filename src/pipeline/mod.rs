@@ -43,7 +43,10 @@ impl Wakers {
 }
 
 /// Builds the Bitrix24 client of one portal from its config, with tokens from the journal.
-pub async fn portal_client(portal: &PortalConfig, journal: &Journal) -> anyhow::Result<PortalClient> {
+pub async fn portal_client(
+    portal: &PortalConfig,
+    journal: &Journal,
+) -> anyhow::Result<PortalClient> {
     let secret = resolve_secret(portal)?;
     let tokens = journal.load_tokens(&portal.name).await?;
     let settings = ClientSettings {
@@ -69,7 +72,11 @@ pub struct Running {
 
 /// Runs the daemon until `shutdown` is cancelled, then stops fetching, lets in-flight deliveries
 /// finish within `shutdown_timeout`, settles what is settled, and returns.
-pub async fn run(config: Config, journal: Journal, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    journal: Journal,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     run_with(config, journal, shutdown, |_| {}).await
 }
 
@@ -86,7 +93,8 @@ pub async fn run_with(
     }
     let mut sinks = Vec::new();
     for (name, sink_config) in &config.sinks {
-        let sink = crate::sinks::build(sink_config).with_context(|| format!("cannot start sink {name}"))?;
+        let sink = crate::sinks::build(sink_config)
+            .with_context(|| format!("cannot start sink {name}"))?;
         wakers.deliver.insert(name.clone(), Arc::new(Notify::new()));
         sinks.push((sink, sink_config.clone()));
     }
@@ -110,7 +118,7 @@ pub async fn run_with(
         let worker = dispatcher::Dispatcher {
             wake: wakers.deliver[&sink_config.name].clone(),
             sink,
-            policy: sink_config.retry.clone(),
+            policy: sink_config.retry,
             journal: journal.clone(),
             wakers: wakers.clone(),
             stop: dispatch_stop.clone(),
@@ -174,8 +182,13 @@ pub async fn run_with(
             settler.settle_all().await;
         }
     };
-    if tokio::time::timeout(remaining.max(Duration::from_secs(5)), final_settle).await.is_err() {
-        tracing::warn!("shutdown deadline reached while settling: pending settle calls are resent on the next start");
+    if tokio::time::timeout(remaining.max(Duration::from_secs(5)), final_settle)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown deadline reached while settling: pending settle calls are resent on the next start"
+        );
     }
     tracing::info!("b24eventd stopped");
     Ok(())

@@ -64,20 +64,33 @@ impl Schedules {
         for portal in config.portals.values() {
             let t = Triggers::default();
             for (what, schedule, trigger) in [
-                ("error_lane_schedule", &portal.error_lane_schedule, t.error_lane.clone()),
-                ("orphan_sweep_schedule", &portal.orphan_sweep_schedule, t.orphan_sweep.clone()),
+                (
+                    "error_lane_schedule",
+                    &portal.error_lane_schedule,
+                    t.error_lane.clone(),
+                ),
+                (
+                    "orphan_sweep_schedule",
+                    &portal.orphan_sweep_schedule,
+                    t.orphan_sweep.clone(),
+                ),
             ] {
                 let job = Job::new_async_tz(schedule.as_str(), chrono::Local, move |_, _| {
                     trigger.set();
                     Box::pin(async {})
                 })
-                .map_err(|e| anyhow::anyhow!("portals.{}.{what}: invalid schedule: {e}", portal.name))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("portals.{}.{what}: invalid schedule: {e}", portal.name)
+                })?;
                 scheduler.add(job).await?;
             }
             triggers.insert(portal.name.clone(), t);
         }
         scheduler.start().await?;
-        Ok(Schedules { scheduler, triggers })
+        Ok(Schedules {
+            scheduler,
+            triggers,
+        })
     }
 
     pub fn triggers(&self, portal: &str) -> Triggers {
@@ -114,10 +127,14 @@ impl Settler {
                     } else {
                         ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
                     };
-                    self.client.offline_clear(&group.process_id, &target).await?;
+                    self.client
+                        .offline_clear(&group.process_id, &target)
+                        .await?;
                 }
                 SettleAction::Error => {
-                    self.client.offline_error(&group.process_id, &message_ids).await?;
+                    self.client
+                        .offline_error(&group.process_id, &message_ids)
+                        .await?;
                 }
             }
             self.journal.mark_settled(ids, group.action).await?;
@@ -200,7 +217,12 @@ impl Poller {
         // At start: look for reservations lost by an earlier run, and poll the error lane once.
         self.triggers.orphan_sweep.set();
         self.triggers.error_lane.set();
-        let settle_wake = self.wakers.settle.get(self.portal()).cloned().unwrap_or_default();
+        let settle_wake = self
+            .wakers
+            .settle
+            .get(self.portal())
+            .cloned()
+            .unwrap_or_default();
         let mut resumed = false;
         let mut next_fetch = Instant::now();
         let mut failures = 0u32;
@@ -252,7 +274,11 @@ impl Poller {
 
     /// One round: settle, recover, fetch. Returns how long to wait before the next round
     /// (`None`: go on at once).
-    async fn step(&self, resumed: &mut bool, next_fetch: &mut Instant) -> anyhow::Result<Option<Duration>> {
+    async fn step(
+        &self,
+        resumed: &mut bool,
+        next_fetch: &mut Instant,
+    ) -> anyhow::Result<Option<Duration>> {
         if !*resumed {
             self.resume_open_batches().await?;
             *resumed = true;
@@ -290,7 +316,9 @@ impl Poller {
             tracing::debug!(portal = %self.portal(), unsettled, "max_unsettled reached: not fetching");
             return Ok(Some(self.config.poll_interval));
         }
-        let limit = u32::try_from(room).unwrap_or(u32::MAX).min(self.config.batch_size);
+        let limit = u32::try_from(room)
+            .unwrap_or(u32::MAX)
+            .min(self.config.batch_size);
         match self.fetch(Lane::Normal, limit).await? {
             Fetched::Full => {
                 *next_fetch = Instant::now();
@@ -352,7 +380,13 @@ impl Poller {
 
     /// Journals a reservation, routing each event to its sinks, and wakes the dispatchers. Events
     /// the journal had already settled but that are still reserved upstream are cleared again.
-    async fn record(&self, process_id: &str, lane: Lane, origin: BatchOrigin, events: Vec<OfflineEvent>) -> anyhow::Result<usize> {
+    async fn record(
+        &self,
+        process_id: &str,
+        lane: Lane,
+        origin: BatchOrigin,
+        events: Vec<OfflineEvent>,
+    ) -> anyhow::Result<usize> {
         let portal = self.portal().to_string();
         let events = events
             .into_iter()
@@ -387,7 +421,9 @@ impl Poller {
         if !recorded.known_settled.is_empty() {
             let ids = recorded.known_settled.iter().map(|(id, _)| *id).collect();
             tracing::warn!(portal = %self.portal(), %process_id, events = recorded.known_settled.len(), "settled events still reserved upstream: clearing them again");
-            self.client.offline_clear(process_id, &ClearTarget::Ids(ids)).await?;
+            self.client
+                .offline_clear(process_id, &ClearTarget::Ids(ids))
+                .await?;
         }
         Ok(recorded.inserted)
     }
@@ -400,7 +436,8 @@ impl Poller {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            self.reread(&batch.process_id, batch.lane, BatchOrigin::Fetched).await?;
+            self.reread(&batch.process_id, batch.lane, BatchOrigin::Fetched)
+                .await?;
         }
         if !open.is_empty() {
             tracing::info!(portal = %self.portal(), reservations = open.len(), "resumed unsettled reservations from the journal");
@@ -408,7 +445,12 @@ impl Poller {
         Ok(())
     }
 
-    async fn reread(&self, process_id: &str, lane: Lane, origin: BatchOrigin) -> anyhow::Result<usize> {
+    async fn reread(
+        &self,
+        process_id: &str,
+        lane: Lane,
+        origin: BatchOrigin,
+    ) -> anyhow::Result<usize> {
         let request = GetRequest {
             limit: RESUME_LIMIT,
             clear: false,

@@ -10,21 +10,33 @@ use std::time::Duration;
 pub enum Step {
     Delivered,
     /// Try again after this long.
-    RetryAfter { error: String, after: Duration },
+    RetryAfter {
+        error: String,
+        after: Duration,
+    },
     /// Give up: the delivery is dead.
-    Dead { error: String },
+    Dead {
+        error: String,
+    },
 }
 
 /// The pause before attempt `attempts_made + 1`: `initial_backoff * 2^(attempts_made-1)`, capped
 /// at `max_backoff`, then scaled by `jitter` in `[0.8, 1.2)` (pass `rand` in `[0, 1)`), and never
 /// shorter than a sink's hint (e.g. `Retry-After`), which is itself capped at `max_backoff`.
-pub fn backoff(policy: &RetryPolicy, attempts_made: u32, hint: Option<Duration>, rand: f64) -> Duration {
+pub fn backoff(
+    policy: &RetryPolicy,
+    attempts_made: u32,
+    hint: Option<Duration>,
+    rand: f64,
+) -> Duration {
     let exponent = attempts_made.saturating_sub(1).min(30);
     let base = policy
         .initial_backoff
         .saturating_mul(1u32 << exponent)
         .min(policy.max_backoff);
-    let jittered = base.mul_f64(0.8 + 0.4 * rand.clamp(0.0, 1.0)).min(policy.max_backoff);
+    let jittered = base
+        .mul_f64(0.8 + 0.4 * rand.clamp(0.0, 1.0))
+        .min(policy.max_backoff);
     match hint {
         Some(h) => jittered.max(h.min(policy.max_backoff)),
         None => jittered,
@@ -67,7 +79,9 @@ mod tests {
     #[test]
     fn doubles_from_the_initial_backoff_and_caps() {
         let p = policy();
-        let got: Vec<u64> = (1..=6).map(|n| backoff(&p, n, None, 0.5).as_millis() as u64).collect();
+        let got: Vec<u64> = (1..=6)
+            .map(|n| backoff(&p, n, None, 0.5).as_millis() as u64)
+            .collect();
         assert_eq!(got, vec![1000, 2000, 4000, 8000, 10000, 10000]);
     }
 
@@ -82,22 +96,40 @@ mod tests {
     #[test]
     fn a_retry_after_hint_lengthens_but_never_past_the_cap() {
         let p = policy();
-        assert_eq!(backoff(&p, 1, Some(Duration::from_secs(7)), 0.5), Duration::from_secs(7));
-        assert_eq!(backoff(&p, 1, Some(Duration::from_secs(70)), 0.5), Duration::from_secs(10));
-        assert_eq!(backoff(&p, 3, Some(Duration::from_millis(10)), 0.5), Duration::from_secs(4));
+        assert_eq!(
+            backoff(&p, 1, Some(Duration::from_secs(7)), 0.5),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            backoff(&p, 1, Some(Duration::from_secs(70)), 0.5),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            backoff(&p, 3, Some(Duration::from_millis(10)), 0.5),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]
     fn huge_attempt_counts_do_not_overflow() {
-        let p = RetryPolicy { max_attempts: u32::MAX, ..policy() };
+        let p = RetryPolicy {
+            max_attempts: u32::MAX,
+            ..policy()
+        };
         assert_eq!(backoff(&p, u32::MAX, None, 0.5), Duration::from_secs(10));
     }
 
     #[test]
     fn retries_until_max_attempts_then_dead() {
         let p = policy();
-        let retry = || SinkResult::Retry { error: "http 503".into(), after: None };
-        assert!(matches!(next_step(&p, 4, retry(), 0.5), Step::RetryAfter { .. }));
+        let retry = || SinkResult::Retry {
+            error: "http 503".into(),
+            after: None,
+        };
+        assert!(matches!(
+            next_step(&p, 4, retry(), 0.5),
+            Step::RetryAfter { .. }
+        ));
         match next_step(&p, 5, retry(), 0.5) {
             Step::Dead { error } => assert_eq!(error, "gave up after 5 attempts: http 503"),
             other => panic!("expected dead, got {other:?}"),
@@ -108,9 +140,21 @@ mod tests {
     fn permanent_failures_are_dead_at_once_and_successes_delivered() {
         let p = policy();
         assert_eq!(
-            next_step(&p, 1, SinkResult::Dead { error: "http 422".into() }, 0.5),
-            Step::Dead { error: "http 422".into() }
+            next_step(
+                &p,
+                1,
+                SinkResult::Dead {
+                    error: "http 422".into()
+                },
+                0.5
+            ),
+            Step::Dead {
+                error: "http 422".into()
+            }
         );
-        assert_eq!(next_step(&p, 1, SinkResult::Delivered, 0.5), Step::Delivered);
+        assert_eq!(
+            next_step(&p, 1, SinkResult::Delivered, 0.5),
+            Step::Delivered
+        );
     }
 }

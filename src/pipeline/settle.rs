@@ -55,25 +55,49 @@ mod tests {
     #[test]
     fn clears_when_every_sink_delivered() {
         let d = decide(Lane::Normal, &[Delivered, Delivered]).unwrap();
-        assert_eq!(d, Decision { dead: false, action: SettleAction::Clear });
+        assert_eq!(
+            d,
+            Decision {
+                dead: false,
+                action: SettleAction::Clear
+            }
+        );
     }
 
     #[test]
     fn errors_a_normal_lane_event_when_one_sink_is_dead() {
         let d = decide(Lane::Normal, &[Delivered, Dead]).unwrap();
-        assert_eq!(d, Decision { dead: true, action: SettleAction::Error });
+        assert_eq!(
+            d,
+            Decision {
+                dead: true,
+                action: SettleAction::Error
+            }
+        );
     }
 
     #[test]
     fn clears_a_dead_error_lane_event_and_keeps_it_dead() {
         let d = decide(Lane::Error, &[Dead]).unwrap();
-        assert_eq!(d, Decision { dead: true, action: SettleAction::Clear });
+        assert_eq!(
+            d,
+            Decision {
+                dead: true,
+                action: SettleAction::Clear
+            }
+        );
     }
 
     #[test]
     fn an_event_no_sink_wants_is_cleared() {
         let d = decide(Lane::Normal, &[]).unwrap();
-        assert_eq!(d, Decision { dead: false, action: SettleAction::Clear });
+        assert_eq!(
+            d,
+            Decision {
+                dead: false,
+                action: SettleAction::Clear
+            }
+        );
     }
 
     #[test]
@@ -89,7 +113,10 @@ mod tests {
                             Some(d) => {
                                 assert!(!ds.contains(&Pending));
                                 assert_eq!(d.dead, ds.contains(&Dead));
-                                assert_eq!(d.action == SettleAction::Error, d.dead && lane == Lane::Normal);
+                                assert_eq!(
+                                    d.action == SettleAction::Error,
+                                    d.dead && lane == Lane::Normal
+                                );
                             }
                         }
                     }

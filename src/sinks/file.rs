@@ -47,6 +47,13 @@ impl FileSink {
                 path.display()
             );
         }
+        repair_torn_tail(&path).with_context(|| {
+            format!(
+                "sink {}: cannot repair the end of {}",
+                config.name,
+                path.display()
+            )
+        })?;
         open_append(&path).with_context(|| {
             format!(
                 "sink {}: cannot open {} for appending",
@@ -77,6 +84,39 @@ fn open_append(path: &Path) -> std::io::Result<(File, bool)> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// A process killed in the middle of a write can leave a partial last line. Its delivery was
+/// never recorded, so it is sent again; cut the fragment off so every line stays a whole JSON
+/// envelope. Returns how many bytes were removed.
+fn repair_torn_tail(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(buf)?;
+        if let Some(pos) = buf.iter().rposition(|b| *b == b'\n') {
+            end = start + pos as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end == len {
+        return Ok(0);
+    }
+    file.set_len(end)?;
+    file.sync_data()?;
+    tracing::warn!(path = %path.display(), removed_bytes = len - end, "removed a partial last line left by an interrupted write");
+    Ok(len - end)
 }
 
 /// Appends `buf` and syncs; on failure cuts the file back to where it was.
@@ -267,5 +307,26 @@ mod tests {
         }
         let err = append_synced(full, b"{\"id\":1}\n").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(28));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        std::fs::write(&path, b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c").unwrap();
+        assert_eq!(repair_torn_tail(&path).unwrap(), 8);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n"
+        );
+        assert_eq!(
+            repair_torn_tail(&path).unwrap(),
+            0,
+            "a whole file is left alone"
+        );
+        std::fs::write(&path, b"no newline at all").unwrap();
+        assert_eq!(repair_torn_tail(&path).unwrap(), 17);
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        assert_eq!(repair_torn_tail(&dir.path().join("missing")).unwrap(), 0);
     }
 }

@@ -18,7 +18,8 @@ pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            std::env::var("B24EVENTD_LOG").unwrap_or_else(|_| "warn,tokio_cron_scheduler=warn".into()),
+            std::env::var("B24EVENTD_LOG")
+                .unwrap_or_else(|_| "warn,tokio_cron_scheduler=warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -45,7 +46,13 @@ pub async fn portal(config: SimulatorConfig) -> (Simulator, Tokens) {
 
 /// Writes a config for one portal `main` on `sim` plus the given sink tables; `portal_extra` is
 /// appended to `[portals.main]`.
-pub fn write_config(dir: &Path, sim: &Simulator, endpoint: Option<&str>, portal_extra: &str, sinks: &str) -> PathBuf {
+pub fn write_config(
+    dir: &Path,
+    sim: &Simulator,
+    endpoint: Option<&str>,
+    portal_extra: &str,
+    sinks: &str,
+) -> PathBuf {
     let defaults = SimulatorConfig::default();
     let text = format!(
         r#"shutdown_timeout = "10s"
@@ -69,7 +76,9 @@ error_lane_schedule = "*/2 * * * * *"
 {sinks}
 "#,
         dir = dir.display(),
-        endpoint = endpoint.map(str::to_string).unwrap_or_else(|| sim.client_endpoint()),
+        endpoint = endpoint
+            .map(str::to_string)
+            .unwrap_or_else(|| sim.client_endpoint()),
         oauth = sim.oauth_token_url(),
         client_id = defaults.client_id,
         secret = defaults.client_secret,
@@ -80,7 +89,10 @@ error_lane_schedule = "*/2 * * * * *"
 }
 
 pub fn file_sink(dir: &Path) -> String {
-    format!("[sinks.archive]\ntype = \"file\"\npath = \"{}/events.jsonl\"\n", dir.display())
+    format!(
+        "[sinks.archive]\ntype = \"file\"\npath = \"{}/events.jsonl\"\n",
+        dir.display()
+    )
 }
 
 pub fn http_sink(url: &str) -> String {
@@ -99,13 +111,23 @@ pub struct Running {
 impl Running {
     pub async fn start(config_path: &Path, tokens: &Tokens) -> Running {
         let config = config::load(config_path).expect("config loads");
-        let journal = Journal::open(&config.journal.path, config.journal.synchronous).await.unwrap();
+        let journal = Journal::open(&config.journal.path, config.journal.synchronous)
+            .await
+            .unwrap();
         if journal.load_tokens("main").await.unwrap().is_none() {
             journal.save_tokens("main", tokens).await.unwrap();
         }
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(b24eventd::pipeline::run(config, journal.clone(), shutdown.clone()));
-        Running { journal, shutdown, task }
+        let task = tokio::spawn(b24eventd::pipeline::run(
+            config,
+            journal.clone(),
+            shutdown.clone(),
+        ));
+        Running {
+            journal,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn stop(self) {
@@ -141,8 +163,10 @@ pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
         return ids;
     };
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("every line is a JSON envelope");
-        *ids.entry(v["id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        let v: serde_json::Value =
+            serde_json::from_str(line).expect("every line is a JSON envelope");
+        *ids.entry(v["id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     ids
 }
@@ -204,7 +228,11 @@ impl Endpoint {
                 .await
                 .unwrap();
         });
-        Endpoint { url, received, stop }
+        Endpoint {
+            url,
+            received,
+            stop,
+        }
     }
 
     pub fn accepted_ids(&self) -> std::collections::BTreeSet<String> {

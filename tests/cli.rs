@@ -1,0 +1,267 @@
+//! The binary as an operator meets it: exit codes, error messages, `auth import`, `demo`.
+
+mod common;
+
+use b24eventd::journal::Journal;
+use b24eventd::simulator::SimulatorConfig;
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn b24eventd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(args)
+        .env_remove("B24EVENTD_CONFIG")
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn write(dir: &Path, text: &str) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+const GOOD: &str = r#"
+[journal]
+path = "JOURNAL"
+[portals.main]
+client_endpoint = "https://example.bitrix24.com/rest/"
+client_id = "local.1"
+client_secret = "s3cret-value"
+events = ["ONCRMDEALADD"]
+[sinks.archive]
+type = "file"
+path = "JSONL"
+"#;
+
+fn good(dir: &Path) -> String {
+    GOOD.replace("JOURNAL", &dir.join("j.db").display().to_string())
+        .replace("JSONL", &dir.join("e.jsonl").display().to_string())
+}
+
+#[test]
+fn validate_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &good(dir.path()));
+    let out = b24eventd(&["-c", &path, "validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("ok (1 portal, 1 sink)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("s3cret-value"));
+}
+
+#[test]
+fn validate_names_the_file_and_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &good(dir.path())
+            .replace("[sinks.archive]", "[portals.main.x]\n[sinks.archive]")
+            .replace(
+                "events = [\"ONCRMDEALADD\"]",
+                "events = [\"ONCRMDEALADD\"]\nbatch_size = 0",
+            ),
+    );
+    let out = b24eventd(&["-c", &path, "validate"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr(&out);
+    assert!(err.contains(&path), "names the file: {err}");
+    assert!(err.contains("portals.main."), "names the key: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one message: {err}");
+}
+
+#[test]
+fn unknown_keys_are_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &good(dir.path()).replace("[sinks.archive]", "[sinks.archive]\nretries = 3"),
+    );
+    let out = b24eventd(&["-c", &path, "validate"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("retries"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_webhook_url_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good(dir.path()).replace(
+        "https://example.bitrix24.com/rest/",
+        "https://example.bitrix24.com/rest/1/abcdef123456/",
+    );
+    let out = b24eventd(&["-c", &write(dir.path(), &text), "validate"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr(&out);
+    assert!(
+        err.contains("portals.main.client_endpoint") && err.contains("WRONG_AUTH_TYPE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_a_configuration_error() {
+    let out = b24eventd(&["-c", "/nonexistent/b24eventd.toml", "validate"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr(&out).contains("/nonexistent/b24eventd.toml"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &good(dir.path()));
+    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", &path, "validate"])
+        .env("B24EVENTD_PORTALS__MAIN__BATCH_SIZE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr(&out).contains("portals.main.batch_size"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_explains() {
+    assert_eq!(b24eventd(&["frobnicate"]).status.code(), Some(2));
+    let help = b24eventd(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    let text = stdout(&help);
+    for word in [
+        "demo",
+        "run",
+        "validate",
+        "auth",
+        "simulate",
+        "B24EVENTD_CONFIG",
+        "78",
+    ] {
+        assert!(text.contains(word), "--help mentions {word}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_import_stores_checks_and_rotates_the_refresh_token() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let config = config.to_str().unwrap().to_string();
+    let refresh = tokens.refresh_token.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+            .args([
+                "-c",
+                &config,
+                "auth",
+                "import",
+                "--portal",
+                "main",
+                "--refresh-token",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{refresh}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("rotated"));
+    assert!(
+        !stdout(&out).contains(&tokens.refresh_token),
+        "the token is never printed"
+    );
+    assert_eq!(sim.stats().token_refreshes, 1);
+    let journal = Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    let stored = journal.load_tokens("main").await.unwrap().unwrap();
+    assert_ne!(
+        stored.refresh_token, tokens.refresh_token,
+        "the rotated token is stored"
+    );
+
+    // The old refresh token is dead now (strict rotation): importing it again fails, loudly.
+    let config = dir.path().join("config.toml");
+    let out = b24eventd(&[
+        "-c",
+        config.to_str().unwrap(),
+        "auth",
+        "import",
+        "--portal",
+        "main",
+        "--refresh-token",
+        &tokens.refresh_token,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid_grant"), "{}", stderr(&out));
+}
+
+#[test]
+fn demo_runs_end_to_end_and_summarises() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let out = b24eventd(&[
+        "demo",
+        "--dir",
+        demo_dir.to_str().unwrap(),
+        "--events",
+        "300",
+        "--duration",
+        "2s",
+        "--waves",
+        "2",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("left upstream              0 queued, 0 reserved, 0 in the error lane"),
+        "{text}"
+    );
+    assert!(text.contains("sqlite3"), "{text}");
+    let lines = std::fs::read_to_string(demo_dir.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let journaled: usize = text
+        .lines()
+        .find(|l| l.contains("events fetched (journaled)"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(
+        lines, journaled,
+        "every journaled event is in the JSONL file once"
+    );
+}
