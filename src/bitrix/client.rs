@@ -318,6 +318,7 @@ impl PortalClient {
             "error": u8::from(req.error_lane),
         });
         if let Some(pid) = &req.process_id {
+            self.require_process_id(METHOD, pid)?;
             params["process_id"] = Value::String(pid.clone());
         }
         let resp = self.call(METHOD, params).await?;
@@ -332,6 +333,7 @@ impl PortalClient {
         target: &ClearTarget,
     ) -> Result<(), BitrixError> {
         const METHOD: &str = "event.offline.clear";
+        self.require_process_id(METHOD, process_id)?;
         let mut params = json!({ "process_id": process_id });
         match target {
             ClearTarget::All => {}
@@ -350,6 +352,7 @@ impl PortalClient {
         process_id: &str,
         message_ids: &[String],
     ) -> Result<(), BitrixError> {
+        self.require_process_id("event.offline.error", process_id)?;
         if message_ids.is_empty() {
             return Ok(());
         }
@@ -412,6 +415,22 @@ impl PortalClient {
             .call(METHOD, json!({ "cmd": cmd, "halt": u8::from(halt) }))
             .await?;
         parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// An empty `process_id` is dangerous: the server only checks that one was sent, so `""`
+    /// addresses every unreserved row (a clear would delete the whole queue). Never send one.
+    fn require_process_id(&self, method: &str, process_id: &str) -> Result<(), BitrixError> {
+        if process_id.trim().is_empty() {
+            return Err(BitrixError::new(
+                self.portal(),
+                method,
+                codes::INVALID_PARAMS,
+                "refusing to send an empty process_id (it would address every unreserved event)"
+                    .to_string(),
+                None,
+            ));
+        }
+        Ok(())
     }
 
     /// Refreshes the token pair now (and persists it before using it).
@@ -1761,6 +1780,35 @@ mod tests {
         );
         assert!(!err.to_string().contains("127.0.0.1"), "{err}");
         assert_eq!(client.stats().transport_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_process_id_is_never_sent() {
+        let (base, srv) = serve(|_, _| ok(json!(true))).await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let all = ClearTarget::All;
+        let err = client.offline_clear("", &all).await.unwrap_err();
+        assert_eq!(err.code, codes::INVALID_PARAMS);
+        let err = client
+            .offline_error(" ", &["m".repeat(32)])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, codes::INVALID_PARAMS);
+        let get = GetRequest {
+            limit: 10,
+            clear: false,
+            process_id: Some(String::new()),
+            error_lane: false,
+        };
+        assert_eq!(
+            client.offline_get(&get).await.unwrap_err().code,
+            codes::INVALID_PARAMS
+        );
+        assert!(
+            log(&srv).is_empty(),
+            "no request reached the portal: {:?}",
+            log(&srv)
+        );
     }
 
     #[tokio::test]

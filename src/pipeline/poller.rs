@@ -295,7 +295,12 @@ impl Poller {
                 if self.shutdown.is_cancelled() {
                     return Ok(None);
                 }
-                match self.fetch(Lane::Error, self.config.batch_size).await {
+                let Some(limit) = self.fetch_limit().await? else {
+                    // At the cap: poll the error lane again once settles have made room.
+                    self.triggers.error_lane.set_quietly();
+                    break;
+                };
+                match self.fetch(Lane::Error, limit).await {
                     Ok(Fetched::Full) => continue,
                     Ok(Fetched::Partial) => break,
                     Err(e) => {
@@ -309,16 +314,10 @@ impl Poller {
         if now < *next_fetch {
             return Ok(Some(*next_fetch - now));
         }
-        let unsettled = self.journal.unsettled_count(self.portal()).await?;
-        let room = u64::from(self.config.max_unsettled).saturating_sub(unsettled);
-        if room == 0 {
+        let Some(limit) = self.fetch_limit().await? else {
             // Wait for settles (they wake us) rather than fetching more.
-            tracing::debug!(portal = %self.portal(), unsettled, "max_unsettled reached: not fetching");
             return Ok(Some(self.config.poll_interval));
-        }
-        let limit = u32::try_from(room)
-            .unwrap_or(u32::MAX)
-            .min(self.config.batch_size);
+        };
         match self.fetch(Lane::Normal, limit).await? {
             Fetched::Full => {
                 *next_fetch = Instant::now();
@@ -329,6 +328,22 @@ impl Poller {
                 Ok(Some(self.config.poll_interval))
             }
         }
+    }
+
+    /// How many events the next fetch may reserve without passing `max_unsettled`; `None` when
+    /// the portal is at the cap.
+    async fn fetch_limit(&self) -> anyhow::Result<Option<u32>> {
+        let unsettled = self.journal.unsettled_count(self.portal()).await?;
+        let room = u64::from(self.config.max_unsettled).saturating_sub(unsettled);
+        if room == 0 {
+            tracing::debug!(portal = %self.portal(), unsettled, "max_unsettled reached: not fetching");
+            return Ok(None);
+        }
+        Ok(Some(
+            u32::try_from(room)
+                .unwrap_or(u32::MAX)
+                .min(self.config.batch_size),
+        ))
     }
 
     /// Reserves up to `limit` events of `lane` and journals them before anything else happens.
