@@ -3,7 +3,9 @@
 //! persistence), the client-side leaky bucket, the portal's limits (503 `QUERY_LIMIT_EXCEEDED`,
 //! 429 `OPERATION_TIME_LIMIT`), domain-change redirects and response classification.
 
-use super::error::{BitrixError, ErrorClass, codes, sanitize_snippet};
+use super::error::{
+    BitrixError, ErrorClass, codes, describe_unparsable, invalid_response, sanitize_snippet,
+};
 use super::form;
 use super::oauth::{self, TokenStore, Tokens};
 use super::ratelimit::LeakyBucket;
@@ -981,34 +983,12 @@ impl PortalClient {
     ) -> Result<ApiResponse, BitrixError> {
         let portal = self.portal();
         let secrets = [self.inner.settings.client_secret.as_str(), access];
-        let invalid = |what: String| {
-            BitrixError::new(
-                portal,
-                method,
-                codes::INVALID_RESPONSE,
-                format!("http {status}: {what}"),
-                Some(status),
-            )
-            .with_maybe_executed(!(400..500).contains(&status))
-        };
+        let invalid = |what: String| invalid_response(portal, method, status, what);
         let json: Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
             Err(_) => {
                 self.stat(|s| s.other_errors += 1);
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
-                let trimmed = text.trim_start();
-                let what = if trimmed.is_empty() {
-                    "empty body".to_string()
-                } else if trimmed.starts_with('{') || trimmed.starts_with('[') {
-                    format!(
-                        "truncated or invalid JSON ({} bytes): {}",
-                        bytes.len(),
-                        sanitize_snippet(trimmed, &secrets, 120)
-                    )
-                } else {
-                    format!("not JSON: {}", sanitize_snippet(trimmed, &secrets, 160))
-                };
-                return Err(invalid(what));
+                return Err(invalid(describe_unparsable(bytes, &secrets, true)));
             }
         };
         if let Some((code, description)) = parse_error(&json) {

@@ -330,6 +330,42 @@ fn tidy(description: &str) -> String {
     }
 }
 
+/// An answer that is not the JSON Bitrix24 promised (truncated, HTML, empty): `INVALID_RESPONSE`,
+/// retryable unless the status was a 4xx, and possibly executed for the same reason.
+pub fn invalid_response(portal: &str, method: &str, status: u16, what: String) -> BitrixError {
+    BitrixError::new(
+        portal,
+        method,
+        codes::INVALID_RESPONSE,
+        format!("http {status}: {what}"),
+        Some(status),
+    )
+    .with_maybe_executed(!(400..500).contains(&status))
+}
+
+/// Says what a body that failed to parse as JSON looked like, without secrets. With
+/// `quote_json` false nothing of a JSON-looking body is quoted (a truncated token answer may
+/// hold fresh tokens).
+pub fn describe_unparsable(body: &[u8], secrets: &[&str], quote_json: bool) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        "empty body".to_string()
+    } else if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        if quote_json {
+            format!(
+                "truncated or invalid JSON ({} bytes): {}",
+                body.len(),
+                sanitize_snippet(trimmed, secrets, 120)
+            )
+        } else {
+            format!("truncated or invalid JSON ({} bytes)", body.len())
+        }
+    } else {
+        format!("not JSON: {}", sanitize_snippet(trimmed, secrets, 160))
+    }
+}
+
 /// Turns any text from the wire into a short, single-line, printable snippet: HTML tags and
 /// control characters dropped, whitespace collapsed, `secrets` replaced by `[redacted]`, cut at
 /// `max_chars`.

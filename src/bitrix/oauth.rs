@@ -4,7 +4,7 @@
 //! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
 //! must persist the new pair before relying on it (see [`TokenStore`]).
 
-use super::error::{BitrixError, codes, sanitize_snippet};
+use super::error::{BitrixError, codes, describe_unparsable, invalid_response, sanitize_snippet};
 use super::form::percent_encode;
 use super::types::parse_error;
 use chrono::{DateTime, Utc};
@@ -54,6 +54,20 @@ fn redacted(secret: &str) -> &'static str {
 }
 
 impl Tokens {
+    /// A token pair as an operator or an installation callback hands it over, with nothing else
+    /// known yet. An empty access token counts as expired, so the first call refreshes.
+    pub fn from_pair(access_token: impl Into<String>, refresh_token: impl Into<String>) -> Tokens {
+        Tokens {
+            access_token: access_token.into(),
+            refresh_token: refresh_token.into(),
+            expires_at: None,
+            member_id: None,
+            scope: None,
+            client_endpoint: None,
+            user_id: None,
+        }
+    }
+
     /// True when the access token is missing, or known to expire before `now + margin`.
     pub fn expires_within(&self, margin: chrono::Duration, now: DateTime<Utc>) -> bool {
         self.access_token.is_empty() || self.expires_at.is_some_and(|at| at - margin <= now)
@@ -181,30 +195,10 @@ fn parse_token_answer(
     secrets: &[&str],
     now: DateTime<Utc>,
 ) -> Result<Tokens, BitrixError> {
-    let invalid = |what: String| {
-        BitrixError::new(
-            portal,
-            method,
-            codes::INVALID_RESPONSE,
-            format!("http {status}: {what}"),
-            Some(status),
-        )
-        .with_maybe_executed(!(400..500).contains(&status))
-    };
+    let invalid = |what: String| invalid_response(portal, method, status, what);
     let json: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => {
-            let text = String::from_utf8_lossy(body);
-            let trimmed = text.trim_start();
-            let what = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-                format!("truncated or invalid JSON ({} bytes)", body.len())
-            } else if trimmed.is_empty() {
-                "empty body".to_string()
-            } else {
-                format!("not JSON: {}", sanitize_snippet(trimmed, secrets, 160))
-            };
-            return Err(invalid(what));
-        }
+        Err(_) => return Err(invalid(describe_unparsable(body, secrets, false))),
     };
     if let Some((code, description)) = parse_error(&json) {
         let description = sanitize_snippet(&description, secrets, 300);

@@ -68,18 +68,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
     let (access, refresh) = sim.issue_tokens();
     journal
-        .save_tokens(
-            "demo",
-            &crate::bitrix::Tokens {
-                access_token: access,
-                refresh_token: refresh,
-                expires_at: None,
-                member_id: None,
-                scope: None,
-                client_endpoint: None,
-                user_id: None,
-            },
-        )
+        .save_tokens("demo", &crate::bitrix::Tokens::from_pair(access, refresh))
         .await?;
 
     println!(
@@ -89,7 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "raising {} changes of {} entities in {} waves over {:?}; delivering to a JSONL file and an HTTP endpoint{}",
         args.events,
-        entity_count(args.events),
+        entity_count(args.events.div_ceil(args.waves.max(1))) * args.waves.max(1),
         args.waves,
         args.duration,
         if args.chaos {
@@ -121,7 +110,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let s = sim.stats();
         let c = journal.counts().await?;
-        bar.set_length(s.emitted.max(1));
         bar.set_position(
             s.emitted
                 .saturating_sub(s.queued + s.reserved + s.error_lane),
@@ -150,8 +138,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("summary after {:.1} s", elapsed.as_secs_f64());
     println!("  entity changes raised      {}", s.emitted);
     println!(
-        "  events fetched (journaled) {}  (changes of one entity merge upstream while queued)",
-        c.events
+        "  events fetched (journaled) {}  ({} changes merged upstream into a queued record of the same entity)",
+        c.events,
+        s.emitted.saturating_sub(c.events)
     );
     println!("  delivered to every sink    {}", c.delivered);
     println!("  dead                       {}", c.dead);
@@ -174,9 +163,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.rejected_429
     );
     println!(
-        "  HTTP sink received         {} requests",
-        receiver.received.load(Ordering::Relaxed)
+        "  HTTP sink received         {} requests  (deal events only; {} attempts failed and were retried)",
+        receiver.received.load(Ordering::Relaxed),
+        c.retried_attempts
     );
+    if args.chaos {
+        println!(
+            "  faults injected            {} answers 500, {} get responses lost after commit, {} truncated",
+            s.faults_500, s.dropped_after_commit, s.truncated
+        );
+    }
     let dir = args.dir.display();
     println!();
     println!("look inside:");
@@ -219,24 +215,26 @@ fn entity_count(events: u64) -> u64 {
     (events * 2 / 3).max(1)
 }
 
-/// Raises `events` changes in `waves` waves spread over `duration`. Two thirds of the changes
-/// touch distinct entities; the rest change one of them again, which the portal merges into the
-/// queued record unless that record is already reserved.
+/// Raises `events` changes in `waves` waves spread over `duration`. In each wave two thirds of
+/// the changes touch distinct entities and the rest change one of them again at once, so the
+/// portal merges them into the queued record (as it does for an entity edited twice).
 async fn seed(sim: Simulator, events: u64, duration: Duration, waves: u64) {
     let per_wave = events.div_ceil(waves);
     let pause = duration / waves as u32;
-    let entities = entity_count(events);
     let mut raised = 0;
+    let mut next_entity = 1;
     for _ in 0..waves {
         let wave_start = Instant::now();
         let in_wave = per_wave.min(events - raised);
+        let distinct = entity_count(in_wave);
         for i in 0..in_wave {
-            let entity = (raised + i) % entities + 1;
+            let entity = next_entity + i % distinct;
             sim.emit_change(DEMO_EVENTS[(entity % 3) as usize], entity);
             if i % 100 == 99 {
                 tokio::task::yield_now().await;
             }
         }
+        next_entity += distinct;
         raised += in_wave;
         if raised >= events {
             break;

@@ -163,7 +163,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Demo(args) => {
-            init_logging("warn");
+            // The progress bar and the summary tell the story; B24EVENTD_LOG=warn shows the log.
+            init_logging("error");
             runtime()?.block_on(demo::run(args))?;
             Ok(())
         }
@@ -283,20 +284,8 @@ async fn auth_import(
     }
     let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
     let has_access = access_token.is_some();
-    let tokens = crate::bitrix::Tokens {
-        access_token: access_token.unwrap_or_default(),
-        refresh_token,
-        // Without an access token, mark it expired so the first call refreshes.
-        expires_at: if has_access {
-            None
-        } else {
-            Some(chrono::DateTime::UNIX_EPOCH)
-        },
-        member_id: None,
-        scope: None,
-        client_endpoint: None,
-        user_id: None,
-    };
+    // Without an access token the first call refreshes (an empty token counts as expired).
+    let tokens = crate::bitrix::Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
     journal.save_tokens(&portal, &tokens).await?;
     if has_access {
         println!(

@@ -141,6 +141,8 @@ pub struct JournalCounts {
     pub batches: u64,
     pub adopted_batches: u64,
     pub delivery_attempts: u64,
+    /// Attempts that failed and were scheduled again.
+    pub retried_attempts: u64,
     /// Deliveries of an envelope id to a sink beyond the first successful one.
     pub duplicate_deliveries: u64,
 }
@@ -783,12 +785,13 @@ fn counts(conn: &Connection) -> anyhow::Result<JournalCounts> {
         [],
         |r| Ok((count(r, 0)?, count(r, 1)?)),
     )?;
-    (c.delivery_attempts, c.duplicate_deliveries) = conn.query_row(
+    (c.delivery_attempts, c.retried_attempts, c.duplicate_deliveries) = conn.query_row(
         "SELECT (SELECT COUNT(*) FROM delivery_attempts),
+                (SELECT COUNT(*) FROM delivery_attempts WHERE outcome = 'retry'),
                 (SELECT COUNT(*) - COUNT(DISTINCT e.envelope_id || char(31) || a.sink)
                  FROM delivery_attempts a JOIN events e ON e.id = a.event_id WHERE a.outcome = 'delivered')",
         [],
-        |r| Ok((count(r, 0)?, count(r, 1)?)),
+        |r| Ok((count(r, 0)?, count(r, 1)?, count(r, 2)?)),
     )?;
     Ok(c)
 }

@@ -32,15 +32,7 @@ pub async fn portal(config: SimulatorConfig) -> (Simulator, Tokens) {
         sim.bind_offline(e, "");
     }
     let (access, refresh) = sim.issue_tokens();
-    let tokens = Tokens {
-        access_token: access,
-        refresh_token: refresh,
-        expires_at: None,
-        member_id: None,
-        scope: None,
-        client_endpoint: None,
-        user_id: None,
-    };
+    let tokens = Tokens::from_pair(access, refresh);
     (sim, tokens)
 }
 
