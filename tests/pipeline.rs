@@ -315,3 +315,70 @@ async fn graceful_shutdown_settles_what_was_delivered() {
     assert_eq!(counts.delivered, counts.cleared, "{counts:?}");
     assert_eq!(counts.pending + counts.cleared, counts.events, "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_connector_reads_and_settles_only_its_own_queue() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    for e in EVENTS {
+        sim.bind_offline(e, "erp-sync");
+    }
+    // Every change is queued twice: once for the connector-less binding, once for erp-sync.
+    emit_deals(&sim, 1, 100);
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "auth_connector = \"erp-sync\"",
+        &file_sink(dir.path()),
+    );
+    let running = Running::start(&config, &tokens).await;
+    wait_for(
+        "the erp-sync queue drained",
+        Duration::from_secs(30),
+        || sim.rows().iter().all(|r| r.connector_id.is_empty()),
+    )
+    .await;
+    running.stop().await;
+    let rows = sim.rows();
+    assert_eq!(rows.len(), 100, "the connector-less queue is untouched");
+    assert!(rows.iter().all(|r| r.process_id.is_empty() && !r.error));
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_long_operating_limit_wait() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny operating budget: after a couple of gets the portal answers 429 for ten minutes.
+    let (sim, tokens) = portal(SimulatorConfig {
+        operating_limit: Some(b24eventd::simulator::OperatingLimit {
+            budget: Duration::from_millis(20),
+            window: Duration::from_secs(600),
+        }),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    emit_deals(&sim, 1, 500);
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "batch_size = 10",
+        &file_sink(dir.path()),
+    );
+    let running = Running::start(&config, &tokens).await;
+    wait_for("the portal answering 429", Duration::from_secs(30), || {
+        sim.stats().rejected_429 > 0
+    })
+    .await;
+    let started = std::time::Instant::now();
+    running.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
+    assert!(!upstream_empty(&sim), "the backlog waits upstream");
+}

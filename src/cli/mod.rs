@@ -206,6 +206,7 @@ fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -226,28 +227,44 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         listener,
     )
     .await?;
+    // As the application's installer would: bind the events the printed config asks for.
+    for event in ["ONCRMDEALADD", "ONCRMDEALUPDATE"] {
+        sim.bind_offline(event, "");
+    }
     let (access, refresh) = sim.issue_tokens();
     let defaults = crate::simulator::SimulatorConfig::default();
-    println!("portal simulator listening on {}", sim.base_url());
+    let base = sim.base_url();
+    println!(
+        "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"
+    );
     println!();
+    println!("1. save this as sim.toml:");
+    println!();
+    println!("[journal]");
+    println!("path = \"sim-journal.db\"");
+    println!("[admin]");
+    println!("listen = \"\"");
     println!("[portals.sim]");
     println!("client_endpoint = \"{}\"", sim.client_endpoint());
     println!("oauth_token_url = \"{}\"", sim.oauth_token_url());
     println!("client_id = \"{}\"", defaults.client_id);
     println!("client_secret = \"{}\"", defaults.client_secret);
     println!("events = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]");
+    println!("[sinks.archive]");
+    println!("type = \"file\"");
+    println!("path = \"sim-events.jsonl\"");
     println!();
     println!(
-        "then: b24eventd auth import --portal sim --refresh-token {refresh} --access-token {access}"
+        "2. b24eventd -c sim.toml auth import --portal sim --refresh-token {refresh} --access-token {access}"
+    );
+    println!("3. b24eventd -c sim.toml run");
+    println!(
+        "4. raise events: curl -s -XPOST {base}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'"
     );
     println!(
-        "raise events: curl -s -XPOST {}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'",
-        sim.base_url()
+        "   other events need a binding first: POST {base}/_sim/bind {{\"event\":\"...\"}} (or event.bind)"
     );
-    println!(
-        "(events are queued only for bound events: POST {}/_sim/bind {{\"event\":\"...\"}} or event.bind)",
-        sim.base_url()
-    );
+    println!("   look: GET {base}/_sim/stats, GET {base}/_sim/rows");
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signals(shutdown.clone())
         .context("cannot install signal handlers")?;

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 const RESUME_LIMIT: u32 = 1000;
 /// Backoff after a fatal (operator-needed) error: the portal keeps trying at this pace.
 const FATAL_RETRY: Duration = Duration::from_secs(300);
+/// How long a poller round may go on after shutdown was requested.
+const STEP_GRACE: Duration = Duration::from_secs(10);
 /// Longest backoff after transient failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -228,7 +230,20 @@ impl Poller {
         let mut failures = 0u32;
         let mut last_error = String::new();
         while !self.shutdown.is_cancelled() {
-            let wait = match self.step(&mut resumed, &mut next_fetch).await {
+            // A round stuck in a long wait (a 429 can ask for minutes) must not hold up a
+            // shutdown: once it is requested, the round gets STEP_GRACE, then is dropped. Whatever
+            // it was doing is recovered on the next start (open batches, pending settles, sweep).
+            let round = tokio::select! {
+                round = self.step(&mut resumed, &mut next_fetch) => round,
+                _ = async {
+                    self.shutdown.cancelled().await;
+                    tokio::time::sleep(STEP_GRACE).await;
+                } => {
+                    tracing::warn!(portal = %self.portal(), "abandoning a portal call at shutdown: it is resumed on the next start");
+                    break;
+                }
+            };
+            let wait = match round {
                 Ok(wait) => {
                     if failures > 0 {
                         tracing::info!(portal = %self.portal(), "portal recovered");
