@@ -265,3 +265,93 @@ fn demo_runs_end_to_end_and_summarises() {
         "every journaled event is in the JSONL file once"
     );
 }
+
+#[test]
+fn the_client_secret_can_come_from_the_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good(dir.path()).replace("client_secret = \"s3cret-value\"\n", "");
+    let path = write(dir.path(), &text);
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let run = |creds: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+            .args(["-c", &path, "validate"])
+            .env("CREDENTIALS_DIRECTORY", creds)
+            .output()
+            .unwrap()
+    };
+    let out = run(&creds);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "missing credential is a config error"
+    );
+    assert!(
+        stderr(&out).contains("main.client_secret"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(creds.join("main.client_secret"), "from-credentials\n").unwrap();
+    let out = run(&creds);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_log_even_at_trace_level() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        access_token_ttl: std::time::Duration::from_secs(2),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let journal = Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    journal.save_tokens("main", &tokens).await.unwrap();
+    emit_deals(&sim, 1, 50);
+    let log = dir.path().join("trace.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", config.to_str().unwrap(), "run"])
+        .env("B24EVENTD_LOG", "trace")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Long enough for the access token to expire and be refreshed once.
+    wait_for("a refresh", std::time::Duration::from_secs(30), || {
+        sim.stats().token_refreshes >= 1
+    })
+    .await;
+    emit_deals(&sim, 51, 50);
+    wait_for("events settled", std::time::Duration::from_secs(30), || {
+        upstream_empty(&sim)
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.len() > 10_000,
+        "trace logging happened ({} bytes)",
+        text.len()
+    );
+    let stored = journal.load_tokens("main").await.unwrap().unwrap();
+    let secret = SimulatorConfig::default().client_secret;
+    for (what, value) in [
+        ("client secret", secret.as_str()),
+        ("first access token", tokens.access_token.as_str()),
+        ("first refresh token", tokens.refresh_token.as_str()),
+        ("current access token", stored.access_token.as_str()),
+        ("current refresh token", stored.refresh_token.as_str()),
+    ] {
+        assert!(!text.contains(value), "the {what} appears in the trace log");
+    }
+}

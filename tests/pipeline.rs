@@ -382,3 +382,67 @@ async fn shutdown_is_not_held_up_by_a_long_operating_limit_wait() {
     assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
     assert!(!upstream_empty(&sim), "the backlog waits upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_payloads_flow_as_null_or_as_received() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let payloads = [
+        serde_json::Value::Bool(false),
+        serde_json::Value::Null,
+        serde_json::json!([1, "two", null]),
+        serde_json::json!("a string"),
+        serde_json::json!({"FIELDS": {"ID": "7", "TITLE": "Ünïcödé \u{1F600} \"quoted\" \\ back"}}),
+    ];
+    for p in &payloads {
+        sim.emit("ONCRMDEALUPDATE", p.clone(), "", 0);
+    }
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    wait_for("odd payloads settled", Duration::from_secs(30), || {
+        upstream_empty(&sim)
+    })
+    .await;
+    running.stop().await;
+    let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let datas: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["data"].clone())
+        .collect();
+    assert_eq!(datas.len(), payloads.len());
+    // EVENT_DATA false (no data) becomes null; everything else arrives as it was raised.
+    assert_eq!(datas.iter().filter(|d| d.is_null()).count(), 2);
+    for p in &payloads[2..] {
+        assert!(datas.contains(p), "{p} delivered unchanged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_reserve_mode_stops_the_portal_with_a_clear_message() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        rest_offline_extended: false,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    emit_deals(&sim, 1, 10);
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.stop().await;
+    let rows = sim.rows();
+    assert_eq!(rows.len(), 10, "nothing was taken or deleted");
+    assert!(rows.iter().all(|r| r.process_id.is_empty()));
+    let get = sim
+        .stats()
+        .calls_by_method
+        .get("event.offline.get")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        get <= 2,
+        "the portal is not hammered after WRONG_LICENSE ({get} gets)"
+    );
+}

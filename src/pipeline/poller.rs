@@ -261,7 +261,7 @@ impl Poller {
                     let wait = if fatal {
                         FATAL_RETRY
                     } else {
-                        Duration::from_secs(1 << failures.min(6)).min(MAX_BACKOFF)
+                        (Duration::from_millis(250) * (1 << failures.min(8))).min(MAX_BACKOFF)
                     };
                     if fatal && message == last_error {
                         tracing::debug!(portal = %self.portal(), error = %message, "portal still failing");
@@ -272,7 +272,22 @@ impl Poller {
                     }
                     last_error = message;
                     next_fetch = next_fetch.max(Instant::now() + wait);
-                    Some(wait)
+                    // Schedules do not cut a backoff short (their flags stay set). Finished
+                    // deliveries do after a transient failure, so settles are not held up; a
+                    // portal failing for a reason an operator must fix is left alone.
+                    let settled = async {
+                        if fatal {
+                            std::future::pending::<()>().await
+                        } else {
+                            settle_wake.notified().await
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = settled => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    continue;
                 }
             };
             let Some(wait) = wait else { continue };
