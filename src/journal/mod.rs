@@ -337,6 +337,15 @@ impl Journal {
             .await
     }
 
+    /// Drops pending deliveries to sinks that are no longer configured, settling the events
+    /// that waited only for them; returns `(sink, deliveries dropped)`.
+    pub async fn drop_deliveries_to_unknown_sinks(
+        &self,
+        known: Vec<String>,
+    ) -> anyhow::Result<Vec<(String, u64)>> {
+        self.run(move |conn| drop_unknown_sinks(conn, &known)).await
+    }
+
     // ---- settlement --------------------------------------------------------------------------
 
     /// Events waiting for `event.offline.clear` / `event.offline.error`, grouped by reservation.
@@ -623,12 +632,6 @@ fn record_outcomes(
         let mut log_attempt = tx.prepare_cached(
             "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut states = tx.prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?;
-        let mut event_row =
-            tx.prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?;
-        let mut settle = tx.prepare_cached(
-            "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
-        )?;
         for (event_id, outcome) in outcomes {
             let (status, next_at, error, label) = match outcome {
                 Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
@@ -655,29 +658,80 @@ fn record_outcomes(
             if status == "pending" {
                 continue;
             }
-            let deliveries: Vec<DeliveryState> = states
-                .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
-                .collect::<Result<_, _>>()?;
-            let (lane, portal, upstream): (String, String, String) =
-                event_row.query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            if upstream != "reserved" {
-                continue;
-            }
-            if let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) {
-                let status = if decision.dead { "dead" } else { "delivered" };
-                let upstream = match decision.action {
-                    SettleAction::Clear => "clear_pending",
-                    SettleAction::Error => "error_pending",
-                };
-                settle.execute(params![event_id, status, upstream])?;
-                if !portals.contains(&portal) {
-                    portals.push(portal);
-                }
+            if let Some(portal) = settle_if_final(&tx, *event_id)?
+                && !portals.contains(&portal)
+            {
+                portals.push(portal);
             }
         }
     }
     tx.commit()?;
     Ok(portals)
+}
+
+/// Applies the settle lattice to one event still `reserved` upstream: when every delivery is
+/// final it becomes `delivered`/`dead` and `clear_pending`/`error_pending`. Returns its portal
+/// when it changed.
+fn settle_if_final(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: i64,
+) -> anyhow::Result<Option<String>> {
+    let (lane, portal, upstream): (String, String, String) = tx
+        .prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    if upstream != "reserved" {
+        return Ok(None);
+    }
+    let deliveries: Vec<DeliveryState> = tx
+        .prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?
+        .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
+        .collect::<Result<_, _>>()?;
+    let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) else {
+        return Ok(None);
+    };
+    let status = if decision.dead { "dead" } else { "delivered" };
+    let upstream = match decision.action {
+        SettleAction::Clear => "clear_pending",
+        SettleAction::Error => "error_pending",
+    };
+    tx.prepare_cached(
+        "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
+    )?
+    .execute(params![event_id, status, upstream])?;
+    Ok(Some(portal))
+}
+
+/// Deletes pending deliveries to sinks no longer configured (an operator removed or renamed
+/// one) and settles the events that were only waiting for them. Returns, per removed sink, how
+/// many deliveries were dropped.
+fn drop_unknown_sinks(
+    conn: &mut Connection,
+    known: &[String],
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let tx = conn.transaction()?;
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events = Vec::new();
+    {
+        let mut pending =
+            tx.prepare("SELECT event_id, sink FROM deliveries WHERE status = 'pending'")?;
+        let rows = pending.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (event_id, sink) = row?;
+            if !known.contains(&sink) {
+                *dropped.entry(sink.clone()).or_default() += 1;
+                events.push((event_id, sink));
+            }
+        }
+    }
+    for (event_id, sink) in &events {
+        tx.execute(
+            "DELETE FROM deliveries WHERE event_id = ?1 AND sink = ?2 AND status = 'pending'",
+            params![event_id, sink],
+        )?;
+        settle_if_final(&tx, *event_id)?;
+    }
+    tx.commit()?;
+    Ok(dropped.into_iter().collect())
 }
 
 fn pending_settlements(conn: &Connection, portal: &str) -> anyhow::Result<Vec<PendingSettlement>> {
@@ -1014,5 +1068,45 @@ mod tests {
             ("a1", "r1")
         );
         assert_eq!(got.member_id.as_deref(), Some("m"));
+    }
+
+    #[tokio::test]
+    async fn deliveries_to_a_removed_sink_are_dropped_and_the_event_settles() {
+        let (_d, j) = open();
+        j.record_batch(batch(
+            "p1",
+            Lane::Normal,
+            vec![event(1, &["a", "gone"]), event(2, &["a"])],
+        ))
+        .await
+        .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        j.record_outcomes(
+            "a",
+            due.iter()
+                .map(|d| (d.event_id, Outcome::Delivered))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        // Event 1 still waits for "gone".
+        assert_eq!(
+            j.pending_settlements("main").await.unwrap()[0].events.len(),
+            1
+        );
+        let dropped = j
+            .drop_deliveries_to_unknown_sinks(vec!["a".into()])
+            .await
+            .unwrap();
+        assert_eq!(dropped, vec![("gone".to_string(), 1)]);
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending[0].events.len(), 2, "both events are ready to clear");
+        assert_eq!(pending[0].action, SettleAction::Clear);
+        assert!(
+            j.drop_deliveries_to_unknown_sinks(vec!["a".into()])
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -104,6 +104,18 @@ pub async fn run_with(
         .map(|(name, s)| (name.clone(), s.route.clone()))
         .collect();
 
+    let known_sinks: Vec<String> = config.sinks.keys().cloned().collect();
+    for (sink, count) in journal
+        .drop_deliveries_to_unknown_sinks(known_sinks)
+        .await?
+    {
+        tracing::warn!(
+            %sink,
+            deliveries = count,
+            "sink no longer configured: its pending deliveries were dropped"
+        );
+    }
+
     let mut clients = Vec::new();
     for portal in config.portals.values() {
         clients.push(portal_client(portal, &journal).await?);
