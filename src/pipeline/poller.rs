@@ -144,7 +144,7 @@ impl Settler {
                 portal = %self.portal,
                 process_id = %group.process_id,
                 lane = group.lane.as_str(),
-                action = ?group.action,
+                method = group.action.method(),
                 events = group.events.len(),
                 "settled upstream"
             );

@@ -20,6 +20,16 @@ pub enum SettleAction {
     Error,
 }
 
+impl SettleAction {
+    /// The Bitrix24 method that performs it.
+    pub fn method(self) -> &'static str {
+        match self {
+            SettleAction::Clear => "event.offline.clear",
+            SettleAction::Error => "event.offline.error",
+        }
+    }
+}
+
 /// The final state of an event and its upstream action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {

@@ -100,7 +100,7 @@ impl HttpSink {
             },
         };
         if !matches!(result, SinkResult::Delivered) {
-            tracing::debug!(sink = %self.name, id = %envelope.id, url = %self.shown_url, result = ?result, "http delivery failed");
+            tracing::debug!(portal = %envelope.portal, event_id = %envelope.id, sink = %self.name, url = %self.shown_url, result = ?result, "http delivery failed");
         }
         result
     }
