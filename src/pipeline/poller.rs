@@ -115,13 +115,15 @@ pub struct Settler {
 }
 
 impl Settler {
-    /// Settles everything that is ready; stops at the first upstream failure.
+    /// Settles everything that is ready. A call the portal rejects (a problem with that one
+    /// reservation) is logged and left pending without holding up the others; any other
+    /// failure (limits, auth, transport) stops the round.
     pub async fn settle(&self) -> anyhow::Result<usize> {
         let mut settled = 0;
         for group in self.journal.pending_settlements(&self.portal).await? {
             let ids: Vec<i64> = group.events.iter().map(|e| e.0).collect();
             let message_ids: Vec<String> = group.events.iter().map(|e| e.2.clone()).collect();
-            match group.action {
+            let sent = match group.action {
                 SettleAction::Clear => {
                     // clear validates message_id as exactly 32 characters; fall back to ID otherwise
                     let target = if message_ids.iter().all(|m| m.len() == 32) {
@@ -129,15 +131,28 @@ impl Settler {
                     } else {
                         ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
                     };
-                    self.client
-                        .offline_clear(&group.process_id, &target)
-                        .await?;
+                    self.client.offline_clear(&group.process_id, &target).await
                 }
                 SettleAction::Error => {
                     self.client
                         .offline_error(&group.process_id, &message_ids)
-                        .await?;
+                        .await
                 }
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.class == ErrorClass::Rejected => {
+                    tracing::error!(
+                        portal = %self.portal,
+                        process_id = %group.process_id,
+                        method = group.action.method(),
+                        events = group.events.len(),
+                        error = %e,
+                        "the portal rejected a settle call; it stays pending and is retried"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             self.journal.mark_settled(ids, group.action).await?;
             tracing::info!(
