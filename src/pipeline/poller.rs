@@ -248,6 +248,7 @@ impl Poller {
             // A round stuck in a long wait (a 429 can ask for minutes) must not hold up a
             // shutdown: once it is requested, the round gets STEP_GRACE, then is dropped. Whatever
             // it was doing is recovered on the next start (open batches, pending settles, sweep).
+            let answered_before = self.client.stats().ok;
             let round = tokio::select! {
                 round = self.step(&mut resumed, &mut next_fetch) => round,
                 _ = async {
@@ -268,6 +269,11 @@ impl Poller {
                     wait
                 }
                 Err(e) => {
+                    // The backoff grows while the portal answers nothing; a round that got
+                    // answers before failing starts it over (the portal is up, a call failed).
+                    if self.client.stats().ok > answered_before {
+                        failures = 0;
+                    }
                     failures += 1;
                     let fatal = e
                         .downcast_ref::<BitrixError>()
