@@ -9,6 +9,7 @@ use b24eventd::simulator::{Faults, SimulatorConfig};
 use common::*;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn spawn_daemon(config: &Path, log: &Path) -> Child {
@@ -40,13 +41,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
         drop_get_after_commit: 0.05,
         ..Faults::default()
     });
-    let config = write_config(
-        dir.path(),
-        &sim,
-        None,
-        "batch_size = 20",
-        &file_sink(dir.path()),
-    );
+    // A second, slower sink keeps deliveries in flight when the kills land.
+    let endpoint = Endpoint::start_with_delay(Arc::new(|_| 200), Duration::from_millis(15)).await;
+    let sinks = format!("{}\n{}", file_sink(dir.path()), http_sink(&endpoint.url));
+    let config = write_config(dir.path(), &sim, None, "batch_size = 20", &sinks);
     {
         let journal = Journal::open(
             &dir.path().join("journal.db"),
@@ -122,7 +120,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     let delivered = file_entities(&dir.path().join("events.jsonl"));
     let expected = expected_entities(1, TOTAL);
     let missing: Vec<_> = expected.difference(&delivered).collect();
-    assert!(missing.is_empty(), "lost events: {missing:?}");
+    assert!(missing.is_empty(), "lost events (file sink): {missing:?}");
+    let reached = endpoint.accepted_entities();
+    let missing: Vec<_> = expected.difference(&reached).collect();
+    assert!(missing.is_empty(), "lost events (http sink): {missing:?}");
     assert!(
         sim.rows().is_empty(),
         "nothing left reserved or queued upstream: {:?}",
@@ -133,14 +134,17 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     let stats = sim.stats();
     eprintln!(
         "crash test: {kills} SIGKILLs in {:.1} s, {} lost get responses, {} reservations adopted, \
-         {} events journaled, {} JSONL lines for {} distinct events ({} duplicates)",
+         {} events journaled, {} JSONL lines for {} distinct events ({} duplicates), \
+         {} HTTP deliveries ({} duplicates)",
         started.elapsed().as_secs_f64(),
         stats.dropped_after_commit,
         counts.adopted_batches,
         counts.events,
         lines,
         delivered.len(),
-        lines - delivered.len()
+        lines - delivered.len(),
+        endpoint.accepted_count(),
+        endpoint.accepted_count() - reached.len()
     );
     assert!(kills >= 10);
     assert!(stats.dropped_after_commit > 0, "the fault was exercised");

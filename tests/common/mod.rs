@@ -189,6 +189,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub async fn start(responder: Arc<Responder>) -> Endpoint {
+        Endpoint::start_with_delay(responder, Duration::ZERO).await
+    }
+
+    /// Like [`Endpoint::start`], answering each request only after `delay`.
+    pub async fn start_with_delay(responder: Arc<Responder>, delay: Duration) -> Endpoint {
         use axum::http::StatusCode;
         let received = Arc::new(Mutex::new(Vec::new()));
         let log = received.clone();
@@ -198,6 +203,7 @@ impl Endpoint {
                 let log = log.clone();
                 let responder = responder.clone();
                 async move {
+                    tokio::time::sleep(delay).await;
                     let v: serde_json::Value = match serde_json::from_slice(&body) {
                         Ok(v) => v,
                         Err(_) => return StatusCode::BAD_REQUEST,
@@ -225,6 +231,26 @@ impl Endpoint {
             received,
             stop,
         }
+    }
+
+    /// How many envelopes were accepted in all, duplicates included.
+    pub fn accepted_count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The (event, entity id) pairs accepted.
+    pub fn accepted_entities(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["event"].as_str().unwrap().to_string(),
+                    v["data"]["FIELDS"]["ID"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     pub fn accepted_ids(&self) -> std::collections::BTreeSet<String> {
