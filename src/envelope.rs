@@ -52,6 +52,24 @@ impl Envelope {
         format!("{portal}:{offline_id}")
     }
 
+    /// A deal-update envelope for offline ID `n` on portal `main` (tests).
+    #[cfg(test)]
+    pub(crate) fn sample(n: i64) -> Envelope {
+        Envelope {
+            id: Envelope::make_id("main", n),
+            portal: "main".into(),
+            event: "ONCRMDEALUPDATE".into(),
+            offline_id: n,
+            message_id: format!("{n:032x}"),
+            timestamp: "2026-11-22T10:00:00+03:00".into(),
+            data: serde_json::json!({"FIELDS": {"ID": n.to_string()}}),
+            additional: serde_json::json!({"user_id": 1}),
+            lane: Lane::Normal,
+            attempt: 1,
+            entity: Value::Null,
+        }
+    }
+
     /// The envelope as one line of JSON (no trailing newline).
     pub fn to_json_line(&self) -> String {
         serde_json::to_string(self).expect("an envelope always serializes")

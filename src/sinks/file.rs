@@ -184,23 +184,13 @@ impl Sink for FileSink {
 mod tests {
     use super::*;
     use crate::config::{RetryPolicy, SinkKind};
-    use crate::envelope::Lane;
     use std::os::unix::fs::PermissionsExt;
 
     fn envelope(n: i64) -> Envelope {
-        Envelope {
-            id: Envelope::make_id("main", n),
-            portal: "main".into(),
-            event: "ONCRMDEALUPDATE".into(),
-            offline_id: n,
-            message_id: format!("{n:032x}"),
-            timestamp: "2026-11-22T10:00:00+03:00".into(),
-            data: serde_json::json!({"FIELDS": {"ID": n.to_string()}, "text": "line\nbreak"}),
-            additional: serde_json::Value::Null,
-            lane: Lane::Normal,
-            attempt: 1,
-            entity: serde_json::Value::Null,
-        }
+        let mut e = Envelope::sample(n);
+        e.data = serde_json::json!({"FIELDS": {"ID": n.to_string()}, "text": "line\nbreak"});
+        e.additional = serde_json::Value::Null;
+        e
     }
 
     fn sink_config(path: &Path) -> (SinkConfig, FileSinkConfig) {

@@ -221,7 +221,6 @@ impl Sink for HttpSink {
 mod tests {
     use super::*;
     use crate::config::{RetryPolicy, SinkKind};
-    use crate::envelope::Lane;
     use axum::Router;
     use axum::extract::State;
     use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
@@ -231,19 +230,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn envelope(n: i64) -> Envelope {
-        Envelope {
-            id: Envelope::make_id("main", n),
-            portal: "main".into(),
-            event: "ONCRMDEALUPDATE".into(),
-            offline_id: n,
-            message_id: format!("{n:032x}"),
-            timestamp: "2026-11-22T10:00:00+03:00".into(),
-            data: serde_json::json!({"FIELDS": {"ID": n.to_string()}}),
-            additional: serde_json::json!({"user_id": 1}),
-            lane: Lane::Normal,
-            attempt: 1,
-            entity: serde_json::Value::Null,
-        }
+        Envelope::sample(n)
     }
 
     #[derive(Default)]
