@@ -190,12 +190,16 @@ pub enum Mode {
     /// `event.offline.get` with `clear=0`, settled later by `clear`/`error` (needs the plan
     /// feature `rest_offline_extended`).
     Reserve,
+    /// `event.offline.get` with `clear=1`: the portal deletes the events as it answers, so a
+    /// response lost in transit loses them. For plans without `rest_offline_extended`.
+    FetchDelete,
 }
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Reserve => "reserve",
+            Mode::FetchDelete => "fetch-delete",
         }
     }
 }
@@ -984,10 +988,13 @@ impl Validator {
 
         let mode = match raw.mode.as_deref() {
             None | Some("reserve") => Mode::Reserve,
+            Some("fetch-delete") => Mode::FetchDelete,
             Some(other) => {
                 return Err(self.err(
                     k("mode"),
-                    format!("unsupported mode {other:?}; supported: \"reserve\""),
+                    format!(
+                        "unsupported mode {other:?}; supported: \"reserve\" (needs rest_offline_extended) and \"fetch-delete\""
+                    ),
                 ));
             }
         };
@@ -1834,14 +1841,16 @@ events = ["ONCRMDEALADD"]
     }
 
     #[test]
-    fn mode_only_reserve() {
-        assert!(load_str(&portal("mode = \"reserve\""), &[]).is_ok());
+    fn modes() {
+        let mode = |extra: &str| load_str(&portal(extra), &[]).unwrap().portals["main"].mode;
+        assert_eq!(mode("mode = \"reserve\""), Mode::Reserve);
+        assert_eq!(mode("mode = \"fetch-delete\""), Mode::FetchDelete);
         let err = assert_err(
-            &portal("mode = \"fetch-delete\""),
+            &portal("mode = \"delete\""),
             "portals.main.mode",
-            "unsupported mode \"fetch-delete\"",
+            "unsupported mode \"delete\"",
         );
-        assert!(err.message.contains("\"reserve\""));
+        assert!(err.message.contains("\"reserve\"") && err.message.contains("\"fetch-delete\""));
     }
 
     #[test]

@@ -330,7 +330,7 @@ impl Journal {
     pub async fn record_outcomes(
         &self,
         sink: &str,
-        outcomes: Vec<(i64, Outcome)>,
+        outcomes: Vec<(i64, Outcome, Option<String>)>,
     ) -> anyhow::Result<Vec<String>> {
         let sink = sink.to_string();
         self.run(move |conn| record_outcomes(conn, &sink, &outcomes))
@@ -617,7 +617,7 @@ fn due_deliveries(
 fn record_outcomes(
     conn: &mut Connection,
     sink: &str,
-    outcomes: &[(i64, Outcome)],
+    outcomes: &[(i64, Outcome, Option<String>)],
 ) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction()?;
     let at = now();
@@ -630,9 +630,9 @@ fn record_outcomes(
              RETURNING attempts",
         )?;
         let mut log_attempt = tx.prepare_cached(
-            "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error, output) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        for (event_id, outcome) in outcomes {
+        for (event_id, outcome, output) in outcomes {
             let (status, next_at, error, label) = match outcome {
                 Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
                 Outcome::Retry {
@@ -654,7 +654,7 @@ fn record_outcomes(
             let Some(attempt) = attempt else {
                 continue; // already final (e.g. settled by an earlier run): nothing to record
             };
-            log_attempt.execute(params![event_id, sink, attempt, at, label, error])?;
+            log_attempt.execute(params![event_id, sink, attempt, at, label, error, output])?;
             if status == "pending" {
                 continue;
             }
@@ -927,7 +927,9 @@ mod tests {
         let portals = j
             .record_outcomes(
                 "a",
-                ids.iter().map(|id| (*id, Outcome::Delivered)).collect(),
+                ids.iter()
+                    .map(|id| (*id, Outcome::Delivered, None))
+                    .collect(),
             )
             .await
             .unwrap();
@@ -937,7 +939,7 @@ mod tests {
         assert_eq!(pending[0].events.len(), 1);
         assert_eq!(pending[0].action, SettleAction::Clear);
         let b = j.due_deliveries("b", 10).await.unwrap();
-        j.record_outcomes("b", vec![(b[0].event_id, Outcome::Delivered)])
+        j.record_outcomes("b", vec![(b[0].event_id, Outcome::Delivered, None)])
             .await
             .unwrap();
         let pending = j.pending_settlements("main").await.unwrap();
@@ -975,6 +977,7 @@ mod tests {
                     Outcome::Dead {
                         error: "http 422".into(),
                     },
+                    None,
                 )
             })
             .collect();
@@ -1010,6 +1013,7 @@ mod tests {
                     error: "503".into(),
                     next_attempt_at: later,
                 },
+                None,
             )],
         )
         .await
@@ -1084,7 +1088,7 @@ mod tests {
         j.record_outcomes(
             "a",
             due.iter()
-                .map(|d| (d.event_id, Outcome::Delivered))
+                .map(|d| (d.event_id, Outcome::Delivered, None))
                 .collect(),
         )
         .await

@@ -91,6 +91,30 @@ const MIGRATIONS: &[&str] = &[
                MIN(CASE WHEN status = 'pending' THEN fetched_at END) AS oldest_pending_fetched_at
         FROM events GROUP BY portal;
     "#,
+    // 1 -> 2: what a sink printed (exec stdout/stderr), replay counts, and views for sqlite3 users
+    r#"
+    ALTER TABLE delivery_attempts ADD COLUMN output TEXT;
+    ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0;
+    CREATE VIEW v_pending AS
+        SELECT e.id, e.envelope_id, e.portal, e.event, d.sink, d.attempts, d.next_attempt_at,
+               d.last_error, e.fetched_at
+        FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.status = 'pending';
+    CREATE VIEW v_dead AS
+        SELECT e.id, e.envelope_id, e.portal, e.event, d.sink, d.attempts, d.last_error,
+               e.fetched_at, e.upstream
+        FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.status = 'dead';
+    CREATE VIEW v_sink_stats AS
+        SELECT e.portal, d.sink,
+               SUM(d.status = 'pending') AS pending,
+               SUM(d.status = 'pending' AND d.attempts > 0) AS retrying,
+               SUM(d.status = 'delivered') AS delivered,
+               SUM(d.status = 'dead') AS dead,
+               MIN(CASE WHEN d.status = 'pending' THEN e.fetched_at END) AS oldest_pending_fetched_at
+        FROM deliveries d JOIN events e ON e.id = d.event_id
+        GROUP BY e.portal, d.sink;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -69,7 +69,7 @@ impl Dispatcher {
             return Ok(0);
         }
         let envelopes: Vec<_> = due.iter().map(|d| d.envelope.clone()).collect();
-        let results = self.sink.deliver(&envelopes).await;
+        let results = self.sink.deliver_with_output(&envelopes).await;
         if results.len() != envelopes.len() {
             anyhow::bail!(
                 "sink {name} returned {} results for {} envelopes",
@@ -81,7 +81,7 @@ impl Dispatcher {
         let outcomes = due
             .iter()
             .zip(results)
-            .map(|(d, result)| {
+            .map(|(d, (result, output))| {
                 let attempts = d.attempts + 1;
                 let outcome = match next_step(&self.policy, attempts, result, fastrand::f64()) {
                     Step::Delivered => {
@@ -100,7 +100,7 @@ impl Dispatcher {
                         Outcome::Dead { error }
                     }
                 };
-                (d.event_id, outcome)
+                (d.event_id, outcome, output)
             })
             .collect();
         let portals = self.journal.record_outcomes(name, outcomes).await?;

@@ -42,6 +42,28 @@ pub trait Sink: Send + Sync {
     /// Delivers a batch; returns exactly one result per envelope, in order. Must never panic on
     /// odd payloads, and must bound its own time by the sink's `timeout`.
     fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>>;
+
+    /// Like [`Sink::deliver`], with what the sink printed or answered per envelope (an exec
+    /// sink's stdout/stderr), kept in the journal's attempt record. The default has none.
+    fn deliver_with_output<'a>(
+        &'a self,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Vec<(SinkResult, Option<String>)>> {
+        Box::pin(async move {
+            self.deliver(batch)
+                .await
+                .into_iter()
+                .map(|r| (r, None))
+                .collect()
+        })
+    }
+
+    /// Checks, without delivering an event, that a delivery could succeed now (`doctor`,
+    /// `validate --online`): `Ok` with a short description of what was checked, or what is
+    /// wrong and how to fix it.
+    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async { Ok("no check for this sink type".to_string()) })
+    }
 }
 
 /// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink
