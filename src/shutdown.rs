@@ -1,18 +1,37 @@
-//! The one shutdown token: SIGTERM/SIGINT (through signal-hook) cancel it, every task watches it.
+//! Process signals: the one shutdown token (SIGTERM/SIGINT cancel it, every task watches it)
+//! and the reload request (SIGHUP), both delivered through signal-hook's own thread.
 
+use std::sync::Arc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Cancel `token` on the first SIGTERM or SIGINT. A second signal exits at once with status 130.
 ///
 /// signal-hook's iterator runs on its own thread so no async task has to own the signals.
 pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    watch_signals(token, None)
+}
+
+/// [`cancel_on_signals`], and SIGHUP notifies `reload` (the daemon re-reads its config).
+pub fn watch_signals(token: CancellationToken, reload: Option<Arc<Notify>>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut wanted = vec![SIGTERM, SIGINT];
+    if reload.is_some() {
+        wanted.push(SIGHUP);
+    }
+    let mut signals = signal_hook::iterator::Signals::new(&wanted)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut seen = 0;
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    if let Some(reload) = &reload {
+                        tracing::info!(signal, "reload requested");
+                        reload.notify_one();
+                    }
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     tracing::info!(signal, "shutdown requested: finishing in-flight work");

@@ -430,8 +430,22 @@ async fn a_plan_without_reserve_mode_stops_the_portal_with_a_clear_message() {
     emit_deals(&sim, 1, 10);
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let running = Running::start(&config, &tokens).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    running.stop().await;
+    // The only portal refused reserve mode: the pipeline ends by itself with a config error.
+    let result = tokio::time::timeout(Duration::from_secs(20), running.task)
+        .await
+        .expect("the pipeline stops by itself")
+        .expect("pipeline task did not panic");
+    let err = result.expect_err("a refused mode is an error");
+    let config_err = err
+        .downcast_ref::<b24eventd::config::ConfigError>()
+        .expect("a configuration error (exit 78)");
+    assert_eq!(config_err.key, "portals.main.mode");
+    assert!(
+        config_err.message.contains("WRONG_LICENSE")
+            && config_err.message.contains("reserve mode")
+            && config_err.message.contains("mode = \"fetch-delete\""),
+        "{config_err}"
+    );
     let rows = sim.rows();
     assert_eq!(rows.len(), 10, "nothing was taken or deleted");
     assert!(rows.iter().all(|r| r.process_id.is_empty()));
@@ -441,8 +455,59 @@ async fn a_plan_without_reserve_mode_stops_the_portal_with_a_clear_message() {
         .get("event.offline.get")
         .copied()
         .unwrap_or(0);
-    assert!(
-        get <= 2,
-        "the portal is not hammered after WRONG_LICENSE ({get} gets)"
+    assert_eq!(get, 1, "one refused get, then the portal is left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_delete_mode_delivers_everything_on_a_plan_without_reserve_mode() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        rest_offline_extended: false,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let endpoint = Endpoint::start(Arc::new(|_| 200)).await;
+    let sinks = format!("{}\n{}", file_sink(dir.path()), http_sink(&endpoint.url));
+    // A small max_unsettled: in this mode it caps what the sinks still have to take.
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "mode = \"fetch-delete\"\nmax_unsettled = 100",
+        &sinks,
     );
+    let running = Running::start(&config, &tokens).await;
+    for wave in 0..3 {
+        emit_deals(&sim, 1 + wave * 200, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let journal = running.journal.clone();
+    wait_for("600 events delivered", Duration::from_secs(60), || {
+        let c = journal.counts_blocking().unwrap();
+        c.delivered == 600 && upstream_empty(&sim)
+    })
+    .await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+
+    let jsonl = dir.path().join("events.jsonl");
+    assert_eq!(file_entities(&jsonl), expected_entities(1, 600));
+    assert_eq!(endpoint.accepted_ids().len(), 600);
+    assert_eq!(
+        (counts.events, counts.cleared, counts.unsettled_upstream),
+        (600, 600, 0),
+        "journaled as already settled: the portal deleted them when it answered"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats.cleared, 600, "every row was deleted by its get");
+    assert_eq!(
+        stats
+            .calls_by_method
+            .get("event.offline.clear")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    assert!(sim.rows().is_empty());
 }

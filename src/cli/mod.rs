@@ -2,6 +2,8 @@
 //! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
 
 mod demo;
+mod journal;
+mod table;
 
 use crate::config::{self, Config, ConfigError};
 use crate::journal::Journal;
@@ -56,6 +58,18 @@ enum Command {
     /// Manage the OAuth tokens stored in the journal
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Inspect the journal (safe while the daemon runs)
+    #[command(subcommand)]
+    Journal(journal::JournalCommand),
+    /// Deliver journaled events again, by the journal filters; --sink S sends to S only (also
+    /// events S never had). Same envelope id, so sinks can deduplicate. A running daemon picks
+    /// them up within seconds; otherwise the next `run` does.
+    Replay(journal::ReplayArgs),
+    /// Dead events: list them, retry them after fixing a sink, or purge them
+    #[command(subcommand)]
+    Dead(journal::DeadCommand),
+    /// Delete events settled upstream longer ago than journal.retention (or --older-than)
+    Prune(journal::PruneArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,6 +187,30 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(simulate(listen))?;
             Ok(())
         }
+        Command::Journal(command) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            journal::journal(&config, command)?;
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            journal::replay(&config, args)?;
+            Ok(())
+        }
+        Command::Dead(command) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            journal::dead(&config, command)?;
+            Ok(())
+        }
+        Command::Prune(args) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            journal::prune(&config, args)?;
+            Ok(())
+        }
         Command::Auth(AuthCommand::Import {
             portal,
             refresh_token,
@@ -213,9 +251,10 @@ fn init_logging(default: &str) {
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
     let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
     let shutdown = CancellationToken::new();
-    crate::shutdown::cancel_on_signals(shutdown.clone())
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    crate::shutdown::watch_signals(shutdown.clone(), Some(reload.clone()))
         .context("cannot install signal handlers")?;
-    crate::pipeline::run(config, journal, shutdown).await
+    crate::pipeline::run_with(config, journal, shutdown, Some(reload), |_| {}).await
 }
 
 async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {

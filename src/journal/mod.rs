@@ -2,8 +2,13 @@
 //! batches, events, deliveries and upstream settlement. All SQL of the crate lives in this module;
 //! every call runs on tokio's blocking pool so the async runtime never waits on the disk.
 
+mod inspect;
 mod schema;
 
+pub use inspect::{
+    AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
+    PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
+};
 pub use schema::SCHEMA_VERSION;
 
 use crate::bitrix::{TokenStore, Tokens};
@@ -68,10 +73,14 @@ pub struct NewEvent {
 #[derive(Debug, Clone)]
 pub struct NewBatch {
     pub portal: String,
+    /// The reservation's `process_id`; in fetch-delete mode a local id (`fetch-delete:...`).
     pub process_id: String,
     pub lane: Lane,
     pub origin: BatchOrigin,
     pub events: Vec<NewEvent>,
+    /// Fetch-delete mode: the portal deleted these events when it answered, so they are
+    /// journaled as already settled upstream (`cleared`) and nothing is ever sent back.
+    pub deleted_upstream: bool,
 }
 
 /// What [`Journal::record_batch`] did.
@@ -290,6 +299,21 @@ impl Journal {
         self.run(move |conn| {
             let n: i64 = conn.query_row(
                 "SELECT COUNT(*) FROM events WHERE portal = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending')",
+                [&portal],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    /// Events of `portal` some sink still has to deliver (fetch-delete mode's backpressure:
+    /// there, nothing stays unsettled upstream).
+    pub async fn undelivered_count(&self, portal: &str) -> anyhow::Result<u64> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM events WHERE portal = ?1 AND status = 'pending'",
                 [&portal],
                 |r| r.get(0),
             )?;
@@ -535,10 +559,15 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
                 continue;
             }
             // With no routed sink the lattice settles the event at once.
-            let (status, upstream) = if e.sinks.is_empty() {
-                ("delivered", "clear_pending")
+            let status = if e.sinks.is_empty() {
+                "delivered"
             } else {
-                ("pending", "reserved")
+                "pending"
+            };
+            let upstream = match (batch.deleted_upstream, e.sinks.is_empty()) {
+                (true, _) => "cleared",
+                (false, true) => "clear_pending",
+                (false, false) => "reserved",
             };
             insert_event.execute(params![
                 Envelope::make_id(&batch.portal, e.offline_id),
@@ -562,7 +591,16 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
             recorded.inserted += 1;
         }
     }
-    if recorded.inserted > 0 {
+    if batch.deleted_upstream {
+        tx.execute(
+            "UPDATE batches SET settled_at = ?2 WHERE id = ?1",
+            params![batch_id, fetched_at],
+        )?;
+        tx.execute(
+            "UPDATE events SET settled_at = ?2 WHERE batch_id = ?1 AND settled_at IS NULL",
+            params![batch_id, fetched_at],
+        )?;
+    } else if recorded.inserted > 0 {
         tx.execute(
             "UPDATE batches SET settled_at = NULL WHERE id = ?1",
             [batch_id],
@@ -669,9 +707,10 @@ fn record_outcomes(
     Ok(portals)
 }
 
-/// Applies the settle lattice to one event still `reserved` upstream: when every delivery is
-/// final it becomes `delivered`/`dead` and `clear_pending`/`error_pending`. Returns its portal
-/// when it changed.
+/// Applies the settle lattice to one event: when every delivery is final it becomes
+/// `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/`error_pending`.
+/// Returns its portal when there is new settle work. An event settled upstream before (a
+/// replay, a dead retry, fetch-delete mode) only gets its status.
 fn settle_if_final(
     tx: &rusqlite::Transaction<'_>,
     event_id: i64,
@@ -679,9 +718,6 @@ fn settle_if_final(
     let (lane, portal, upstream): (String, String, String) = tx
         .prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?
         .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    if upstream != "reserved" {
-        return Ok(None);
-    }
     let deliveries: Vec<DeliveryState> = tx
         .prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?
         .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
@@ -690,6 +726,11 @@ fn settle_if_final(
         return Ok(None);
     };
     let status = if decision.dead { "dead" } else { "delivered" };
+    if upstream != "reserved" {
+        tx.prepare_cached("UPDATE events SET status = ?2 WHERE id = ?1")?
+            .execute(params![event_id, status])?;
+        return Ok(None);
+    }
     let upstream = match decision.action {
         SettleAction::Clear => "clear_pending",
         SettleAction::Error => "error_pending",
@@ -885,6 +926,7 @@ mod tests {
             lane,
             origin: BatchOrigin::Fetched,
             events,
+            deleted_upstream: false,
         }
     }
 

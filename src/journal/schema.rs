@@ -95,6 +95,8 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE delivery_attempts ADD COLUMN output TEXT;
     ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX events_pending ON events (portal) WHERE status = 'pending';
+    CREATE INDEX events_settled ON events (settled_at) WHERE settled_at IS NOT NULL;
     CREATE VIEW v_pending AS
         SELECT e.id, e.envelope_id, e.portal, e.event, d.sink, d.attempts, d.next_attempt_at,
                d.last_error, e.fetched_at

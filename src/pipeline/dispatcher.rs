@@ -11,8 +11,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// How long an idle dispatcher sleeps when nothing is scheduled (it is woken earlier on new work).
-const IDLE_WAIT: Duration = Duration::from_secs(30);
+/// How long an idle dispatcher sleeps when nothing is scheduled. The daemon's own new work wakes
+/// it at once; this bounds how soon it sees deliveries another process made due (`replay`,
+/// `dead retry` from the CLI).
+const IDLE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Dispatcher {
     pub sink: Arc<dyn Sink>,

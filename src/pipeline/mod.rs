@@ -9,12 +9,12 @@ pub mod retry;
 pub mod settle;
 
 use crate::bitrix::{ClientSettings, PortalClient, TokenStore};
-use crate::config::{Config, PortalConfig, resolve_secret};
+use crate::config::{Config, PortalConfig, SinkConfig, resolve_secret};
 use crate::journal::Journal;
 use crate::sinks::Route;
 use anyhow::Context;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -24,13 +24,13 @@ use tokio_util::sync::CancellationToken;
 pub struct Wakers {
     /// Per portal: deliveries finished, there may be settle work.
     pub settle: HashMap<String, Arc<Notify>>,
-    /// Per sink: new deliveries were journaled.
-    pub deliver: HashMap<String, Arc<Notify>>,
+    /// Per sink: new deliveries were journaled. Sinks come and go on reload.
+    pub deliver: RwLock<HashMap<String, Arc<Notify>>>,
 }
 
 impl Wakers {
     pub fn wake_sinks(&self) {
-        for n in self.deliver.values() {
+        for n in read(&self.deliver).values() {
             n.notify_one();
         }
     }
@@ -40,6 +40,39 @@ impl Wakers {
             n.notify_one();
         }
     }
+}
+
+/// The routing table (`[sinks.NAME]` → its `events`/`portals` route), swapped whole on reload;
+/// a poller takes the current one for each batch it journals.
+#[derive(Clone, Default)]
+pub struct SharedRoutes(Arc<RwLock<Arc<RouteTable>>>);
+
+/// `(sink name, its route)` for every configured sink.
+pub type RouteTable = Vec<(String, Route)>;
+
+impl SharedRoutes {
+    pub fn new(config: &Config) -> SharedRoutes {
+        let routes = SharedRoutes::default();
+        routes.replace(config);
+        routes
+    }
+
+    pub fn current(&self) -> Arc<RouteTable> {
+        read(&self.0).clone()
+    }
+
+    fn replace(&self, config: &Config) {
+        let table = config
+            .sinks
+            .iter()
+            .map(|(name, s)| (name.clone(), s.route.clone()))
+            .collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Builds the Bitrix24 client of one portal from its config, with tokens from the journal.
@@ -77,65 +110,47 @@ pub async fn run(
     journal: Journal,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with(config, journal, shutdown, |_| {}).await
+    run_with(config, journal, shutdown, None, |_| {}).await
 }
 
-/// [`run`], calling `started` once every task is up.
+/// [`run`], re-reading the config file whenever `reload` is notified (SIGHUP), and calling
+/// `started` once every task is up.
 pub async fn run_with(
     config: Config,
     journal: Journal,
     shutdown: CancellationToken,
+    reload: Option<Arc<Notify>>,
     started: impl FnOnce(&Running),
 ) -> anyhow::Result<()> {
     let mut wakers = Wakers::default();
     for name in config.portals.keys() {
         wakers.settle.insert(name.clone(), Arc::new(Notify::new()));
     }
-    let mut sinks = Vec::new();
+    let wakers = Arc::new(wakers);
+    // The pollers stop on `shutdown`; the dispatchers get their own token, cancelled after the
+    // pollers have stopped fetching, so nothing new is journaled while deliveries drain.
+    let dispatch_stop = CancellationToken::new();
+    let mut dispatchers = Dispatchers {
+        running: BTreeMap::new(),
+        journal: journal.clone(),
+        wakers: wakers.clone(),
+        stop: dispatch_stop.clone(),
+    };
+    let mut built = Vec::new();
     for (name, sink_config) in &config.sinks {
         let sink = crate::sinks::build(sink_config)
             .with_context(|| format!("cannot start sink {name}"))?;
-        wakers.deliver.insert(name.clone(), Arc::new(Notify::new()));
-        sinks.push((sink, sink_config.clone()));
+        built.push((sink, sink_config.clone()));
     }
-    let routes: Vec<(String, Route)> = config
-        .sinks
-        .iter()
-        .map(|(name, s)| (name.clone(), s.route.clone()))
-        .collect();
-
-    let known_sinks: Vec<String> = config.sinks.keys().cloned().collect();
-    for (sink, count) in journal
-        .drop_deliveries_to_unknown_sinks(known_sinks)
-        .await?
-    {
-        tracing::warn!(
-            %sink,
-            deliveries = count,
-            "sink no longer configured: its pending deliveries were dropped"
-        );
-    }
+    let routes = SharedRoutes::new(&config);
+    dispatchers.drop_unknown(&config).await?;
 
     let mut clients = Vec::new();
     for portal in config.portals.values() {
         clients.push(portal_client(portal, &journal).await?);
     }
-    let wakers = Arc::new(wakers);
-
-    // The pollers stop on `shutdown`; the dispatchers get their own token, cancelled after the
-    // pollers have stopped fetching, so nothing new is journaled while deliveries drain.
-    let dispatch_stop = CancellationToken::new();
-    let mut dispatchers = tokio::task::JoinSet::new();
-    for (sink, sink_config) in sinks {
-        let worker = dispatcher::Dispatcher {
-            wake: wakers.deliver[&sink_config.name].clone(),
-            sink,
-            policy: sink_config.retry,
-            journal: journal.clone(),
-            wakers: wakers.clone(),
-            stop: dispatch_stop.clone(),
-        };
-        dispatchers.spawn(worker.run());
+    for (sink, sink_config) in built {
+        dispatchers.start(sink, sink_config);
     }
 
     let scheduler = poller::Schedules::start(&config).await?;
@@ -154,6 +169,12 @@ pub async fn run_with(
         settlers.push(poller.settler());
         pollers.spawn(poller.run());
     }
+    let pruner = tokio::spawn(prune_on_schedule(
+        journal.clone(),
+        config.journal.retention,
+        scheduler.prune_trigger(),
+        shutdown.clone(),
+    ));
     started(&Running { clients });
     tracing::info!(
         portals = config.portals.len(),
@@ -162,31 +183,48 @@ pub async fn run_with(
         "b24eventd running"
     );
 
-    shutdown.cancelled().await;
+    // Until shutdown: reload on request, and stop when every portal refused its mode.
+    let mut running_config = config;
+    let mut refused: Vec<poller::ConfigMismatch> = Vec::new();
+    let reload = reload.unwrap_or_default();
+    let portal_count = running_config.portals.len();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reload.notified() => {
+                reload_config(&mut running_config, &mut dispatchers, &routes).await;
+            }
+            Some(done) = pollers.join_next(), if !pollers.is_empty() => {
+                match done {
+                    Ok(Some(mismatch)) => refused.push(mismatch),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "poller task failed"),
+                }
+                if portal_count > 0 && refused.len() == portal_count {
+                    tracing::error!("every portal refused its configured mode: stopping");
+                    shutdown.cancel();
+                }
+            }
+        }
+    }
     tracing::info!("stopping: no new fetches; letting in-flight deliveries finish");
     while let Some(res) = pollers.join_next().await {
-        if let Err(e) = res {
-            tracing::error!(error = %e, "poller task failed");
+        match res {
+            Ok(Some(mismatch)) => refused.push(mismatch),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "poller task failed"),
         }
     }
     scheduler.stop().await;
+    pruner.abort();
 
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + running_config.shutdown_timeout;
     dispatch_stop.cancel();
-    loop {
-        match tokio::time::timeout_at(deadline, dispatchers.join_next()).await {
-            Ok(Some(Err(e))) => tracing::error!(error = %e, "dispatcher task failed"),
-            Ok(Some(Ok(()))) => {}
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(
-                    timeout = ?config.shutdown_timeout,
-                    "shutdown deadline reached with deliveries in flight: they will be retried on the next start"
-                );
-                dispatchers.abort_all();
-                break;
-            }
-        }
+    if !dispatchers.join_all(deadline).await {
+        tracing::warn!(
+            timeout = ?running_config.shutdown_timeout,
+            "shutdown deadline reached with deliveries in flight: they will be retried on the next start"
+        );
     }
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let final_settle = async {
@@ -203,5 +241,191 @@ pub async fn run_with(
         );
     }
     tracing::info!("b24eventd stopped");
+    if portal_count > 0 && refused.len() == portal_count {
+        let first = &refused[0];
+        return Err(crate::config::ConfigError::new(
+            running_config.source.display().to_string(),
+            format!("portals.{}.mode", first.portal),
+            first.message.clone(),
+        )
+        .into());
+    }
     Ok(())
+}
+
+/// The dispatcher of every configured sink, started and stopped as the config says.
+struct Dispatchers {
+    running: BTreeMap<String, RunningSink>,
+    journal: Journal,
+    wakers: Arc<Wakers>,
+    /// Parent of every dispatcher's token: cancelled at shutdown.
+    stop: CancellationToken,
+}
+
+struct RunningSink {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Dispatchers {
+    fn start(&mut self, sink: Arc<dyn crate::sinks::Sink>, config: SinkConfig) {
+        let wake = Arc::new(Notify::new());
+        self.wakers
+            .deliver
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(config.name.clone(), wake.clone());
+        let stop = self.stop.child_token();
+        let worker = dispatcher::Dispatcher {
+            wake,
+            sink,
+            policy: config.retry,
+            journal: self.journal.clone(),
+            wakers: self.wakers.clone(),
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(worker.run());
+        self.running.insert(config.name, RunningSink { stop, task });
+    }
+
+    /// Stops a sink's dispatcher and waits for the batch it has in flight to finish (its
+    /// outcome is journaled), so no other dispatcher takes the same deliveries meanwhile.
+    async fn stop(&mut self, name: &str) {
+        self.wakers
+            .deliver
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(sink) = self.running.remove(name) {
+            sink.stop.cancel();
+            if let Err(e) = sink.task.await {
+                tracing::error!(sink = %name, error = %e, "dispatcher task failed");
+            }
+        }
+    }
+
+    /// Drops pending deliveries to sinks the config no longer has (see the journal).
+    async fn drop_unknown(&self, config: &Config) -> anyhow::Result<()> {
+        let known: Vec<String> = config.sinks.keys().cloned().collect();
+        for (sink, count) in self.journal.drop_deliveries_to_unknown_sinks(known).await? {
+            tracing::warn!(
+                %sink,
+                deliveries = count,
+                "sink no longer configured: its pending deliveries were dropped"
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for every dispatcher until `deadline`, then aborts the rest; false if any was
+    /// still delivering.
+    async fn join_all(&mut self, deadline: tokio::time::Instant) -> bool {
+        let mut in_time = true;
+        for (name, sink) in std::mem::take(&mut self.running) {
+            let mut task = sink.task;
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(sink = %name, error = %e, "dispatcher task failed"),
+                Err(_) => {
+                    task.abort();
+                    in_time = false;
+                }
+            }
+        }
+        in_time
+    }
+}
+
+/// SIGHUP: re-reads the config file. Sinks and routes change in place (a changed sink's
+/// in-flight batch finishes on the old one first); anything else needs a restart and is named
+/// in the log; an invalid file is logged and the running config kept.
+async fn reload_config(running: &mut Config, dispatchers: &mut Dispatchers, routes: &SharedRoutes) {
+    let path = running.source.clone();
+    tracing::info!(config = %path.display(), "reloading the configuration");
+    let reloaded = match tokio::task::spawn_blocking(move || crate::config::load(&path)).await {
+        Ok(Ok(config)) => config,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "configuration reload rejected: keeping the running configuration");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration reload failed: keeping the running configuration");
+            return;
+        }
+    };
+    let restart = crate::config::changes_needing_restart(running, &reloaded);
+    if !restart.is_empty() {
+        tracing::warn!(
+            keys = restart.join(", "),
+            "these changes take effect only after a restart; the running values stay"
+        );
+    }
+    let changes = crate::config::sink_changes(running, &reloaded);
+    if changes.is_empty() {
+        tracing::info!("configuration reloaded: sinks and routes unchanged");
+        return;
+    }
+    // Build every new or changed sink first: one that cannot start rejects the whole reload.
+    let mut built = Vec::new();
+    for name in changes.added.iter().chain(&changes.changed) {
+        let config = reloaded.sinks[name].clone();
+        match crate::sinks::build(&config) {
+            Ok(sink) => built.push((sink, config)),
+            Err(e) => {
+                tracing::error!(sink = %name, error = format!("{e:#}"), "configuration reload rejected: a sink cannot start; keeping the running configuration");
+                return;
+            }
+        }
+    }
+    for name in changes.removed.iter().chain(&changes.changed) {
+        dispatchers.stop(name).await;
+    }
+    running.sinks = reloaded.sinks;
+    routes.replace(running);
+    if let Err(e) = dispatchers.drop_unknown(running).await {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "cannot drop deliveries to removed sinks"
+        );
+    }
+    for (sink, config) in built {
+        dispatchers.start(sink, config);
+    }
+    dispatchers.wakers.wake_sinks();
+    tracing::info!(
+        added = changes.added.join(", "),
+        removed = changes.removed.join(", "),
+        changed = changes.changed.join(", "),
+        "configuration reloaded: sinks and routes updated"
+    );
+}
+
+/// The retention job: on `journal.prune_schedule`, deletes events settled longer than
+/// `retention` ago (dead ones are kept for `dead list`).
+async fn prune_on_schedule(
+    journal: Journal,
+    retention: Duration,
+    trigger: Arc<poller::Trigger>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = trigger.wait() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        match journal.prune(cutoff, false).await {
+            Ok(pruned) => tracing::info!(
+                events = pruned.events,
+                batches = pruned.batches,
+                retention = %humantime::format_duration(retention),
+                "pruned settled events past retention"
+            ),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "prune failed; trying again at the next scheduled time"
+            ),
+        }
+    }
 }

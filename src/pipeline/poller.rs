@@ -2,14 +2,13 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
-use super::Wakers;
 use super::settle::SettleAction;
+use super::{SharedRoutes, Wakers};
 use crate::bitrix::client::{ClearTarget, GetRequest};
 use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
-use crate::config::{Config, PortalConfig};
+use crate::config::{Config, Mode, PortalConfig};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent};
-use crate::sinks::Route;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +43,17 @@ impl Trigger {
     fn take(&self) -> bool {
         self.flag.swap(false, Ordering::SeqCst)
     }
+
+    /// Waits until the trigger is set, and takes it.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.take() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The schedule-driven work of one portal.
@@ -57,6 +67,7 @@ pub struct Triggers {
 pub struct Schedules {
     scheduler: JobScheduler,
     triggers: HashMap<String, Triggers>,
+    prune: Arc<Trigger>,
 }
 
 impl Schedules {
@@ -88,11 +99,29 @@ impl Schedules {
             }
             triggers.insert(portal.name.clone(), t);
         }
+        let prune = Arc::new(Trigger::default());
+        let trigger = prune.clone();
+        let job = Job::new_async_tz(
+            config.journal.prune_schedule.as_str(),
+            chrono::Local,
+            move |_, _| {
+                trigger.set();
+                Box::pin(async {})
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("journal.prune_schedule: invalid schedule: {e}"))?;
+        scheduler.add(job).await?;
         scheduler.start().await?;
         Ok(Schedules {
             scheduler,
             triggers,
+            prune,
         })
+    }
+
+    /// Set on `journal.prune_schedule`.
+    pub fn prune_trigger(&self) -> Arc<Trigger> {
+        self.prune.clone()
     }
 
     pub fn triggers(&self, portal: &str) -> Triggers {
@@ -188,7 +217,7 @@ pub struct Poller {
     config: PortalConfig,
     client: PortalClient,
     journal: Journal,
-    routes: Vec<(String, Route)>,
+    routes: SharedRoutes,
     wakers: Arc<Wakers>,
     triggers: Triggers,
     shutdown: CancellationToken,
@@ -200,7 +229,7 @@ impl Poller {
         config: PortalConfig,
         client: PortalClient,
         journal: Journal,
-        routes: Vec<(String, Route)>,
+        routes: SharedRoutes,
         wakers: Arc<Wakers>,
         triggers: Triggers,
         shutdown: CancellationToken,
@@ -230,9 +259,22 @@ impl Poller {
         &self.config.name
     }
 
-    pub async fn run(self) {
+    fn reserving(&self) -> bool {
+        self.config.mode == Mode::Reserve
+    }
+
+    /// Runs until shutdown, or until the portal refuses the configured mode (returned as a
+    /// configuration error for the daemon to report).
+    pub async fn run(self) -> Option<ConfigMismatch> {
         // At start: look for reservations lost by an earlier run, and poll the error lane once.
-        self.triggers.orphan_sweep.set();
+        if self.reserving() {
+            self.triggers.orphan_sweep.set();
+        } else {
+            tracing::warn!(
+                portal = %self.portal(),
+                "fetch-delete mode (clear=1): the portal deletes events as it answers, so a get response lost in transit loses that batch; use mode = \"reserve\" where the plan has rest_offline_extended"
+            );
+        }
         self.triggers.error_lane.set();
         let settle_wake = self
             .wakers
@@ -275,10 +317,19 @@ impl Poller {
                         failures = 0;
                     }
                     failures += 1;
-                    let fatal = e
-                        .downcast_ref::<BitrixError>()
-                        .is_some_and(|b| b.class == ErrorClass::Fatal);
+                    let bitrix = e.downcast_ref::<BitrixError>();
+                    let fatal = bitrix.is_some_and(|b| b.class == ErrorClass::Fatal);
                     let message = format!("{e:#}");
+                    if let Some(b) = bitrix
+                        && self.reserving()
+                        && refuses_reserve_mode(b)
+                    {
+                        tracing::error!(portal = %self.portal(), error = %message, "portal stopped: its plan has no reserve mode");
+                        return Some(ConfigMismatch {
+                            portal: self.portal().to_string(),
+                            message,
+                        });
+                    }
                     let wait = if fatal {
                         FATAL_RETRY
                     } else {
@@ -321,6 +372,7 @@ impl Poller {
             }
         }
         tracing::debug!(portal = %self.portal(), "poller stopped");
+        None
     }
 
     /// One round: settle, recover, fetch. Returns how long to wait before the next round
@@ -331,11 +383,14 @@ impl Poller {
         next_fetch: &mut Instant,
     ) -> anyhow::Result<Option<Duration>> {
         if !*resumed {
-            self.resume_open_batches().await?;
+            if self.reserving() {
+                self.resume_open_batches().await?;
+            }
             *resumed = true;
         }
         self.settler.settle().await?;
         if self.triggers.orphan_sweep.take()
+            && self.reserving()
             && let Err(e) = self.sweep_orphans().await
         {
             self.triggers.orphan_sweep.set_quietly();
@@ -384,7 +439,13 @@ impl Poller {
     /// How many events the next fetch may reserve without passing `max_unsettled`; `None` when
     /// the portal is at the cap.
     async fn fetch_limit(&self) -> anyhow::Result<Option<u32>> {
-        let unsettled = self.journal.unsettled_count(self.portal()).await?;
+        // Reserve mode counts what is open upstream; fetch-delete mode, where nothing stays
+        // open upstream, counts what the sinks still have to take.
+        let unsettled = if self.reserving() {
+            self.journal.unsettled_count(self.portal()).await?
+        } else {
+            self.journal.undelivered_count(self.portal()).await?
+        };
         let room = u64::from(self.config.max_unsettled).saturating_sub(unsettled);
         if room == 0 {
             tracing::debug!(portal = %self.portal(), unsettled, "max_unsettled reached: not fetching");
@@ -397,20 +458,23 @@ impl Poller {
         ))
     }
 
-    /// Reserves up to `limit` events of `lane` and journals them before anything else happens.
+    /// Reserves (or, in fetch-delete mode, takes) up to `limit` events of `lane` and journals
+    /// them before anything else happens.
     async fn fetch(&self, lane: Lane, limit: u32) -> anyhow::Result<Fetched> {
         let request = GetRequest {
             limit,
-            clear: false,
+            clear: !self.reserving(),
             process_id: None,
             error_lane: lane == Lane::Error,
         };
         let batch = match self.client.offline_get(&request).await {
             Ok(batch) => batch,
             Err(e) => {
-                if e.maybe_executed {
+                if e.maybe_executed && self.reserving() {
                     // The portal may have reserved a batch whose answer we never saw.
                     self.triggers.orphan_sweep.set_quietly();
+                } else if e.maybe_executed {
+                    tracing::error!(portal = %self.portal(), lane = lane.as_str(), error = %e, "fetch-delete mode: a get response was lost after the portal may have deleted its events; those events are lost (reserve mode would have recovered them)");
                 }
                 return Err(e.into());
             }
@@ -418,6 +482,9 @@ impl Poller {
         if batch.events.is_empty() {
             tracing::debug!(portal = %self.portal(), lane = lane.as_str(), "queue empty");
             return Ok(Fetched::Partial);
+        }
+        if !self.reserving() {
+            return self.record_deleted(lane, limit, batch.events).await;
         }
         let Some(process_id) = batch.process_id.filter(|p| !p.is_empty()) else {
             self.triggers.orphan_sweep.set_quietly();
@@ -429,7 +496,7 @@ impl Poller {
         };
         let count = batch.events.len();
         if let Err(e) = self
-            .record(&process_id, lane, BatchOrigin::Fetched, batch.events)
+            .record(&process_id, lane, BatchOrigin::Fetched, batch.events, false)
             .await
         {
             // Reserved upstream but not journaled: the sweep adopts it once the journal works.
@@ -437,6 +504,34 @@ impl Poller {
             return Err(e);
         }
         tracing::info!(portal = %self.portal(), lane = lane.as_str(), %process_id, events = count, "reserved and journaled");
+        Ok(if count >= limit as usize {
+            Fetched::Full
+        } else {
+            Fetched::Partial
+        })
+    }
+
+    /// Fetch-delete mode: journals a batch the portal has already deleted, under a local id.
+    async fn record_deleted(
+        &self,
+        lane: Lane,
+        limit: u32,
+        events: Vec<OfflineEvent>,
+    ) -> anyhow::Result<Fetched> {
+        let count = events.len();
+        let first = events.first().map(|e| e.id).unwrap_or_default();
+        let local_id = format!(
+            "fetch-delete:{}:{first}",
+            chrono::Utc::now().timestamp_micros()
+        );
+        if let Err(e) = self
+            .record(&local_id, lane, BatchOrigin::Fetched, events, true)
+            .await
+        {
+            tracing::error!(portal = %self.portal(), events = count, error = format!("{e:#}"), "fetch-delete mode: the journal failed after the portal deleted the batch; those events are lost");
+            return Err(e);
+        }
+        tracing::info!(portal = %self.portal(), lane = lane.as_str(), batch = %local_id, events = count, "fetched (deleted upstream) and journaled");
         Ok(if count >= limit as usize {
             Fetched::Full
         } else {
@@ -452,13 +547,14 @@ impl Poller {
         lane: Lane,
         origin: BatchOrigin,
         events: Vec<OfflineEvent>,
+        deleted_upstream: bool,
     ) -> anyhow::Result<usize> {
         let portal = self.portal().to_string();
+        let routes = self.routes.current();
         let events = events
             .into_iter()
             .map(|e| NewEvent {
-                sinks: self
-                    .routes
+                sinks: routes
                     .iter()
                     .filter(|(_, route)| route.matches(&portal, &e.event_name))
                     .map(|(name, _)| name.clone())
@@ -479,6 +575,7 @@ impl Poller {
                 lane,
                 origin,
                 events,
+                deleted_upstream,
             })
             .await?;
         if recorded.inserted > 0 {
@@ -524,7 +621,8 @@ impl Poller {
             error_lane: lane == Lane::Error,
         };
         let batch = self.client.offline_get(&request).await?;
-        self.record(process_id, lane, origin, batch.events).await
+        self.record(process_id, lane, origin, batch.events, false)
+            .await
     }
 
     /// Finds reservations the portal holds but the journal does not know (their `get` answer was
@@ -561,6 +659,25 @@ impl Poller {
         }
         Ok(())
     }
+}
+
+/// A portal that refused the configured mode: reserve mode on a plan without
+/// `rest_offline_extended`. The poller stops; the daemon reports it.
+#[derive(Debug, Clone)]
+pub struct ConfigMismatch {
+    pub portal: String,
+    pub message: String,
+}
+
+/// `WRONG_LICENSE` from `event.offline.get` about extended offline handling (not about
+/// `auth_connector`, which any method can answer).
+fn refuses_reserve_mode(e: &BitrixError) -> bool {
+    e.code.eq_ignore_ascii_case("WRONG_LICENSE")
+        && e.method.eq_ignore_ascii_case("event.offline.get")
+        && !e
+            .description
+            .to_ascii_lowercase()
+            .contains("auth_connector")
 }
 
 impl Trigger {

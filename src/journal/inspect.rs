@@ -1,0 +1,733 @@
+//! Operator queries and maintenance over the journal: filtered listings, per-sink statistics,
+//! one event in full, replay, dead-event handling and pruning. Used by the CLI (a separate
+//! process beside the daemon: WAL lets it read without blocking the daemon, and every write here
+//! is a short transaction) and by the daemon's prune job.
+
+use super::{Journal, count, lane_from_sql, now, timestamp};
+use crate::envelope::Envelope;
+use chrono::{DateTime, Utc};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Rows deleted per transaction by `prune` and `dead purge`, so the daemon never waits long.
+const DELETE_CHUNK: usize = 500;
+
+/// Which events an operator command is about. Every field narrows; `None` means any.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub portal: Option<String>,
+    /// An event name, or a glob (`ONCRMDEAL*`); compared in upper case.
+    pub event: Option<String>,
+    /// Events with a delivery to this sink (and `status` then applies to that delivery).
+    pub sink: Option<String>,
+    pub status: Option<StatusFilter>,
+    /// Journaled (`fetched_at`) at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+    /// Journaled before this instant.
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+}
+
+/// `--status`: of the event, or of its delivery to `--sink`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Pending,
+    /// Pending after at least one failed attempt.
+    Retrying,
+    Delivered,
+    Dead,
+}
+
+impl StatusFilter {
+    pub fn parse(s: &str) -> Option<StatusFilter> {
+        Some(match s {
+            "pending" => StatusFilter::Pending,
+            "retrying" => StatusFilter::Retrying,
+            "delivered" => StatusFilter::Delivered,
+            "dead" => StatusFilter::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// A `WHERE` clause over `events e` and its parameters.
+struct Clause {
+    sql: String,
+    params: Vec<SqlValue>,
+}
+
+impl EventFilter {
+    fn clause(&self) -> Clause {
+        let mut sql = vec!["1".to_string()];
+        let mut params: Vec<SqlValue> = Vec::new();
+        let mut bind = |sql: &mut Vec<String>, text: &str, value: SqlValue| {
+            params.push(value);
+            sql.push(text.replace('?', &format!("?{}", params.len())));
+        };
+        if let Some(portal) = &self.portal {
+            bind(&mut sql, "e.portal = ?", SqlValue::Text(portal.clone()));
+        }
+        if let Some(event) = &self.event {
+            bind(
+                &mut sql,
+                "e.event GLOB ?",
+                SqlValue::Text(event.to_uppercase()),
+            );
+        }
+        if let Some(since) = self.since {
+            bind(
+                &mut sql,
+                "e.fetched_at >= ?",
+                SqlValue::Text(timestamp(since)),
+            );
+        }
+        if let Some(until) = self.until {
+            bind(
+                &mut sql,
+                "e.fetched_at < ?",
+                SqlValue::Text(timestamp(until)),
+            );
+        }
+        let delivery_status = |status: StatusFilter| match status {
+            StatusFilter::Pending => "d.status = 'pending'",
+            StatusFilter::Retrying => "d.status = 'pending' AND d.attempts > 0",
+            StatusFilter::Delivered => "d.status = 'delivered'",
+            StatusFilter::Dead => "d.status = 'dead'",
+        };
+        match (&self.sink, self.status) {
+            (Some(sink), status) => {
+                let extra = status
+                    .map(|s| format!(" AND {}", delivery_status(s)))
+                    .unwrap_or_default();
+                bind(
+                    &mut sql,
+                    &format!(
+                        "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.sink = ?{extra})"
+                    ),
+                    SqlValue::Text(sink.clone()),
+                );
+            }
+            (None, Some(StatusFilter::Retrying)) => sql.push(format!(
+                "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND {})",
+                delivery_status(StatusFilter::Retrying)
+            )),
+            (None, Some(StatusFilter::Dead)) => sql.push(
+                "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status = 'dead')"
+                    .to_string(),
+            ),
+            (None, Some(StatusFilter::Pending)) => sql.push("e.status = 'pending'".to_string()),
+            (None, Some(StatusFilter::Delivered)) => sql.push("e.status = 'delivered'".to_string()),
+            (None, None) => {}
+        }
+        Clause {
+            sql: sql.join(" AND "),
+            params,
+        }
+    }
+
+    fn limit_sql(&self) -> String {
+        match self.limit {
+            Some(n) => format!(" LIMIT {n}"),
+            None => String::new(),
+        }
+    }
+}
+
+/// One line of `journal list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    /// The journal row id (`journal show ID`).
+    pub row: i64,
+    /// The envelope id, `<portal>:<offline ID>`.
+    pub id: String,
+    pub portal: String,
+    pub event: String,
+    pub lane: String,
+    pub status: String,
+    pub upstream: String,
+    pub fetched_at: String,
+    pub settled_at: Option<String>,
+    /// `sink=status` per delivery.
+    pub deliveries: Vec<DeliveryBrief>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryBrief {
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// `journal stats`, per portal.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PortalStats {
+    pub portal: String,
+    pub events: u64,
+    pub pending: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// Reserved upstream, or waiting for our clear/error call.
+    pub upstream_unsettled: u64,
+    pub oldest_pending_fetched_at: Option<String>,
+    pub sinks: Vec<SinkStats>,
+}
+
+/// `journal stats`, per sink of a portal.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SinkStats {
+    pub sink: String,
+    pub pending: u64,
+    /// Pending after at least one failed attempt.
+    pub retrying: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    pub oldest_pending_fetched_at: Option<String>,
+}
+
+/// `journal show`: one event with everything known about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDetail {
+    pub row: i64,
+    pub envelope: Envelope,
+    pub status: String,
+    pub fetched_at: String,
+    pub batch: BatchInfo,
+    pub upstream: UpstreamInfo,
+    pub deliveries: Vec<DeliveryDetail>,
+    pub attempts: Vec<AttemptDetail>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchInfo {
+    pub process_id: String,
+    pub origin: String,
+    pub fetched_at: String,
+    pub settled_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamInfo {
+    /// `reserved`, `clear_pending`, `error_pending`, `cleared` or `errored`.
+    pub state: String,
+    pub settled_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryDetail {
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<String>,
+    pub replays: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptDetail {
+    pub sink: String,
+    pub attempt: u32,
+    pub at: String,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub output: Option<String>,
+}
+
+/// What `replay` or `dead retry` did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Requeued {
+    /// Events with at least one delivery made pending again.
+    pub events: u64,
+    pub deliveries: u64,
+    /// Deliveries to sinks that are not configured any more, left alone.
+    pub skipped_unknown_sinks: u64,
+}
+
+/// What `prune` or `dead purge` deleted.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    pub batches: u64,
+    /// Matching events kept because they still wait for upstream settlement.
+    pub kept_unsettled: u64,
+}
+
+impl Journal {
+    /// Events matching `filter`, oldest first (or the newest `limit`, still oldest first).
+    pub fn list_events(&self, filter: &EventFilter) -> anyhow::Result<Vec<EventRow>> {
+        self.with_conn(|conn| list_events(conn, filter, None))
+    }
+
+    /// Events journaled after row `after`, oldest first (`journal tail`).
+    pub fn events_after(&self, filter: &EventFilter, after: i64) -> anyhow::Result<Vec<EventRow>> {
+        self.with_conn(|conn| list_events(conn, filter, Some(after)))
+    }
+
+    pub fn stats(&self, filter: &EventFilter) -> anyhow::Result<Vec<PortalStats>> {
+        self.with_conn(|conn| stats(conn, filter))
+    }
+
+    /// The events with this row id (`42`) or envelope id (`main:1234`; an event re-fetched from
+    /// the error lane has several rows).
+    pub fn show_event(&self, id: &str) -> anyhow::Result<Vec<EventDetail>> {
+        self.with_conn(|conn| show_event(conn, id))
+    }
+
+    /// Makes the deliveries of matching events pending again (attempts from zero, due now):
+    /// to every sink they had, or to `only_sink` (added if the event never went there).
+    /// Deliveries to sinks not in `known_sinks` are skipped. The upstream settlement is not
+    /// touched: a replay is local.
+    pub fn replay(
+        &self,
+        filter: &EventFilter,
+        only_sink: Option<&str>,
+        known_sinks: &[String],
+    ) -> anyhow::Result<Requeued> {
+        self.with_conn(|conn| replay(conn, filter, only_sink, known_sinks))
+    }
+
+    /// Makes dead deliveries of matching events pending again (`dead retry`).
+    pub fn retry_dead(
+        &self,
+        filter: &EventFilter,
+        known_sinks: &[String],
+    ) -> anyhow::Result<Requeued> {
+        self.with_conn(|conn| retry_dead(conn, filter, known_sinks))
+    }
+
+    /// Deletes matching dead events that are settled upstream (`dead purge`).
+    pub fn purge_dead(&self, filter: &EventFilter) -> anyhow::Result<Pruned> {
+        self.with_conn(|conn| {
+            let mut filter = filter.clone();
+            filter.status = Some(StatusFilter::Dead);
+            delete_settled(conn, &filter, None, true)
+        })
+    }
+
+    /// Deletes events settled upstream before `cutoff` whose deliveries are all final; dead
+    /// ones only with `include_dead`. Small transactions, so the daemon never waits long.
+    pub fn prune_blocking(
+        &self,
+        cutoff: DateTime<Utc>,
+        include_dead: bool,
+    ) -> anyhow::Result<Pruned> {
+        self.with_conn(|conn| {
+            delete_settled(conn, &EventFilter::default(), Some(cutoff), include_dead)
+        })
+    }
+
+    /// [`Journal::prune_blocking`] off the async runtime (the daemon's prune job).
+    pub async fn prune(&self, cutoff: DateTime<Utc>, include_dead: bool) -> anyhow::Result<Pruned> {
+        let journal = self.clone();
+        tokio::task::spawn_blocking(move || journal.prune_blocking(cutoff, include_dead)).await?
+    }
+}
+
+fn list_events(
+    conn: &Connection,
+    filter: &EventFilter,
+    after: Option<i64>,
+) -> anyhow::Result<Vec<EventRow>> {
+    let clause = filter.clause();
+    let after_sql = after
+        .map(|a| format!(" AND e.id > {a}"))
+        .unwrap_or_default();
+    // The newest `limit` rows, shown oldest first.
+    let sql = format!(
+        "SELECT * FROM (
+            SELECT e.id, e.envelope_id, e.portal, e.event, e.lane, e.status, e.upstream, e.fetched_at, e.settled_at
+            FROM events e WHERE {}{after_sql} ORDER BY e.id {}{}
+         ) ORDER BY id",
+        clause.sql,
+        if after.is_some() { "ASC" } else { "DESC" },
+        filter.limit_sql()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt
+        .query_map(params_from_iter(clause.params.iter()), |r| {
+            Ok(EventRow {
+                row: r.get(0)?,
+                id: r.get(1)?,
+                portal: r.get(2)?,
+                event: r.get(3)?,
+                lane: r.get(4)?,
+                status: r.get(5)?,
+                upstream: r.get(6)?,
+                fetched_at: r.get(7)?,
+                settled_at: r.get(8)?,
+                deliveries: Vec::new(),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut deliveries = conn.prepare_cached(
+        "SELECT sink, status, attempts, last_error FROM deliveries WHERE event_id = ?1 ORDER BY sink",
+    )?;
+    for row in &mut rows {
+        row.deliveries = deliveries
+            .query_map([row.row], |r| {
+                Ok(DeliveryBrief {
+                    sink: r.get(0)?,
+                    status: r.get(1)?,
+                    attempts: r.get(2)?,
+                    last_error: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(rows)
+}
+
+fn stats(conn: &Connection, filter: &EventFilter) -> anyhow::Result<Vec<PortalStats>> {
+    let clause = filter.clause();
+    let sql = format!(
+        "SELECT e.portal, COUNT(*), COALESCE(SUM(e.status = 'pending'), 0),
+                COALESCE(SUM(e.status = 'delivered'), 0), COALESCE(SUM(e.status = 'dead'), 0),
+                COALESCE(SUM(e.upstream IN ('reserved', 'clear_pending', 'error_pending')), 0),
+                MIN(CASE WHEN e.status = 'pending' THEN e.fetched_at END)
+         FROM events e WHERE {} GROUP BY e.portal ORDER BY e.portal",
+        clause.sql
+    );
+    let mut portals = conn
+        .prepare(&sql)?
+        .query_map(params_from_iter(clause.params.iter()), |r| {
+            Ok(PortalStats {
+                portal: r.get(0)?,
+                events: count(r, 1)?,
+                pending: count(r, 2)?,
+                delivered: count(r, 3)?,
+                dead: count(r, 4)?,
+                upstream_unsettled: count(r, 5)?,
+                oldest_pending_fetched_at: r.get(6)?,
+                sinks: Vec::new(),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let sink_sql = format!(
+        "SELECT e.portal, d.sink, COALESCE(SUM(d.status = 'pending'), 0),
+                COALESCE(SUM(d.status = 'pending' AND d.attempts > 0), 0),
+                COALESCE(SUM(d.status = 'delivered'), 0), COALESCE(SUM(d.status = 'dead'), 0),
+                MIN(CASE WHEN d.status = 'pending' THEN e.fetched_at END)
+         FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE {}{} GROUP BY e.portal, d.sink ORDER BY e.portal, d.sink",
+        clause.sql,
+        match &filter.sink {
+            Some(_) => format!(" AND d.sink = ?{}", clause.params.len() + 1),
+            None => String::new(),
+        }
+    );
+    let mut params = clause.params.clone();
+    if let Some(sink) = &filter.sink {
+        params.push(SqlValue::Text(sink.clone()));
+    }
+    let mut stmt = conn.prepare(&sink_sql)?;
+    let rows = stmt.query_map(params_from_iter(params.iter()), |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            SinkStats {
+                sink: r.get(1)?,
+                pending: count(r, 2)?,
+                retrying: count(r, 3)?,
+                delivered: count(r, 4)?,
+                dead: count(r, 5)?,
+                oldest_pending_fetched_at: r.get(6)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (portal, sink) = row?;
+        if let Some(p) = portals.iter_mut().find(|p| p.portal == portal) {
+            p.sinks.push(sink);
+        }
+    }
+    Ok(portals)
+}
+
+fn show_event(conn: &Connection, id: &str) -> anyhow::Result<Vec<EventDetail>> {
+    let rows: Vec<i64> = match id.parse::<i64>() {
+        Ok(row) => vec![row],
+        Err(_) => conn
+            .prepare_cached("SELECT id FROM events WHERE envelope_id = ?1 ORDER BY id")?
+            .query_map([id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?,
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        if let Some(detail) = event_detail(conn, row)? {
+            out.push(detail);
+        }
+    }
+    Ok(out)
+}
+
+fn event_detail(conn: &Connection, row: i64) -> anyhow::Result<Option<EventDetail>> {
+    let Some(mut detail) = conn
+        .prepare_cached(
+            "SELECT e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, e.timestamp, e.data,
+                    e.additional, e.lane, e.entity, e.status, e.fetched_at, e.upstream, e.settled_at,
+                    b.process_id, b.origin, b.fetched_at, b.settled_at
+             FROM events e JOIN batches b ON b.id = e.batch_id WHERE e.id = ?1",
+        )?
+        .query_row([row], |r| {
+            let json = |i: usize| -> rusqlite::Result<Value> {
+                let text: Option<String> = r.get(i)?;
+                Ok(text
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or(Value::Null))
+            };
+            Ok(EventDetail {
+                row,
+                envelope: Envelope {
+                    id: r.get(0)?,
+                    portal: r.get(1)?,
+                    event: r.get(2)?,
+                    offline_id: r.get(3)?,
+                    message_id: r.get(4)?,
+                    timestamp: r.get(5)?,
+                    data: json(6)?,
+                    additional: json(7)?,
+                    lane: lane_from_sql(&r.get::<_, String>(8)?),
+                    attempt: 1,
+                    entity: json(9)?,
+                },
+                status: r.get(10)?,
+                fetched_at: r.get(11)?,
+                upstream: UpstreamInfo {
+                    state: r.get(12)?,
+                    settled_at: r.get(13)?,
+                },
+                batch: BatchInfo {
+                    process_id: r.get(14)?,
+                    origin: r.get(15)?,
+                    fetched_at: r.get(16)?,
+                    settled_at: r.get(17)?,
+                },
+                deliveries: Vec::new(),
+                attempts: Vec::new(),
+            })
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    detail.deliveries = conn
+        .prepare_cached(
+            "SELECT sink, status, attempts, next_attempt_at, last_error, delivered_at, replays
+             FROM deliveries WHERE event_id = ?1 ORDER BY sink",
+        )?
+        .query_map([row], |r| {
+            let status: String = r.get(1)?;
+            let next: String = r.get(3)?;
+            Ok(DeliveryDetail {
+                next_attempt_at: (status == "pending").then_some(next),
+                sink: r.get(0)?,
+                status,
+                attempts: r.get(2)?,
+                last_error: r.get(4)?,
+                delivered_at: r.get(5)?,
+                replays: r.get(6)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    detail.attempts = conn
+        .prepare_cached(
+            "SELECT sink, attempt, at, outcome, error, output FROM delivery_attempts
+             WHERE event_id = ?1 ORDER BY id",
+        )?
+        .query_map([row], |r| {
+            Ok(AttemptDetail {
+                sink: r.get(0)?,
+                attempt: r.get(1)?,
+                at: r.get(2)?,
+                outcome: r.get(3)?,
+                error: r.get(4)?,
+                output: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    // The attempt the next delivery would carry (the largest pending one, else the last made).
+    detail.envelope.attempt = detail
+        .deliveries
+        .iter()
+        .map(|d| d.attempts + u32::from(d.status == "pending"))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    Ok(Some(detail))
+}
+
+/// The row ids of matching events, oldest first.
+fn matching_rows(conn: &Connection, filter: &EventFilter) -> anyhow::Result<Vec<i64>> {
+    let clause = filter.clause();
+    let sql = format!(
+        "SELECT id FROM (SELECT e.id FROM events e WHERE {} ORDER BY e.id DESC{}) ORDER BY id",
+        clause.sql,
+        filter.limit_sql()
+    );
+    let rows = conn
+        .prepare(&sql)?
+        .query_map(params_from_iter(clause.params.iter()), |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+fn replay(
+    conn: &mut Connection,
+    filter: &EventFilter,
+    only_sink: Option<&str>,
+    known_sinks: &[String],
+) -> anyhow::Result<Requeued> {
+    let rows = matching_rows(conn, filter)?;
+    let mut out = Requeued::default();
+    let at = now();
+    for chunk in rows.chunks(DELETE_CHUNK) {
+        let tx = conn.transaction()?;
+        {
+            let mut sinks_of =
+                tx.prepare_cached("SELECT sink FROM deliveries WHERE event_id = ?1")?;
+            let mut requeue = tx.prepare_cached(
+                "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at, replays)
+                 VALUES (?1, ?2, 'pending', 0, ?3, 1)
+                 ON CONFLICT (event_id, sink) DO UPDATE SET status = 'pending', attempts = 0,
+                    next_attempt_at = excluded.next_attempt_at, last_error = NULL,
+                    replays = deliveries.replays + 1",
+            )?;
+            let mut mark =
+                tx.prepare_cached("UPDATE events SET status = 'pending' WHERE id = ?1")?;
+            for &row in chunk {
+                let sinks: Vec<String> = match only_sink {
+                    Some(sink) => vec![sink.to_string()],
+                    None => sinks_of
+                        .query_map([row], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?,
+                };
+                let mut any = false;
+                for sink in sinks {
+                    if !known_sinks.contains(&sink) {
+                        out.skipped_unknown_sinks += 1;
+                        continue;
+                    }
+                    requeue.execute(params![row, sink, at])?;
+                    out.deliveries += 1;
+                    any = true;
+                }
+                if any {
+                    mark.execute([row])?;
+                    out.events += 1;
+                }
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(out)
+}
+
+fn retry_dead(
+    conn: &mut Connection,
+    filter: &EventFilter,
+    known_sinks: &[String],
+) -> anyhow::Result<Requeued> {
+    let mut filter = filter.clone();
+    filter.status = Some(StatusFilter::Dead);
+    let rows = matching_rows(conn, &filter)?;
+    let mut out = Requeued::default();
+    let at = now();
+    for chunk in rows.chunks(DELETE_CHUNK) {
+        let tx = conn.transaction()?;
+        {
+            let mut dead_sinks = tx.prepare_cached(
+                "SELECT sink FROM deliveries WHERE event_id = ?1 AND status = 'dead'",
+            )?;
+            let mut requeue = tx.prepare_cached(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?3
+                 WHERE event_id = ?1 AND sink = ?2 AND status = 'dead'",
+            )?;
+            let mut mark =
+                tx.prepare_cached("UPDATE events SET status = 'pending' WHERE id = ?1")?;
+            for &row in chunk {
+                let sinks: Vec<String> = dead_sinks
+                    .query_map([row], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let mut any = false;
+                for sink in sinks {
+                    if filter.sink.as_ref().is_some_and(|only| *only != sink) {
+                        continue;
+                    }
+                    if !known_sinks.contains(&sink) {
+                        out.skipped_unknown_sinks += 1;
+                        continue;
+                    }
+                    requeue.execute(params![row, sink, at])?;
+                    out.deliveries += 1;
+                    any = true;
+                }
+                if any {
+                    mark.execute([row])?;
+                    out.events += 1;
+                }
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(out)
+}
+
+/// Deletes matching events that are settled upstream and have no pending delivery, with their
+/// deliveries and attempts, then the settled batches left empty. `cutoff` bounds `settled_at`;
+/// dead events go only with `include_dead`.
+fn delete_settled(
+    conn: &mut Connection,
+    filter: &EventFilter,
+    cutoff: Option<DateTime<Utc>>,
+    include_dead: bool,
+) -> anyhow::Result<Pruned> {
+    let clause = filter.clause();
+    let mut params = clause.params.clone();
+    let mut sql = format!("SELECT e.id, e.upstream FROM events e WHERE {}", clause.sql);
+    if let Some(cutoff) = cutoff {
+        params.push(SqlValue::Text(timestamp(cutoff)));
+        sql.push_str(&format!(
+            " AND e.settled_at IS NOT NULL AND e.settled_at < ?{}",
+            params.len()
+        ));
+    }
+    if !include_dead {
+        sql.push_str(" AND e.status <> 'dead'");
+    }
+    sql.push_str(" AND e.status <> 'pending' ORDER BY e.id");
+    sql.push_str(&filter.limit_sql());
+    let candidates: Vec<(i64, String)> = conn
+        .prepare(&sql)?
+        .query_map(params_from_iter(params.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut out = Pruned::default();
+    let (settled, unsettled): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .partition(|(_, upstream)| upstream == "cleared" || upstream == "errored");
+    out.kept_unsettled = unsettled.len() as u64;
+    let ids: Vec<i64> = settled.into_iter().map(|(id, _)| id).collect();
+    for chunk in ids.chunks(DELETE_CHUNK) {
+        let tx = conn.transaction()?;
+        {
+            // Deliveries and attempts go with the event (ON DELETE CASCADE).
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM events WHERE id = ?1 AND upstream IN ('cleared', 'errored')
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = ?1 AND d.status = 'pending')",
+            )?;
+            for id in chunk {
+                out.events += delete.execute([id])? as u64;
+            }
+        }
+        tx.commit()?;
+    }
+    out.batches = conn.execute(
+        "DELETE FROM batches WHERE settled_at IS NOT NULL
+         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.batch_id = batches.id)",
+        [],
+    )? as u64;
+    Ok(out)
+}
