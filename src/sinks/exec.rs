@@ -777,17 +777,78 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // Killed: gone, or a zombie waiting for whichever process adopted it to reap it.
+        assert_killed(grandchild).await;
+    }
+
+    /// Waits until `pid` is gone or a zombie (killed, waiting for whoever adopted it to reap it).
+    async fn assert_killed(pid: u32) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match process_state(grandchild) {
-                None | Some('Z') => break,
+            match process_state(pid) {
+                None | Some('Z') => return,
                 Some(state) if Instant::now() > deadline => {
-                    panic!("grandchild {grandchild} still running (state {state})")
+                    panic!("process {pid} still running (state {state})")
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Reads the pid a script wrote to `file`, waiting for it to appear.
+    async fn pid_from(file: &Path) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no pid in {}", file.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_dropped_midway_kills_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("grandchild.pid");
+        let sink = sink_with(
+            "sleep 30 & echo $! > \"$PID_FILE\"; wait",
+            |c| {
+                c.env
+                    .insert("PID_FILE".into(), pid_file.display().to_string());
+            },
+            Duration::from_secs(60),
+            1,
+        );
+        let batch = [Envelope::sample(1)];
+        let delivery = sink.deliver(&batch);
+        // Abandoned the way a shutdown deadline abandons it: the future is dropped.
+        let abandoned = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::select! {
+                _ = delivery => panic!("the program cannot finish on its own"),
+                pid = pid_from(&pid_file) => pid,
+            }
+        })
+        .await
+        .unwrap();
+        assert_killed(abandoned).await;
+    }
+
+    #[tokio::test]
+    async fn a_process_left_holding_the_pipes_does_not_hold_up_the_result() {
+        // The background sleep inherits stdout and outlives the program by seconds.
+        let sink = script_sink("sleep 5 & echo finished");
+        let started = Instant::now();
+        let (result, output) = run_one(&sink, &Envelope::sample(1)).await;
+        let took = started.elapsed();
+        assert_eq!(result, SinkResult::Delivered);
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        assert_eq!(
+            output,
+            "exit 0\nstdout:\nfinished\nnote: output cut: the pipes were still open 500ms after the program ended (a process it started holds them)"
+        );
     }
 
     #[tokio::test]
