@@ -51,7 +51,9 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(600);
 
-const SINK_TYPES: &str = "\"file\", \"http\"";
+const SINK_TYPES: &str = "\"file\", \"http\", \"exec\"";
+/// Environment variables an exec sink sets itself for every event; `env` cannot set them.
+pub const EXEC_EVENT_ENV: [&str; 4] = ["B24_EVENT_ID", "B24_EVENT", "B24_PORTAL", "B24_ATTEMPT"];
 
 // ---------------------------------------------------------------------------------------------
 // The typed configuration
@@ -231,6 +233,7 @@ pub struct RetryPolicy {
 pub enum SinkKind {
     File(FileSinkConfig),
     Http(HttpSinkConfig),
+    Exec(ExecSinkConfig),
 }
 
 impl SinkKind {
@@ -239,6 +242,7 @@ impl SinkKind {
         match self {
             SinkKind::File(_) => "file",
             SinkKind::Http(_) => "http",
+            SinkKind::Exec(_) => "exec",
         }
     }
 }
@@ -264,7 +268,32 @@ impl fmt::Debug for HttpSinkConfig {
         f.debug_struct("HttpSinkConfig")
             .field("url", &redact_url(&self.url))
             .field("format", &self.format)
-            .field("headers", &RedactedHeaders(&self.headers))
+            .field("headers", &RedactedValues(&self.headers))
+            .finish()
+    }
+}
+
+/// `type = "exec"`: run a program per event with the envelope on stdin.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExecSinkConfig {
+    /// argv as configured: the program (a path, or a name looked up on `PATH` when the sink is
+    /// built) and its arguments. Never run through a shell.
+    pub command: Vec<String>,
+    /// Exit codes that make the event dead for this sink at once (never 0).
+    pub permanent_exit_codes: Vec<i32>,
+    /// Extra environment variables; values may be credentials, so `Debug` hides them.
+    pub env: BTreeMap<String, String>,
+    /// The program's working directory; default: the daemon's.
+    pub working_dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for ExecSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecSinkConfig")
+            .field("command", &self.command)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .field("env", &RedactedValues(&self.env))
+            .field("working_dir", &self.working_dir)
             .finish()
     }
 }
@@ -276,10 +305,10 @@ pub enum HttpFormat {
     Json,
 }
 
-/// Header names with their values hidden, for `Debug`.
-struct RedactedHeaders<'a>(&'a BTreeMap<String, String>);
+/// Map keys (header or variable names) with their values hidden, for `Debug`.
+struct RedactedValues<'a>(&'a BTreeMap<String, String>);
 
-impl fmt::Debug for RedactedHeaders<'_> {
+impl fmt::Debug for RedactedValues<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
             .entries(self.0.keys().map(|k| (k, "[redacted]")))
@@ -431,6 +460,10 @@ pub struct RawSink {
     pub headers: Option<BTreeMap<String, String>>,
     pub signing_secret: Option<Secret>,
     pub signing_secret_file: Option<PathBuf>,
+    pub command: Option<Vec<String>>,
+    pub permanent_exit_codes: Option<Vec<i32>>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub working_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for RawSink {
@@ -445,9 +478,13 @@ impl fmt::Debug for RawSink {
             .field("path", &self.path)
             .field("url", &self.url.as_deref().map(redact_url))
             .field("format", &self.format)
-            .field("headers", &self.headers.as_ref().map(RedactedHeaders))
+            .field("headers", &self.headers.as_ref().map(RedactedValues))
             .field("signing_secret", &self.signing_secret)
             .field("signing_secret_file", &self.signing_secret_file)
+            .field("command", &self.command)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .field("env", &self.env.as_ref().map(RedactedValues))
+            .field("working_dir", &self.working_dir)
             .finish()
     }
 }
@@ -574,6 +611,7 @@ const STRING_KEYS: &[&str] = &[
     "format",
     "signing_secret",
     "signing_secret_file",
+    "working_dir",
     // Durations: "5" must reach humantime (and fail there for lack of a unit), not be a number.
     "shutdown_timeout",
     "retention",
@@ -609,8 +647,9 @@ impl EnvOverrides {
 
     fn value(path: &[String], raw: &str) -> Value {
         let leaf = path.last().map(String::as_str).unwrap_or_default();
-        let in_headers = path.len() == 4 && path[0] == "sinks" && path[2] == "headers";
-        if in_headers || STRING_KEYS.contains(&leaf) {
+        let in_map =
+            path.len() == 4 && path[0] == "sinks" && matches!(path[2].as_str(), "headers" | "env");
+        if in_map || STRING_KEYS.contains(&leaf) {
             Value::from(raw.to_string())
         } else {
             raw.parse()
@@ -666,7 +705,10 @@ fn render_key<S: AsRef<str>>(path: &[S]) -> String {
         let is_index = i >= 2
             && !seg.is_empty()
             && seg.bytes().all(|b| b.is_ascii_digit())
-            && matches!(path[i - 1].as_ref(), "events" | "portals");
+            && matches!(
+                path[i - 1].as_ref(),
+                "events" | "portals" | "command" | "permanent_exit_codes"
+            );
         if is_index {
             key.push_str(&format!("[{seg}]"));
         } else {
@@ -683,7 +725,7 @@ fn render_key<S: AsRef<str>>(path: &[S]) -> String {
 fn is_secret_key(path: &[String]) -> bool {
     let leaf = path.last().map(String::as_str).unwrap_or_default();
     matches!(leaf, "client_secret" | "signing_secret")
-        || (path.len() >= 3 && path[0] == "sinks" && path[2] == "headers")
+        || (path.len() >= 3 && path[0] == "sinks" && matches!(path[2].as_str(), "headers" | "env"))
 }
 
 /// Appends `field` unless figment already ended the path with it.
@@ -1283,6 +1325,10 @@ impl Validator {
                         ("url", raw.url.is_some()),
                         ("format", raw.format.is_some()),
                         ("headers", raw.headers.is_some()),
+                        ("command", raw.command.is_some()),
+                        ("permanent_exit_codes", raw.permanent_exit_codes.is_some()),
+                        ("env", raw.env.is_some()),
+                        ("working_dir", raw.working_dir.is_some()),
                     ],
                 )?;
                 let path = match raw.path {
@@ -1295,7 +1341,17 @@ impl Validator {
                 SinkKind::File(FileSinkConfig { path })
             }
             Some("http") => {
-                self.not_for_type(name, "http", &[("path", raw.path.is_some())])?;
+                self.not_for_type(
+                    name,
+                    "http",
+                    &[
+                        ("path", raw.path.is_some()),
+                        ("command", raw.command.is_some()),
+                        ("permanent_exit_codes", raw.permanent_exit_codes.is_some()),
+                        ("env", raw.env.is_some()),
+                        ("working_dir", raw.working_dir.is_some()),
+                    ],
+                )?;
                 let url = self.non_empty(&k("url"), raw.url)?;
                 self.http_url(&k("url"), &url)?;
                 let format = match raw.format.as_deref() {
@@ -1334,6 +1390,25 @@ impl Validator {
                     headers,
                 })
             }
+            Some("exec") => {
+                self.not_for_type(
+                    name,
+                    "exec",
+                    &[
+                        ("path", raw.path.is_some()),
+                        ("url", raw.url.is_some()),
+                        ("format", raw.format.is_some()),
+                        ("headers", raw.headers.is_some()),
+                    ],
+                )?;
+                SinkKind::Exec(self.exec_sink(
+                    name,
+                    raw.command,
+                    raw.permanent_exit_codes,
+                    raw.env,
+                    raw.working_dir,
+                )?)
+            }
             Some(other) => {
                 return Err(self.err(
                     k("type"),
@@ -1356,6 +1431,98 @@ impl Validator {
                 max_backoff,
             },
             kind,
+        })
+    }
+
+    /// The `exec`-only keys of `[sinks.NAME]`.
+    fn exec_sink(
+        &self,
+        name: &str,
+        command: Option<Vec<String>>,
+        permanent_exit_codes: Option<Vec<i32>>,
+        env: Option<BTreeMap<String, String>>,
+        working_dir: Option<PathBuf>,
+    ) -> Result<ExecSinkConfig, ConfigError> {
+        let k = |key: &str| format!("sinks.{name}.{key}");
+        let example =
+            "e.g. [\"/usr/local/bin/on-deal\", \"--verbose\"] (argv: never run through a shell)";
+        let command = match command {
+            None => {
+                return Err(self.err(
+                    k("command"),
+                    format!("missing required key: the program and its arguments, {example}"),
+                ));
+            }
+            Some(argv) if argv.is_empty() => {
+                return Err(self.err(
+                    k("command"),
+                    format!("must not be empty: give the program and its arguments, {example}"),
+                ));
+            }
+            Some(argv) => argv,
+        };
+        if command[0].trim().is_empty() {
+            return Err(self.err(
+                format!("{}[0]", k("command")),
+                "must not be empty: the program to run",
+            ));
+        }
+        if let Some(i) = command.iter().position(|arg| arg.contains('\0')) {
+            return Err(self.err(
+                format!("{}[{i}]", k("command")),
+                "must not contain a NUL character",
+            ));
+        }
+
+        let permanent_exit_codes = permanent_exit_codes.unwrap_or_default();
+        for (i, code) in permanent_exit_codes.iter().enumerate() {
+            let key = format!("{}[{i}]", k("permanent_exit_codes"));
+            if *code == 0 {
+                return Err(self.err(key, "0 means delivered and cannot be a permanent failure"));
+            }
+            if !(1..=255).contains(code) {
+                return Err(self.err(
+                    key,
+                    format!("must be an exit code between 1 and 255, got {code}"),
+                ));
+            }
+        }
+
+        let env = env.unwrap_or_default();
+        for (var, value) in &env {
+            let key = format!("{}.{var}", k("env"));
+            if var.is_empty() || var.contains(['=', '\0']) {
+                return Err(self.err(
+                    key,
+                    "invalid variable name (empty, or contains '=' or a NUL character)",
+                ));
+            }
+            if EXEC_EVENT_ENV.contains(&var.as_str()) {
+                return Err(self.err(
+                    key,
+                    "this variable is set by the sink for every event and cannot be configured",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(self.err(key, "the value must not contain a NUL character"));
+            }
+        }
+
+        if working_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(self.err(
+                k("working_dir"),
+                "must not be empty (leave the key out instead)",
+            ));
+        }
+
+        Ok(ExecSinkConfig {
+            command,
+            permanent_exit_codes,
+            env,
+            working_dir,
         })
     }
 
@@ -2082,14 +2249,14 @@ events = ["ONCRMDEALADD"]
         assert_err(
             &sink("path = \"/tmp/x\""),
             "sinks.erp.type",
-            "missing required key; supported types: \"file\", \"http\"",
+            "missing required key; supported types: \"file\", \"http\", \"exec\"",
         );
         let err = assert_err(
-            &sink("type = \"exec\""),
+            &sink("type = \"smtp\""),
             "sinks.erp.type",
-            "unknown sink type \"exec\"",
+            "unknown sink type \"smtp\"",
         );
-        assert!(err.message.contains("\"file\", \"http\""));
+        assert!(err.message.contains("\"file\", \"http\", \"exec\""));
         assert_err(
             &sink("type = \"file\""),
             "sinks.erp.path",
@@ -2153,6 +2320,131 @@ events = ["ONCRMDEALADD"]
         assert_eq!(http.url, "http://erp:8080/ev");
         assert_eq!(http.format, HttpFormat::Json);
         assert_eq!(http.headers["X-Token"], "t");
+    }
+
+    #[test]
+    fn exec_sink_keys() {
+        assert_err(
+            &sink("type = \"exec\""),
+            "sinks.erp.command",
+            "missing required key: the program and its arguments",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = []"),
+            "sinks.erp.command",
+            "must not be empty",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\" \", \"--verbose\"]"),
+            "sinks.erp.command[0]",
+            "must not be empty: the program to run",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\", \"a\\u0000b\"]"),
+            "sinks.erp.command[1]",
+            "NUL",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = \"/bin/x --verbose\""),
+            "sinks.erp.command",
+            "invalid type",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\npermanent_exit_codes = [3, 0]"),
+            "sinks.erp.permanent_exit_codes[1]",
+            "0 means delivered and cannot be a permanent failure",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\npermanent_exit_codes = [256]"),
+            "sinks.erp.permanent_exit_codes[0]",
+            "between 1 and 255, got 256",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nurl = \"http://x/\""),
+            "sinks.erp.url",
+            "not a key of a \"exec\" sink",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nheaders = { X-A = \"a\" }"),
+            "sinks.erp.headers",
+            "not a key of a \"exec\" sink",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\npath = \"/tmp/x\""),
+            "sinks.erp.path",
+            "not a key of a \"exec\" sink",
+        );
+        assert_err(
+            &sink("type = \"http\"\nurl = \"http://x/\"\ncommand = [\"/bin/x\"]"),
+            "sinks.erp.command",
+            "not a key of a \"http\" sink",
+        );
+        assert_err(
+            &sink("type = \"file\"\npath = \"/tmp/x\"\npermanent_exit_codes = [3]"),
+            "sinks.erp.permanent_exit_codes",
+            "not a key of a \"file\" sink",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nenv = { B24_EVENT_ID = \"x\" }"),
+            "sinks.erp.env.B24_EVENT_ID",
+            "set by the sink",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nenv = { \"A=B\" = \"x\" }"),
+            "sinks.erp.env.A=B",
+            "invalid variable name",
+        );
+        assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nworking_dir = \"\""),
+            "sinks.erp.working_dir",
+            "must not be empty",
+        );
+        let err = assert_err(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]\nenv = { TOKEN = 12345 }"),
+            "sinks.erp.env.TOKEN",
+            "invalid",
+        );
+        assert!(
+            !err.message.contains("12345"),
+            "env values are not echoed: {err}"
+        );
+
+        let config = load_str(
+            &sink("type = \"exec\"\ncommand = [\"on-deal\", \"--verbose\"]\npermanent_exit_codes = [3, 65]\nenv = { ERP_TOKEN = \"t0k\" }\nworking_dir = \"/srv/hooks\"\nconcurrency = 2"),
+            &[],
+        )
+        .unwrap();
+        let s = &config.sinks["erp"];
+        assert_eq!(s.kind.type_name(), "exec");
+        assert_eq!(s.concurrency, 2);
+        let SinkKind::Exec(exec) = &s.kind else {
+            panic!("exec sink expected")
+        };
+        assert_eq!(exec.command, vec!["on-deal", "--verbose"]);
+        assert_eq!(exec.permanent_exit_codes, vec![3, 65]);
+        assert_eq!(exec.env["ERP_TOKEN"], "t0k");
+        assert_eq!(exec.working_dir.as_deref(), Some(Path::new("/srv/hooks")));
+        assert!(
+            !format!("{config:?}").contains("t0k"),
+            "env values stay out of Debug"
+        );
+
+        // Only `command` is required; the environment can set the others.
+        let config = load_str(
+            &sink("type = \"exec\"\ncommand = [\"/bin/x\"]"),
+            &[
+                ("B24EVENTD_SINKS__ERP__PERMANENT_EXIT_CODES", "[7]"),
+                ("B24EVENTD_SINKS__ERP__ENV__SECRET", "0042"),
+                ("B24EVENTD_SINKS__ERP__WORKING_DIR", "/tmp"),
+            ],
+        )
+        .unwrap();
+        let SinkKind::Exec(exec) = &config.sinks["erp"].kind else {
+            panic!("exec sink expected")
+        };
+        assert_eq!(exec.permanent_exit_codes, vec![7]);
+        assert_eq!(exec.env["secret"], "0042", "env values stay strings");
+        assert_eq!(exec.working_dir.as_deref(), Some(Path::new("/tmp")));
     }
 
     #[test]
@@ -2295,13 +2587,13 @@ events = ["ONCRMDEALADD"]
             "{kinds:?}"
         );
 
-        // Every key of the example is spelled as the loader expects, commented-out ones too:
-        // uncomment them all and the result must still validate.
+        // Every key of the example is spelled as the loader expects, commented-out ones (and
+        // commented-out tables) too: uncomment them all and the result must still validate.
         let text = std::fs::read_to_string(path).unwrap();
         let uncommented: String = text
             .lines()
             .map(|line| match line.strip_prefix("# ") {
-                Some(rest) if looks_like_key(rest) => rest,
+                Some(rest) if looks_like_key(rest) || looks_like_table(rest) => rest,
                 _ => line,
             })
             .collect::<Vec<_>>()
@@ -2310,6 +2602,27 @@ events = ["ONCRMDEALADD"]
         let config =
             load_with_env(f.path(), &[]).unwrap_or_else(|e| panic!("uncommented example: {e}"));
         assert!(config.portals["main"].auth_connector.is_some());
+        let SinkKind::Exec(exec) = &config.sinks["notify"].kind else {
+            panic!(
+                "the example's commented-out exec sink: {:?}",
+                config.sinks.keys()
+            )
+        };
+        assert_eq!(exec.command, vec!["/usr/local/bin/on-deal", "--verbose"]);
+        assert_eq!(exec.permanent_exit_codes, vec![65]);
+        assert!(exec.env.contains_key("ERP_URL") && exec.working_dir.is_some());
+    }
+
+    /// A commented-out table header such as `[sinks.notify]` (not prose).
+    fn looks_like_table(line: &str) -> bool {
+        line.strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|name| {
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+            })
     }
 
     /// A commented-out `key = value` line (not prose).

@@ -4,6 +4,7 @@
 //! Retry is decided outside the sink (pipeline/retry.rs): a sink only says, per envelope, whether
 //! it was delivered, failed in a way worth retrying, or failed for good.
 
+pub mod exec;
 pub mod file;
 pub mod http;
 pub mod route;
@@ -67,10 +68,12 @@ pub trait Sink: Send + Sync {
 }
 
 /// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink
-/// cannot work at all (a file sink's directory is missing, an http client cannot be built).
+/// cannot work at all (a file sink's directory is missing, an http client cannot be built, an
+/// exec sink's program is not on `PATH`).
 pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match &config.kind {
         SinkKind::File(file) => Arc::new(file::FileSink::new(config, file)?),
         SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
+        SinkKind::Exec(exec) => Arc::new(exec::ExecSink::new(config, exec)?),
     })
 }
