@@ -12,7 +12,6 @@ use crate::bitrix::{ClientSettings, PortalClient, TokenStore};
 use crate::config::{Config, PortalConfig, SinkConfig, resolve_secret};
 use crate::journal::Journal;
 use crate::sinks::Route;
-use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -137,9 +136,9 @@ pub async fn run_with(
         stop: dispatch_stop.clone(),
     };
     let mut built = Vec::new();
-    for (name, sink_config) in &config.sinks {
-        let sink = crate::sinks::build(sink_config)
-            .with_context(|| format!("cannot start sink {name}"))?;
+    for sink_config in config.sinks.values() {
+        // Build errors name the sink ("sink erp: ...").
+        let sink = crate::sinks::build(sink_config)?;
         built.push((sink, sink_config.clone()));
     }
     let routes = SharedRoutes::new(&config);
