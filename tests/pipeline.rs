@@ -511,3 +511,45 @@ async fn fetch_delete_mode_delivers_everything_on_a_plan_without_reserve_mode() 
     );
     assert!(sim.rows().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prune_job_deletes_settled_events_past_retention_and_keeps_dead_ones() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // Deal 3 is refused (422): dead, so kept by the prune.
+    let endpoint = Endpoint::start(Arc::new(|v| {
+        if v["data"]["FIELDS"]["ID"] == "3" {
+            422
+        } else {
+            200
+        }
+    }))
+    .await;
+    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
+    let config = {
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "[journal]\n",
+            "[journal]\nretention = \"1s\"\nprune_schedule = \"* * * * * *\"\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 20);
+    let journal = running.journal.clone();
+    wait_for(
+        "everything settled, then pruned but the dead",
+        Duration::from_secs(30),
+        || {
+            let c = journal.counts_blocking().unwrap();
+            upstream_empty(&sim) && c.pending == 0 && c.events == c.dead && c.dead > 0
+        },
+    )
+    .await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+    assert_eq!(endpoint.accepted_ids().len(), 19);
+    // Deal 3's first row (errored) and its error-lane copy (cleared) are both dead and kept.
+    assert_eq!((counts.events, counts.dead), (2, 2));
+}
