@@ -3,13 +3,12 @@
 //! process beside the daemon: WAL lets it read without blocking the daemon, and every write here
 //! is a short transaction) and by the daemon's prune job.
 
-use super::{Journal, count, lane_from_sql, now, timestamp};
+use super::{ENVELOPE_COLUMNS, Journal, count, envelope_at, now, timestamp};
 use crate::envelope::Envelope;
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use serde::Serialize;
-use serde_json::Value;
 
 /// Rows deleted per transaction by `prune` and `dead purge`, so the daemon never waits long.
 const DELETE_CHUNK: usize = 500;
@@ -464,34 +463,15 @@ fn show_event(conn: &Connection, id: &str) -> anyhow::Result<Vec<EventDetail>> {
 
 fn event_detail(conn: &Connection, row: i64) -> anyhow::Result<Option<EventDetail>> {
     let Some(mut detail) = conn
-        .prepare_cached(
-            "SELECT e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, e.timestamp, e.data,
-                    e.additional, e.lane, e.entity, e.status, e.fetched_at, e.upstream, e.settled_at,
+        .prepare_cached(&format!(
+            "SELECT {ENVELOPE_COLUMNS}, e.status, e.fetched_at, e.upstream, e.settled_at,
                     b.process_id, b.origin, b.fetched_at, b.settled_at
-             FROM events e JOIN batches b ON b.id = e.batch_id WHERE e.id = ?1",
-        )?
+             FROM events e JOIN batches b ON b.id = e.batch_id WHERE e.id = ?1"
+        ))?
         .query_row([row], |r| {
-            let json = |i: usize| -> rusqlite::Result<Value> {
-                let text: Option<String> = r.get(i)?;
-                Ok(text
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or(Value::Null))
-            };
             Ok(EventDetail {
                 row,
-                envelope: Envelope {
-                    id: r.get(0)?,
-                    portal: r.get(1)?,
-                    event: r.get(2)?,
-                    offline_id: r.get(3)?,
-                    message_id: r.get(4)?,
-                    timestamp: r.get(5)?,
-                    data: json(6)?,
-                    additional: json(7)?,
-                    lane: lane_from_sql(&r.get::<_, String>(8)?),
-                    attempt: 1,
-                    entity: json(9)?,
-                },
+                envelope: envelope_at(r, 0, 1)?,
                 status: r.get(10)?,
                 fetched_at: r.get(11)?,
                 upstream: UpstreamInfo {
@@ -580,48 +560,20 @@ fn replay(
     known_sinks: &[String],
 ) -> anyhow::Result<Requeued> {
     let rows = matching_rows(conn, filter)?;
-    let mut out = Requeued::default();
-    let at = now();
-    for chunk in rows.chunks(DELETE_CHUNK) {
-        let tx = conn.transaction()?;
-        {
-            let mut sinks_of =
-                tx.prepare_cached("SELECT sink FROM deliveries WHERE event_id = ?1")?;
-            let mut requeue = tx.prepare_cached(
-                "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at, replays)
-                 VALUES (?1, ?2, 'pending', 0, ?3, 1)
-                 ON CONFLICT (event_id, sink) DO UPDATE SET status = 'pending', attempts = 0,
-                    next_attempt_at = excluded.next_attempt_at, last_error = NULL,
-                    replays = deliveries.replays + 1",
-            )?;
-            let mut mark =
-                tx.prepare_cached("UPDATE events SET status = 'pending' WHERE id = ?1")?;
-            for &row in chunk {
-                let sinks: Vec<String> = match only_sink {
-                    Some(sink) => vec![sink.to_string()],
-                    None => sinks_of
-                        .query_map([row], |r| r.get(0))?
-                        .collect::<Result<_, _>>()?,
-                };
-                let mut any = false;
-                for sink in sinks {
-                    if !known_sinks.contains(&sink) {
-                        out.skipped_unknown_sinks += 1;
-                        continue;
-                    }
-                    requeue.execute(params![row, sink, at])?;
-                    out.deliveries += 1;
-                    any = true;
-                }
-                if any {
-                    mark.execute([row])?;
-                    out.events += 1;
-                }
-            }
-        }
-        tx.commit()?;
-    }
-    Ok(out)
+    requeue(
+        conn,
+        &rows,
+        known_sinks,
+        |tx, row| match only_sink {
+            Some(sink) => Ok(vec![sink.to_string()]),
+            None => sinks_where(tx, row, "1"),
+        },
+        "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at, replays)
+         VALUES (?1, ?2, 'pending', 0, ?3, 1)
+         ON CONFLICT (event_id, sink) DO UPDATE SET status = 'pending', attempts = 0,
+            next_attempt_at = excluded.next_attempt_at, last_error = NULL,
+            replays = deliveries.replays + 1",
+    )
 }
 
 fn retry_dead(
@@ -632,41 +584,63 @@ fn retry_dead(
     let mut filter = filter.clone();
     filter.status = Some(StatusFilter::Dead);
     let rows = matching_rows(conn, &filter)?;
+    requeue(
+        conn,
+        &rows,
+        known_sinks,
+        |tx, row| {
+            let mut sinks = sinks_where(tx, row, "status = 'dead'")?;
+            sinks.retain(|s| filter.sink.as_ref().is_none_or(|only| only == s));
+            Ok(sinks)
+        },
+        "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?3
+         WHERE event_id = ?1 AND sink = ?2 AND status = 'dead'",
+    )
+}
+
+/// The sinks of an event's deliveries that satisfy `condition` (SQL over `deliveries`).
+fn sinks_where(
+    tx: &rusqlite::Transaction<'_>,
+    row: i64,
+    condition: &str,
+) -> rusqlite::Result<Vec<String>> {
+    tx.prepare_cached(&format!(
+        "SELECT sink FROM deliveries WHERE event_id = ?1 AND {condition} ORDER BY sink"
+    ))?
+    .query_map([row], |r| r.get(0))?
+    .collect()
+}
+
+/// Makes deliveries pending again, in transactions of [`DELETE_CHUNK`] events: for each event,
+/// `sinks_of` picks the sinks, `requeue_sql` (`?1` event, `?2` sink, `?3` now) resets each one
+/// still configured, and the event becomes `pending`.
+fn requeue(
+    conn: &mut Connection,
+    rows: &[i64],
+    known_sinks: &[String],
+    sinks_of: impl Fn(&rusqlite::Transaction<'_>, i64) -> rusqlite::Result<Vec<String>>,
+    requeue_sql: &str,
+) -> anyhow::Result<Requeued> {
     let mut out = Requeued::default();
     let at = now();
     for chunk in rows.chunks(DELETE_CHUNK) {
         let tx = conn.transaction()?;
-        {
-            let mut dead_sinks = tx.prepare_cached(
-                "SELECT sink FROM deliveries WHERE event_id = ?1 AND status = 'dead'",
-            )?;
-            let mut requeue = tx.prepare_cached(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?3
-                 WHERE event_id = ?1 AND sink = ?2 AND status = 'dead'",
-            )?;
-            let mut mark =
-                tx.prepare_cached("UPDATE events SET status = 'pending' WHERE id = ?1")?;
-            for &row in chunk {
-                let sinks: Vec<String> = dead_sinks
-                    .query_map([row], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                let mut any = false;
-                for sink in sinks {
-                    if filter.sink.as_ref().is_some_and(|only| *only != sink) {
-                        continue;
-                    }
-                    if !known_sinks.contains(&sink) {
-                        out.skipped_unknown_sinks += 1;
-                        continue;
-                    }
-                    requeue.execute(params![row, sink, at])?;
-                    out.deliveries += 1;
-                    any = true;
+        for &row in chunk {
+            let mut any = false;
+            for sink in sinks_of(&tx, row)? {
+                if !known_sinks.contains(&sink) {
+                    out.skipped_unknown_sinks += 1;
+                    continue;
                 }
-                if any {
-                    mark.execute([row])?;
-                    out.events += 1;
-                }
+                tx.prepare_cached(requeue_sql)?
+                    .execute(params![row, sink, at])?;
+                out.deliveries += 1;
+                any = true;
+            }
+            if any {
+                tx.prepare_cached("UPDATE events SET status = 'pending' WHERE id = ?1")?
+                    .execute([row])?;
+                out.events += 1;
             }
         }
         tx.commit()?;
@@ -730,4 +704,180 @@ fn delete_settled(
         [],
     )? as u64;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::envelope::Lane;
+    use crate::journal::{BatchOrigin, NewBatch, NewEvent, Outcome};
+    use crate::pipeline::settle::SettleAction;
+
+    fn batch(pid: &str, ids: std::ops::RangeInclusive<i64>) -> NewBatch {
+        NewBatch {
+            portal: "main".into(),
+            process_id: pid.into(),
+            lane: Lane::Normal,
+            origin: BatchOrigin::Fetched,
+            events: ids
+                .map(|id| NewEvent {
+                    offline_id: id,
+                    event: if id % 2 == 0 {
+                        "ONCRMDEALADD"
+                    } else {
+                        "ONCRMDEALUPDATE"
+                    }
+                    .into(),
+                    message_id: format!("{id:032x}"),
+                    timestamp: "2026-11-22T10:00:00+03:00".into(),
+                    data: serde_json::json!({"FIELDS": {"ID": id.to_string()}}),
+                    additional: serde_json::Value::Null,
+                    sinks: vec!["a".into()],
+                })
+                .collect(),
+            deleted_upstream: false,
+        }
+    }
+
+    /// Events 1..=4: 1 and 2 delivered and cleared, 3 dead and errored, 4 still pending.
+    async fn journal() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db"), Synchronous::Full)
+            .await
+            .unwrap();
+        j.record_batch(batch("p1", 1..=4)).await.unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        let outcome = |offline_id: i64| match offline_id {
+            3 => Some(Outcome::Dead {
+                error: "http 422".into(),
+            }),
+            4 => None,
+            _ => Some(Outcome::Delivered),
+        };
+        let outcomes = due
+            .iter()
+            .filter_map(|d| outcome(d.envelope.offline_id).map(|o| (d.event_id, o, None)))
+            .collect();
+        j.record_outcomes("a", outcomes).await.unwrap();
+        for p in j.pending_settlements("main").await.unwrap() {
+            let ids = p.events.iter().map(|e| e.0).collect();
+            j.mark_settled(ids, p.action).await.unwrap();
+            assert!(matches!(
+                p.action,
+                SettleAction::Clear | SettleAction::Error
+            ));
+        }
+        (dir, j)
+    }
+
+    fn ids(rows: &[EventRow]) -> Vec<String> {
+        rows.iter().map(|r| r.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn filters_narrow_by_event_status_and_sink() {
+        let (_d, j) = journal().await;
+        let all = j.list_events(&EventFilter::default()).unwrap();
+        assert_eq!(ids(&all), ["main:1", "main:2", "main:3", "main:4"]);
+        let f = |f: EventFilter| ids(&j.list_events(&f).unwrap());
+        let adds = EventFilter {
+            event: Some("oncrmdeal*add".into()),
+            ..EventFilter::default()
+        };
+        assert_eq!(f(adds), ["main:2", "main:4"]);
+        let dead = EventFilter {
+            sink: Some("a".into()),
+            status: Some(StatusFilter::Dead),
+            ..EventFilter::default()
+        };
+        assert_eq!(f(dead), ["main:3"]);
+        let newest = EventFilter {
+            limit: Some(2),
+            ..EventFilter::default()
+        };
+        assert_eq!(f(newest), ["main:3", "main:4"], "the newest, oldest first");
+        let future = EventFilter {
+            since: Some(Utc::now() + chrono::Duration::hours(1)),
+            ..EventFilter::default()
+        };
+        assert!(f(future).is_empty());
+        let stats = j.stats(&EventFilter::default()).unwrap();
+        assert_eq!(
+            (
+                stats[0].events,
+                stats[0].pending,
+                stats[0].delivered,
+                stats[0].dead
+            ),
+            (4, 1, 2, 1)
+        );
+        assert_eq!(stats[0].upstream_unsettled, 1, "event 4 is still reserved");
+    }
+
+    #[tokio::test]
+    async fn prune_and_purge_never_touch_pending_or_unsettled_events() {
+        let (_d, j) = journal().await;
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        let pruned = j.prune_blocking(later, false).unwrap();
+        assert_eq!(
+            (pruned.events, pruned.batches),
+            (2, 0),
+            "1 and 2; not dead 3, not pending 4"
+        );
+        let purged = j.purge_dead(&EventFilter::default()).unwrap();
+        assert_eq!(purged.events, 1);
+        let left = j.list_events(&EventFilter::default()).unwrap();
+        assert_eq!(ids(&left), ["main:4"]);
+        assert_eq!(j.prune_blocking(later, true).unwrap().events, 0);
+    }
+
+    #[tokio::test]
+    async fn replay_and_dead_retry_make_deliveries_pending_without_touching_upstream() {
+        let (_d, j) = journal().await;
+        let known = vec!["a".to_string()];
+        let dead = j.retry_dead(&EventFilter::default(), &known).unwrap();
+        assert_eq!((dead.events, dead.deliveries), (1, 1));
+        let replayed = j
+            .replay(
+                &EventFilter {
+                    event: Some("ONCRMDEALADD".into()),
+                    ..EventFilter::default()
+                },
+                None,
+                &known,
+            )
+            .unwrap();
+        assert_eq!(
+            (replayed.events, replayed.deliveries),
+            (2, 2),
+            "events 2 and 4"
+        );
+        let skipped = j
+            .replay(&EventFilter::default(), Some("gone"), &known)
+            .unwrap();
+        assert_eq!((skipped.events, skipped.skipped_unknown_sinks), (0, 4));
+        let rows = j.list_events(&EventFilter::default()).unwrap();
+        let upstream: Vec<&str> = rows.iter().map(|r| r.upstream.as_str()).collect();
+        assert_eq!(upstream, ["cleared", "cleared", "errored", "reserved"]);
+        let status: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+        assert_eq!(status, ["delivered", "pending", "pending", "pending"]);
+        // Delivered again: the settled events only get their status back.
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        assert_eq!(due.len(), 3);
+        assert!(due.iter().all(|d| d.envelope.attempt == 1));
+        let outcomes = due
+            .iter()
+            .map(|d| (d.event_id, Outcome::Delivered, None))
+            .collect();
+        let portals = j.record_outcomes("a", outcomes).await.unwrap();
+        assert_eq!(
+            portals,
+            vec!["main".to_string()],
+            "only event 4 needs a clear"
+        );
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].events.len(), 1);
+    }
 }

@@ -616,40 +616,50 @@ fn due_deliveries(
     now: &str,
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT d.event_id, d.attempts, e.envelope_id, e.portal, e.event, e.offline_id, e.message_id,
-                e.timestamp, e.data, e.additional, e.lane, e.entity
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.sink = ?1 AND d.status = 'pending' AND d.next_attempt_at <= ?2
          ORDER BY d.next_attempt_at, d.event_id
-         LIMIT ?3",
-    )?;
+         LIMIT ?3"
+    ))?;
     let rows = stmt.query_map(params![sink, now, limit as i64], |r| {
         let attempts: u32 = r.get(1)?;
-        let data: String = r.get(8)?;
-        let additional: String = r.get(9)?;
-        let entity: Option<String> = r.get(11)?;
         Ok(DueDelivery {
             event_id: r.get(0)?,
             attempts,
-            envelope: Envelope {
-                id: r.get(2)?,
-                portal: r.get(3)?,
-                event: r.get(4)?,
-                offline_id: r.get(5)?,
-                message_id: r.get(6)?,
-                timestamp: r.get(7)?,
-                data: serde_json::from_str(&data).unwrap_or(Value::Null),
-                additional: serde_json::from_str(&additional).unwrap_or(Value::Null),
-                lane: lane_from_sql(&r.get::<_, String>(10)?),
-                attempt: attempts + 1,
-                entity: entity
-                    .and_then(|s| serde_json::from_str(&s).ok())
-                    .unwrap_or(Value::Null),
-            },
+            envelope: envelope_at(r, 2, attempts + 1)?,
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
+const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
+     e.timestamp, e.data, e.additional, e.lane, e.entity";
+
+/// Reads an envelope from [`ENVELOPE_COLUMNS`] starting at column `first`. JSON columns that do
+/// not parse (never written by this crate) read as `null`.
+fn envelope_at(r: &rusqlite::Row<'_>, first: usize, attempt: u32) -> rusqlite::Result<Envelope> {
+    let json = |i: usize| -> rusqlite::Result<Value> {
+        let text: Option<String> = r.get(first + i)?;
+        Ok(text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null))
+    };
+    Ok(Envelope {
+        id: r.get(first)?,
+        portal: r.get(first + 1)?,
+        event: r.get(first + 2)?,
+        offline_id: r.get(first + 3)?,
+        message_id: r.get(first + 4)?,
+        timestamp: r.get(first + 5)?,
+        data: json(6)?,
+        additional: json(7)?,
+        lane: lane_from_sql(&r.get::<_, String>(first + 8)?),
+        attempt,
+        entity: json(9)?,
+    })
 }
 
 fn record_outcomes(
