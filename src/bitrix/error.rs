@@ -257,7 +257,10 @@ impl BitrixError {
         out
     }
 
-    fn hint(&self) -> Option<String> {
+    /// What an operator can do about this error, when the code says (also part of [`message`]).
+    ///
+    /// [`message`]: BitrixError::message
+    pub fn hint(&self) -> Option<String> {
         let code = self.code.as_str();
         let mut hints = Vec::new();
         if code.eq_ignore_ascii_case("WRONG_AUTH_TYPE") {
@@ -302,6 +305,14 @@ impl BitrixError {
         if code.eq_ignore_ascii_case("ACCESS_DENIED") && self.method.starts_with("event.") {
             hints.push(
                 "event methods need a token of a portal administrator and a commercial plan"
+                    .to_string(),
+            );
+        }
+        if code.eq_ignore_ascii_case("ERROR_EVENT_NOT_FOUND") {
+            hints.push(
+                "the portal offers this event only to applications with its module's scope (e.g. \
+                 crm for ONCRM* events): add the scope to the local application's permissions, \
+                 then authorize again with `b24eventd auth login`"
                     .to_string(),
             );
         }
