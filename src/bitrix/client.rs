@@ -691,7 +691,7 @@ impl PortalClient {
             return Err(self.no_tokens(oauth::REFRESH_METHOD));
         }
         let settings = &self.inner.settings;
-        let mut fresh = oauth::refresh(
+        let refreshed = oauth::refresh(
             &self.inner.http,
             &settings.oauth_token_url,
             &settings.client_id,
@@ -699,7 +699,14 @@ impl PortalClient {
             &current.refresh_token,
             &settings.portal,
         )
-        .await?;
+        .await;
+        let mut fresh = match refreshed {
+            Ok(fresh) => fresh,
+            Err(e) if e.is_code("invalid_grant") => {
+                return self.adopt_stored_pair(&current).await.map_err(|()| e);
+            }
+            Err(e) => return Err(e),
+        };
         self.stat(|s| s.token_refreshes += 1);
         // Keep what the answer left out (an older server may not repeat member_id or scope).
         fresh.member_id = fresh.member_id.or(current.member_id);
@@ -747,6 +754,36 @@ impl PortalClient {
                 Err(self.journal_failed(&e))
             }
         }
+    }
+
+    /// After `invalid_grant`: the refresh token may have been rotated by another process (a
+    /// `doctor` or `auth login` beside the daemon) that stored the new pair. If the store holds
+    /// another pair than the one refused, use it (`Ok(true)`); otherwise `Err(())`, and the
+    /// refusal stands.
+    async fn adopt_stored_pair(&self, refused: &Tokens) -> Result<bool, ()> {
+        let stored = match self.inner.store.load(self.portal()).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Err(()),
+            Err(e) => {
+                tracing::warn!(
+                    portal = self.portal(),
+                    error = %format!("{e:#}"),
+                    "the refresh token was refused and the stored pair could not be read"
+                );
+                return Err(());
+            }
+        };
+        if stored.refresh_token.is_empty() || stored.refresh_token == refused.refresh_token {
+            return Err(());
+        }
+        tracing::warn!(
+            portal = self.portal(),
+            "the refresh token was refused, but another process stored a newer pair: using that"
+        );
+        let mut state = lock(&self.inner.tokens);
+        state.tokens = Some(stored);
+        state.unsaved = false;
+        Ok(true)
     }
 
     /// Retries persisting tokens whose save failed after a refresh.
@@ -1620,6 +1657,75 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("s3cr3t") && !msg.contains("r1"), "{msg}");
+    }
+
+    /// A store another process writes to: `load` answers what it wrote.
+    struct SharedStore {
+        stored: Mutex<Option<Tokens>>,
+    }
+
+    impl TokenStore for SharedStore {
+        fn save<'a>(
+            &'a self,
+            _portal: &'a str,
+            tokens: &'a Tokens,
+        ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                *lock(&self.stored) = Some(tokens.clone());
+                Ok(())
+            })
+        }
+
+        fn load<'a>(
+            &'a self,
+            _portal: &'a str,
+        ) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+            Box::pin(async move { Ok(lock(&self.stored).clone()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pair_rotated_by_another_process_is_adopted_after_invalid_grant() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return match seen.query["refresh_token"].as_str() {
+                    Some("r2") => token_reply("a3", "r3"),
+                    _ => api_error(400, "invalid_grant", "Invalid grant"),
+                };
+            }
+            match seen.body["auth"].as_str() {
+                Some("a2" | "a3") => ok(json!(true)),
+                _ => api_error(
+                    401,
+                    "expired_token",
+                    "The access token provided has expired.",
+                ),
+            }
+        })
+        .await;
+        // This process holds a1/r1, expiring; another process already rotated r1 into a2/r2.
+        let store = Arc::new(SharedStore {
+            stored: Mutex::new(Some(tokens("a2", "r2", 3600))),
+        });
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 10)), store.clone())
+                .unwrap();
+        client.call("app.info", json!({})).await.unwrap();
+        assert_eq!(
+            log(&srv),
+            vec![
+                "refresh r1".to_string(),
+                "call /rest/app.info auth=a2".to_string()
+            ]
+        );
+
+        // With nothing newer stored, invalid_grant stands.
+        *lock(&store.stored) = Some(tokens("a1", "r1", 10));
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 10)), store.clone())
+                .unwrap();
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert!(err.is_code("invalid_grant"), "{err}");
     }
 
     #[tokio::test]

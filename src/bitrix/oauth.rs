@@ -83,6 +83,15 @@ pub trait TokenStore: Send + Sync {
         portal: &'a str,
         tokens: &'a Tokens,
     ) -> crate::BoxFuture<'a, anyhow::Result<()>>;
+
+    /// The pair stored now, which another process (`auth login`, `doctor`, a second daemon)
+    /// may have written since this one read it. A store that cannot read back answers `None`.
+    fn load<'a>(
+        &'a self,
+        _portal: &'a str,
+    ) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Renews the token pair: `GET token_url?grant_type=refresh_token&client_id&client_secret&refresh_token`.

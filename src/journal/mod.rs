@@ -431,6 +431,10 @@ impl TokenStore for Journal {
     ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.save_tokens(portal, tokens))
     }
+
+    fn load<'a>(&'a self, portal: &'a str) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+        Box::pin(self.load_tokens(portal))
+    }
 }
 
 /// Creates `path` with mode 0600 if missing, and tightens an existing one.
