@@ -419,7 +419,9 @@ fn clock_finding(skew: f64, server: DateTime<FixedOffset>) -> Finding {
     } else {
         Finding::ok(
             "clock",
-            format!("this host's clock is within {off:.1} s of the portal's"),
+            format!(
+                "this host's clock is within {off:.1} s of the portal's (server.time counts whole seconds)"
+            ),
         )
     }
 }
