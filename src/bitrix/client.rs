@@ -10,8 +10,10 @@ use super::form;
 use super::oauth::{self, TokenStore, Tokens};
 use super::ratelimit::LeakyBucket;
 use super::types::{
-    self, ApiResponse, BatchResponse, ListPage, OfflineBatch, parse_batch, parse_error,
-    parse_offline_get, parse_offline_list, parse_time,
+    self, ApiResponse, AppInfo, BatchResponse, EventHandler, FeatureValue, ListPage, OfflineBatch,
+    parse_app_info, parse_batch, parse_error, parse_event_get, parse_feature_get,
+    parse_offline_get, parse_offline_list, parse_server_time, parse_time, parse_unbind_count,
+    parse_user_admin,
 };
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -114,6 +116,15 @@ pub enum ClearTarget {
     All,
     MessageIds(Vec<String>),
     Ids(Vec<i64>),
+}
+
+/// What `event.bind` did with an offline binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindOutcome {
+    /// The binding was added.
+    Bound,
+    /// The portal already had it ("Handler already binded"): nothing changed.
+    AlreadyBound,
 }
 
 /// A client for one portal. Cheap to clone; clones share tokens, bucket and counters.
@@ -419,6 +430,91 @@ impl PortalClient {
         parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))
     }
 
+    /// `event.get`: every handler of the application, online and offline, of every connector.
+    /// Sent without `auth_connector` (the server lists all connectors' bindings anyway), so it
+    /// also works on plans without `rest_auth_connector`.
+    pub async fn event_get(&self) -> Result<Vec<EventHandler>, BitrixError> {
+        const METHOD: &str = "event.get";
+        let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
+        parse_event_get(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `event.bind` with `event_type=offline` (no handler URL; the configured `auth_connector`
+    /// goes along and becomes the binding's `connector_id`). Binding twice is not an error.
+    pub async fn event_bind_offline(&self, event: &str) -> Result<BindOutcome, BitrixError> {
+        const METHOD: &str = "event.bind";
+        let params = json!({ "event": event, "event_type": "offline" });
+        match self.call(METHOD, params).await {
+            Ok(resp) if resp.result == Value::Bool(false) => {
+                Err(self.shape_error(METHOD, format!("event.bind of {event} answered false")))
+            }
+            Ok(_) => Ok(BindOutcome::Bound),
+            // `RestException('Unable to set event handler: Handler already binded', ERROR_CORE)`.
+            Err(e)
+                if e.is_code("ERROR_CORE")
+                    && e.description.to_lowercase().contains("already bind") =>
+            {
+                Ok(BindOutcome::AlreadyBound)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `event.unbind` with `event_type=offline`: removes this application's offline binding of
+    /// `event` made with the configured `auth_connector` (the server matches the connector of
+    /// the request). Returns how many bindings were removed.
+    pub async fn event_unbind_offline(&self, event: &str) -> Result<u64, BitrixError> {
+        const METHOD: &str = "event.unbind";
+        let params = json!({ "event": event, "event_type": "offline" });
+        let resp = self.call(METHOD, params).await?;
+        parse_unbind_count(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `feature.get` of a plan feature code (`rest_offline_extended`, `rest_auth_connector`).
+    pub async fn feature_get(&self, code: &str) -> Result<FeatureValue, BitrixError> {
+        const METHOD: &str = "feature.get";
+        let resp = self
+            .call(METHOD, json!({ "CODE": code, "auth_connector": null }))
+            .await?;
+        parse_feature_get(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `server.time`: the portal's clock.
+    pub async fn server_time(&self) -> Result<chrono::DateTime<chrono::FixedOffset>, BitrixError> {
+        const METHOD: &str = "server.time";
+        let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
+        parse_server_time(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `user.admin`: whether the token's user is a portal administrator (event methods need one).
+    pub async fn user_admin(&self) -> Result<bool, BitrixError> {
+        const METHOD: &str = "user.admin";
+        let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
+        parse_user_admin(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// `app.info`: the application's installation and payment state and the portal's plan.
+    pub async fn app_info(&self) -> Result<AppInfo, BitrixError> {
+        const METHOD: &str = "app.info";
+        let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
+        parse_app_info(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+    }
+
+    /// Exchanges an authorization code (from the OAuth redirect, valid for 30 seconds) for a
+    /// token pair. The pair is returned, not stored or used: the caller persists it first.
+    pub async fn exchange_code(&self, code: &str) -> Result<Tokens, BitrixError> {
+        let s = &self.inner.settings;
+        oauth::exchange_code(
+            &self.inner.http,
+            &s.oauth_token_url,
+            &s.client_id,
+            &s.client_secret,
+            code,
+            &s.portal,
+        )
+        .await
+    }
+
     /// An empty `process_id` is dangerous: the server only checks that one was sent, so `""`
     /// addresses every unreserved row (a clear would delete the whole queue). Never send one.
     fn require_process_id(&self, method: &str, process_id: &str) -> Result<(), BitrixError> {
@@ -595,7 +691,7 @@ impl PortalClient {
             return Err(self.no_tokens(oauth::REFRESH_METHOD));
         }
         let settings = &self.inner.settings;
-        let mut fresh = oauth::refresh(
+        let refreshed = oauth::refresh(
             &self.inner.http,
             &settings.oauth_token_url,
             &settings.client_id,
@@ -603,7 +699,14 @@ impl PortalClient {
             &current.refresh_token,
             &settings.portal,
         )
-        .await?;
+        .await;
+        let mut fresh = match refreshed {
+            Ok(fresh) => fresh,
+            Err(e) if e.is_code("invalid_grant") => {
+                return self.adopt_stored_pair(&current).await.map_err(|()| e);
+            }
+            Err(e) => return Err(e),
+        };
         self.stat(|s| s.token_refreshes += 1);
         // Keep what the answer left out (an older server may not repeat member_id or scope).
         fresh.member_id = fresh.member_id.or(current.member_id);
@@ -651,6 +754,36 @@ impl PortalClient {
                 Err(self.journal_failed(&e))
             }
         }
+    }
+
+    /// After `invalid_grant`: the refresh token may have been rotated by another process (a
+    /// `doctor` or `auth login` beside the daemon) that stored the new pair. If the store holds
+    /// another pair than the one refused, use it (`Ok(true)`); otherwise `Err(())`, and the
+    /// refusal stands.
+    async fn adopt_stored_pair(&self, refused: &Tokens) -> Result<bool, ()> {
+        let stored = match self.inner.store.load(self.portal()).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Err(()),
+            Err(e) => {
+                tracing::warn!(
+                    portal = self.portal(),
+                    error = %format!("{e:#}"),
+                    "the refresh token was refused and the stored pair could not be read"
+                );
+                return Err(());
+            }
+        };
+        if stored.refresh_token.is_empty() || stored.refresh_token == refused.refresh_token {
+            return Err(());
+        }
+        tracing::warn!(
+            portal = self.portal(),
+            "the refresh token was refused, but another process stored a newer pair: using that"
+        );
+        let mut state = lock(&self.inner.tokens);
+        state.tokens = Some(stored);
+        state.unsaved = false;
+        Ok(true)
     }
 
     /// Retries persisting tokens whose save failed after a refresh.
@@ -1526,6 +1659,75 @@ mod tests {
         assert!(!msg.contains("s3cr3t") && !msg.contains("r1"), "{msg}");
     }
 
+    /// A store another process writes to: `load` answers what it wrote.
+    struct SharedStore {
+        stored: Mutex<Option<Tokens>>,
+    }
+
+    impl TokenStore for SharedStore {
+        fn save<'a>(
+            &'a self,
+            _portal: &'a str,
+            tokens: &'a Tokens,
+        ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                *lock(&self.stored) = Some(tokens.clone());
+                Ok(())
+            })
+        }
+
+        fn load<'a>(
+            &'a self,
+            _portal: &'a str,
+        ) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+            Box::pin(async move { Ok(lock(&self.stored).clone()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pair_rotated_by_another_process_is_adopted_after_invalid_grant() {
+        let (base, srv) = serve(|seen, _| {
+            if seen.path == "/oauth/token/" {
+                return match seen.query["refresh_token"].as_str() {
+                    Some("r2") => token_reply("a3", "r3"),
+                    _ => api_error(400, "invalid_grant", "Invalid grant"),
+                };
+            }
+            match seen.body["auth"].as_str() {
+                Some("a2" | "a3") => ok(json!(true)),
+                _ => api_error(
+                    401,
+                    "expired_token",
+                    "The access token provided has expired.",
+                ),
+            }
+        })
+        .await;
+        // This process holds a1/r1, expiring; another process already rotated r1 into a2/r2.
+        let store = Arc::new(SharedStore {
+            stored: Mutex::new(Some(tokens("a2", "r2", 3600))),
+        });
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 10)), store.clone())
+                .unwrap();
+        client.call("app.info", json!({})).await.unwrap();
+        assert_eq!(
+            log(&srv),
+            vec![
+                "refresh r1".to_string(),
+                "call /rest/app.info auth=a2".to_string()
+            ]
+        );
+
+        // With nothing newer stored, invalid_grant stands.
+        *lock(&store.stored) = Some(tokens("a1", "r1", 10));
+        let client =
+            PortalClient::new(settings(&base), Some(tokens("a1", "r1", 10)), store.clone())
+                .unwrap();
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert!(err.is_code("invalid_grant"), "{err}");
+    }
+
     #[tokio::test]
     async fn expiring_token_is_refreshed_once_for_concurrent_calls() {
         let refreshes = Arc::new(AtomicUsize::new(0));
@@ -1935,6 +2137,114 @@ mod tests {
                 .starts_with("b24eventd/")
         );
         assert!(seen.iter().all(|s| s.method == "POST"));
+    }
+
+    #[tokio::test]
+    async fn operator_methods_send_the_connector_only_where_it_matters() {
+        let (base, srv) = serve(|seen, _| match seen.path.as_str() {
+            "/rest/event.get" => ok(json!([
+                {"event": "ONCRMDEALADD", "connector_id": "erp-sync", "offline": 1},
+                {"event": "ONCRMLEADADD", "handler": "https://h.example/", "auth_type": "0", "offline": 0}
+            ])),
+            "/rest/event.bind" if seen.body["event"] == "ONCRMDEALADD" => api_error(
+                400,
+                "ERROR_CORE",
+                "Unable to set event handler: Handler already binded",
+            ),
+            "/rest/event.bind" if seen.body["event"] == "ONNOSUCH" => {
+                api_error(400, "ERROR_EVENT_NOT_FOUND", "Event not found")
+            }
+            "/rest/event.unbind" => ok(json!({"count": 1})),
+            "/rest/feature.get" => ok(json!({"value": "N"})),
+            "/rest/server.time" => ok(json!("2026-11-23T13:00:00+03:00")),
+            "/rest/user.admin" => ok(json!(true)),
+            "/rest/app.info" => ok(json!({"CODE": "local.app.1", "STATUS": "L", "INSTALLED": true,
+                "PAYMENT_EXPIRED": "N", "DAYS": null, "LICENSE": "en_pro100"})),
+            _ => ok(json!(true)),
+        })
+        .await;
+        let mut s = settings(&base);
+        s.auth_connector = Some("erp-sync".into());
+        let (client, _) = client_with(s, Some(tokens("a1", "r1", 3600)), &srv);
+        let handlers = client.event_get().await.unwrap();
+        assert_eq!(handlers.len(), 2);
+        assert!(handlers[0].offline && handlers[0].connector_id == "erp-sync");
+        assert_eq!(
+            client.event_bind_offline("ONCRMDEALADD").await.unwrap(),
+            BindOutcome::AlreadyBound
+        );
+        assert_eq!(
+            client.event_bind_offline("ONCRMDEALUPDATE").await.unwrap(),
+            BindOutcome::Bound
+        );
+        let err = client.event_bind_offline("ONNOSUCH").await.unwrap_err();
+        assert!(err.to_string().contains("scope"), "{err}");
+        assert_eq!(
+            client.event_unbind_offline("ONCRMDEALADD").await.unwrap(),
+            1
+        );
+        assert_eq!(
+            client.feature_get("rest_offline_extended").await.unwrap(),
+            FeatureValue::Disabled
+        );
+        assert_eq!(
+            client.server_time().await.unwrap().timestamp(),
+            1_795_428_000
+        );
+        assert!(client.user_admin().await.unwrap());
+        let app = client.app_info().await.unwrap();
+        assert_eq!((app.status.as_str(), app.installed), ("L", true));
+
+        let bodies: Vec<(String, Value)> = lock(&srv.seen)
+            .iter()
+            .map(|s| (s.path.clone(), s.body.clone()))
+            .collect();
+        let body = |path: &str, n: usize| {
+            bodies
+                .iter()
+                .filter(|(p, _)| p == path)
+                .nth(n)
+                .map(|(_, b)| b.clone())
+                .unwrap()
+        };
+        assert_eq!(body("/rest/event.get", 0), json!({"auth": "a1"}));
+        assert_eq!(
+            body("/rest/event.bind", 1),
+            json!({"event": "ONCRMDEALUPDATE", "event_type": "offline", "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            body("/rest/event.unbind", 0),
+            json!({"event": "ONCRMDEALADD", "event_type": "offline", "auth": "a1", "auth_connector": "erp-sync"})
+        );
+        assert_eq!(
+            body("/rest/feature.get", 0),
+            json!({"CODE": "rest_offline_extended", "auth": "a1"})
+        );
+        for path in ["/rest/server.time", "/rest/user.admin", "/rest/app.info"] {
+            assert_eq!(body(path, 0), json!({"auth": "a1"}), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn exchange_code_returns_the_pair_without_storing_it() {
+        let (base, srv) = serve(|seen, _| {
+            assert_eq!(seen.query["grant_type"], "authorization_code");
+            assert_eq!(seen.query["code"], "c0de");
+            token_reply("a9", "r9")
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), None, &srv);
+        let tokens = client.exchange_code("c0de").await.unwrap();
+        assert_eq!(
+            (tokens.access_token.as_str(), tokens.refresh_token.as_str()),
+            ("a9", "r9")
+        );
+        assert!(!client.has_tokens(), "the caller stores the pair first");
+        assert!(
+            log(&srv).iter().all(|l| !l.starts_with("save")),
+            "{:?}",
+            log(&srv)
+        );
     }
 
     #[tokio::test]

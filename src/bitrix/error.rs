@@ -238,18 +238,22 @@ impl BitrixError {
         self.code.eq_ignore_ascii_case(code)
     }
 
-    /// The operator-facing message: `portal P: METHOD failed: CODE (description); hint`.
-    pub fn message(&self) -> String {
-        let mut out = format!(
-            "portal {}: {} failed: {}",
-            self.portal, self.method, self.code
-        );
+    /// `METHOD failed: CODE (description)`: the message without the portal and the hint, for
+    /// reports that group by portal and show the hint on its own.
+    pub fn failure(&self) -> String {
+        let mut out = format!("{} failed: {}", self.method, self.code);
         let description = tidy(&self.description);
         if !description.is_empty() {
             out.push_str(" (");
             out.push_str(&description);
             out.push(')');
         }
+        out
+    }
+
+    /// The operator-facing message: `portal P: METHOD failed: CODE (description); hint`.
+    pub fn message(&self) -> String {
+        let mut out = format!("portal {}: {}", self.portal, self.failure());
         if let Some(hint) = self.hint() {
             out.push_str("; ");
             out.push_str(&hint);
@@ -257,7 +261,10 @@ impl BitrixError {
         out
     }
 
-    fn hint(&self) -> Option<String> {
+    /// What an operator can do about this error, when the code says (also part of [`message`]).
+    ///
+    /// [`message`]: BitrixError::message
+    pub fn hint(&self) -> Option<String> {
         let code = self.code.as_str();
         let mut hints = Vec::new();
         if code.eq_ignore_ascii_case("WRONG_AUTH_TYPE") {
@@ -289,7 +296,15 @@ impl BitrixError {
                 );
             }
         }
-        if code.eq_ignore_ascii_case("invalid_grant") {
+        if code.eq_ignore_ascii_case("invalid_grant")
+            && self.method == super::oauth::EXCHANGE_METHOD
+        {
+            hints.push(
+                "the authorization code was refused: a code works once and only for 30 seconds \
+                 after the redirect; run `b24eventd auth login` again and paste the address at once"
+                    .to_string(),
+            );
+        } else if code.eq_ignore_ascii_case("invalid_grant") {
             hints.push(format!(
                 "the refresh token is no longer valid (expired after 180 days or revoked): \
                  authorize again with `b24eventd auth login --portal {}`",
@@ -302,6 +317,14 @@ impl BitrixError {
         if code.eq_ignore_ascii_case("ACCESS_DENIED") && self.method.starts_with("event.") {
             hints.push(
                 "event methods need a token of a portal administrator and a commercial plan"
+                    .to_string(),
+            );
+        }
+        if code.eq_ignore_ascii_case("ERROR_EVENT_NOT_FOUND") {
+            hints.push(
+                "the portal offers this event only to applications with its module's scope (e.g. \
+                 crm for ONCRM* events): add the scope to the local application's permissions, \
+                 then authorize again with `b24eventd auth login`"
                     .to_string(),
             );
         }
@@ -539,6 +562,35 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("rest_auth_connector"), "{msg}");
         assert!(!msg.contains("fetch-delete"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_grant_hints_depend_on_the_request() {
+        let refresh = BitrixError::from_api(
+            "main",
+            crate::bitrix::oauth::REFRESH_METHOD,
+            "invalid_grant",
+            "Invalid grant",
+            Some(400),
+        );
+        assert!(refresh.to_string().contains("180 days"), "{refresh}");
+        let exchange = BitrixError::from_api(
+            "main",
+            crate::bitrix::oauth::EXCHANGE_METHOD,
+            "invalid_grant",
+            "Invalid grant",
+            Some(400),
+        );
+        let msg = exchange.to_string();
+        assert!(
+            msg.contains("30 seconds") && !msg.contains("180 days"),
+            "{msg}"
+        );
+        assert_eq!(
+            exchange.failure(),
+            "oauth code exchange failed: invalid_grant (invalid grant)"
+        );
+        assert!(exchange.hint().is_some_and(|h| h.contains("auth login")));
     }
 
     #[test]

@@ -7,7 +7,9 @@ pub mod oauth;
 pub mod ratelimit;
 pub mod types;
 
-pub use client::{ClientSettings, PortalClient};
+pub use client::{BindOutcome, ClientSettings, PortalClient};
 pub use error::{BitrixError, ErrorClass};
 pub use oauth::{TokenStore, Tokens};
-pub use types::{ListPage, ListedEvent, OfflineBatch, OfflineEvent};
+pub use types::{
+    AppInfo, EventHandler, FeatureValue, ListPage, ListedEvent, OfflineBatch, OfflineEvent,
+};

@@ -1,5 +1,6 @@
-//! OAuth 2.0 tokens of a Bitrix24 application: the token pair, where it is persisted, and the two
-//! requests to the authorization server (refresh and authorization-code exchange, notes §10).
+//! OAuth 2.0 tokens of a Bitrix24 application: the token pair, where it is persisted, the two
+//! requests to the authorization server (refresh and authorization-code exchange, notes §10),
+//! and the authorization page with the answer an operator pastes back from it.
 //!
 //! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
 //! must persist the new pair before relying on it (see [`TokenStore`]).
@@ -82,6 +83,15 @@ pub trait TokenStore: Send + Sync {
         portal: &'a str,
         tokens: &'a Tokens,
     ) -> crate::BoxFuture<'a, anyhow::Result<()>>;
+
+    /// The pair stored now, which another process (`auth login`, `doctor`, a second daemon)
+    /// may have written since this one read it. A store that cannot read back answers `None`.
+    fn load<'a>(
+        &'a self,
+        _portal: &'a str,
+    ) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Renews the token pair: `GET token_url?grant_type=refresh_token&client_id&client_secret&refresh_token`.
@@ -136,6 +146,147 @@ pub async fn exchange_code(
         &[client_secret, code],
     )
     .await
+}
+
+/// The page where a portal user grants the application access (notes §10, "Full OAuth
+/// authorization"): `<portal>/oauth/authorize/?client_id=…&state=…` on the portal's own host,
+/// taken from `client_endpoint`. After the grant the browser is sent to the application's
+/// redirect address with `code`, `state`, `domain`, `member_id`, `scope` in the query.
+pub fn authorize_url(
+    client_endpoint: &str,
+    client_id: &str,
+    state: &str,
+) -> Result<String, String> {
+    let mut url = reqwest::Url::parse(client_endpoint.trim())
+        .map_err(|e| format!("client_endpoint {client_endpoint} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "client_endpoint {client_endpoint} is not an http(s) URL with a host"
+        ));
+    }
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_fragment(None);
+    url.set_path("/oauth/authorize/");
+    url.query_pairs_mut()
+        .clear()
+        .append_pair("client_id", client_id)
+        .append_pair("state", state);
+    Ok(url.to_string())
+}
+
+/// What the operator pasted after authorizing: the redirected address, its query string, or
+/// the bare code. Only `code` is always there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LoginAnswer {
+    /// The authorization code (valid for 30 seconds, single use).
+    pub code: String,
+    /// The `state` echoed back, when the address was pasted.
+    pub state: Option<String>,
+    /// The portal's domain as the redirect named it.
+    pub domain: Option<String>,
+    /// The portal's `member_id` as the redirect named it.
+    pub member_id: Option<String>,
+}
+
+impl fmt::Debug for LoginAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginAnswer")
+            .field("code", &redacted(&self.code))
+            .field("state", &self.state)
+            .field("domain", &self.domain)
+            .field("member_id", &self.member_id)
+            .finish()
+    }
+}
+
+/// Reads one pasted line: a whole redirected URL, a query string, or only the code. Errors say
+/// what to paste instead and never quote the input (it may hold a live code).
+pub fn parse_login_answer(input: &str) -> Result<LoginAnswer, String> {
+    let input = input.trim();
+    if input.is_empty() {
+        return Err("nothing was pasted: paste the address the browser was redirected to, or the code in it".to_string());
+    }
+    let looks_like_query = input.contains('=') || input.contains('?') || input.contains("://");
+    if !looks_like_query {
+        if !input
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err("the pasted text is neither an address nor an authorization code (letters and digits)".to_string());
+        }
+        return Ok(LoginAnswer {
+            code: input.to_string(),
+            state: None,
+            domain: None,
+            member_id: None,
+        });
+    }
+    let url = if input.contains("://") {
+        reqwest::Url::parse(input)
+    } else {
+        reqwest::Url::parse(&format!(
+            "http://localhost/?{}",
+            input.trim_start_matches('?')
+        ))
+    }
+    .map_err(|e| format!("the pasted address cannot be read: {e}"))?;
+    let mut answer = LoginAnswer {
+        code: String::new(),
+        state: None,
+        domain: None,
+        member_id: None,
+    };
+    let mut error = None;
+    let mut error_description = String::new();
+    for (key, value) in url.query_pairs() {
+        let value = value.trim().to_string();
+        match key.as_ref() {
+            "code" => answer.code = value,
+            "state" => answer.state = Some(value),
+            "domain" => answer.domain = Some(value),
+            "member_id" => answer.member_id = Some(value),
+            "error" => error = Some(value),
+            "error_description" => error_description = value,
+            _ => {}
+        }
+    }
+    if let Some(error) = error {
+        let detail = if error_description.is_empty() {
+            String::new()
+        } else {
+            format!(" ({error_description})")
+        };
+        return Err(format!(
+            "the portal refused the authorization: {error}{detail}"
+        ));
+    }
+    if answer.code.is_empty() {
+        return Err("the pasted address has no code parameter: paste the whole address the browser was redirected to after \"Allow\", or only the code".to_string());
+    }
+    Ok(answer)
+}
+
+/// Whether a redirect's `domain` names the portal of `client_endpoint` (host, or host:port).
+pub fn domain_matches(client_endpoint: &str, domain: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(client_endpoint.trim()) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let domain = domain.trim().trim_end_matches('/');
+    let domain = domain
+        .strip_prefix("https://")
+        .or_else(|| domain.strip_prefix("http://"))
+        .unwrap_or(domain);
+    if domain.eq_ignore_ascii_case(host) {
+        return true;
+    }
+    match url.port_or_known_default() {
+        Some(port) => domain.eq_ignore_ascii_case(&format!("{host}:{port}")),
+        None => false,
+    }
 }
 
 async fn token_request(
@@ -370,6 +521,89 @@ mod tests {
             dbg.contains("<redacted>") && dbg.contains("a223c6b3710f85df22e9377d6c4f7553"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn authorize_url_is_on_the_portal_host() {
+        assert_eq!(
+            authorize_url(
+                "https://example.bitrix24.com/rest/",
+                "local.65f1c2.12345678",
+                "s1"
+            )
+            .unwrap(),
+            "https://example.bitrix24.com/oauth/authorize/?client_id=local.65f1c2.12345678&state=s1"
+        );
+        assert_eq!(
+            authorize_url("http://127.0.0.1:8024/rest/", "a b", "x&y").unwrap(),
+            "http://127.0.0.1:8024/oauth/authorize/?client_id=a+b&state=x%26y"
+        );
+        assert!(authorize_url("example.bitrix24.com/rest/", "c", "s").is_err());
+    }
+
+    #[test]
+    fn login_answers_of_every_shape() {
+        let docs = "https://www.applicationhost.com/application/?code=avmocpghblyi01m3h42bljvqtyd19sw1\
+                    &state=JJHgsdgfkdaslg7lbadsfg&domain=portal.bitrix24.com\
+                    &member_id=a223c6b3710f85df22e9377d6c4f7553&scope=crm%2Centity%2Cim%2Ctask\
+                    &server_domain=oauth.bitrix.info";
+        let a = parse_login_answer(docs).unwrap();
+        assert_eq!(a.code, "avmocpghblyi01m3h42bljvqtyd19sw1");
+        assert_eq!(a.state.as_deref(), Some("JJHgsdgfkdaslg7lbadsfg"));
+        assert_eq!(a.domain.as_deref(), Some("portal.bitrix24.com"));
+        assert_eq!(
+            a.member_id.as_deref(),
+            Some("a223c6b3710f85df22e9377d6c4f7553")
+        );
+        let q = parse_login_answer("?code=abc123&state=s").unwrap();
+        assert_eq!((q.code.as_str(), q.state.as_deref()), ("abc123", Some("s")));
+        let bare = parse_login_answer("  avmocpghblyi01m3h42bljvqtyd19sw1\n").unwrap();
+        assert_eq!(bare.code, "avmocpghblyi01m3h42bljvqtyd19sw1");
+        assert_eq!(bare.state, None);
+
+        let err = parse_login_answer("https://app.example/?state=s&domain=x").unwrap_err();
+        assert!(err.contains("no code"), "{err}");
+        let err = parse_login_answer(
+            "https://app.example/?error=access_denied&error_description=User+denied",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("access_denied") && err.contains("User denied"),
+            "{err}"
+        );
+        assert!(parse_login_answer("   ").is_err());
+        let err = parse_login_answer("secret code with spaces").unwrap_err();
+        assert!(!err.contains("secret"), "the input is never quoted: {err}");
+        let dbg = format!("{a:?}");
+        assert!(!dbg.contains("avmocpghblyi01m3h42bljvqtyd19sw1"), "{dbg}");
+    }
+
+    #[test]
+    fn redirect_domains_are_matched_to_the_endpoint() {
+        assert!(domain_matches(
+            "https://example.bitrix24.com/rest/",
+            "example.bitrix24.com"
+        ));
+        assert!(domain_matches(
+            "https://example.bitrix24.com/rest/",
+            "EXAMPLE.bitrix24.com"
+        ));
+        assert!(domain_matches(
+            "https://example.bitrix24.com/rest/",
+            "example.bitrix24.com:443"
+        ));
+        assert!(domain_matches(
+            "http://127.0.0.1:8024/rest/",
+            "127.0.0.1:8024"
+        ));
+        assert!(!domain_matches(
+            "https://example.bitrix24.com/rest/",
+            "other.bitrix24.com"
+        ));
+        assert!(!domain_matches(
+            "http://127.0.0.1:8024/rest/",
+            "127.0.0.1:9000"
+        ));
     }
 
     #[test]

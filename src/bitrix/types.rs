@@ -1,6 +1,6 @@
-//! Parsing of Bitrix24 response shapes (offline events, lists, batch, `time`), pure and lenient
-//! where the API is loose: numbers may come as strings, empty PHP maps come as `[]`, absent
-//! payloads as `false`.
+//! Parsing of Bitrix24 response shapes (offline events, lists, batch, `time`, event handlers,
+//! plan features, the portal clock, the application), pure and lenient where the API is loose:
+//! numbers may come as strings, empty PHP maps come as `[]`, absent payloads as `false`.
 
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -210,6 +210,175 @@ pub fn parse_batch(result: &Value) -> Result<BatchResponse, String> {
         totals: numbers("result_total")?,
         nexts: numbers("result_next")?,
     })
+}
+
+/// One registered event handler of the application, as `event.get` lists it: online handlers
+/// carry `handler` and `auth_type`, offline ones `connector_id` (notes §5, `eventGet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventHandler {
+    /// The event name, upper case (`ONCRMDEALADD`).
+    pub event: String,
+    /// True for an offline binding (`event_type=offline`): events go to the offline queue.
+    pub offline: bool,
+    /// The handler URL of an online binding; empty for offline ones.
+    pub handler: String,
+    /// The `auth_connector` an offline binding was made with; empty when none.
+    pub connector_id: String,
+}
+
+/// What `feature.get` said about a plan feature (`{"value": "Y"}`, notes §1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeatureValue {
+    /// `Y`: the plan has the feature.
+    Enabled,
+    /// `N`: the plan lacks it.
+    Disabled,
+    /// `<lang>_selfhosted`: an on-premise installation without a feature check, where plan
+    /// features do not apply (everything is allowed).
+    SelfHosted(String),
+}
+
+/// The part of `app.info` an operator needs (the full answer also has `ID`, `CODE`,
+/// `LANGUAGE_ID` and, on cloud portals, `LICENSE_TYPE` and `LICENSE_FAMILY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppInfo {
+    /// `CODE`: the application code (the `client_id` of a local application).
+    pub code: String,
+    /// `STATUS`: F free, D demo, T trial, P paid, L local.
+    pub status: String,
+    /// `INSTALLED`: while false, Bitrix24 delivers no events to the application.
+    pub installed: bool,
+    /// `PAYMENT_EXPIRED`: `Y` when the paid or trial period is over.
+    pub payment_expired: bool,
+    /// `DAYS`: days left of the paid or trial period, when it has one.
+    pub days: Option<i64>,
+    /// `LICENSE`: the plan with its region prefix (`en_pro100`, `de_ent250`).
+    pub license: String,
+}
+
+/// Parses the `result` of `event.get`: a list of handlers (`offline` as 0/1, number or string).
+pub fn parse_event_get(result: &Value) -> Result<Vec<EventHandler>, String> {
+    let records = match result {
+        Value::Null | Value::Bool(false) => return Ok(Vec::new()),
+        other => records_of(other).map_err(|e| format!("result of event.get {e}"))?,
+    };
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| {
+            let obj = record
+                .as_object()
+                .ok_or_else(|| format!("handler {i} is {} instead of an object", kind(record)))?;
+            let event = match field(obj, "event") {
+                Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_uppercase(),
+                other => {
+                    return Err(format!(
+                        "handler {i}: event {} is not a name",
+                        other.map_or_else(|| "missing".to_string(), short)
+                    ));
+                }
+            };
+            let handler = field(obj, "handler").map(text).unwrap_or_default();
+            let offline = match field(obj, "offline") {
+                None | Some(Value::Null) => handler.is_empty(),
+                Some(Value::Bool(b)) => *b,
+                Some(v) => as_i64(v).map(|n| n != 0).ok_or_else(|| {
+                    format!("handler {i} ({event}): offline {} is not 0 or 1", short(v))
+                })?,
+            };
+            Ok(EventHandler {
+                event,
+                offline,
+                handler,
+                connector_id: field(obj, "connector_id").map(text).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Parses the `result` of `feature.get`.
+pub fn parse_feature_get(result: &Value) -> Result<FeatureValue, String> {
+    let value = result
+        .as_object()
+        .and_then(|obj| field(obj, "value"))
+        .ok_or_else(|| format!("result of feature.get is {} without a value", short(result)))?;
+    let value = text(value);
+    match value.trim() {
+        v if v.eq_ignore_ascii_case("Y") => Ok(FeatureValue::Enabled),
+        v if v.eq_ignore_ascii_case("N") => Ok(FeatureValue::Disabled),
+        v if v.to_ascii_lowercase().ends_with("_selfhosted") => {
+            Ok(FeatureValue::SelfHosted(v.to_string()))
+        }
+        v => Err(format!(
+            "feature.get value {v:?} is not Y, N or <lang>_selfhosted"
+        )),
+    }
+}
+
+/// Parses the `result` of `server.time`: the portal's clock, ISO 8601 with offset.
+pub fn parse_server_time(result: &Value) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+    let Value::String(s) = result else {
+        return Err(format!(
+            "result of server.time is {} instead of a time",
+            kind(result)
+        ));
+    };
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map_err(|e| format!("server.time {s:?} is not an ISO 8601 time: {e}"))
+}
+
+/// Parses the `result` of `user.admin` (`true`/`false`; PHP-ish `"Y"`, `1` accepted too).
+pub fn parse_user_admin(result: &Value) -> Result<bool, String> {
+    flag(result).ok_or_else(|| format!("result of user.admin {} is not a boolean", short(result)))
+}
+
+/// Parses the `result` of `app.info`.
+pub fn parse_app_info(result: &Value) -> Result<AppInfo, String> {
+    let obj = result.as_object().ok_or_else(|| {
+        format!(
+            "result of app.info is {} instead of an object",
+            kind(result)
+        )
+    })?;
+    let installed = match field(obj, "INSTALLED") {
+        None | Some(Value::Null) => return Err("app.info has no INSTALLED".to_string()),
+        Some(v) => {
+            flag(v).ok_or_else(|| format!("app.info INSTALLED {} is not a boolean", short(v)))?
+        }
+    };
+    Ok(AppInfo {
+        code: field(obj, "CODE").map(text).unwrap_or_default(),
+        status: field(obj, "STATUS").map(text).unwrap_or_default(),
+        installed,
+        payment_expired: field(obj, "PAYMENT_EXPIRED")
+            .and_then(flag)
+            .unwrap_or(false),
+        days: field(obj, "DAYS").and_then(as_i64),
+        license: field(obj, "LICENSE").map(text).unwrap_or_default(),
+    })
+}
+
+/// Parses the `result` of `event.unbind`: `{"count": n}`, the handlers removed.
+pub fn parse_unbind_count(result: &Value) -> Result<u64, String> {
+    result
+        .as_object()
+        .and_then(|obj| field(obj, "count"))
+        .and_then(as_u64)
+        .ok_or_else(|| format!("result of event.unbind {} has no count", short(result)))
+}
+
+/// A PHP-style truth value: booleans, `Y`/`N`, `true`/`false`, numbers.
+fn flag(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::Number(_) => as_i64(value).map(|n| n != 0),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "y" | "true" | "1" => Some(true),
+            "n" | "false" | "0" | "" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn keyed(obj: &Map<String, Value>, member: &str) -> Result<BTreeMap<String, Value>, String> {
@@ -665,6 +834,132 @@ mod tests {
         );
         assert_eq!(parse_error(&json!({"result": true})), None);
         assert_eq!(parse_error(&json!({"error": ""})), None);
+    }
+
+    #[test]
+    fn event_get_docs_example_and_offline_handlers() {
+        let resp = ApiResponse::from_body(&body(
+            r#"{
+            "result": [
+                {"event": "ONCRMLEADADD", "handler": "https:\/\/www.my-domain.com\/handler\/", "auth_type": "0", "offline": 0},
+                {"event": "ONCRMLEADADD", "handler": "https:\/\/www.my-domain.com\/handler\/", "auth_type": "15", "offline": 0},
+                {"event": "ONCRMDEALADD", "connector_id": "", "offline": 1},
+                {"event": "oncrmdealupdate", "connector_id": "erp-sync", "offline": "1"}
+            ],
+            "time": {"start": 1721297941.536696, "finish": 1721297941.661148, "duration": 0.12445211410522461,
+                     "processing": 0.0029609203338623047, "date_start": "2024-07-18T12:19:01+02:00",
+                     "date_finish": "2024-07-18T12:19:01+02:00", "operating": 0}
+        }"#,
+        ))
+        .unwrap();
+        let handlers = parse_event_get(&resp.result).unwrap();
+        assert_eq!(handlers.len(), 4);
+        assert!(!handlers[0].offline);
+        assert_eq!(handlers[0].handler, "https://www.my-domain.com/handler/");
+        assert_eq!(
+            handlers[2],
+            EventHandler {
+                event: "ONCRMDEALADD".into(),
+                offline: true,
+                handler: String::new(),
+                connector_id: String::new(),
+            }
+        );
+        assert_eq!(handlers[3].event, "ONCRMDEALUPDATE");
+        assert!(handlers[3].offline);
+        assert_eq!(handlers[3].connector_id, "erp-sync");
+        assert!(parse_event_get(&json!([])).unwrap().is_empty());
+        assert!(parse_event_get(&json!([{"offline": 1}])).is_err());
+        assert!(parse_event_get(&json!([{"event": "X", "offline": "yes"}])).is_err());
+        assert!(parse_event_get(&json!("x")).is_err());
+    }
+
+    #[test]
+    fn feature_get_values() {
+        let resp = ApiResponse::from_body(&body(
+            r#"{"result": {"value": "Y"}, "time": {"start": 1722434594.84942, "finish": 1722434594.90542,
+                "duration": 0.0560011863708496, "processing": 0.000065088272094726,
+                "date_start": "2024-07-31T14:03:14+00:00", "date_finish": "2024-07-31T14:03:14+00:00", "operating": 0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(parse_feature_get(&resp.result), Ok(FeatureValue::Enabled));
+        assert_eq!(
+            parse_feature_get(&json!({"value": "N"})),
+            Ok(FeatureValue::Disabled)
+        );
+        assert_eq!(
+            parse_feature_get(&json!({"value": "en_selfhosted"})),
+            Ok(FeatureValue::SelfHosted("en_selfhosted".into()))
+        );
+        assert!(parse_feature_get(&json!({"value": true})).is_err());
+        assert!(parse_feature_get(&json!("Y")).is_err());
+    }
+
+    #[test]
+    fn server_time_docs_example() {
+        let resp = ApiResponse::from_body(&body(
+            r#"{"result": "2024-08-05T09:02:13+00:00", "time": {"start": 1722848533.40768,
+                "finish": 1722848533.44277, "duration": 0.0350871086120606, "processing": 0.000040054321289062,
+                "date_start": "2024-08-05T09:02:13+00:00", "date_finish": "2024-08-05T09:02:13+00:00", "operating": 0}}"#,
+        ))
+        .unwrap();
+        let t = parse_server_time(&resp.result).unwrap();
+        assert_eq!(t.timestamp(), 1_722_848_533);
+        assert_eq!(
+            parse_server_time(&json!("2026-11-23T13:00:00+03:00"))
+                .unwrap()
+                .timestamp(),
+            1_795_428_000
+        );
+        assert!(parse_server_time(&json!("yesterday")).is_err());
+        assert!(parse_server_time(&json!(1722848533)).is_err());
+    }
+
+    #[test]
+    fn user_admin_answers() {
+        assert_eq!(parse_user_admin(&json!(true)), Ok(true));
+        assert_eq!(parse_user_admin(&json!(false)), Ok(false));
+        assert_eq!(parse_user_admin(&json!("Y")), Ok(true));
+        assert_eq!(parse_user_admin(&json!(0)), Ok(false));
+        assert!(parse_user_admin(&json!({"ADMIN": true})).is_err());
+    }
+
+    #[test]
+    fn app_info_docs_example() {
+        let resp = ApiResponse::from_body(&body(
+            r#"{"result": {"ID": 5, "CODE": "telefum24.kp10", "VERSION": 4, "STATUS": "F", "INSTALLED": true,
+                "PAYMENT_EXPIRED": "N", "DAYS": null, "LANGUAGE_ID": "de", "LICENSE": "de_ent10000",
+                "LICENSE_TYPE": "ent10000", "LICENSE_FAMILY": "ent"},
+                "time": {"start": 1722841503.0585, "finish": 1722841503.09885, "duration": 0.0403509140014648,
+                "processing": 0.00533103942871094, "date_start": "2024-08-05T07:05:03+00:00",
+                "date_finish": "2024-08-05T07:05:03+00:00", "operating": 0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            parse_app_info(&resp.result).unwrap(),
+            AppInfo {
+                code: "telefum24.kp10".into(),
+                status: "F".into(),
+                installed: true,
+                payment_expired: false,
+                days: None,
+                license: "de_ent10000".into(),
+            }
+        );
+        let expired = parse_app_info(
+            &json!({"CODE": "x", "STATUS": "T", "INSTALLED": false, "PAYMENT_EXPIRED": "Y", "DAYS": "-3"}),
+        )
+        .unwrap();
+        assert!(!expired.installed && expired.payment_expired);
+        assert_eq!(expired.days, Some(-3));
+        assert!(parse_app_info(&json!({"CODE": "x"})).is_err());
+    }
+
+    #[test]
+    fn unbind_docs_example() {
+        assert_eq!(parse_unbind_count(&json!({"count": 1})), Ok(1));
+        assert_eq!(parse_unbind_count(&json!({"count": "0"})), Ok(0));
+        assert!(parse_unbind_count(&json!(true)).is_err());
     }
 
     #[test]

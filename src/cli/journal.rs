@@ -2,13 +2,12 @@
 //! `prune`. They run beside the daemon (WAL readers; writes are short transactions) and go
 //! through `journal::` for every query.
 
-use super::table::Table;
+use super::report::{Table, print_json};
 use crate::config::Config;
 use crate::journal::{EventDetail, EventFilter, EventRow, Journal, PortalStats, StatusFilter};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Local, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use clap::{Args, Subcommand};
-use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -217,11 +216,6 @@ fn open_existing(config: &Config) -> anyhow::Result<Journal> {
     Journal::open_blocking(path, config.journal.synchronous)
 }
 
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
 /// Checks `--sink`/`--portal` against the config, so a typo is an error and not an empty list.
 fn check_names(config: &Config, filter: &FilterArgs, journal: &Journal) -> anyhow::Result<()> {
     if let Some(portal) = &filter.portal
@@ -416,7 +410,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&serde_json::json!({ "events": rows }));
             }
-            let mut table = Table::new([
+            let mut table = Table::new(&[
                 "ROW",
                 "ID",
                 "EVENT",
@@ -430,7 +424,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                     if filter.sink.as_ref().is_some_and(|s| *s != d.sink) {
                         continue;
                     }
-                    table.row([
+                    table.row(vec![
                         row.row.to_string(),
                         row.id.clone(),
                         row.event.clone(),
@@ -441,7 +435,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                     ]);
                 }
             }
-            table.print();
+            print!("{}", table.render());
             Ok(())
         }
         DeadCommand::Retry { filter, json } => {
@@ -517,7 +511,7 @@ fn print_stats(stats: &[PortalStats]) {
         return;
     }
     let now = Utc::now();
-    let mut table = Table::new([
+    let mut table = Table::new(&[
         "PORTAL",
         "SINK",
         "PENDING",
@@ -528,7 +522,7 @@ fn print_stats(stats: &[PortalStats]) {
         "UNSETTLED UPSTREAM",
     ]);
     for p in stats {
-        table.row([
+        table.row(vec![
             p.portal.clone(),
             "(all)".to_string(),
             p.pending.to_string(),
@@ -539,7 +533,7 @@ fn print_stats(stats: &[PortalStats]) {
             p.upstream_unsettled.to_string(),
         ]);
         for s in &p.sinks {
-            table.row([
+            table.row(vec![
                 String::new(),
                 s.sink.clone(),
                 s.pending.to_string(),
@@ -551,7 +545,7 @@ fn print_stats(stats: &[PortalStats]) {
             ]);
         }
     }
-    table.print();
+    print!("{}", table.render());
 }
 
 /// How long ago a journal timestamp was, for people (`3m 12s`); `-` for none.
@@ -595,11 +589,11 @@ fn event_line(row: &EventRow) -> String {
 }
 
 fn print_events(rows: &[EventRow]) {
-    let mut table = Table::new([
+    let mut table = Table::new(&[
         "ROW", "ID", "EVENT", "LANE", "STATUS", "UPSTREAM", "FETCHED", "SINKS",
     ]);
     for row in rows {
-        table.row([
+        table.row(vec![
             row.row.to_string(),
             row.id.clone(),
             row.event.clone(),
@@ -610,7 +604,7 @@ fn print_events(rows: &[EventRow]) {
             sinks_summary(row),
         ]);
     }
-    table.print();
+    print!("{}", table.render());
 }
 
 fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
@@ -634,7 +628,7 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
     );
     println!("  envelope    {}", serde_json::to_string(&d.envelope)?);
     println!("deliveries:");
-    let mut table = Table::new([
+    let mut table = Table::new(&[
         "SINK",
         "STATUS",
         "ATTEMPTS",
@@ -643,7 +637,7 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
         "LAST ERROR",
     ]);
     for del in &d.deliveries {
-        table.row([
+        table.row(vec![
             del.sink.clone(),
             del.status.clone(),
             del.attempts.to_string(),
@@ -655,11 +649,11 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             del.last_error.clone().unwrap_or_default(),
         ]);
     }
-    table.print();
+    print!("{}", table.render());
     println!("attempts:");
-    let mut table = Table::new(["AT", "SINK", "ATTEMPT", "OUTCOME", "ERROR"]);
+    let mut table = Table::new(&["AT", "SINK", "ATTEMPT", "OUTCOME", "ERROR"]);
     for a in &d.attempts {
-        table.row([
+        table.row(vec![
             local_time(&a.at),
             a.sink.clone(),
             a.attempt.to_string(),
@@ -667,7 +661,7 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             a.error.clone().unwrap_or_default(),
         ]);
     }
-    table.print();
+    print!("{}", table.render());
     for a in d.attempts.iter().filter(|a| a.output.is_some()) {
         println!(
             "output of {} attempt {} at {}:\n{}",

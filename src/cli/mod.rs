@@ -1,15 +1,17 @@
 //! The command line: argument parsing, logging set-up, and the one place that prints errors and
 //! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
 
+mod auth;
 mod demo;
+mod doctor;
 mod journal;
-mod table;
+mod report;
+mod subscribe;
 
 use crate::config::{self, Config, ConfigError};
 use crate::journal::Journal;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +56,21 @@ enum Command {
         listen: std::net::SocketAddr,
     },
     /// Check the configuration and exit 0, or print what is wrong and exit 78
-    Validate,
+    Validate {
+        /// Then also talk to every portal and sink, as `doctor` does (exit 1 when a check fails)
+        #[arg(long)]
+        online: bool,
+        /// With --online: print the report as one JSON document
+        #[arg(long, requires = "online")]
+        json: bool,
+    },
+    /// Check every portal (token, rights, plan features, bindings, clock, backlog) and every
+    /// sink; exit 1 when a check fails
+    Doctor {
+        /// Print the report as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the OAuth tokens stored in the journal
     #[command(subcommand)]
     Auth(AuthCommand),
@@ -70,6 +86,27 @@ enum Command {
     Dead(journal::DeadCommand),
     /// Delete events settled upstream longer ago than journal.retention (or --older-than)
     Prune(journal::PruneArgs),
+    /// Bind the offline events listed in `events` on the portal (event.bind, event_type=offline)
+    Subscribe {
+        /// Only this portal (default: every configured portal)
+        #[arg(long)]
+        portal: Option<String>,
+        /// Also unbind offline events that are bound but not in `events`
+        #[arg(long)]
+        prune: bool,
+        /// Print what changed as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the portal's offline bindings of the events listed in `events`
+    Unsubscribe {
+        /// Only this portal (default: every configured portal)
+        #[arg(long)]
+        portal: Option<String>,
+        /// Print what changed as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +124,20 @@ enum AuthCommand {
         /// A current access token, if you have one
         #[arg(long, value_name = "TOKEN")]
         access_token: Option<String>,
+    },
+    /// Authorize the application in a browser: prints the portal's authorization address,
+    /// reads the address it redirected to (or the code) from stdin, stores the tokens
+    Login {
+        /// Portal name, as in [portals.NAME]
+        #[arg(long)]
+        portal: String,
+    },
+    /// Show per portal whether tokens are stored, when the access token expires, the last
+    /// refresh, member_id and scope (never the tokens)
+    Status {
+        /// Print as one JSON document
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -152,19 +203,34 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         .clone()
         .unwrap_or_else(config::default_config_path);
     match cli.command {
-        Command::Validate => {
+        Command::Validate { online, json } => {
             let config = config::load(&config_path)?;
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
             }
-            println!(
-                "{}: ok ({} portal{}, {} sink{})",
-                config_path.display(),
-                config.portals.len(),
-                plural(config.portals.len()),
-                config.sinks.len(),
-                plural(config.sinks.len())
-            );
+            if !json {
+                println!(
+                    "{}: ok ({} portal{}, {} sink{})",
+                    config_path.display(),
+                    config.portals.len(),
+                    plural(config.portals.len()),
+                    config.sinks.len(),
+                    plural(config.sinks.len())
+                );
+            }
+            if online {
+                init_logging("warn");
+                runtime()?.block_on(doctor::run(&config, json, "validate --online"))?;
+            }
+            Ok(())
+        }
+        Command::Doctor { json } => {
+            let config = config::load(&config_path)?;
+            for portal in config.portals.values() {
+                config::resolve_secret(portal)?;
+            }
+            init_logging("warn");
+            runtime()?.block_on(doctor::run(&config, json, "doctor"))?;
             Ok(())
         }
         Command::Run => {
@@ -218,7 +284,35 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(auth_import(config, portal, refresh_token, access_token))?;
+            runtime()?.block_on(auth::import(config, portal, refresh_token, access_token))?;
+            Ok(())
+        }
+        Command::Auth(AuthCommand::Login { portal }) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            runtime()?.block_on(auth::login(config, portal))?;
+            Ok(())
+        }
+        Command::Auth(AuthCommand::Status { json }) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            runtime()?.block_on(auth::status(config, json))?;
+            Ok(())
+        }
+        Command::Subscribe {
+            portal,
+            prune,
+            json,
+        } => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            runtime()?.block_on(subscribe::subscribe(config, portal, prune, json))?;
+            Ok(())
+        }
+        Command::Unsubscribe { portal, json } => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            runtime()?.block_on(subscribe::unsubscribe(config, portal, json))?;
             Ok(())
         }
     }
@@ -296,6 +390,9 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     println!(
         "2. b24eventd -c sim.toml auth import --portal sim --refresh-token {refresh} --access-token {access}"
     );
+    println!(
+        "   or: b24eventd -c sim.toml auth login --portal sim (the simulator grants at once; paste the address it redirects to)"
+    );
     println!("3. b24eventd -c sim.toml run");
     println!(
         "4. raise events: curl -s -XPOST {base}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'"
@@ -309,54 +406,5 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         .context("cannot install signal handlers")?;
     shutdown.cancelled().await;
     sim.shutdown();
-    Ok(())
-}
-
-async fn auth_import(
-    config: Config,
-    portal: String,
-    refresh_token: String,
-    access_token: Option<String>,
-) -> Result<(), Failure> {
-    let Some(portal_config) = config.portals.get(&portal) else {
-        let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
-        return Err(anyhow::anyhow!(
-            "unknown portal {portal}: the config has {}",
-            known.join(", ")
-        )
-        .into());
-    };
-    let refresh_token = if refresh_token == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("cannot read the refresh token from stdin")?;
-        s.trim().to_string()
-    } else {
-        refresh_token
-    };
-    if refresh_token.is_empty() {
-        return Err(anyhow::anyhow!("the refresh token is empty").into());
-    }
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
-    let has_access = access_token.is_some();
-    // Without an access token the first call refreshes (an empty token counts as expired).
-    let tokens = crate::bitrix::Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
-    journal.save_tokens(&portal, &tokens).await?;
-    if has_access {
-        println!(
-            "stored tokens for portal {portal} in {}",
-            journal.path().display()
-        );
-        return Ok(());
-    }
-    let client = crate::pipeline::portal_client(portal_config, &journal).await?;
-    client.refresh_tokens().await.with_context(|| {
-        format!("the refresh token was stored, but using it failed for portal {portal}")
-    })?;
-    println!(
-        "stored tokens for portal {portal} in {} (refresh token checked and rotated)",
-        journal.path().display()
-    );
     Ok(())
 }

@@ -57,6 +57,22 @@ impl BatchOrigin {
     }
 }
 
+/// What the journal knows about a portal's OAuth tokens, without the tokens themselves
+/// (`auth status`, `doctor`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStatus {
+    /// When the stored access token expires; `None` when unknown (imported without expiry).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the pair was last written: the last refresh, login or import.
+    pub updated_at: Option<DateTime<Utc>>,
+    pub member_id: Option<String>,
+    pub scope: Option<String>,
+    pub user_id: Option<i64>,
+    pub client_endpoint: Option<String>,
+    /// False when only an access token is stored (nothing to refresh it with).
+    pub has_refresh_token: bool,
+}
+
 /// One event of a batch about to be journaled, with the sinks routed to it.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -246,6 +262,34 @@ impl Journal {
             .await
     }
 
+    /// The stored tokens' metadata for `portal` (never the tokens), or `None` when none are stored.
+    pub async fn token_status(&self, portal: &str) -> anyhow::Result<Option<TokenStatus>> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let status = conn
+                .query_row(
+                    "SELECT expires_at, updated_at, member_id, scope, user_id, client_endpoint,
+                            refresh_token <> ''
+                     FROM tokens WHERE portal = ?1",
+                    [&portal],
+                    |r| {
+                        Ok(TokenStatus {
+                            expires_at: parse_time(r.get(0)?),
+                            updated_at: parse_time(r.get(1)?),
+                            member_id: r.get(2)?,
+                            scope: r.get(3)?,
+                            user_id: r.get(4)?,
+                            client_endpoint: r.get(5)?,
+                            has_refresh_token: r.get(6)?,
+                        })
+                    },
+                )
+                .optional()?;
+            Ok(status)
+        })
+        .await
+    }
+
     pub fn save_tokens_blocking(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
         self.with_conn(|conn| save_tokens(conn, portal, tokens))
     }
@@ -410,6 +454,10 @@ impl TokenStore for Journal {
         tokens: &'a Tokens,
     ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.save_tokens(portal, tokens))
+    }
+
+    fn load<'a>(&'a self, portal: &'a str) -> crate::BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+        Box::pin(self.load_tokens(portal))
     }
 }
 
@@ -1124,6 +1172,24 @@ mod tests {
             ("a1", "r1")
         );
         assert_eq!(got.member_id.as_deref(), Some("m"));
+
+        assert!(j.token_status("other").await.unwrap().is_none());
+        let status = j.token_status("main").await.unwrap().unwrap();
+        assert_eq!(
+            status.expires_at.map(|t| t.timestamp_millis()),
+            t.expires_at.map(|t| t.timestamp_millis())
+        );
+        assert!(status.updated_at.is_some_and(|at| at <= Utc::now()));
+        assert_eq!(status.member_id.as_deref(), Some("m"));
+        assert_eq!((status.scope, status.user_id), (None, Some(1)));
+        assert!(status.has_refresh_token);
+        j.save_tokens("main", &Tokens::from_pair("a2", ""))
+            .await
+            .unwrap();
+        let status = j.token_status("main").await.unwrap().unwrap();
+        assert!(!status.has_refresh_token);
+        assert_eq!(status.expires_at, None);
+        assert_eq!(status.member_id.as_deref(), Some("m"), "kept from before");
     }
 
     #[tokio::test]

@@ -79,6 +79,24 @@ pub async fn portal_client(
     portal: &PortalConfig,
     journal: &Journal,
 ) -> anyhow::Result<PortalClient> {
+    client_with_limit_wait(portal, journal, Duration::from_secs(15 * 60)).await
+}
+
+/// Like [`portal_client`], for operator commands (`doctor`, `subscribe`, `auth login`): it waits
+/// out the portal's rate and operating limits for at most 30 s, so a command answers with the
+/// limit error instead of hanging for minutes.
+pub async fn operator_client(
+    portal: &PortalConfig,
+    journal: &Journal,
+) -> anyhow::Result<PortalClient> {
+    client_with_limit_wait(portal, journal, Duration::from_secs(30)).await
+}
+
+async fn client_with_limit_wait(
+    portal: &PortalConfig,
+    journal: &Journal,
+    max_limit_wait: Duration,
+) -> anyhow::Result<PortalClient> {
     let secret = resolve_secret(portal)?;
     let tokens = journal.load_tokens(&portal.name).await?;
     let settings = ClientSettings {
@@ -91,7 +109,7 @@ pub async fn portal_client(
         burst: portal.rate_limit.burst,
         per_second: portal.rate_limit.per_second,
         request_timeout: portal.request_timeout,
-        max_limit_wait: Duration::from_secs(15 * 60),
+        max_limit_wait,
     };
     let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
     PortalClient::new(settings, tokens, store).map_err(anyhow::Error::from)

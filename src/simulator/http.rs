@@ -1,6 +1,7 @@
 //! The simulator's HTTP transport (axum): `/rest/...` with the leaky bucket and injected
-//! faults, `/old/rest/...` redirects, the OAuth server at `/oauth/token/`, and the routes of
-//! the `/_sim` control API.
+//! faults, `/old/rest/...` redirects, the OAuth server at `/oauth/token/`, the authorization
+//! page at `/oauth/authorize/` (which grants at once and redirects to `/_sim/authorized`), and
+//! the routes of the `/_sim` control API.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -27,6 +28,9 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/old/rest/{*path}", any(moved))
         .route("/oauth/token", any(oauth))
         .route("/oauth/token/", any(oauth))
+        .route("/oauth/authorize", get(authorize))
+        .route("/oauth/authorize/", get(authorize))
+        .route("/_sim/authorized", get(authorized))
         .route("/_sim/emit", post(control::emit))
         .route("/_sim/bind", post(control::bind))
         .route("/_sim/stats", get(control::stats))
@@ -233,6 +237,62 @@ async fn moved(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) ->
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
+/// The portal's authorization page, as an administrator who is logged in and clicks "Allow"
+/// meets it: a known `client_id` gets a fresh code and a redirect to the application's address
+/// (here `/_sim/authorized`) with `code`, `state`, `domain`, `member_id`, `scope` and
+/// `server_domain`, as notes §10 shows; an unknown one gets an error page.
+async fn authorize(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) -> Response {
+    let params = Params::from_form(uri.query().unwrap_or(""));
+    let text = |name: &str| {
+        params
+            .get(name)
+            .and_then(super::php::strval)
+            .unwrap_or_default()
+    };
+    if text("client_id") != inner.config.client_id {
+        return Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Body::from(
+                "The application was not found on this portal.\n",
+            ))
+            .unwrap_or_else(|_| Response::new(Body::empty()));
+    }
+    let code = inner.lock().new_authorization_code();
+    let host = host_of(&inner, &headers);
+    let mut location = reqwest::Url::parse(&format!("http://{host}/_sim/authorized"))
+        .unwrap_or_else(|_| {
+            reqwest::Url::parse("http://127.0.0.1/_sim/authorized").expect("static URL")
+        });
+    location
+        .query_pairs_mut()
+        .append_pair("code", &code)
+        .append_pair("state", &text("state"))
+        .append_pair("domain", &host)
+        .append_pair("member_id", &inner.config.member_id)
+        .append_pair("scope", SCOPE)
+        .append_pair("server_domain", "oauth.bitrix.info");
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(LOCATION, location.as_str())
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// Stands in for the application's redirect address: the browser lands here after "Allow".
+async fn authorized() -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(
+            "Authorized. Copy this page's address into `b24eventd auth login`.\n",
+        ))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// The scope the simulated application holds.
+const SCOPE: &str = "crm,task,user,placement,pull";
+
 /// The OAuth server: `grant_type=refresh_token` (strict rotation) and
 /// `grant_type=authorization_code`, from a query string or a form/JSON body.
 async fn oauth(
@@ -302,7 +362,7 @@ async fn oauth(
             "expires_in": issued.expires_in,
             "member_id": inner.config.member_id,
             "refresh_token": issued.refresh_token,
-            "scope": "crm,task,user,placement,pull",
+            "scope": SCOPE,
             "server_endpoint": format!("http://{host}/rest/"),
             "status": "L",
             "user_id": 1,

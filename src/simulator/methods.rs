@@ -407,18 +407,28 @@ fn invoke(
             "TIME_ZONE_OFFSET": 10800,
         }))),
         "user.admin" => Ok(Output::of(json!(ctx.config.user_is_admin))),
-        "app.info" => Ok(Output::of(json!({
-            "ID": 1,
-            "CODE": ctx.config.client_id,
-            "VERSION": 1,
-            "STATUS": "L",
-            "INSTALLED": true,
-            "PAYMENT_EXPIRED": "N",
-            "DAYS": null,
-            "LANGUAGE_ID": "en",
-            "LICENSE": if ctx.config.rest_offline_extended { "en_company" } else { "en_project" },
-            "member_id": ctx.config.member_id,
-        }))),
+        // `CRestProvider::appInfo` on a cloud portal: no member_id here (that comes with the
+        // tokens); LICENSE_TYPE and LICENSE_FAMILY come from the bitrix24 module.
+        "app.info" => {
+            let (license_type, family) = if ctx.config.rest_offline_extended {
+                ("pro100", "pro")
+            } else {
+                ("basic", "basic")
+            };
+            Ok(Output::of(json!({
+                "ID": 1,
+                "CODE": ctx.config.client_id,
+                "VERSION": 1,
+                "STATUS": "L",
+                "INSTALLED": true,
+                "PAYMENT_EXPIRED": "N",
+                "DAYS": null,
+                "LANGUAGE_ID": "en",
+                "LICENSE": format!("en_{license_type}"),
+                "LICENSE_TYPE": license_type,
+                "LICENSE_FAMILY": family,
+            })))
+        }
         other => match crm_type(other) {
             Some(kind) => crm_get(state, kind, params),
             None => Err(RestError::method_not_found()),

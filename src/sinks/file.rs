@@ -3,8 +3,11 @@
 //! The file is reopened for every batch (so a rotated or deleted file is recreated, mode 0640),
 //! written with one `write_all` and made durable with `sync_data` before the batch counts as
 //! delivered. A failed write is truncated back so a retry does not leave half a line behind.
+//! A partial last line left by a killed process is cut off before the first append. Building
+//! the sink and its healthcheck write nothing: `doctor` may run beside a daemon that is
+//! appending to the same file, possibly as another user.
 
-use super::{Sink, SinkResult};
+use super::{Health, Sink, SinkResult};
 use crate::BoxFuture;
 use crate::config::{FileSinkConfig, SinkConfig};
 use crate::envelope::Envelope;
@@ -27,18 +30,16 @@ pub struct FileSink {
     path: PathBuf,
     timeout: Duration,
     /// Serialises writers so batches stay contiguous and a failed one can be truncated away.
-    lock: Arc<Mutex<()>>,
+    /// Holds whether the end of the file was checked for a torn line yet.
+    lock: Arc<Mutex<bool>>,
 }
 
 impl FileSink {
-    /// Checks that the file's directory exists and that the file can be opened for appending
-    /// (creating it, mode 0640, if missing).
+    /// Checks that the file's directory exists and, when the file exists, that it can be
+    /// opened for appending. Writes nothing: the first delivery creates the file (mode 0640).
     pub fn new(config: &SinkConfig, file: &FileSinkConfig) -> anyhow::Result<FileSink> {
         let path = file.path.clone();
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_dir(&path);
         if !parent.is_dir() {
             bail!(
                 "sink {}: the directory {} of the file {} does not exist",
@@ -47,26 +48,99 @@ impl FileSink {
                 path.display()
             );
         }
-        repair_torn_tail(&path).with_context(|| {
-            format!(
-                "sink {}: cannot repair the end of {}",
-                config.name,
-                path.display()
-            )
-        })?;
-        open_append(&path).with_context(|| {
-            format!(
-                "sink {}: cannot open {} for appending",
-                config.name,
-                path.display()
-            )
-        })?;
+        if path.exists() {
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| {
+                    format!(
+                        "sink {}: cannot open {} for appending",
+                        config.name,
+                        path.display()
+                    )
+                })?;
+        }
         Ok(FileSink {
             name: config.name.clone(),
             path,
             timeout: config.timeout,
-            lock: Arc::new(Mutex::new(())),
+            lock: Arc::new(Mutex::new(false)),
         })
+    }
+}
+
+/// The directory a file lives in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What a delivery needs of the file system, checked without writing to the file: the
+/// directory exists and accepts new files (a rotated file is recreated there; checked with a
+/// probe file created and removed at once), and the file, when it exists, opens for appending.
+fn check_writable(path: &Path) -> Health {
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        return Health::fail(
+            format!("the directory {} does not exist", dir.display()),
+            format!(
+                "create {} (writable by the daemon's user) or change the sink's path",
+                dir.display()
+            ),
+        );
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let probe = dir.join(format!(
+        ".{file_name}.b24eventd-check-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            return Health::fail(
+                format!("cannot create files in {}: {e}", dir.display()),
+                format!(
+                    "give the daemon's user write access to {} (a rotated or removed file is \
+                     recreated there); run doctor as that user",
+                    dir.display()
+                ),
+            );
+        }
+    }
+    match OpenOptions::new().append(true).open(path) {
+        Ok(file) => {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            Health::ok(format!(
+                "{} opens for appending ({len} bytes) and {} accepts new files; nothing was written",
+                path.display(),
+                dir.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Health::ok(format!(
+            "{} accepts new files; {} will be created (mode 0640) by the first delivery",
+            dir.display(),
+            path.display()
+        )),
+        Err(e) => Health::fail(
+            format!("cannot open {} for appending: {e}", path.display()),
+            format!(
+                "give the daemon's user write access to {}, or change the sink's path",
+                path.display()
+            ),
+        ),
     }
 }
 
@@ -160,7 +234,11 @@ impl Sink for FileSink {
             let path = self.path.clone();
             let lock = Arc::clone(&self.lock);
             let task = tokio::task::spawn_blocking(move || {
-                let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut tail_checked = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if !*tail_checked {
+                    repair_torn_tail(&path)?;
+                    *tail_checked = true;
+                }
                 append_synced(&path, &buf)
             });
 
@@ -176,6 +254,32 @@ impl Sink for FileSink {
             };
             tracing::warn!(sink = %self.name, path = %self.path.display(), events = batch.len(), error = %error, "file sink write failed");
             vec![SinkResult::Retry { error, after: None }; batch.len()]
+        })
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move { self.health().await.into_result() })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            let path = self.path.clone();
+            let check = tokio::task::spawn_blocking(move || check_writable(&path));
+            match tokio::time::timeout(self.timeout, check).await {
+                Ok(Ok(health)) => health,
+                Ok(Err(join)) => Health::fail(
+                    format!("the check of {} failed: {join}", self.path.display()),
+                    "run doctor again",
+                ),
+                Err(_) => Health::fail(
+                    format!(
+                        "checking {} took longer than {}",
+                        self.path.display(),
+                        humantime::format_duration(self.timeout)
+                    ),
+                    "check the file system (a hung network mount?)",
+                ),
+            }
         })
     }
 }
@@ -220,13 +324,13 @@ mod tests {
         let sink = FileSink::new(&config, &file).unwrap();
         assert_eq!(sink.name(), "archive");
         assert_eq!(sink.max_batch(), 500);
-
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & !0o640, 0, "mode {mode:o} must not exceed 0640");
+        assert!(!path.exists(), "building the sink writes nothing");
 
         let first: Vec<Envelope> = (1..=3).map(envelope).collect();
         let second: Vec<Envelope> = (4..=10).map(envelope).collect();
         assert_eq!(sink.deliver(&first).await, vec![SinkResult::Delivered; 3]);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o640, 0, "mode {mode:o} must not exceed 0640");
         assert_eq!(sink.deliver(&second).await, vec![SinkResult::Delivered; 7]);
         assert!(sink.deliver(&[]).await.is_empty());
 
@@ -246,6 +350,10 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let (config, file) = sink_config(&path);
         let sink = FileSink::new(&config, &file).unwrap();
+        assert_eq!(
+            sink.deliver(&[envelope(0)]).await,
+            vec![SinkResult::Delivered]
+        );
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
             sink.deliver(&[envelope(1)]).await,
@@ -297,6 +405,73 @@ mod tests {
         }
         let err = append_synced(full, b"{\"id\":1}\n").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(28));
+    }
+
+    #[tokio::test]
+    async fn a_torn_line_is_cut_off_by_the_first_delivery_not_by_the_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        std::fs::write(&path, b"{\"id\":\"a\"}\n{\"id\":\"b").unwrap();
+        let (config, file) = sink_config(&path);
+        let sink = FileSink::new(&config, &file).unwrap();
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Ok);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"id\":\"a\"}\n{\"id\":\"b",
+            "build and healthcheck leave the file alone"
+        );
+        assert_eq!(
+            sink.deliver(&[envelope(1)]).await,
+            vec![SinkResult::Delivered]
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0], "{\"id\":\"a\"}");
+        let second: Envelope = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second.offline_id, 1);
+    }
+
+    #[tokio::test]
+    async fn healthcheck_reports_without_writing() {
+        use crate::sinks::HealthLevel;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (config, file) = sink_config(&path);
+        let sink = FileSink::new(&config, &file).unwrap();
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Ok, "{health:?}");
+        assert!(health.detail.contains("will be created"), "{health:?}");
+        assert!(!path.exists(), "the check creates no event file");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the probe file is removed"
+        );
+        std::fs::write(&path, b"{}\n").unwrap();
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Ok);
+        assert!(health.detail.contains("3 bytes"), "{health:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
+        assert!(sink.healthcheck().await.is_ok());
+
+        // A directory that is gone, and a path that cannot be appended to.
+        let (config, file) = sink_config(&dir.path().join("sub/events.jsonl"));
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let sink = FileSink::new(&config, &file).unwrap();
+        std::fs::remove_dir(dir.path().join("sub")).unwrap();
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Fail);
+        assert!(health.detail.contains("does not exist"), "{health:?}");
+        assert!(health.fix.is_some_and(|f| f.contains("create")));
+        let err = sink.healthcheck().await.unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+
+        let (config, file) = sink_config(dir.path());
+        assert!(
+            FileSink::new(&config, &file).is_err(),
+            "a directory as the file is a build error"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! request carries `Idempotency-Key: <envelope id>`. Error texts never contain the URL's
 //! credentials or the configured header values.
 
-use super::{Sink, SinkResult};
+use super::{Health, Sink, SinkResult};
 use crate::BoxFuture;
 use crate::config::{HttpFormat, HttpSinkConfig, SinkConfig, redact_url};
 use crate::envelope::Envelope;
@@ -196,6 +196,55 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
+impl HttpSink {
+    /// The healthcheck: an `OPTIONS` request to the sink's URL through the same client a
+    /// delivery uses (DNS, proxy, TLS, the configured headers, the sink's timeout).
+    ///
+    /// Why `OPTIONS`: it is a safe method (RFC 9110 §9.3.7), so no receiver can take it for an
+    /// event, and unlike `HEAD` it is not routed to a `GET` handler that might do work. What
+    /// it proves is that a delivery would reach the endpoint: a failure to resolve, connect,
+    /// complete TLS or get an answer within the timeout fails (every delivery would fail the
+    /// same way); a 5xx warns (deliveries are retried while the service is unwell); any other
+    /// answer, including 404 or 405 from an endpoint that only routes `POST`, is ok, since the
+    /// status of a request that is not a delivery says nothing about how a delivery would be
+    /// answered.
+    async fn probe(&self) -> Health {
+        let started = std::time::Instant::now();
+        let request = self
+            .client
+            .request(reqwest::Method::OPTIONS, self.url.clone())
+            .timeout(self.timeout);
+        match request.send().await {
+            Err(e) => Health::fail(
+                self.transport_error(e),
+                "check the sink's url (host, port, scheme), DNS and firewalls between this host \
+                 and the endpoint, and that the service is running",
+            ),
+            Ok(response) => {
+                let status = response.status();
+                let elapsed = started.elapsed().as_millis();
+                if status.is_server_error() {
+                    Health::warn(
+                        format!(
+                            "{} answered OPTIONS with http {} in {elapsed} ms",
+                            self.shown_url,
+                            status.as_u16()
+                        ),
+                        "deliveries are retried while the endpoint answers 5xx: check the \
+                         receiving service and its logs",
+                    )
+                } else {
+                    Health::ok(format!(
+                        "{} answered OPTIONS with http {} in {elapsed} ms",
+                        self.shown_url,
+                        status.as_u16()
+                    ))
+                }
+            }
+        }
+    }
+}
+
 impl Sink for HttpSink {
     fn name(&self) -> &str {
         &self.name
@@ -214,6 +263,14 @@ impl Sink for HttpSink {
                 .collect()
                 .await
         })
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move { self.probe().await.into_result() })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(self.probe())
     }
 }
 
@@ -269,10 +326,26 @@ mod tests {
         }
     }
 
+    async fn busy(State(seen): State<Shared>, headers: AxumHeaders) -> AxumStatus {
+        seen.lock()
+            .unwrap()
+            .requests
+            .push((headers, serde_json::Value::Null));
+        AxumStatus::SERVICE_UNAVAILABLE
+    }
+
     async fn server() -> (String, Shared) {
         let seen: Shared = Arc::default();
         let app = Router::new()
             .route("/events", post(handler))
+            .route("/busy", axum::routing::options(busy))
+            .route(
+                "/slow",
+                axum::routing::options(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    AxumStatus::NO_CONTENT
+                }),
+            )
             .with_state(Arc::clone(&seen));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -443,6 +516,62 @@ mod tests {
                 .unwrap()
                 .starts_with("Basic ")
         );
+    }
+
+    #[tokio::test]
+    async fn healthcheck_probes_with_options_and_grades_the_answer() {
+        use crate::sinks::HealthLevel;
+        let (url, seen) = server().await;
+        let base = url.trim_end_matches("/events").to_string();
+
+        // /events routes only POST: 405 means the endpoint is there.
+        let health = sink(&url, &[], Duration::from_secs(2), 1).health().await;
+        assert_eq!(health.level, HealthLevel::Ok, "{health:?}");
+        assert!(health.detail.contains("http 405"), "{health:?}");
+        assert!(
+            seen.lock().unwrap().requests.is_empty(),
+            "nothing was delivered"
+        );
+
+        let busy = sink(
+            &format!("{base}/busy"),
+            &[("Authorization", "Bearer tok-123")],
+            Duration::from_secs(2),
+            1,
+        );
+        let health = busy.health().await;
+        assert_eq!(health.level, HealthLevel::Warn, "{health:?}");
+        assert!(health.detail.contains("503"), "{health:?}");
+        assert!(busy.healthcheck().await.is_ok(), "a warning passes");
+        let probes: Vec<AxumHeaders> = seen
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|(headers, _)| headers.clone())
+            .collect();
+        assert_eq!(probes.len(), 2, "health and healthcheck probed once each");
+        assert_eq!(
+            probes[0]["authorization"], "Bearer tok-123",
+            "the sink's headers go along"
+        );
+        assert!(probes[0].get("idempotency-key").is_none());
+
+        let slow = sink(&format!("{base}/slow"), &[], Duration::from_millis(300), 1);
+        let health = slow.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("timed out"), "{health:?}");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = format!("http://user:pw@{}/x", listener.local_addr().unwrap());
+        drop(listener);
+        let down = sink(&closed, &[], Duration::from_secs(2), 1);
+        let health = down.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("cannot connect"), "{health:?}");
+        assert!(!health.detail.contains("pw"), "{health:?}");
+        assert!(health.fix.is_some());
+        assert!(down.healthcheck().await.is_err());
     }
 
     #[test]

@@ -32,6 +32,64 @@ pub enum SinkResult {
     Dead { error: String },
 }
 
+/// How a sink's healthcheck came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthLevel {
+    /// A delivery would succeed now.
+    Ok,
+    /// A delivery would be retried (e.g. the endpoint answers 5xx): it may heal by itself.
+    Warn,
+    /// A delivery cannot succeed until someone fixes something.
+    Fail,
+}
+
+/// The verdict of [`Sink::health`]: a level, what was found, and for warn/fail how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub level: HealthLevel,
+    pub detail: String,
+    /// What to do about a warning or a failure; `None` when the detail says it already.
+    pub fix: Option<String>,
+}
+
+impl Health {
+    pub fn ok(detail: impl Into<String>) -> Health {
+        Health {
+            level: HealthLevel::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    pub fn warn(detail: impl Into<String>, fix: impl Into<String>) -> Health {
+        Health {
+            level: HealthLevel::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn fail(detail: impl Into<String>, fix: impl Into<String>) -> Health {
+        Health {
+            level: HealthLevel::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// The pass/fail form of [`Sink::healthcheck`]: a warning passes (with its fix appended).
+    pub fn into_result(self) -> Result<String, String> {
+        let text = match &self.fix {
+            Some(fix) => format!("{}; {fix}", self.detail),
+            None => self.detail,
+        };
+        match self.level {
+            HealthLevel::Ok | HealthLevel::Warn => Ok(text),
+            HealthLevel::Fail => Err(text),
+        }
+    }
+}
+
 /// A configured destination. Implementations hold their typed config and clients.
 pub trait Sink: Send + Sync {
     /// The `[sinks.NAME]` this sink was built from.
@@ -64,6 +122,22 @@ pub trait Sink: Send + Sync {
     /// wrong and how to fix it.
     fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
         Box::pin(async { Ok("no check for this sink type".to_string()) })
+    }
+
+    /// The healthcheck as `doctor` reports it: ok, warn or fail, with how to fix it. Sinks whose
+    /// check is pass/fail implement only [`Sink::healthcheck`]; this default turns its `Ok` into
+    /// ok and its `Err` (which says what to fix) into fail.
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            match self.healthcheck().await {
+                Ok(detail) => Health::ok(detail),
+                Err(problem) => Health {
+                    level: HealthLevel::Fail,
+                    detail: problem,
+                    fix: None,
+                },
+            }
+        })
     }
 }
 

@@ -1,0 +1,323 @@
+//! `subscribe` and `unsubscribe`: make a portal's offline event bindings match the config's
+//! `events`. "Ours" are the application's offline bindings (`event.get` lists them with
+//! `offline: 1`) whose `connector_id` is the portal's `auth_connector` (empty when none): the
+//! offline queue is kept per connector, so bindings of another connector feed another queue and
+//! are left alone.
+
+use super::report::{self, Table};
+use crate::bitrix::{BindOutcome, BitrixError, ErrorClass, EventHandler, PortalClient};
+use crate::config::{Config, PortalConfig};
+use crate::journal::Journal;
+use std::collections::BTreeSet;
+
+/// What happened to one event's binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub(super) enum Action {
+    /// `event.bind` added it.
+    #[serde(rename = "bound")]
+    Bound,
+    /// It was there already; nothing was sent or changed.
+    #[serde(rename = "already bound")]
+    AlreadyBound,
+    /// Bound on the portal but not in `events` (kept; `--prune` removes it).
+    #[serde(rename = "extra")]
+    Extra,
+    /// `event.unbind` removed it.
+    #[serde(rename = "unbound")]
+    Unbound,
+    /// `unsubscribe` found nothing to remove.
+    #[serde(rename = "not bound")]
+    NotBound,
+    /// The portal refused the change (the error is in the row).
+    #[serde(rename = "failed")]
+    Failed,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Bound => "bound",
+            Action::AlreadyBound => "already bound",
+            Action::Extra => "extra",
+            Action::Unbound => "unbound",
+            Action::NotBound => "not bound",
+            Action::Failed => "failed",
+        }
+    }
+}
+
+/// One line of the `subscribe`/`unsubscribe` table (and of `--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct Row {
+    portal: String,
+    event: String,
+    action: Action,
+    /// The connector the binding belongs to (`""` for none).
+    connector: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Output<'a> {
+    bindings: &'a [Row],
+}
+
+/// The offline bindings that belong to this application and connector, by event name.
+pub(super) fn ours(handlers: &[EventHandler], connector: &str) -> BTreeSet<String> {
+    handlers
+        .iter()
+        .filter(|h| h.offline && h.connector_id == connector)
+        .map(|h| h.event.to_uppercase())
+        .collect()
+}
+
+/// Bound events that `events` does not list, sorted.
+fn extras(bound: &BTreeSet<String>, events: &[String]) -> Vec<String> {
+    bound
+        .iter()
+        .filter(|e| !events.iter().any(|want| want.eq_ignore_ascii_case(e)))
+        .cloned()
+        .collect()
+}
+
+/// Makes one portal's offline bindings match its `events`; `prune` also removes extras.
+/// Stops at the first error that would repeat for every event (rights, plan, tokens).
+async fn subscribe_portal(
+    client: &PortalClient,
+    portal: &PortalConfig,
+    prune: bool,
+    rows: &mut Vec<Row>,
+) -> Vec<BitrixError> {
+    let connector = portal.auth_connector.clone().unwrap_or_default();
+    let row = |event: &str, action: Action, error: Option<&BitrixError>| Row {
+        portal: portal.name.clone(),
+        event: event.to_string(),
+        action,
+        connector: connector.clone(),
+        error: error.map(BitrixError::failure),
+    };
+    let handlers = match client.event_get().await {
+        Ok(handlers) => handlers,
+        Err(e) => return vec![e],
+    };
+    let bound = ours(&handlers, &connector);
+    let mut errors = Vec::new();
+    for event in &portal.events {
+        if bound.contains(&event.to_uppercase()) {
+            rows.push(row(event, Action::AlreadyBound, None));
+            continue;
+        }
+        match client.event_bind_offline(event).await {
+            Ok(BindOutcome::Bound) => rows.push(row(event, Action::Bound, None)),
+            Ok(BindOutcome::AlreadyBound) => rows.push(row(event, Action::AlreadyBound, None)),
+            Err(e) => {
+                rows.push(row(event, Action::Failed, Some(&e)));
+                let stop = e.class != ErrorClass::Rejected;
+                errors.push(e);
+                if stop {
+                    return errors;
+                }
+            }
+        }
+    }
+    for event in extras(&bound, &portal.events) {
+        if !prune {
+            rows.push(row(&event, Action::Extra, None));
+            continue;
+        }
+        match client.event_unbind_offline(&event).await {
+            Ok(0) => rows.push(row(&event, Action::NotBound, None)),
+            Ok(_) => rows.push(row(&event, Action::Unbound, None)),
+            Err(e) => {
+                rows.push(row(&event, Action::Failed, Some(&e)));
+                let stop = e.class != ErrorClass::Rejected;
+                errors.push(e);
+                if stop {
+                    return errors;
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// Removes one portal's offline bindings of its `events` (ours only; extras stay).
+async fn unsubscribe_portal(
+    client: &PortalClient,
+    portal: &PortalConfig,
+    rows: &mut Vec<Row>,
+) -> Vec<BitrixError> {
+    let connector = portal.auth_connector.clone().unwrap_or_default();
+    let row = |event: &str, action: Action, error: Option<&BitrixError>| Row {
+        portal: portal.name.clone(),
+        event: event.to_string(),
+        action,
+        connector: connector.clone(),
+        error: error.map(BitrixError::failure),
+    };
+    let handlers = match client.event_get().await {
+        Ok(handlers) => handlers,
+        Err(e) => return vec![e],
+    };
+    let bound = ours(&handlers, &connector);
+    let mut errors = Vec::new();
+    for event in &portal.events {
+        if !bound.contains(&event.to_uppercase()) {
+            rows.push(row(event, Action::NotBound, None));
+            continue;
+        }
+        match client.event_unbind_offline(event).await {
+            Ok(0) => rows.push(row(event, Action::NotBound, None)),
+            Ok(_) => rows.push(row(event, Action::Unbound, None)),
+            Err(e) => {
+                rows.push(row(event, Action::Failed, Some(&e)));
+                let stop = e.class != ErrorClass::Rejected;
+                errors.push(e);
+                if stop {
+                    return errors;
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// `subscribe [--portal P] [--prune]`.
+pub(super) async fn subscribe(
+    config: Config,
+    portal: Option<String>,
+    prune: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let portals = report::portals(&config, portal.as_deref())?;
+    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for portal in portals {
+        let client = crate::pipeline::operator_client(portal, &journal).await?;
+        errors.extend(subscribe_portal(&client, portal, prune, &mut rows).await);
+    }
+    finish("subscribe", &rows, errors, json)
+}
+
+/// `unsubscribe [--portal P]`.
+pub(super) async fn unsubscribe(
+    config: Config,
+    portal: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let portals = report::portals(&config, portal.as_deref())?;
+    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for portal in portals {
+        let client = crate::pipeline::operator_client(portal, &journal).await?;
+        errors.extend(unsubscribe_portal(&client, portal, &mut rows).await);
+    }
+    finish("unsubscribe", &rows, errors, json)
+}
+
+/// Prints what changed, then reports the errors (if any) as the command's failure.
+fn finish(command: &str, rows: &[Row], errors: Vec<BitrixError>, json: bool) -> anyhow::Result<()> {
+    if json {
+        report::print_json(&Output { bindings: rows })?;
+    } else if !rows.is_empty() {
+        let mut table = Table::new(&["PORTAL", "EVENT", "ACTION"]);
+        for r in rows {
+            table.row(vec![
+                r.portal.clone(),
+                r.event.clone(),
+                r.action.as_str().to_string(),
+            ]);
+        }
+        print!("{}", table.render());
+        if rows.iter().any(|r| r.action == Action::Extra) {
+            println!(
+                "\nextra: bound on the portal but not in events; `b24eventd subscribe --prune` removes them"
+            );
+        }
+    }
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(
+            anyhow::Error::from(errors.into_iter().next().expect("one error"))
+                .context(format!("{command} failed")),
+        ),
+        n => {
+            let messages: Vec<String> = errors.iter().map(BitrixError::message).collect();
+            Err(anyhow::anyhow!(
+                "{command} failed {n} times: {}",
+                messages.join("; ")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler(event: &str, offline: bool, connector: &str) -> EventHandler {
+        EventHandler {
+            event: event.into(),
+            offline,
+            handler: if offline {
+                String::new()
+            } else {
+                "https://h.example/".into()
+            },
+            connector_id: connector.into(),
+        }
+    }
+
+    #[test]
+    fn ours_are_offline_bindings_of_our_connector() {
+        let handlers = [
+            handler("ONCRMDEALADD", true, ""),
+            handler("ONCRMDEALUPDATE", true, "erp-sync"),
+            handler("ONCRMLEADADD", false, ""),
+            handler("ONTASKADD", true, ""),
+        ];
+        assert_eq!(
+            ours(&handlers, ""),
+            BTreeSet::from(["ONCRMDEALADD".to_string(), "ONTASKADD".to_string()])
+        );
+        assert_eq!(
+            ours(&handlers, "erp-sync"),
+            BTreeSet::from(["ONCRMDEALUPDATE".to_string()])
+        );
+        let bound = ours(&handlers, "");
+        assert_eq!(
+            extras(&bound, &["ONCRMDEALADD".to_string()]),
+            vec!["ONTASKADD".to_string()]
+        );
+    }
+
+    #[test]
+    fn json_rows_use_the_table_words() {
+        let row = Row {
+            portal: "main".into(),
+            event: "ONCRMDEALADD".into(),
+            action: Action::AlreadyBound,
+            connector: String::new(),
+            error: None,
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["action"], Action::AlreadyBound.as_str());
+        assert!(json.get("error").is_none());
+        for action in [
+            Action::Bound,
+            Action::AlreadyBound,
+            Action::Extra,
+            Action::Unbound,
+            Action::NotBound,
+            Action::Failed,
+        ] {
+            assert_eq!(
+                serde_json::to_value(action).unwrap(),
+                serde_json::json!(action.as_str())
+            );
+        }
+    }
+}
