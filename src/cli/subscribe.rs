@@ -81,6 +81,71 @@ fn extras(bound: &BTreeSet<String>, events: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The rows and errors of one portal's run.
+struct PortalRun<'a> {
+    portal: &'a PortalConfig,
+    connector: String,
+    rows: &'a mut Vec<Row>,
+    errors: Vec<BitrixError>,
+}
+
+impl<'a> PortalRun<'a> {
+    fn new(portal: &'a PortalConfig, rows: &'a mut Vec<Row>) -> PortalRun<'a> {
+        PortalRun {
+            portal,
+            connector: portal.auth_connector.clone().unwrap_or_default(),
+            rows,
+            errors: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, event: &str, action: Action, error: Option<&BitrixError>) {
+        self.rows.push(Row {
+            portal: self.portal.name.clone(),
+            event: event.to_string(),
+            action,
+            connector: self.connector.clone(),
+            error: error.map(BitrixError::failure),
+        });
+    }
+
+    /// Records the answer to a bind or unbind; false when the error would repeat for every
+    /// event (rights, plan, tokens), so the portal's run stops.
+    fn record(&mut self, event: &str, answer: Result<Action, BitrixError>) -> bool {
+        match answer {
+            Ok(action) => {
+                self.push(event, action, None);
+                true
+            }
+            Err(e) => {
+                self.push(event, Action::Failed, Some(&e));
+                let go_on = e.class == ErrorClass::Rejected;
+                self.errors.push(e);
+                go_on
+            }
+        }
+    }
+
+    /// Our offline bindings on the portal, or `None` (and the error recorded).
+    async fn bound(&mut self, client: &PortalClient) -> Option<BTreeSet<String>> {
+        match client.event_get().await {
+            Ok(handlers) => Some(ours(&handlers, &self.connector)),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+}
+
+fn unbind_action(removed: u64) -> Action {
+    if removed == 0 {
+        Action::NotBound
+    } else {
+        Action::Unbound
+    }
+}
+
 /// Makes one portal's offline bindings match its `events`; `prune` also removes extras.
 /// Stops at the first error that would repeat for every event (rights, plan, tokens).
 async fn subscribe_portal(
@@ -89,57 +154,37 @@ async fn subscribe_portal(
     prune: bool,
     rows: &mut Vec<Row>,
 ) -> Vec<BitrixError> {
-    let connector = portal.auth_connector.clone().unwrap_or_default();
-    let row = |event: &str, action: Action, error: Option<&BitrixError>| Row {
-        portal: portal.name.clone(),
-        event: event.to_string(),
-        action,
-        connector: connector.clone(),
-        error: error.map(BitrixError::failure),
+    let mut run = PortalRun::new(portal, rows);
+    let Some(bound) = run.bound(client).await else {
+        return run.errors;
     };
-    let handlers = match client.event_get().await {
-        Ok(handlers) => handlers,
-        Err(e) => return vec![e],
-    };
-    let bound = ours(&handlers, &connector);
-    let mut errors = Vec::new();
     for event in &portal.events {
-        if bound.contains(&event.to_uppercase()) {
-            rows.push(row(event, Action::AlreadyBound, None));
-            continue;
-        }
-        match client.event_bind_offline(event).await {
-            Ok(BindOutcome::Bound) => rows.push(row(event, Action::Bound, None)),
-            Ok(BindOutcome::AlreadyBound) => rows.push(row(event, Action::AlreadyBound, None)),
-            Err(e) => {
-                rows.push(row(event, Action::Failed, Some(&e)));
-                let stop = e.class != ErrorClass::Rejected;
-                errors.push(e);
-                if stop {
-                    return errors;
-                }
-            }
+        let answer = if bound.contains(&event.to_uppercase()) {
+            Ok(Action::AlreadyBound)
+        } else {
+            client
+                .event_bind_offline(event)
+                .await
+                .map(|outcome| match outcome {
+                    BindOutcome::Bound => Action::Bound,
+                    BindOutcome::AlreadyBound => Action::AlreadyBound,
+                })
+        };
+        if !run.record(event, answer) {
+            return run.errors;
         }
     }
     for event in extras(&bound, &portal.events) {
-        if !prune {
-            rows.push(row(&event, Action::Extra, None));
-            continue;
-        }
-        match client.event_unbind_offline(&event).await {
-            Ok(0) => rows.push(row(&event, Action::NotBound, None)),
-            Ok(_) => rows.push(row(&event, Action::Unbound, None)),
-            Err(e) => {
-                rows.push(row(&event, Action::Failed, Some(&e)));
-                let stop = e.class != ErrorClass::Rejected;
-                errors.push(e);
-                if stop {
-                    return errors;
-                }
-            }
+        let answer = if prune {
+            client.event_unbind_offline(&event).await.map(unbind_action)
+        } else {
+            Ok(Action::Extra)
+        };
+        if !run.record(&event, answer) {
+            return run.errors;
         }
     }
-    errors
+    run.errors
 }
 
 /// Removes one portal's offline bindings of its `events` (ours only; extras stay).
@@ -148,39 +193,21 @@ async fn unsubscribe_portal(
     portal: &PortalConfig,
     rows: &mut Vec<Row>,
 ) -> Vec<BitrixError> {
-    let connector = portal.auth_connector.clone().unwrap_or_default();
-    let row = |event: &str, action: Action, error: Option<&BitrixError>| Row {
-        portal: portal.name.clone(),
-        event: event.to_string(),
-        action,
-        connector: connector.clone(),
-        error: error.map(BitrixError::failure),
+    let mut run = PortalRun::new(portal, rows);
+    let Some(bound) = run.bound(client).await else {
+        return run.errors;
     };
-    let handlers = match client.event_get().await {
-        Ok(handlers) => handlers,
-        Err(e) => return vec![e],
-    };
-    let bound = ours(&handlers, &connector);
-    let mut errors = Vec::new();
     for event in &portal.events {
-        if !bound.contains(&event.to_uppercase()) {
-            rows.push(row(event, Action::NotBound, None));
-            continue;
-        }
-        match client.event_unbind_offline(event).await {
-            Ok(0) => rows.push(row(event, Action::NotBound, None)),
-            Ok(_) => rows.push(row(event, Action::Unbound, None)),
-            Err(e) => {
-                rows.push(row(event, Action::Failed, Some(&e)));
-                let stop = e.class != ErrorClass::Rejected;
-                errors.push(e);
-                if stop {
-                    return errors;
-                }
-            }
+        let answer = if bound.contains(&event.to_uppercase()) {
+            client.event_unbind_offline(event).await.map(unbind_action)
+        } else {
+            Ok(Action::NotBound)
+        };
+        if !run.record(event, answer) {
+            return run.errors;
         }
     }
-    errors
+    run.errors
 }
 
 /// `subscribe [--portal P] [--prune]`.
