@@ -504,3 +504,51 @@ async fn sighup_adds_a_sink_without_a_restart_and_ignores_a_bad_config() {
     );
     stop_daemon(daemon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_purge_deletes_settled_dead_events_only() {
+    init();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let endpoint = Endpoint::start(Arc::new(|v: &Value| {
+        if v["data"]["FIELDS"]["ID"] == "2" {
+            422
+        } else {
+            200
+        }
+    }))
+    .await;
+    let s = setup(&sim, &tokens, |_| http_sink(&endpoint.url)).await;
+    let config = s.config.as_path();
+    let daemon = spawn_daemon(config, &s.log);
+    emit_deals(&sim, 1, 5);
+    wait_until(
+        "deal 2 dead in both lanes, the rest delivered",
+        Duration::from_secs(30),
+        async || {
+            let st = stats(config).await;
+            upstream_empty(&sim)
+                && portal_stat(&st, "dead") == 2
+                && portal_stat(&st, "pending") == 0
+        },
+    )
+    .await;
+    stop_daemon(daemon).await;
+
+    let human = cli(config, &["dead", "list"]).await;
+    let human = String::from_utf8_lossy(&human.stdout).into_owned();
+    assert!(
+        human.contains("LAST ERROR") && human.contains("422"),
+        "{human}"
+    );
+    let purged = cli_json(config, &["dead", "purge", "--json"]).await;
+    assert_eq!(
+        (purged["events"].as_u64(), purged["kept_unsettled"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert!(ids_of(&cli_json(config, &["dead", "list", "--json"]).await).is_empty());
+    let st = stats(config).await;
+    assert_eq!(
+        (portal_stat(&st, "events"), portal_stat(&st, "delivered")),
+        (4, 4)
+    );
+}
