@@ -540,6 +540,22 @@ async fn dead_purge_deletes_settled_dead_events_only() {
         human.contains("LAST ERROR") && human.contains("422"),
         "{human}"
     );
+
+    // `| head` closing the pipe early ends the command quietly, not with a panic.
+    let mut closed = std::process::Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .arg("-c")
+        .arg(config)
+        .args(["journal", "list", "--json"])
+        .env_remove("B24EVENTD_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(closed.stdout.take());
+    let out = closed.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "nothing on stderr: {err}");
     let purged = cli_json(config, &["dead", "purge", "--json"]).await;
     assert_eq!(
         (purged["events"].as_u64(), purged["kept_unsettled"].as_u64()),

@@ -36,20 +36,20 @@ pub(super) async fn import(
     let tokens = Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
     journal.save_tokens(&portal, &tokens).await?;
     if has_access {
-        println!(
+        outln!(
             "stored tokens for portal {portal} in {}",
             journal.path().display()
-        );
+        )?;
         return Ok(());
     }
     let client = crate::pipeline::operator_client(portal_config, &journal).await?;
     client.refresh_tokens().await.with_context(|| {
         format!("the refresh token was stored, but using it failed for portal {portal}")
     })?;
-    println!(
+    outln!(
         "stored tokens for portal {portal} in {} (refresh token checked and rotated)",
         journal.path().display()
-    );
+    )?;
     Ok(())
 }
 
@@ -131,7 +131,7 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
         );
     }
     journal.save_tokens(&portal, &tokens).await?;
-    println!(
+    outln!(
         "stored tokens for portal {portal} (member_id {}, scope {}, access token expires {})",
         tokens.member_id.as_deref().unwrap_or("unknown"),
         tokens.scope.as_deref().unwrap_or("unknown"),
@@ -139,7 +139,7 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
             .expires_at
             .map(report::time)
             .unwrap_or_else(|| "at an unknown time".to_string()),
-    );
+    )?;
     Ok(())
 }
 
@@ -242,11 +242,11 @@ pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
             dash(&p.scope),
         ]);
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
     if report.portals.iter().any(|p| !p.tokens) {
-        println!(
+        outln!(
             "\nportals without tokens: run `b24eventd auth login --portal NAME` (or `auth import`)"
-        );
+        )?;
     }
     Ok(())
 }

@@ -71,11 +71,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .save_tokens("demo", &crate::bitrix::Tokens::from_pair(access, refresh))
         .await?;
 
-    println!(
+    outln!(
         "b24eventd demo: portal simulator at {} (limits: 50 burst, 2 req/s, 480 s operating per 10 min)",
         sim.base_url()
-    );
-    println!(
+    )?;
+    outln!(
         "raising {} changes of {} entities in {} waves over {:?}; delivering to a JSONL file and an HTTP endpoint{}",
         args.events,
         entity_count(args.events.div_ceil(args.waves.max(1))) * args.waves.max(1),
@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         } else {
             ""
         }
-    );
+    )?;
 
     let shutdown = CancellationToken::new();
     let pipeline = tokio::spawn(crate::pipeline::run(
@@ -134,57 +134,60 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let s = sim.stats();
     let c = journal.counts().await?;
     let elapsed = started.elapsed();
-    println!();
-    println!("summary after {:.1} s", elapsed.as_secs_f64());
-    println!("  entity changes raised      {}", s.emitted);
-    println!(
+    outln!()?;
+    outln!("summary after {:.1} s", elapsed.as_secs_f64())?;
+    outln!("  entity changes raised      {}", s.emitted)?;
+    outln!(
         "  events fetched (journaled) {}  ({} changes merged upstream into a queued record of the same entity)",
         c.events,
         s.emitted.saturating_sub(c.events)
-    );
-    println!("  delivered to every sink    {}", c.delivered);
-    println!("  dead                       {}", c.dead);
-    println!("  cleared upstream           {}", c.cleared);
-    println!("  errored upstream           {}", c.errored);
-    println!(
+    )?;
+    outln!("  delivered to every sink    {}", c.delivered)?;
+    outln!("  dead                       {}", c.dead)?;
+    outln!("  cleared upstream           {}", c.cleared)?;
+    outln!("  errored upstream           {}", c.errored)?;
+    outln!(
         "  left upstream              {} queued, {} reserved, {} in the error lane",
-        s.queued, s.reserved, s.error_lane
-    );
-    println!("  duplicate deliveries       {}", c.duplicate_deliveries);
-    println!(
+        s.queued,
+        s.reserved,
+        s.error_lane
+    )?;
+    outln!("  duplicate deliveries       {}", c.duplicate_deliveries)?;
+    outln!(
         "  reservations adopted       {}  (get responses lost after the portal committed)",
         c.adopted_batches
-    );
-    println!(
+    )?;
+    outln!(
         "  requests used              {}  ({:.1} events per request; {} answered 503, {} answered 429)",
         s.requests,
         c.events as f64 / s.requests.max(1) as f64,
         s.rejected_503,
         s.rejected_429
-    );
-    println!(
+    )?;
+    outln!(
         "  HTTP sink received         {} requests  (deal events only; {} attempts failed and were retried)",
         receiver.received.load(Ordering::Relaxed),
         c.retried_attempts
-    );
+    )?;
     if args.chaos {
-        println!(
+        outln!(
             "  faults injected            {} answers 500, {} get responses lost after commit, {} truncated",
-            s.faults_500, s.dropped_after_commit, s.truncated
-        );
+            s.faults_500,
+            s.dropped_after_commit,
+            s.truncated
+        )?;
     }
     let dir = args.dir.display();
-    println!();
-    println!("look inside:");
-    println!("  head -n 2 {dir}/events.jsonl");
-    println!("  sqlite3 {dir}/journal.db 'SELECT * FROM backlog'");
-    println!(
-        "  sqlite3 {dir}/journal.db 'SELECT id, envelope_id, event, status, upstream, sinks FROM event_overview LIMIT 10'"
-    );
-    println!(
+    outln!()?;
+    outln!("look inside:")?;
+    outln!("  head -n 2 {dir}/events.jsonl")?;
+    outln!("  b24eventd -c {dir}/config.toml journal stats")?;
+    outln!("  b24eventd -c {dir}/config.toml journal list --limit 5")?;
+    outln!("  b24eventd -c {dir}/config.toml journal show demo:1")?;
+    outln!("  sqlite3 {dir}/journal.db 'SELECT * FROM v_sink_stats'")?;
+    outln!(
         "  sqlite3 {dir}/journal.db 'SELECT sink, outcome, COUNT(*) FROM delivery_attempts GROUP BY 1, 2'"
-    );
-    println!("  b24eventd -c {dir}/config.toml validate");
+    )?;
     sim.shutdown();
     receiver.stop.cancel();
     if s.queued + s.reserved + s.error_lane != 0 || c.pending != 0 {

@@ -131,7 +131,7 @@ pub(super) async fn run(config: &Config, json: bool, command: &str) -> anyhow::R
     if json {
         report::print_json(&report)?;
     } else {
-        print!("{}", render(&report));
+        out!("{}", render(&report))?;
     }
     match report.summary.fail {
         0 => Ok(()),

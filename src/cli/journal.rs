@@ -263,7 +263,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&serde_json::json!({ "portals": stats }));
             }
-            print_stats(&stats);
+            print_stats(&stats)?;
             Ok(())
         }
         JournalCommand::List { filter, json } => {
@@ -272,7 +272,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&serde_json::json!({ "events": rows }));
             }
-            print_events(&rows);
+            print_events(&rows)?;
             Ok(())
         }
         JournalCommand::Show { id, json } => {
@@ -285,7 +285,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             }
             for (i, detail) in details.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    outln!()?;
                 }
                 print_detail(detail)?;
             }
@@ -367,12 +367,12 @@ pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
         if args.json {
             return print_json(&serde_json::json!({ "dry_run": true, "events": rows }));
         }
-        print_events(&rows);
-        println!(
+        print_events(&rows)?;
+        outln!(
             "would replay {} event{} (dry run: nothing changed)",
             rows.len(),
             super::plural(rows.len())
-        );
+        )?;
         return Ok(());
     }
     let known: Vec<String> = config.sinks.keys().cloned().collect();
@@ -380,14 +380,14 @@ pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&done);
     }
-    println!(
+    outln!(
         "replayed {} event{} ({} deliver{} made pending{}); a running daemon delivers them within seconds",
         done.events,
         super::plural(done.events as usize),
         done.deliveries,
         if done.deliveries == 1 { "y" } else { "ies" },
         skipped_note(done.skipped_unknown_sinks),
-    );
+    )?;
     Ok(())
 }
 
@@ -435,7 +435,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                     ]);
                 }
             }
-            print!("{}", table.render());
+            out!("{}", table.render())?;
             Ok(())
         }
         DeadCommand::Retry { filter, json } => {
@@ -445,14 +445,14 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&done);
             }
-            println!(
+            outln!(
                 "{} dead deliver{} of {} event{} made pending again{}; a running daemon delivers them within seconds",
                 done.deliveries,
                 if done.deliveries == 1 { "y" } else { "ies" },
                 done.events,
                 super::plural(done.events as usize),
                 skipped_note(done.skipped_unknown_sinks),
-            );
+            )?;
             Ok(())
         }
         DeadCommand::Purge { filter, json } => {
@@ -461,7 +461,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&done);
             }
-            println!(
+            outln!(
                 "purged {} dead event{}{}",
                 done.events,
                 super::plural(done.events as usize),
@@ -473,7 +473,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            )?;
             Ok(())
         }
     }
@@ -488,7 +488,7 @@ pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&done);
     }
-    println!(
+    outln!(
         "pruned {} event{} and {} batch{} settled before {} ({} ago){}",
         done.events,
         super::plural(done.events as usize),
@@ -501,14 +501,14 @@ pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     Ok(())
 }
 
-fn print_stats(stats: &[PortalStats]) {
+fn print_stats(stats: &[PortalStats]) -> anyhow::Result<()> {
     if stats.is_empty() {
-        println!("no events in the journal");
-        return;
+        outln!("no events in the journal")?;
+        return Ok(());
     }
     let now = Utc::now();
     let mut table = Table::new(&[
@@ -545,7 +545,8 @@ fn print_stats(stats: &[PortalStats]) {
             ]);
         }
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
+    Ok(())
 }
 
 /// How long ago a journal timestamp was, for people (`3m 12s`); `-` for none.
@@ -588,7 +589,7 @@ fn event_line(row: &EventRow) -> String {
     )
 }
 
-fn print_events(rows: &[EventRow]) {
+fn print_events(rows: &[EventRow]) -> anyhow::Result<()> {
     let mut table = Table::new(&[
         "ROW", "ID", "EVENT", "LANE", "STATUS", "UPSTREAM", "FETCHED", "SINKS",
     ]);
@@ -604,14 +605,15 @@ fn print_events(rows: &[EventRow]) {
             sinks_summary(row),
         ]);
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
+    Ok(())
 }
 
 fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
-    println!("event {} (journal row {})", d.envelope.id, d.row);
-    println!("  status      {}", d.status);
-    println!("  fetched     {}", local_time(&d.fetched_at));
-    println!(
+    outln!("event {} (journal row {})", d.envelope.id, d.row)?;
+    outln!("  status      {}", d.status)?;
+    outln!("  fetched     {}", local_time(&d.fetched_at))?;
+    outln!(
         "  upstream    {}{}",
         d.upstream.state,
         d.upstream
@@ -619,15 +621,15 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             .as_deref()
             .map(|t| format!(" at {}", local_time(t)))
             .unwrap_or_default()
-    );
-    println!(
+    )?;
+    outln!(
         "  batch       {} ({}, fetched {})",
         d.batch.process_id,
         d.batch.origin,
         local_time(&d.batch.fetched_at)
-    );
-    println!("  envelope    {}", serde_json::to_string(&d.envelope)?);
-    println!("deliveries:");
+    )?;
+    outln!("  envelope    {}", serde_json::to_string(&d.envelope)?)?;
+    outln!("deliveries:")?;
     let mut table = Table::new(&[
         "SINK",
         "STATUS",
@@ -649,8 +651,8 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             del.last_error.clone().unwrap_or_default(),
         ]);
     }
-    print!("{}", table.render());
-    println!("attempts:");
+    out!("{}", table.render())?;
+    outln!("attempts:")?;
     let mut table = Table::new(&["AT", "SINK", "ATTEMPT", "OUTCOME", "ERROR"]);
     for a in &d.attempts {
         table.row(vec![
@@ -661,15 +663,15 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             a.error.clone().unwrap_or_default(),
         ]);
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
     for a in d.attempts.iter().filter(|a| a.output.is_some()) {
-        println!(
+        outln!(
             "output of {} attempt {} at {}:\n{}",
             a.sink,
             a.attempt,
             local_time(&a.at),
             a.output.as_deref().unwrap_or_default()
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,6 +1,23 @@
 //! The command line: argument parsing, logging set-up, and the one place that prints errors and
 //! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
 
+/// `println!` that returns the write error instead of panicking, so `b24eventd journal list |
+/// head` ends quietly when `head` closes the pipe (see [`main`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+    }};
+}
+
+/// `print!`, returning the write error like [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 mod auth;
 mod demo;
 mod doctor;
@@ -158,6 +175,12 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Failure {
+        Failure::from(anyhow::Error::from(error))
+    }
+}
+
 impl From<ConfigError> for Failure {
     fn from(error: ConfigError) -> Failure {
         Failure {
@@ -179,11 +202,21 @@ pub fn main() -> ExitCode {
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`| head`): nothing left to say, nothing failed.
+        Err(Failure { error, .. }) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
             eprintln!("b24eventd: {}", format_error(&error));
             ExitCode::from(code)
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn format_error(error: &anyhow::Error) -> String {
@@ -209,14 +242,14 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 config::resolve_secret(portal)?;
             }
             if !json {
-                println!(
+                outln!(
                     "{}: ok ({} portal{}, {} sink{})",
                     config_path.display(),
                     config.portals.len(),
                     plural(config.portals.len()),
                     config.sinks.len(),
                     plural(config.sinks.len())
-                );
+                )?;
             }
             if online {
                 init_logging("warn");
@@ -367,40 +400,40 @@ async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let (access, refresh) = sim.issue_tokens();
     let defaults = crate::simulator::SimulatorConfig::default();
     let base = sim.base_url();
-    println!(
+    outln!(
         "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"
-    );
-    println!();
-    println!("1. save this as sim.toml:");
-    println!();
-    println!("[journal]");
-    println!("path = \"sim-journal.db\"");
-    println!("[admin]");
-    println!("listen = \"\"");
-    println!("[portals.sim]");
-    println!("client_endpoint = \"{}\"", sim.client_endpoint());
-    println!("oauth_token_url = \"{}\"", sim.oauth_token_url());
-    println!("client_id = \"{}\"", defaults.client_id);
-    println!("client_secret = \"{}\"", defaults.client_secret);
-    println!("events = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]");
-    println!("[sinks.archive]");
-    println!("type = \"file\"");
-    println!("path = \"sim-events.jsonl\"");
-    println!();
-    println!(
+    )?;
+    outln!()?;
+    outln!("1. save this as sim.toml:")?;
+    outln!()?;
+    outln!("[journal]")?;
+    outln!("path = \"sim-journal.db\"")?;
+    outln!("[admin]")?;
+    outln!("listen = \"\"")?;
+    outln!("[portals.sim]")?;
+    outln!("client_endpoint = \"{}\"", sim.client_endpoint())?;
+    outln!("oauth_token_url = \"{}\"", sim.oauth_token_url())?;
+    outln!("client_id = \"{}\"", defaults.client_id)?;
+    outln!("client_secret = \"{}\"", defaults.client_secret)?;
+    outln!("events = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]")?;
+    outln!("[sinks.archive]")?;
+    outln!("type = \"file\"")?;
+    outln!("path = \"sim-events.jsonl\"")?;
+    outln!()?;
+    outln!(
         "2. b24eventd -c sim.toml auth import --portal sim --refresh-token {refresh} --access-token {access}"
-    );
-    println!(
+    )?;
+    outln!(
         "   or: b24eventd -c sim.toml auth login --portal sim (the simulator grants at once; paste the address it redirects to)"
-    );
-    println!("3. b24eventd -c sim.toml run");
-    println!(
+    )?;
+    outln!("3. b24eventd -c sim.toml run")?;
+    outln!(
         "4. raise events: curl -s -XPOST {base}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'"
-    );
-    println!(
+    )?;
+    outln!(
         "   other events need a binding first: POST {base}/_sim/bind {{\"event\":\"...\"}} (or event.bind)"
-    );
-    println!("   look: GET {base}/_sim/stats, GET {base}/_sim/rows");
+    )?;
+    outln!("   look: GET {base}/_sim/stats, GET {base}/_sim/rows")?;
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signals(shutdown.clone())
         .context("cannot install signal handlers")?;

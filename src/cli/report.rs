@@ -39,7 +39,7 @@ pub(super) fn time(t: DateTime<Utc>) -> String {
 /// Prints `value` as one pretty JSON document on stdout.
 pub(super) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode the JSON output")?;
-    println!("{text}");
+    outln!("{text}")?;
     Ok(())
 }
 

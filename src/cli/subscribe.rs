@@ -258,11 +258,11 @@ fn finish(command: &str, rows: &[Row], errors: Vec<BitrixError>, json: bool) -> 
                 r.action.as_str().to_string(),
             ]);
         }
-        print!("{}", table.render());
+        out!("{}", table.render())?;
         if rows.iter().any(|r| r.action == Action::Extra) {
-            println!(
+            outln!(
                 "\nextra: bound on the portal but not in events; `b24eventd subscribe --prune` removes them"
-            );
+            )?;
         }
     }
     match errors.len() {
