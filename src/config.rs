@@ -66,10 +66,21 @@ pub struct Config {
     pub admin: AdminConfig,
     /// How long `run` waits for in-flight work after SIGTERM.
     pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
     pub portals: BTreeMap<String, PortalConfig>,
     pub sinks: BTreeMap<String, SinkConfig>,
     /// The file this configuration was read from.
     pub source: PathBuf,
+}
+
+/// `log_format`: how `run` writes its log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, fields as keys: for journald or Loki.
+    Json,
 }
 
 /// `[journal]`.
@@ -388,6 +399,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+    pub log_format: Option<String>,
     #[serde(default)]
     pub portals: BTreeMap<String, RawPortal>,
     #[serde(default)]
@@ -604,6 +616,7 @@ const STRING_KEYS: &[&str] = &[
     "client_secret_file",
     "auth_connector",
     "mode",
+    "log_format",
     "error_lane_schedule",
     "orphan_sweep_schedule",
     "type",
@@ -800,6 +813,16 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
 
     let journal = v.journal(raw.journal, raw.state_directory.as_deref())?;
     let admin = v.admin(raw.admin)?;
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(v.err(
+                "log_format",
+                format!("unknown log format {other:?}; use \"text\" or \"json\""),
+            ));
+        }
+    };
 
     if raw.portals.is_empty() {
         return Err(v.err(
@@ -826,6 +849,7 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
         journal,
         admin,
         shutdown_timeout: raw.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+        log_format,
         portals,
         sinks,
         source: source.to_path_buf(),
@@ -881,6 +905,9 @@ pub fn changes_needing_restart(running: &Config, reloaded: &Config) -> Vec<Strin
     }
     if running.shutdown_timeout != reloaded.shutdown_timeout {
         keys.push("shutdown_timeout".to_string());
+    }
+    if running.log_format != reloaded.log_format {
+        keys.push("log_format".to_string());
     }
     for (name, portal) in &reloaded.portals {
         if running.portals.get(name) != Some(portal) {
@@ -2671,5 +2698,24 @@ events = ["ONCRMDEALADD"]
             changes_needing_restart(&running, &reloaded),
             vec!["portals.main"]
         );
+    }
+
+    #[test]
+    fn log_format() {
+        let format = |extra: &str, env: &[(&str, &str)]| {
+            load_str(&format!("{extra}\n{}", portal("")), env).map(|c| c.log_format)
+        };
+        assert_eq!(format("", &[]).unwrap(), LogFormat::Text);
+        assert_eq!(
+            format("log_format = \"json\"", &[]).unwrap(),
+            LogFormat::Json
+        );
+        assert_eq!(
+            format("", &[("B24EVENTD_LOG_FORMAT", "json")]).unwrap(),
+            LogFormat::Json
+        );
+        let err = format("log_format = \"xml\"", &[]).unwrap_err();
+        assert_eq!(err.key, "log_format");
+        assert!(err.message.contains("\"json\""), "{err}");
     }
 }

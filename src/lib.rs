@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod simulator;
 pub mod sinks;
+pub mod systemd;
 
 /// A boxed, sendable future: the return type of the object-safe async traits (sinks, token store).
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

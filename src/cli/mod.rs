@@ -271,7 +271,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
             }
-            init_logging("info");
+            init_logging_as("info", config.log_format);
             runtime()?.block_on(run_daemon(config))?;
             Ok(())
         }
@@ -362,17 +362,33 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Logs go to stderr; `B24EVENTD_LOG` (or `RUST_LOG`) overrides the default filter.
+/// Logs go to stderr as text; `B24EVENTD_LOG` (or `RUST_LOG`) overrides the default filter.
 fn init_logging(default: &str) {
+    init_logging_as(default, config::LogFormat::Text);
+}
+
+/// [`init_logging`] in the configured format: text (coloured on a terminal) or one JSON object
+/// per line with the event fields (`portal`, `event_id`, `sink`, ...) as keys.
+fn init_logging_as(default: &str, format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("B24EVENTD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| format!("{default},tokio_cron_scheduler=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
@@ -381,7 +397,11 @@ async fn run_daemon(config: Config) -> anyhow::Result<()> {
     let reload = std::sync::Arc::new(tokio::sync::Notify::new());
     crate::shutdown::watch_signals(shutdown.clone(), Some(reload.clone()))
         .context("cannot install signal handlers")?;
-    crate::pipeline::run_with(config, journal, shutdown, Some(reload), |_| {}).await
+    let controls = crate::pipeline::Controls {
+        reload: Some(reload),
+        notifier: crate::systemd::Notifier::from_env(),
+    };
+    crate::pipeline::run_with(config, journal, shutdown, controls, |_| {}).await
 }
 
 async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {

@@ -366,6 +366,32 @@ impl Journal {
         .await
     }
 
+    /// The highest event row, and per portal the events journaled after row `after` (none
+    /// without one): the fetch rate for the systemd status line, from the rowid alone.
+    pub async fn events_since_row(
+        &self,
+        after: Option<i64>,
+    ) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
+        self.run(move |conn| {
+            let max: i64 =
+                conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+            let mut counts = BTreeMap::new();
+            if let Some(after) = after {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT portal, COUNT(*) FROM events WHERE id > ?1 GROUP BY portal",
+                )?;
+                let rows =
+                    stmt.query_map([after], |r| Ok((r.get::<_, String>(0)?, count(r, 1)?)))?;
+                for row in rows {
+                    let (portal, n) = row?;
+                    counts.insert(portal, n);
+                }
+            }
+            Ok((max, counts))
+        })
+        .await
+    }
+
     // ---- deliveries --------------------------------------------------------------------------
 
     /// Up to `limit` pending deliveries for `sink` whose time has come, oldest first.

@@ -4,6 +4,7 @@
 //! where the last run stopped.
 
 pub mod dispatcher;
+pub mod liveness;
 pub mod poller;
 pub mod retry;
 pub mod settle;
@@ -127,18 +128,27 @@ pub async fn run(
     journal: Journal,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with(config, journal, shutdown, None, |_| {}).await
+    run_with(config, journal, shutdown, Controls::default(), |_| {}).await
 }
 
-/// [`run`], re-reading the config file whenever `reload` is notified (SIGHUP), and calling
-/// `started` once every task is up.
+/// What the daemon (as opposed to a test or the demo) adds to a pipeline run.
+#[derive(Default)]
+pub struct Controls {
+    /// Notified on SIGHUP: re-read the config file.
+    pub reload: Option<Arc<Notify>>,
+    /// systemd notifications (a no-op outside systemd).
+    pub notifier: crate::systemd::Notifier,
+}
+
+/// [`run`], with the daemon's [`Controls`], calling `started` once every task is up.
 pub async fn run_with(
     config: Config,
     journal: Journal,
     shutdown: CancellationToken,
-    reload: Option<Arc<Notify>>,
+    controls: Controls,
     started: impl FnOnce(&Running),
 ) -> anyhow::Result<()> {
+    let Controls { reload, notifier } = controls;
     let mut wakers = Wakers::default();
     for name in config.portals.keys() {
         wakers.settle.insert(name.clone(), Arc::new(Notify::new()));
@@ -171,17 +181,21 @@ pub async fn run_with(
     }
 
     let scheduler = poller::Schedules::start(&config).await?;
+    let liveness = liveness::Liveness::new(config.portals.keys());
     let mut pollers = tokio::task::JoinSet::new();
     let mut settlers = Vec::new();
     for (portal, client) in config.portals.values().zip(clients.iter()) {
         let poller = poller::Poller::new(
             portal.clone(),
             client.clone(),
-            journal.clone(),
-            routes.clone(),
-            wakers.clone(),
+            poller::PollerShared {
+                journal: journal.clone(),
+                routes: routes.clone(),
+                wakers: wakers.clone(),
+                shutdown: shutdown.clone(),
+            },
             scheduler.triggers(&portal.name),
-            shutdown.clone(),
+            liveness.handle(&portal.name),
         );
         settlers.push(poller.settler());
         pollers.spawn(poller.run());
@@ -190,6 +204,12 @@ pub async fn run_with(
         journal.clone(),
         config.journal.retention,
         scheduler.prune_trigger(),
+        shutdown.clone(),
+    ));
+    let systemd = tokio::spawn(liveness::notify_systemd(
+        notifier.clone(),
+        liveness.clone(),
+        journal.clone(),
         shutdown.clone(),
     ));
     started(&Running { clients });
@@ -209,7 +229,9 @@ pub async fn run_with(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = reload.notified() => {
+                notifier.reloading();
                 reload_config(&mut running_config, &mut dispatchers, &routes).await;
+                notifier.ready();
             }
             Some(done) = pollers.join_next(), if !pollers.is_empty() => {
                 match done {
@@ -225,6 +247,7 @@ pub async fn run_with(
         }
     }
     tracing::info!("stopping: no new fetches; letting in-flight deliveries finish");
+    notifier.stopping();
     while let Some(res) = pollers.join_next().await {
         match res {
             Ok(Some(mismatch)) => refused.push(mismatch),
@@ -234,6 +257,7 @@ pub async fn run_with(
     }
     scheduler.stop().await;
     pruner.abort();
+    let _ = systemd.await;
 
     let deadline = tokio::time::Instant::now() + running_config.shutdown_timeout;
     dispatch_stop.cancel();

@@ -2,6 +2,7 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
+use super::liveness::LoopHandle;
 use super::settle::SettleAction;
 use super::{SharedRoutes, Wakers};
 use crate::bitrix::client::{ClearTarget, GetRequest};
@@ -222,32 +223,41 @@ pub struct Poller {
     triggers: Triggers,
     shutdown: CancellationToken,
     settler: Settler,
+    liveness: LoopHandle,
+}
+
+/// What every poller of a pipeline shares.
+#[derive(Clone)]
+pub struct PollerShared {
+    pub journal: Journal,
+    pub routes: SharedRoutes,
+    pub wakers: Arc<Wakers>,
+    pub shutdown: CancellationToken,
 }
 
 impl Poller {
     pub fn new(
         config: PortalConfig,
         client: PortalClient,
-        journal: Journal,
-        routes: SharedRoutes,
-        wakers: Arc<Wakers>,
+        shared: PollerShared,
         triggers: Triggers,
-        shutdown: CancellationToken,
+        liveness: LoopHandle,
     ) -> Poller {
         let settler = Settler {
             portal: config.name.clone(),
             client: client.clone(),
-            journal: journal.clone(),
+            journal: shared.journal.clone(),
         };
         Poller {
             config,
             client,
-            journal,
-            routes,
-            wakers,
+            journal: shared.journal,
+            routes: shared.routes,
+            wakers: shared.wakers,
             triggers,
-            shutdown,
+            shutdown: shared.shutdown,
             settler,
+            liveness,
         }
     }
 
@@ -291,6 +301,7 @@ impl Poller {
             // shutdown: once it is requested, the round gets STEP_GRACE, then is dropped. Whatever
             // it was doing is recovered on the next start (open batches, pending settles, sweep).
             let answered_before = self.client.stats().ok;
+            self.liveness.round_started();
             let round = tokio::select! {
                 round = self.step(&mut resumed, &mut next_fetch) => round,
                 _ = async {
@@ -301,6 +312,7 @@ impl Poller {
                     break;
                 }
             };
+            self.liveness.round_finished();
             let wait = match round {
                 Ok(wait) => {
                     if failures > 0 {

@@ -298,16 +298,21 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// systemd's notification variables: a program must not talk to systemd as the daemon.
+const SYSTEMD_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
 /// Which of the daemon's environment variables a program must not inherit: its `B24EVENTD_*`
-/// configuration overrides (client secrets among them); `B24EVENTD_CONFIG` and `B24EVENTD_LOG`
-/// are not configuration and stay.
+/// configuration overrides (client secrets among them; `B24EVENTD_CONFIG` and `B24EVENTD_LOG`
+/// are not configuration and stay), and systemd's notification socket and watchdog.
 fn daemon_config_vars(names: impl Iterator<Item = OsString>) -> Vec<OsString> {
     names
         .filter(|name| {
             let name = name.to_string_lossy();
-            name.get(..DAEMON_ENV_PREFIX.len())
+            let config = name
+                .get(..DAEMON_ENV_PREFIX.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(DAEMON_ENV_PREFIX))
-                && !IGNORED_ENV.iter().any(|i| i.eq_ignore_ascii_case(&name))
+                && !IGNORED_ENV.iter().any(|i| i.eq_ignore_ascii_case(&name));
+            config || SYSTEMD_ENV.contains(&name.as_ref())
         })
         .collect()
 }
@@ -1054,13 +1059,17 @@ mod tests {
             "B24EVENTD_LOG",
             "B24_EVENT_ID",
             "B24EVENT",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
         ]
         .map(OsString::from);
         assert_eq!(
             daemon_config_vars(names.into_iter()),
             vec![
                 OsString::from("B24EVENTD_PORTALS__MAIN__CLIENT_SECRET"),
-                OsString::from("b24eventd_sinks__erp__url")
+                OsString::from("b24eventd_sinks__erp__url"),
+                OsString::from("NOTIFY_SOCKET"),
+                OsString::from("WATCHDOG_USEC"),
             ]
         );
     }

@@ -1,0 +1,254 @@
+//! Whether the poll loops are alive, for systemd: each poller marks the start and end of its
+//! rounds; the watchdog is fed only while no round has been running for longer than any round
+//! legitimately can, and `READY=1` waits for every portal's first round (recovery: resume, sweep,
+//! settle). Also the one-line `STATUS=` summary.
+
+use crate::journal::Journal;
+use crate::systemd::Notifier;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Longer than any round can take while working: the longest rate-limit wait the client accepts
+/// (15 min) plus several request timeouts. A round running longer is stuck.
+pub const STUCK_ROUND: Duration = Duration::from_secs(20 * 60);
+/// `READY=1` is sent at the latest this long after start, even if a portal's first round is
+/// still running (a portal down at start must not fail the service's start-up).
+const READY_AT_THE_LATEST: Duration = Duration::from_secs(60);
+/// How often `STATUS=` is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// One portal's poll loop, as seen from outside.
+#[derive(Default)]
+pub struct LoopState {
+    /// Milliseconds since `Liveness::start` when the current round began; 0 when between rounds.
+    round_started_ms: AtomicU64,
+    first_round_done: AtomicBool,
+}
+
+/// The poll loops of every portal.
+pub struct Liveness {
+    start: Instant,
+    loops: BTreeMap<String, Arc<LoopState>>,
+    first_rounds: Notify,
+}
+
+/// A poller's handle on its own [`LoopState`].
+#[derive(Clone)]
+pub struct LoopHandle {
+    liveness: Arc<Liveness>,
+    state: Arc<LoopState>,
+}
+
+impl LoopHandle {
+    pub fn round_started(&self) {
+        let ms = self.liveness.start.elapsed().as_millis() as u64;
+        self.state
+            .round_started_ms
+            .store(ms.max(1), Ordering::SeqCst);
+    }
+
+    /// A round ended, well or not (a failed round is still a live loop).
+    pub fn round_finished(&self) {
+        self.state.round_started_ms.store(0, Ordering::SeqCst);
+        if !self.state.first_round_done.swap(true, Ordering::SeqCst) {
+            self.liveness.first_rounds.notify_waiters();
+        }
+    }
+}
+
+impl Liveness {
+    pub fn new<'a>(portals: impl IntoIterator<Item = &'a String>) -> Arc<Liveness> {
+        Arc::new(Liveness {
+            start: Instant::now(),
+            loops: portals
+                .into_iter()
+                .map(|p| (p.clone(), Arc::default()))
+                .collect(),
+            first_rounds: Notify::new(),
+        })
+    }
+
+    pub fn handle(self: &Arc<Liveness>, portal: &str) -> LoopHandle {
+        LoopHandle {
+            liveness: self.clone(),
+            state: self.loops.get(portal).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Portals whose current round has run longer than `limit`.
+    pub fn stuck(&self, limit: Duration) -> Vec<(String, Duration)> {
+        let now = self.start.elapsed();
+        self.loops
+            .iter()
+            .filter_map(|(portal, state)| {
+                let started = state.round_started_ms.load(Ordering::SeqCst);
+                let running = now.saturating_sub(Duration::from_millis(started));
+                (started > 0 && running > limit).then(|| (portal.clone(), running))
+            })
+            .collect()
+    }
+
+    fn all_first_rounds_done(&self) -> bool {
+        self.loops
+            .values()
+            .all(|s| s.first_round_done.load(Ordering::SeqCst))
+    }
+
+    /// Waits until every portal finished its first round, or `limit` passed.
+    async fn first_rounds(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.first_rounds.notified();
+            if self.all_first_rounds_done() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.all_first_rounds_done();
+            }
+        }
+    }
+}
+
+/// Sends `READY=1` once recovery ran, then keeps `STATUS=` current and feeds the watchdog
+/// while the poll loops are alive, until shutdown.
+pub async fn notify_systemd(
+    notifier: Notifier,
+    liveness: Arc<Liveness>,
+    journal: Journal,
+    shutdown: CancellationToken,
+) {
+    if !notifier.is_active() {
+        return;
+    }
+    let watchdog = notifier.watchdog_interval().map(|i| i / 2);
+    let watchdog_task = watchdog.map(|every| {
+        let notifier = notifier.clone();
+        let liveness = liveness.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut warned = false;
+            loop {
+                let stuck = liveness.stuck(STUCK_ROUND);
+                if stuck.is_empty() {
+                    notifier.watchdog();
+                    warned = false;
+                } else if !warned {
+                    for (portal, running) in &stuck {
+                        tracing::error!(%portal, running = ?running, "a poll round is stuck: no longer feeding the systemd watchdog, so systemd restarts the daemon");
+                    }
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        })
+    });
+
+    tokio::select! {
+        all = liveness.first_rounds(READY_AT_THE_LATEST) => {
+            if !all {
+                tracing::warn!(after = ?READY_AT_THE_LATEST, "telling systemd we are ready before every portal finished its first round");
+            }
+            notifier.ready();
+        }
+        _ = shutdown.cancelled() => {}
+    }
+
+    let mut status = StatusLine::default();
+    while !shutdown.is_cancelled() {
+        match status.refresh(&journal, liveness.loops.keys()).await {
+            Ok(line) => notifier.status(&line),
+            Err(e) => tracing::debug!(error = format!("{e:#}"), "no status line this time"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STATUS_EVERY) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    if let Some(task) = watchdog_task {
+        task.abort();
+    }
+}
+
+/// The `STATUS=` summary: per portal the unsettled events, events fetched in the last minute,
+/// and events still to be delivered.
+#[derive(Default)]
+struct StatusLine {
+    /// `(when, highest event row then)`, oldest first, covering about a minute.
+    marks: VecDeque<(Instant, i64)>,
+}
+
+impl StatusLine {
+    async fn refresh<'a>(
+        &mut self,
+        journal: &Journal,
+        portals: impl Iterator<Item = &'a String>,
+    ) -> anyhow::Result<String> {
+        let now = Instant::now();
+        let since = self.marks.front().map(|m| m.1);
+        let (max_row, fetched) = journal.events_since_row(since).await?;
+        let window = self
+            .marks
+            .front()
+            .map(|m| now - m.0)
+            .unwrap_or(Duration::ZERO);
+        self.marks.push_back((now, max_row));
+        while self
+            .marks
+            .front()
+            .is_some_and(|m| now - m.0 > Duration::from_secs(60))
+        {
+            self.marks.pop_front();
+        }
+        let mut parts = Vec::new();
+        for portal in portals {
+            let unsettled = journal.unsettled_count(portal).await?;
+            let undelivered = journal.undelivered_count(portal).await?;
+            let rate = match window.as_secs_f64() {
+                w if w >= 1.0 => {
+                    let n = fetched.get(portal).copied().unwrap_or(0) as f64;
+                    format!("{:.0} ev/min", n * 60.0 / w)
+                }
+                _ => "starting".to_string(),
+            };
+            parts.push(format!(
+                "{portal}: {unsettled} unsettled, {rate}, {undelivered} to deliver"
+            ));
+        }
+        Ok(parts.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stuck_rounds_and_first_rounds() {
+        let portals = vec!["a".to_string(), "b".to_string()];
+        let liveness = Liveness::new(&portals);
+        let a = liveness.handle("a");
+        let b = liveness.handle("b");
+        assert!(!liveness.first_rounds(Duration::from_millis(10)).await);
+        a.round_started();
+        b.round_started();
+        b.round_finished();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let stuck = liveness.stuck(Duration::from_millis(20));
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].0, "a");
+        assert!(liveness.stuck(Duration::from_secs(60)).is_empty());
+        a.round_finished();
+        assert!(
+            liveness.stuck(Duration::from_millis(20)).is_empty(),
+            "between rounds is alive"
+        );
+        assert!(liveness.first_rounds(Duration::from_millis(10)).await);
+    }
+}
