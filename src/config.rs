@@ -67,6 +67,8 @@ pub struct Config {
     /// How long `run` waits for in-flight work after SIGTERM.
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    /// `[alerts]`; `None` when the section is absent.
+    pub alerts: Option<AlertsConfig>,
     pub portals: BTreeMap<String, PortalConfig>,
     pub sinks: BTreeMap<String, SinkConfig>,
     /// The file this configuration was read from.
@@ -81,6 +83,27 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, fields as keys: for journald or Loki.
     Json,
+}
+
+/// `[alerts]`: conditions that send an alert envelope to a sink, once when they start and once
+/// when they end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsConfig {
+    /// The `[sinks.NAME]` alerts go to (whatever its `events` route).
+    pub sink: String,
+    /// How often the conditions are checked.
+    pub check_interval: Duration,
+    /// Unsettled events of a portal above this for `unsettled_for`; `None`: not watched.
+    pub unsettled_above: Option<u64>,
+    pub unsettled_for: Duration,
+    /// Any new dead delivery.
+    pub on_dead: bool,
+    /// A portal failing (every round an error) for this long.
+    pub portal_failing_for: Option<Duration>,
+    /// The oldest pending delivery waiting longer than this.
+    pub oldest_pending_older_than: Option<Duration>,
+    /// The journal (with its WAL) above this many bytes.
+    pub journal_larger_than: Option<u64>,
 }
 
 /// `[journal]`.
@@ -400,6 +423,7 @@ pub struct RawConfig {
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
     pub log_format: Option<String>,
+    pub alerts: Option<RawAlerts>,
     #[serde(default)]
     pub portals: BTreeMap<String, RawPortal>,
     #[serde(default)]
@@ -417,6 +441,23 @@ pub struct RawJournal {
     pub retention: Option<Duration>,
     pub prune_schedule: Option<String>,
     pub synchronous: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub sink: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub check_interval: Option<Duration>,
+    pub unsettled_above: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub unsettled_for: Option<Duration>,
+    pub on_dead: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub portal_failing_for: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub oldest_pending_older_than: Option<Duration>,
+    pub journal_larger_than: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -617,6 +658,8 @@ const STRING_KEYS: &[&str] = &[
     "auth_connector",
     "mode",
     "log_format",
+    "sink",
+    "journal_larger_than",
     "error_lane_schedule",
     "orphan_sweep_schedule",
     "type",
@@ -627,6 +670,10 @@ const STRING_KEYS: &[&str] = &[
     "working_dir",
     // Durations: "5" must reach humantime (and fail there for lack of a unit), not be a number.
     "shutdown_timeout",
+    "check_interval",
+    "unsettled_for",
+    "portal_failing_for",
+    "oldest_pending_older_than",
     "retention",
     "poll_interval",
     "request_timeout",
@@ -845,9 +892,15 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
         sinks.insert(name, sink);
     }
 
+    let alerts = match raw.alerts {
+        Some(alerts) => Some(v.alerts(alerts, &sinks)?),
+        None => None,
+    };
+
     Ok(Config {
         journal,
         admin,
+        alerts,
         shutdown_timeout: raw.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
         log_format,
         portals,
@@ -909,6 +962,9 @@ pub fn changes_needing_restart(running: &Config, reloaded: &Config) -> Vec<Strin
     if running.log_format != reloaded.log_format {
         keys.push("log_format".to_string());
     }
+    if running.alerts != reloaded.alerts {
+        keys.push("alerts".to_string());
+    }
     for (name, portal) in &reloaded.portals {
         if running.portals.get(name) != Some(portal) {
             keys.push(format!("portals.{name}"));
@@ -920,6 +976,27 @@ pub fn changes_needing_restart(running: &Config, reloaded: &Config) -> Vec<Strin
         }
     }
     keys
+}
+
+/// A size such as `500MB`, `2GiB`, `1048576` (bytes; decimal and binary units).
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }
 
 /// Parses a schedule the way the daemon does: cron with a seconds field, exactly 6 fields.
@@ -1050,6 +1127,64 @@ impl Validator {
                 DEFAULT_PRUNE_SCHEDULE,
             )?,
             synchronous,
+        })
+    }
+
+    fn alerts(
+        &self,
+        raw: RawAlerts,
+        sinks: &BTreeMap<String, SinkConfig>,
+    ) -> Result<AlertsConfig, ConfigError> {
+        let sink = raw.sink.ok_or_else(|| {
+            self.err(
+                "alerts.sink",
+                "missing required key: the [sinks.NAME] alerts are sent to",
+            )
+        })?;
+        if !sinks.contains_key(&sink) {
+            let known: Vec<&str> = sinks.keys().map(String::as_str).collect();
+            return Err(self.err(
+                "alerts.sink",
+                format!("unknown sink {sink:?}; configured: {}", known.join(", ")),
+            ));
+        }
+        if raw.unsettled_above == Some(0) {
+            return Err(self.err("alerts.unsettled_above", "must be at least 1"));
+        }
+        let journal_larger_than = match raw.journal_larger_than {
+            None => None,
+            Some(text) => Some(parse_bytes(&text).ok_or_else(|| {
+                self.err(
+                    "alerts.journal_larger_than",
+                    format!("invalid size {text:?}; use e.g. \"500MB\" or \"2GiB\""),
+                )
+            })?),
+        };
+        let optional = |key: &str, value: Option<Duration>| match value {
+            Some(d) if d.is_zero() => Err(self.err(key, "must be longer than 0s")),
+            other => Ok(other),
+        };
+        Ok(AlertsConfig {
+            sink,
+            check_interval: self.nonzero(
+                "alerts.check_interval",
+                raw.check_interval,
+                Duration::from_secs(30),
+            )?,
+            unsettled_above: raw.unsettled_above,
+            unsettled_for: self.nonzero(
+                "alerts.unsettled_for",
+                raw.unsettled_for,
+                Duration::from_secs(5 * 60),
+            )?,
+            on_dead: raw.on_dead.unwrap_or(true),
+            portal_failing_for: optional("alerts.portal_failing_for", raw.portal_failing_for)?
+                .or(Some(Duration::from_secs(10 * 60))),
+            oldest_pending_older_than: optional(
+                "alerts.oldest_pending_older_than",
+                raw.oldest_pending_older_than,
+            )?,
+            journal_larger_than,
         })
     }
 
@@ -2629,6 +2764,10 @@ events = ["ONCRMDEALADD"]
         let config =
             load_with_env(f.path(), &[]).unwrap_or_else(|e| panic!("uncommented example: {e}"));
         assert!(config.portals["main"].auth_connector.is_some());
+        assert_eq!(
+            config.alerts.as_ref().map(|a| a.sink.as_str()),
+            Some("notify")
+        );
         let SinkKind::Exec(exec) = &config.sinks["notify"].kind else {
             panic!(
                 "the example's commented-out exec sink: {:?}",
@@ -2717,5 +2856,62 @@ events = ["ONCRMDEALADD"]
         let err = format("log_format = \"xml\"", &[]).unwrap_err();
         assert_eq!(err.key, "log_format");
         assert!(err.message.contains("\"json\""), "{err}");
+    }
+
+    #[test]
+    fn alerts_section() {
+        let base = format!(
+            "{}\n[sinks.ops]\ntype = \"file\"\npath = \"/tmp/ops.jsonl\"\n",
+            portal("")
+        );
+        assert_eq!(load_str(&base, &[]).unwrap().alerts, None);
+        let config = load_str(
+            &format!("{base}[alerts]\nsink = \"ops\"\nunsettled_above = 50\njournal_larger_than = \"2GiB\"\n"),
+            &[],
+        )
+        .unwrap();
+        let alerts = config.alerts.unwrap();
+        assert_eq!(alerts.sink, "ops");
+        assert_eq!(alerts.unsettled_above, Some(50));
+        assert_eq!(alerts.unsettled_for, Duration::from_secs(300));
+        assert!(alerts.on_dead);
+        assert_eq!(alerts.portal_failing_for, Some(Duration::from_secs(600)));
+        assert_eq!(alerts.oldest_pending_older_than, None);
+        assert_eq!(alerts.journal_larger_than, Some(2 << 30));
+        assert_err(
+            &format!("{base}[alerts]\nunsettled_above = 5\n"),
+            "alerts.sink",
+            "missing required key",
+        );
+        assert_err(
+            &format!("{base}[alerts]\nsink = \"pager\"\n"),
+            "alerts.sink",
+            "unknown sink \"pager\"",
+        );
+        assert_err(
+            &format!("{base}[alerts]\nsink = \"ops\"\njournal_larger_than = \"lots\"\n"),
+            "alerts.journal_larger_than",
+            "invalid size",
+        );
+        assert_err(
+            &format!("{base}[alerts]\nsink = \"ops\"\nunsettled_above = 0\n"),
+            "alerts.unsettled_above",
+            "at least 1",
+        );
+        assert_err(
+            &format!("{base}[alerts]\nsink = \"ops\"\nemail = \"x\"\n"),
+            "alerts.email",
+            "unknown key",
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("500MB"), Some(500_000_000));
+        assert_eq!(parse_bytes("2 GiB"), Some(2 << 30));
+        assert_eq!(parse_bytes("1kib"), Some(1024));
+        assert_eq!(parse_bytes("MB"), None);
+        assert_eq!(parse_bytes("1.5GB"), None);
     }
 }

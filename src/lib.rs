@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod alerts;
 pub mod bitrix;
 pub mod cli;
 pub mod config;

@@ -392,6 +392,59 @@ impl Journal {
         .await
     }
 
+    /// Dead outcomes recorded after attempt row `after` (none without one): the highest attempt
+    /// row, how many, and up to 5 of their envelope ids. For the "new dead event" alert.
+    pub async fn dead_attempts_since(
+        &self,
+        after: Option<i64>,
+    ) -> anyhow::Result<(i64, u64, Vec<String>)> {
+        self.run(move |conn| {
+            let max: i64 = conn.query_row(
+                "SELECT COALESCE(MAX(id), 0) FROM delivery_attempts",
+                [],
+                |r| r.get(0),
+            )?;
+            let Some(after) = after else {
+                return Ok((max, 0, Vec::new()));
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT e.envelope_id FROM delivery_attempts a JOIN events e ON e.id = a.event_id
+                 WHERE a.id > ?1 AND a.id <= ?2 AND a.outcome = 'dead' ORDER BY a.id",
+            )?;
+            let ids: Vec<String> = stmt
+                .query_map([after, max], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let count = ids.len() as u64;
+            Ok((max, count, ids.into_iter().take(5).collect()))
+        })
+        .await
+    }
+
+    /// When the event behind the oldest pending delivery was journaled.
+    pub async fn oldest_pending_fetched_at(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        self.run(|conn| {
+            let at: Option<String> = conn.query_row(
+                "SELECT MIN(e.fetched_at) FROM deliveries d JOIN events e ON e.id = d.event_id
+                 WHERE d.status = 'pending'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(parse_time(at))
+        })
+        .await
+    }
+
+    /// The journal's size on disk: the database file and its WAL.
+    pub fn size_bytes(&self) -> u64 {
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        [self.path.as_path(), Path::new(&wal)]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     // ---- deliveries --------------------------------------------------------------------------
 
     /// Up to `limit` pending deliveries for `sink` whose time has come, oldest first.

@@ -27,6 +27,8 @@ pub struct LoopState {
     /// Milliseconds since `Liveness::start` when the current round began; 0 when between rounds.
     round_started_ms: AtomicU64,
     first_round_done: AtomicBool,
+    /// Since when every round failed, and the last error; `None` while rounds succeed.
+    failing: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 /// The poll loops of every portal.
@@ -51,8 +53,16 @@ impl LoopHandle {
             .store(ms.max(1), Ordering::SeqCst);
     }
 
-    /// A round ended, well or not (a failed round is still a live loop).
-    pub fn round_finished(&self) {
+    /// A round ended, well (`None`) or with an error (a failed round is still a live loop).
+    pub fn round_finished(&self, error: Option<String>) {
+        {
+            let mut failing = self.state.failing.lock().unwrap_or_else(|p| p.into_inner());
+            *failing = match (error, failing.take()) {
+                (None, _) => None,
+                (Some(e), Some((since, _))) => Some((since, e)),
+                (Some(e), None) => Some((Instant::now(), e)),
+            };
+        }
         self.state.round_started_ms.store(0, Ordering::SeqCst);
         if !self.state.first_round_done.swap(true, Ordering::SeqCst) {
             self.liveness.first_rounds.notify_waiters();
@@ -90,6 +100,23 @@ impl Liveness {
                 (started > 0 && running > limit).then(|| (portal.clone(), running))
             })
             .collect()
+    }
+
+    /// Portals whose every round has failed for longer than `limit`, with the last error.
+    pub fn failing(&self, limit: Duration) -> Vec<(String, Duration, String)> {
+        self.loops
+            .iter()
+            .filter_map(|(portal, state)| {
+                let failing = state.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let (since, error) = failing.as_ref()?;
+                let how_long = since.elapsed();
+                (how_long >= limit).then(|| (portal.clone(), how_long, error.clone()))
+            })
+            .collect()
+    }
+
+    pub fn portals(&self) -> impl Iterator<Item = &String> {
+        self.loops.keys()
     }
 
     fn all_first_rounds_done(&self) -> bool {
@@ -238,16 +265,23 @@ mod tests {
         assert!(!liveness.first_rounds(Duration::from_millis(10)).await);
         a.round_started();
         b.round_started();
-        b.round_finished();
+        b.round_finished(Some("portal down".into()));
+        assert_eq!(liveness.failing(Duration::ZERO).len(), 1);
+        assert!(liveness.failing(Duration::from_secs(60)).is_empty());
         tokio::time::sleep(Duration::from_millis(30)).await;
         let stuck = liveness.stuck(Duration::from_millis(20));
         assert_eq!(stuck.len(), 1);
         assert_eq!(stuck[0].0, "a");
         assert!(liveness.stuck(Duration::from_secs(60)).is_empty());
-        a.round_finished();
+        a.round_finished(None);
         assert!(
             liveness.stuck(Duration::from_millis(20)).is_empty(),
             "between rounds is alive"
+        );
+        b.round_finished(None);
+        assert!(
+            liveness.failing(Duration::ZERO).is_empty(),
+            "a good round clears it"
         );
         assert!(liveness.first_rounds(Duration::from_millis(10)).await);
     }

@@ -159,6 +159,7 @@ pub async fn run_with(
     let dispatch_stop = CancellationToken::new();
     let mut dispatchers = Dispatchers {
         running: BTreeMap::new(),
+        directory: crate::alerts::SinkDirectory::default(),
         journal: journal.clone(),
         wakers: wakers.clone(),
         stop: dispatch_stop.clone(),
@@ -206,6 +207,15 @@ pub async fn run_with(
         scheduler.prune_trigger(),
         shutdown.clone(),
     ));
+    let alerts = config.alerts.clone().map(|alerts| {
+        tokio::spawn(crate::alerts::run(
+            alerts,
+            journal.clone(),
+            liveness.clone(),
+            dispatchers.directory.clone(),
+            shutdown.clone(),
+        ))
+    });
     let systemd = tokio::spawn(liveness::notify_systemd(
         notifier.clone(),
         liveness.clone(),
@@ -258,6 +268,9 @@ pub async fn run_with(
     scheduler.stop().await;
     pruner.abort();
     let _ = systemd.await;
+    if let Some(alerts) = alerts {
+        alerts.abort();
+    }
 
     let deadline = tokio::time::Instant::now() + running_config.shutdown_timeout;
     dispatch_stop.cancel();
@@ -297,6 +310,8 @@ pub async fn run_with(
 /// The dispatcher of every configured sink, started and stopped as the config says.
 struct Dispatchers {
     running: BTreeMap<String, RunningSink>,
+    /// The running sinks by name, for the alerts task.
+    directory: crate::alerts::SinkDirectory,
     journal: Journal,
     wakers: Arc<Wakers>,
     /// Parent of every dispatcher's token: cancelled at shutdown.
@@ -317,6 +332,10 @@ impl Dispatchers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(config.name.clone(), wake.clone());
         let stop = self.stop.child_token();
+        self.directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(config.name.clone(), sink.clone());
         let worker = dispatcher::Dispatcher {
             wake,
             sink,
@@ -334,6 +353,10 @@ impl Dispatchers {
     async fn stop(&mut self, name: &str) {
         self.wakers
             .deliver
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.directory
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);

@@ -312,7 +312,8 @@ impl Poller {
                     break;
                 }
             };
-            self.liveness.round_finished();
+            self.liveness
+                .round_finished(round.as_ref().err().map(|e| format!("{e:#}")));
             let wait = match round {
                 Ok(wait) => {
                     if failures > 0 {
