@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod simulator;
 pub mod sinks;
+pub mod status_page;
 pub mod systemd;
 
 /// A boxed, sendable future: the return type of the object-safe async traits (sinks, token store).

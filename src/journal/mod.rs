@@ -4,12 +4,14 @@
 
 mod inspect;
 mod schema;
+mod status;
 
 pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
 pub use schema::SCHEMA_VERSION;
+pub use status::{DeadAttempt, HISTORY_MINUTES, PortalStatus, SinkStatus, StatusData};
 
 use crate::bitrix::{TokenStore, Tokens};
 use crate::config::Synchronous;

@@ -117,6 +117,10 @@ const MIGRATIONS: &[&str] = &[
         FROM deliveries d JOIN events e ON e.id = d.event_id
         GROUP BY e.portal, d.sink;
     "#,
+    // 2 -> 3: the status page and the dead-event alert read the newest dead attempts
+    r#"
+    CREATE INDEX delivery_attempts_dead ON delivery_attempts (id) WHERE outcome = 'dead';
+    "#,
 ];
 
 /// The schema version this build writes.
