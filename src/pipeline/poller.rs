@@ -9,6 +9,7 @@ use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent};
+use crate::metrics::Metrics;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,21 +220,36 @@ pub struct Poller {
     journal: Journal,
     routes: SharedRoutes,
     wakers: Arc<Wakers>,
+    metrics: Metrics,
     triggers: Triggers,
     shutdown: CancellationToken,
     settler: Settler,
+}
+
+/// What every poller shares with the rest of the pipeline.
+#[derive(Clone)]
+pub struct Shared {
+    pub journal: Journal,
+    pub routes: SharedRoutes,
+    pub wakers: Arc<Wakers>,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
 }
 
 impl Poller {
     pub fn new(
         config: PortalConfig,
         client: PortalClient,
-        journal: Journal,
-        routes: SharedRoutes,
-        wakers: Arc<Wakers>,
         triggers: Triggers,
-        shutdown: CancellationToken,
+        shared: Shared,
     ) -> Poller {
+        let Shared {
+            journal,
+            routes,
+            wakers,
+            metrics,
+            shutdown,
+        } = shared;
         let settler = Settler {
             portal: config.name.clone(),
             client: client.clone(),
@@ -245,6 +261,7 @@ impl Poller {
             journal,
             routes,
             wakers,
+            metrics,
             triggers,
             shutdown,
             settler,
@@ -306,6 +323,7 @@ impl Poller {
                     if failures > 0 {
                         tracing::info!(portal = %self.portal(), "portal recovered");
                     }
+                    self.metrics.poll_succeeded(self.portal());
                     failures = 0;
                     last_error.clear();
                     wait
@@ -325,11 +343,14 @@ impl Poller {
                         && refuses_reserve_mode(b)
                     {
                         tracing::error!(portal = %self.portal(), error = %message, "portal stopped: its plan has no reserve mode");
+                        self.metrics.poll_stopped(self.portal(), &message);
                         return Some(ConfigMismatch {
                             portal: self.portal().to_string(),
                             message,
                         });
                     }
+                    self.metrics
+                        .poll_failed(self.portal(), failures, &message, fatal);
                     let wait = if fatal {
                         FATAL_RETRY
                     } else {
@@ -579,6 +600,8 @@ impl Poller {
             })
             .await?;
         if recorded.inserted > 0 {
+            self.metrics
+                .fetched(self.portal(), recorded.inserted as u64);
             self.wakers.wake_sinks();
         }
         if !recorded.known_settled.is_empty() {
