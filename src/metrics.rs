@@ -293,7 +293,7 @@ impl Collector for UpstreamCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "upstream_requests",
-                "Answers of the portal's REST API by method and outcome: ok, 503 (QUERY_LIMIT_EXCEEDED), 429 (OPERATION_TIME_LIMIT), auth (token refused), other (any other error or an unreadable answer), transport (no complete answer)",
+                "Answers of the portal's REST API by method and outcome: ok, 503 (QUERY_LIMIT_EXCEEDED), 429 (OPERATION_TIME_LIMIT), auth (token refused), other (any other error or an unreadable answer), transport (no complete answer).",
                 None,
                 MetricType::Counter,
             )?;
@@ -320,7 +320,7 @@ impl Collector for UpstreamCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "operating",
-                "Execution time the portal has counted against the method's operating budget in its 10-minute window (time.operating of the method's last successful answer); the portal answers 429 once it passes its limit (480 s by default)",
+                "Execution time the portal has counted against the method's operating budget in its 10-minute window (time.operating of the method's last successful answer); the portal answers 429 once it passes its limit (480 s by default).",
                 Some(&Unit::Seconds),
                 MetricType::Gauge,
             )?;
@@ -336,7 +336,7 @@ impl Collector for UpstreamCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "rate_limit_wait",
-                "Time spent waiting for rate limits: the client-side leaky bucket and the waits after 503 and 429 answers",
+                "Time spent waiting for rate limits: the client-side leaky bucket and the waits after 503 and 429 answers.",
                 Some(&Unit::Seconds),
                 MetricType::Counter,
             )?;
@@ -348,7 +348,7 @@ impl Collector for UpstreamCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "token_refreshes",
-                "OAuth access tokens refreshed (each rotates the refresh token)",
+                "OAuth access tokens refreshed (each rotates the refresh token).",
                 None,
                 MetricType::Counter,
             )?;

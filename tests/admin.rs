@@ -203,16 +203,23 @@ async fn metrics_scraped_while_events_flow_match_the_journal() {
     // Phase 2: the ERP is down; 20 more deals stay unsettled upstream, a stable state to compare.
     down.store(true, Ordering::SeqCst);
     emit_deals(&sim, 1001, 20);
+    // Wait until all 20 are reserved and each was refused by the ERP at least once (40 first
+    // attempts were refused in phase 1).
     let journal = running.journal.clone();
-    let mut unsettled = 0;
     let start = std::time::Instant::now();
-    while unsettled != 20 || !sim.rows().iter().all(|r| !r.process_id.is_empty()) {
+    loop {
+        let counts = journal.counts().await.unwrap();
+        if counts.unsettled_upstream == 20
+            && counts.retried_attempts >= 60
+            && sim.rows().iter().all(|r| !r.process_id.is_empty())
+        {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "20 events reserved"
+            "20 events reserved and refused: {counts:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        unsettled = journal.unsettled_count("main").await.unwrap();
     }
     let samples = scrape(&http, admin).await;
     let counts = journal.counts().await.unwrap();
@@ -244,7 +251,6 @@ async fn metrics_scraped_while_events_flow_match_the_journal() {
     let counts = journal.counts().await.unwrap();
     let sinks = journal_sink_counts(&journal);
     let samples = scrape(&http, admin).await;
-    let sim_stats = sim.stats();
 
     assert_eq!(
         (counts.events, counts.delivered, counts.dead),
@@ -333,11 +339,25 @@ async fn metrics_scraped_while_events_flow_match_the_journal() {
     };
     assert!(ok("event.offline.get") > 0.0);
     assert!(ok("event.offline.clear") > 0.0);
-    assert_eq!(
-        sum(&samples, "b24eventd_upstream_requests_total", &[]),
-        sim_stats.requests as f64,
-        "answers counted = requests the simulator served"
-    );
+    // The poller keeps polling (every 200 ms): compare at a moment with no request in flight.
+    let mut attempts = 0;
+    loop {
+        let served_before = sim.stats().requests;
+        let counted = sum(
+            &scrape(&http, admin).await,
+            "b24eventd_upstream_requests_total",
+            &[],
+        );
+        if counted == served_before as f64 && sim.stats().requests == served_before {
+            break;
+        }
+        attempts += 1;
+        assert!(
+            attempts < 50,
+            "answers counted ({counted}) = requests the simulator served ({served_before})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         sum(
             &samples,
