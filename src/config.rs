@@ -142,6 +142,8 @@ impl Synchronous {
 pub struct AdminConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` (`listen = ""`) turns it off.
     pub listen: Option<SocketAddr>,
+    /// A `listen` address other than loopback is refused unless this is set.
+    pub allow_remote: bool,
 }
 
 /// `[portals.NAME]`: one Bitrix24 portal and the local application used to talk to it.
@@ -464,6 +466,7 @@ pub struct RawAlerts {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    pub allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -1192,8 +1195,12 @@ impl Validator {
         let listen = raw
             .listen
             .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+        let allow_remote = raw.allow_remote.unwrap_or(false);
         if listen.trim().is_empty() {
-            return Ok(AdminConfig { listen: None });
+            return Ok(AdminConfig {
+                listen: None,
+                allow_remote,
+            });
         }
         let addr = listen.trim().parse::<SocketAddr>().map_err(|_| {
             self.err(
@@ -1201,7 +1208,16 @@ impl Validator {
                 format!("invalid address {listen:?}; expected IP:port such as \"127.0.0.1:9464\", or \"\" to turn the endpoint off"),
             )
         })?;
-        Ok(AdminConfig { listen: Some(addr) })
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(self.err(
+                "admin.listen",
+                format!("{addr} is not a loopback address, and the endpoint has no authentication; listen on 127.0.0.1 or [::1] (and put a proxy in front), or set admin.allow_remote = true to serve other hosts"),
+            ));
+        }
+        Ok(AdminConfig {
+            listen: Some(addr),
+            allow_remote,
+        })
     }
 
     fn portal(&self, name: &str, raw: RawPortal) -> Result<PortalConfig, ConfigError> {
@@ -2266,6 +2282,34 @@ events = ["ONCRMDEALADD"]
         assert_eq!(config.admin.listen, None);
         let config = load_str(&with("[admin]\nlisten = \"[::1]:9000\""), &[]).unwrap();
         assert_eq!(config.admin.listen, Some("[::1]:9000".parse().unwrap()));
+        assert!(!config.admin.allow_remote);
+    }
+
+    #[test]
+    fn admin_listen_off_loopback_needs_allow_remote() {
+        for addr in ["0.0.0.0:9464", "192.0.2.10:9464", "[::]:9464"] {
+            let err = assert_err(
+                &with(&format!("[admin]\nlisten = \"{addr}\"")),
+                "admin.listen",
+                "admin.allow_remote = true",
+            );
+            assert!(err.message.contains("not a loopback address"), "{err}");
+        }
+        let config = load_str(
+            &with("[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.admin.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(config.admin.allow_remote);
+        let config = load_str(&with("[admin]\nlisten = \"127.0.0.2:9000\""), &[]).unwrap();
+        assert_eq!(config.admin.listen, Some("127.0.0.2:9000".parse().unwrap()));
+        let config = load_str(
+            &with("[admin]\nlisten = \"10.1.2.3:9464\""),
+            &[("B24EVENTD_ADMIN__ALLOW_REMOTE", "true")],
+        )
+        .unwrap();
+        assert!(config.admin.allow_remote);
     }
 
     #[test]

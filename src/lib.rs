@@ -3,12 +3,14 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod admin;
 pub mod alerts;
 pub mod bitrix;
 pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod journal;
+pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;
 pub mod simulator;

@@ -49,7 +49,7 @@ fn chart(values: &[u64], label: &str, class: &str) -> String {
             h
         );
     }
-    svg.push_str("</svg>");
+    let _ = write!(svg, r#"<path d="M0 {}.5H{W}"/></svg>"#, H - 1);
     svg
 }
 
@@ -68,7 +68,8 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
 h1 {{ font-size: 1.3em; margin: 0 0 .2em; }} h2 {{ font-size: 1.1em; margin: 1.4em 0 .4em; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: .25em .8em .25em 0; text-align: left; vertical-align: middle; }}
 th {{ font-weight: 600; border-bottom: 1px solid #ccc; }} td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.chart rect {{ fill: #3b7dd8; }} .chart.delivered rect {{ fill: #2e9d5b; }}
+.chart {{ background: #f1f4f8; }} .chart rect {{ fill: #3b7dd8; }} .chart.delivered rect {{ fill: #2e9d5b; }}
+.chart path {{ stroke: #9aa5b1; stroke-width: 1; }}
 .muted {{ color: #777; }} .bad {{ color: #b3261e; font-weight: 600; }} code {{ font-size: .95em; }}
 </style></head><body>
 <h1>b24eventd</h1>

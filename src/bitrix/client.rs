@@ -16,7 +16,7 @@ use super::types::{
     parse_user_admin,
 };
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -96,6 +96,34 @@ pub struct ClientStats {
     pub token_refreshes: u64,
     /// Seconds spent waiting for rate limits: the client-side bucket and 503/429 backoffs.
     pub rate_wait_seconds: f64,
+    /// The same answers split by REST method (`batch` for a batch request), with the operating
+    /// time the portal reported for each.
+    pub methods: BTreeMap<String, MethodStats>,
+}
+
+/// Answers to one REST method since the client was built.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MethodStats {
+    pub ok: u64,
+    pub rate_limited_503: u64,
+    pub operating_429: u64,
+    pub auth_errors: u64,
+    pub other_errors: u64,
+    pub transport_errors: u64,
+    /// `time.operating` of the method's last successful answer: seconds of execution the portal
+    /// has counted against the method's operating budget in its 10-minute window.
+    pub operating_seconds: Option<f64>,
+}
+
+/// How one request ended, for [`ClientStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    RateLimited503,
+    Operating429,
+    Auth,
+    Other,
+    Transport,
 }
 
 /// Parameters of `event.offline.get`.
@@ -590,6 +618,23 @@ impl PortalClient {
         f(&mut lock(&self.inner.stats));
     }
 
+    /// Counts how a request to `method` ended, in the totals and per method.
+    fn count_answer(&self, method: &str, answer: Answer) {
+        self.stat(|s| {
+            let m = s.methods.entry(method.to_string()).or_default();
+            let (total, per_method) = match answer {
+                Answer::Ok => (&mut s.ok, &mut m.ok),
+                Answer::RateLimited503 => (&mut s.rate_limited_503, &mut m.rate_limited_503),
+                Answer::Operating429 => (&mut s.operating_429, &mut m.operating_429),
+                Answer::Auth => (&mut s.auth_errors, &mut m.auth_errors),
+                Answer::Other => (&mut s.other_errors, &mut m.other_errors),
+                Answer::Transport => (&mut s.transport_errors, &mut m.transport_errors),
+            };
+            *total += 1;
+            *per_method += 1;
+        });
+    }
+
     // ----- tokens -----
 
     fn no_tokens(&self, method: &str) -> BitrixError {
@@ -912,6 +957,12 @@ impl PortalClient {
         }
         if let Some(operating) = time.operating {
             tracing::trace!(portal = self.portal(), method, operating, "operating time");
+            self.stat(|s| {
+                s.methods
+                    .entry(method.to_string())
+                    .or_default()
+                    .operating_seconds = Some(operating);
+            });
         }
     }
 
@@ -942,7 +993,7 @@ impl PortalClient {
             let response = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    self.stat(|s| s.transport_errors += 1);
+                    self.count_answer(method, Answer::Transport);
                     let err = BitrixError::transport(portal, method, &e);
                     tracing::debug!(portal, method, error = %err, "request failed");
                     return Err(err);
@@ -961,7 +1012,7 @@ impl PortalClient {
                         continue;
                     }
                     None => {
-                        self.stat(|s| s.other_errors += 1);
+                        self.count_answer(method, Answer::Other);
                         return Err(BitrixError::new(
                             portal,
                             method,
@@ -981,7 +1032,7 @@ impl PortalClient {
             let bytes = match read_body(response, MAX_BODY).await {
                 Ok(b) => b,
                 Err(BodyError::TooLarge) => {
-                    self.stat(|s| s.other_errors += 1);
+                    self.count_answer(method, Answer::Other);
                     return Err(BitrixError::new(
                         portal,
                         method,
@@ -992,7 +1043,7 @@ impl PortalClient {
                     .with_maybe_executed(true));
                 }
                 Err(BodyError::Transport(e)) => {
-                    self.stat(|s| s.transport_errors += 1);
+                    self.count_answer(method, Answer::Transport);
                     let mut err = BitrixError::transport(portal, method, &e);
                     if !e.is_timeout() {
                         err.code = codes::INVALID_RESPONSE.to_string();
@@ -1024,7 +1075,7 @@ impl PortalClient {
             }
             return result;
         }
-        self.stat(|s| s.other_errors += 1);
+        self.count_answer(method, Answer::Other);
         Err(BitrixError::new(
             portal,
             method,
@@ -1043,7 +1094,7 @@ impl PortalClient {
         status: u16,
     ) -> Result<(), BitrixError> {
         let refuse = |what: String| {
-            self.stat(|s| s.other_errors += 1);
+            self.count_answer(method, Answer::Other);
             BitrixError::new(
                 self.portal(),
                 method,
@@ -1120,7 +1171,7 @@ impl PortalClient {
         let json: Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
             Err(_) => {
-                self.stat(|s| s.other_errors += 1);
+                self.count_answer(method, Answer::Other);
                 return Err(invalid(describe_unparsable(bytes, &secrets, true)));
             }
         };
@@ -1138,21 +1189,20 @@ impl PortalClient {
                 }
             }
             err.retry_after = hint;
-            self.stat(|s| {
-                if err.is_code("QUERY_LIMIT_EXCEEDED") {
-                    s.rate_limited_503 += 1;
-                } else if err.is_code("OPERATION_TIME_LIMIT") {
-                    s.operating_429 += 1;
-                } else if err.class == ErrorClass::Auth {
-                    s.auth_errors += 1;
-                } else {
-                    s.other_errors += 1;
-                }
-            });
+            let answer = if err.is_code("QUERY_LIMIT_EXCEEDED") {
+                Answer::RateLimited503
+            } else if err.is_code("OPERATION_TIME_LIMIT") {
+                Answer::Operating429
+            } else if err.class == ErrorClass::Auth {
+                Answer::Auth
+            } else {
+                Answer::Other
+            };
+            self.count_answer(method, answer);
             return Err(err);
         }
         if !(200..300).contains(&status) {
-            self.stat(|s| s.other_errors += 1);
+            self.count_answer(method, Answer::Other);
             return Err(invalid(format!(
                 "no error code in the answer: {}",
                 sanitize_snippet(&json.to_string(), &secrets, 120)
@@ -1160,12 +1210,12 @@ impl PortalClient {
         }
         match ApiResponse::from_body(&json) {
             Ok(resp) => {
-                self.stat(|s| s.ok += 1);
+                self.count_answer(method, Answer::Ok);
                 self.record_time(method, &resp.time);
                 Ok(resp)
             }
             Err(what) => {
-                self.stat(|s| s.other_errors += 1);
+                self.count_answer(method, Answer::Other);
                 Err(invalid(what))
             }
         }
@@ -1450,6 +1500,50 @@ mod tests {
             (2, 1, 1)
         );
         assert!(stats.rate_wait_seconds >= 0.7);
+    }
+
+    #[tokio::test]
+    async fn counts_answers_and_operating_time_per_method() {
+        let (base, srv) = serve(|_, n| match n {
+            0 => json_reply(200, json!({"result": [], "time": {"operating": 1.25}})),
+            1 => api_error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests"),
+            2 => json_reply(200, json!({"result": true, "time": {"operating": 0.5}})),
+            _ => api_error(400, "ERROR_ARGUMENT", "bad argument"),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        client.call("event.offline.get", json!({})).await.unwrap();
+        client
+            .call("event.offline.clear", json!({"process_id": "p"}))
+            .await
+            .unwrap();
+        client
+            .call("event.offline.error", json!({"process_id": "p"}))
+            .await
+            .unwrap_err();
+        let stats = client.stats();
+        assert_eq!(
+            (
+                stats.requests,
+                stats.ok,
+                stats.rate_limited_503,
+                stats.other_errors
+            ),
+            (4, 2, 1, 1)
+        );
+        let get = &stats.methods["event.offline.get"];
+        assert_eq!((get.ok, get.operating_seconds), (1, Some(1.25)));
+        let clear = &stats.methods["event.offline.clear"];
+        assert_eq!(
+            (clear.ok, clear.rate_limited_503, clear.operating_seconds),
+            (1, 1, Some(0.5))
+        );
+        let error = &stats.methods["event.offline.error"];
+        assert_eq!(
+            (error.ok, error.other_errors, error.operating_seconds),
+            (0, 1, None)
+        );
+        assert_eq!(stats.methods.len(), 3);
     }
 
     #[tokio::test]

@@ -129,6 +129,8 @@ pub struct DueDelivery {
     /// Attempts already made before this one.
     pub attempts: u32,
     pub envelope: Envelope,
+    /// When the event was journaled (`events.fetched_at`); `None` if the column does not parse.
+    pub fetched_at: Option<DateTime<Utc>>,
 }
 
 /// The result of one delivery attempt, as recorded.
@@ -436,17 +438,6 @@ impl Journal {
         .await
     }
 
-    /// The journal's size on disk: the database file and its WAL.
-    pub fn size_bytes(&self) -> u64 {
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        [self.path.as_path(), Path::new(&wal)]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
     // ---- deliveries --------------------------------------------------------------------------
 
     /// Up to `limit` pending deliveries for `sink` whose time has come, oldest first.
@@ -518,6 +509,28 @@ impl Journal {
     }
 
     // ---- reporting ---------------------------------------------------------------------------
+
+    /// Answers a trivial query: the journal is open and its connection is not stuck.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.run(|conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Bytes on disk of the journal file and its write-ahead log (`-wal`); a missing WAL counts
+    /// as 0.
+    pub fn size_bytes(&self) -> std::io::Result<u64> {
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = match std::fs::metadata(Path::new(&wal)) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(std::fs::metadata(&self.path)?.len() + wal)
+    }
 
     pub async fn counts(&self) -> anyhow::Result<JournalCounts> {
         self.run(|conn| counts(conn)).await
@@ -746,7 +759,7 @@ fn due_deliveries(
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}
+        "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.sink = ?1 AND d.status = 'pending' AND d.next_attempt_at <= ?2
          ORDER BY d.next_attempt_at, d.event_id
@@ -758,6 +771,7 @@ fn due_deliveries(
             event_id: r.get(0)?,
             attempts,
             envelope: envelope_at(r, 2, attempts + 1)?,
+            fetched_at: parse_time(r.get(12)?),
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1088,8 +1102,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ping_answers_and_size_counts_the_file_and_its_wal() {
+        let (_d, j) = open();
+        j.ping().await.unwrap();
+        let empty = j.size_bytes().unwrap();
+        assert!(empty > 0, "the migrated journal has pages");
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+            .await
+            .unwrap();
+        let mut wal = j.path().as_os_str().to_owned();
+        wal.push("-wal");
+        let expected = std::fs::metadata(j.path()).unwrap().len()
+            + std::fs::metadata(std::path::Path::new(&wal))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        assert_eq!(j.size_bytes().unwrap(), expected);
+        assert!(j.size_bytes().unwrap() > empty, "the batch grew the WAL");
+    }
+
+    #[tokio::test]
     async fn a_batch_is_delivered_then_cleared() {
         let (_d, j) = open();
+        let before = Utc::now() - chrono::Duration::seconds(1);
         let r = j
             .record_batch(batch(
                 "p1",
@@ -1104,6 +1138,11 @@ mod tests {
         assert_eq!(due.len(), 2);
         assert_eq!(due[0].envelope.id, "main:1");
         assert_eq!(due[0].envelope.attempt, 1);
+        let fetched_at = due[0].fetched_at.expect("fetched_at is read");
+        assert!(
+            fetched_at >= before && fetched_at <= Utc::now(),
+            "{fetched_at}"
+        );
         let ids: Vec<i64> = due.iter().map(|d| d.event_id).collect();
         let portals = j
             .record_outcomes(

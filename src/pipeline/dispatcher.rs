@@ -5,6 +5,7 @@ use super::Wakers;
 use super::retry::{Step, next_step};
 use crate::config::RetryPolicy;
 use crate::journal::{Journal, Outcome};
+use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::sinks::Sink;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub struct Dispatcher {
     pub journal: Journal,
     pub wake: Arc<Notify>,
     pub wakers: Arc<Wakers>,
+    pub metrics: Metrics,
     pub stop: CancellationToken,
 }
 
@@ -80,7 +82,7 @@ impl Dispatcher {
             );
         }
         let now = chrono::Utc::now();
-        let outcomes = due
+        let outcomes: Vec<(i64, Outcome, Option<String>)> = due
             .iter()
             .zip(results)
             .map(|(d, (result, output))| {
@@ -105,7 +107,24 @@ impl Dispatcher {
                 (d.event_id, outcome, output)
             })
             .collect();
+        let counted: Vec<(DeliveryOutcome, Option<Duration>)> = due
+            .iter()
+            .zip(&outcomes)
+            .map(|(d, (_, outcome, _))| match outcome {
+                Outcome::Delivered => (
+                    DeliveryOutcome::Delivered,
+                    d.fetched_at.and_then(|at| (now - at).to_std().ok()),
+                ),
+                Outcome::Retry { .. } => (DeliveryOutcome::Retry, None),
+                Outcome::Dead { .. } => (DeliveryOutcome::Dead, None),
+            })
+            .collect();
         let portals = self.journal.record_outcomes(name, outcomes).await?;
+        // Counted once journaled, so the counters never run ahead of the journal.
+        for (d, (outcome, latency)) in due.iter().zip(counted) {
+            self.metrics
+                .delivery(&d.envelope.portal, name, outcome, latency);
+        }
         for portal in portals {
             self.wakers.wake_portal(&portal);
         }

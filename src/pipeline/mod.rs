@@ -9,9 +9,11 @@ pub mod poller;
 pub mod retry;
 pub mod settle;
 
+use crate::admin::{AdminServer, AdminState};
 use crate::bitrix::{ClientSettings, PortalClient, TokenStore};
 use crate::config::{Config, PortalConfig, SinkConfig, resolve_secret};
 use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::sinks::Route;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -116,9 +118,12 @@ async fn client_with_limit_wait(
     PortalClient::new(settings, tokens, store).map_err(anyhow::Error::from)
 }
 
-/// A running pipeline's handles, for callers that want to look inside (the demo's summary).
+/// A running pipeline's handles, for callers that want to look inside (the demo's summary, the
+/// tests that scrape the admin endpoint).
 pub struct Running {
     pub clients: Vec<PortalClient>,
+    /// Where the admin endpoint listens (the bound port when `admin.listen` asked for `:0`).
+    pub admin_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops fetching, lets in-flight deliveries
@@ -157,13 +162,6 @@ pub async fn run_with(
     // The pollers stop on `shutdown`; the dispatchers get their own token, cancelled after the
     // pollers have stopped fetching, so nothing new is journaled while deliveries drain.
     let dispatch_stop = CancellationToken::new();
-    let mut dispatchers = Dispatchers {
-        running: BTreeMap::new(),
-        directory: crate::alerts::SinkDirectory::default(),
-        journal: journal.clone(),
-        wakers: wakers.clone(),
-        stop: dispatch_stop.clone(),
-    };
     let mut built = Vec::new();
     for sink_config in config.sinks.values() {
         // Build errors name the sink ("sink erp: ...").
@@ -171,12 +169,35 @@ pub async fn run_with(
         built.push((sink, sink_config.clone()));
     }
     let routes = SharedRoutes::new(&config);
-    dispatchers.drop_unknown(&config).await?;
 
     let mut clients = Vec::new();
     for portal in config.portals.values() {
         clients.push(portal_client(portal, &journal).await?);
     }
+    let metrics = Metrics::new(clients.clone());
+    let admin = match config.admin.listen {
+        Some(listen) => Some(
+            AdminServer::start(
+                listen,
+                AdminState {
+                    metrics: metrics.clone(),
+                    journal: journal.clone(),
+                    portals: config.portals.keys().cloned().collect(),
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let mut dispatchers = Dispatchers {
+        running: BTreeMap::new(),
+        directory: crate::alerts::SinkDirectory::default(),
+        journal: journal.clone(),
+        wakers: wakers.clone(),
+        metrics: metrics.clone(),
+        stop: dispatch_stop.clone(),
+    };
+    dispatchers.drop_unknown(&config).await?;
     for (sink, sink_config) in built {
         dispatchers.start(sink, sink_config);
     }
@@ -189,10 +210,11 @@ pub async fn run_with(
         let poller = poller::Poller::new(
             portal.clone(),
             client.clone(),
-            poller::PollerShared {
+            poller::Shared {
                 journal: journal.clone(),
                 routes: routes.clone(),
                 wakers: wakers.clone(),
+                metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
             },
             scheduler.triggers(&portal.name),
@@ -222,7 +244,10 @@ pub async fn run_with(
         journal.clone(),
         shutdown.clone(),
     ));
-    started(&Running { clients });
+    started(&Running {
+        clients,
+        admin_addr: admin.as_ref().map(AdminServer::local_addr),
+    });
     tracing::info!(
         portals = config.portals.len(),
         sinks = config.sinks.len(),
@@ -294,6 +319,9 @@ pub async fn run_with(
             "shutdown deadline reached while settling: pending settle calls are resent on the next start"
         );
     }
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     tracing::info!("b24eventd stopped");
     if portal_count > 0 && refused.len() == portal_count {
         let first = &refused[0];
@@ -314,6 +342,7 @@ struct Dispatchers {
     directory: crate::alerts::SinkDirectory,
     journal: Journal,
     wakers: Arc<Wakers>,
+    metrics: Metrics,
     /// Parent of every dispatcher's token: cancelled at shutdown.
     stop: CancellationToken,
 }
@@ -342,6 +371,7 @@ impl Dispatchers {
             policy: config.retry,
             journal: self.journal.clone(),
             wakers: self.wakers.clone(),
+            metrics: self.metrics.clone(),
             stop: stop.clone(),
         };
         let task = tokio::spawn(worker.run());

@@ -10,6 +10,7 @@ use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent};
+use crate::metrics::Metrics;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,18 +221,20 @@ pub struct Poller {
     journal: Journal,
     routes: SharedRoutes,
     wakers: Arc<Wakers>,
+    metrics: Metrics,
     triggers: Triggers,
     shutdown: CancellationToken,
     settler: Settler,
     liveness: LoopHandle,
 }
 
-/// What every poller of a pipeline shares.
+/// What every poller shares with the rest of the pipeline.
 #[derive(Clone)]
-pub struct PollerShared {
+pub struct Shared {
     pub journal: Journal,
     pub routes: SharedRoutes,
     pub wakers: Arc<Wakers>,
+    pub metrics: Metrics,
     pub shutdown: CancellationToken,
 }
 
@@ -239,23 +242,31 @@ impl Poller {
     pub fn new(
         config: PortalConfig,
         client: PortalClient,
-        shared: PollerShared,
+        shared: Shared,
         triggers: Triggers,
         liveness: LoopHandle,
     ) -> Poller {
+        let Shared {
+            journal,
+            routes,
+            wakers,
+            metrics,
+            shutdown,
+        } = shared;
         let settler = Settler {
             portal: config.name.clone(),
             client: client.clone(),
-            journal: shared.journal.clone(),
+            journal: journal.clone(),
         };
         Poller {
             config,
             client,
-            journal: shared.journal,
-            routes: shared.routes,
-            wakers: shared.wakers,
+            journal,
+            routes,
+            wakers,
+            metrics,
             triggers,
-            shutdown: shared.shutdown,
+            shutdown,
             settler,
             liveness,
         }
@@ -319,6 +330,7 @@ impl Poller {
                     if failures > 0 {
                         tracing::info!(portal = %self.portal(), "portal recovered");
                     }
+                    self.metrics.poll_succeeded(self.portal());
                     failures = 0;
                     last_error.clear();
                     wait
@@ -338,11 +350,14 @@ impl Poller {
                         && refuses_reserve_mode(b)
                     {
                         tracing::error!(portal = %self.portal(), error = %message, "portal stopped: its plan has no reserve mode");
+                        self.metrics.poll_stopped(self.portal(), &message);
                         return Some(ConfigMismatch {
                             portal: self.portal().to_string(),
                             message,
                         });
                     }
+                    self.metrics
+                        .poll_failed(self.portal(), failures, &message, fatal);
                     let wait = if fatal {
                         FATAL_RETRY
                     } else {
@@ -592,6 +607,8 @@ impl Poller {
             })
             .await?;
         if recorded.inserted > 0 {
+            self.metrics
+                .fetched(self.portal(), recorded.inserted as u64);
             self.wakers.wake_sinks();
         }
         if !recorded.known_settled.is_empty() {

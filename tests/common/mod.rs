@@ -98,6 +98,8 @@ pub struct Running {
     pub journal: Journal,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Where the admin endpoint listens, when the config turned it on.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 impl Running {
@@ -110,15 +112,26 @@ impl Running {
             journal.save_tokens("main", tokens).await.unwrap();
         }
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(b24eventd::pipeline::run(
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(b24eventd::pipeline::run_with(
             config,
             journal.clone(),
             shutdown.clone(),
+            b24eventd::pipeline::Controls::default(),
+            move |running| {
+                let _ = started_tx.send(running.admin_addr);
+            },
         ));
+        // A pipeline that fails before it is up drops the sender: the task holds its error.
+        let admin = tokio::time::timeout(Duration::from_secs(30), started_rx)
+            .await
+            .expect("pipeline starts within 30 s")
+            .unwrap_or(None);
         Running {
             journal,
             shutdown,
             task,
+            admin,
         }
     }
 
