@@ -51,7 +51,15 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(600);
 
-const SINK_TYPES: &str = "\"file\", \"http\", \"exec\"";
+/// Every sink `type`, quoted, for error messages.
+fn sink_types() -> String {
+    ["file", "http", "exec"]
+        .into_iter()
+        .chain(crate::sinks::OPTION_TYPES.iter().map(|(kind, _)| *kind))
+        .map(|kind| format!("{kind:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 /// Environment variables an exec sink sets itself for every event; `env` cannot set them.
 pub const EXEC_EVENT_ENV: [&str; 4] = ["B24_EVENT_ID", "B24_EVENT", "B24_PORTAL", "B24_ATTEMPT"];
 
@@ -498,9 +506,10 @@ pub struct RawRateLimit {
     pub per_second: Option<f64>,
 }
 
-/// Every key a sink of any type may have; which ones are allowed is checked per `type`.
+/// The keys of `[sinks.NAME]`: the common ones and those of the `file`, `http` and `exec` types by
+/// name (which ones are allowed is checked per `type`); every other key lands in `options`, which
+/// the broker and database sink types read into their own typed config ([`SinkOptions`]).
 #[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawSink {
     #[serde(rename = "type")]
     pub kind: Option<String>,
@@ -520,6 +529,29 @@ pub struct RawSink {
     pub permanent_exit_codes: Option<Vec<i32>>,
     pub env: Option<BTreeMap<String, String>>,
     pub working_dir: Option<PathBuf>,
+    /// Keys not named above, for the sink types that define their own ([`SinkOptions`]).
+    #[serde(flatten)]
+    pub options: BTreeMap<String, Value>,
+}
+
+impl RawSink {
+    /// The `file`/`http`/`exec` keys that are set, `url` excepted (most sink types have one).
+    fn named_type_keys(&self) -> Vec<&'static str> {
+        [
+            ("path", self.path.is_some()),
+            ("format", self.format.is_some()),
+            ("headers", self.headers.is_some()),
+            ("signing_secret", self.signing_secret.is_some()),
+            ("signing_secret_file", self.signing_secret_file.is_some()),
+            ("command", self.command.is_some()),
+            ("permanent_exit_codes", self.permanent_exit_codes.is_some()),
+            ("env", self.env.is_some()),
+            ("working_dir", self.working_dir.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
 }
 
 impl fmt::Debug for RawSink {
@@ -541,6 +573,79 @@ impl fmt::Debug for RawSink {
             .field("permanent_exit_codes", &self.permanent_exit_codes)
             .field("env", &self.env.as_ref().map(RedactedValues))
             .field("working_dir", &self.working_dir)
+            // Option values may be credentials (a password in a URL): keys only.
+            .field("options", &self.options.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The type-specific keys of one `[sinks.NAME]` of a type that defines its own config (`redis`,
+/// `nats`, ...): `url` and every key `RawSink` does not name. A sink module reads them into its
+/// typed config with [`SinkOptions::parse`] and reports problems with [`SinkOptions::err`].
+#[derive(Clone)]
+pub struct SinkOptions {
+    file: String,
+    sink: String,
+    kind: &'static str,
+    values: Dict,
+}
+
+impl SinkOptions {
+    /// The `[sinks.NAME]` these options belong to.
+    pub fn sink_name(&self) -> &str {
+        &self.sink
+    }
+
+    /// The dotted path of one of these keys, `sinks.NAME.key`.
+    pub fn key(&self, key: &str) -> String {
+        format!("sinks.{}.{key}", self.sink)
+    }
+
+    /// An error about `key` (a key of this sink, without the `sinks.NAME.` prefix).
+    pub fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(&self.file, self.key(key), message)
+    }
+
+    /// Reads the options into `T`, which should be `#[serde(deny_unknown_fields)]` so that a
+    /// misspelt key is named. Messages never echo a value (a URL may carry a password).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        use figment::error::Kind;
+        let error = match Value::from(self.values.clone()).deserialize::<T>() {
+            Ok(parsed) => return Ok(parsed),
+            Err(e) => e
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| figment::Error::from("invalid value".to_string())),
+        };
+        let mut path = error.path.clone();
+        let message = match &error.kind {
+            Kind::UnknownField(field, expected) => {
+                push_leaf(&mut path, field);
+                format!(
+                    "not a key of a {:?} sink; its keys: {}",
+                    self.kind,
+                    expected.join(", ")
+                )
+            }
+            Kind::MissingField(field) => {
+                push_leaf(&mut path, field);
+                "missing required key".to_string()
+            }
+            Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
+                format!("invalid value, expected {expected}")
+            }
+            _ => "invalid value".to_string(),
+        };
+        Err(self.err(&render_key(&path), message))
+    }
+}
+
+impl fmt::Debug for SinkOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SinkOptions")
+            .field("sink", &self.sink)
+            .field("kind", &self.kind)
+            .field("keys", &self.values.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -1412,10 +1517,12 @@ impl Validator {
     fn sink(
         &self,
         name: &str,
-        raw: RawSink,
+        mut raw: RawSink,
         portals: &BTreeMap<String, PortalConfig>,
     ) -> Result<SinkConfig, ConfigError> {
         let k = |key: &str| format!("sinks.{name}.{key}");
+        let named_type_keys = raw.named_type_keys();
+        let options = std::mem::take(&mut raw.options);
         if !valid_name(name) {
             return Err(self.err(
                 format!("sinks.{name}"),
@@ -1492,10 +1599,11 @@ impl Validator {
             None => {
                 return Err(self.err(
                     k("type"),
-                    format!("missing required key; supported types: {SINK_TYPES}"),
+                    format!("missing required key; supported types: {}", sink_types()),
                 ));
             }
             Some("file") => {
+                self.no_options(name, "file", &options)?;
                 self.not_for_type(
                     name,
                     "file",
@@ -1519,6 +1627,7 @@ impl Validator {
                 SinkKind::File(FileSinkConfig { path })
             }
             Some("http") => {
+                self.no_options(name, "http", &options)?;
                 self.not_for_type(
                     name,
                     "http",
@@ -1569,6 +1678,7 @@ impl Validator {
                 })
             }
             Some("exec") => {
+                self.no_options(name, "exec", &options)?;
                 self.not_for_type(
                     name,
                     "exec",
@@ -1588,10 +1698,17 @@ impl Validator {
                 )?)
             }
             Some(other) => {
-                return Err(self.err(
-                    k("type"),
-                    format!("unknown sink type {other:?}; supported types: {SINK_TYPES}"),
-                ));
+                let Some((kind, parse)) = crate::sinks::option_type(other) else {
+                    return Err(self.err(
+                        k("type"),
+                        format!(
+                            "unknown sink type {other:?}; supported types: {}",
+                            sink_types()
+                        ),
+                    ));
+                };
+                let options = self.options(name, kind, &named_type_keys, raw.url, options)?;
+                parse(&options)?
             }
         };
 
@@ -1701,6 +1818,49 @@ impl Validator {
             permanent_exit_codes,
             env,
             working_dir,
+        })
+    }
+
+    /// Refuses keys that no `file`, `http` or `exec` sink has.
+    fn no_options(
+        &self,
+        sink: &str,
+        kind: &str,
+        options: &BTreeMap<String, Value>,
+    ) -> Result<(), ConfigError> {
+        match options.keys().next() {
+            Some(key) => Err(self.err(
+                format!("sinks.{sink}.{key}"),
+                format!("not a key of a {kind:?} sink"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The options of a sink type that defines its own keys: refuses the `file`/`http`/`exec`
+    /// keys `RawSink` names (all but `url`) and hands `url` and the rest to the sink module.
+    fn options(
+        &self,
+        sink: &str,
+        kind: &'static str,
+        named_type_keys: &[&'static str],
+        url: Option<String>,
+        mut options: BTreeMap<String, Value>,
+    ) -> Result<SinkOptions, ConfigError> {
+        if let Some(key) = named_type_keys.first() {
+            return Err(self.err(
+                format!("sinks.{sink}.{key}"),
+                format!("not a key of a {kind:?} sink"),
+            ));
+        }
+        if let Some(url) = url {
+            options.insert("url".to_string(), Value::from(url));
+        }
+        Ok(SinkOptions {
+            file: self.file.clone(),
+            sink: sink.to_string(),
+            kind,
+            values: options.into_iter().collect(),
         })
     }
 
@@ -1889,6 +2049,121 @@ events = ["ONCRMDEALADD"]
 {extra_keys}
 "#
         )
+    }
+
+    #[test]
+    fn a_key_of_no_sink_type_is_named() {
+        let err = load_str(
+            &sink("type = \"file\"\npath = \"/tmp/x\"\nstream = \"s\""),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sinks.erp.stream");
+        assert_eq!(err.message, "not a key of a \"file\" sink");
+        let err = load_str(&sink("type = \"kafka\""), &[]).unwrap_err();
+        assert_eq!(err.key, "sinks.erp.type");
+        assert!(
+            err.message.starts_with(
+                "unknown sink type \"kafka\"; supported types: \"file\", \"http\", \"exec\""
+            ),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn sink_options_reach_a_typed_config_with_named_errors() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Options {
+            url: String,
+            stream: String,
+            maxlen: Option<u64>,
+        }
+        let v = Validator {
+            file: "c.toml".into(),
+        };
+        let options = |pairs: &[(&str, Value)]| -> BTreeMap<String, Value> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        let url = Some("redis://:hunter2@127.0.0.1/".to_string());
+
+        let ok = v
+            .options(
+                "q",
+                "redis",
+                &[],
+                url.clone(),
+                options(&[("stream", Value::from("s"))]),
+            )
+            .unwrap();
+        assert_eq!(
+            ok.parse::<Options>().unwrap(),
+            Options {
+                url: url.clone().unwrap(),
+                stream: "s".into(),
+                maxlen: None
+            }
+        );
+        assert!(!format!("{ok:?}").contains("hunter2"));
+
+        let typo = v
+            .options(
+                "q",
+                "redis",
+                &[],
+                url.clone(),
+                options(&[("stream", Value::from("s")), ("max_len", Value::from(5u64))]),
+            )
+            .unwrap();
+        let err = typo.parse::<Options>().unwrap_err();
+        assert_eq!(
+            (err.file.as_str(), err.key.as_str()),
+            ("c.toml", "sinks.q.max_len")
+        );
+        assert!(
+            err.message
+                .starts_with("not a key of a \"redis\" sink; its keys: url, stream, maxlen"),
+            "{}",
+            err.message
+        );
+
+        let missing = v
+            .options("q", "redis", &[], url.clone(), options(&[]))
+            .unwrap();
+        let err = missing.parse::<Options>().unwrap_err();
+        assert_eq!(
+            (err.key.as_str(), err.message.as_str()),
+            ("sinks.q.stream", "missing required key")
+        );
+
+        let wrong = v
+            .options(
+                "q",
+                "redis",
+                &[],
+                Some("x".into()),
+                options(&[("stream", Value::from(7u64))]),
+            )
+            .unwrap();
+        let err = wrong.parse::<Options>().unwrap_err();
+        assert_eq!(err.key, "sinks.q.stream");
+        assert!(
+            err.message.starts_with("invalid value, expected"),
+            "{}",
+            err.message
+        );
+
+        let err = v
+            .options("q", "redis", &["path"], url, options(&[]))
+            .unwrap_err();
+        assert_eq!(
+            (err.key.as_str(), err.message.as_str()),
+            ("sinks.q.path", "not a key of a \"redis\" sink")
+        );
     }
 
     #[test]

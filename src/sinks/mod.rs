@@ -10,7 +10,7 @@ pub mod http;
 pub mod route;
 
 use crate::BoxFuture;
-use crate::config::{SinkConfig, SinkKind};
+use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions};
 use crate::envelope::Envelope;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +139,18 @@ pub trait Sink: Send + Sync {
             }
         })
     }
+}
+
+/// Reads the typed config of a sink type that defines its own keys from `[sinks.NAME]`.
+pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
+
+/// The sink types whose keys their own module defines (everything but `file`, `http` and
+/// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
+pub const OPTION_TYPES: &[(&str, OptionParser)] = &[];
+
+/// The entry of [`OPTION_TYPES`] for `kind`.
+pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
+    OPTION_TYPES.iter().copied().find(|(name, _)| *name == kind)
 }
 
 /// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink

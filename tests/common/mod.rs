@@ -2,6 +2,8 @@
 //! real pipeline running in-process, a programmable HTTP sink endpoint, and polling helpers.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use b24eventd::bitrix::Tokens;
 use b24eventd::config;
 use b24eventd::journal::Journal;
