@@ -40,6 +40,10 @@ const MAX_BATCH_SIZE: u32 = 1000;
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_BURST: u32 = 50;
 const DEFAULT_PER_SECOND: f64 = 2.0;
+/// Half the portal's bucket: the rest is left to the other integrations of the account.
+const DEFAULT_SHARE: f64 = 0.5;
+/// How slowly an idle portal is polled at most (when `poll_interval` is shorter).
+const DEFAULT_IDLE_POLL_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_UNSETTLED: u32 = 5000;
 const DEFAULT_ERROR_LANE_SCHEDULE: &str = "0 */10 * * * *";
 const DEFAULT_ORPHAN_SWEEP_SCHEDULE: &str = "0 */5 * * * *";
@@ -170,6 +174,8 @@ pub struct PortalConfig {
     pub mode: Mode,
     pub batch_size: u32,
     pub poll_interval: Duration,
+    /// An idle portal is polled ever more slowly, from `poll_interval` up to this.
+    pub idle_poll_max: Duration,
     pub rate_limit: RateLimit,
     pub max_unsettled: u32,
     pub error_lane_schedule: String,
@@ -222,12 +228,24 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// The client-side leaky bucket mirroring the portal's: `burst` requests at once, refilled at
-/// `per_second`.
+/// The portal's leaky bucket (`burst` requests at once, refilled at `per_second`) and the
+/// fraction of it this daemon may use: the bucket is counted per account and source IP, so other
+/// integrations on the same host draw from it too.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     pub burst: u32,
     pub per_second: f64,
+    /// In (0, 1]: the client-side bucket is `burst * share` requests refilled at
+    /// `per_second * share`.
+    pub share: f64,
+}
+
+impl RateLimit {
+    /// The bucket the client keeps: this daemon's share of the portal's (at least one request).
+    pub fn client_bucket(&self) -> (u32, f64) {
+        let burst = (f64::from(self.burst) * self.share).floor().max(1.0) as u32;
+        (burst, self.per_second * self.share)
+    }
 }
 
 /// How events are taken from the portal's queue.
@@ -491,6 +509,8 @@ pub struct RawPortal {
     pub batch_size: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_poll_max: Option<Duration>,
     pub rate_limit: Option<RawRateLimit>,
     pub max_unsettled: Option<u32>,
     pub error_lane_schedule: Option<String>,
@@ -504,6 +524,7 @@ pub struct RawPortal {
 pub struct RawRateLimit {
     pub burst: Option<u32>,
     pub per_second: Option<f64>,
+    pub share: Option<f64>,
 }
 
 /// The keys of `[sinks.NAME]`: the common ones and those of the `file`, `http` and `exec` types by
@@ -784,6 +805,7 @@ const STRING_KEYS: &[&str] = &[
     "oldest_pending_older_than",
     "retention",
     "poll_interval",
+    "idle_poll_max",
     "request_timeout",
     "timeout",
     "initial_backoff",
@@ -1415,6 +1437,32 @@ impl Validator {
             ));
         }
 
+        let share = rate.share.unwrap_or(DEFAULT_SHARE);
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            return Err(self.err(
+                k("rate_limit.share"),
+                format!("must be a fraction greater than 0 and at most 1, got {share}"),
+            ));
+        }
+        let poll_interval = self.nonzero(
+            &k("poll_interval"),
+            raw.poll_interval,
+            DEFAULT_POLL_INTERVAL,
+        )?;
+        let idle_poll_max = raw
+            .idle_poll_max
+            .unwrap_or(DEFAULT_IDLE_POLL_MAX.max(poll_interval));
+        if idle_poll_max < poll_interval {
+            return Err(self.err(
+                k("idle_poll_max"),
+                format!(
+                    "must not be shorter than poll_interval ({}), got {}",
+                    humantime::format_duration(poll_interval),
+                    humantime::format_duration(idle_poll_max)
+                ),
+            ));
+        }
+
         Ok(PortalConfig {
             name: name.to_string(),
             client_endpoint,
@@ -1425,12 +1473,13 @@ impl Validator {
             events,
             mode,
             batch_size,
-            poll_interval: self.nonzero(
-                &k("poll_interval"),
-                raw.poll_interval,
-                DEFAULT_POLL_INTERVAL,
-            )?,
-            rate_limit: RateLimit { burst, per_second },
+            poll_interval,
+            idle_poll_max,
+            rate_limit: RateLimit {
+                burst,
+                per_second,
+                share,
+            },
             max_unsettled,
             error_lane_schedule: self.schedule(
                 &k("error_lane_schedule"),
@@ -2190,9 +2239,11 @@ events = ["ONCRMDEALADD"]
             p.rate_limit,
             RateLimit {
                 burst: 50,
-                per_second: 2.0
+                per_second: 2.0,
+                share: 0.5
             }
         );
+        assert_eq!(p.idle_poll_max, Duration::from_secs(30));
         assert_eq!(p.max_unsettled, 5000);
         assert_eq!(p.error_lane_schedule, "0 */10 * * * *");
         assert_eq!(p.orphan_sweep_schedule, "0 */5 * * * *");
@@ -2472,9 +2523,25 @@ events = ["ONCRMDEALADD"]
             config.portals["main"].rate_limit,
             RateLimit {
                 burst: 250,
-                per_second: 5.0
+                per_second: 5.0,
+                share: 0.5
             }
         );
+        assert_eq!(
+            config.portals["main"].rate_limit.client_bucket(),
+            (125, 2.5)
+        );
+        let config = load_str(&portal("rate_limit = { share = 1.0 }"), &[]).unwrap();
+        assert_eq!(config.portals["main"].rate_limit.client_bucket(), (50, 2.0));
+        let config = load_str(&portal("rate_limit = { burst = 1, share = 0.1 }"), &[]).unwrap();
+        assert_eq!(config.portals["main"].rate_limit.client_bucket().0, 1);
+        for bad in ["0.0", "1.5", "-0.5"] {
+            assert_err(
+                &portal(&format!("rate_limit = {{ share = {bad} }}")),
+                "portals.main.rate_limit.share",
+                "must be a fraction greater than 0 and at most 1",
+            );
+        }
     }
 
     #[test]

@@ -84,8 +84,20 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     }
     emitter.await.unwrap();
 
-    // A last run drains whatever is left, then stops gracefully on SIGTERM.
+    // A last run drains whatever is left, then stops gracefully on SIGTERM. The SIGTERM must
+    // not come before the daemon is up (the queue may be drained already): wait for its start.
+    let runs_logged = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("b24eventd running")
+            .count()
+    };
+    let runs_before = runs_logged();
     let mut child = spawn_daemon(&config, &log);
+    wait_for("the last run to start", Duration::from_secs(30), || {
+        runs_logged() > runs_before
+    })
+    .await;
     wait_for(
         "the queue drained after the crashes",
         Duration::from_secs(120),

@@ -29,6 +29,18 @@ async fn two_thousand_events_in_waves_reach_both_sinks_and_the_queue_ends_empty(
         || upstream_empty(&sim) && sim.stats().emitted == 2000,
     )
     .await;
+    // The portal clears before its answer reaches the journal: wait for the journal too.
+    wait_for(
+        "the journal to record the clears",
+        Duration::from_secs(10),
+        || {
+            running
+                .journal
+                .counts_blocking()
+                .is_ok_and(|c| c.cleared == 2000)
+        },
+    )
+    .await;
     let counts = running.journal.counts().await.unwrap();
     running.stop().await;
 

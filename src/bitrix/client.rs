@@ -138,6 +138,63 @@ pub struct GetRequest {
     pub error_lane: bool,
 }
 
+/// One `event.offline.*` call, alone or as a sub-command of [`PortalClient::offline_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum OfflineCommand {
+    Get(GetRequest),
+    Clear {
+        process_id: String,
+        target: ClearTarget,
+    },
+    Error {
+        process_id: String,
+        message_ids: Vec<String>,
+    },
+}
+
+impl OfflineCommand {
+    pub fn method(&self) -> &'static str {
+        match self {
+            OfflineCommand::Get(_) => "event.offline.get",
+            OfflineCommand::Clear { .. } => "event.offline.clear",
+            OfflineCommand::Error { .. } => "event.offline.error",
+        }
+    }
+
+    /// The start of the command's key in a `batch` request.
+    fn key_prefix(&self) -> &'static str {
+        match self {
+            OfflineCommand::Get(_) => "get",
+            OfflineCommand::Clear { .. } => "clear",
+            OfflineCommand::Error { .. } => "error",
+        }
+    }
+
+    /// A settle call naming no rows (nothing to send).
+    fn is_empty(&self) -> bool {
+        match self {
+            OfflineCommand::Get(_) => false,
+            OfflineCommand::Clear { target, .. } => match target {
+                ClearTarget::All => false,
+                ClearTarget::MessageIds(ids) => ids.is_empty(),
+                ClearTarget::Ids(ids) => ids.is_empty(),
+            },
+            OfflineCommand::Error { message_ids, .. } => message_ids.is_empty(),
+        }
+    }
+}
+
+/// How one sub-command of [`PortalClient::offline_batch`] came out.
+#[derive(Debug)]
+pub enum OfflineOutcome {
+    /// A `get` answered (its reservation and events).
+    Got(OfflineBatch),
+    /// A `clear` or `error` was done.
+    Settled,
+    /// The portal refused or failed this sub-command alone (the others ran).
+    Failed(BitrixError),
+}
+
 /// Which rows of a reservation `event.offline.clear` deletes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClearTarget {
@@ -352,18 +409,9 @@ impl PortalClient {
 
     /// `event.offline.get`: `clear` and `error` go as 0/1.
     pub async fn offline_get(&self, req: &GetRequest) -> Result<OfflineBatch, BitrixError> {
-        const METHOD: &str = "event.offline.get";
-        let mut params = json!({
-            "limit": req.limit,
-            "clear": u8::from(req.clear),
-            "error": u8::from(req.error_lane),
-        });
-        if let Some(pid) = &req.process_id {
-            self.require_process_id(METHOD, pid)?;
-            params["process_id"] = Value::String(pid.clone());
-        }
-        let resp = self.call(METHOD, params).await?;
-        parse_offline_get(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+        let (method, params) = self.offline_params(&OfflineCommand::Get(req.clone()))?;
+        let resp = self.call(method, params).await?;
+        parse_offline_get(&resp.result).map_err(|e| self.shape_error(method, e))
     }
 
     /// `event.offline.clear` of a reservation: all of it, or the given `message_id`s or `id`s
@@ -373,17 +421,15 @@ impl PortalClient {
         process_id: &str,
         target: &ClearTarget,
     ) -> Result<(), BitrixError> {
-        const METHOD: &str = "event.offline.clear";
-        self.require_process_id(METHOD, process_id)?;
-        let mut params = json!({ "process_id": process_id });
-        match target {
-            ClearTarget::All => {}
-            ClearTarget::MessageIds(ids) if ids.is_empty() => return Ok(()),
-            ClearTarget::Ids(ids) if ids.is_empty() => return Ok(()),
-            ClearTarget::MessageIds(ids) => params["message_id"] = json!(ids),
-            ClearTarget::Ids(ids) => params["id"] = json!(ids),
+        let command = OfflineCommand::Clear {
+            process_id: process_id.to_string(),
+            target: target.clone(),
+        };
+        let (method, params) = self.offline_params(&command)?;
+        if command.is_empty() {
+            return Ok(());
         }
-        self.call(METHOD, params).await.map(|_| ())
+        self.call(method, params).await.map(|_| ())
     }
 
     /// `event.offline.error`: moves these rows of the reservation to the error lane. An empty
@@ -393,12 +439,117 @@ impl PortalClient {
         process_id: &str,
         message_ids: &[String],
     ) -> Result<(), BitrixError> {
-        self.require_process_id("event.offline.error", process_id)?;
-        if message_ids.is_empty() {
+        let command = OfflineCommand::Error {
+            process_id: process_id.to_string(),
+            message_ids: message_ids.to_vec(),
+        };
+        let (method, params) = self.offline_params(&command)?;
+        if command.is_empty() {
             return Ok(());
         }
-        let params = json!({ "process_id": process_id, "message_id": message_ids });
-        self.call("event.offline.error", params).await.map(|_| ())
+        self.call(method, params).await.map(|_| ())
+    }
+
+    /// Several `event.offline.*` calls in one `batch` request (one tick of the portal's
+    /// bucket; each sub-command is charged to its own method's operating budget). Sub-commands
+    /// run in order under the request's `auth_connector`; one failing does not stop the others.
+    /// Returns one outcome per command, in order. Empty settle commands are refused: leave them
+    /// out.
+    pub async fn offline_batch(
+        &self,
+        commands: &[OfflineCommand],
+    ) -> Result<Vec<OfflineOutcome>, BitrixError> {
+        let mut sub = Vec::with_capacity(commands.len());
+        for (i, command) in commands.iter().enumerate() {
+            let (method, params) = self.offline_params(command)?;
+            if command.is_empty() {
+                return Err(BitrixError::new(
+                    self.portal(),
+                    method,
+                    codes::INVALID_PARAMS,
+                    "a settle sub-command with no events".to_string(),
+                    None,
+                ));
+            }
+            // String keys: PHP would turn sequential numeric keys into a JSON list.
+            sub.push((
+                format!("{}{i}", command.key_prefix()),
+                method.to_string(),
+                params,
+            ));
+        }
+        let resp = self.batch(&sub, false).await?;
+        Ok(sub
+            .iter()
+            .zip(commands)
+            .map(|((key, method, _), command)| {
+                if let Some((code, description)) = resp.errors.get(key) {
+                    return OfflineOutcome::Failed(BitrixError::from_api(
+                        self.portal(),
+                        method,
+                        code,
+                        description,
+                        None,
+                    ));
+                }
+                let Some(result) = resp.results.get(key) else {
+                    return OfflineOutcome::Failed(
+                        self.shape_error(method, format!("no result for sub-command {key}")),
+                    );
+                };
+                match command {
+                    OfflineCommand::Get(_) => match parse_offline_get(result) {
+                        Ok(batch) => OfflineOutcome::Got(batch),
+                        Err(e) => OfflineOutcome::Failed(self.shape_error(method, e)),
+                    },
+                    OfflineCommand::Clear { .. } | OfflineCommand::Error { .. } => {
+                        OfflineOutcome::Settled
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// The REST method and parameters of an `event.offline.*` call.
+    fn offline_params(
+        &self,
+        command: &OfflineCommand,
+    ) -> Result<(&'static str, Value), BitrixError> {
+        let method = command.method();
+        Ok(match command {
+            OfflineCommand::Get(req) => {
+                let mut params = json!({
+                    "limit": req.limit,
+                    "clear": u8::from(req.clear),
+                    "error": u8::from(req.error_lane),
+                });
+                if let Some(pid) = &req.process_id {
+                    self.require_process_id(method, pid)?;
+                    params["process_id"] = Value::String(pid.clone());
+                }
+                (method, params)
+            }
+            OfflineCommand::Clear { process_id, target } => {
+                self.require_process_id(method, process_id)?;
+                let mut params = json!({ "process_id": process_id });
+                match target {
+                    ClearTarget::All => {}
+                    ClearTarget::MessageIds(ids) => params["message_id"] = json!(ids),
+                    ClearTarget::Ids(ids) => params["id"] = json!(ids),
+                }
+                (method, params)
+            }
+            OfflineCommand::Error {
+                process_id,
+                message_ids,
+            } => {
+                self.require_process_id(method, process_id)?;
+                (
+                    method,
+                    json!({ "process_id": process_id, "message_id": message_ids }),
+                )
+            }
+        })
     }
 
     /// One page of `event.offline.list` (ordered by `ID` ascending), from `start`.
@@ -455,7 +606,25 @@ impl PortalClient {
         let resp = self
             .call(METHOD, json!({ "cmd": cmd, "halt": u8::from(halt) }))
             .await?;
-        parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))
+        let parsed = parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))?;
+        // Each sub-command is charged to its own method's operating budget.
+        for (key, method, _) in commands {
+            if let Some(time) = parsed.times.get(key) {
+                self.record_time(method, time);
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// What the portal last reported of `method`'s operating budget: seconds used in the current
+    /// 10-minute window and when its oldest minute drops out (Unix seconds).
+    pub fn operating(&self, method: &str) -> (Option<f64>, Option<i64>) {
+        let used = lock(&self.inner.stats)
+            .methods
+            .get(method)
+            .and_then(|m| m.operating_seconds);
+        let reset_at = lock(&self.inner.operating).by_method.get(method).copied();
+        (used, reset_at)
     }
 
     /// `event.get`: every handler of the application, online and offline, of every connector.

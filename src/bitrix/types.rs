@@ -74,6 +74,8 @@ pub struct BatchResponse {
     pub errors: BTreeMap<String, (String, String)>,
     pub totals: BTreeMap<String, u64>,
     pub nexts: BTreeMap<String, u64>,
+    /// key → the sub-command's `time` (its operating time is charged to its own method).
+    pub times: BTreeMap<String, TimeInfo>,
 }
 
 impl ApiResponse {
@@ -209,6 +211,10 @@ pub fn parse_batch(result: &Value) -> Result<BatchResponse, String> {
         errors,
         totals: numbers("result_total")?,
         nexts: numbers("result_next")?,
+        times: keyed(obj, "result_time")?
+            .into_iter()
+            .map(|(k, v)| (k, parse_time(&v)))
+            .collect(),
     })
 }
 

@@ -304,7 +304,17 @@ impl Journal {
     /// yet known under this reservation, and one pending delivery per routed sink. An event no
     /// sink wants is settled (`clear_pending`) at once.
     pub async fn record_batch(&self, batch: NewBatch) -> anyhow::Result<RecordedBatch> {
-        self.run(move |conn| record_batch(conn, &batch)).await
+        let mut recorded = self.record_batches(vec![batch]).await?;
+        Ok(recorded.remove(0))
+    }
+
+    /// Journals several reservations (each with its events and deliveries) in one transaction:
+    /// the reservations of one combined request land together or not at all.
+    pub async fn record_batches(
+        &self,
+        batches: Vec<NewBatch>,
+    ) -> anyhow::Result<Vec<RecordedBatch>> {
+        self.run(move |conn| record_batches(conn, &batches)).await
     }
 
     /// Reservations not fully settled yet.
@@ -504,8 +514,15 @@ impl Journal {
         event_ids: Vec<i64>,
         action: SettleAction,
     ) -> anyhow::Result<()> {
-        self.run(move |conn| mark_settled(conn, &event_ids, action))
-            .await
+        self.mark_settled_groups(vec![(event_ids, action)]).await
+    }
+
+    /// [`Journal::mark_settled`] for the settle calls of one combined request, in one transaction.
+    pub async fn mark_settled_groups(
+        &self,
+        groups: Vec<(Vec<i64>, SettleAction)>,
+    ) -> anyhow::Result<()> {
+        self.run(move |conn| mark_settled(conn, &groups)).await
     }
 
     // ---- reporting ---------------------------------------------------------------------------
@@ -655,9 +672,24 @@ fn save_tokens(conn: &mut Connection, portal: &str, t: &Tokens) -> anyhow::Resul
     Ok(())
 }
 
-fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<RecordedBatch> {
+fn record_batches(
+    conn: &mut Connection,
+    batches: &[NewBatch],
+) -> anyhow::Result<Vec<RecordedBatch>> {
     let tx = conn.transaction()?;
-    ensure_portal(&tx, &batch.portal)?;
+    let recorded = batches
+        .iter()
+        .map(|batch| record_batch_in(&tx, batch))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tx.commit()?;
+    Ok(recorded)
+}
+
+fn record_batch_in(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &NewBatch,
+) -> anyhow::Result<RecordedBatch> {
+    ensure_portal(tx, &batch.portal)?;
     let fetched_at = now();
     tx.execute(
         "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -748,7 +780,6 @@ fn record_batch(conn: &mut Connection, batch: &NewBatch) -> anyhow::Result<Recor
             [batch_id],
         )?;
     }
-    tx.commit()?;
     Ok(recorded)
 }
 
@@ -969,13 +1000,22 @@ fn pending_settlements(conn: &Connection, portal: &str) -> anyhow::Result<Vec<Pe
     Ok(groups.into_values().collect())
 }
 
-fn mark_settled(
-    conn: &mut Connection,
-    event_ids: &[i64],
-    action: SettleAction,
-) -> anyhow::Result<()> {
+fn mark_settled(conn: &mut Connection, groups: &[(Vec<i64>, SettleAction)]) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
     let at = now();
+    for (event_ids, action) in groups {
+        mark_settled_in(&tx, event_ids, *action, &at)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn mark_settled_in(
+    tx: &rusqlite::Transaction<'_>,
+    event_ids: &[i64],
+    action: SettleAction,
+    at: &str,
+) -> anyhow::Result<()> {
     let (from, to) = match action {
         SettleAction::Clear => ("clear_pending", "cleared"),
         SettleAction::Error => ("error_pending", "errored"),
@@ -1002,7 +1042,6 @@ fn mark_settled(
             close.execute(params![batch_id, at])?;
         }
     }
-    tx.commit()?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! where the last run stopped.
 
 pub mod dispatcher;
+pub mod economy;
 pub mod liveness;
 pub mod poller;
 pub mod retry;
@@ -102,6 +103,7 @@ async fn client_with_limit_wait(
 ) -> anyhow::Result<PortalClient> {
     let secret = resolve_secret(portal)?;
     let tokens = journal.load_tokens(&portal.name).await?;
+    let (burst, per_second) = portal.rate_limit.client_bucket();
     let settings = ClientSettings {
         portal: portal.name.clone(),
         client_endpoint: portal.client_endpoint.clone(),
@@ -109,8 +111,8 @@ async fn client_with_limit_wait(
         client_id: portal.client_id.clone(),
         client_secret: secret.expose().to_string(),
         auth_connector: portal.auth_connector.clone(),
-        burst: portal.rate_limit.burst,
-        per_second: portal.rate_limit.per_second,
+        burst,
+        per_second,
         request_timeout: portal.request_timeout,
         max_limit_wait,
     };

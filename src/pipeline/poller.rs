@@ -2,14 +2,15 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
+use super::economy::{self, FetchWidth, MAX_COMMANDS, Operating};
 use super::liveness::LoopHandle;
 use super::settle::SettleAction;
 use super::{SharedRoutes, Wakers};
-use crate::bitrix::client::{ClearTarget, GetRequest};
+use crate::bitrix::client::{ClearTarget, GetRequest, OfflineCommand, OfflineOutcome};
 use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
 use crate::envelope::Lane;
-use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent};
+use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent, PendingSettlement};
 use crate::metrics::Metrics;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -152,51 +153,52 @@ impl Settler {
     pub async fn settle(&self) -> anyhow::Result<usize> {
         let mut settled = 0;
         for group in self.journal.pending_settlements(&self.portal).await? {
-            let ids: Vec<i64> = group.events.iter().map(|e| e.0).collect();
-            let message_ids: Vec<String> = group.events.iter().map(|e| e.2.clone()).collect();
-            let sent = match group.action {
-                SettleAction::Clear => {
-                    // clear validates message_id as exactly 32 characters; fall back to ID otherwise
-                    let target = if message_ids.iter().all(|m| m.len() == 32) {
-                        ClearTarget::MessageIds(message_ids)
-                    } else {
-                        ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
-                    };
-                    self.client.offline_clear(&group.process_id, &target).await
+            let sent = match settle_command(&group) {
+                OfflineCommand::Clear { process_id, target } => {
+                    self.client.offline_clear(&process_id, &target).await
                 }
-                SettleAction::Error => {
-                    self.client
-                        .offline_error(&group.process_id, &message_ids)
-                        .await
-                }
+                OfflineCommand::Error {
+                    process_id,
+                    message_ids,
+                } => self.client.offline_error(&process_id, &message_ids).await,
+                OfflineCommand::Get(_) => unreachable!("settle_command makes clear or error calls"),
             };
             match sent {
                 Ok(()) => {}
                 Err(e) if e.class == ErrorClass::Rejected => {
-                    tracing::error!(
-                        portal = %self.portal,
-                        process_id = %group.process_id,
-                        method = group.action.method(),
-                        events = group.events.len(),
-                        error = %e,
-                        "the portal rejected a settle call; it stays pending and is retried"
-                    );
+                    self.log_rejected(&group, &e);
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             }
+            let ids = group.events.iter().map(|e| e.0).collect();
             self.journal.mark_settled(ids, group.action).await?;
-            tracing::info!(
-                portal = %self.portal,
-                process_id = %group.process_id,
-                lane = group.lane.as_str(),
-                method = group.action.method(),
-                events = group.events.len(),
-                "settled upstream"
-            );
+            self.log_settled(&group);
             settled += group.events.len();
         }
         Ok(settled)
+    }
+
+    fn log_rejected(&self, group: &PendingSettlement, e: &BitrixError) {
+        tracing::error!(
+            portal = %self.portal,
+            process_id = %group.process_id,
+            method = group.action.method(),
+            events = group.events.len(),
+            error = %e,
+            "the portal rejected a settle call; it stays pending and is retried"
+        );
+    }
+
+    fn log_settled(&self, group: &PendingSettlement) {
+        tracing::info!(
+            portal = %self.portal,
+            process_id = %group.process_id,
+            lane = group.lane.as_str(),
+            method = group.action.method(),
+            events = group.events.len(),
+            "settled upstream"
+        );
     }
 
     /// Settles what it can, logging failures (used at shutdown).
@@ -211,8 +213,22 @@ impl Settler {
 enum Fetched {
     /// As many events as asked for: fetch again at once.
     Full,
-    /// Fewer: the queue is drained for now.
-    Partial,
+    /// Fewer (`events` of them): the queue is drained for now.
+    Partial { events: usize },
+    /// No fetch now: the portal's operating budget for `get` needs this long to recover.
+    Paused(Duration),
+}
+
+/// What one poller carries from round to round.
+struct RoundState {
+    /// Open reservations of an earlier run have been re-read.
+    resumed: bool,
+    /// No normal-lane fetch before this.
+    next_fetch: Instant,
+    /// Gets per combined request.
+    width: FetchWidth,
+    /// Empty polls in a row (the idle backoff).
+    empty_polls: u32,
 }
 
 pub struct Poller {
@@ -303,8 +319,12 @@ impl Poller {
             .get(self.portal())
             .cloned()
             .unwrap_or_default();
-        let mut resumed = false;
-        let mut next_fetch = Instant::now();
+        let mut state = RoundState {
+            resumed: false,
+            next_fetch: Instant::now(),
+            width: FetchWidth::default(),
+            empty_polls: 0,
+        };
         let mut failures = 0u32;
         let mut last_error = String::new();
         while !self.shutdown.is_cancelled() {
@@ -314,7 +334,7 @@ impl Poller {
             let answered_before = self.client.stats().ok;
             self.liveness.round_started();
             let round = tokio::select! {
-                round = self.step(&mut resumed, &mut next_fetch) => round,
+                round = self.step(&mut state) => round,
                 _ = async {
                     self.shutdown.cancelled().await;
                     tokio::time::sleep(STEP_GRACE).await;
@@ -371,7 +391,7 @@ impl Poller {
                         tracing::warn!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal call failed; backing off");
                     }
                     last_error = message;
-                    next_fetch = next_fetch.max(Instant::now() + wait);
+                    state.next_fetch = state.next_fetch.max(Instant::now() + wait);
                     // Schedules do not cut a backoff short (their flags stay set). Finished
                     // deliveries do after a transient failure, so settles are not held up; a
                     // portal failing for a reason an operator must fix is left alone.
@@ -403,20 +423,19 @@ impl Poller {
         None
     }
 
-    /// One round: settle, recover, fetch. Returns how long to wait before the next round
+    /// One round: recover, settle and fetch. Returns how long to wait before the next round
     /// (`None`: go on at once).
-    async fn step(
-        &self,
-        resumed: &mut bool,
-        next_fetch: &mut Instant,
-    ) -> anyhow::Result<Option<Duration>> {
-        if !*resumed {
+    async fn step(&self, state: &mut RoundState) -> anyhow::Result<Option<Duration>> {
+        if !state.resumed {
             if self.reserving() {
                 self.resume_open_batches().await?;
             }
-            *resumed = true;
+            state.resumed = true;
         }
-        self.settler.settle().await?;
+        if !self.reserving() {
+            // Fetch-delete mode settles nothing upstream: pending rows are only ever local.
+            self.settler.settle().await?;
+        }
         if self.triggers.orphan_sweep.take()
             && self.reserving()
             && let Err(e) = self.sweep_orphans().await
@@ -425,6 +444,10 @@ impl Poller {
             return Err(e);
         }
         if self.triggers.error_lane.take() {
+            if self.reserving() {
+                // Room first: what is finished is settled before the error lane reserves more.
+                self.exchange(false, &mut state.width).await?;
+            }
             loop {
                 if self.shutdown.is_cancelled() {
                     return Ok(None);
@@ -436,7 +459,7 @@ impl Poller {
                 };
                 match self.fetch(Lane::Error, limit).await {
                     Ok(Fetched::Full) => continue,
-                    Ok(Fetched::Partial) => break,
+                    Ok(_) => break,
                     Err(e) => {
                         self.triggers.error_lane.set_quietly();
                         return Err(e);
@@ -445,28 +468,247 @@ impl Poller {
             }
         }
         let now = Instant::now();
-        if now < *next_fetch {
-            return Ok(Some(*next_fetch - now));
-        }
-        let Some(limit) = self.fetch_limit().await? else {
-            // Wait for settles (they wake us) rather than fetching more.
-            return Ok(Some(self.config.poll_interval));
+        let fetch_due = now >= state.next_fetch;
+        let fetched = if self.reserving() {
+            self.exchange(fetch_due, &mut state.width).await?
+        } else if fetch_due {
+            match self.fetch_limit().await? {
+                Some(limit) => Some(self.fetch(Lane::Normal, limit).await?),
+                None => None,
+            }
+        } else {
+            None
         };
-        match self.fetch(Lane::Normal, limit).await? {
-            Fetched::Full => {
-                *next_fetch = Instant::now();
-                Ok(None)
+        let wait = match fetched {
+            None if !fetch_due => return Ok(Some(state.next_fetch - now)),
+            // At max_unsettled: settles wake the poller, the interval is a fallback.
+            None => self.config.poll_interval,
+            Some(Fetched::Full) => {
+                state.empty_polls = 0;
+                state.next_fetch = Instant::now();
+                return Ok(None);
             }
-            Fetched::Partial => {
-                *next_fetch = Instant::now() + self.config.poll_interval;
-                Ok(Some(self.config.poll_interval))
+            Some(Fetched::Partial { events }) => {
+                state.empty_polls = if events == 0 {
+                    state.empty_polls.saturating_add(1)
+                } else {
+                    0
+                };
+                economy::idle_wait(
+                    self.config.poll_interval,
+                    self.config.idle_poll_max,
+                    state.empty_polls,
+                )
             }
+            Some(Fetched::Paused(wait)) => {
+                tracing::info!(portal = %self.portal(), wait = ?wait, "event.offline.get operating budget nearly spent: fetching again when it recovers");
+                wait
+            }
+        };
+        state.next_fetch = Instant::now() + wait;
+        Ok(Some(wait))
+    }
+
+    /// Reserve mode: sends the settle calls that are ready and, when `fetch` and there is room,
+    /// new reservations — together in one `batch` request when there is more than one call.
+    /// Settles go first: a request carries gets only in the slots settles leave free. Returns
+    /// how the fetch went (`None`: no get was sent).
+    async fn exchange(
+        &self,
+        fetch: bool,
+        width: &mut FetchWidth,
+    ) -> anyhow::Result<Option<Fetched>> {
+        loop {
+            let mut groups = self.journal.pending_settlements(self.portal()).await?;
+            groups.truncate(MAX_COMMANDS);
+            let operating = self.get_operating();
+            let mut limits = Vec::new();
+            if fetch && groups.len() < MAX_COMMANDS {
+                let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+                if let Some(wait) = FetchWidth::operating_pause(operating, now) {
+                    if groups.is_empty() {
+                        return Ok(Some(Fetched::Paused(wait)));
+                    }
+                } else if let Some(room) = self.fetch_room().await? {
+                    limits = width.plan(
+                        room,
+                        self.config.batch_size,
+                        MAX_COMMANDS - groups.len(),
+                        operating,
+                    );
+                }
+            }
+            match (groups.len(), limits.len()) {
+                (0, 0) => return Ok(None),
+                (1, 0) => {
+                    self.settler.settle().await?;
+                    return Ok(None);
+                }
+                (0, 1) => {
+                    let fetched = self.fetch(Lane::Normal, limits[0]).await?;
+                    width.observe(
+                        1,
+                        usize::from(matches!(fetched, Fetched::Full)),
+                        Duration::ZERO,
+                    );
+                    return Ok(Some(fetched));
+                }
+                _ => {}
+            }
+            let more_settles = groups.len() == MAX_COMMANDS;
+            let fetched = self.combined(groups, &limits, width).await?;
+            if more_settles && !self.shutdown.is_cancelled() {
+                continue;
+            }
+            return Ok(fetched);
         }
     }
 
-    /// How many events the next fetch may reserve without passing `max_unsettled`; `None` when
-    /// the portal is at the cap.
+    /// One combined request: settle calls, then gets, in one `batch`. The reservations are
+    /// journaled in one transaction before the settled events are marked. A failed sub-command
+    /// is retried alone in a later round; a lost answer may have reserved batches, which the
+    /// orphan sweep adopts.
+    async fn combined(
+        &self,
+        groups: Vec<PendingSettlement>,
+        limits: &[u32],
+        width: &mut FetchWidth,
+    ) -> anyhow::Result<Option<Fetched>> {
+        let mut commands: Vec<OfflineCommand> = groups.iter().map(settle_command).collect();
+        commands.extend(limits.iter().map(|&limit| {
+            OfflineCommand::Get(GetRequest {
+                limit,
+                clear: false,
+                process_id: None,
+                error_lane: false,
+            })
+        }));
+        let started = Instant::now();
+        let outcomes = match self.client.offline_batch(&commands).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                if e.maybe_executed && !limits.is_empty() {
+                    self.triggers.orphan_sweep.set_quietly();
+                }
+                return Err(e.into());
+            }
+        };
+        let elapsed = started.elapsed();
+        let mut outcomes = outcomes.into_iter();
+        let settle_outcomes: Vec<OfflineOutcome> = outcomes.by_ref().take(groups.len()).collect();
+
+        // Reservations first: journaled before anything else happens.
+        let mut reservations = Vec::new();
+        let mut get_error = None;
+        let (mut full, mut events) = (0, 0);
+        for (outcome, &limit) in outcomes.zip(limits) {
+            match outcome {
+                OfflineOutcome::Got(batch) if batch.events.is_empty() => {}
+                OfflineOutcome::Got(batch) => {
+                    let Some(process_id) = batch.process_id.filter(|p| !p.is_empty()) else {
+                        self.triggers.orphan_sweep.set_quietly();
+                        get_error.get_or_insert_with(|| {
+                            anyhow::anyhow!(
+                                "portal {}: event.offline.get with clear=0 returned {} events without a process_id",
+                                self.portal(),
+                                batch.events.len()
+                            )
+                        });
+                        continue;
+                    };
+                    full += usize::from(batch.events.len() >= limit as usize);
+                    events += batch.events.len();
+                    reservations.push((process_id, batch.events));
+                }
+                OfflineOutcome::Failed(e) => {
+                    if e.maybe_executed {
+                        self.triggers.orphan_sweep.set_quietly();
+                    }
+                    get_error.get_or_insert(e.into());
+                }
+                OfflineOutcome::Settled => {}
+            }
+        }
+        let reserved = reservations.len();
+        if reserved > 0 {
+            let pids: Vec<String> = reservations.iter().map(|(p, _)| p.clone()).collect();
+            if let Err(e) = self
+                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
+                .await
+            {
+                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
+                self.triggers.orphan_sweep.set_quietly();
+                return Err(e);
+            }
+            tracing::info!(portal = %self.portal(), reservations = reserved, events, process_ids = ?pids, "reserved and journaled");
+        }
+
+        let mut settled = Vec::new();
+        for (group, outcome) in groups.iter().zip(settle_outcomes) {
+            match outcome {
+                OfflineOutcome::Settled => settled.push(group),
+                OfflineOutcome::Failed(e) if e.class == ErrorClass::Rejected => {
+                    self.settler.log_rejected(group, &e);
+                }
+                OfflineOutcome::Failed(e) => {
+                    tracing::warn!(portal = %self.portal(), process_id = %group.process_id, method = group.action.method(), error = %e, "a settle call in a combined request failed; it is sent again on its own");
+                }
+                OfflineOutcome::Got(_) => {}
+            }
+        }
+        if !settled.is_empty() {
+            self.journal
+                .mark_settled_groups(
+                    settled
+                        .iter()
+                        .map(|g| (g.events.iter().map(|e| e.0).collect(), g.action))
+                        .collect(),
+                )
+                .await?;
+            for group in &settled {
+                self.settler.log_settled(group);
+            }
+        }
+
+        if limits.is_empty() {
+            return Ok(None);
+        }
+        width.observe(limits.len(), full, elapsed);
+        if let Some(e) = get_error {
+            if let Some(b) = e.downcast_ref::<BitrixError>()
+                && b.is_code("OPERATION_TIME_LIMIT")
+            {
+                let wait = b.retry_after.unwrap_or(Duration::from_secs(60));
+                return Ok(Some(Fetched::Paused(wait)));
+            }
+            return Err(e);
+        }
+        Ok(Some(if full == limits.len() {
+            Fetched::Full
+        } else {
+            Fetched::Partial { events }
+        }))
+    }
+
+    /// What the portal last reported of the `event.offline.get` operating budget.
+    fn get_operating(&self) -> Operating {
+        let (used, reset_at) = self.client.operating("event.offline.get");
+        Operating { used, reset_at }
+    }
+
+    /// How many events the next fetch may reserve without passing `max_unsettled`, at most
+    /// `batch_size`; `None` when the portal is at the cap.
     async fn fetch_limit(&self) -> anyhow::Result<Option<u32>> {
+        Ok(self.fetch_room().await?.map(|room| {
+            u32::try_from(room)
+                .unwrap_or(u32::MAX)
+                .min(self.config.batch_size)
+        }))
+    }
+
+    /// How many events may still be reserved (`max_unsettled` minus what is open); `None` at
+    /// the cap.
+    async fn fetch_room(&self) -> anyhow::Result<Option<u64>> {
         // Reserve mode counts what is open upstream; fetch-delete mode, where nothing stays
         // open upstream, counts what the sinks still have to take.
         let unsettled = if self.reserving() {
@@ -479,11 +721,7 @@ impl Poller {
             tracing::debug!(portal = %self.portal(), unsettled, "max_unsettled reached: not fetching");
             return Ok(None);
         }
-        Ok(Some(
-            u32::try_from(room)
-                .unwrap_or(u32::MAX)
-                .min(self.config.batch_size),
-        ))
+        Ok(Some(room))
     }
 
     /// Reserves (or, in fetch-delete mode, takes) up to `limit` events of `lane` and journals
@@ -509,7 +747,7 @@ impl Poller {
         };
         if batch.events.is_empty() {
             tracing::debug!(portal = %self.portal(), lane = lane.as_str(), "queue empty");
-            return Ok(Fetched::Partial);
+            return Ok(Fetched::Partial { events: 0 });
         }
         if !self.reserving() {
             return self.record_deleted(lane, limit, batch.events).await;
@@ -535,7 +773,7 @@ impl Poller {
         Ok(if count >= limit as usize {
             Fetched::Full
         } else {
-            Fetched::Partial
+            Fetched::Partial { events: count }
         })
     }
 
@@ -563,7 +801,7 @@ impl Poller {
         Ok(if count >= limit as usize {
             Fetched::Full
         } else {
-            Fetched::Partial
+            Fetched::Partial { events: count }
         })
     }
 
@@ -577,6 +815,39 @@ impl Poller {
         events: Vec<OfflineEvent>,
         deleted_upstream: bool,
     ) -> anyhow::Result<usize> {
+        let batch = self.new_batch(
+            process_id.to_string(),
+            lane,
+            origin,
+            events,
+            deleted_upstream,
+        );
+        self.record_batches(vec![batch]).await
+    }
+
+    /// [`Poller::record`] for the reservations of one combined request, in one transaction.
+    async fn record_many(
+        &self,
+        reservations: Vec<(String, Vec<OfflineEvent>)>,
+        lane: Lane,
+        origin: BatchOrigin,
+    ) -> anyhow::Result<usize> {
+        let batches = reservations
+            .into_iter()
+            .map(|(process_id, events)| self.new_batch(process_id, lane, origin, events, false))
+            .collect();
+        self.record_batches(batches).await
+    }
+
+    /// A reservation with each event routed to its sinks.
+    fn new_batch(
+        &self,
+        process_id: String,
+        lane: Lane,
+        origin: BatchOrigin,
+        events: Vec<OfflineEvent>,
+        deleted_upstream: bool,
+    ) -> NewBatch {
         let portal = self.portal().to_string();
         let routes = self.routes.current();
         let events = events
@@ -595,30 +866,35 @@ impl Poller {
                 additional: e.additional,
             })
             .collect();
-        let recorded = self
-            .journal
-            .record_batch(NewBatch {
-                portal,
-                process_id: process_id.to_string(),
-                lane,
-                origin,
-                events,
-                deleted_upstream,
-            })
-            .await?;
-        if recorded.inserted > 0 {
-            self.metrics
-                .fetched(self.portal(), recorded.inserted as u64);
+        NewBatch {
+            portal,
+            process_id,
+            lane,
+            origin,
+            events,
+            deleted_upstream,
+        }
+    }
+
+    async fn record_batches(&self, batches: Vec<NewBatch>) -> anyhow::Result<usize> {
+        let process_ids: Vec<String> = batches.iter().map(|b| b.process_id.clone()).collect();
+        let recorded = self.journal.record_batches(batches).await?;
+        let inserted: usize = recorded.iter().map(|r| r.inserted).sum();
+        if inserted > 0 {
+            self.metrics.fetched(self.portal(), inserted as u64);
             self.wakers.wake_sinks();
         }
-        if !recorded.known_settled.is_empty() {
+        for (process_id, recorded) in process_ids.iter().zip(&recorded) {
+            if recorded.known_settled.is_empty() {
+                continue;
+            }
             let ids = recorded.known_settled.iter().map(|(id, _)| *id).collect();
             tracing::warn!(portal = %self.portal(), %process_id, events = recorded.known_settled.len(), "settled events still reserved upstream: clearing them again");
             self.client
                 .offline_clear(process_id, &ClearTarget::Ids(ids))
                 .await?;
         }
-        Ok(recorded.inserted)
+        Ok(inserted)
     }
 
     /// At start: re-reads every reservation the journal has not finished (`get` with its
@@ -714,5 +990,28 @@ impl Trigger {
     /// Sets the flag without waking the poller (used by the poller on itself).
     fn set_quietly(&self) {
         self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The settle call for one group of finished events of a reservation.
+fn settle_command(group: &PendingSettlement) -> OfflineCommand {
+    let message_ids: Vec<String> = group.events.iter().map(|e| e.2.clone()).collect();
+    match group.action {
+        SettleAction::Clear => {
+            // clear validates message_id as exactly 32 characters; fall back to ID otherwise
+            let target = if message_ids.iter().all(|m| m.len() == 32) {
+                ClearTarget::MessageIds(message_ids)
+            } else {
+                ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
+            };
+            OfflineCommand::Clear {
+                process_id: group.process_id.clone(),
+                target,
+            }
+        }
+        SettleAction::Error => OfflineCommand::Error {
+            process_id: group.process_id.clone(),
+            message_ids,
+        },
     }
 }

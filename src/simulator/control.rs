@@ -131,6 +131,7 @@ struct FaultsRequest {
     slow: f64,
     slow_delay: Option<Delay>,
     drop_next_gets: u32,
+    fail_next_batch_clears: u32,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -156,6 +157,7 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         slow: req.slow,
         slow_delay,
         drop_next_gets: req.drop_next_gets,
+        fail_next_batch_clears: req.fail_next_batch_clears,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

@@ -243,7 +243,25 @@ fn batch(state: &mut State, ctx: &Ctx, params: &Params) -> (Value, f64, bool) {
     let mut times = Map::new();
     let mut processing = 0.0;
     let mut ran_get = false;
-    for (index, (key, command)) in params.entries_in_order("cmd").into_iter().enumerate() {
+    let commands = params.entries_in_order("cmd");
+    let method_of = |command: &Value| {
+        command
+            .as_str()
+            .map(|c| c.split('?').next().unwrap_or("").trim().to_lowercase())
+            .unwrap_or_default()
+    };
+    let gets = commands
+        .iter()
+        .filter(|(_, c)| method_of(c) == "event.offline.get")
+        .count() as u64;
+    let clears = commands
+        .iter()
+        .any(|(_, c)| method_of(c) == "event.offline.clear");
+    state.counters.max_gets_per_batch = state.counters.max_gets_per_batch.max(gets);
+    if gets > 0 && clears {
+        state.counters.batches_with_clear_and_get += 1;
+    }
+    for (index, (key, command)) in commands.into_iter().enumerate() {
         let outcome = if index >= BATCH_MAX_LENGTH {
             Err(RestError::new(
                 400,
@@ -320,6 +338,15 @@ fn batch_command(
     }
     if !is_known(&method) {
         return Err(RestError::method_not_found());
+    }
+    if method == "event.offline.clear" && state.faults.fail_next_batch_clears > 0 {
+        state.faults.fail_next_batch_clears -= 1;
+        state.counters.failed_batch_clears += 1;
+        return Err(RestError::new(
+            500,
+            "INTERNAL_SERVER_ERROR",
+            "Internal server error",
+        ));
     }
     let mut params = Params::from_form(query);
     // The outer request's auth data replaces whatever the command carries.

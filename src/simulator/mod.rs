@@ -124,6 +124,9 @@ pub struct Faults {
     pub slow_delay: Duration,
     /// The next N requests that run `event.offline.get` are dropped after commit.
     pub drop_next_gets: u32,
+    /// The next N `event.offline.clear` sub-commands of `batch` requests fail alone (500
+    /// `INTERNAL_SERVER_ERROR` in `result_error`, nothing cleared) while the others run.
+    pub fail_next_batch_clears: u32,
 }
 
 /// Counters and a snapshot of the queue table.
@@ -141,6 +144,12 @@ pub struct SimStats {
     pub requests: u64,
     /// Calls per method, batch sub-commands included.
     pub calls_by_method: BTreeMap<String, u64>,
+    /// `batch` requests that carried both an `event.offline.clear` and an `event.offline.get`.
+    pub batches_with_clear_and_get: u64,
+    /// The most `event.offline.get` sub-commands one `batch` request carried.
+    pub max_gets_per_batch: u64,
+    /// Sub-commands failed by `fail_next_batch_clears`.
+    pub failed_batch_clears: u64,
     pub rejected_503: u64,
     pub rejected_429: u64,
     pub faults_500: u64,

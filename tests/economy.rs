@@ -1,0 +1,158 @@
+//! Request economy against the simulator with cloud limits on: settle calls and the next
+//! reservations travel in one `batch`, a backlog widens the request, a failed sub-command is
+//! sent again alone, and an idle portal is polled ever more slowly.
+
+mod common;
+
+use b24eventd::simulator::{Faults, OperatingLimit, SimulatorConfig};
+use common::*;
+use std::time::{Duration, Instant};
+
+/// The cloud portal's limits: a 50-request bucket draining 2 per second, 480 s of operating
+/// time per method per 10 minutes.
+fn cloud() -> SimulatorConfig {
+    SimulatorConfig {
+        rate_limit: Some((50, 2.0)),
+        operating_limit: Some(OperatingLimit {
+            budget: Duration::from_secs(480),
+            window: Duration::from_secs(600),
+        }),
+        ..SimulatorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_drains_in_wide_combined_requests_without_hitting_a_limit() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(cloud()).await;
+    emit_deals(&sim, 1, 6000);
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let started = Instant::now();
+    let running = Running::start(&config, &tokens).await;
+    wait_for(
+        "all 6000 events settled upstream",
+        Duration::from_secs(120),
+        || upstream_empty(&sim),
+    )
+    .await;
+    let drained_in = started.elapsed();
+    running.stop().await;
+
+    let file = file_ids(&dir.path().join("events.jsonl"));
+    assert_eq!(file.len(), 6000);
+    assert!(
+        file.values().all(|n| *n == 1),
+        "no duplicates without faults"
+    );
+    let stats = sim.stats();
+    let gets = stats.calls_by_method["event.offline.get"];
+    let clears = stats.calls_by_method["event.offline.clear"];
+    // The documented loop spends two requests per 50 events: 240 here.
+    eprintln!(
+        "6000 events: {} requests ({} gets, {} clears, widest batch {} gets), {} batches with clear+get, {:.1} s",
+        stats.requests,
+        gets,
+        clears,
+        stats.max_gets_per_batch,
+        stats.batches_with_clear_and_get,
+        drained_in.as_secs_f64()
+    );
+    assert!(
+        stats.batches_with_clear_and_get > 0,
+        "clears of finished batches travel with the next gets"
+    );
+    assert!(
+        stats.max_gets_per_batch >= 8,
+        "a backlog widens the request: at most {} gets in one",
+        stats.max_gets_per_batch
+    );
+    assert!(
+        stats.requests * 5 <= 240,
+        "{} requests for 6000 events: not 5 times fewer than the documented loop's 240",
+        stats.requests
+    );
+    assert_eq!(
+        (stats.rejected_503, stats.rejected_429),
+        (0, 0),
+        "the daemon stays inside its share of the bucket and the operating budget"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_clear_inside_a_batch_is_sent_again_alone() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(cloud()).await;
+    sim.set_faults(Faults {
+        fail_next_batch_clears: 3,
+        ..Faults::default()
+    });
+    emit_deals(&sim, 1, 2000);
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    wait_for(
+        "all 2000 events settled upstream",
+        Duration::from_secs(90),
+        || upstream_empty(&sim),
+    )
+    .await;
+    let counts = running.journal.counts().await.unwrap();
+    running.stop().await;
+
+    let stats = sim.stats();
+    assert_eq!(stats.failed_batch_clears, 3, "the fault was exercised");
+    let file = file_ids(&dir.path().join("events.jsonl"));
+    assert_eq!(file.len(), 2000);
+    assert!(
+        file.values().all(|n| *n == 1),
+        "the gets of the failed requests were not repeated: every event delivered once"
+    );
+    assert_eq!((counts.cleared, counts.unsettled_upstream), (2000, 0));
+    assert_eq!(stats.cleared, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_portal_is_polled_ever_more_slowly_and_the_first_event_resets_it() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "idle_poll_max = \"1600ms\"",
+        &file_sink(dir.path()),
+    );
+    let running = Running::start(&config, &tokens).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let idle_gets = sim.stats().calls_by_method["event.offline.get"];
+    // poll_interval is 200 ms: 30 polls in 6 s without the backoff; with it
+    // 200+200+400+800+1600+1600+... ms, about 7.
+    assert!(
+        (4..=10).contains(&idle_gets),
+        "{idle_gets} polls of an idle portal in 6 s"
+    );
+
+    emit_deals(&sim, 1, 1);
+    let emitted = Instant::now();
+    wait_for("the event settled", Duration::from_secs(10), || {
+        upstream_empty(&sim) && sim.stats().cleared == 1
+    })
+    .await;
+    let picked_up = emitted.elapsed();
+    assert!(
+        picked_up < Duration::from_millis(1600 + 1500),
+        "picked up after {picked_up:?}: longer than idle_poll_max allows"
+    );
+    // After an event the interval starts over at poll_interval.
+    let before = sim.stats().calls_by_method["event.offline.get"];
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = sim.stats().calls_by_method["event.offline.get"];
+    assert!(
+        after - before >= 2,
+        "{} polls in the 700 ms after an event: the backoff did not reset",
+        after - before
+    );
+    running.stop().await;
+}
