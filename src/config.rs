@@ -3866,6 +3866,19 @@ events = ["ONCRMDEALADD"]
         assert_eq!(exec.command, vec!["/usr/local/bin/on-deal", "--verbose"]);
         assert_eq!(exec.permanent_exit_codes, vec![65]);
         assert!(exec.env.contains_key("ERP_URL") && exec.working_dir.is_some());
+        let SinkKind::Http(erp) = &config.sinks["erp"].kind else {
+            panic!("the example's http sink")
+        };
+        assert!(erp.signing_secret.is_some());
+        assert_eq!(erp.statuses.retry_on, vec![409, 423]);
+        let SinkKind::Http(legacy) = &config.sinks["legacy_php"].kind else {
+            panic!("the example's commented-out bitrix-form sink")
+        };
+        let HttpFormat::BitrixForm(form) = &legacy.format else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(form.event_handler_id, 975);
+        assert_eq!(form.domain, "example.bitrix24.com");
     }
 
     /// A commented-out table header such as `[sinks.notify]` (not prose).

@@ -520,6 +520,7 @@ async fn retry_on_and_dead_on_change_outcomes() {
     .await;
     let journal = running.journal.clone();
     running.stop().await;
+    assert_eq!(journal.counts().await.unwrap().errored, 5);
 
     let outcomes: Vec<(String, String, String, Option<String>)> = journal
         .with_conn(|conn| {
@@ -563,7 +564,6 @@ async fn retry_on_and_dead_on_change_outcomes() {
     }
     let delivered = outcomes.iter().filter(|o| o.2 == "delivered").count();
     assert_eq!(delivered, 5);
-    assert_eq!(journal.counts().await.unwrap().errored, 5);
 }
 
 // -------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ impl HttpSink {
     /// How requests are made, for the healthcheck's detail.
     fn describe(&self) -> String {
         let signing = if self.signing_key.is_some() {
-            "signed (Standard Webhooks)"
+            "signed with Standard Webhooks"
         } else {
             "unsigned"
         };
@@ -796,7 +796,7 @@ mod tests {
         assert!(
             health
                 .detail
-                .contains("format bitrix-form, signed (Standard Webhooks)"),
+                .contains("format bitrix-form, signed with Standard Webhooks"),
             "{health:?}"
         );
     }
