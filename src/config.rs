@@ -323,6 +323,11 @@ pub struct HttpSinkConfig {
     pub format: HttpFormat,
     /// Extra request headers; values may be credentials (`Authorization`), so `Debug` hides them.
     pub headers: BTreeMap<String, String>,
+    /// `signing_secret` / `signing_secret_file`: Standard Webhooks signing when set (an inline
+    /// secret is already checked to be well-formed; a file is read by [`resolve_http_secrets`]).
+    pub signing_secret: Option<SecretSource>,
+    /// `retry_on` / `dead_on`.
+    pub statuses: StatusOverrides,
 }
 
 impl fmt::Debug for HttpSinkConfig {
@@ -331,8 +336,39 @@ impl fmt::Debug for HttpSinkConfig {
             .field("url", &redact_url(&self.url))
             .field("format", &self.format)
             .field("headers", &RedactedValues(&self.headers))
+            .field("signing_secret", &self.signing_secret)
+            .field("statuses", &self.statuses)
             .finish()
     }
+}
+
+/// `retry_on` / `dead_on` of an http sink: status codes whose default class (2xx delivered;
+/// 408, 429, 5xx retried; anything else dead) is overridden. Never both for one code; no 2xx in
+/// `dead_on`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusOverrides {
+    pub retry_on: Vec<u16>,
+    pub dead_on: Vec<u16>,
+}
+
+/// `format = "bitrix-form"`: what goes into the body besides the event (the `auth[]` of one
+/// portal and the handler id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitrixFormConfig {
+    /// `auth[domain]`: `bitrix_domain`, default the host of the routed portal's client_endpoint.
+    pub domain: String,
+    /// `auth[client_endpoint]`: `https://<bitrix_domain>/rest/` when `bitrix_domain` is set,
+    /// else the routed portal's client_endpoint.
+    pub client_endpoint: String,
+    /// `auth[server_endpoint]`: the origin of the portal's oauth_token_url + `/rest/`.
+    pub server_endpoint: String,
+    /// `auth[member_id]`: `bitrix_member_id`.
+    pub member_id: String,
+    /// `auth[application_token]`: `application_token`, `application_token_file`, or the
+    /// systemd credential `<sink>.application_token`; read with [`resolve_http_secrets`].
+    pub application_token: SecretSource,
+    /// `event_handler_id`, default 0.
+    pub event_handler_id: u64,
 }
 
 /// `type = "exec"`: run a program per event with the envelope on stdin.
@@ -361,10 +397,22 @@ impl fmt::Debug for ExecSinkConfig {
 }
 
 /// The body an http sink posts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HttpFormat {
     /// The envelope as one JSON object.
     Json,
+    /// The form-encoded body a Bitrix24 outbound webhook would have posted.
+    BitrixForm(BitrixFormConfig),
+}
+
+impl HttpFormat {
+    /// The `format` as written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HttpFormat::Json => "json",
+            HttpFormat::BitrixForm(_) => "bitrix-form",
+        }
+    }
 }
 
 /// Map keys (header or variable names) with their values hidden, for `Debug`.
@@ -546,6 +594,13 @@ pub struct RawSink {
     pub headers: Option<BTreeMap<String, String>>,
     pub signing_secret: Option<Secret>,
     pub signing_secret_file: Option<PathBuf>,
+    pub retry_on: Option<Vec<i64>>,
+    pub dead_on: Option<Vec<i64>>,
+    pub bitrix_domain: Option<String>,
+    pub bitrix_member_id: Option<String>,
+    pub application_token: Option<Secret>,
+    pub application_token_file: Option<PathBuf>,
+    pub event_handler_id: Option<u64>,
     pub command: Option<Vec<String>>,
     pub permanent_exit_codes: Option<Vec<i32>>,
     pub env: Option<BTreeMap<String, String>>,
@@ -564,6 +619,16 @@ impl RawSink {
             ("headers", self.headers.is_some()),
             ("signing_secret", self.signing_secret.is_some()),
             ("signing_secret_file", self.signing_secret_file.is_some()),
+            ("retry_on", self.retry_on.is_some()),
+            ("dead_on", self.dead_on.is_some()),
+            ("bitrix_domain", self.bitrix_domain.is_some()),
+            ("bitrix_member_id", self.bitrix_member_id.is_some()),
+            ("application_token", self.application_token.is_some()),
+            (
+                "application_token_file",
+                self.application_token_file.is_some(),
+            ),
+            ("event_handler_id", self.event_handler_id.is_some()),
             ("command", self.command.is_some()),
             ("permanent_exit_codes", self.permanent_exit_codes.is_some()),
             ("env", self.env.is_some()),
@@ -572,6 +637,29 @@ impl RawSink {
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
         .collect()
+    }
+}
+
+impl RawSink {
+    /// The `http`-only keys and whether each is set (`url` excepted), for refusing them on
+    /// `file` and `exec` sinks.
+    fn http_only_keys(&self) -> [(&'static str, bool); 11] {
+        [
+            ("format", self.format.is_some()),
+            ("headers", self.headers.is_some()),
+            ("signing_secret", self.signing_secret.is_some()),
+            ("signing_secret_file", self.signing_secret_file.is_some()),
+            ("retry_on", self.retry_on.is_some()),
+            ("dead_on", self.dead_on.is_some()),
+            ("bitrix_domain", self.bitrix_domain.is_some()),
+            ("bitrix_member_id", self.bitrix_member_id.is_some()),
+            ("application_token", self.application_token.is_some()),
+            (
+                "application_token_file",
+                self.application_token_file.is_some(),
+            ),
+            ("event_handler_id", self.event_handler_id.is_some()),
+        ]
     }
 }
 
@@ -590,6 +678,13 @@ impl fmt::Debug for RawSink {
             .field("headers", &self.headers.as_ref().map(RedactedValues))
             .field("signing_secret", &self.signing_secret)
             .field("signing_secret_file", &self.signing_secret_file)
+            .field("retry_on", &self.retry_on)
+            .field("dead_on", &self.dead_on)
+            .field("bitrix_domain", &self.bitrix_domain)
+            .field("bitrix_member_id", &self.bitrix_member_id)
+            .field("application_token", &self.application_token)
+            .field("application_token_file", &self.application_token_file)
+            .field("event_handler_id", &self.event_handler_id)
             .field("command", &self.command)
             .field("permanent_exit_codes", &self.permanent_exit_codes)
             .field("env", &self.env.as_ref().map(RedactedValues))
@@ -796,6 +891,10 @@ const STRING_KEYS: &[&str] = &[
     "format",
     "signing_secret",
     "signing_secret_file",
+    "bitrix_domain",
+    "bitrix_member_id",
+    "application_token",
+    "application_token_file",
     "working_dir",
     // Durations: "5" must reach humantime (and fail there for lack of a unit), not be a number.
     "shutdown_timeout",
@@ -897,7 +996,7 @@ fn render_key<S: AsRef<str>>(path: &[S]) -> String {
             && seg.bytes().all(|b| b.is_ascii_digit())
             && matches!(
                 path[i - 1].as_ref(),
-                "events" | "portals" | "command" | "permanent_exit_codes"
+                "events" | "portals" | "command" | "permanent_exit_codes" | "retry_on" | "dead_on"
             );
         if is_index {
             key.push_str(&format!("[{seg}]"));
@@ -914,8 +1013,10 @@ fn render_key<S: AsRef<str>>(path: &[S]) -> String {
 /// Keys whose values must never be echoed in an error message.
 fn is_secret_key(path: &[String]) -> bool {
     let leaf = path.last().map(String::as_str).unwrap_or_default();
-    matches!(leaf, "client_secret" | "signing_secret")
-        || (path.len() >= 3 && path[0] == "sinks" && matches!(path[2].as_str(), "headers" | "env"))
+    matches!(
+        leaf,
+        "client_secret" | "signing_secret" | "application_token"
+    ) || (path.len() >= 3 && path[0] == "sinks" && matches!(path[2].as_str(), "headers" | "env"))
 }
 
 /// Appends `field` unless figment already ended the path with it.
@@ -1145,6 +1246,26 @@ fn lowercase_first(s: &str) -> String {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// `host[:port]` of a URL (the port only when it is not the scheme's default).
+fn host_of(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    })
+}
+
+/// A host name (with an optional port) and nothing else.
+fn valid_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && !domain.contains(['/', '@', '?', '#', ' '])
+        && reqwest::Url::parse(&format!("https://{domain}/"))
+            .ok()
+            .and_then(|url| host_of(url.as_str()))
+            .is_some_and(|parsed| parsed.eq_ignore_ascii_case(domain))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -1580,14 +1701,26 @@ impl Validator {
         }
 
         let mut events = Vec::new();
-        for (i, glob) in raw.events.unwrap_or_default().into_iter().enumerate() {
+        for (i, glob) in raw
+            .events
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             if glob.trim().is_empty() {
                 return Err(self.err(format!("{}[{i}]", k("events")), "must not be empty"));
             }
             events.push(glob.trim().to_string());
         }
         let mut routed_portals = Vec::new();
-        for (i, portal) in raw.portals.unwrap_or_default().into_iter().enumerate() {
+        for (i, portal) in raw
+            .portals
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             if !portals.contains_key(&portal) {
                 let known: Vec<&str> = portals.keys().map(String::as_str).collect();
                 return Err(self.err(
@@ -1609,7 +1742,7 @@ impl Validator {
             ));
         }
 
-        let retry = raw.retry.unwrap_or_default();
+        let retry = raw.retry.take().unwrap_or_default();
         let max_attempts = retry.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts < 1 {
             return Err(self.err(k("retry.max_attempts"), "must be at least 1"));
@@ -1631,19 +1764,6 @@ impl Validator {
             ));
         }
 
-        if raw.signing_secret.is_some() {
-            return Err(self.err(
-                k("signing_secret"),
-                "request signing is not supported by this version; remove the key",
-            ));
-        }
-        if raw.signing_secret_file.is_some() {
-            return Err(self.err(
-                k("signing_secret_file"),
-                "request signing is not supported by this version; remove the key",
-            ));
-        }
-
         let kind = match raw.kind.as_deref() {
             None => {
                 return Err(self.err(
@@ -1658,14 +1778,13 @@ impl Validator {
                     "file",
                     &[
                         ("url", raw.url.is_some()),
-                        ("format", raw.format.is_some()),
-                        ("headers", raw.headers.is_some()),
                         ("command", raw.command.is_some()),
                         ("permanent_exit_codes", raw.permanent_exit_codes.is_some()),
                         ("env", raw.env.is_some()),
                         ("working_dir", raw.working_dir.is_some()),
                     ],
                 )?;
+                self.not_for_type(name, "file", &raw.http_only_keys())?;
                 let path = match raw.path {
                     None => return Err(self.err(k("path"), "missing required key")),
                     Some(p) if p.as_os_str().is_empty() => {
@@ -1688,56 +1807,16 @@ impl Validator {
                         ("working_dir", raw.working_dir.is_some()),
                     ],
                 )?;
-                let url = self.non_empty(&k("url"), raw.url)?;
-                self.http_url(&k("url"), &url)?;
-                let format = match raw.format.as_deref() {
-                    None | Some("json") => HttpFormat::Json,
-                    Some(other) => {
-                        return Err(self.err(
-                            k("format"),
-                            format!("unsupported format {other:?}; supported: \"json\""),
-                        ));
-                    }
-                };
-                let headers = raw.headers.unwrap_or_default();
-                for (header, value) in &headers {
-                    let key = format!("{}.{header}", k("headers"));
-                    let parsed = reqwest::header::HeaderName::from_bytes(header.as_bytes())
-                        .map_err(|_| self.err(&key, "invalid header name"))?;
-                    if matches!(
-                        parsed.as_str(),
-                        "idempotency-key" | "content-length" | "host"
-                    ) {
-                        return Err(self.err(
-                            &key,
-                            "this header is set by the sink and cannot be configured",
-                        ));
-                    }
-                    reqwest::header::HeaderValue::from_str(value).map_err(|_| {
-                        self.err(
-                            &key,
-                            "invalid header value (control characters or non-ASCII text)",
-                        )
-                    })?;
-                }
-                SinkKind::Http(HttpSinkConfig {
-                    url,
-                    format,
-                    headers,
-                })
+                SinkKind::Http(self.http_sink(name, &mut raw, &routed_portals, portals)?)
             }
             Some("exec") => {
                 self.no_options(name, "exec", &options)?;
                 self.not_for_type(
                     name,
                     "exec",
-                    &[
-                        ("path", raw.path.is_some()),
-                        ("url", raw.url.is_some()),
-                        ("format", raw.format.is_some()),
-                        ("headers", raw.headers.is_some()),
-                    ],
+                    &[("path", raw.path.is_some()), ("url", raw.url.is_some())],
                 )?;
+                self.not_for_type(name, "exec", &raw.http_only_keys())?;
                 SinkKind::Exec(self.exec_sink(
                     name,
                     raw.command,
@@ -1870,6 +1949,278 @@ impl Validator {
         })
     }
 
+    /// The `http`-only keys of `[sinks.NAME]`.
+    fn http_sink(
+        &self,
+        name: &str,
+        raw: &mut RawSink,
+        routed_portals: &[String],
+        portals: &BTreeMap<String, PortalConfig>,
+    ) -> Result<HttpSinkConfig, ConfigError> {
+        let k = |key: &str| format!("sinks.{name}.{key}");
+        let url = self.non_empty(&k("url"), raw.url.take())?;
+        self.http_url(&k("url"), &url)?;
+        let signing_secret = self.signing_secret(
+            name,
+            raw.signing_secret.take(),
+            raw.signing_secret_file.take(),
+        )?;
+        let headers = self.http_headers(
+            name,
+            raw.headers.take().unwrap_or_default(),
+            signing_secret.is_some(),
+        )?;
+        let statuses = self.status_overrides(name, raw.retry_on.take(), raw.dead_on.take())?;
+        let format = match raw.format.as_deref() {
+            None | Some("json") => {
+                let bitrix_only = [
+                    ("bitrix_domain", raw.bitrix_domain.is_some()),
+                    ("bitrix_member_id", raw.bitrix_member_id.is_some()),
+                    ("application_token", raw.application_token.is_some()),
+                    (
+                        "application_token_file",
+                        raw.application_token_file.is_some(),
+                    ),
+                    ("event_handler_id", raw.event_handler_id.is_some()),
+                ];
+                if let Some((key, _)) = bitrix_only.iter().find(|(_, set)| *set) {
+                    return Err(self.err(
+                        k(key),
+                        "only used with format = \"bitrix-form\" (it goes into the form body); remove it or set format = \"bitrix-form\"",
+                    ));
+                }
+                HttpFormat::Json
+            }
+            Some("bitrix-form") => {
+                HttpFormat::BitrixForm(self.bitrix_form(name, raw, routed_portals, portals)?)
+            }
+            Some(other) => {
+                return Err(self.err(
+                    k("format"),
+                    format!("unsupported format {other:?}; supported: \"json\", \"bitrix-form\""),
+                ));
+            }
+        };
+        Ok(HttpSinkConfig {
+            url,
+            format,
+            headers,
+            signing_secret,
+            statuses,
+        })
+    }
+
+    /// `headers`: valid names and values, none of those the sink sets itself.
+    fn http_headers(
+        &self,
+        name: &str,
+        headers: BTreeMap<String, String>,
+        signing: bool,
+    ) -> Result<BTreeMap<String, String>, ConfigError> {
+        use crate::sinks::standard_webhooks::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+        for (header, value) in &headers {
+            let key = format!("sinks.{name}.headers.{header}");
+            let parsed = reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| self.err(&key, "invalid header name"))?;
+            if matches!(
+                parsed.as_str(),
+                "idempotency-key" | "content-length" | "host"
+            ) {
+                return Err(self.err(
+                    &key,
+                    "this header is set by the sink and cannot be configured",
+                ));
+            }
+            if signing && [HEADER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE].contains(&parsed.as_str())
+            {
+                return Err(self.err(
+                    &key,
+                    "this header is set by the sink when signing_secret is set (Standard Webhooks) and cannot be configured",
+                ));
+            }
+            reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                self.err(
+                    &key,
+                    "invalid header value (control characters or non-ASCII text)",
+                )
+            })?;
+        }
+        Ok(headers)
+    }
+
+    /// `signing_secret` / `signing_secret_file`; an inline secret must be well-formed.
+    fn signing_secret(
+        &self,
+        name: &str,
+        inline: Option<Secret>,
+        file: Option<PathBuf>,
+    ) -> Result<Option<SecretSource>, ConfigError> {
+        let k = |key: &str| format!("sinks.{name}.{key}");
+        match (inline, file) {
+            (Some(_), Some(_)) => Err(self.err(
+                k("signing_secret"),
+                format!(
+                    "both signing_secret and signing_secret_file are set; keep one (the environment variable {} also sets signing_secret)",
+                    env_var_name(&["sinks", name, "signing_secret"])
+                ),
+            )),
+            (Some(secret), None) => {
+                crate::sinks::standard_webhooks::parse_secret(secret.expose())
+                    .map_err(|problem| self.err(k("signing_secret"), problem))?;
+                Ok(Some(SecretSource::Inline(secret)))
+            }
+            (None, Some(path)) if path.as_os_str().is_empty() => {
+                Err(self.err(k("signing_secret_file"), "must not be empty"))
+            }
+            (None, Some(path)) => Ok(Some(SecretSource::File(path))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// `retry_on` / `dead_on`: status codes 100..=599, never in both lists, no 2xx in dead_on.
+    fn status_overrides(
+        &self,
+        name: &str,
+        retry_on: Option<Vec<i64>>,
+        dead_on: Option<Vec<i64>>,
+    ) -> Result<StatusOverrides, ConfigError> {
+        let retry_on = self.status_list(&format!("sinks.{name}.retry_on"), retry_on)?;
+        let dead_on = self.status_list(&format!("sinks.{name}.dead_on"), dead_on)?;
+        for (i, code) in dead_on.iter().enumerate() {
+            let key = format!("sinks.{name}.dead_on[{i}]");
+            if (200..300).contains(code) {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{code} is a success status: a 2xx answer always means delivered; remove it"
+                    ),
+                ));
+            }
+            if retry_on.contains(code) {
+                return Err(self.err(
+                    key,
+                    format!("{code} is also listed in retry_on; a status is either retried or dead, keep it in one list"),
+                ));
+            }
+        }
+        Ok(StatusOverrides { retry_on, dead_on })
+    }
+
+    fn status_list(&self, key: &str, list: Option<Vec<i64>>) -> Result<Vec<u16>, ConfigError> {
+        let mut codes: Vec<u16> = Vec::new();
+        for (i, code) in list.unwrap_or_default().into_iter().enumerate() {
+            let code = u16::try_from(code)
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+                .ok_or_else(|| {
+                    self.err(
+                        format!("{key}[{i}]"),
+                        format!("must be an HTTP status code between 100 and 599, got {code}"),
+                    )
+                })?;
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
+        Ok(codes)
+    }
+
+    /// The `format = "bitrix-form"` keys: one routed portal's `auth[]` and the handler id.
+    fn bitrix_form(
+        &self,
+        name: &str,
+        raw: &mut RawSink,
+        routed_portals: &[String],
+        portals: &BTreeMap<String, PortalConfig>,
+    ) -> Result<BitrixFormConfig, ConfigError> {
+        let k = |key: &str| format!("sinks.{name}.{key}");
+        let portal = match routed_portals {
+            [only] => &portals[only],
+            [] if portals.len() == 1 => portals.values().next().expect("one portal"),
+            _ => {
+                let known: Vec<&str> = portals.keys().map(String::as_str).collect();
+                return Err(self.err(
+                    k("portals"),
+                    format!(
+                        "a bitrix-form sink posts one portal's auth[] (domain, member_id, application_token), so it must route exactly one portal: set portals = [\"{}\"] and add one sink per portal (configured portals: {})",
+                        known.first().copied().unwrap_or("main"),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        };
+
+        let (domain, client_endpoint) = match raw.bitrix_domain.take() {
+            Some(domain) => {
+                let domain = domain.trim().to_string();
+                if !valid_domain(&domain) {
+                    return Err(self.err(
+                        k("bitrix_domain"),
+                        format!("invalid domain {domain:?}; give the portal's host name without scheme or path, e.g. \"example.bitrix24.com\""),
+                    ));
+                }
+                let endpoint = format!("https://{domain}/rest/");
+                (domain, endpoint)
+            }
+            None => (
+                host_of(&portal.client_endpoint).unwrap_or_default(),
+                portal.client_endpoint.clone(),
+            ),
+        };
+        let server_endpoint = reqwest::Url::parse(&portal.oauth_token_url)
+            .map(|url| format!("{}/rest/", url.origin().ascii_serialization()))
+            .unwrap_or_default();
+
+        let member_id = match raw.bitrix_member_id.take() {
+            None => {
+                return Err(self.err(
+                    k("bitrix_member_id"),
+                    format!(
+                        "missing required key for format = \"bitrix-form\": the member_id of portal {:?} for auth[member_id] (`b24eventd auth status` shows it)",
+                        portal.name
+                    ),
+                ));
+            }
+            Some(id) if id.trim().is_empty() => {
+                return Err(self.err(k("bitrix_member_id"), "must not be empty"));
+            }
+            Some(id) => id.trim().to_string(),
+        };
+
+        let application_token = match (
+            raw.application_token.take(),
+            raw.application_token_file.take(),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    k("application_token"),
+                    format!(
+                        "both application_token and application_token_file are set; keep one (the environment variable {} also sets application_token)",
+                        env_var_name(&["sinks", name, "application_token"])
+                    ),
+                ));
+            }
+            (Some(token), None) if token.expose().trim().is_empty() => {
+                return Err(self.err(k("application_token"), "must not be empty"));
+            }
+            (Some(token), None) => SecretSource::Inline(token),
+            (None, Some(path)) if path.as_os_str().is_empty() => {
+                return Err(self.err(k("application_token_file"), "must not be empty"));
+            }
+            (None, Some(path)) => SecretSource::File(path),
+            (None, None) => SecretSource::Credential(format!("{name}.application_token")),
+        };
+
+        Ok(BitrixFormConfig {
+            domain,
+            client_endpoint,
+            server_endpoint,
+            member_id,
+            application_token,
+            event_handler_id: raw.event_handler_id.take().unwrap_or(0),
+        })
+    }
+
     /// Refuses keys that no `file`, `http` or `exec` sink has.
     fn no_options(
         &self,
@@ -1936,10 +2287,7 @@ impl Validator {
 /// Reads a portal's client secret from where the config says it is, with `$CREDENTIALS_DIRECTORY`
 /// from the process environment.
 pub fn resolve_secret(portal: &PortalConfig) -> Result<Secret, ConfigError> {
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from);
-    resolve_secret_in(portal, dir.as_deref())
+    resolve_secret_in(portal, credentials_directory().as_deref())
 }
 
 /// [`resolve_secret`] with an explicit credentials directory.
@@ -1947,28 +2295,143 @@ pub fn resolve_secret_in(
     portal: &PortalConfig,
     credentials_dir: Option<&Path>,
 ) -> Result<Secret, ConfigError> {
-    let name = &portal.name;
-    match &portal.client_secret {
+    let keys = SecretKeys {
+        what: "client secret",
+        table: ["portals", &portal.name],
+        inline: "client_secret",
+        file: "client_secret_file",
+    };
+    read_secret(&portal.client_secret, &keys, credentials_dir)
+}
+
+/// The secrets an http sink needs, read and checked.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSecrets {
+    /// The Standard Webhooks key, when `signing_secret`/`signing_secret_file` is set.
+    pub signing_key: Option<crate::sinks::standard_webhooks::SigningKey>,
+    /// The `auth[application_token]` of a bitrix-form sink.
+    pub application_token: Option<Secret>,
+}
+
+/// Reads an http sink's secrets (signing secret, application token) from where the config says
+/// they are, with `$CREDENTIALS_DIRECTORY` from the process environment.
+pub fn resolve_http_secrets(sink: &str, http: &HttpSinkConfig) -> Result<HttpSecrets, ConfigError> {
+    resolve_http_secrets_in(sink, http, credentials_directory().as_deref())
+}
+
+/// [`resolve_http_secrets`] with an explicit credentials directory.
+pub fn resolve_http_secrets_in(
+    sink: &str,
+    http: &HttpSinkConfig,
+    credentials_dir: Option<&Path>,
+) -> Result<HttpSecrets, ConfigError> {
+    let signing_key = match &http.signing_secret {
+        None => None,
+        Some(source) => {
+            let keys = SecretKeys {
+                what: "signing secret",
+                table: ["sinks", sink],
+                inline: "signing_secret",
+                file: "signing_secret_file",
+            };
+            let secret = read_secret(source, &keys, credentials_dir)?;
+            let key = crate::sinks::standard_webhooks::parse_secret(secret.expose())
+                .map_err(|problem| keys.error(source, problem))?;
+            Some(key)
+        }
+    };
+    let application_token = match &http.format {
+        HttpFormat::Json => None,
+        HttpFormat::BitrixForm(form) => {
+            let keys = SecretKeys {
+                what: "application token",
+                table: ["sinks", sink],
+                inline: "application_token",
+                file: "application_token_file",
+            };
+            Some(read_secret(
+                &form.application_token,
+                &keys,
+                credentials_dir,
+            )?)
+        }
+    };
+    Ok(HttpSecrets {
+        signing_key,
+        application_token,
+    })
+}
+
+/// Reads every secret a sink needs, so that a missing or malformed one is a configuration error
+/// (exit 78) before anything starts.
+pub fn resolve_sink_secrets(sink: &SinkConfig) -> Result<(), ConfigError> {
+    match &sink.kind {
+        SinkKind::Http(http) => resolve_http_secrets(&sink.name, http).map(|_| ()),
+        SinkKind::File(_) | SinkKind::Exec(_) => Ok(()),
+    }
+}
+
+fn credentials_directory() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Names for the messages about one secret: what it is and its two keys in `[table.NAME]`.
+struct SecretKeys<'a> {
+    what: &'a str,
+    table: [&'a str; 2],
+    inline: &'a str,
+    file: &'a str,
+}
+
+impl SecretKeys<'_> {
+    fn key(&self, leaf: &str) -> String {
+        format!("{}.{}.{leaf}", self.table[0], self.table[1])
+    }
+
+    /// An error about the secret's content, on the key it came from.
+    fn error(&self, source: &SecretSource, message: String) -> ConfigError {
+        match source {
+            SecretSource::File(path) => {
+                ConfigError::new(path.display().to_string(), self.key(self.file), message)
+            }
+            SecretSource::Inline(_) => {
+                ConfigError::new("the config", self.key(self.inline), message)
+            }
+            SecretSource::Credential(credential) => {
+                ConfigError::new(credential.clone(), self.key(self.inline), message)
+            }
+        }
+    }
+}
+
+fn read_secret(
+    source: &SecretSource,
+    keys: &SecretKeys<'_>,
+    credentials_dir: Option<&Path>,
+) -> Result<Secret, ConfigError> {
+    match source {
         SecretSource::Inline(secret) => Ok(secret.clone()),
         SecretSource::File(path) => {
-            let key = format!("portals.{name}.client_secret_file");
-            let secret = read_secret_file(path, &key)?;
-            warn_if_shared(name, path);
+            let key = keys.key(keys.file);
+            let secret = read_secret_file(path, &key, keys.what)?;
+            warn_if_shared(&key, path);
             Ok(secret)
         }
         SecretSource::Credential(credential) => {
-            let key = format!("portals.{name}.client_secret");
+            let key = keys.key(keys.inline);
+            let env_var = env_var_name(&[keys.table[0], keys.table[1], keys.inline]);
             let tried = format!(
-                "tried client_secret (or {}), client_secret_file, and the systemd credential {credential:?}",
-                env_var_name(&["portals", name, "client_secret"])
+                "tried {} (or {env_var}), {}, and the systemd credential {credential:?}",
+                keys.inline, keys.file
             );
+            let what = keys.what;
             let Some(dir) = credentials_dir else {
                 return Err(ConfigError::new(
                     "$CREDENTIALS_DIRECTORY",
                     key,
-                    format!(
-                        "no client secret configured: {tried}, but $CREDENTIALS_DIRECTORY is not set"
-                    ),
+                    format!("no {what} configured: {tried}, but $CREDENTIALS_DIRECTORY is not set"),
                 ));
             };
             let path = dir.join(credential);
@@ -1976,39 +2439,39 @@ pub fn resolve_secret_in(
                 return Err(ConfigError::new(
                     path.display().to_string(),
                     key,
-                    format!("no client secret configured: {tried}, which does not exist"),
+                    format!("no {what} configured: {tried}, which does not exist"),
                 ));
             }
-            read_secret_file(&path, &key)
+            read_secret_file(&path, &key, what)
         }
     }
 }
 
-fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+fn read_secret_file(path: &Path, key: &str, what: &str) -> Result<Secret, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(&file, key, format!("cannot read the client secret: {e}")))?;
+        .map_err(|e| ConfigError::new(&file, key, format!("cannot read the {what}: {e}")))?;
     let secret = text.trim_end_matches(['\n', '\r']);
     if secret.trim().is_empty() {
         return Err(ConfigError::new(
             &file,
             key,
-            "the client secret file is empty",
+            format!("the {what} file is empty"),
         ));
     }
     Ok(Secret::new(secret))
 }
 
-fn warn_if_shared(portal: &str, path: &Path) {
+fn warn_if_shared(key: &str, path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             tracing::warn!(
-                portal,
+                key,
                 path = %path.display(),
                 mode = format_args!("{mode:04o}"),
-                "client secret file is readable by group or others; chmod 0600 it"
+                "secret file is readable by group or others; chmod 0600 it"
             );
         }
     }
@@ -2831,19 +3294,9 @@ events = ["ONCRMDEALADD"]
             "http:// or https://",
         );
         assert_err(
-            &sink("type = \"http\"\nurl = \"http://x/\"\nformat = \"bitrix-form\""),
+            &sink("type = \"http\"\nurl = \"http://x/\"\nformat = \"xml\""),
             "sinks.erp.format",
-            "unsupported format \"bitrix-form\"",
-        );
-        assert_err(
-            &sink("type = \"http\"\nurl = \"http://x/\"\nsigning_secret_file = \"/k\""),
-            "sinks.erp.signing_secret_file",
-            "not supported",
-        );
-        assert_err(
-            &sink("type = \"http\"\nurl = \"http://x/\"\nsigning_secret = \"k\""),
-            "sinks.erp.signing_secret",
-            "not supported",
+            "unsupported format \"xml\"; supported: \"json\", \"bitrix-form\"",
         );
         assert_err(
             &sink("type = \"http\"\nurl = \"http://x/\"\nheaders = { \"bad header\" = \"v\" }"),
@@ -2868,6 +3321,323 @@ events = ["ONCRMDEALADD"]
         assert_eq!(http.url, "http://erp:8080/ev");
         assert_eq!(http.format, HttpFormat::Json);
         assert_eq!(http.headers["X-Token"], "t");
+    }
+
+    const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn http_toml(extra_keys: &str) -> String {
+        sink(&format!(
+            "type = \"http\"\nurl = \"http://erp:8080/ev\"\n{extra_keys}"
+        ))
+    }
+
+    fn bitrix(extra_keys: &str) -> String {
+        http_toml(&format!(
+            "format = \"bitrix-form\"\nbitrix_member_id = \"d897063e1ce7c5eb9f04b9751eef5915\"\napplication_token = \"t0ken\"\n{extra_keys}"
+        ))
+    }
+
+    fn http_config(text: &str) -> HttpSinkConfig {
+        let config = load_str(text, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let SinkKind::Http(http) = &config.sinks["erp"].kind else {
+            panic!("http sink expected")
+        };
+        http.clone()
+    }
+
+    #[test]
+    fn http_bitrix_form_keys() {
+        let http = http_config(&bitrix(""));
+        let HttpFormat::BitrixForm(form) = &http.format else {
+            panic!("bitrix-form expected: {http:?}")
+        };
+        assert_eq!(form.domain, "example.bitrix24.com", "the portal's host");
+        assert_eq!(form.client_endpoint, "https://example.bitrix24.com/rest/");
+        assert_eq!(form.server_endpoint, "https://oauth.bitrix.info/rest/");
+        assert_eq!(form.member_id, "d897063e1ce7c5eb9f04b9751eef5915");
+        assert_eq!(
+            form.application_token,
+            SecretSource::Inline(Secret::new("t0ken"))
+        );
+        assert_eq!(form.event_handler_id, 0);
+        assert!(!format!("{http:?}").contains("t0ken"), "{http:?}");
+
+        let http = http_config(&bitrix(
+            "bitrix_domain = \"crm.example.com\"\nevent_handler_id = 975\nportals = [\"main\"]",
+        ));
+        let HttpFormat::BitrixForm(form) = &http.format else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(form.domain, "crm.example.com");
+        assert_eq!(form.client_endpoint, "https://crm.example.com/rest/");
+        assert_eq!(form.event_handler_id, 975);
+
+        // The token from a file, or by default from the credentials directory.
+        let text = http_toml(
+            "format = \"bitrix-form\"\nbitrix_member_id = \"m\"\napplication_token_file = \"/etc/b24eventd/erp.token\"",
+        );
+        let HttpFormat::BitrixForm(form) = http_config(&text).format else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(
+            form.application_token,
+            SecretSource::File("/etc/b24eventd/erp.token".into())
+        );
+        let text = http_toml("format = \"bitrix-form\"\nbitrix_member_id = \"m\"");
+        let HttpFormat::BitrixForm(form) = http_config(&text).format else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(
+            form.application_token,
+            SecretSource::Credential("erp.application_token".into())
+        );
+
+        assert_err(
+            &http_toml("format = \"bitrix-form\""),
+            "sinks.erp.bitrix_member_id",
+            "missing required key for format = \"bitrix-form\"",
+        );
+        assert_err(
+            &http_toml("format = \"bitrix-form\"\nbitrix_member_id = \" \""),
+            "sinks.erp.bitrix_member_id",
+            "must not be empty",
+        );
+        let err = assert_err(
+            &bitrix("application_token_file = \"/t\""),
+            "sinks.erp.application_token",
+            "both application_token and application_token_file",
+        );
+        assert!(!err.message.contains("t0ken"), "{err}");
+        assert_err(
+            &http_toml(
+                "format = \"bitrix-form\"\nbitrix_member_id = \"m\"\napplication_token = \"\"",
+            ),
+            "sinks.erp.application_token",
+            "must not be empty",
+        );
+        assert_err(
+            &bitrix("bitrix_domain = \"https://x.bitrix24.com/\""),
+            "sinks.erp.bitrix_domain",
+            "without scheme or path",
+        );
+        assert_err(
+            &bitrix("event_handler_id = -1"),
+            "sinks.erp.event_handler_id",
+            "invalid",
+        );
+        for key in [
+            "bitrix_domain = \"x.bitrix24.com\"",
+            "bitrix_member_id = \"m\"",
+            "application_token = \"t\"",
+            "application_token_file = \"/t\"",
+            "event_handler_id = 5",
+        ] {
+            let name = key.split(' ').next().unwrap();
+            assert_err(
+                &http_toml(key),
+                &format!("sinks.erp.{name}"),
+                "only used with format = \"bitrix-form\"",
+            );
+            for other in [
+                "type = \"file\"\npath = \"/tmp/x\"",
+                "type = \"exec\"\ncommand = [\"/bin/x\"]",
+            ] {
+                assert_err(
+                    &sink(&format!("{other}\n{key}")),
+                    &format!("sinks.erp.{name}"),
+                    "not a key of a",
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn http_bitrix_form_routes_exactly_one_portal() {
+        let two_portals = |sink_keys: &str| {
+            format!(
+                "{}\n[portals.other]\nclient_endpoint = \"https://other.bitrix24.com/rest/\"\nclient_id = \"local.1.2\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n",
+                bitrix(sink_keys)
+            )
+        };
+        let err = assert_err(
+            &two_portals(""),
+            "sinks.erp.portals",
+            "must route exactly one portal",
+        );
+        assert!(err.message.contains("auth[]"), "{err}");
+        assert!(
+            err.message.contains("configured portals: main, other"),
+            "{err}"
+        );
+        assert_err(
+            &two_portals("portals = [\"main\", \"other\"]"),
+            "sinks.erp.portals",
+            "must route exactly one portal",
+        );
+        let config = load_str(&two_portals("portals = [\"other\"]"), &[]).unwrap();
+        let SinkKind::Http(HttpSinkConfig {
+            format: HttpFormat::BitrixForm(form),
+            ..
+        }) = &config.sinks["erp"].kind
+        else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(form.domain, "other.bitrix24.com");
+    }
+
+    #[test]
+    fn http_signing_secret() {
+        let http = http_config(&http_toml(&format!(
+            "signing_secret = \"{SIGNING_SECRET}\""
+        )));
+        assert_eq!(
+            http.signing_secret,
+            Some(SecretSource::Inline(Secret::new(SIGNING_SECRET)))
+        );
+        assert!(!format!("{http:?}").contains("MfKQ"), "{http:?}");
+        let http = http_config(&http_toml(
+            "signing_secret_file = \"/etc/b24eventd/erp.key\"",
+        ));
+        assert_eq!(
+            http.signing_secret,
+            Some(SecretSource::File("/etc/b24eventd/erp.key".into()))
+        );
+        assert_eq!(http_config(&http_toml("")).signing_secret, None);
+
+        let err = assert_err(
+            &http_toml("signing_secret = \"whsec_%%%notbase64\""),
+            "sinks.erp.signing_secret",
+            "not valid base64",
+        );
+        assert!(!err.message.contains("notbase64"), "{err}");
+        assert_err(
+            &http_toml("signing_secret = \"whsec_c2hvcnQ=\""),
+            "sinks.erp.signing_secret",
+            "24 to 64 random bytes",
+        );
+        assert_err(
+            &http_toml(&format!(
+                "signing_secret = \"{SIGNING_SECRET}\"\nsigning_secret_file = \"/k\""
+            )),
+            "sinks.erp.signing_secret",
+            "both signing_secret and signing_secret_file",
+        );
+        assert_err(
+            &http_toml(&format!(
+                "signing_secret = \"{SIGNING_SECRET}\"\nheaders = {{ Webhook-Signature = \"x\" }}"
+            )),
+            "sinks.erp.headers.Webhook-Signature",
+            "set by the sink when signing_secret is set",
+        );
+        // Unsigned sinks may pass such a header through.
+        http_config(&http_toml("headers = { Webhook-Id = \"x\" }"));
+
+        // An environment variable sets the secret; a bad one is named without its value.
+        let err = load_str(
+            &http_toml(""),
+            &[("B24EVENTD_SINKS__ERP__SIGNING_SECRET", "whsec_12345")],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sinks.erp.signing_secret");
+        assert!(!err.to_string().contains("12345"), "{err}");
+    }
+
+    #[test]
+    fn http_status_overrides() {
+        let http = http_config(&http_toml(
+            "retry_on = [409, 423, 409]\ndead_on = [503, 301]",
+        ));
+        assert_eq!(
+            http.statuses,
+            StatusOverrides {
+                retry_on: vec![409, 423],
+                dead_on: vec![503, 301]
+            }
+        );
+        assert_eq!(
+            http_config(&http_toml("")).statuses,
+            StatusOverrides::default()
+        );
+        assert_err(
+            &http_toml("retry_on = [409, 600]"),
+            "sinks.erp.retry_on[1]",
+            "between 100 and 599, got 600",
+        );
+        assert_err(
+            &http_toml("dead_on = [99]"),
+            "sinks.erp.dead_on[0]",
+            "between 100 and 599, got 99",
+        );
+        assert_err(
+            &http_toml("dead_on = [70000]"),
+            "sinks.erp.dead_on[0]",
+            "got 70000",
+        );
+        assert_err(
+            &http_toml("dead_on = [500, 204]"),
+            "sinks.erp.dead_on[1]",
+            "204 is a success status",
+        );
+        assert_err(
+            &http_toml("retry_on = [409, 503]\ndead_on = [503]"),
+            "sinks.erp.dead_on[0]",
+            "503 is also listed in retry_on",
+        );
+        assert_err(
+            &http_toml("retry_on = \"409\""),
+            "sinks.erp.retry_on",
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn http_secrets_resolve_from_files_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("erp.key");
+        std::fs::write(&key_file, format!("{SIGNING_SECRET}\n")).unwrap();
+        let text = bitrix(&format!("signing_secret_file = \"{}\"", key_file.display()))
+            .replace("application_token = \"t0ken\"\n", "");
+        let http = http_config(&text);
+
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("erp.application_token"), "from-cred\n").unwrap();
+        let secrets = resolve_http_secrets_in("erp", &http, Some(creds.path())).unwrap();
+        assert_eq!(
+            secrets.application_token.as_ref().map(Secret::expose),
+            Some("from-cred")
+        );
+        assert!(secrets.signing_key.is_some());
+        assert!(!format!("{secrets:?}").contains("from-cred"));
+
+        let err = resolve_http_secrets_in("erp", &http, None).unwrap_err();
+        assert_eq!(err.key, "sinks.erp.application_token");
+        for needle in [
+            "no application token configured",
+            "B24EVENTD_SINKS__ERP__APPLICATION_TOKEN",
+            "application_token_file",
+            "\"erp.application_token\"",
+        ] {
+            assert!(err.message.contains(needle), "{needle:?} not in {err}");
+        }
+
+        std::fs::write(&key_file, "whsec_c2hvcnQ=").unwrap();
+        let err = resolve_http_secrets_in("erp", &http, Some(creds.path())).unwrap_err();
+        assert_eq!(err.key, "sinks.erp.signing_secret_file");
+        assert!(err.file.ends_with("erp.key"), "{err}");
+        assert!(err.message.contains("decodes to 5 bytes"), "{err}");
+        assert!(!err.message.contains("c2hvcnQ"), "{err}");
+
+        std::fs::write(&key_file, "\n").unwrap();
+        let err = resolve_http_secrets_in("erp", &http, Some(creds.path())).unwrap_err();
+        assert!(
+            err.message.contains("the signing secret file is empty"),
+            "{err}"
+        );
+
+        // json sinks without signing need nothing.
+        let plain = http_config(&http_toml(""));
+        let secrets = resolve_http_secrets_in("erp", &plain, None).unwrap();
+        assert!(secrets.signing_key.is_none() && secrets.application_token.is_none());
     }
 
     #[test]
@@ -3163,6 +3933,19 @@ events = ["ONCRMDEALADD"]
         assert_eq!(exec.command, vec!["/usr/local/bin/on-deal", "--verbose"]);
         assert_eq!(exec.permanent_exit_codes, vec![65]);
         assert!(exec.env.contains_key("ERP_URL") && exec.working_dir.is_some());
+        let SinkKind::Http(erp) = &config.sinks["erp"].kind else {
+            panic!("the example's http sink")
+        };
+        assert!(erp.signing_secret.is_some());
+        assert_eq!(erp.statuses.retry_on, vec![409, 423]);
+        let SinkKind::Http(legacy) = &config.sinks["legacy_php"].kind else {
+            panic!("the example's commented-out bitrix-form sink")
+        };
+        let HttpFormat::BitrixForm(form) = &legacy.format else {
+            panic!("bitrix-form expected")
+        };
+        assert_eq!(form.event_handler_id, 975);
+        assert_eq!(form.domain, "example.bitrix24.com");
     }
 
     /// A commented-out table header such as `[sinks.notify]` (not prose).

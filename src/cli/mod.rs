@@ -241,6 +241,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
             }
+            for sink in config.sinks.values() {
+                config::resolve_sink_secrets(sink)?;
+            }
             if !json {
                 outln!(
                     "{}: ok ({} portal{}, {} sink{})",
@@ -262,6 +265,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
             }
+            for sink in config.sinks.values() {
+                config::resolve_sink_secrets(sink)?;
+            }
             init_logging("warn");
             runtime()?.block_on(doctor::run(&config, json, "doctor"))?;
             Ok(())
@@ -270,6 +276,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let config = config::load(&config_path)?;
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
+            }
+            for sink in config.sinks.values() {
+                config::resolve_sink_secrets(sink)?;
             }
             init_logging_as("info", config.log_format);
             runtime()?.block_on(run_daemon(config))?;

@@ -1,13 +1,21 @@
-//! The `http` sink: POSTs each envelope as a JSON object, up to `concurrency` requests at once.
+//! The `http` sink: POSTs each envelope, up to `concurrency` requests at once, as a JSON object
+//! (`format = "json"`) or as the form a Bitrix24 outbound webhook would have posted
+//! (`format = "bitrix-form"`, see `bitrix_form.rs`), signed with Standard Webhooks headers when
+//! `signing_secret` is set (see `standard_webhooks.rs`).
 //!
 //! 2xx is delivered; 408, 429, 5xx, timeouts and connection errors are retried (honouring
-//! `Retry-After`); any other status (3xx, 4xx) is dead. Redirects are not followed. Every
-//! request carries `Idempotency-Key: <envelope id>`. Error texts never contain the URL's
-//! credentials or the configured header values.
+//! `Retry-After`); any other status (3xx, 4xx) is dead; `retry_on` / `dead_on` override the
+//! class of single statuses. Redirects are not followed. Every request carries
+//! `Idempotency-Key: <envelope id>`. Error texts never contain the URL's credentials, the
+//! configured header values or the application token.
 
-use super::{Health, Sink, SinkResult};
+use super::standard_webhooks::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SigningKey};
+use super::{Health, Sink, SinkResult, bitrix_form};
 use crate::BoxFuture;
-use crate::config::{HttpFormat, HttpSinkConfig, SinkConfig, redact_url};
+use crate::config::{
+    HttpFormat, HttpSinkConfig, Secret, SinkConfig, StatusOverrides, redact_url,
+    resolve_http_secrets,
+};
 use crate::envelope::Envelope;
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
@@ -30,8 +38,21 @@ pub struct HttpSink {
     /// `url` without userinfo, for logs and error texts.
     shown_url: String,
     format: HttpFormat,
+    /// The Standard Webhooks key when requests are signed.
+    signing_key: Option<SigningKey>,
+    /// `auth[application_token]` of a bitrix-form body.
+    application_token: Option<Secret>,
+    statuses: StatusOverrides,
     timeout: Duration,
     concurrency: usize,
+}
+
+/// What a response status means for the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusClass {
+    Delivered,
+    Retry,
+    Dead,
 }
 
 impl HttpSink {
@@ -39,6 +60,7 @@ impl HttpSink {
         let shown_url = redact_url(&http.url);
         let url = reqwest::Url::parse(&http.url)
             .with_context(|| format!("sink {}: invalid url {shown_url}", config.name))?;
+        let secrets = resolve_http_secrets(&config.name, http)?;
 
         let mut headers = HeaderMap::new();
         for (name, value) in &http.headers {
@@ -67,30 +89,49 @@ impl HttpSink {
             client,
             url,
             shown_url,
-            format: http.format,
+            format: http.format.clone(),
+            signing_key: secrets.signing_key,
+            application_token: secrets.application_token,
+            statuses: http.statuses.clone(),
             timeout: config.timeout,
             concurrency: config.concurrency.max(1),
         })
     }
 
+    /// The request body and its content type.
+    fn body(&self, envelope: &Envelope) -> Result<(&'static str, Vec<u8>), String> {
+        match &self.format {
+            HttpFormat::Json => serde_json::to_vec(envelope)
+                .map(|body| ("application/json", body))
+                .map_err(|e| format!("cannot encode the envelope as JSON: {e}")),
+            HttpFormat::BitrixForm(form) => {
+                let token = self.application_token.as_ref().map_or("", Secret::expose);
+                let body = bitrix_form::body(envelope, form, token, unix_now());
+                Ok(("application/x-www-form-urlencoded", body.into_bytes()))
+            }
+        }
+    }
+
     async fn post(&self, envelope: &Envelope) -> SinkResult {
-        let body = match self.format {
-            HttpFormat::Json => match serde_json::to_vec(envelope) {
-                Ok(body) => body,
-                Err(e) => {
-                    return SinkResult::Dead {
-                        error: format!("cannot encode the envelope as JSON: {e}"),
-                    };
-                }
-            },
+        let (content_type, body) = match self.body(envelope) {
+            Ok(encoded) => encoded,
+            Err(error) => return SinkResult::Dead { error },
         };
-        let request = self
+        let mut request = self
             .client
             .post(self.url.clone())
             .timeout(self.timeout)
-            .header(CONTENT_TYPE, "application/json")
-            .header("Idempotency-Key", envelope.id.as_str())
-            .body(body);
+            .header(CONTENT_TYPE, content_type)
+            .header("Idempotency-Key", envelope.id.as_str());
+        if let Some(key) = &self.signing_key {
+            // Signed at send time: every attempt carries its own timestamp.
+            let signed = standard_webhooks::sign(key, &envelope.id, unix_now(), &body);
+            request = request
+                .header(HEADER_ID, signed.id)
+                .header(HEADER_TIMESTAMP, signed.timestamp)
+                .header(HEADER_SIGNATURE, signed.signature);
+        }
+        let request = request.body(body);
 
         let result = match request.send().await {
             Ok(response) => self.classify(response).await,
@@ -108,18 +149,49 @@ impl HttpSink {
     async fn classify(&self, mut response: reqwest::Response) -> SinkResult {
         let status = response.status();
         let after = retry_after(response.headers());
-        if status.is_success() {
-            // Drain a small body so the connection can be reused; the status already decided.
-            let _ = read_body(&mut response).await;
+        let class = classify_status(status, &self.statuses);
+        // Read a small body: the connection can be reused, and failures quote it.
+        let body = read_body(&mut response).await;
+        if class == StatusClass::Delivered {
             return SinkResult::Delivered;
         }
-        let body = read_body(&mut response).await;
-        let error = status_error(status, &body);
-        if is_retryable(status) {
-            SinkResult::Retry { error, after }
-        } else {
-            SinkResult::Dead { error }
+        // Redacted before it is cut to an excerpt, so no part of the token survives.
+        let body = self.redact(body);
+        let error = status_error(status, self.override_list(status), &body);
+        match class {
+            StatusClass::Retry => SinkResult::Retry { error, after },
+            StatusClass::Dead | StatusClass::Delivered => SinkResult::Dead { error },
         }
+    }
+
+    /// `retry_on` or `dead_on` when that list decided `status`.
+    fn override_list(&self, status: StatusCode) -> Option<&'static str> {
+        let code = status.as_u16();
+        if self.statuses.dead_on.contains(&code) {
+            Some("dead_on")
+        } else if self.statuses.retry_on.contains(&code) {
+            Some("retry_on")
+        } else {
+            None
+        }
+    }
+
+    /// `text` without the application token (an endpoint may echo the body it was sent).
+    fn redact(&self, text: String) -> String {
+        match &self.application_token {
+            Some(token) => redact_secret(text, token.expose()),
+            None => text,
+        }
+    }
+
+    /// How requests are made, for the healthcheck's detail.
+    fn describe(&self) -> String {
+        let signing = if self.signing_key.is_some() {
+            "signed with Standard Webhooks"
+        } else {
+            "unsigned"
+        };
+        format!("format {}, {signing}", self.format.as_str())
     }
 
     fn transport_error(&self, e: reqwest::Error) -> String {
@@ -157,20 +229,56 @@ fn ensure_crypto_provider() {
     }
 }
 
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
 fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
 }
 
-/// `http 422: <first 200 characters of the body>`.
-fn status_error(status: StatusCode, body: &str) -> String {
-    let excerpt: String = body.trim().chars().take(BODY_EXCERPT_CHARS).collect();
-    if excerpt.is_empty() {
-        format!("http {}", status.as_u16())
+/// The class of a status: `dead_on`, then `retry_on`, then the default (2xx delivered; 408,
+/// 429, 5xx retried; everything else dead).
+fn classify_status(status: StatusCode, overrides: &StatusOverrides) -> StatusClass {
+    let code = status.as_u16();
+    if overrides.dead_on.contains(&code) {
+        StatusClass::Dead
+    } else if overrides.retry_on.contains(&code) {
+        StatusClass::Retry
+    } else if status.is_success() {
+        StatusClass::Delivered
+    } else if is_retryable(status) {
+        StatusClass::Retry
     } else {
-        format!("http {}: {excerpt}", status.as_u16())
+        StatusClass::Dead
     }
+}
+
+/// `http 422: <first 200 characters of the body>`, or `http 409 (in retry_on): ...` when an
+/// override list decided.
+fn status_error(status: StatusCode, list: Option<&str>, body: &str) -> String {
+    let excerpt: String = body.trim().chars().take(BODY_EXCERPT_CHARS).collect();
+    let mut error = format!("http {}", status.as_u16());
+    if let Some(list) = list {
+        error.push_str(&format!(" (in {list})"));
+    }
+    if !excerpt.is_empty() {
+        error.push_str(": ");
+        error.push_str(&excerpt);
+    }
+    error
+}
+
+/// `text` with `secret` (as sent, and form-encoded) replaced by `[redacted]`.
+fn redact_secret(text: String, secret: &str) -> String {
+    if secret.is_empty() {
+        return text;
+    }
+    let encoded = bitrix_form::php_urlencode(secret);
+    text.replace(secret, "[redacted]")
+        .replace(&encoded, "[redacted]")
 }
 
 /// Reads at most [`BODY_READ_LIMIT`] bytes of the body, lossily as text.
@@ -226,18 +334,20 @@ impl HttpSink {
                 if status.is_server_error() {
                     Health::warn(
                         format!(
-                            "{} answered OPTIONS with http {} in {elapsed} ms",
+                            "{} answered OPTIONS with http {} in {elapsed} ms ({})",
                             self.shown_url,
-                            status.as_u16()
+                            status.as_u16(),
+                            self.describe()
                         ),
                         "deliveries are retried while the endpoint answers 5xx: check the \
                          receiving service and its logs",
                     )
                 } else {
                     Health::ok(format!(
-                        "{} answered OPTIONS with http {} in {elapsed} ms",
+                        "{} answered OPTIONS with http {} in {elapsed} ms ({})",
                         self.shown_url,
-                        status.as_u16()
+                        status.as_u16(),
+                        self.describe()
                     ))
                 }
             }
@@ -277,7 +387,7 @@ impl Sink for HttpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind};
+    use crate::config::{RetryPolicy, SinkKind, StatusOverrides};
     use axum::Router;
     use axum::extract::State;
     use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
@@ -367,6 +477,8 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
+            signing_secret: None,
+            statuses: StatusOverrides::default(),
         };
         let config = SinkConfig {
             name: "erp".into(),
@@ -575,6 +687,121 @@ mod tests {
     }
 
     #[test]
+    fn overrides_change_the_class_of_single_statuses() {
+        let none = StatusOverrides::default();
+        let overrides = StatusOverrides {
+            retry_on: vec![409, 301],
+            dead_on: vec![503],
+        };
+        let class = |code: u16, o: &StatusOverrides| {
+            classify_status(StatusCode::from_u16(code).unwrap(), o)
+        };
+        assert_eq!(class(200, &none), StatusClass::Delivered);
+        assert_eq!(class(204, &overrides), StatusClass::Delivered);
+        assert_eq!(class(409, &none), StatusClass::Dead);
+        assert_eq!(class(409, &overrides), StatusClass::Retry);
+        assert_eq!(class(301, &overrides), StatusClass::Retry);
+        assert_eq!(class(503, &none), StatusClass::Retry);
+        assert_eq!(class(503, &overrides), StatusClass::Dead);
+        assert_eq!(class(502, &overrides), StatusClass::Retry);
+        assert_eq!(class(422, &overrides), StatusClass::Dead);
+    }
+
+    /// A bitrix-form sink, signed, against an endpoint that echoes the body in a 422: the
+    /// request carries the form content type and the three signature headers, and the dead
+    /// error quotes the body without the application token.
+    #[tokio::test]
+    async fn bitrix_form_signed_request_and_token_kept_out_of_errors() {
+        use crate::config::{BitrixFormConfig, SecretSource};
+        let seen: Arc<Mutex<Vec<AxumHeaders>>> = Arc::default();
+        let log = seen.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: AxumHeaders, body: String| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(headers);
+                    // The last pair (auth[application_token]) as sent, then decoded.
+                    let last = body.rsplit('&').next().unwrap_or_default().to_string();
+                    let answer = format!("bad request: {last}; token app+tok/secret value");
+                    (AxumStatus::UNPROCESSABLE_ENTITY, answer)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let token = "app+tok/secret value";
+        let http = HttpSinkConfig {
+            url,
+            format: HttpFormat::BitrixForm(BitrixFormConfig {
+                domain: "x.bitrix24.com".into(),
+                client_endpoint: "https://x.bitrix24.com/rest/".into(),
+                server_endpoint: "https://oauth.bitrix.info/rest/".into(),
+                member_id: "m1".into(),
+                application_token: SecretSource::Inline(Secret::new(token)),
+                event_handler_id: 0,
+            }),
+            headers: BTreeMap::new(),
+            signing_secret: Some(SecretSource::Inline(Secret::new(
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ))),
+            statuses: StatusOverrides::default(),
+        };
+        let config = SinkConfig {
+            name: "erp".into(),
+            route: Default::default(),
+            timeout: Duration::from_secs(5),
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(5),
+            },
+            kind: SinkKind::Http(http.clone()),
+        };
+        let sink = HttpSink::new(&config, &http).unwrap();
+        let results = sink.deliver(&[envelope(7)]).await;
+        let SinkResult::Dead { error } = &results[0] else {
+            panic!("expected dead: {results:?}")
+        };
+        assert_eq!(
+            error,
+            "http 422: bad request: auth%5Bapplication_token%5D=[redacted]; token [redacted]"
+        );
+        assert!(
+            !error.contains("app+tok") && !error.contains("app%2Btok"),
+            "{error}"
+        );
+
+        let headers = seen.lock().unwrap()[0].clone();
+        assert_eq!(headers["content-type"], "application/x-www-form-urlencoded");
+        assert_eq!(headers["idempotency-key"], "main:7");
+        assert_eq!(headers["webhook-id"], "main:7");
+        let ts: i64 = headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((ts - unix_now()).abs() < 10, "{ts}");
+        assert!(
+            headers["webhook-signature"]
+                .to_str()
+                .unwrap()
+                .starts_with("v1,")
+        );
+
+        let health = sink.health().await;
+        assert!(
+            health
+                .detail
+                .contains("format bitrix-form, signed with Standard Webhooks"),
+            "{health:?}"
+        );
+    }
+
+    #[test]
     fn retry_after_parses_seconds_and_dates() {
         let mut headers = HeaderMap::new();
         assert_eq!(retry_after(&headers), None);
@@ -598,8 +825,12 @@ mod tests {
             assert!(!is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
         }
         assert_eq!(
-            status_error(StatusCode::BAD_REQUEST, "  ошибка\n"),
+            status_error(StatusCode::BAD_REQUEST, None, "  ошибка\n"),
             "http 400: ошибка"
+        );
+        assert_eq!(
+            status_error(StatusCode::CONFLICT, Some("retry_on"), ""),
+            "http 409 (in retry_on)"
         );
     }
 }

@@ -4,10 +4,12 @@
 //! Retry is decided outside the sink (pipeline/retry.rs): a sink only says, per envelope, whether
 //! it was delivered, failed in a way worth retrying, or failed for good.
 
+pub mod bitrix_form;
 pub mod exec;
 pub mod file;
 pub mod http;
 pub mod route;
+pub mod standard_webhooks;
 
 use crate::BoxFuture;
 use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions};
