@@ -96,6 +96,7 @@ impl Alert {
             lane: Lane::Normal,
             attempt: 1,
             entity: Value::Null,
+            entity_error: None,
         }
     }
 }

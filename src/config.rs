@@ -181,6 +181,27 @@ pub struct PortalConfig {
     pub error_lane_schedule: String,
     pub orphan_sweep_schedule: String,
     pub request_timeout: Duration,
+    /// `[portals.NAME.enrich]`: which entity to read for which events, in key order (the first
+    /// rule whose glob matches an event applies).
+    pub enrich: Vec<EnrichRule>,
+}
+
+/// One `[portals.NAME.enrich]` entry: events matching `events` (a glob) get the entity `getter`
+/// reads attached to their envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrichRule {
+    pub events: String,
+    pub getter: crate::bitrix::entities::Getter,
+}
+
+impl PortalConfig {
+    /// The getter for `event`, if an enrich rule matches it.
+    pub fn getter_for(&self, event: &str) -> Option<crate::bitrix::entities::Getter> {
+        self.enrich
+            .iter()
+            .find(|rule| crate::sinks::route::glob_match(&rule.events, event))
+            .map(|rule| rule.getter)
+    }
 }
 
 /// Where a portal's client secret comes from.
@@ -565,6 +586,8 @@ pub struct RawPortal {
     pub orphan_sweep_schedule: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    /// Event glob → getter method (`"ONCRMDEAL*" = "crm.deal.get"`).
+    pub enrich: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -1584,6 +1607,28 @@ impl Validator {
             ));
         }
 
+        let mut enrich = Vec::new();
+        for (glob, method) in raw.enrich.unwrap_or_default() {
+            let key = format!("{}.{glob:?}", k("enrich"));
+            if glob.trim().is_empty() {
+                return Err(self.err(key, "the event glob must not be empty"));
+            }
+            let Some(getter) = crate::bitrix::entities::Getter::from_method(&method) else {
+                let known: Vec<&str> = crate::bitrix::entities::Getter::ALL
+                    .iter()
+                    .map(|g| g.method())
+                    .collect();
+                return Err(self.err(
+                    key,
+                    format!("unknown getter {method:?}; supported: {}", known.join(", ")),
+                ));
+            };
+            enrich.push(EnrichRule {
+                events: glob.trim().to_ascii_uppercase(),
+                getter,
+            });
+        }
+
         Ok(PortalConfig {
             name: name.to_string(),
             client_endpoint,
@@ -1617,6 +1662,7 @@ impl Validator {
                 raw.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
+            enrich,
         })
     }
 
@@ -2561,6 +2607,31 @@ events = ["ONCRMDEALADD"]
 {extra_keys}
 "#
         )
+    }
+
+    #[test]
+    fn enrich_rules_name_known_getters() {
+        let config = load_str(
+            &portal(
+                "enrich = { \"ONCRMDEAL*\" = \"crm.deal.get\", \"ontask*\" = \"tasks.task.get\" }",
+            ),
+            &[],
+        )
+        .unwrap();
+        let p = &config.portals["main"];
+        use crate::bitrix::entities::Getter;
+        assert_eq!(p.getter_for("ONCRMDEALUPDATE"), Some(Getter::CrmDeal));
+        assert_eq!(p.getter_for("ONTASKADD"), Some(Getter::Task));
+        assert_eq!(p.getter_for("ONCRMLEADADD"), None);
+        assert_err(
+            &portal("enrich = { \"ONCRMDEAL*\" = \"crm.deal.list\" }"),
+            "portals.main.enrich.\"ONCRMDEAL*\"",
+            "unknown getter \"crm.deal.list\"; supported: crm.deal.get",
+        );
+        assert_eq!(
+            load_str(MINIMAL, &[]).unwrap().portals["main"].enrich,
+            vec![]
+        );
     }
 
     #[test]
@@ -3920,6 +3991,7 @@ events = ["ONCRMDEALADD"]
         let config =
             load_with_env(f.path(), &[]).unwrap_or_else(|e| panic!("uncommented example: {e}"));
         assert!(config.portals["main"].auth_connector.is_some());
+        assert_eq!(config.portals["main"].enrich.len(), 2);
         assert_eq!(
             config.alerts.as_ref().map(|a| a.sink.as_str()),
             Some("notify")
@@ -3964,7 +4036,9 @@ events = ["ONCRMDEALADD"]
     fn looks_like_key(line: &str) -> bool {
         match line.split_once(" = ") {
             Some((key, _)) => {
-                !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                let quoted = key.len() > 2 && key.starts_with('"') && key.ends_with('"');
+                quoted
+                    || (!key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
             }
             None => false,
         }

@@ -43,7 +43,12 @@ pub struct Envelope {
     pub additional: Value,
     pub lane: Lane,
     pub attempt: u32,
+    /// The entity the event is about, read when `[portals.NAME.enrich]` asks for it; `null`
+    /// otherwise, and when it could not be read (then `entity_error` says why).
     pub entity: Value,
+    /// Why `entity` is `null` although enrichment was asked for (e.g. the entity was deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_error: Option<String>,
 }
 
 impl Envelope {
@@ -67,6 +72,7 @@ impl Envelope {
             lane: Lane::Normal,
             attempt: 1,
             entity: Value::Null,
+            entity_error: None,
         }
     }
 
@@ -94,6 +100,7 @@ mod tests {
             lane: Lane::Normal,
             attempt: 1,
             entity: Value::Null,
+            entity_error: None,
         };
         let v: Value = serde_json::from_str(&env.to_json_line()).unwrap();
         assert_eq!(v["id"], "main:1234");

@@ -3,6 +3,7 @@
 //! persistence), the client-side leaky bucket, the portal's limits (503 `QUERY_LIMIT_EXCEEDED`,
 //! 429 `OPERATION_TIME_LIMIT`), domain-change redirects and response classification.
 
+use super::entities::{self, Getter};
 use super::error::{
     BitrixError, ErrorClass, codes, describe_unparsable, invalid_response, sanitize_snippet,
 };
@@ -192,6 +193,15 @@ pub enum OfflineOutcome {
     /// A `clear` or `error` was done.
     Settled,
     /// The portal refused or failed this sub-command alone (the others ran).
+    Failed(BitrixError),
+}
+
+/// What a getter in [`PortalClient::get_entities`] came to.
+#[derive(Debug)]
+pub enum EntityOutcome {
+    Found(Value),
+    /// The entity does not exist (deleted since the event): the text says which.
+    NotFound(String),
     Failed(BitrixError),
 }
 
@@ -505,6 +515,57 @@ impl PortalClient {
                     OfflineCommand::Clear { .. } | OfflineCommand::Error { .. } => {
                         OfflineOutcome::Settled
                     }
+                }
+            })
+            .collect())
+    }
+
+    /// Reads up to 50 entities in one `batch` request (one sub-command per entity; callers
+    /// deduplicate). Returns one outcome per key, in order.
+    pub async fn get_entities(
+        &self,
+        keys: &[(Getter, u64)],
+    ) -> Result<Vec<EntityOutcome>, BitrixError> {
+        let commands: Vec<(String, String, Value)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (getter, id))| {
+                (
+                    format!("entity{i}"),
+                    getter.method().to_string(),
+                    json!({ getter.id_param(): id }),
+                )
+            })
+            .collect();
+        let resp = self.batch(&commands, false).await?;
+        Ok(commands
+            .iter()
+            .zip(keys)
+            .map(|((key, method, _), (getter, id))| {
+                if let Some((code, description)) = resp.errors.get(key) {
+                    if entities::is_not_found(code, description) {
+                        return EntityOutcome::NotFound(format!(
+                            "{method} {id}: not found ({})",
+                            if description.is_empty() {
+                                code
+                            } else {
+                                description
+                            }
+                        ));
+                    }
+                    return EntityOutcome::Failed(BitrixError::from_api(
+                        self.portal(),
+                        method,
+                        code,
+                        description,
+                        None,
+                    ));
+                }
+                match resp.results.get(key) {
+                    Some(result) => EntityOutcome::Found(getter.entity_of(result.clone())),
+                    None => EntityOutcome::Failed(
+                        self.shape_error(method, format!("no result for sub-command {key}")),
+                    ),
                 }
             })
             .collect())

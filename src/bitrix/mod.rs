@@ -1,6 +1,7 @@
 //! The Bitrix24 REST client: the only place that knows Bitrix24's JSON, HTTP, OAuth and limits.
 
 pub mod client;
+pub mod entities;
 pub mod error;
 pub mod form;
 pub mod oauth;

@@ -3,7 +3,7 @@
 //! process beside the daemon: WAL lets it read without blocking the daemon, and every write here
 //! is a short transaction) and by the daemon's prune job.
 
-use super::{ENVELOPE_COLUMNS, Journal, count, envelope_at, now, timestamp};
+use super::{ENVELOPE_COLUMNS, ENVELOPE_WIDTH, Journal, count, envelope_at, now, timestamp};
 use crate::envelope::Envelope;
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value as SqlValue;
@@ -472,17 +472,17 @@ fn event_detail(conn: &Connection, row: i64) -> anyhow::Result<Option<EventDetai
             Ok(EventDetail {
                 row,
                 envelope: envelope_at(r, 0, 1)?,
-                status: r.get(10)?,
-                fetched_at: r.get(11)?,
+                status: r.get(ENVELOPE_WIDTH)?,
+                fetched_at: r.get(ENVELOPE_WIDTH + 1)?,
                 upstream: UpstreamInfo {
-                    state: r.get(12)?,
-                    settled_at: r.get(13)?,
+                    state: r.get(ENVELOPE_WIDTH + 2)?,
+                    settled_at: r.get(ENVELOPE_WIDTH + 3)?,
                 },
                 batch: BatchInfo {
-                    process_id: r.get(14)?,
-                    origin: r.get(15)?,
-                    fetched_at: r.get(16)?,
-                    settled_at: r.get(17)?,
+                    process_id: r.get(ENVELOPE_WIDTH + 4)?,
+                    origin: r.get(ENVELOPE_WIDTH + 5)?,
+                    fetched_at: r.get(ENVELOPE_WIDTH + 6)?,
+                    settled_at: r.get(ENVELOPE_WIDTH + 7)?,
                 },
                 deliveries: Vec::new(),
                 attempts: Vec::new(),
@@ -734,6 +734,7 @@ mod tests {
                     data: serde_json::json!({"FIELDS": {"ID": id.to_string()}}),
                     additional: serde_json::Value::Null,
                     sinks: vec!["a".into()],
+                    enrich: false,
                 })
                 .collect(),
             deleted_upstream: false,

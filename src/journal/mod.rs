@@ -85,6 +85,25 @@ pub struct NewEvent {
     pub data: Value,
     pub additional: Value,
     pub sinks: Vec<String>,
+    /// Deliveries wait until the entity is read (`[portals.NAME.enrich]`).
+    pub enrich: bool,
+}
+
+/// An event waiting for its entity to be read.
+#[derive(Debug, Clone)]
+pub struct PendingEnrichment {
+    pub event_id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// What enrichment found for one event.
+#[derive(Debug, Clone)]
+pub struct Enriched {
+    pub event_id: i64,
+    /// The entity, or `null` (then `error` says why).
+    pub entity: Value,
+    pub error: Option<String>,
 }
 
 /// A reservation (`process_id`) and its events, journaled in one transaction.
@@ -466,11 +485,14 @@ impl Journal {
         let sink = sink.to_string();
         self.run(move |conn| {
             let at: Option<String> = conn.query_row(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE sink = ?1 AND status = 'pending'",
+                "SELECT MIN(d.next_attempt_at) FROM deliveries d JOIN events e ON e.id = d.event_id
+                 WHERE d.sink = ?1 AND d.status = 'pending' AND e.enrichment IS NULL",
                 [&sink],
                 |r| r.get(0),
             )?;
-            Ok(at.and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.with_timezone(&Utc)))
+            Ok(at
+                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+                .map(|t| t.with_timezone(&Utc)))
         })
         .await
     }
@@ -526,6 +548,54 @@ impl Journal {
     }
 
     // ---- reporting ---------------------------------------------------------------------------
+
+    /// Events of `portal` whose entity is still to be read, oldest first.
+    pub async fn pending_enrichment(
+        &self,
+        portal: &str,
+        limit: usize,
+    ) -> anyhow::Result<Vec<PendingEnrichment>> {
+        let portal = portal.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, event, data FROM events
+                 WHERE portal = ?1 AND enrichment IS NOT NULL ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![portal, limit as i64], |r| {
+                Ok(PendingEnrichment {
+                    event_id: r.get(0)?,
+                    event: r.get(1)?,
+                    data: r
+                        .get::<_, String>(2)
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or(Value::Null),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Stores what enrichment found (`entity`, or `null` and why) and releases the events'
+    /// deliveries, in one transaction.
+    pub async fn record_enrichment(&self, results: Vec<Enriched>) -> anyhow::Result<()> {
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE events SET entity = ?2, entity_error = ?3, enrichment = NULL
+                     WHERE id = ?1 AND enrichment IS NOT NULL",
+                )?;
+                for r in &results {
+                    update.execute(params![r.event_id, r.entity.to_string(), r.error])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
 
     /// Answers a trivial query: the journal is open and its connection is not stuck.
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -710,8 +780,8 @@ fn record_batch_in(
         )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (envelope_id, portal, batch_id, offline_id, event, message_id, timestamp, data,
-                                 additional, lane, fetched_at, status, upstream)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                 additional, lane, fetched_at, status, upstream, enrichment)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         let mut insert_delivery = tx.prepare_cached(
             "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3)",
@@ -756,7 +826,9 @@ fn record_batch_in(
                 batch.lane.as_str(),
                 fetched_at,
                 status,
-                upstream
+                upstream,
+                // An event no sink wants is not worth a request.
+                (e.enrich && !e.sinks.is_empty()).then_some("pending")
             ])?;
             let event_id = tx.last_insert_rowid();
             for sink in &e.sinks {
@@ -793,6 +865,7 @@ fn due_deliveries(
         "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
          FROM deliveries d JOIN events e ON e.id = d.event_id
          WHERE d.sink = ?1 AND d.status = 'pending' AND d.next_attempt_at <= ?2
+           AND e.enrichment IS NULL
          ORDER BY d.next_attempt_at, d.event_id
          LIMIT ?3"
     ))?;
@@ -802,7 +875,7 @@ fn due_deliveries(
             event_id: r.get(0)?,
             attempts,
             envelope: envelope_at(r, 2, attempts + 1)?,
-            fetched_at: parse_time(r.get(12)?),
+            fetched_at: parse_time(r.get(2 + ENVELOPE_WIDTH)?),
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -810,7 +883,9 @@ fn due_deliveries(
 
 /// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
 const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
-     e.timestamp, e.data, e.additional, e.lane, e.entity";
+     e.timestamp, e.data, e.additional, e.lane, e.entity, e.entity_error";
+/// How many columns [`ENVELOPE_COLUMNS`] has.
+const ENVELOPE_WIDTH: usize = 11;
 
 /// Reads an envelope from [`ENVELOPE_COLUMNS`] starting at column `first`. JSON columns that do
 /// not parse (never written by this crate) read as `null`.
@@ -833,6 +908,7 @@ fn envelope_at(r: &rusqlite::Row<'_>, first: usize, attempt: u32) -> rusqlite::R
         lane: lane_from_sql(&r.get::<_, String>(first + 8)?),
         attempt,
         entity: json(9)?,
+        entity_error: r.get(first + 10)?,
     })
 }
 
@@ -1108,6 +1184,7 @@ mod tests {
             data: json!({"FIELDS": {"ID": id.to_string()}}),
             additional: json!({"user_id": 1}),
             sinks: sinks.iter().map(|s| s.to_string()).collect(),
+            enrich: false,
         }
     }
 

@@ -121,6 +121,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX delivery_attempts_dead ON delivery_attempts (id) WHERE outcome = 'dead';
     "#,
+    // 3 -> 4: enrichment (the entity read for an event before its deliveries start)
+    r#"
+    ALTER TABLE events ADD COLUMN entity_error TEXT;
+    ALTER TABLE events ADD COLUMN enrichment TEXT;
+    CREATE INDEX events_enrichment ON events (portal, id) WHERE enrichment IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -6,12 +6,15 @@ use super::economy::{self, FetchWidth, MAX_COMMANDS, Operating};
 use super::liveness::LoopHandle;
 use super::settle::SettleAction;
 use super::{SharedRoutes, Wakers};
+use crate::bitrix::client::EntityOutcome;
 use crate::bitrix::client::{ClearTarget, GetRequest, OfflineCommand, OfflineOutcome};
+use crate::bitrix::entities::{self, Getter};
 use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
 use crate::envelope::Lane;
-use crate::journal::{BatchOrigin, Journal, NewBatch, NewEvent, PendingSettlement};
+use crate::journal::{BatchOrigin, Enriched, Journal, NewBatch, NewEvent, PendingSettlement};
 use crate::metrics::Metrics;
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -469,6 +472,8 @@ impl Poller {
         }
         let now = Instant::now();
         let fetch_due = now >= state.next_fetch;
+        // Lowest priority, after settles and fetches: the entities of events already journaled.
+        let more_to_enrich = self.enrich().await?;
         let fetched = if self.reserving() {
             self.exchange(fetch_due, &mut state.width).await?
         } else if fetch_due {
@@ -479,6 +484,9 @@ impl Poller {
         } else {
             None
         };
+        if more_to_enrich {
+            return Ok(None);
+        }
         let wait = match fetched {
             None if !fetch_due => return Ok(Some(state.next_fetch - now)),
             // At max_unsettled: settles wake the poller, the interval is a fallback.
@@ -690,6 +698,101 @@ impl Poller {
         }))
     }
 
+    /// Reads the entities of events waiting for enrichment: one `batch` request of up to 50
+    /// distinct entities (events about the same entity share one getter). A deleted entity gives
+    /// `entity = null` with `entity_error`; so does a getter the portal refuses for good (rights,
+    /// scope), so that no event waits forever; a transient failure leaves the events waiting.
+    /// Returns whether more events are waiting.
+    async fn enrich(&self) -> anyhow::Result<bool> {
+        if self.config.enrich.is_empty() {
+            return Ok(false);
+        }
+        const SCAN: usize = 2000;
+        let pending = self.journal.pending_enrichment(self.portal(), SCAN).await?;
+        if pending.is_empty() {
+            return Ok(false);
+        }
+        let mut keys: Vec<(Getter, u64)> = Vec::new();
+        let mut waiting: Vec<(i64, usize)> = Vec::new();
+        let mut results = Vec::new();
+        let mut taken = 0;
+        for event in &pending {
+            let Some(getter) = self.config.getter_for(&event.event) else {
+                results.push(Enriched {
+                    event_id: event.event_id,
+                    entity: Value::Null,
+                    error: Some(format!("no enrich rule matches {}", event.event)),
+                });
+                taken += 1;
+                continue;
+            };
+            let Some(id) = entities::entity_id(&event.data) else {
+                results.push(Enriched {
+                    event_id: event.event_id,
+                    entity: Value::Null,
+                    error: Some(format!(
+                        "no entity id in the event data (FIELDS.ID) for {}",
+                        getter.method()
+                    )),
+                });
+                taken += 1;
+                continue;
+            };
+            let index = match keys.iter().position(|k| *k == (getter, id)) {
+                Some(index) => index,
+                None if keys.len() < MAX_COMMANDS => {
+                    keys.push((getter, id));
+                    keys.len() - 1
+                }
+                None => break,
+            };
+            waiting.push((event.event_id, index));
+            taken += 1;
+        }
+        let mut transient = 0;
+        if !keys.is_empty() {
+            let outcomes = match self.client.get_entities(&keys).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    self.journal.record_enrichment(results).await?;
+                    return Err(e.into());
+                }
+            };
+            for (event_id, index) in waiting {
+                let (entity, error) = match &outcomes[index] {
+                    EntityOutcome::Found(entity) => (entity.clone(), None),
+                    EntityOutcome::NotFound(why) => (Value::Null, Some(why.clone())),
+                    EntityOutcome::Failed(e)
+                        if matches!(e.class, ErrorClass::Fatal | ErrorClass::Rejected) =>
+                    {
+                        (Value::Null, Some(e.to_string()))
+                    }
+                    EntityOutcome::Failed(e) => {
+                        transient += 1;
+                        tracing::debug!(portal = %self.portal(), error = %e, "entity read failed; retried");
+                        continue;
+                    }
+                };
+                results.push(Enriched {
+                    event_id,
+                    entity,
+                    error,
+                });
+            }
+        }
+        let enriched = results.len();
+        if enriched > 0 {
+            self.journal.record_enrichment(results).await?;
+            self.wakers.wake_sinks();
+        }
+        tracing::debug!(portal = %self.portal(), events = enriched, entities = keys.len(), "entities attached");
+        if transient > 0 {
+            tracing::warn!(portal = %self.portal(), events = transient, "reading entities failed for some events; they wait for the next round");
+            return Ok(false);
+        }
+        Ok(taken < pending.len() || pending.len() == SCAN)
+    }
+
     /// What the portal last reported of the `event.offline.get` operating budget.
     fn get_operating(&self) -> Operating {
         let (used, reset_at) = self.client.operating("event.offline.get");
@@ -853,6 +956,7 @@ impl Poller {
         let events = events
             .into_iter()
             .map(|e| NewEvent {
+                enrich: self.config.getter_for(&e.event_name).is_some(),
                 sinks: routes
                     .iter()
                     .filter(|(_, route)| route.matches(&portal, &e.event_name))

@@ -133,6 +133,7 @@ mod tests {
             lane: Lane::Normal,
             attempt: 1,
             entity: Value::Null,
+            entity_error: None,
         }
     }
 
