@@ -278,6 +278,7 @@ pub enum SinkKind {
     File(FileSinkConfig),
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
+    Amqp(crate::sinks::amqp::AmqpSinkConfig),
 }
 
 impl SinkKind {
@@ -287,6 +288,7 @@ impl SinkKind {
             SinkKind::File(_) => "file",
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
+            SinkKind::Amqp(_) => "amqp",
         }
     }
 }
