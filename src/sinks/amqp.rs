@@ -1338,4 +1338,44 @@ type = "amqp"
         assert!(!health.detail.contains("hunter2"), "{health:?}");
         assert!(sink.healthcheck().await.is_err());
     }
+
+    #[tokio::test]
+    async fn amqps_goes_through_rustls_on_ring() {
+        // A plain TCP listener that answers the TLS client hello with garbage: the handshake
+        // must fail as a retry (no crypto-provider panic, no password in the text).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = socket.write_all(b"AMQP not tls\r\n").await;
+            }
+        });
+        let amqp = AmqpSinkConfig {
+            url: format!("amqps://guest:hunter2@localhost:{}/%2f", addr.port()),
+            ..config()
+        };
+        let sink_config = SinkConfig {
+            name: "bus".into(),
+            route: Default::default(),
+            timeout: Duration::from_secs(5),
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(5),
+            },
+            kind: SinkKind::Amqp(amqp.clone()),
+        };
+        let sink = AmqpSink::new(&sink_config, &amqp).unwrap();
+        let results = sink.deliver(&[Envelope::sample(1)]).await;
+        match &results[0] {
+            SinkResult::Retry { error, .. } => {
+                assert!(error.contains("cannot connect"), "{error}");
+                assert!(!error.contains("hunter2"), "{error}");
+                eprintln!("{error}");
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+    }
 }
