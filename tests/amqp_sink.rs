@@ -571,6 +571,32 @@ async fn amqp_validate_online_passes_on_rabbitmq_and_fails_on_a_closed_port() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("does not exist"), "{stdout}");
 
+    // A wrong password: refused by the broker, said so, the password not echoed.
+    let refused = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "",
+        &amqp_sink(
+            "amqp://guest:wrong-pw-4711@127.0.0.1:5672/%2f",
+            &exchange,
+            "",
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        b24eventd(&["-c", refused.to_str().unwrap(), "validate", "--online"])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("ACCESS_REFUSED"), "{stdout}");
+    assert!(
+        !stdout.contains("wrong-pw-4711") && !stderr.contains("wrong-pw-4711"),
+        "{stdout}{stderr}"
+    );
+
     let closed_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
