@@ -4,9 +4,10 @@
 //! A batch is split over up to `concurrency` confirm channels of one connection, published, and
 //! then its confirms are awaited. An envelope counts as delivered only when the broker acked its
 //! publish and did not return it as unroutable. A nack, a return (with `mandatory`), a closed
-//! connection or channel and the `timeout` are retried; the connection is then dropped and made
-//! again on the next attempt. An envelope larger than `max_message_size`, or whose routing key
-//! does not fit AMQP's 255 bytes, is dead at once. Error texts never contain the URL's password.
+//! connection or channel and the `timeout` are retried; after a closed connection or channel or
+//! a timeout the connection is dropped and the next attempt connects again. An envelope larger
+//! than `max_message_size`, or whose routing key does not fit AMQP's 255 bytes, is dead at once.
+//! Error texts never contain the URL's password.
 
 use super::{Health, Sink, SinkResult};
 use crate::BoxFuture;
@@ -712,8 +713,8 @@ impl AmqpSink {
         join_all(publishes).await.into_iter().flatten().collect()
     }
 
-    /// Delivers a batch within the timeout; the link is dropped after any failure but
-    /// unroutable returns, so the next attempt starts on a fresh connection.
+    /// Delivers a batch within the timeout. The link is dropped when it failed or the timeout
+    /// passed, so the next attempt starts on a fresh connection.
     async fn deliver_batch(&self, batch: &[Envelope]) -> Vec<SinkResult> {
         let mut results: Vec<Option<SinkResult>> = vec![None; batch.len()];
         let mut messages = Vec::with_capacity(batch.len());
@@ -770,15 +771,17 @@ impl AmqpSink {
         link: &mut Option<Link>,
         messages: Vec<(usize, Message)>,
     ) -> Result<Vec<(usize, SinkResult)>, String> {
-        if !link.as_ref().is_some_and(Link::is_usable) {
-            *link = None;
-            *link = Some(self.open_link().await?);
-        }
-        let open = link.as_ref().expect("the link was just opened");
-        let published = self.publish_all(open, messages).await;
-        if !open.is_usable() {
+        // Taken out while in use: a failure or a timeout leaves `None`, so the next attempt
+        // connects afresh.
+        let open = match link.take() {
+            Some(open) if open.is_usable() => open,
+            _ => self.open_link().await?,
+        };
+        let published = self.publish_all(&open, messages).await;
+        if open.is_usable() {
+            *link = Some(open);
+        } else {
             tracing::info!(sink = %self.name, url = %self.shown_url, "amqp connection or channel closed; reconnecting on the next attempt");
-            *link = None;
         }
         Ok(published)
     }
