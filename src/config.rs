@@ -317,6 +317,7 @@ pub enum SinkKind {
     File(FileSinkConfig),
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
+    Amqp(crate::sinks::amqp::AmqpSinkConfig),
 }
 
 impl SinkKind {
@@ -326,6 +327,7 @@ impl SinkKind {
             SinkKind::File(_) => "file",
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
+            SinkKind::Amqp(_) => "amqp",
         }
     }
 }
@@ -2413,7 +2415,8 @@ pub fn resolve_http_secrets_in(
 pub fn resolve_sink_secrets(sink: &SinkConfig) -> Result<(), ConfigError> {
     match &sink.kind {
         SinkKind::Http(http) => resolve_http_secrets(&sink.name, http).map(|_| ()),
-        SinkKind::File(_) | SinkKind::Exec(_) => Ok(()),
+        // The broker and database sinks carry their credentials in their URL.
+        _ => Ok(()),
     }
 }
 

@@ -4,6 +4,7 @@
 //! Retry is decided outside the sink (pipeline/retry.rs): a sink only says, per envelope, whether
 //! it was delivered, failed in a way worth retrying, or failed for good.
 
+pub mod amqp;
 pub mod bitrix_form;
 pub mod exec;
 pub mod file;
@@ -148,7 +149,7 @@ pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
 /// The sink types whose keys their own module defines (everything but `file`, `http` and
 /// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-pub const OPTION_TYPES: &[(&str, OptionParser)] = &[];
+pub const OPTION_TYPES: &[(&str, OptionParser)] = &[("amqp", amqp::parse_config)];
 
 /// The entry of [`OPTION_TYPES`] for `kind`.
 pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
@@ -163,5 +164,6 @@ pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
         SinkKind::File(file) => Arc::new(file::FileSink::new(config, file)?),
         SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
         SinkKind::Exec(exec) => Arc::new(exec::ExecSink::new(config, exec)?),
+        SinkKind::Amqp(amqp) => Arc::new(amqp::AmqpSink::new(config, amqp)?),
     })
 }
