@@ -279,6 +279,7 @@ pub enum SinkKind {
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
     Redis(crate::sinks::redis::RedisSinkConfig),
+    Mqtt(crate::sinks::mqtt::MqttSinkConfig),
 }
 
 impl SinkKind {
@@ -289,6 +290,7 @@ impl SinkKind {
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
             SinkKind::Redis(_) => "redis",
+            SinkKind::Mqtt(_) => "mqtt",
         }
     }
 }
