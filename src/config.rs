@@ -318,6 +318,8 @@ pub enum SinkKind {
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
     Amqp(crate::sinks::amqp::AmqpSinkConfig),
+    Redis(crate::sinks::redis::RedisSinkConfig),
+    Mqtt(crate::sinks::mqtt::MqttSinkConfig),
 }
 
 impl SinkKind {
@@ -328,6 +330,8 @@ impl SinkKind {
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
             SinkKind::Amqp(_) => "amqp",
+            SinkKind::Redis(_) => "redis",
+            SinkKind::Mqtt(_) => "mqtt",
         }
     }
 }

@@ -9,6 +9,9 @@ pub mod bitrix_form;
 pub mod exec;
 pub mod file;
 pub mod http;
+pub mod mqtt;
+pub mod name_template;
+pub mod redis;
 pub mod route;
 pub mod standard_webhooks;
 
@@ -149,7 +152,11 @@ pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
 /// The sink types whose keys their own module defines (everything but `file`, `http` and
 /// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-pub const OPTION_TYPES: &[(&str, OptionParser)] = &[("amqp", amqp::parse_config)];
+pub const OPTION_TYPES: &[(&str, OptionParser)] = &[
+    ("redis", redis::parse_config),
+    ("amqp", amqp::parse_config),
+    ("mqtt", mqtt::parse_config),
+];
 
 /// The entry of [`OPTION_TYPES`] for `kind`.
 pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
@@ -165,5 +172,7 @@ pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
         SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
         SinkKind::Exec(exec) => Arc::new(exec::ExecSink::new(config, exec)?),
         SinkKind::Amqp(amqp) => Arc::new(amqp::AmqpSink::new(config, amqp)?),
+        SinkKind::Redis(redis) => Arc::new(redis::RedisSink::new(config, redis)?),
+        SinkKind::Mqtt(mqtt) => Arc::new(mqtt::MqttSink::new(config, mqtt)?),
     })
 }
