@@ -278,6 +278,7 @@ pub enum SinkKind {
     File(FileSinkConfig),
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
+    Nats(crate::sinks::nats::NatsSinkConfig),
 }
 
 impl SinkKind {
@@ -287,6 +288,7 @@ impl SinkKind {
             SinkKind::File(_) => "file",
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
+            SinkKind::Nats(_) => "nats",
         }
     }
 }

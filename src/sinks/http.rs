@@ -151,7 +151,7 @@ impl HttpSink {
 
 /// reqwest is built without a default rustls provider; the binary installs ring in `main`, this
 /// covers every other way of building a sink (tests, tools).
-fn ensure_crypto_provider() {
+pub(super) fn ensure_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
