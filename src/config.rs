@@ -279,6 +279,7 @@ pub enum SinkKind {
     Http(HttpSinkConfig),
     Exec(ExecSinkConfig),
     Nats(crate::sinks::nats::NatsSinkConfig),
+    Postgres(crate::sinks::postgres::PostgresSinkConfig),
 }
 
 impl SinkKind {
@@ -289,6 +290,7 @@ impl SinkKind {
             SinkKind::Http(_) => "http",
             SinkKind::Exec(_) => "exec",
             SinkKind::Nats(_) => "nats",
+            SinkKind::Postgres(_) => "postgres",
         }
     }
 }

@@ -259,47 +259,6 @@ async fn a_broker_cut_mid_run_loses_nothing_and_stores_nothing_twice() {
     js.delete_stream(&stream).await.unwrap();
 }
 
-/// A proxy to `upstream` that holds everything the server sends for `delay` (the client's
-/// bytes pass at once): a PubAck arrives `delay` after the server stored the message, so a kill
-/// in that time leaves a stored message the daemon never saw acknowledged.
-async fn slow_ack_proxy(upstream: &'static str, delay: Duration) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let upward = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                });
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-                let reader = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(n) = server_read.read(&mut buf).await {
-                        if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                });
-                while let Some((at, bytes)) = rx.recv().await {
-                    tokio::time::sleep_until((at + delay).into()).await;
-                    if client_write.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                upward.abort();
-                reader.abort();
-            });
-        }
-    });
-    addr
-}
-
 fn spawn_daemon(config: &Path, log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -330,7 +289,7 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
         ..SimulatorConfig::default()
     })
     .await;
-    let slow = slow_ack_proxy(NATS, Duration::from_millis(150)).await;
+    let slow = common::slow_proxy::start(NATS, Duration::from_millis(150)).await;
     let sinks = nats_sink(&format!("nats://{slow}"), &stream, &prefix, true);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
     let journal_path = dir.path().join("journal.db");

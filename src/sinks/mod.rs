@@ -8,6 +8,7 @@ pub mod exec;
 pub mod file;
 pub mod http;
 pub mod nats;
+pub mod postgres;
 pub mod route;
 
 use crate::BoxFuture;
@@ -147,7 +148,10 @@ pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
 /// The sink types whose keys their own module defines (everything but `file`, `http` and
 /// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-pub const OPTION_TYPES: &[(&str, OptionParser)] = &[("nats", nats::parse_config)];
+pub const OPTION_TYPES: &[(&str, OptionParser)] = &[
+    ("nats", nats::parse_config),
+    ("postgres", postgres::parse_config),
+];
 
 /// The entry of [`OPTION_TYPES`] for `kind`.
 pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
@@ -163,5 +167,6 @@ pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
         SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
         SinkKind::Exec(exec) => Arc::new(exec::ExecSink::new(config, exec)?),
         SinkKind::Nats(nats) => Arc::new(nats::NatsSink::new(config, nats)?),
+        SinkKind::Postgres(pg) => Arc::new(postgres::PostgresSink::new(config, pg)?),
     })
 }
