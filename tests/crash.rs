@@ -84,8 +84,20 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     }
     emitter.await.unwrap();
 
-    // A last run drains whatever is left, then stops gracefully on SIGTERM.
+    // A last run drains whatever is left, then stops gracefully on SIGTERM. The SIGTERM waits
+    // until this run is up (its signal handlers installed): the queue may already be drained.
+    let running_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("b24eventd running")
+            .count()
+    };
+    let runs_before = running_lines();
     let mut child = spawn_daemon(&config, &log);
+    wait_for("the last run is up", Duration::from_secs(30), || {
+        running_lines() > runs_before
+    })
+    .await;
     wait_for(
         "the queue drained after the crashes",
         Duration::from_secs(120),

@@ -320,7 +320,19 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
         emitted += 200;
     }
 
+    // SIGTERM only once this run is up (its signal handlers installed).
+    let running_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("b24eventd running")
+            .count()
+    };
+    let runs_before = running_lines();
     let mut child = spawn_daemon(&config, &log);
+    wait_for("the last run is up", Duration::from_secs(30), || {
+        running_lines() > runs_before
+    })
+    .await;
     wait_for(
         "the queue drained after the kills",
         Duration::from_secs(120),
