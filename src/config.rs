@@ -320,6 +320,8 @@ pub enum SinkKind {
     Amqp(crate::sinks::amqp::AmqpSinkConfig),
     Redis(crate::sinks::redis::RedisSinkConfig),
     Mqtt(crate::sinks::mqtt::MqttSinkConfig),
+    Nats(crate::sinks::nats::NatsSinkConfig),
+    Postgres(crate::sinks::postgres::PostgresSinkConfig),
 }
 
 impl SinkKind {
@@ -332,6 +334,8 @@ impl SinkKind {
             SinkKind::Amqp(_) => "amqp",
             SinkKind::Redis(_) => "redis",
             SinkKind::Mqtt(_) => "mqtt",
+            SinkKind::Nats(_) => "nats",
+            SinkKind::Postgres(_) => "postgres",
         }
     }
 }

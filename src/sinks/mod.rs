@@ -11,6 +11,8 @@ pub mod file;
 pub mod http;
 pub mod mqtt;
 pub mod name_template;
+pub mod nats;
+pub mod postgres;
 pub mod redis;
 pub mod route;
 pub mod standard_webhooks;
@@ -154,7 +156,9 @@ pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 /// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
 pub const OPTION_TYPES: &[(&str, OptionParser)] = &[
     ("redis", redis::parse_config),
+    ("nats", nats::parse_config),
     ("amqp", amqp::parse_config),
+    ("postgres", postgres::parse_config),
     ("mqtt", mqtt::parse_config),
 ];
 
@@ -174,5 +178,7 @@ pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
         SinkKind::Amqp(amqp) => Arc::new(amqp::AmqpSink::new(config, amqp)?),
         SinkKind::Redis(redis) => Arc::new(redis::RedisSink::new(config, redis)?),
         SinkKind::Mqtt(mqtt) => Arc::new(mqtt::MqttSink::new(config, mqtt)?),
+        SinkKind::Nats(nats) => Arc::new(nats::NatsSink::new(config, nats)?),
+        SinkKind::Postgres(pg) => Arc::new(postgres::PostgresSink::new(config, pg)?),
     })
 }

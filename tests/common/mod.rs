@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod slow_proxy;
 
 use b24eventd::bitrix::Tokens;
 use b24eventd::config;

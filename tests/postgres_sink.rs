@@ -1,0 +1,552 @@
+//! The `postgres` sink against a real PostgreSQL (127.0.0.1:5432, database `test`, trust auth,
+//! switch `B24TEST_POSTGRES`): 1,000 events read back with SELECT, a NUL character that jsonb
+//! refuses going dead while its batch neighbours land, a database cut mid-run, SIGKILLs of the
+//! real binary, the healthcheck and `validate --online`.
+
+mod common;
+
+use b24eventd::journal::Journal;
+use b24eventd::simulator::SimulatorConfig;
+use common::proxy::{TcpProxy, service_requested};
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const POSTGRES: &str = "127.0.0.1:5432";
+
+/// A connection to the shared database as `postgres` (else `root`); fails naming the service.
+async fn database() -> tokio_postgres::Client {
+    let mut last = String::new();
+    for user in ["postgres", "root"] {
+        let url = format!("postgres://{user}@{POSTGRES}/test");
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                return client;
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    panic!("PostgreSQL at {POSTGRES}, database test (B24TEST_POSTGRES is set): {last}")
+}
+
+/// The user the test connects as, for the sink's URL.
+async fn user(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn unique_table() -> String {
+    format!("b24t_{}_{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+fn pg_sink(url: &str, table: &str) -> String {
+    format!(
+        r#"[sinks.db]
+type = "postgres"
+url = "{url}"
+table = "{table}"
+timeout = "3s"
+[sinks.db.retry]
+max_attempts = 100
+initial_backoff = "100ms"
+max_backoff = "1s"
+"#
+    )
+}
+
+/// Every row: id → (payload, the other columns as the payload's fields agree).
+async fn read_table(
+    db: &tokio_postgres::Client,
+    table: &str,
+) -> BTreeMap<String, serde_json::Value> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT id, portal, event, offline_id, message_id, \"timestamp\", payload, received_at FROM {table}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let id: String = row.get(0);
+        let payload: serde_json::Value = row.get(6);
+        assert_eq!(payload["id"], id.as_str(), "payload is the envelope");
+        assert_eq!(payload["portal"], row.get::<_, String>(1).as_str());
+        assert_eq!(payload["event"], row.get::<_, String>(2).as_str());
+        assert_eq!(payload["offline_id"], row.get::<_, i64>(3));
+        assert_eq!(payload["message_id"], row.get::<_, String>(4).as_str());
+        let timestamp: Option<chrono::DateTime<chrono::Utc>> = row.get(5);
+        let parsed = chrono::DateTime::parse_from_rfc3339(payload["timestamp"].as_str().unwrap())
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc));
+        assert_eq!(timestamp, parsed, "timestamp column from the envelope");
+        let _received: chrono::DateTime<chrono::Utc> = row.get(7);
+        out.insert(id, payload);
+    }
+    out
+}
+
+fn assert_all_present(rows: &BTreeMap<String, serde_json::Value>, first: u64, count: u64) {
+    let entities: BTreeSet<(String, String)> = rows
+        .values()
+        .map(|v| {
+            (
+                v["event"].as_str().unwrap().to_string(),
+                v["data"]["FIELDS"]["ID"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected = expected_entities(first, count);
+    let missing: Vec<_> = expected.difference(&entities).collect();
+    assert!(missing.is_empty(), "lost events: {missing:?}");
+    assert_eq!(rows.len(), count as usize, "one row per event");
+}
+
+fn journal_duplicates(journal: &Journal) -> usize {
+    journal
+        .with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT count(*) FROM delivery_attempts WHERE sink = 'db' AND output LIKE 'duplicate%'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?)
+        })
+        .unwrap() as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = pg_sink(&format!("postgres://{user}@{POSTGRES}/test"), &table);
+    let config = write_config(dir.path(), &sim, None, "batch_size = 200", &sinks);
+    let started = Instant::now();
+    let running = Running::start(&config, &tokens).await;
+    emit_deals(&sim, 1, 500);
+    // Valid JSON that jsonb refuses, between ordinary events of the same batch.
+    sim.emit(
+        "ONCRMDEALUPDATE",
+        serde_json::json!({"FIELDS": {"ID": "poison", "TITLE": "a\u{0}b"}}),
+        "",
+        1,
+    );
+    emit_deals(&sim, 501, 500);
+    wait_for(
+        "every event settled, the poison one through the error lane",
+        Duration::from_secs(60),
+        || upstream_empty(&sim) && sim.stats().errored >= 1,
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let journal = running.journal.clone();
+    running.stop().await;
+
+    let rows = read_table(&db, &table).await;
+    assert_all_present(&rows, 1, 1000);
+    let sample = &rows["main:1"];
+    assert_eq!(sample["lane"], "normal");
+    assert_eq!(sample.as_object().unwrap().len(), 11);
+
+    let dead: Vec<(String, String)> = journal
+        .with_conn(|conn| {
+            Ok(conn
+                .prepare(
+                    "SELECT e.data, a.error FROM delivery_attempts a JOIN events e ON e.id = a.event_id
+                     WHERE a.sink = 'db' AND a.outcome = 'dead'",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .unwrap();
+    assert_eq!(
+        dead.len(),
+        2,
+        "dead in the normal lane and in the error lane: {dead:?}"
+    );
+    for (data, error) in &dead {
+        assert!(data.contains("poison"), "{data}");
+        assert!(error.contains("SQLSTATE 22"), "{error}");
+    }
+    assert_eq!(
+        journal_duplicates(&journal),
+        0,
+        "no redelivery without faults"
+    );
+    eprintln!(
+        "postgres: 1000 events inserted and one NUL event dead in {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_cut_mid_run_loses_nothing() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let proxy = TcpProxy::start(POSTGRES).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = pg_sink(&format!("postgres://{user}@{}/test", proxy.addr()), &table);
+    let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
+    let running = Running::start(&config, &tokens).await;
+    let journal = running.journal.clone();
+
+    emit_deals(&sim, 1, 300);
+    wait_for(
+        "some deliveries before the cut",
+        Duration::from_secs(30),
+        || journal.counts_blocking().unwrap().delivered > 0,
+    )
+    .await;
+    proxy.cut();
+    emit_deals(&sim, 301, 400);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let retried = journal.counts_blocking().unwrap().retried_attempts;
+    proxy.restore();
+    emit_deals(&sim, 701, 300);
+    wait_for("the portal queue drained", Duration::from_secs(90), || {
+        upstream_empty(&sim)
+    })
+    .await;
+    running.stop().await;
+
+    let rows = read_table(&db, &table).await;
+    assert_all_present(&rows, 1, 1000);
+    assert!(retried > 0, "the cut made deliveries fail and retry");
+    eprintln!(
+        "postgres cut: {retried} retried attempts during the cut, {} rows already present on redelivery",
+        journal_duplicates(&journal)
+    );
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .env("B24EVENTD_LOG", "warn,b24eventd=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the daemon binary starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkills_of_the_binary_leave_one_row_per_event() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        seed: 13,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    // Replies reach the daemon 150 ms late: a kill then often lands after COMMIT on the server
+    // and before the journal recorded the delivery, so the restart redelivers those rows.
+    let slow = common::slow_proxy::start(POSTGRES, Duration::from_millis(150)).await;
+    let sinks = pg_sink(&format!("postgres://{user}@{slow}/test"), &table);
+    let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
+    let journal_path = dir.path().join("journal.db");
+    {
+        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
+            .await
+            .unwrap();
+        journal.save_tokens("main", &tokens).await.unwrap();
+    }
+    let log = dir.path().join("daemon.log");
+
+    const TOTAL: u64 = 2000;
+    let mut emitted = 0;
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut kills = 0;
+    let started = Instant::now();
+    while kills < 30 {
+        if emitted < TOTAL {
+            emit_deals(&sim, emitted + 1, 200);
+            emitted += 200;
+        }
+        let mut child = spawn_daemon(&config, &log);
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "daemon died on its own; see {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
+            .await
+            .unwrap();
+        if kills >= 8 && emitted >= TOTAL && journal_duplicates(&journal) > 0 {
+            break;
+        }
+    }
+    while emitted < TOTAL {
+        emit_deals(&sim, emitted + 1, 200);
+        emitted += 200;
+    }
+
+    // SIGTERM only once this run is up (its signal handlers installed).
+    let running_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("b24eventd running")
+            .count()
+    };
+    let runs_before = running_lines();
+    let mut child = spawn_daemon(&config, &log);
+    wait_for("the last run is up", Duration::from_secs(30), || {
+        running_lines() > runs_before
+    })
+    .await;
+    wait_for(
+        "the queue drained after the kills",
+        Duration::from_secs(120),
+        || upstream_empty(&sim),
+    )
+    .await;
+    let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
+        .await
+        .unwrap();
+    wait_for(
+        "the journal has nothing unsettled",
+        Duration::from_secs(30),
+        || journal.counts_blocking().unwrap().unsettled_upstream == 0,
+    )
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
+
+    let rows = read_table(&db, &table).await;
+    assert_all_present(&rows, 1, TOTAL);
+    let duplicates = journal_duplicates(&journal);
+    eprintln!(
+        "postgres crash test: {kills} SIGKILLs in {:.1} s, {TOTAL} events in {} rows, \
+         {duplicates} redeliveries absorbed by ON CONFLICT DO NOTHING (journal)",
+        started.elapsed().as_secs_f64(),
+        rows.len()
+    );
+    assert!(
+        duplicates > 0,
+        "no kill landed between COMMIT and the journal: ON CONFLICT was not exercised"
+    );
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_and_validate_online() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    {
+        let journal = Journal::open(
+            &dir.path().join("journal.db"),
+            b24eventd::config::Synchronous::Full,
+        )
+        .await
+        .unwrap();
+        journal.save_tokens("main", &tokens).await.unwrap();
+    }
+    let url = format!("postgres://{user}@{POSTGRES}/test");
+    let health = |sinks: String| {
+        let config = write_config(dir.path(), &sim, None, "", &sinks);
+        let config = b24eventd::config::load(&config).expect("config loads");
+        async move {
+            let sink = b24eventd::sinks::build(&config.sinks["db"]).unwrap();
+            sink.health().await
+        }
+    };
+    use b24eventd::sinks::HealthLevel;
+
+    // Missing table: ok with create_table (the default; nothing is created), fail without.
+    let h = health(pg_sink(&url, &table)).await;
+    assert_eq!(h.level, HealthLevel::Ok, "{h:?}");
+    assert!(h.detail.contains("created by the first delivery"), "{h:?}");
+    let exists: bool = db
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the check created nothing");
+    let h = health(
+        pg_sink(&url, &table).replace("[sinks.db.retry]", "create_table = false\n[sinks.db.retry]"),
+    )
+    .await;
+    assert_eq!(h.level, HealthLevel::Fail, "{h:?}");
+    assert!(h.detail.contains("does not exist"), "{h:?}");
+
+    // A table without a unique id, then one lacking a column.
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id text, portal text, event text, offline_id bigint, message_id text, \"timestamp\" timestamptz, payload jsonb)"
+    ))
+    .await
+    .unwrap();
+    let h = health(pg_sink(&url, &table)).await;
+    assert_eq!(h.level, HealthLevel::Fail, "{h:?}");
+    assert!(h.detail.contains("not unique"), "{h:?}");
+    db.batch_execute(&format!(
+        "ALTER TABLE {table} ADD PRIMARY KEY (id); ALTER TABLE {table} DROP COLUMN payload"
+    ))
+    .await
+    .unwrap();
+    let h = health(pg_sink(&url, &table)).await;
+    assert_eq!(h.level, HealthLevel::Fail, "{h:?}");
+    assert!(h.detail.contains("lacks the columns payload"), "{h:?}");
+    db.batch_execute(&format!("ALTER TABLE {table} ADD COLUMN payload jsonb"))
+        .await
+        .unwrap();
+
+    // The table as expected: ok, through the real binary's `validate --online` too.
+    let sinks = pg_sink(&url, &table);
+    let h = health(sinks.clone()).await;
+    assert_eq!(h.level, HealthLevel::Ok, "{h:?}");
+    assert!(h.detail.contains("INSERT privilege"), "{h:?}");
+    let config = write_config(dir.path(), &sim, None, "", &sinks);
+    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
+        .env_remove("B24EVENTD_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("table {table} has the expected columns")),
+        "{stdout}"
+    );
+
+    // TLS: with sslmode=verify-full the certificate must be valid for the host in the URL. The
+    // local server's certificate (if it has one) names no IP address, so 127.0.0.1 must fail.
+    let ssl: String = db.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl == "on" {
+        let h = health(pg_sink(
+            &format!("postgres://{user}@{POSTGRES}/test?sslmode=verify-full"),
+            &table,
+        ))
+        .await;
+        assert_eq!(h.level, HealthLevel::Fail, "{h:?}");
+        assert!(h.detail.contains("certificate"), "{h:?}");
+        let h = health(pg_sink(
+            &format!("postgres://{user}@localhost:5432/test?sslmode=require"),
+            &table,
+        ))
+        .await;
+        eprintln!(
+            "postgres TLS to localhost (trusted only if its CA is in the system store): {h:?}"
+        );
+    }
+
+    // A closed port: a clear failure that never shows the password.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let closed = pg_sink(
+        &format!("postgres://{user}:hunter2@127.0.0.1:{port}/test"),
+        &table,
+    );
+    let h = health(closed.clone()).await;
+    assert_eq!(h.level, HealthLevel::Fail, "{h:?}");
+    assert!(
+        h.detail.contains("cannot connect to postgres://127.0.0.1"),
+        "{h:?}"
+    );
+    assert!(!format!("{h:?}").contains("hunter2"), "{h:?}");
+    let config = write_config(dir.path(), &sim, None, "", &closed);
+    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
+        .env_remove("B24EVENTD_LOG")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cannot connect"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    // A delivery to a closed port is retried, with no password in the error.
+    let config = write_config(dir.path(), &sim, None, "", &closed);
+    let config = b24eventd::config::load(&config).unwrap();
+    let sink = b24eventd::sinks::build(&config.sinks["db"]).unwrap();
+    let results = sink.deliver(&[sample_envelope()]).await;
+    match &results[0] {
+        b24eventd::sinks::SinkResult::Retry { error, .. } => {
+            assert!(error.contains("cannot connect"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+        other => panic!("expected retry, got {other:?}"),
+    }
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+fn sample_envelope() -> b24eventd::envelope::Envelope {
+    b24eventd::envelope::Envelope {
+        id: "main:1".into(),
+        portal: "main".into(),
+        event: "ONCRMDEALADD".into(),
+        offline_id: 1,
+        message_id: "m".into(),
+        timestamp: "2026-11-22T10:00:00+03:00".into(),
+        data: serde_json::json!({"FIELDS": {"ID": "1"}}),
+        additional: serde_json::Value::Null,
+        lane: b24eventd::envelope::Lane::Normal,
+        attempt: 1,
+        entity: serde_json::Value::Null,
+        entity_error: None,
+    }
+}
