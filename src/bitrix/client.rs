@@ -139,6 +139,18 @@ pub struct GetRequest {
     pub error_lane: bool,
 }
 
+/// The HTTP client every portal client uses: redirects not followed (a 302 is handled by the
+/// client), 30 s to connect, 60 s per request unless the call sets its own (REST calls use the
+/// portal's `request_timeout`; OAuth calls keep the 60 s).
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .connect_timeout(Duration::from_secs(30))
+        .user_agent(USER_AGENT)
+        .build()
+}
+
 /// One `event.offline.*` call, alone or as a sub-command of [`PortalClient::offline_batch`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum OfflineCommand {
@@ -281,6 +293,27 @@ impl PortalClient {
         tokens: Option<Tokens>,
         store: Arc<dyn TokenStore>,
     ) -> Result<PortalClient, BitrixError> {
+        let http = http_client().map_err(|e| {
+            BitrixError::new(
+                &settings.portal,
+                SETUP,
+                codes::INVALID_SETTINGS,
+                format!("the HTTP client could not be built: {e}"),
+                None,
+            )
+        })?;
+        PortalClient::with_http(settings, tokens, store, http)
+    }
+
+    /// [`PortalClient::new`] on an HTTP client shared with other portals (one connection pool
+    /// and TLS configuration for a daemon serving many portals). Each request still has the
+    /// portal's own `request_timeout`.
+    pub fn with_http(
+        settings: ClientSettings,
+        tokens: Option<Tokens>,
+        store: Arc<dyn TokenStore>,
+        http: reqwest::Client,
+    ) -> Result<PortalClient, BitrixError> {
         let portal = settings.portal.clone();
         let invalid =
             |what: String| BitrixError::new(&portal, SETUP, codes::INVALID_SETTINGS, what, None);
@@ -304,13 +337,6 @@ impl PortalClient {
                 settings.burst, settings.per_second
             )));
         }
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(settings.request_timeout)
-            .connect_timeout(settings.request_timeout.min(Duration::from_secs(30)))
-            .user_agent(USER_AGENT)
-            .build()
-            .map_err(|e| invalid(format!("the HTTP client could not be built: {e}")))?;
         let bucket = LeakyBucket::new(settings.burst, settings.per_second, Instant::now());
         Ok(PortalClient {
             inner: Arc::new(Inner {
@@ -1215,6 +1241,7 @@ impl PortalClient {
                 .inner
                 .http
                 .post(&url)
+                .timeout(self.inner.settings.request_timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header(reqwest::header::ACCEPT, "application/json")
                 .body(body.clone())

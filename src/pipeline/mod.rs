@@ -83,7 +83,8 @@ pub async fn portal_client(
     portal: &PortalConfig,
     journal: &Journal,
 ) -> anyhow::Result<PortalClient> {
-    client_with_limit_wait(portal, journal, Duration::from_secs(15 * 60)).await
+    let http = crate::bitrix::client::http_client()?;
+    client_with_limit_wait(portal, journal, Duration::from_secs(15 * 60), http).await
 }
 
 /// Like [`portal_client`], for operator commands (`doctor`, `subscribe`, `auth login`): it waits
@@ -93,13 +94,15 @@ pub async fn operator_client(
     portal: &PortalConfig,
     journal: &Journal,
 ) -> anyhow::Result<PortalClient> {
-    client_with_limit_wait(portal, journal, Duration::from_secs(30)).await
+    let http = crate::bitrix::client::http_client()?;
+    client_with_limit_wait(portal, journal, Duration::from_secs(30), http).await
 }
 
 async fn client_with_limit_wait(
     portal: &PortalConfig,
     journal: &Journal,
     max_limit_wait: Duration,
+    http: reqwest::Client,
 ) -> anyhow::Result<PortalClient> {
     let secret = resolve_secret(portal)?;
     let tokens = journal.load_tokens(&portal.name).await?;
@@ -117,7 +120,7 @@ async fn client_with_limit_wait(
         max_limit_wait,
     };
     let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
-    PortalClient::new(settings, tokens, store).map_err(anyhow::Error::from)
+    PortalClient::with_http(settings, tokens, store, http).map_err(anyhow::Error::from)
 }
 
 /// A running pipeline's handles, for callers that want to look inside (the demo's summary, the
@@ -172,9 +175,15 @@ pub async fn run_with(
     }
     let routes = SharedRoutes::new(&config);
 
+    // One HTTP client (connection pool, TLS configuration) for every portal: a daemon serving
+    // a thousand portals must not hold a thousand of each.
+    let http = crate::bitrix::client::http_client()?;
     let mut clients = Vec::new();
     for portal in config.portals.values() {
-        clients.push(portal_client(portal, &journal).await?);
+        clients.push(
+            client_with_limit_wait(portal, &journal, Duration::from_secs(15 * 60), http.clone())
+                .await?,
+        );
     }
     let metrics = Metrics::new(clients.clone());
     let admin = match config.admin.listen {

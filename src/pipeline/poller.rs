@@ -77,9 +77,13 @@ pub struct Schedules {
 }
 
 impl Schedules {
+    /// One cron job per distinct schedule, setting the triggers of every portal on it: a
+    /// thousand portals on the default schedules make two jobs, not two thousand.
     pub async fn start(config: &Config) -> anyhow::Result<Schedules> {
         let scheduler = JobScheduler::new().await?;
         let mut triggers = HashMap::new();
+        // schedule → (the first key that names it, for errors; the triggers it sets)
+        let mut jobs: BTreeMap<String, (String, Vec<Arc<Trigger>>)> = BTreeMap::new();
         for portal in config.portals.values() {
             let t = Triggers::default();
             for (what, schedule, trigger) in [
@@ -94,16 +98,23 @@ impl Schedules {
                     t.orphan_sweep.clone(),
                 ),
             ] {
-                let job = Job::new_async_tz(schedule.as_str(), chrono::Local, move |_, _| {
-                    trigger.set();
-                    Box::pin(async {})
-                })
-                .map_err(|e| {
-                    anyhow::anyhow!("portals.{}.{what}: invalid schedule: {e}", portal.name)
-                })?;
-                scheduler.add(job).await?;
+                jobs.entry(schedule.clone())
+                    .or_insert_with(|| (format!("portals.{}.{what}", portal.name), Vec::new()))
+                    .1
+                    .push(trigger);
             }
             triggers.insert(portal.name.clone(), t);
+        }
+        for (schedule, (key, set)) in jobs {
+            let set = Arc::new(set);
+            let job = Job::new_async_tz(schedule.as_str(), chrono::Local, move |_, _| {
+                for trigger in set.iter() {
+                    trigger.set();
+                }
+                Box::pin(async {})
+            })
+            .map_err(|e| anyhow::anyhow!("{key}: invalid schedule: {e}"))?;
+            scheduler.add(job).await?;
         }
         let prune = Arc::new(Trigger::default());
         let trigger = prune.clone();
