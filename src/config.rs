@@ -42,6 +42,8 @@ const DEFAULT_BURST: u32 = 50;
 const DEFAULT_PER_SECOND: f64 = 2.0;
 /// Half the portal's bucket: the rest is left to the other integrations of the account.
 const DEFAULT_SHARE: f64 = 0.5;
+/// The cloud's operating budget per method per 10 minutes (notes §8).
+const DEFAULT_OPERATING_BUDGET: Duration = Duration::from_secs(480);
 /// How slowly an idle portal is polled at most (when `poll_interval` is shorter).
 const DEFAULT_IDLE_POLL_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_UNSETTLED: u32 = 5000;
@@ -259,6 +261,9 @@ pub struct RateLimit {
     /// In (0, 1]: the client-side bucket is `burst * share` requests refilled at
     /// `per_second * share`.
     pub share: f64,
+    /// Server time a method may use per 10 minutes (480 s on the cloud): fetches narrow as the
+    /// `event.offline.get` budget fills and pause near its end.
+    pub operating_budget: Duration,
 }
 
 impl RateLimit {
@@ -606,6 +611,8 @@ pub struct RawRateLimit {
     pub burst: Option<u32>,
     pub per_second: Option<f64>,
     pub share: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub operating_budget: Option<Duration>,
 }
 
 /// The keys of `[sinks.NAME]`: the common ones and those of the `file`, `http` and `exec` types by
@@ -938,6 +945,7 @@ const STRING_KEYS: &[&str] = &[
     "retention",
     "poll_interval",
     "idle_poll_max",
+    "operating_budget",
     "request_timeout",
     "timeout",
     "initial_backoff",
@@ -1655,6 +1663,11 @@ impl Validator {
                 burst,
                 per_second,
                 share,
+                operating_budget: self.nonzero(
+                    &k("rate_limit.operating_budget"),
+                    rate.operating_budget,
+                    DEFAULT_OPERATING_BUDGET,
+                )?,
             },
             max_unsettled,
             error_lane_schedule: self.schedule(
@@ -2785,7 +2798,8 @@ events = ["ONCRMDEALADD"]
             RateLimit {
                 burst: 50,
                 per_second: 2.0,
-                share: 0.5
+                share: 0.5,
+                operating_budget: Duration::from_secs(480)
             }
         );
         assert_eq!(p.idle_poll_max, Duration::from_secs(30));
@@ -3069,7 +3083,8 @@ events = ["ONCRMDEALADD"]
             RateLimit {
                 burst: 250,
                 per_second: 5.0,
-                share: 0.5
+                share: 0.5,
+                operating_budget: Duration::from_secs(480)
             }
         );
         assert_eq!(

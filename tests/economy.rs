@@ -6,6 +6,7 @@ mod common;
 
 use b24eventd::simulator::{Faults, OperatingLimit, SimulatorConfig};
 use common::*;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// The cloud portal's limits: a 50-request bucket draining 2 per second, 480 s of operating
@@ -155,4 +156,61 @@ async fn an_idle_portal_is_polled_ever_more_slowly_and_the_first_event_resets_it
         after - before
     );
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_longer_than_the_operating_budget_pauses_instead_of_hitting_429() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    // A small budget so that one drain spends it several times over: 6 s of server time per
+    // 20 s for event.offline.get, which costs 5 ms + 4 ms per event (205 ms per 50 events).
+    let (sim, tokens) = portal(SimulatorConfig {
+        operating_limit: Some(OperatingLimit {
+            budget: Duration::from_secs(6),
+            window: Duration::from_secs(20),
+        }),
+        operating_cost_per_event: Duration::from_millis(4),
+        ..cloud()
+    })
+    .await;
+    emit_deals(&sim, 1, 3000);
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "rate_limit = { burst = 50, per_second = 2.0, operating_budget = \"6s\" }",
+        &file_sink(dir.path()),
+    );
+    let started = Instant::now();
+    let running = Running::start(&config, &tokens).await;
+    wait_for(
+        "all 3000 events settled upstream",
+        Duration::from_secs(120),
+        || upstream_empty(&sim),
+    )
+    .await;
+    let drained_in = started.elapsed();
+    running.stop().await;
+
+    let stats = sim.stats();
+    eprintln!(
+        "3000 events under a 6 s / 20 s operating budget: {:.1} s, {} requests, {} x 429, {} x 503",
+        drained_in.as_secs_f64(),
+        stats.requests,
+        stats.rejected_429,
+        stats.rejected_503
+    );
+    // 60 gets cost 12.3 s of server time: more than one window allows, so the daemon had to wait.
+    assert!(
+        drained_in > Duration::from_secs(10),
+        "drained in {drained_in:?}: faster than the budget allows"
+    );
+    assert!(
+        stats.rejected_429 <= 1,
+        "{} answers were 429: the daemon should pause before the budget runs out",
+        stats.rejected_429
+    );
+    let file = file_ids(&dir.path().join("events.jsonl"));
+    let ids: BTreeSet<_> = file.keys().collect();
+    assert_eq!(ids.len(), 3000);
 }

@@ -114,6 +114,9 @@ pub struct MethodStats {
     /// `time.operating` of the method's last successful answer: seconds of execution the portal
     /// has counted against the method's operating budget in its 10-minute window.
     pub operating_seconds: Option<f64>,
+    /// `time.processing` of that answer: what the call itself cost.
+    #[serde(skip)]
+    pub processing_seconds: Option<f64>,
 }
 
 /// How one request ended, for [`ClientStats`].
@@ -195,6 +198,16 @@ impl OfflineCommand {
             OfflineCommand::Error { message_ids, .. } => message_ids.is_empty(),
         }
     }
+}
+
+/// The answer to [`PortalClient::offline_batch`].
+#[derive(Debug)]
+pub struct OfflineBatchAnswer {
+    /// One per command, in order.
+    pub outcomes: Vec<OfflineOutcome>,
+    /// Per method, the largest `time.processing` among its sub-commands: what one call of it
+    /// may cost against its operating budget.
+    pub costliest: BTreeMap<&'static str, f64>,
 }
 
 /// How one sub-command of [`PortalClient::offline_batch`] came out.
@@ -494,7 +507,7 @@ impl PortalClient {
     pub async fn offline_batch(
         &self,
         commands: &[OfflineCommand],
-    ) -> Result<Vec<OfflineOutcome>, BitrixError> {
+    ) -> Result<OfflineBatchAnswer, BitrixError> {
         let mut sub = Vec::with_capacity(commands.len());
         for (i, command) in commands.iter().enumerate() {
             let (method, params) = self.offline_params(command)?;
@@ -507,15 +520,24 @@ impl PortalClient {
                     None,
                 ));
             }
-            // String keys: PHP would turn sequential numeric keys into a JSON list.
+            // String keys: PHP would turn sequential numeric keys into a JSON list. The number
+            // comes first, zero-padded, so that the keys sort in command order: the body's `cmd`
+            // object is serialized with sorted keys, and the portal runs them in that order.
             sub.push((
-                format!("{}{i}", command.key_prefix()),
+                format!("{i:02}{}", command.key_prefix()),
                 method.to_string(),
                 params,
             ));
         }
         let resp = self.batch(&sub, false).await?;
-        Ok(sub
+        let mut costliest: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for ((key, _, _), command) in sub.iter().zip(commands) {
+            if let Some(p) = resp.times.get(key).and_then(|t| t.processing) {
+                let max = costliest.entry(command.method()).or_insert(p);
+                *max = max.max(p);
+            }
+        }
+        let outcomes = sub
             .iter()
             .zip(commands)
             .map(|((key, method, _), command)| {
@@ -543,7 +565,11 @@ impl PortalClient {
                     }
                 }
             })
-            .collect())
+            .collect();
+        Ok(OfflineBatchAnswer {
+            outcomes,
+            costliest,
+        })
     }
 
     /// Reads up to 50 entities in one `batch` request (one sub-command per entity; callers
@@ -712,6 +738,14 @@ impl PortalClient {
             .and_then(|m| m.operating_seconds);
         let reset_at = lock(&self.inner.operating).by_method.get(method).copied();
         (used, reset_at)
+    }
+
+    /// `time.processing` of `method`'s last answer: the server time one call cost.
+    pub fn last_processing(&self, method: &str) -> Option<f64> {
+        lock(&self.inner.stats)
+            .methods
+            .get(method)
+            .and_then(|m| m.processing_seconds)
     }
 
     /// `event.get`: every handler of the application, online and offline, of every connector.
@@ -1214,10 +1248,9 @@ impl PortalClient {
         if let Some(operating) = time.operating {
             tracing::trace!(portal = self.portal(), method, operating, "operating time");
             self.stat(|s| {
-                s.methods
-                    .entry(method.to_string())
-                    .or_default()
-                    .operating_seconds = Some(operating);
+                let m = s.methods.entry(method.to_string()).or_default();
+                m.operating_seconds = Some(operating);
+                m.processing_seconds = time.processing;
             });
         }
     }

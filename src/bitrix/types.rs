@@ -55,6 +55,8 @@ pub struct TimeInfo {
     pub operating: Option<f64>,
     /// Unix time when the oldest one-minute basket of the operating limit drops out.
     pub operating_reset_at: Option<i64>,
+    /// Seconds the server spent on this call (`processing`): what it adds to `operating`.
+    pub processing: Option<f64>,
 }
 
 /// A successful REST answer: `result` plus the paging and timing members around it.
@@ -123,6 +125,7 @@ pub fn parse_time(time: &Value) -> TimeInfo {
     TimeInfo {
         operating: time.get("operating").and_then(as_f64),
         operating_reset_at: time.get("operating_reset_at").and_then(as_i64),
+        processing: time.get("processing").and_then(as_f64),
     }
 }
 

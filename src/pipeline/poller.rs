@@ -2,7 +2,7 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
-use super::economy::{self, FetchWidth, MAX_COMMANDS, Operating};
+use super::economy::{self, Economy, MAX_COMMANDS, Operating};
 use super::liveness::LoopHandle;
 use super::settle::SettleAction;
 use super::{SharedRoutes, Wakers};
@@ -239,8 +239,8 @@ struct RoundState {
     resumed: bool,
     /// No normal-lane fetch before this.
     next_fetch: Instant,
-    /// Gets per combined request.
-    width: FetchWidth,
+    /// Gets per combined request and what each method costs.
+    economy: Economy,
     /// Empty polls in a row (the idle backoff).
     empty_polls: u32,
 }
@@ -336,7 +336,7 @@ impl Poller {
         let mut state = RoundState {
             resumed: false,
             next_fetch: Instant::now(),
-            width: FetchWidth::default(),
+            economy: Economy::default(),
             empty_polls: 0,
         };
         let mut failures = 0u32;
@@ -457,10 +457,20 @@ impl Poller {
             self.triggers.orphan_sweep.set_quietly();
             return Err(e);
         }
-        if self.triggers.error_lane.take() {
+        let now_unix = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let get_paused = self.reserving()
+            && state
+                .economy
+                .fetch
+                .operating_pause(self.operating("event.offline.get"), now_unix)
+                .is_some();
+        if get_paused && self.triggers.error_lane.take() {
+            // The get budget is spent: the error lane waits for it like the normal lane.
+            self.triggers.error_lane.set_quietly();
+        } else if self.triggers.error_lane.take() {
             if self.reserving() {
                 // Room first: what is finished is settled before the error lane reserves more.
-                self.exchange(false, &mut state.width).await?;
+                self.exchange(false, &mut state.economy).await?;
             }
             loop {
                 if self.shutdown.is_cancelled() {
@@ -486,7 +496,7 @@ impl Poller {
         // Lowest priority, after settles and fetches: the entities of events already journaled.
         let more_to_enrich = self.enrich().await?;
         let fetched = if self.reserving() {
-            self.exchange(fetch_due, &mut state.width).await?
+            self.exchange(fetch_due, &mut state.economy).await?
         } else if fetch_due {
             match self.fetch_limit().await? {
                 Some(limit) => Some(self.fetch(Lane::Normal, limit).await?),
@@ -520,7 +530,8 @@ impl Poller {
                 )
             }
             Some(Fetched::Paused(wait)) => {
-                tracing::info!(portal = %self.portal(), wait = ?wait, "event.offline.get operating budget nearly spent: fetching again when it recovers");
+                let (used, reset_at) = self.client.operating("event.offline.get");
+                tracing::info!(portal = %self.portal(), wait = ?wait, used = ?used, reset_at = ?reset_at, "event.offline.get operating budget nearly spent: fetching again when it recovers");
                 wait
             }
         };
@@ -535,16 +546,33 @@ impl Poller {
     async fn exchange(
         &self,
         fetch: bool,
-        width: &mut FetchWidth,
+        economy: &mut Economy,
     ) -> anyhow::Result<Option<Fetched>> {
         loop {
+            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
             let mut groups = self.journal.pending_settlements(self.portal()).await?;
+            // Each settle method spends its own operating budget: no more calls than it pays for.
+            let mut clears = economy
+                .clear
+                .affordable(self.operating("event.offline.clear"), now);
+            let mut errors = economy
+                .error
+                .affordable(self.operating("event.offline.error"), now);
+            groups.retain(|g| {
+                let left = match g.action {
+                    SettleAction::Clear => &mut clears,
+                    SettleAction::Error => &mut errors,
+                };
+                let take = *left > 0;
+                *left = left.saturating_sub(1);
+                take
+            });
             groups.truncate(MAX_COMMANDS);
-            let operating = self.get_operating();
+            let operating = self.operating("event.offline.get");
+            let width = &mut economy.fetch;
             let mut limits = Vec::new();
             if fetch && groups.len() < MAX_COMMANDS {
-                let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-                if let Some(wait) = FetchWidth::operating_pause(operating, now) {
+                if let Some(wait) = width.operating_pause(operating, now) {
                     if groups.is_empty() {
                         return Ok(Some(Fetched::Paused(wait)));
                     }
@@ -554,17 +582,20 @@ impl Poller {
                         self.config.batch_size,
                         MAX_COMMANDS - groups.len(),
                         operating,
+                        now,
                     );
                 }
             }
             match (groups.len(), limits.len()) {
                 (0, 0) => return Ok(None),
-                (1, 0) => {
-                    self.settler.settle().await?;
-                    return Ok(None);
-                }
                 (0, 1) => {
                     let fetched = self.fetch(Lane::Normal, limits[0]).await?;
+                    width.observe_cost(
+                        operating.used,
+                        self.operating("event.offline.get").used,
+                        1,
+                        self.client.last_processing("event.offline.get"),
+                    );
                     width.observe(
                         1,
                         usize::from(matches!(fetched, Fetched::Full)),
@@ -574,8 +605,9 @@ impl Poller {
                 }
                 _ => {}
             }
+            tracing::debug!(portal = %self.portal(), settles = groups.len(), gets = limits.len(), get_operating = ?operating.used, get_cost = ?economy.fetch.get_cost(), "combined request");
             let more_settles = groups.len() == MAX_COMMANDS;
-            let fetched = self.combined(groups, &limits, width).await?;
+            let fetched = self.combined(groups, &limits, economy).await?;
             if more_settles && !self.shutdown.is_cancelled() {
                 continue;
             }
@@ -591,7 +623,7 @@ impl Poller {
         &self,
         groups: Vec<PendingSettlement>,
         limits: &[u32],
-        width: &mut FetchWidth,
+        economy: &mut Economy,
     ) -> anyhow::Result<Option<Fetched>> {
         let mut commands: Vec<OfflineCommand> = groups.iter().map(settle_command).collect();
         commands.extend(limits.iter().map(|&limit| {
@@ -602,9 +634,18 @@ impl Poller {
                 error_lane: false,
             })
         }));
+        let used_before = |client: &PortalClient| {
+            [
+                "event.offline.get",
+                "event.offline.clear",
+                "event.offline.error",
+            ]
+            .map(|m| client.operating(m).0)
+        };
+        let before = used_before(&self.client);
         let started = Instant::now();
-        let outcomes = match self.client.offline_batch(&commands).await {
-            Ok(outcomes) => outcomes,
+        let answer = match self.client.offline_batch(&commands).await {
+            Ok(answer) => answer,
             Err(e) => {
                 if e.maybe_executed && !limits.is_empty() {
                     self.triggers.orphan_sweep.set_quietly();
@@ -613,6 +654,40 @@ impl Poller {
             }
         };
         let elapsed = started.elapsed();
+        let outcomes = answer.outcomes;
+        let after = used_before(&self.client);
+        let gets_run = outcomes
+            .iter()
+            .skip(groups.len())
+            .filter(|o| matches!(o, OfflineOutcome::Got(_)))
+            .count();
+        let settled_by = |action: SettleAction| {
+            groups
+                .iter()
+                .zip(&outcomes)
+                .filter(|(g, o)| g.action == action && matches!(o, OfflineOutcome::Settled))
+                .count()
+        };
+        let processing = |m: &str| answer.costliest.get(m).copied();
+        economy.fetch.observe_cost(
+            before[0],
+            after[0],
+            gets_run,
+            processing("event.offline.get"),
+        );
+        economy.clear.observe(
+            before[1],
+            after[1],
+            settled_by(SettleAction::Clear),
+            processing("event.offline.clear"),
+        );
+        economy.error.observe(
+            before[2],
+            after[2],
+            settled_by(SettleAction::Error),
+            processing("event.offline.error"),
+        );
+        let width = &mut economy.fetch;
         let mut outcomes = outcomes.into_iter();
         let settle_outcomes: Vec<OfflineOutcome> = outcomes.by_ref().take(groups.len()).collect();
 
@@ -697,7 +772,15 @@ impl Poller {
             if let Some(b) = e.downcast_ref::<BitrixError>()
                 && b.is_code("OPERATION_TIME_LIMIT")
             {
-                let wait = b.retry_after.unwrap_or(Duration::from_secs(60));
+                // A sub-command's 429 carries no time block: wait for the window the last
+                // answer described, else a minute.
+                let now = chrono::Utc::now().timestamp();
+                let wait = b.retry_after.unwrap_or_else(|| {
+                    match self.client.operating("event.offline.get").1 {
+                        Some(at) if at > now => Duration::from_secs((at - now) as u64 + 1),
+                        _ => Duration::from_secs(60),
+                    }
+                });
                 return Ok(Some(Fetched::Paused(wait)));
             }
             return Err(e);
@@ -804,10 +887,14 @@ impl Poller {
         Ok(taken < pending.len() || pending.len() == SCAN)
     }
 
-    /// What the portal last reported of the `event.offline.get` operating budget.
-    fn get_operating(&self) -> Operating {
-        let (used, reset_at) = self.client.operating("event.offline.get");
-        Operating { used, reset_at }
+    /// What the portal last reported of `method`'s operating budget.
+    fn operating(&self, method: &str) -> Operating {
+        let (used, reset_at) = self.client.operating(method);
+        Operating {
+            used,
+            reset_at,
+            budget: self.config.rate_limit.operating_budget.as_secs_f64(),
+        }
     }
 
     /// How many events the next fetch may reserve without passing `max_unsettled`, at most
