@@ -158,3 +158,71 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policies() -> impl Strategy<Value = RetryPolicy> {
+        (1u32..20, 1u64..5_000, 1u64..600_000).prop_map(|(max_attempts, initial, max)| {
+            RetryPolicy {
+                max_attempts,
+                initial_backoff: Duration::from_millis(initial.min(max)),
+                max_backoff: Duration::from_millis(max.max(initial)),
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn retries_stay_within_the_policy_and_end_dead(
+            policy in policies(),
+            attempts in 1u32..40,
+            hint_ms in proptest::option::of(0u64..10_000_000),
+            rand in 0.0f64..1.0,
+        ) {
+            let hint = hint_ms.map(Duration::from_millis);
+            let step = next_step(
+                &policy,
+                attempts,
+                SinkResult::Retry { error: "busy".into(), after: hint },
+                rand,
+            );
+            match step {
+                Step::RetryAfter { after, .. } => {
+                    prop_assert!(attempts < policy.max_attempts);
+                    prop_assert!(after <= policy.max_backoff);
+                    prop_assert!(after >= policy.initial_backoff.mul_f64(0.8).min(policy.max_backoff));
+                    if let Some(h) = hint {
+                        prop_assert!(after >= h.min(policy.max_backoff));
+                    }
+                }
+                Step::Dead { .. } => prop_assert!(attempts >= policy.max_attempts),
+                Step::Delivered => prop_assert!(false, "a retry never counts as delivered"),
+            }
+        }
+
+        #[test]
+        fn the_pause_never_shrinks_as_attempts_grow(
+            policy in policies(),
+            attempts in 1u32..39,
+            rand in 0.0f64..1.0,
+        ) {
+            let now = backoff(&policy, attempts, None, rand);
+            let next = backoff(&policy, attempts + 1, None, rand);
+            prop_assert!(next >= now, "{now:?} then {next:?}");
+        }
+
+        #[test]
+        fn delivered_and_dead_answers_are_final_whatever_the_count(
+            policy in policies(),
+            attempts in 1u32..40,
+            rand in 0.0f64..1.0,
+        ) {
+            prop_assert_eq!(next_step(&policy, attempts, SinkResult::Delivered, rand), Step::Delivered);
+            let dead = next_step(&policy, attempts, SinkResult::Dead { error: "422".into() }, rand);
+            prop_assert_eq!(dead, Step::Dead { error: "422".into() });
+        }
+    }
+}

@@ -135,3 +135,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn states() -> impl Strategy<Value = Vec<DeliveryState>> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just(DeliveryState::Pending),
+                Just(DeliveryState::Delivered),
+                Just(DeliveryState::Dead)
+            ],
+            0..6,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn decided_iff_nothing_pending_and_errored_iff_dead_in_the_normal_lane(
+            deliveries in states(),
+            error_lane in any::<bool>(),
+        ) {
+            let lane = if error_lane { Lane::Error } else { Lane::Normal };
+            let decision = decide(lane, &deliveries);
+            let pending = deliveries.contains(&DeliveryState::Pending);
+            prop_assert_eq!(decision.is_none(), pending);
+            if let Some(d) = decision {
+                let dead = deliveries.contains(&DeliveryState::Dead);
+                prop_assert_eq!(d.dead, dead);
+                prop_assert_eq!(d.action == SettleAction::Error, dead && lane == Lane::Normal);
+                prop_assert_eq!(
+                    d.action == SettleAction::Clear,
+                    deliveries.iter().all(|s| *s == DeliveryState::Delivered) || lane == Lane::Error
+                );
+            }
+        }
+
+        #[test]
+        fn the_order_of_the_sinks_does_not_matter(
+            mut deliveries in states(),
+            error_lane in any::<bool>(),
+        ) {
+            let lane = if error_lane { Lane::Error } else { Lane::Normal };
+            let before = decide(lane, &deliveries);
+            deliveries.reverse();
+            prop_assert_eq!(decide(lane, &deliveries), before);
+        }
+    }
+}
