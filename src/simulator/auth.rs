@@ -36,6 +36,8 @@ pub struct TokenStore {
     access: HashMap<String, f64>,
     refresh: HashSet<String>,
     codes: HashSet<String>,
+    /// Every token ever issued, access and refresh (tests look for them where they must not be).
+    issued: Vec<String>,
 }
 
 impl TokenStore {
@@ -45,6 +47,7 @@ impl TokenStore {
             access: HashMap::new(),
             refresh: HashSet::new(),
             codes: HashSet::new(),
+            issued: Vec::new(),
         }
     }
 
@@ -55,6 +58,8 @@ impl TokenStore {
         let expires_at = now + self.ttl;
         self.access.insert(access_token.clone(), expires_at);
         self.refresh.insert(refresh_token.clone());
+        self.issued.push(access_token.clone());
+        self.issued.push(refresh_token.clone());
         Issued {
             access_token,
             refresh_token,
@@ -96,6 +101,11 @@ impl TokenStore {
             return None;
         }
         Some(self.issue(rng, now))
+    }
+
+    /// Every access and refresh token issued so far.
+    pub fn issued(&self) -> &[String] {
+        &self.issued
     }
 
     /// Every access token issued so far is expired from now on.

@@ -333,6 +333,11 @@ impl Simulator {
         self.inner.lock().stats()
     }
 
+    /// Every access and refresh token the portal has issued (installation, refreshes, codes).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.lock().tokens.issued().to_vec()
+    }
+
     /// A snapshot of the queue table, by ID.
     pub fn rows(&self) -> Vec<SimRow> {
         self.inner.lock().sim_rows()
