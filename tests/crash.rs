@@ -1,6 +1,7 @@
 //! Crash safety of the real binary: SIGKILL at random moments while events flow and the portal
-//! loses 5% of `get` responses after committing them; afterwards every event was delivered and
-//! nothing is left reserved upstream.
+//! misbehaves (lost `get` responses after commit, 500s, truncated JSON) and an HTTP sink flaps;
+//! afterwards every event was delivered to every sink, nothing is left reserved upstream, and the
+//! duplicates are counted.
 
 mod common;
 
@@ -28,23 +29,55 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .expect("the daemon binary starts")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
+/// One crash scenario: events raised in waves while the daemon is SIGKILLed again and again.
+struct Scenario {
+    seed: u64,
+    faults: Faults,
+    /// Events raised in all, in waves of `wave` every `wave_every`.
+    total: u64,
+    wave: u64,
+    wave_every: Duration,
+    kills: u32,
+    /// Random run time before each kill, in milliseconds.
+    run_ms: std::ops::Range<u64>,
+    batch_size: u32,
+    /// Answers of the HTTP sink's endpoint; `None`: always 200.
+    flapping_sink: Option<Duration>,
+}
+
+async fn crash_scenario(s: Scenario) {
     init();
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig {
-        seed: 7,
+        seed: s.seed,
         ..SimulatorConfig::default()
     })
     .await;
-    sim.set_faults(Faults {
-        drop_get_after_commit: 0.05,
-        ..Faults::default()
-    });
-    // A second, slower sink keeps deliveries in flight when the kills land.
-    let endpoint = Endpoint::start_with_delay(Arc::new(|_| 200), Duration::from_millis(15)).await;
+    sim.set_faults(s.faults.clone());
+    // A second, slower sink keeps deliveries in flight when the kills land. A flapping one
+    // answers 503 for `period`, then 200 for `period`, and so on.
+    let responder: Arc<Responder> = match s.flapping_sink {
+        None => Arc::new(|_| 200),
+        Some(period) => {
+            let epoch = Instant::now();
+            Arc::new(move |_| {
+                if (epoch.elapsed().as_millis() / period.as_millis()) % 2 == 1 {
+                    503
+                } else {
+                    200
+                }
+            })
+        }
+    };
+    let endpoint = Endpoint::start_with_delay(responder, Duration::from_millis(15)).await;
     let sinks = format!("{}\n{}", file_sink(dir.path()), http_sink(&endpoint.url));
-    let config = write_config(dir.path(), &sim, None, "batch_size = 20", &sinks);
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        &format!("batch_size = {}", s.batch_size),
+        &sinks,
+    );
     {
         let journal = Journal::open(
             &dir.path().join("journal.db"),
@@ -56,13 +89,16 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     }
     let log = dir.path().join("daemon.log");
 
-    const TOTAL: u64 = 1500;
     let emitter = {
         let sim = sim.clone();
+        let (total, wave, every) = (s.total, s.wave, s.wave_every);
         tokio::spawn(async move {
-            for wave in 0..15 {
-                emit_deals(&sim, 1 + wave * 100, 100);
-                tokio::time::sleep(Duration::from_millis(700)).await;
+            let mut first = 1;
+            while first <= total {
+                let count = wave.min(total - first + 1);
+                emit_deals(&sim, first, count);
+                first += count;
+                tokio::time::sleep(every).await;
             }
         })
     };
@@ -70,9 +106,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills = 0;
     let started = Instant::now();
-    while kills < 12 {
+    while kills < s.kills {
         let mut child = spawn_daemon(&config, &log);
-        tokio::time::sleep(Duration::from_millis(rng.u64(250..1500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(s.run_ms.clone()))).await;
         assert!(
             child.try_wait().unwrap().is_none(),
             "daemon died on its own; see {}",
@@ -83,6 +119,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
         kills += 1;
     }
     emitter.await.unwrap();
+    // The last run works without portal faults (a flapping sink goes on flapping).
+    sim.set_faults(Faults::default());
 
     // A last run drains whatever is left, then stops gracefully on SIGTERM. The SIGTERM must
     // not come before the daemon is up (the queue may be drained already): wait for its start.
@@ -100,7 +138,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     .await;
     wait_for(
         "the queue drained after the crashes",
-        Duration::from_secs(120),
+        Duration::from_secs(240),
         || upstream_empty(&sim),
     )
     .await;
@@ -112,7 +150,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     .unwrap();
     wait_for(
         "the journal has nothing unsettled",
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         || journal.counts_blocking().unwrap().unsettled_upstream == 0,
     )
     .await;
@@ -130,7 +168,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     );
 
     let delivered = file_entities(&dir.path().join("events.jsonl"));
-    let expected = expected_entities(1, TOTAL);
+    let expected = expected_entities(1, s.total);
     let missing: Vec<_> = expected.difference(&delivered).collect();
     assert!(missing.is_empty(), "lost events (file sink): {missing:?}");
     let reached = endpoint.accepted_entities();
@@ -145,11 +183,13 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
     let lines: usize = file_ids(&dir.path().join("events.jsonl")).values().sum();
     let stats = sim.stats();
     eprintln!(
-        "crash test: {kills} SIGKILLs in {:.1} s, {} lost get responses, {} reservations adopted, \
-         {} events journaled, {} JSONL lines for {} distinct events ({} duplicates), \
-         {} HTTP deliveries ({} duplicates)",
+        "crash test: {kills} SIGKILLs in {:.1} s, {} lost get responses, {} 500s, {} truncated \
+         answers, {} reservations adopted, {} events journaled, {} JSONL lines for {} distinct \
+         events ({} duplicates), {} HTTP deliveries ({} duplicates)",
         started.elapsed().as_secs_f64(),
         stats.dropped_after_commit,
+        stats.faults_500,
+        stats.truncated,
         counts.adopted_batches,
         counts.events,
         lines,
@@ -158,6 +198,60 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
         endpoint.accepted_count(),
         endpoint.accepted_count() - reached.len()
     );
-    assert!(kills >= 10);
-    assert!(stats.dropped_after_commit > 0, "the fault was exercised");
+    assert_eq!(kills, s.kills);
+    if s.faults.drop_get_after_commit > 0.0 {
+        assert!(
+            stats.dropped_after_commit > 0,
+            "the lost-answer fault was exercised"
+        );
+    }
+    if s.faults.fail_500 > 0.0 {
+        assert!(stats.faults_500 > 0, "the 500 fault was exercised");
+    }
+    if s.faults.truncate > 0.0 {
+        assert!(stats.truncated > 0, "the truncation fault was exercised");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
+    crash_scenario(Scenario {
+        seed: 7,
+        faults: Faults {
+            drop_get_after_commit: 0.05,
+            ..Faults::default()
+        },
+        total: 1500,
+        wave: 100,
+        wave_every: Duration::from_millis(700),
+        kills: 12,
+        run_ms: 250..1500,
+        batch_size: 20,
+        flapping_sink: None,
+    })
+    .await;
+}
+
+/// The hardening suite's loop: 50 kills during a 10,000-event drain while 5% of get answers are
+/// lost after commit, 5% of requests fail with 500, 5% of answers are cut in half, and the HTTP
+/// sink is down every other two seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sigkills_with_a_misbehaving_portal_and_a_flapping_sink_lose_nothing() {
+    crash_scenario(Scenario {
+        seed: 11,
+        faults: Faults {
+            drop_get_after_commit: 0.05,
+            fail_500: 0.05,
+            truncate: 0.05,
+            ..Faults::default()
+        },
+        total: 10_000,
+        wave: 500,
+        wave_every: Duration::from_millis(1000),
+        kills: 50,
+        run_ms: 200..900,
+        batch_size: 50,
+        flapping_sink: Some(Duration::from_secs(2)),
+    })
+    .await;
 }

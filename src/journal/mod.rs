@@ -38,6 +38,9 @@ fn now() -> String {
 #[derive(Clone)]
 pub struct Journal {
     conn: Arc<Mutex<Connection>>,
+    /// Async callers queue here, not on the blocking pool: the connection serves one call at a
+    /// time, and a thousand pollers waiting on its mutex would each hold a blocking thread.
+    turn: Arc<tokio::sync::Semaphore>,
     path: PathBuf,
 }
 
@@ -229,6 +232,7 @@ impl Journal {
         }
         Ok(Journal {
             conn: Arc::new(Mutex::new(conn)),
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
             path: path.to_path_buf(),
         })
     }
@@ -249,8 +253,15 @@ impl Journal {
         F: FnOnce(&mut Connection) -> anyhow::Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        let turn = self
+            .turn
+            .clone()
+            .acquire_owned()
+            .await
+            .context("journal closed")?;
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut guard)
         })
