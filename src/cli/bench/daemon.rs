@@ -95,7 +95,11 @@ pub fn http_sink(url: &str) -> String {
 
 /// Writes `config.toml` in `dir`: the journal in `dir` at `synchronous = "full"`, no admin
 /// endpoint, the given portals (defaults for every key not in their `extra`) and sinks.
-pub fn write_config(dir: &Path, portals: &[PortalSection<'_>], sinks: &str) -> anyhow::Result<PathBuf> {
+pub fn write_config(
+    dir: &Path,
+    portals: &[PortalSection<'_>],
+    sinks: &str,
+) -> anyhow::Result<PathBuf> {
     let defaults = SimulatorConfig::default();
     let mut text = format!(
         "shutdown_timeout = \"10s\"\n[journal]\npath = \"{}\"\nsynchronous = \"full\"\n\n[admin]\nlisten = \"\"\n\n",
@@ -186,7 +190,10 @@ impl Daemon {
     /// Fails with the end of the daemon's log when it has exited.
     pub fn ensure_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("the daemon exited with {status}; its log: {}", self.log_tail());
+            bail!(
+                "the daemon exited with {status}; its log: {}",
+                self.log_tail()
+            );
         }
         Ok(())
     }
@@ -210,12 +217,18 @@ impl Daemon {
         loop {
             if let Some(status) = self.child.try_wait()? {
                 if !status.success() {
-                    bail!("the daemon exited with {status} after SIGTERM; its log: {}", self.log_tail());
+                    bail!(
+                        "the daemon exited with {status} after SIGTERM; its log: {}",
+                        self.log_tail()
+                    );
                 }
                 return Ok(asked.elapsed());
             }
             if asked.elapsed() > Duration::from_secs(30) {
-                bail!("the daemon did not stop within 30 s of SIGTERM; its log: {}", self.log_tail());
+                bail!(
+                    "the daemon did not stop within 30 s of SIGTERM; its log: {}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -255,7 +268,10 @@ pub async fn wait_until(
     while !done() {
         daemon.ensure_alive()?;
         if started.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}; daemon log: {}", daemon.log_tail());
+            bail!(
+                "timed out after {timeout:?} waiting for {what}; daemon log: {}",
+                daemon.log_tail()
+            );
         }
         tokio::time::sleep(every).await;
     }

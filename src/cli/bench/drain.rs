@@ -58,7 +58,12 @@ one file sink, journal synchronous=full"
         }
         report.row(subject, "requests", d.stats.requests as f64, "");
         report.row(subject, "wall time", d.seconds, "s");
-        report.row(subject, "events per request", events as f64 / d.stats.requests.max(1) as f64, "");
+        report.row(
+            subject,
+            "events per request",
+            events as f64 / d.stats.requests.max(1) as f64,
+            "",
+        );
         report.row(subject, "answers 503", d.stats.rejected_503 as f64, "");
         report.row(subject, "answers 429", d.stats.rejected_429 as f64, "");
         report.row(subject, "lines written", d.lines as f64, "");
@@ -143,7 +148,11 @@ pub fn baseline_client(sim: &Simulator, tokens: Tokens) -> anyhow::Result<Portal
         request_timeout: Duration::from_secs(60),
         max_limit_wait: Duration::from_secs(15 * 60),
     };
-    Ok(PortalClient::new(settings, Some(tokens), Arc::new(MemoryStore))?)
+    Ok(PortalClient::new(
+        settings,
+        Some(tokens),
+        Arc::new(MemoryStore),
+    )?)
 }
 
 async fn drain_with_safe_loop(events: u64, dir: &WorkDir) -> anyhow::Result<Drained> {

@@ -47,10 +47,16 @@ impl Receiver {
                     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
                         return StatusCode::BAD_REQUEST;
                     };
-                    let Some(id) = v["data"]["FIELDS"]["ID"].as_str().and_then(|s| s.parse().ok()) else {
+                    let Some(id) = v["data"]["FIELDS"]["ID"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                    else {
                         return StatusCode::UNPROCESSABLE_ENTITY;
                     };
-                    log.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_insert(at);
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(id)
+                        .or_insert(at);
                     StatusCode::OK
                 }
             }),
@@ -64,28 +70,44 @@ impl Receiver {
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await;
         });
-        Ok(Receiver { url, received, stop })
+        Ok(Receiver {
+            url,
+            received,
+            stop,
+        })
     }
 
     fn count(&self) -> usize {
-        self.received.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 }
 
 /// Milliseconds from emit to receipt of every entity in `ids`.
-fn latencies(emitted: &Times, received: &Times, ids: impl Iterator<Item = u64>) -> anyhow::Result<Vec<f64>> {
+fn latencies(
+    emitted: &Times,
+    received: &Times,
+    ids: impl Iterator<Item = u64>,
+) -> anyhow::Result<Vec<f64>> {
     let emitted = emitted.lock().unwrap_or_else(|p| p.into_inner());
     let received = received.lock().unwrap_or_else(|p| p.into_inner());
     ids.map(|id| {
         let sent = emitted.get(&id).context("an event without an emit time")?;
-        let got = received.get(&id).with_context(|| format!("deal {id} never arrived"))?;
+        let got = received
+            .get(&id)
+            .with_context(|| format!("deal {id} never arrived"))?;
         Ok(got.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
     })
     .collect()
 }
 
 fn emit(sim: &Simulator, emitted: &Times, id: u64) {
-    emitted.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+    emitted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Instant::now());
     daemon::emit_deals(sim, id, 1);
 }
 
@@ -152,13 +174,15 @@ async fn idle(name: &'static str, extra: &str) -> anyhow::Result<(Summary, f64)>
         emit(&s.sim, &emitted, id);
         tokio::time::sleep(IDLE_GAP).await;
     }
-    s.wait_received(IDLE_EVENTS as usize, Duration::from_secs(60)).await?;
+    s.wait_received(IDLE_EVENTS as usize, Duration::from_secs(60))
+        .await?;
     let summary = Summary::of(&latencies(&emitted, &s.receiver.received, 1..=IDLE_EVENTS)?)
         .context("no idle samples")?;
     tokio::time::sleep(QUIET).await;
     let last = IDLE_EVENTS + 1;
     emit(&s.sim, &emitted, last);
-    s.wait_received(last as usize, Duration::from_secs(120)).await?;
+    s.wait_received(last as usize, Duration::from_secs(120))
+        .await?;
     let after_quiet = latencies(&emitted, &s.receiver.received, std::iter::once(last))?[0];
     s.finish().await?;
     Ok((summary, after_quiet))
@@ -175,7 +199,8 @@ async fn load(extra: &str) -> anyhow::Result<Summary> {
         tick.tick().await;
         emit(&s.sim, &emitted, id);
     }
-    s.wait_received(total as usize, Duration::from_secs(300)).await?;
+    s.wait_received(total as usize, Duration::from_secs(300))
+        .await?;
     let summary = Summary::of(&latencies(&emitted, &s.receiver.received, 1..=total)?)
         .context("no load samples")?;
     s.finish().await?;
@@ -242,16 +267,37 @@ simulator, through the same PortalClient the daemon uses"
         report.row(subject, "p99", s.p99, "ms");
         report.row(subject, "max", s.max, "ms");
     }
-    report.row("idle, idle_poll_max 30s", "after 10 s quiet", quiet_default, "ms");
-    report.row("idle, idle_poll_max 200ms", "after 10 s quiet", quiet_fast, "ms");
+    report.row(
+        "idle, idle_poll_max 30s",
+        "after 10 s quiet",
+        quiet_default,
+        "ms",
+    );
+    report.row(
+        "idle, idle_poll_max 200ms",
+        "after 10 s quiet",
+        quiet_fast,
+        "ms",
+    );
     for (subject, s) in &cases[1..] {
-        report.ratio(&format!("p50 {subject} / round trip p50"), s.p50 / rt.p50, "lower is better");
+        report.ratio(
+            &format!("p50 {subject} / round trip p50"),
+            s.p50 / rt.p50,
+            "lower is better",
+        );
     }
     report.notes.push(
         "an idle portal doubles its wait after each empty poll (200ms, 200ms, 400ms, 800ms, ... up to \
 idle_poll_max) and the first event resets it: with the 30 s default an event arriving after a quiet \
 spell waits up to idle_poll_max before it is fetched; idle_poll_max = poll_interval keeps every \
 event within one poll_interval at the cost of a request every poll_interval"
+            .to_string(),
+    );
+    report.notes.push(
+        "the daemon's client-side bucket also bounds how often it polls: with the default \
+rate_limit (50 burst, 2/s, share 0.5) it sends at most 1 request per second once its 25-request \
+burst is spent, so a 200ms poll_interval polls about once a second and an idle event waits up to \
+~1 s"
             .to_string(),
     );
     Ok(report)

@@ -36,7 +36,12 @@ events each, one [portals.pNNNN] each; read {SETTLE:?} after every queue is empt
     report.row(&subject, "VmHWM", drained.settled.hwm_mib(), "MiB");
     report.row(&subject, "VmRSS settled", drained.settled.rss_mib(), "MiB");
     report.row(&subject, "drain time", drained.seconds, "s");
-    report.row(&subject, "events per second", backlog as f64 / drained.seconds, "");
+    report.row(
+        &subject,
+        "events per second",
+        backlog as f64 / drained.seconds,
+        "",
+    );
     report.ratio(
         &format!("VmHWM backlog {backlog} / idle VmRSS"),
         drained.settled.hwm_kib as f64 / idle.rss_kib as f64,
@@ -82,7 +87,11 @@ async fn idle_one_portal() -> anyhow::Result<Memory> {
     let dir = WorkDir::create("memory-idle")?;
     let (sim, tokens) = daemon::portal(SimulatorConfig::default()).await?;
     let out = dir.file("events.jsonl");
-    let config = daemon::write_config(&dir.path, &[one_portal(&sim, "main")], &daemon::file_sink(&out))?;
+    let config = daemon::write_config(
+        &dir.path,
+        &[one_portal(&sim, "main")],
+        &daemon::file_sink(&out),
+    )?;
     daemon::seed_tokens(&dir.path, &[("main".to_string(), tokens)]).await?;
     let mut child = Daemon::spawn(&config, &dir.file("daemon.log"))?;
     child.wait_running(Duration::from_secs(60)).await?;
@@ -104,7 +113,11 @@ async fn backlog_drain(backlog: u64) -> anyhow::Result<BacklogDrain> {
     let (sim, tokens) = daemon::portal(SimulatorConfig::default()).await?;
     daemon::emit_deals(&sim, 1, backlog);
     let out = dir.file("events.jsonl");
-    let config = daemon::write_config(&dir.path, &[one_portal(&sim, "main")], &daemon::file_sink(&out))?;
+    let config = daemon::write_config(
+        &dir.path,
+        &[one_portal(&sim, "main")],
+        &daemon::file_sink(&out),
+    )?;
     daemon::seed_tokens(&dir.path, &[("main".to_string(), tokens)]).await?;
     let mut child = Daemon::spawn(&config, &dir.file("daemon.log"))?;
     let started = Instant::now();
@@ -118,7 +131,10 @@ async fn backlog_drain(backlog: u64) -> anyhow::Result<BacklogDrain> {
         }
         child.ensure_alive()?;
         if started.elapsed() > Duration::from_secs(60 * 60) {
-            anyhow::bail!("the backlog of {backlog} was not drained within an hour; daemon log: {}", child.log_tail());
+            anyhow::bail!(
+                "the backlog of {backlog} was not drained within an hour; daemon log: {}",
+                child.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -147,7 +163,12 @@ async fn many_portals(portals: u32, report: &mut Report, subject: &str) -> anyho
         tokens.push((format!("p{n:04}"), pair));
         sims.push(sim);
     }
-    report.row(subject, "simulators started", started.elapsed().as_secs_f64(), "s");
+    report.row(
+        subject,
+        "simulators started",
+        started.elapsed().as_secs_f64(),
+        "s",
+    );
     let sections: Vec<PortalSection<'_>> = sims
         .iter()
         .zip(&tokens)
@@ -157,7 +178,12 @@ async fn many_portals(portals: u32, report: &mut Report, subject: &str) -> anyho
     let config = daemon::write_config(&dir.path, &sections, &daemon::file_sink(&out))?;
     let seeding = Instant::now();
     daemon::seed_tokens(&dir.path, &tokens).await?;
-    report.row(subject, "tokens seeded", seeding.elapsed().as_secs_f64(), "s");
+    report.row(
+        subject,
+        "tokens seeded",
+        seeding.elapsed().as_secs_f64(),
+        "s",
+    );
 
     let mut child = Daemon::spawn(&config, &dir.file("daemon.log"))?;
     let up = child.wait_running(Duration::from_secs(10 * 60)).await?;
@@ -176,7 +202,12 @@ async fn many_portals(portals: u32, report: &mut Report, subject: &str) -> anyho
         report.row(subject, "VmRSS when drained or stopped", m.rss_mib(), "MiB");
     }
     let drained = drained?;
-    report.row(subject, "all drained after start", (up + drained).as_secs_f64(), "s");
+    report.row(
+        subject,
+        "all drained after start",
+        (up + drained).as_secs_f64(),
+        "s",
+    );
     tokio::time::sleep(SETTLE).await;
     let settled = child.memory()?;
     report.row(subject, "VmRSS settled", settled.rss_mib(), "MiB");

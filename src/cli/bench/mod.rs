@@ -125,7 +125,9 @@ impl Machine {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "unknown".to_string());
         Machine {
-            date: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            date: chrono::Utc::now()
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string(),
             uname,
             cpu: procfs::cpu_model(),
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -213,7 +215,12 @@ fn print_report(r: &Report) -> std::io::Result<()> {
         outln!()?;
     }
     for ratio in &r.ratios {
-        outln!("  ratio {:<40} {:>8.2}  ({})", ratio.name, ratio.value, ratio.meaning)?;
+        outln!(
+            "  ratio {:<40} {:>8.2}  ({})",
+            ratio.name,
+            ratio.value,
+            ratio.meaning
+        )?;
     }
     for note in &r.notes {
         outln!("  note: {note}")?;

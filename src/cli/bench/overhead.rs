@@ -42,11 +42,20 @@ CLOCK_THREAD_CPUTIME_ID"
     let dir = WorkDir::create("overhead")?;
     let (daemon_cost, gets) = through_daemon(events, &dir).await?;
     let db = dir.file("bare.db");
-    let baseline = tokio::task::spawn_blocking(move || bare_inserts(&db, events, BATCH_SIZE)).await??;
-    for (subject, c) in [("baseline: bare inserts", &baseline), ("b24eventd", &daemon_cost)] {
+    let baseline =
+        tokio::task::spawn_blocking(move || bare_inserts(&db, events, BATCH_SIZE)).await??;
+    for (subject, c) in [
+        ("baseline: bare inserts", &baseline),
+        ("b24eventd", &daemon_cost),
+    ] {
         report.row(subject, "wall time", c.seconds, "s");
         report.row(subject, "events per second", events as f64 / c.seconds, "");
-        report.row(subject, "CPU per event", c.cpu_seconds * 1e6 / events as f64, "us");
+        report.row(
+            subject,
+            "CPU per event",
+            c.cpu_seconds * 1e6 / events as f64,
+            "us",
+        );
     }
     report.row("b24eventd", "event.offline.get calls", gets as f64, "");
     report.ratio(
