@@ -133,8 +133,13 @@ impl TokenStore for MemoryStore {
     }
 }
 
-/// A client for `sim` with the full bucket of the portal (50, 2/s) that waits out limits.
-pub fn baseline_client(sim: &Simulator, tokens: Tokens) -> anyhow::Result<PortalClient> {
+/// A client for `sim` with a client-side bucket of `burst` requests refilled at `per_second`,
+/// that waits out limits.
+pub fn baseline_client(
+    sim: &Simulator,
+    tokens: Tokens,
+    (burst, per_second): (u32, f64),
+) -> anyhow::Result<PortalClient> {
     let defaults = SimulatorConfig::default();
     let settings = ClientSettings {
         portal: "baseline".to_string(),
@@ -143,8 +148,8 @@ pub fn baseline_client(sim: &Simulator, tokens: Tokens) -> anyhow::Result<Portal
         client_id: defaults.client_id,
         client_secret: defaults.client_secret,
         auth_connector: None,
-        burst: 50,
-        per_second: 2.0,
+        burst,
+        per_second,
         request_timeout: Duration::from_secs(60),
         max_limit_wait: Duration::from_secs(15 * 60),
     };
@@ -158,7 +163,8 @@ pub fn baseline_client(sim: &Simulator, tokens: Tokens) -> anyhow::Result<Portal
 async fn drain_with_safe_loop(events: u64, dir: &WorkDir) -> anyhow::Result<Drained> {
     let (sim, tokens) = daemon::portal(limited()).await?;
     daemon::emit_deals(&sim, 1, events);
-    let client = baseline_client(&sim, tokens)?;
+    // The full bucket of the portal.
+    let client = baseline_client(&sim, tokens, (50, 2.0))?;
     let out = dir.file("baseline.jsonl");
     let started = Instant::now();
     safe_loop(&client, &out).await?;
