@@ -19,6 +19,7 @@ macro_rules! out {
 }
 
 mod auth;
+mod bench;
 mod demo;
 mod doctor;
 mod journal;
@@ -66,6 +67,10 @@ enum Command {
     Run,
     /// Run the whole pipeline against the built-in portal simulator (no portal, no config needed)
     Demo(demo::DemoArgs),
+    /// Developer tool: benchmarks of the real binary against simulated portals (see
+    /// docs/BENCHMARKS.md)
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
     /// Serve the portal simulator (REST + OAuth) so you can try a config without a portal
     Simulate {
         /// Address to listen on
@@ -288,6 +293,11 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             // The progress bar and the summary tell the story; B24EVENTD_LOG=warn shows the log.
             init_logging("error");
             runtime()?.block_on(demo::run(args))?;
+            Ok(())
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            runtime()?.block_on(bench::run(args))?;
             Ok(())
         }
         Command::Simulate { listen } => {

@@ -1,0 +1,252 @@
+//! `b24eventd bench`: a developer tool (hidden from the main help) that measures the real
+//! binary against simulated portals served from the bench process and compares every number
+//! with a baseline measured in the same run, because the machine it runs on is shared and
+//! noisy. `drain` (request economy under cloud limits vs the documented safe loop), `overhead`
+//! (local cost per event vs bare SQLite inserts), `latency` (queue to delivery, idle and under
+//! load, vs a bare `event.offline.get` round trip) and `memory` (RSS idle, under a backlog and
+//! with many portals, vs idle with one). Results are recorded in `docs/BENCHMARKS.md`.
+
+mod daemon;
+mod drain;
+mod latency;
+mod memory;
+mod overhead;
+mod procfs;
+mod stats;
+
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Which benchmark to run
+    #[arg(value_enum)]
+    which: Which,
+    /// Events queued for drain and overhead (default 20000); the memory backlog is 5 times this
+    #[arg(long, value_name = "N")]
+    events: Option<u64>,
+    /// Portals (one simulator each) for the many-portal memory measurement
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    portals: u32,
+    /// Print one JSON document instead of tables
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Drain,
+    Overhead,
+    Latency,
+    Memory,
+    All,
+}
+
+const DEFAULT_EVENTS: u64 = 20_000;
+const BACKLOG_FACTOR: u64 = 5;
+
+/// One number measured for one subject (`b24eventd`, `baseline: …`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub subject: String,
+    pub metric: String,
+    pub value: f64,
+    pub unit: String,
+}
+
+/// A same-run comparison: `value` and what it means (which way is better).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub name: String,
+    pub value: f64,
+    pub meaning: String,
+}
+
+/// The outcome of one benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub bench: &'static str,
+    /// How it was set up (limits, config keys, sizes).
+    pub setup: Vec<String>,
+    pub rows: Vec<Row>,
+    pub ratios: Vec<Ratio>,
+    /// What the numbers mean and what went wrong, if anything.
+    pub notes: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn new(bench: &'static str) -> Report {
+        Report {
+            bench,
+            setup: Vec::new(),
+            rows: Vec::new(),
+            ratios: Vec::new(),
+            notes: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    pub fn row(&mut self, subject: &str, metric: &str, value: f64, unit: &str) {
+        self.rows.push(Row {
+            subject: subject.to_string(),
+            metric: metric.to_string(),
+            value,
+            unit: unit.to_string(),
+        });
+    }
+
+    pub fn ratio(&mut self, name: &str, value: f64, meaning: &str) {
+        self.ratios.push(Ratio {
+            name: name.to_string(),
+            value,
+            meaning: meaning.to_string(),
+        });
+    }
+}
+
+/// Where and how the run happened.
+#[derive(Debug, Serialize)]
+struct Machine {
+    date: String,
+    uname: String,
+    cpu: String,
+    cores: usize,
+    build: &'static str,
+    command: String,
+}
+
+impl Machine {
+    fn describe() -> Machine {
+        let uname = std::process::Command::new("uname")
+            .arg("-a")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".to_string());
+        Machine {
+            date: chrono::Utc::now()
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string(),
+            uname,
+            cpu: procfs::cpu_model(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        }
+    }
+}
+
+/// Runs the chosen benchmarks and prints their reports.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let machine = Machine::describe();
+    let events = args.events.unwrap_or(DEFAULT_EVENTS).max(1);
+    let chosen = |w: Which| args.which == w || args.which == Which::All;
+    if !args.json {
+        print_machine(&machine)?;
+    }
+    let mut reports = Vec::new();
+    let steps: [(Which, &str); 4] = [
+        (Which::Drain, "drain"),
+        (Which::Overhead, "overhead"),
+        (Which::Latency, "latency"),
+        (Which::Memory, "memory"),
+    ];
+    for (which, name) in steps {
+        if !chosen(which) {
+            continue;
+        }
+        eprintln!("bench {name}: running");
+        let started = Instant::now();
+        let mut report = match which {
+            Which::Drain => drain::run(events).await?,
+            Which::Overhead => overhead::run(events).await?,
+            Which::Latency => latency::run().await?,
+            Which::Memory => memory::run(events * BACKLOG_FACTOR, args.portals).await?,
+            Which::All => unreachable!("`all` is expanded above"),
+        };
+        report.seconds = started.elapsed().as_secs_f64();
+        eprintln!("bench {name}: done in {:.0} s", report.seconds);
+        if !args.json {
+            print_report(&report)?;
+        }
+        reports.push(report);
+    }
+    if args.json {
+        let doc = serde_json::json!({ "machine": machine, "reports": reports });
+        outln!("{}", serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
+
+fn print_machine(m: &Machine) -> std::io::Result<()> {
+    outln!("date    {}", m.date)?;
+    outln!("machine {}", m.uname)?;
+    outln!("cpu     {} ({} cores)", m.cpu, m.cores)?;
+    outln!("build   {}", m.build)?;
+    outln!("command {}", m.command)
+}
+
+fn print_report(r: &Report) -> std::io::Result<()> {
+    outln!()?;
+    outln!("== {} ({:.0} s) ==", r.bench, r.seconds)?;
+    for line in &r.setup {
+        outln!("  {line}")?;
+    }
+    let subject_width = r.rows.iter().map(|x| x.subject.len()).max().unwrap_or(0);
+    let metric_width = r.rows.iter().map(|x| x.metric.len()).max().unwrap_or(0);
+    outln!()?;
+    for row in &r.rows {
+        outln!(
+            "  {:<sw$}  {:<mw$}  {:>12} {}",
+            row.subject,
+            row.metric,
+            format_value(row.value),
+            row.unit,
+            sw = subject_width,
+            mw = metric_width
+        )?;
+    }
+    if !r.ratios.is_empty() {
+        outln!()?;
+    }
+    for ratio in &r.ratios {
+        outln!(
+            "  ratio {:<40} {:>8.2}  ({})",
+            ratio.name,
+            ratio.value,
+            ratio.meaning
+        )?;
+    }
+    for note in &r.notes {
+        outln!("  note: {note}")?;
+    }
+    Ok(())
+}
+
+/// Integers without decimals, small numbers with enough to read.
+fn format_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_printed_with_sensible_precision() {
+        assert_eq!(format_value(20000.0), "20000");
+        assert_eq!(format_value(1234.567), "1234.6");
+        assert_eq!(format_value(2.34567), "2.346");
+    }
+}
