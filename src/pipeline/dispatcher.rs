@@ -27,12 +27,34 @@ pub struct Dispatcher {
     pub stop: CancellationToken,
 }
 
+/// A batch the sink has answered, with the outcomes still to be journaled.
+struct Answered {
+    outcomes: Vec<(i64, Outcome, Option<String>)>,
+    /// Per envelope: portal, metrics outcome and fetched → delivered latency.
+    counted: Vec<(String, DeliveryOutcome, Option<Duration>)>,
+}
+
 impl Dispatcher {
     pub async fn run(self) {
         let name = self.sink.name().to_string();
         let mut journal_failures = 0u32;
+        // Outcomes the journal could not take (disk full, a lock held too long): kept and
+        // recorded before anything new is delivered, so a failing journal does not turn into
+        // the same batch delivered again and again.
+        let mut unrecorded: Option<Answered> = None;
         while !self.stop.is_cancelled() {
-            match self.dispatch_once().await {
+            let step = match unrecorded.take() {
+                Some(answered) => self.record(answered).await.map(|()| 1),
+                None => match self.deliver_due().await {
+                    Ok(None) => Ok(0),
+                    Ok(Some(answered)) => {
+                        let count = answered.outcomes.len();
+                        self.record(answered).await.map(|()| count)
+                    }
+                    Err(e) => Err((e, None)),
+                },
+            };
+            match step {
                 Ok(0) => {
                     journal_failures = 0;
                     let wait = match self.journal.next_due(&name).await {
@@ -49,10 +71,12 @@ impl Dispatcher {
                     }
                 }
                 Ok(_) => journal_failures = 0,
-                Err(e) => {
+                Err((e, answered)) => {
                     journal_failures += 1;
                     let wait = Duration::from_millis(500 * u64::from(journal_failures.min(20)));
-                    tracing::error!(sink = %name, error = format!("{e:#}"), "journal failed in the dispatcher; retrying");
+                    let kept = answered.as_ref().map_or(0, |a| a.outcomes.len());
+                    tracing::error!(sink = %name, error = format!("{e:#}"), unrecorded_outcomes = kept, "journal failed in the dispatcher; retrying");
+                    unrecorded = answered;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.stop.cancelled() => {}
@@ -60,17 +84,22 @@ impl Dispatcher {
                 }
             }
         }
+        if let Some(answered) = unrecorded
+            && let Err((e, _)) = self.record(answered).await
+        {
+            tracing::warn!(sink = %name, error = format!("{e:#}"), "outcomes not journaled at shutdown: those events are delivered again after the restart");
+        }
     }
 
-    /// Delivers one batch of due deliveries; returns how many there were.
-    async fn dispatch_once(&self) -> anyhow::Result<usize> {
+    /// Delivers one batch of due deliveries; `None` when nothing is due.
+    async fn deliver_due(&self) -> anyhow::Result<Option<Answered>> {
         let name = self.sink.name();
         let due = self
             .journal
             .due_deliveries(name, self.sink.max_batch())
             .await?;
         if due.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let envelopes: Vec<_> = due.iter().map(|d| d.envelope.clone()).collect();
         let results = self.sink.deliver_with_output(&envelopes).await;
@@ -107,27 +136,43 @@ impl Dispatcher {
                 (d.event_id, outcome, output)
             })
             .collect();
-        let counted: Vec<(DeliveryOutcome, Option<Duration>)> = due
+        let counted = due
             .iter()
             .zip(&outcomes)
-            .map(|(d, (_, outcome, _))| match outcome {
-                Outcome::Delivered => (
-                    DeliveryOutcome::Delivered,
-                    d.fetched_at.and_then(|at| (now - at).to_std().ok()),
-                ),
-                Outcome::Retry { .. } => (DeliveryOutcome::Retry, None),
-                Outcome::Dead { .. } => (DeliveryOutcome::Dead, None),
+            .map(|(d, (_, outcome, _))| {
+                let (outcome, latency) = match outcome {
+                    Outcome::Delivered => (
+                        DeliveryOutcome::Delivered,
+                        d.fetched_at.and_then(|at| (now - at).to_std().ok()),
+                    ),
+                    Outcome::Retry { .. } => (DeliveryOutcome::Retry, None),
+                    Outcome::Dead { .. } => (DeliveryOutcome::Dead, None),
+                };
+                (d.envelope.portal.clone(), outcome, latency)
             })
             .collect();
-        let portals = self.journal.record_outcomes(name, outcomes).await?;
+        Ok(Some(Answered { outcomes, counted }))
+    }
+
+    /// Journals a batch's outcomes (handing them back when the journal fails), then counts them
+    /// and wakes the portals that have settle work.
+    async fn record(&self, answered: Answered) -> Result<(), (anyhow::Error, Option<Answered>)> {
+        let name = self.sink.name();
+        let portals = match self
+            .journal
+            .record_outcomes(name, answered.outcomes.clone())
+            .await
+        {
+            Ok(portals) => portals,
+            Err(e) => return Err((e, Some(answered))),
+        };
         // Counted once journaled, so the counters never run ahead of the journal.
-        for (d, (outcome, latency)) in due.iter().zip(counted) {
-            self.metrics
-                .delivery(&d.envelope.portal, name, outcome, latency);
+        for (portal, outcome, latency) in answered.counted {
+            self.metrics.delivery(&portal, name, outcome, latency);
         }
         for portal in portals {
             self.wakers.wake_portal(&portal);
         }
-        Ok(due.len())
+        Ok(())
     }
 }
