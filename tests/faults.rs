@@ -4,7 +4,7 @@
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd::simulator::{Faults, SimulatorConfig};
 use common::*;
 use std::time::{Duration, Instant};
 
@@ -66,5 +66,76 @@ async fn an_operator_holding_the_write_lock_for_30_s_makes_the_daemon_wait_then_
     eprintln!(
         "write lock held 30 s: all 400 events settled {:.1} s after it was taken",
         resumed_after.as_secs_f64()
+    );
+}
+
+/// A proxy answering HTML error pages, answers cut in half, answers with invalid UTF-8 in an
+/// event, and a 10 MB `EVENT_DATA`: all logged and ridden out, nothing lost, nothing left
+/// upstream, the daemon still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_html_truncated_non_utf8_and_huge_answers_lose_nothing() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    sim.set_faults(Faults {
+        html: 0.15,
+        truncate: 0.05,
+        invalid_utf8_next_gets: 3,
+        ..Faults::default()
+    });
+    emit_deals(&sim, 1, 500);
+    let blob = "x".repeat(10 * 1024 * 1024);
+    sim.emit(
+        "ONCRMDEALUPDATE",
+        serde_json::json!({"FIELDS": {"ID": "900001"}, "BLOB": blob}),
+        "",
+        1,
+    );
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    wait_for("all 501 events settled", Duration::from_secs(120), || {
+        upstream_empty(&sim) && sim.stats().cleared == 501
+    })
+    .await;
+    assert!(!running.task.is_finished(), "the daemon keeps running");
+    running.stop().await;
+
+    let stats = sim.stats();
+    assert!(stats.html_pages > 0 && stats.truncated > 0, "{stats:?}");
+    assert_eq!(stats.invalid_utf8, 3);
+    let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let envelopes: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: std::collections::BTreeSet<&str> = envelopes
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 501, "every event delivered");
+    let huge = envelopes
+        .iter()
+        .find(|e| e["data"]["FIELDS"]["ID"] == "900001")
+        .expect("the 10 MB event was delivered");
+    assert_eq!(
+        huge["data"]["BLOB"].as_str().unwrap().len(),
+        10 * 1024 * 1024
+    );
+    let replaced = envelopes
+        .iter()
+        .filter(|e| {
+            e["data"]["FIELDS"]["ID"]
+                .as_str()
+                .is_some_and(|id| id.starts_with('\u{FFFD}'))
+        })
+        .count();
+    assert!(
+        replaced >= 1,
+        "events whose answer carried an invalid byte arrive with U+FFFD in its place"
+    );
+    eprintln!(
+        "garbage answers: {} HTML pages, {} truncated, {} with invalid UTF-8 ({replaced} events \
+         delivered with U+FFFD), a 10 MB event delivered intact; 501/501 events",
+        stats.html_pages, stats.truncated, stats.invalid_utf8
     );
 }

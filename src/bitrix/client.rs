@@ -1458,7 +1458,22 @@ impl PortalClient {
         let portal = self.portal();
         let secrets = [self.inner.settings.client_secret.as_str(), access];
         let invalid = |what: String| invalid_response(portal, method, status, what);
-        let json: Value = match serde_json::from_slice(bytes) {
+        let parsed = match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(e) => {
+                // PHP's json_encode never writes invalid UTF-8, but a proxy or a broken module
+                // might: refusing the answer would refuse it forever (the same rows come back),
+                // so the bad bytes become U+FFFD and the events go through, with a warning.
+                tracing::warn!(
+                    portal,
+                    method,
+                    at_byte = e.valid_up_to(),
+                    "the portal's answer is not valid UTF-8; invalid bytes were replaced by U+FFFD"
+                );
+                serde_json::from_str(&String::from_utf8_lossy(bytes))
+            }
+        };
+        let json: Value = match parsed {
             Ok(v) => v,
             Err(_) => {
                 self.count_answer(method, Answer::Other);

@@ -132,6 +132,8 @@ struct FaultsRequest {
     slow_delay: Option<Delay>,
     drop_next_gets: u32,
     fail_next_batch_clears: u32,
+    html: f64,
+    invalid_utf8_next_gets: u32,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -158,6 +160,8 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         slow_delay,
         drop_next_gets: req.drop_next_gets,
         fail_next_batch_clears: req.fail_next_batch_clears,
+        html: req.html,
+        invalid_utf8_next_gets: req.invalid_utf8_next_gets,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

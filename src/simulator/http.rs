@@ -110,6 +110,7 @@ struct Delivery {
     slow: Option<Duration>,
     drop: bool,
     truncate: bool,
+    invalid_utf8: bool,
 }
 
 fn roll(rng: &mut fastrand::Rng, probability: f64) -> bool {
@@ -152,6 +153,11 @@ async fn rest(
             tracing::debug!(method = %method, "injected fault: 500");
             return error_response(&RestError::internal());
         }
+        if roll(&mut state.rng, faults.html) {
+            state.counters.html_pages += 1;
+            tracing::debug!(method = %method, "injected fault: HTML page");
+            return html_response();
+        }
         let call = methods::RestCall {
             method: method.clone(),
             webhook,
@@ -171,6 +177,11 @@ async fn rest(
         }
         if !delivery.drop && reply.status == 200 {
             delivery.truncate = roll(&mut state.rng, faults.truncate);
+        }
+        if reply.ran_get && !delivery.drop && state.faults.invalid_utf8_next_gets > 0 {
+            state.faults.invalid_utf8_next_gets -= 1;
+            state.counters.invalid_utf8 += 1;
+            delivery.invalid_utf8 = true;
         }
         if roll(&mut state.rng, faults.slow) {
             delivery.slow = Some(faults.slow_delay);
@@ -196,7 +207,28 @@ async fn rest(
         body.truncate(body.len() / 2);
         return json_response(reply.status, body);
     }
+    if delivery.invalid_utf8 {
+        let mut body = reply.body;
+        let marker = br#""ID":""#;
+        if let Some(at) = body.windows(marker.len()).position(|w| w == marker) {
+            body.insert(at + marker.len(), 0xFF);
+        }
+        return json_response(reply.status, body);
+    }
     json_response(reply.status, reply.body)
+}
+
+/// What a reverse proxy answers when the portal behind it is down.
+fn html_response() -> Response {
+    let mut response = Response::new(axum::body::Body::from(
+        "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>",
+    ));
+    *response.status_mut() = axum::http::StatusCode::BAD_GATEWAY;
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/html"),
+    );
+    response
 }
 
 fn error_response(error: &RestError) -> Response {

@@ -127,6 +127,12 @@ pub struct Faults {
     /// The next N `event.offline.clear` sub-commands of `batch` requests fail alone (500
     /// `INTERNAL_SERVER_ERROR` in `result_error`, nothing cleared) while the others run.
     pub fail_next_batch_clears: u32,
+    /// Probability of answering 502 with an HTML page (as a proxy in front of the portal
+    /// would), without executing.
+    pub html: f64,
+    /// The next N answers that ran `event.offline.get` (executed) carry an invalid UTF-8 byte in
+    /// the first `"ID":"` value of the body.
+    pub invalid_utf8_next_gets: u32,
 }
 
 /// Counters and a snapshot of the queue table.
@@ -150,6 +156,10 @@ pub struct SimStats {
     pub max_gets_per_batch: u64,
     /// Sub-commands failed by `fail_next_batch_clears`.
     pub failed_batch_clears: u64,
+    /// Answers replaced by an HTML page (`html`).
+    pub html_pages: u64,
+    /// Answers corrupted with an invalid UTF-8 byte (`invalid_utf8_next_gets`).
+    pub invalid_utf8: u64,
     pub rejected_503: u64,
     pub rejected_429: u64,
     pub faults_500: u64,
