@@ -104,7 +104,13 @@ pub fn decode(query: &str) -> Value {
         }
         insert_path(&mut root, head, &path, value);
     }
-    arrays_from_sequential_maps(Value::Object(root))
+    // The top level is the map of parameters even when its keys are 0, 1, …: only nested maps
+    // become lists (else `encode` of the result would have no parameters to write).
+    Value::Object(
+        root.into_iter()
+            .map(|(k, v)| (k, arrays_from_sequential_maps(v)))
+            .collect(),
+    )
 }
 
 /// Splits `a[b][]` into `("a", ["b", ""])`. A key with an unbalanced bracket is taken whole,
@@ -155,10 +161,22 @@ fn next_index(map: &Map<String, Value>) -> u64 {
         .map_or(0, |m| m + 1)
 }
 
+/// Whether PHP would store `key` as an integer key: a canonical decimal ("0", "17"; not "00",
+/// "+1" or "-0"). Other keys stay strings, so "0" and "00" are two different keys.
+fn is_php_int_key(key: &str) -> bool {
+    match key.as_bytes() {
+        [b'0'] => true,
+        [b'1'..=b'9', rest @ ..] => {
+            rest.iter().all(u8::is_ascii_digit) && key.parse::<usize>().is_ok()
+        }
+        _ => false,
+    }
+}
+
 fn arrays_from_sequential_maps(value: Value) -> Value {
     match value {
         Value::Object(map) => {
-            let sequential = !map.is_empty() && map.keys().all(|k| k.parse::<usize>().is_ok());
+            let sequential = !map.is_empty() && map.keys().all(|k| is_php_int_key(k));
             let converted: Map<String, Value> = map
                 .into_iter()
                 .map(|(k, v)| (k, arrays_from_sequential_maps(v)))
@@ -239,5 +257,22 @@ mod tests {
     fn round_trip_of_string_leaves() {
         let original = json!({"cmd": {"get": "event.offline.get?clear=0", "x": "a=b&c"}, "list": ["1", "2"], "e": "ü ~"});
         assert_eq!(decode(&encode(&original)), original);
+    }
+
+    #[test]
+    fn numeric_top_level_keys_stay_parameters() {
+        // Found by the form_round_trip fuzz target: "0" decoded to a list, which encodes to "".
+        let decoded = decode("0");
+        assert_eq!(decoded, serde_json::json!({"0": ""}));
+        assert_eq!(decode(&encode(&decoded)), decoded);
+        assert_eq!(decode("0=a&1=b"), serde_json::json!({"0": "a", "1": "b"}));
+        assert_eq!(
+            decode("a[0]=x&a[1]=y"),
+            serde_json::json!({"a": ["x", "y"]})
+        );
+        // Found by the fuzzer too: "00" is a string key in PHP, not a second index 0.
+        let decoded = decode("a[]&a[00]");
+        assert_eq!(decoded, serde_json::json!({"a": {"0": "", "00": ""}}));
+        assert_eq!(decode(&encode(&decoded)), decoded);
     }
 }
