@@ -78,16 +78,7 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Builds the Bitrix24 client of one portal from its config, with tokens from the journal.
-pub async fn portal_client(
-    portal: &PortalConfig,
-    journal: &Journal,
-) -> anyhow::Result<PortalClient> {
-    let http = crate::bitrix::client::http_client()?;
-    client_with_limit_wait(portal, journal, Duration::from_secs(15 * 60), http).await
-}
-
-/// Like [`portal_client`], for operator commands (`doctor`, `subscribe`, `auth login`): it waits
+/// The Bitrix24 client of one portal for operator commands (`doctor`, `subscribe`, `auth login`): it waits
 /// out the portal's rate and operating limits for at most 30 s, so a command answers with the
 /// limit error instead of hanging for minutes.
 pub async fn operator_client(

@@ -531,7 +531,7 @@ pub struct AmqpSink {
 impl AmqpSink {
     /// Builds the sink without connecting: the first delivery connects.
     pub fn new(config: &SinkConfig, amqp: &AmqpSinkConfig) -> anyhow::Result<AmqpSink> {
-        super::http::ensure_crypto_provider();
+        super::ensure_crypto_provider();
         Ok(AmqpSink {
             name: config.name.clone(),
             config: amqp.clone(),

@@ -74,7 +74,7 @@ impl HttpSink {
             headers.insert(header, value);
         }
 
-        ensure_crypto_provider();
+        super::ensure_crypto_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("b24eventd/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
@@ -223,12 +223,6 @@ impl HttpSink {
 
 /// reqwest is built without a default rustls provider; the binary installs ring in `main`, this
 /// covers every other way of building a sink (tests, tools).
-pub(super) fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
 fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }

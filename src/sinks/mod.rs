@@ -149,6 +149,24 @@ pub trait Sink: Send + Sync {
     }
 }
 
+/// Installs rustls's ring provider unless one is installed (the binary installs it in `main`;
+/// tests and library users may not have). Sinks call it before building a TLS client.
+pub(crate) fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// `text` with every non-empty secret replaced by `[redacted]` (error texts of clients that may
+/// quote a URL or a password).
+pub(crate) fn scrub<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
+    secrets
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|s| !s.is_empty())
+        .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"))
+}
+
 /// Reads the typed config of a sink type that defines its own keys from `[sinks.NAME]`.
 pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 

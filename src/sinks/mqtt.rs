@@ -248,10 +248,7 @@ impl Broker {
 
     /// `text` with the password replaced, however it got there.
     fn scrub(&self, text: &str) -> String {
-        match &self.password {
-            Some(password) if !password.is_empty() => text.replace(password.as_str(), "[redacted]"),
-            _ => text.to_string(),
-        }
+        super::scrub(text, self.password.as_slice())
     }
 }
 

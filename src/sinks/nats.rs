@@ -293,7 +293,7 @@ impl NatsSink {
 
     /// A new connection and JetStream context (acks awaited up to the sink's timeout).
     async fn connect(&self) -> Result<Connection, String> {
-        super::http::ensure_crypto_provider();
+        super::ensure_crypto_provider();
         let attempt = self.connect_options().connect(self.config.server.as_str());
         let client = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(client)) => client,

@@ -696,7 +696,7 @@ where
 /// rustls (ring) with the system's trust store; verifies the chain and the host name.
 fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     use rustls_platform_verifier::BuilderVerifierExt;
-    super::http::ensure_crypto_provider();
+    super::ensure_crypto_provider();
     let config = rustls::ClientConfig::builder()
         .with_platform_verifier()
         .map_err(|e| format!("cannot set up TLS: {e}"))?

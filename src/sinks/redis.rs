@@ -9,7 +9,7 @@
 //! the key, so an operator's fix lets the same events through. Only an envelope too large for
 //! any Redis bulk string is dead. Error texts never contain the URL's credentials.
 
-use super::{Health, Sink, SinkResult, name_template};
+use super::{Health, Sink, SinkResult, name_template, scrub};
 use crate::BoxFuture;
 use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
@@ -140,13 +140,6 @@ fn percent_decode(text: &str) -> Result<String, ()> {
     String::from_utf8(out).map_err(|_| ())
 }
 
-/// `text` with every secret replaced by `[redacted]`.
-fn scrub(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "[redacted]"))
-}
-
 /// Delivers envelopes with `XADD`.
 pub struct RedisSink {
     name: String,
@@ -171,7 +164,7 @@ impl RedisSink {
         let parsed = reqwest::Url::parse(&redis.url)
             .with_context(|| format!("sink {}: invalid url {shown_url}", config.name))?;
         let secrets = secrets_of(&parsed);
-        ensure_crypto_provider();
+        super::ensure_crypto_provider();
         let client = redis::Client::open(redis.url.as_str()).map_err(|e| {
             anyhow::anyhow!(
                 "sink {}: invalid redis url {shown_url}: {}",
@@ -446,12 +439,6 @@ fn classify_reply(reply: Value) -> SinkResult {
 
 /// redis builds its rustls config with the process's default provider; the binary installs
 /// ring in `main`, this covers every other way of building a sink (tests, tools).
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
 impl Sink for RedisSink {
     fn name(&self) -> &str {
         &self.name
@@ -617,7 +604,7 @@ mod tests {
         let config = load("url = \"redis://user:hunter2@h:6379\"", &[]).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert_eq!(
-            scrub("auth hunter2 and hunter%32", &["hunter2".into()]),
+            scrub("auth hunter2 and hunter%32", &["hunter2"]),
             "auth [redacted] and hunter%32"
         );
         let url = reqwest::Url::parse("redis://:p%40ss@h").unwrap();
