@@ -7,27 +7,10 @@ mod common;
 
 use b24eventd::journal::Journal;
 use b24eventd::simulator::{Faults, SimulatorConfig};
+use common::daemon::{self, spawn_daemon};
 use common::*;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["--config", config.to_str().unwrap(), "run"])
-        .env("B24EVENTD_LOG", "warn,b24eventd=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("the daemon binary starts")
-}
 
 /// One crash scenario: events raised in waves while the daemon is SIGKILLed again and again.
 struct Scenario {
@@ -122,50 +105,15 @@ async fn crash_scenario(s: Scenario) {
     // The last run works without portal faults (a flapping sink goes on flapping).
     sim.set_faults(Faults::default());
 
-    // A last run drains whatever is left, then stops gracefully on SIGTERM. The SIGTERM must
-    // not come before the daemon is up (the queue may be drained already): wait for its start.
-    let runs_logged = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("b24eventd running")
-            .count()
-    };
-    let runs_before = runs_logged();
-    let mut child = spawn_daemon(&config, &log);
-    wait_for("the last run to start", Duration::from_secs(30), || {
-        runs_logged() > runs_before
-    })
-    .await;
-    wait_for(
-        "the queue drained after the crashes",
-        Duration::from_secs(240),
-        || upstream_empty(&sim),
-    )
-    .await;
-    let journal = Journal::open(
+    // A last run drains whatever is left, then stops gracefully on SIGTERM.
+    let journal = daemon::last_run_drains_and_stops(
+        &config,
+        &log,
+        &sim,
         &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    wait_for(
-        "the journal has nothing unsettled",
-        Duration::from_secs(120),
-        || journal.counts_blocking().unwrap().unsettled_upstream == 0,
+        Duration::from_secs(240),
     )
     .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "SIGTERM exits 0; log: {}",
-        std::fs::read_to_string(&log).unwrap()
-    );
 
     let delivered = file_entities(&dir.path().join("events.jsonl"));
     let expected = expected_entities(1, s.total);

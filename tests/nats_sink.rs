@@ -8,12 +8,12 @@ mod common;
 use async_nats::jetstream;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
+use common::daemon::{self, spawn_daemon};
 use common::proxy::{TcpProxy, service_requested};
 use common::*;
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NATS: &str = "127.0.0.1:4222";
@@ -259,22 +259,6 @@ async fn a_broker_cut_mid_run_loses_nothing_and_stores_nothing_twice() {
     js.delete_stream(&stream).await.unwrap();
 }
 
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["--config", config.to_str().unwrap(), "run"])
-        .env("B24EVENTD_LOG", "warn,b24eventd=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("the daemon binary starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
     if !service_requested("B24TEST_NATS") {
@@ -336,40 +320,14 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
         emitted += 200;
     }
 
-    // SIGTERM only once this run is up (its signal handlers installed).
-    let running_lines = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("b24eventd running")
-            .count()
-    };
-    let runs_before = running_lines();
-    let mut child = spawn_daemon(&config, &log);
-    wait_for("the last run is up", Duration::from_secs(30), || {
-        running_lines() > runs_before
-    })
-    .await;
-    wait_for(
-        "the queue drained after the kills",
+    let journal = daemon::last_run_drains_and_stops(
+        &config,
+        &log,
+        &sim,
+        &journal_path,
         Duration::from_secs(120),
-        || upstream_empty(&sim),
     )
     .await;
-    let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-        .await
-        .unwrap();
-    wait_for(
-        "the journal has nothing unsettled",
-        Duration::from_secs(30),
-        || journal.counts_blocking().unwrap().unsettled_upstream == 0,
-    )
-    .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
 
     let stored = read_stream(&js, &stream).await;
     assert_exactly_once(&stored, &prefix, 1, TOTAL);

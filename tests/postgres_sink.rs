@@ -7,11 +7,11 @@ mod common;
 
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
+use common::daemon::{self, spawn_daemon};
 use common::proxy::{TcpProxy, service_requested};
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const POSTGRES: &str = "127.0.0.1:5432";
@@ -243,22 +243,6 @@ async fn a_database_cut_mid_run_loses_nothing() {
         .unwrap();
 }
 
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["--config", config.to_str().unwrap(), "run"])
-        .env("B24EVENTD_LOG", "warn,b24eventd=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("the daemon binary starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_of_the_binary_leave_one_row_per_event() {
     if !service_requested("B24TEST_POSTGRES") {
@@ -320,40 +304,14 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
         emitted += 200;
     }
 
-    // SIGTERM only once this run is up (its signal handlers installed).
-    let running_lines = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("b24eventd running")
-            .count()
-    };
-    let runs_before = running_lines();
-    let mut child = spawn_daemon(&config, &log);
-    wait_for("the last run is up", Duration::from_secs(30), || {
-        running_lines() > runs_before
-    })
-    .await;
-    wait_for(
-        "the queue drained after the kills",
+    let journal = daemon::last_run_drains_and_stops(
+        &config,
+        &log,
+        &sim,
+        &journal_path,
         Duration::from_secs(120),
-        || upstream_empty(&sim),
     )
     .await;
-    let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-        .await
-        .unwrap();
-    wait_for(
-        "the journal has nothing unsettled",
-        Duration::from_secs(30),
-        || journal.counts_blocking().unwrap().unsettled_upstream == 0,
-    )
-    .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
 
     let rows = read_table(&db, &table).await;
     assert_all_present(&rows, 1, TOTAL);

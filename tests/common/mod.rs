@@ -2,6 +2,7 @@
 //! real pipeline running in-process, a programmable HTTP sink endpoint, and polling helpers.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod proxy;
 pub mod slow_proxy;
 
