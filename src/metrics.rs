@@ -36,6 +36,11 @@ struct PortalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SinkLabels {
     portal: String,
     sink: String,
@@ -93,6 +98,7 @@ pub struct Metrics {
     unsettled: Family<PortalLabels, Gauge>,
     journal_bytes: Gauge,
     last_successful_poll: Family<PortalLabels, Gauge<f64, AtomicU64>>,
+    clock_steps: Family<DirectionLabels, Counter>,
     polls: Arc<Mutex<BTreeMap<String, PollState>>>,
 }
 
@@ -148,6 +154,12 @@ impl Metrics {
             Unit::Seconds,
             last_successful_poll.clone(),
         );
+        let clock_steps = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "clock_steps",
+            "Jumps of this machine's wall clock of 2 s or more against the monotonic clock, by direction (backward: set back; forward: set ahead or resumed from suspend)",
+            clock_steps.clone(),
+        );
         let polls = clients
             .iter()
             .map(|c| (c.portal().to_string(), PollState::default()))
@@ -161,8 +173,17 @@ impl Metrics {
             unsettled,
             journal_bytes,
             last_successful_poll,
+            clock_steps,
             polls: Arc::new(Mutex::new(polls)),
         }
+    }
+
+    /// The wall clock jumped by `seconds` (negative: set back).
+    pub fn clock_step(&self, seconds: f64) {
+        let direction = if seconds < 0.0 { "backward" } else { "forward" };
+        self.clock_steps
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     /// `count` new events of `portal` were journaled.

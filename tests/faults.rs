@@ -1,6 +1,6 @@
 //! Faults around the journal and the portal that the daemon must ride out without losing an
-//! event: an operator holding the journal's write lock, and answers that are not what Bitrix24
-//! should send.
+//! event: an operator holding the journal's write lock, answers that are not what Bitrix24
+//! should send, and a redirect loop in front of the portal.
 
 mod common;
 
@@ -137,5 +137,69 @@ async fn garbage_html_truncated_non_utf8_and_huge_answers_lose_nothing() {
         "garbage answers: {} HTML pages, {} truncated, {} with invalid UTF-8 ({replaced} events \
          delivered with U+FFFD), a 10 MB event delivered intact; 501/501 events",
         stats.html_pages, stats.truncated, stats.invalid_utf8
+    );
+}
+
+/// A proxy in front of the portal answers every REST call with a 302 that leads back to itself.
+/// The daemon follows a few hops, names the loop, stops that portal (an operator must fix the
+/// address or the proxy) without hammering it or reserving anything, keeps running, and drains
+/// everything once the loop is gone and the operator reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redirect_loop_in_front_of_the_portal_stops_the_portal_until_a_reload() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    emit_deals(&sim, 1, 200);
+    sim.set_faults(Faults {
+        redirect_loop: true,
+        ..Faults::default()
+    });
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let running = Running::start_with(
+        &config,
+        &tokens,
+        b24eventd::pipeline::Controls {
+            reload: Some(reload.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_for("the loop met", Duration::from_secs(30), || {
+        sim.stats().redirect_loops >= 2
+    })
+    .await;
+    // Stopped, not spinning: a few hops, then no request for as long as we watch.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stats = sim.stats();
+    assert!(
+        stats.redirect_loops <= 4,
+        "{} looping requests: the daemon keeps following the loop",
+        stats.redirect_loops
+    );
+    assert_eq!(stats.reserved, 0, "{stats:?}");
+    assert_eq!(running.journal.counts().await.unwrap().events, 0);
+    assert!(!running.task.is_finished(), "the daemon keeps running");
+    let looped = stats.redirect_loops;
+
+    // The proxy is fixed; the operator reloads (SIGHUP) and the portal resumes at once.
+    sim.set_faults(Faults::default());
+    reload.notify_one();
+    let reloaded_at = Instant::now();
+    wait_for(
+        "all 200 events settled after the reload",
+        Duration::from_secs(30),
+        || upstream_empty(&sim) && sim.stats().cleared == 200,
+    )
+    .await;
+    let recovered = reloaded_at.elapsed();
+    running.stop().await;
+    let ids = file_ids(&dir.path().join("events.jsonl"));
+    assert_eq!(ids.len(), 200, "every event delivered");
+    assert!(ids.values().all(|&n| n == 1), "each once");
+    eprintln!(
+        "redirect loop: {looped} looping 302s, then the portal stopped (no request in 4 s); \
+         200/200 delivered {:.1} s after the reload",
+        recovered.as_secs_f64()
     );
 }

@@ -281,6 +281,11 @@ struct OperatingState {
     /// `operating_reset_at` of the last successful response, per method and overall.
     by_method: HashMap<String, i64>,
     last: Option<i64>,
+    /// The portal's clock as of the last answer (its `time.finish`) and when that answer came,
+    /// on the monotonic clock: reset times are the portal's Unix seconds, and comparing them
+    /// with this machine's wall clock would stall fetching for as long as that clock was set
+    /// back (or skewed).
+    portal_clock: Option<(f64, Instant)>,
 }
 
 /// Why a refresh is wanted; decides whether a caller that waited for the lock still needs one.
@@ -738,6 +743,17 @@ impl PortalClient {
             .and_then(|m| m.operating_seconds);
         let reset_at = lock(&self.inner.operating).by_method.get(method).copied();
         (used, reset_at)
+    }
+
+    /// The portal's Unix time now, in seconds: its clock as of the last answer plus the
+    /// monotonic time since, so that neither a step of this machine's clock nor a skew between
+    /// the two clocks moves the operating windows the portal reports. This machine's clock
+    /// until the portal has answered.
+    pub fn portal_now(&self) -> f64 {
+        match lock(&self.inner.operating).portal_clock {
+            Some((finish, at)) => finish + at.elapsed().as_secs_f64(),
+            None => chrono::Utc::now().timestamp_millis() as f64 / 1000.0,
+        }
     }
 
     /// `time.processing` of `method`'s last answer: the server time one call cost.
@@ -1230,7 +1246,7 @@ impl PortalClient {
             let op = lock(&self.inner.operating);
             op.by_method.get(method).copied().or(op.last)
         };
-        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let now = self.portal_now();
         match reset_at {
             Some(at) if (at as f64) > now => {
                 Duration::from_secs_f64(at as f64 - now + 0.5).min(Duration::from_secs(11 * 60))
@@ -1487,7 +1503,7 @@ impl PortalClient {
             if err.is_code("OPERATION_TIME_LIMIT") {
                 let time = json.get("time").map(parse_time).unwrap_or_default();
                 if let Some(at) = time.operating_reset_at {
-                    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+                    let now = time.finish.unwrap_or_else(|| self.portal_now());
                     if at as f64 > now {
                         hint = Some(Duration::from_secs_f64(at as f64 - now + 0.5));
                     }
@@ -1516,6 +1532,9 @@ impl PortalClient {
         match ApiResponse::from_body(&json) {
             Ok(resp) => {
                 self.count_answer(method, Answer::Ok);
+                if let Some(finish) = resp.time.finish {
+                    lock(&self.inner.operating).portal_clock = Some((finish, Instant::now()));
+                }
                 self.record_time(method, &resp.time);
                 Ok(resp)
             }
@@ -1874,14 +1893,10 @@ mod tests {
         assert_eq!(client.stats().requests, 1);
     }
 
-    #[tokio::test]
-    async fn waits_for_operating_reset_at_after_429() {
-        let reset_at = chrono::Utc::now().timestamp() + 2;
+    /// A first answer with `time`, then a 429: how long the client waited before repeating.
+    async fn wait_after_429(time: Value) -> (PortalClient, Duration) {
         let (base, srv) = serve(move |_, n| match n {
-            0 => json_reply(
-                200,
-                json!({"result": true, "time": {"operating": 3.5, "operating_reset_at": reset_at}}),
-            ),
+            0 => json_reply(200, json!({"result": true, "time": time.clone()})),
             1 => api_error(
                 429,
                 "OPERATION_TIME_LIMIT",
@@ -1894,12 +1909,42 @@ mod tests {
         client.call("crm.deal.get", json!({"id": 1})).await.unwrap();
         let started = Instant::now();
         client.call("crm.deal.get", json!({"id": 2})).await.unwrap();
-        let waited = started.elapsed();
+        (client, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn waits_for_operating_reset_at_after_429() {
+        let reset_at = chrono::Utc::now().timestamp() + 2;
+        let (client, waited) =
+            wait_after_429(json!({"operating": 3.5, "operating_reset_at": reset_at})).await;
         assert!(
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
         assert_eq!(client.stats().operating_429, 1);
+    }
+
+    #[tokio::test]
+    async fn operating_windows_are_read_on_the_portals_clock_not_this_machines() {
+        // The portal's clock is an hour behind ours (or ours was set ahead an hour): its
+        // window resets 2 s after its own `finish`. By our clock the reset is an hour past:
+        // waiting the fallback minute would be wrong, and so would waiting an hour had the
+        // clocks differed the other way.
+        let portal_finish = chrono::Utc::now().timestamp() as f64 - 3600.0;
+        let reset_at = portal_finish as i64 + 2;
+        let (client, waited) = wait_after_429(
+            json!({"finish": portal_finish, "operating": 3.5, "operating_reset_at": reset_at}),
+        )
+        .await;
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        let portal_now = client.portal_now();
+        assert!(
+            (portal_now - portal_finish).abs() < 10.0,
+            "{portal_now} against {portal_finish}"
+        );
     }
 
     #[tokio::test]

@@ -57,6 +57,8 @@ pub struct TimeInfo {
     pub operating_reset_at: Option<i64>,
     /// Seconds the server spent on this call (`processing`): what it adds to `operating`.
     pub processing: Option<f64>,
+    /// The portal's own Unix time when it finished the call (`finish`).
+    pub finish: Option<f64>,
 }
 
 /// A successful REST answer: `result` plus the paging and timing members around it.
@@ -126,6 +128,7 @@ pub fn parse_time(time: &Value) -> TimeInfo {
         operating: time.get("operating").and_then(as_f64),
         operating_reset_at: time.get("operating_reset_at").and_then(as_i64),
         processing: time.get("processing").and_then(as_f64),
+        finish: time.get("finish").and_then(as_f64),
     }
 }
 

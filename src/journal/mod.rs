@@ -491,6 +491,23 @@ impl Journal {
             .await
     }
 
+    /// Makes the pending deliveries of `sink` due now whose time lies after `latest`; returns
+    /// how many. The dispatcher never schedules a retry further out than the sink's
+    /// `max_backoff`, so such a time means this machine's clock was set back after it was
+    /// written (or `max_backoff` was lowered since): waiting for it would hold the event back
+    /// by the size of the step.
+    pub async fn bring_forward(&self, sink: &str, latest: DateTime<Utc>) -> anyhow::Result<usize> {
+        let sink = sink.to_string();
+        self.run(move |conn| {
+            Ok(conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?3
+                 WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2",
+                params![sink, timestamp(latest), now()],
+            )?)
+        })
+        .await
+    }
+
     /// When the earliest pending delivery of `sink` is due, if any.
     pub async fn next_due(&self, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
         let sink = sink.to_string();
@@ -1368,6 +1385,60 @@ mod tests {
         assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
         assert!(j.next_due("a").await.unwrap().unwrap() > Utc::now());
         assert!(j.pending_settlements("main").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn retry_times_beyond_the_latest_possible_are_brought_forward() {
+        let (_d, j) = open();
+        j.record_batch(batch(
+            "p1",
+            Lane::Normal,
+            vec![event(1, &["a", "b"]), event(2, &["a"]), event(3, &["a"])],
+        ))
+        .await
+        .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        let now = Utc::now();
+        // As written before the clock went back an hour: an hour and 5 s, an hour and 1 s ahead;
+        // and one written after it, 1 s ahead.
+        let retry = |id, secs| {
+            (
+                id,
+                Outcome::Retry {
+                    error: "503".into(),
+                    next_attempt_at: now + chrono::Duration::seconds(secs),
+                },
+                None,
+            )
+        };
+        j.record_outcomes(
+            "a",
+            vec![
+                retry(due[0].event_id, 3605),
+                retry(due[1].event_id, 3601),
+                retry(due[2].event_id, 1),
+            ],
+        )
+        .await
+        .unwrap();
+        let b = j.due_deliveries("b", 10).await.unwrap();
+        j.record_outcomes("b", vec![retry(b[0].event_id, 3605)])
+            .await
+            .unwrap();
+        let latest = now + chrono::Duration::seconds(3);
+        assert_eq!(j.bring_forward("a", latest).await.unwrap(), 2);
+        let due: Vec<i64> = j
+            .due_deliveries("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.event_id)
+            .collect();
+        assert_eq!(due.len(), 2, "the two far-off retries are due now");
+        assert!(j.next_due("a").await.unwrap().unwrap() <= latest);
+        // Another sink's retries are its own dispatcher's business.
+        assert!(j.due_deliveries("b", 10).await.unwrap().is_empty());
+        assert_eq!(j.bring_forward("a", latest).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -58,6 +58,10 @@ impl Dispatcher {
                 Ok(0) => {
                     journal_failures = 0;
                     let wait = match self.journal.next_due(&name).await {
+                        Ok(Some(at)) if self.beyond_backoff(at) => {
+                            self.bring_forward(&name).await;
+                            continue;
+                        }
                         Ok(Some(at)) => (at - chrono::Utc::now())
                             .to_std()
                             .unwrap_or(Duration::ZERO)
@@ -88,6 +92,41 @@ impl Dispatcher {
             && let Err((e, _)) = self.record(answered).await
         {
             tracing::warn!(sink = %name, error = format!("{e:#}"), "outcomes not journaled at shutdown: those events are delivered again after the restart");
+        }
+    }
+
+    /// The latest retry time this sink could have scheduled by now: it never waits longer
+    /// than its `max_backoff` (a second of slack for rounding). A later time means the wall
+    /// clock was set back since it was written.
+    fn latest_retry(&self) -> chrono::DateTime<chrono::Utc> {
+        let horizon = chrono::Duration::from_std(self.policy.max_backoff + Duration::from_secs(1))
+            .unwrap_or(chrono::Duration::MAX);
+        chrono::Utc::now()
+            .checked_add_signed(horizon)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+    }
+
+    fn beyond_backoff(&self, at: chrono::DateTime<chrono::Utc>) -> bool {
+        at > self.latest_retry()
+    }
+
+    /// Makes every retry of this sink due whose time lies beyond [`Self::latest_retry`].
+    async fn bring_forward(&self, name: &str) {
+        let latest = self.latest_retry();
+        match self.journal.bring_forward(name, latest).await {
+            Ok(count) => tracing::warn!(
+                sink = %name,
+                deliveries = count,
+                max_backoff = ?self.policy.max_backoff,
+                "retry times lie beyond the sink's max_backoff (the system clock was set back, or max_backoff lowered): retrying them now"
+            ),
+            Err(e) => {
+                tracing::error!(sink = %name, error = format!("{e:#}"), "journal failed bringing retry times forward");
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_WAIT) => {}
+                    _ = self.stop.cancelled() => {}
+                }
+            }
         }
     }
 

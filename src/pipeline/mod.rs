@@ -3,6 +3,7 @@
 //! schedules that wake them. Everything is driven by the journal, so a restart resumes exactly
 //! where the last run stopped.
 
+pub mod clock;
 pub mod dispatcher;
 pub mod economy;
 pub mod liveness;
@@ -204,7 +205,7 @@ pub async fn run_with(
         dispatchers.start(sink, sink_config);
     }
 
-    let scheduler = poller::Schedules::start(&config).await?;
+    let mut scheduler = poller::Schedules::start(&config).await?;
     let liveness = liveness::Liveness::new(config.portals.keys());
     let mut pollers = tokio::task::JoinSet::new();
     let mut settlers = Vec::new();
@@ -246,6 +247,10 @@ pub async fn run_with(
         journal.clone(),
         shutdown.clone(),
     ));
+    let (steps_tx, mut clock_steps) = tokio::sync::mpsc::unbounded_channel();
+    let clock_watch = tokio::spawn(clock::watch(shutdown.clone(), move |seconds| {
+        let _ = steps_tx.send(seconds);
+    }));
     started(&Running {
         clients,
         admin_addr: admin.as_ref().map(AdminServer::local_addr),
@@ -268,7 +273,14 @@ pub async fn run_with(
             _ = reload.notified() => {
                 notifier.reloading();
                 reload_config(&mut running_config, &mut dispatchers, &routes).await;
+                scheduler.resume_stopped();
                 notifier.ready();
+            }
+            Some(seconds) = clock_steps.recv() => {
+                metrics.clock_step(seconds);
+                if seconds < 0.0 {
+                    scheduler.replan().await;
+                }
             }
             Some(done) = pollers.join_next(), if !pollers.is_empty() => {
                 match done {
@@ -293,6 +305,7 @@ pub async fn run_with(
         }
     }
     scheduler.stop().await;
+    clock_watch.abort();
     pruner.abort();
     let _ = systemd.await;
     if let Some(alerts) = alerts {

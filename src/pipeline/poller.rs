@@ -67,13 +67,26 @@ impl Trigger {
 pub struct Triggers {
     pub error_lane: Arc<Trigger>,
     pub orphan_sweep: Arc<Trigger>,
+    /// Set on SIGHUP: a portal stopped by an error that needed an operator tries again now,
+    /// instead of at the end of its [`FATAL_RETRY`] wait.
+    pub resume: Arc<Trigger>,
 }
 
 /// The cron schedules (tokio-cron-scheduler, local time, with seconds) of every portal.
 pub struct Schedules {
     scheduler: JobScheduler,
+    plans: Vec<CronPlan>,
+    /// The jobs now registered, one per plan.
+    jobs: Vec<Job>,
     triggers: HashMap<String, Triggers>,
     prune: Arc<Trigger>,
+}
+
+/// One cron job: its schedule, the config key that names it (for errors), the triggers it sets.
+struct CronPlan {
+    schedule: String,
+    key: String,
+    triggers: Arc<Vec<Arc<Trigger>>>,
 }
 
 impl Schedules {
@@ -105,40 +118,77 @@ impl Schedules {
             }
             triggers.insert(portal.name.clone(), t);
         }
-        for (schedule, (key, set)) in jobs {
-            let set = Arc::new(set);
-            let job = Job::new_async_tz(schedule.as_str(), chrono::Local, move |_, _| {
+        let prune = Arc::new(Trigger::default());
+        let mut plans: Vec<_> = jobs
+            .into_iter()
+            .map(|(schedule, (key, set))| CronPlan {
+                schedule,
+                key,
+                triggers: Arc::new(set),
+            })
+            .collect();
+        plans.push(CronPlan {
+            schedule: config.journal.prune_schedule.clone(),
+            key: "journal.prune_schedule".to_string(),
+            triggers: Arc::new(vec![prune.clone()]),
+        });
+        let mut schedules = Schedules {
+            scheduler,
+            plans,
+            jobs: Vec::new(),
+            triggers,
+            prune,
+        };
+        schedules.add_jobs().await?;
+        schedules.scheduler.start().await?;
+        Ok(schedules)
+    }
+
+    /// Registers one cron job per plan; each computes its next run from the wall clock now.
+    async fn add_jobs(&mut self) -> anyhow::Result<()> {
+        for plan in &self.plans {
+            let set = plan.triggers.clone();
+            let job = Job::new_async_tz(plan.schedule.as_str(), chrono::Local, move |_, _| {
                 for trigger in set.iter() {
                     trigger.set();
                 }
                 Box::pin(async {})
             })
-            .map_err(|e| anyhow::anyhow!("{key}: invalid schedule: {e}"))?;
-            scheduler.add(job).await?;
+            .map_err(|e| anyhow::anyhow!("{}: invalid schedule: {e}", plan.key))?;
+            self.scheduler.add(job.clone()).await?;
+            self.jobs.push(job);
         }
-        let prune = Arc::new(Trigger::default());
-        let trigger = prune.clone();
-        let job = Job::new_async_tz(
-            config.journal.prune_schedule.as_str(),
-            chrono::Local,
-            move |_, _| {
-                trigger.set();
-                Box::pin(async {})
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("journal.prune_schedule: invalid schedule: {e}"))?;
-        scheduler.add(job).await?;
-        scheduler.start().await?;
-        Ok(Schedules {
-            scheduler,
-            triggers,
-            prune,
-        })
+        Ok(())
+    }
+
+    /// Plans every cron job again from the wall clock now. The scheduler computes a job's next
+    /// run once, in wall time: after the clock was set back by an hour, every job would wait
+    /// an hour longer than its schedule says.
+    pub async fn replan(&mut self) {
+        for job in std::mem::take(&mut self.jobs) {
+            if let Err(e) = self.scheduler.remove(&job.guid()).await {
+                tracing::warn!(error = %e, "cron job could not be removed for replanning");
+            }
+        }
+        if let Err(e) = self.add_jobs().await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "cron jobs could not be planned again"
+            );
+        }
     }
 
     /// Set on `journal.prune_schedule`.
     pub fn prune_trigger(&self) -> Arc<Trigger> {
         self.prune.clone()
+    }
+
+    /// Wakes every portal stopped by an error that needed an operator (the operator says the
+    /// cause is fixed by reloading).
+    pub fn resume_stopped(&self) {
+        for t in self.triggers.values() {
+            t.resume.set();
+        }
     }
 
     pub fn triggers(&self, portal: &str) -> Triggers {
@@ -243,6 +293,9 @@ struct RoundState {
     economy: Economy,
     /// Empty polls in a row (the idle backoff).
     empty_polls: u32,
+    /// Settle calls were held back for their method's operating budget: the next round comes
+    /// no later than this, whatever the fetch waits for.
+    settles_held_until: Option<Instant>,
 }
 
 pub struct Poller {
@@ -338,6 +391,7 @@ impl Poller {
             next_fetch: Instant::now(),
             economy: Economy::default(),
             empty_polls: 0,
+            settles_held_until: None,
         };
         let mut failures = 0u32;
         let mut last_error = String::new();
@@ -400,31 +454,44 @@ impl Poller {
                     if fatal && message == last_error {
                         tracing::debug!(portal = %self.portal(), error = %message, "portal still failing");
                     } else if fatal {
-                        tracing::error!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal stopped until the cause is fixed");
+                        tracing::error!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal stopped until the cause is fixed: trying again after retry_in, or at once on reload (SIGHUP)");
                     } else {
                         tracing::warn!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal call failed; backing off");
                     }
                     last_error = message;
                     state.next_fetch = state.next_fetch.max(Instant::now() + wait);
                     // Schedules do not cut a backoff short (their flags stay set). Finished
-                    // deliveries do after a transient failure, so settles are not held up; a
-                    // portal failing for a reason an operator must fix is left alone.
-                    let settled = async {
+                    // deliveries do after a transient failure, so settles are not held up (the
+                    // fetch still waits out the backoff). A portal failing for a reason an
+                    // operator must fix waits for a reload, which says the cause is fixed: it
+                    // fetches at once. A reload from before this failure says nothing about it.
+                    self.triggers.resume.take();
+                    let woken = async {
                         if fatal {
-                            std::future::pending::<()>().await
+                            self.triggers.resume.wait().await;
+                            true
                         } else {
-                            settle_wake.notified().await
+                            settle_wake.notified().await;
+                            false
                         }
                     };
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = settled => {}
+                        resumed = woken => {
+                            if resumed {
+                                tracing::info!(portal = %self.portal(), "reloaded: trying the stopped portal again");
+                                state.next_fetch = Instant::now();
+                            }
+                        }
                         _ = self.shutdown.cancelled() => {}
                     }
                     continue;
                 }
             };
-            let Some(wait) = wait else { continue };
+            let Some(mut wait) = wait else { continue };
+            if let Some(at) = state.settles_held_until {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = settle_wake.notified() => {}
@@ -457,7 +524,7 @@ impl Poller {
             self.triggers.orphan_sweep.set_quietly();
             return Err(e);
         }
-        let now_unix = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let now_unix = self.client.portal_now();
         let get_paused = self.reserving()
             && state
                 .economy
@@ -470,7 +537,7 @@ impl Poller {
         } else if self.triggers.error_lane.take() {
             if self.reserving() {
                 // Room first: what is finished is settled before the error lane reserves more.
-                self.exchange(false, &mut state.economy).await?;
+                self.exchange(false, state).await?;
             }
             loop {
                 if self.shutdown.is_cancelled() {
@@ -496,7 +563,7 @@ impl Poller {
         // Lowest priority, after settles and fetches: the entities of events already journaled.
         let more_to_enrich = self.enrich().await?;
         let fetched = if self.reserving() {
-            self.exchange(fetch_due, &mut state.economy).await?
+            self.exchange(fetch_due, state).await?
         } else if fetch_due {
             match self.fetch_limit().await? {
                 Some(limit) => Some(self.fetch(Lane::Normal, limit).await?),
@@ -546,10 +613,11 @@ impl Poller {
     async fn exchange(
         &self,
         fetch: bool,
-        economy: &mut Economy,
+        state: &mut RoundState,
     ) -> anyhow::Result<Option<Fetched>> {
         loop {
-            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+            let economy = &mut state.economy;
+            let now = self.client.portal_now();
             let mut groups = self.journal.pending_settlements(self.portal()).await?;
             // Each settle method spends its own operating budget: no more calls than it pays for.
             let mut clears = economy
@@ -558,6 +626,7 @@ impl Poller {
             let mut errors = economy
                 .error
                 .affordable(self.operating("event.offline.error"), now);
+            let wanted = groups.len();
             groups.retain(|g| {
                 let left = match g.action {
                     SettleAction::Clear => &mut clears,
@@ -566,6 +635,17 @@ impl Poller {
                 let take = *left > 0;
                 *left = left.saturating_sub(1);
                 take
+            });
+            // Held back for the budget: come back when it allows (the fetch may wait longer).
+            state.settles_held_until = (groups.len() < wanted).then(|| {
+                let pause = [
+                    (&economy.clear, "event.offline.clear"),
+                    (&economy.error, "event.offline.error"),
+                ]
+                .into_iter()
+                .filter_map(|(budget, method)| budget.pause(self.operating(method), now))
+                .min();
+                Instant::now() + pause.unwrap_or(self.config.poll_interval)
             });
             groups.truncate(MAX_COMMANDS);
             let operating = self.operating("event.offline.get");
@@ -774,10 +854,12 @@ impl Poller {
             {
                 // A sub-command's 429 carries no time block: wait for the window the last
                 // answer described, else a minute.
-                let now = chrono::Utc::now().timestamp();
+                let now = self.client.portal_now();
                 let wait = b.retry_after.unwrap_or_else(|| {
                     match self.client.operating("event.offline.get").1 {
-                        Some(at) if at > now => Duration::from_secs((at - now) as u64 + 1),
+                        Some(at) if at as f64 > now => {
+                            Duration::from_secs_f64((at as f64 - now + 1.0).min(660.0))
+                        }
                         _ => Duration::from_secs(60),
                     }
                 });

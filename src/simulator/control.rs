@@ -134,6 +134,7 @@ struct FaultsRequest {
     fail_next_batch_clears: u32,
     html: f64,
     invalid_utf8_next_gets: u32,
+    redirect_loop: bool,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -162,6 +163,7 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         fail_next_batch_clears: req.fail_next_batch_clears,
         html: req.html,
         invalid_utf8_next_gets: req.invalid_utf8_next_gets,
+        redirect_loop: req.redirect_loop,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

@@ -153,6 +153,17 @@ async fn rest(
             tracing::debug!(method = %method, "injected fault: 500");
             return error_response(&RestError::internal());
         }
+        if faults.redirect_loop {
+            state.counters.redirect_loops += 1;
+            tracing::debug!(method = %method, "injected fault: redirect loop");
+            let tail = uri.path().strip_prefix("/rest/").unwrap_or("");
+            let location = format!("http://{}/old/rest/{tail}", host_of(&inner, &headers));
+            return Response::builder()
+                .status(StatusCode::FOUND)
+                .header(LOCATION, location)
+                .body(Body::empty())
+                .unwrap_or_else(|_| Response::new(Body::empty()));
+        }
         if roll(&mut state.rng, faults.html) {
             state.counters.html_pages += 1;
             tracing::debug!(method = %method, "injected fault: HTML page");

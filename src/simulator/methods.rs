@@ -466,6 +466,9 @@ fn invoke(
 fn offline_get(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output, RestError> {
     ctx.require_admin("")?;
     let req = GetRequest::parse(params, ctx.config.rest_offline_extended)?;
+    if req.error_lane {
+        state.counters.error_lane_gets += 1;
+    }
     let State { queue, rng, .. } = state;
     // `Random::getString(32)`.
     let out = queue.get(&req, &ctx.connector, || super::auth::random_token(rng, 32));

@@ -133,6 +133,9 @@ pub struct Faults {
     /// The next N answers that ran `event.offline.get` (executed) carry an invalid UTF-8 byte in
     /// the first `"ID":"` value of the body.
     pub invalid_utf8_next_gets: u32,
+    /// Answer every `/rest/` request with a 302 to `/old/rest/`, which redirects back: a
+    /// redirect loop (a misconfigured proxy in front of the portal), without executing.
+    pub redirect_loop: bool,
 }
 
 /// Counters and a snapshot of the queue table.
@@ -160,6 +163,8 @@ pub struct SimStats {
     pub html_pages: u64,
     /// Answers corrupted with an invalid UTF-8 byte (`invalid_utf8_next_gets`).
     pub invalid_utf8: u64,
+    /// `/rest/` requests answered with a 302 by `redirect_loop`.
+    pub redirect_loops: u64,
     pub rejected_503: u64,
     pub rejected_429: u64,
     pub faults_500: u64,
@@ -171,6 +176,8 @@ pub struct SimStats {
     pub cleared: u64,
     /// Rows moved to the error lane by `event.offline.error`.
     pub errored: u64,
+    /// `event.offline.get` calls that read the error lane (`error=1`).
+    pub error_lane_gets: u64,
 }
 
 /// One row of the queue table.

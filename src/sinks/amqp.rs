@@ -478,17 +478,15 @@ fn classify(confirmation: Confirmation, exchange: &str) -> SinkResult {
 
 /// `text` with `url`'s password (raw and percent-decoded) and the whole url replaced.
 fn scrub(text: &str, url: &str) -> String {
-    let mut text = text.replace(url, &redact_url(url));
-    if let Ok(uri) = url.parse::<AMQPUri>() {
-        let password = uri.authority.userinfo.password;
-        if !password.is_empty() {
-            text = text.replace(&password, "[redacted]");
-        }
-    }
-    if let Some(raw) = raw_password(url) {
-        text = text.replace(raw, "[redacted]");
-    }
-    text
+    let decoded = url
+        .parse::<AMQPUri>()
+        .map(|uri| uri.authority.userinfo.password)
+        .unwrap_or_default();
+    let raw = raw_password(url).unwrap_or_default();
+    super::scrub(
+        &text.replace(url, &redact_url(url)),
+        &[decoded.as_str(), raw],
+    )
 }
 
 /// The password as written in `scheme://user:password@host...`.

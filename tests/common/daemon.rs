@@ -9,6 +9,11 @@ use std::time::Duration;
 
 /// `b24eventd --config CONFIG run`, its log appended to `log`.
 pub fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    spawn_daemon_with_env(config, log, &[])
+}
+
+/// [`spawn_daemon`] with extra environment variables.
+pub fn spawn_daemon_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -17,6 +22,7 @@ pub fn spawn_daemon(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_b24eventd"))
         .args(["--config", config.to_str().unwrap(), "run"])
         .env("B24EVENTD_LOG", "warn,b24eventd=info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

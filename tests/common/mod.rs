@@ -108,6 +108,20 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config_path: &Path, tokens: &Tokens) -> Running {
+        Running::start_with(
+            config_path,
+            tokens,
+            b24eventd::pipeline::Controls::default(),
+        )
+        .await
+    }
+
+    /// [`Running::start`] with the daemon's controls (a reload notifier, say).
+    pub async fn start_with(
+        config_path: &Path,
+        tokens: &Tokens,
+        controls: b24eventd::pipeline::Controls,
+    ) -> Running {
         let config = config::load(config_path).expect("config loads");
         let journal = Journal::open(&config.journal.path, config.journal.synchronous)
             .await
@@ -121,7 +135,7 @@ impl Running {
             config,
             journal.clone(),
             shutdown.clone(),
-            b24eventd::pipeline::Controls::default(),
+            controls,
             move |running| {
                 let _ = started_tx.send(running.admin_addr);
             },
