@@ -76,6 +76,9 @@ enum Command {
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1:8024", value_name = "ADDR")]
         listen: std::net::SocketAddr,
+        /// How long an access token lives (Bitrix24: 1h); shorter to watch refreshes happen
+        #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        token_ttl: std::time::Duration,
     },
     /// Check the configuration and exit 0, or print what is wrong and exit 78
     Validate {
@@ -300,9 +303,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(bench::run(args))?;
             Ok(())
         }
-        Command::Simulate { listen } => {
+        Command::Simulate { listen, token_ttl } => {
             init_logging("info");
-            runtime()?.block_on(simulate(listen))?;
+            runtime()?.block_on(simulate(listen, token_ttl))?;
             Ok(())
         }
         Command::Journal(command) => {
@@ -423,12 +426,21 @@ async fn run_daemon(config: Config) -> anyhow::Result<()> {
     crate::pipeline::run_with(config, journal, shutdown, controls, |_| {}).await
 }
 
-async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn simulate(
+    listen: std::net::SocketAddr,
+    token_ttl: std::time::Duration,
+) -> anyhow::Result<()> {
+    if token_ttl.is_zero() {
+        anyhow::bail!("--token-ttl must be longer than 0s");
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let sim = crate::simulator::Simulator::start_on(
-        crate::simulator::SimulatorConfig::default(),
+        crate::simulator::SimulatorConfig {
+            access_token_ttl: token_ttl,
+            ..crate::simulator::SimulatorConfig::default()
+        },
         listener,
     )
     .await?;
