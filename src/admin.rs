@@ -3,7 +3,8 @@
 //! every portal is reachable within its backoff), served with axum until the daemon stops.
 
 use crate::journal::Journal;
-use crate::metrics::{self, Metrics, PollState};
+use crate::metrics::{self, Metrics};
+use crate::pipeline::liveness::{Liveness, PollState};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -26,6 +27,8 @@ const UNREADY_AFTER_FAILURES: u32 = 2;
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Metrics,
+    /// How each portal's rounds go (`/readyz`).
+    pub liveness: std::sync::Arc<Liveness>,
     pub journal: Journal,
     /// The configured portals, shown on the status page even before their first event.
     pub portals: Vec<String>,
@@ -97,7 +100,11 @@ fn router(state: AdminState) -> Router {
 }
 
 async fn serve_metrics(State(state): State<AdminState>) -> Response {
-    if let Err(e) = state.metrics.refresh_from_journal(&state.journal).await {
+    if let Err(e) = state
+        .metrics
+        .refresh_from_journal(&state.journal, &state.portals)
+        .await
+    {
         // The rest is still worth scraping; the journal gauges keep their last values.
         tracing::warn!(error = format!("{e:#}"), "metrics: cannot read the journal");
     }
@@ -163,7 +170,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             ),
         }),
     }
-    for (portal, poll) in state.metrics.poll_states() {
+    for (portal, poll) in state.liveness.poll_states() {
         if let Some(reason) = portal_not_ready(&poll) {
             not_ready.push(NotReady {
                 component: format!("portal {portal}"),

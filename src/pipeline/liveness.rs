@@ -1,7 +1,8 @@
-//! Whether the poll loops are alive, for systemd: each poller marks the start and end of its
-//! rounds; the watchdog is fed only while no round has been running for longer than any round
-//! legitimately can, and `READY=1` waits for every portal's first round (recovery: resume, sweep,
-//! settle). Also the one-line `STATUS=` summary.
+//! The poll loops as seen from outside, the one record of how each portal's rounds go: each
+//! poller marks the start and end of its rounds and how they ended. systemd's watchdog is fed
+//! only while no round has been running for longer than any round legitimately can, and
+//! `READY=1` waits for every portal's first round (recovery: resume, sweep, settle); `/readyz`
+//! and the alerts read the failures from here. Also the one-line `STATUS=` summary.
 
 use crate::journal::Journal;
 use crate::systemd::Notifier;
@@ -21,14 +22,38 @@ const READY_AT_THE_LATEST: Duration = Duration::from_secs(60);
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
+/// How a portal's rounds have gone (settle, sweep, error lane, fetch).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PollState {
+    /// Rounds in a row in which the portal answered nothing before failing; 0 after a round
+    /// that succeeded (or before the first round has ended).
+    pub failures: u32,
+    /// The last failure needs an operator (bad credentials, a revoked application, …): the
+    /// poller retries only every few minutes, or on reload.
+    pub fatal: bool,
+    /// The error of the last failed round.
+    pub last_error: Option<String>,
+    /// When a round last succeeded.
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+    /// The poller ended: the portal refused the configured mode.
+    pub stopped: Option<String>,
+    /// Since when every round has failed (monotonic); `None` while rounds succeed.
+    pub failing_since: Option<Instant>,
+}
+
 /// One portal's poll loop, as seen from outside.
 #[derive(Default)]
 pub struct LoopState {
     /// Milliseconds since `Liveness::start` when the current round began; 0 when between rounds.
     round_started_ms: AtomicU64,
     first_round_done: AtomicBool,
-    /// Since when every round failed, and the last error; `None` while rounds succeed.
-    failing: std::sync::Mutex<Option<(Instant, String)>>,
+    poll: std::sync::Mutex<PollState>,
+}
+
+impl LoopState {
+    fn poll(&self) -> std::sync::MutexGuard<'_, PollState> {
+        self.poll.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The poll loops of every portal.
@@ -53,16 +78,44 @@ impl LoopHandle {
             .store(ms.max(1), Ordering::SeqCst);
     }
 
-    /// A round ended, well (`None`) or with an error (a failed round is still a live loop).
-    pub fn round_finished(&self, error: Option<String>) {
+    /// A round ended without an error.
+    pub fn round_succeeded(&self) {
         {
-            let mut failing = self.state.failing.lock().unwrap_or_else(|p| p.into_inner());
-            *failing = match (error, failing.take()) {
-                (None, _) => None,
-                (Some(e), Some((since, _))) => Some((since, e)),
-                (Some(e), None) => Some((Instant::now(), e)),
-            };
+            let mut poll = self.state.poll();
+            poll.failures = 0;
+            poll.fatal = false;
+            poll.last_error = None;
+            poll.last_success = Some(chrono::Utc::now());
+            poll.failing_since = None;
         }
+        self.round_ended();
+    }
+
+    /// A round failed (a failed round is still a live loop); `failures` counts such rounds in
+    /// a row, `fatal` says the error needs an operator.
+    pub fn round_failed(&self, failures: u32, error: &str, fatal: bool) {
+        {
+            let mut poll = self.state.poll();
+            poll.failures = failures;
+            poll.fatal = fatal;
+            poll.last_error = Some(error.to_string());
+            poll.failing_since.get_or_insert_with(Instant::now);
+        }
+        self.round_ended();
+    }
+
+    /// The poller ended for good: the portal refused the configured mode.
+    pub fn stopped(&self, reason: &str) {
+        {
+            let mut poll = self.state.poll();
+            poll.stopped = Some(reason.to_string());
+            poll.last_error = Some(reason.to_string());
+            poll.failing_since.get_or_insert_with(Instant::now);
+        }
+        self.round_ended();
+    }
+
+    fn round_ended(&self) {
         self.state.round_started_ms.store(0, Ordering::SeqCst);
         if !self.state.first_round_done.swap(true, Ordering::SeqCst) {
             self.liveness.first_rounds.notify_waiters();
@@ -107,11 +160,19 @@ impl Liveness {
         self.loops
             .iter()
             .filter_map(|(portal, state)| {
-                let failing = state.failing.lock().unwrap_or_else(|p| p.into_inner());
-                let (since, error) = failing.as_ref()?;
-                let how_long = since.elapsed();
-                (how_long >= limit).then(|| (portal.clone(), how_long, error.clone()))
+                let poll = state.poll();
+                let how_long = poll.failing_since?.elapsed();
+                let error = poll.last_error.clone().unwrap_or_default();
+                (how_long >= limit).then(|| (portal.clone(), how_long, error))
             })
+            .collect()
+    }
+
+    /// How every portal's rounds have gone, by name.
+    pub fn poll_states(&self) -> BTreeMap<String, PollState> {
+        self.loops
+            .iter()
+            .map(|(portal, state)| (portal.clone(), state.poll().clone()))
             .collect()
     }
 
@@ -265,24 +326,28 @@ mod tests {
         assert!(!liveness.first_rounds(Duration::from_millis(10)).await);
         a.round_started();
         b.round_started();
-        b.round_finished(Some("portal down".into()));
+        b.round_failed(1, "portal down", false);
         assert_eq!(liveness.failing(Duration::ZERO).len(), 1);
+        assert_eq!(liveness.poll_states()["b"].failures, 1);
         assert!(liveness.failing(Duration::from_secs(60)).is_empty());
         tokio::time::sleep(Duration::from_millis(30)).await;
         let stuck = liveness.stuck(Duration::from_millis(20));
         assert_eq!(stuck.len(), 1);
         assert_eq!(stuck[0].0, "a");
         assert!(liveness.stuck(Duration::from_secs(60)).is_empty());
-        a.round_finished(None);
+        a.round_succeeded();
         assert!(
             liveness.stuck(Duration::from_millis(20)).is_empty(),
             "between rounds is alive"
         );
-        b.round_finished(None);
+        b.round_succeeded();
         assert!(
             liveness.failing(Duration::ZERO).is_empty(),
             "a good round clears it"
         );
+        let b = &liveness.poll_states()["b"];
+        assert_eq!((b.failures, b.last_error.as_deref()), (0, None));
+        assert!(b.last_success.is_some());
         assert!(liveness.first_rounds(Duration::from_millis(10)).await);
     }
 }

@@ -178,12 +178,14 @@ pub async fn run_with(
         );
     }
     let metrics = Metrics::new(clients.clone());
+    let liveness = liveness::Liveness::new(config.portals.keys());
     let admin = match config.admin.listen {
         Some(listen) => Some(
             AdminServer::start(
                 listen,
                 AdminState {
                     metrics: metrics.clone(),
+                    liveness: liveness.clone(),
                     journal: journal.clone(),
                     portals: config.portals.keys().cloned().collect(),
                 },
@@ -206,7 +208,6 @@ pub async fn run_with(
     }
 
     let mut scheduler = poller::Schedules::start(&config).await?;
-    let liveness = liveness::Liveness::new(config.portals.keys());
     let mut pollers = tokio::task::JoinSet::new();
     let mut settlers = Vec::new();
     for (portal, client) in config.portals.values().zip(clients.iter()) {

@@ -411,13 +411,12 @@ impl Poller {
                     break;
                 }
             };
-            self.liveness
-                .round_finished(round.as_ref().err().map(|e| format!("{e:#}")));
             let wait = match round {
                 Ok(wait) => {
                     if failures > 0 {
                         tracing::info!(portal = %self.portal(), "portal recovered");
                     }
+                    self.liveness.round_succeeded();
                     self.metrics.poll_succeeded(self.portal());
                     failures = 0;
                     last_error.clear();
@@ -438,14 +437,13 @@ impl Poller {
                         && refuses_reserve_mode(b)
                     {
                         tracing::error!(portal = %self.portal(), error = %message, "portal stopped: its plan has no reserve mode");
-                        self.metrics.poll_stopped(self.portal(), &message);
+                        self.liveness.stopped(&message);
                         return Some(ConfigMismatch {
                             portal: self.portal().to_string(),
                             message,
                         });
                     }
-                    self.metrics
-                        .poll_failed(self.portal(), failures, &message, fatal);
+                    self.liveness.round_failed(failures, &message, fatal);
                     let wait = if fatal {
                         FATAL_RETRY
                     } else {
