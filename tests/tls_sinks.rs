@@ -1,0 +1,340 @@
+//! The TLS paths of the broker sinks against live TLS servers: `rediss://`, `mqtts://` and
+//! NATS `tls://`, each served by a private instance of the real server (redis-server, mosquitto,
+//! nats-server) on a free port with a certificate from a throwaway CA. The daemon binary trusts
+//! that CA only through `SSL_CERT_FILE` (read by rustls-native-certs, as the system store is):
+//! without it every delivery is refused for the unknown issuer and nothing is cleared; with it
+//! every event reaches all three and is cleared.
+//!
+//! It needs `openssl`, `redis-server`, `mosquitto` and `nats-server` on `PATH` (Debian's
+//! packages; the machine's services come from them): it runs when `B24TEST_TLS=1` asks for it
+//! (`.ci/run` sets it) and then fails loudly when one is missing.
+
+mod common;
+
+use b24eventd::journal::Journal;
+use b24eventd::simulator::SimulatorConfig;
+use common::daemon::spawn_daemon_with_env;
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("B24TEST_TLS=1: {what} did not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate for `localhost` / 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    run(
+        Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=b24eventd test CA",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.pem"),
+        ]),
+        "openssl (CA)",
+    );
+    run(
+        Command::new("openssl").args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &p("server.key"),
+            "-out",
+            &p("server.csr"),
+        ]),
+        "openssl (server key)",
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(
+        Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p("san.ext"),
+            "-out",
+            &p("server.pem"),
+        ]),
+        "openssl (server certificate)",
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server process, killed on drop.
+struct Server(Child, &'static str);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Server {
+    let log = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("B24TEST_TLS=1: {name} did not start: {e}"));
+    Server(child, name)
+}
+
+async fn listening(server: &mut Server, port: u16) {
+    wait_for(
+        &format!("{} to listen on {port}", server.1),
+        Duration::from_secs(20),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    )
+    .await;
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "{} exited at start",
+        server.1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_mqtt_and_nats_sinks_deliver_over_verified_tls() {
+    if !common::proxy::service_requested("B24TEST_TLS") {
+        return;
+    }
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certificates(d);
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+
+    let redis_port = free_port();
+    let mut redis = spawn(
+        "redis-server",
+        Command::new("redis-server").args([
+            "--port",
+            "0",
+            "--tls-port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &path(""),
+        ]),
+        &d.join("redis.log"),
+    );
+    let mqtt_port = free_port();
+    // Started as root, mosquitto drops to its own user, which cannot read the key in our
+    // private temporary directory: it stays the user that runs the test.
+    let user = Command::new("id").arg("-un").output().unwrap();
+    let user = String::from_utf8_lossy(&user.stdout).trim().to_string();
+    std::fs::write(
+        d.join("mosquitto.conf"),
+        format!(
+            "user {user}\nlistener {mqtt_port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            path("ca.pem"),
+            path("server.pem"),
+            path("server.key")
+        ),
+    )
+    .unwrap();
+    let mut mosquitto = spawn(
+        "mosquitto",
+        Command::new("mosquitto").args(["-c", &path("mosquitto.conf")]),
+        &d.join("mosquitto.log"),
+    );
+    let nats_port = free_port();
+    std::fs::create_dir(d.join("jetstream")).unwrap();
+    let mut nats = spawn(
+        "nats-server",
+        Command::new("nats-server").args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-js",
+            "-sd",
+            &path("jetstream"),
+            "--tls",
+            "--tlscert",
+            &path("server.pem"),
+            "--tlskey",
+            &path("server.key"),
+        ]),
+        &d.join("nats.log"),
+    );
+    listening(&mut redis, redis_port).await;
+    listening(&mut mosquitto, mqtt_port).await;
+    listening(&mut nats, nats_port).await;
+
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = format!(
+        r#"[sinks.stream]
+type = "redis"
+url = "rediss://localhost:{redis_port}"
+stream = "bitrix:{{portal}}"
+[sinks.stream.retry]
+initial_backoff = "200ms"
+max_backoff = "1s"
+max_attempts = 1000
+
+[sinks.bus]
+type = "mqtt"
+url = "mqtts://localhost:{mqtt_port}"
+topic = "bitrix/{{portal}}/{{event}}"
+[sinks.bus.retry]
+initial_backoff = "200ms"
+max_backoff = "1s"
+max_attempts = 1000
+
+[sinks.jet]
+type = "nats"
+url = "tls://localhost:{nats_port}"
+subject = "bitrix.{{portal}}.{{event}}"
+stream = "BITRIX"
+create_stream = true
+[sinks.jet.retry]
+initial_backoff = "200ms"
+max_backoff = "1s"
+max_attempts = 1000
+"#
+    );
+    let config = write_config(d, &sim, None, "", &sinks);
+    Journal::open(&d.join("journal.db"), b24eventd::config::Synchronous::Full)
+        .await
+        .unwrap()
+        .save_tokens("main", &tokens)
+        .await
+        .unwrap();
+    emit_deals(&sim, 1, 100);
+    let log = d.join("daemon.log");
+    // Trusting only a CA that signed nothing here: the servers' certificates do not verify.
+    run(
+        Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=some other CA",
+            "-keyout",
+            &path("other.key"),
+            "-out",
+            &path("other.pem"),
+        ]),
+        "openssl (other CA)",
+    );
+    let mut child = spawn_daemon_with_env(&config, &log, &[("SSL_CERT_FILE", &path("other.pem"))]);
+    wait_for("failed TLS deliveries", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("will retry")
+            .count()
+            >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sim.stats().cleared,
+        0,
+        "nothing cleared over an untrusted certificate"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let refused = std::fs::read_to_string(&log).unwrap();
+    for sink in ["stream", "bus", "jet"] {
+        assert!(
+            refused
+                .lines()
+                .any(|l| l.contains(&format!("sink={sink}"))
+                    && l.to_lowercase().contains("certificate")),
+            "sink {sink} failed for its certificate: {refused}"
+        );
+    }
+
+    let mut child = spawn_daemon_with_env(&config, &log, &[("SSL_CERT_FILE", &path("ca.pem"))]);
+    wait_for(
+        "all 100 events delivered over TLS and cleared",
+        Duration::from_secs(60),
+        || upstream_empty(&sim) && sim.stats().cleared == 100,
+    )
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for sink in ["stream", "bus", "jet"] {
+        let line = refused
+            .lines()
+            .find(|l| {
+                l.contains(&format!("sink={sink}")) && l.to_lowercase().contains("certificate")
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "refused before the CA was trusted: {}",
+            &line[line.find("error=").unwrap_or(0)..]
+        );
+    }
+    eprintln!(
+        "tls sinks: 100/100 events delivered to rediss, mqtts and nats tls and cleared; before \
+         the CA was trusted: {} retried attempts, 0 cleared",
+        text.matches("will retry").count()
+    );
+}
