@@ -13,10 +13,9 @@ mod common;
 
 use b24eventd::journal::Journal;
 use b24eventd::simulator::{OperatingLimit, SimulatorConfig};
-use common::daemon::spawn_daemon_with_env;
+use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -250,12 +249,7 @@ async fn clock_set_back_an_hour_then_forward_a_day_delays_and_loses_nothing() {
         1.0,
         "{text}"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
+    stop_with_sigterm(&mut child, &log);
 
     let stats = sim.stats();
     let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)

@@ -92,10 +92,19 @@ async fn a_failed_clear_inside_a_batch_is_sent_again_alone() {
     emit_deals(&sim, 1, 2000);
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let running = Running::start(&config, &tokens).await;
+    // The portal empties its queue before the answer reaches the journal: wait for both.
     wait_for(
-        "all 2000 events settled upstream",
+        "all 2000 events settled upstream and in the journal",
         Duration::from_secs(90),
-        || upstream_empty(&sim),
+        || {
+            upstream_empty(&sim)
+                && running
+                    .journal
+                    .counts_blocking()
+                    .unwrap()
+                    .unsettled_upstream
+                    == 0
+        },
     )
     .await;
     let counts = running.journal.counts().await.unwrap();

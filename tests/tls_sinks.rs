@@ -13,7 +13,7 @@ mod common;
 
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
-use common::daemon::spawn_daemon_with_env;
+use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use common::*;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,9 +30,14 @@ fn run(cmd: &mut Command, what: &str) {
     );
 }
 
-/// A CA, and a certificate for `localhost` / 127.0.0.1 signed by it.
-fn make_certificates(dir: &Path) {
-    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+/// A self-signed CA: `{stem}.pem` and `{stem}.key` in `dir`.
+fn make_ca(dir: &Path, stem: &str, name: &str) {
+    let p = |ext: &str| {
+        dir.join(format!("{stem}.{ext}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
     run(
         Command::new("openssl").args([
             "req",
@@ -43,14 +48,20 @@ fn make_certificates(dir: &Path) {
             "-days",
             "2",
             "-subj",
-            "/CN=b24eventd test CA",
+            &format!("/CN={name}"),
             "-keyout",
-            &p("ca.key"),
+            &p("key"),
             "-out",
-            &p("ca.pem"),
+            &p("pem"),
         ]),
-        "openssl (CA)",
+        &format!("openssl ({name})"),
     );
+}
+
+/// A CA, and a certificate for `localhost` / 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    make_ca(dir, "ca", "b24eventd test CA");
     run(
         Command::new("openssl").args([
             "req",
@@ -260,24 +271,7 @@ max_attempts = 1000
     emit_deals(&sim, 1, 100);
     let log = d.join("daemon.log");
     // Trusting only a CA that signed nothing here: the servers' certificates do not verify.
-    run(
-        Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=some other CA",
-            "-keyout",
-            &path("other.key"),
-            "-out",
-            &path("other.pem"),
-        ]),
-        "openssl (other CA)",
-    );
+    make_ca(d, "other", "some other CA");
     let mut child = spawn_daemon_with_env(&config, &log, &[("SSL_CERT_FILE", &path("other.pem"))]);
     wait_for("failed TLS deliveries", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
@@ -296,15 +290,18 @@ max_attempts = 1000
     child.kill().unwrap();
     child.wait().unwrap();
     let refused = std::fs::read_to_string(&log).unwrap();
-    for sink in ["stream", "bus", "jet"] {
-        assert!(
-            refused
+    let refusals: Vec<String> = ["stream", "bus", "jet"]
+        .iter()
+        .map(|sink| {
+            let line = refused
                 .lines()
-                .any(|l| l.contains(&format!("sink={sink}"))
-                    && l.to_lowercase().contains("certificate")),
-            "sink {sink} failed for its certificate: {refused}"
-        );
-    }
+                .find(|l| {
+                    l.contains(&format!("sink={sink}")) && l.to_lowercase().contains("certificate")
+                })
+                .unwrap_or_else(|| panic!("sink {sink} failed for its certificate: {refused}"));
+            line[line.find("error=").unwrap_or(0)..].to_string()
+        })
+        .collect();
 
     let mut child = spawn_daemon_with_env(&config, &log, &[("SSL_CERT_FILE", &path("ca.pem"))]);
     wait_for(
@@ -313,24 +310,10 @@ max_attempts = 1000
         || upstream_empty(&sim) && sim.stats().cleared == 100,
     )
     .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM exits 0");
+    stop_with_sigterm(&mut child, &log);
     let text = std::fs::read_to_string(&log).unwrap();
-    for sink in ["stream", "bus", "jet"] {
-        let line = refused
-            .lines()
-            .find(|l| {
-                l.contains(&format!("sink={sink}")) && l.to_lowercase().contains("certificate")
-            })
-            .unwrap_or_default();
-        eprintln!(
-            "refused before the CA was trusted: {}",
-            &line[line.find("error=").unwrap_or(0)..]
-        );
+    for refusal in &refusals {
+        eprintln!("refused before the CA was trusted: {refusal}");
     }
     eprintln!(
         "tls sinks: 100/100 events delivered to rediss, mqtts and nats tls and cleared; before \

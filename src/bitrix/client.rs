@@ -39,6 +39,8 @@ const LIMIT_BACKOFF_START: Duration = Duration::from_secs(1);
 const LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Wait after a 429 `OPERATION_TIME_LIMIT` when no `operating_reset_at` is known.
 const OPERATING_FALLBACK_WAIT: Duration = Duration::from_secs(60);
+/// The longest wait for an operating window: the 10-minute window plus a minute of margin.
+pub const MAX_OPERATING_WAIT: Duration = Duration::from_secs(11 * 60);
 const USER_AGENT: &str = concat!("b24eventd/", env!("CARGO_PKG_VERSION"));
 const SETUP: &str = "client setup";
 
@@ -1238,7 +1240,7 @@ impl PortalClient {
 
     /// How long to wait after a 429: until the method's last known `operating_reset_at`
     /// (or the error's own hint), else 60 s.
-    fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
+    pub fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
         if let Some(hint) = hint.filter(|h| !h.is_zero()) {
             return hint;
         }
@@ -1249,7 +1251,7 @@ impl PortalClient {
         let now = self.portal_now();
         match reset_at {
             Some(at) if (at as f64) > now => {
-                Duration::from_secs_f64(at as f64 - now + 0.5).min(Duration::from_secs(11 * 60))
+                Duration::from_secs_f64(at as f64 - now + 0.5).min(MAX_OPERATING_WAIT)
             }
             _ => OPERATING_FALLBACK_WAIT,
         }

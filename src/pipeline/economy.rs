@@ -83,7 +83,7 @@ impl CallBudget {
             return None;
         }
         let until = operating.reset_at.map_or(60.0, |at| at as f64 - now + 0.5);
-        Some(Duration::from_secs_f64(until.clamp(0.5, 660.0)))
+        Some(Duration::from_secs_f64(until.max(0.5)).min(crate::bitrix::client::MAX_OPERATING_WAIT))
     }
 
     /// Learns the cost of one call from a request that carried `calls` of the method: the

@@ -852,15 +852,9 @@ impl Poller {
             {
                 // A sub-command's 429 carries no time block: wait for the window the last
                 // answer described, else a minute.
-                let now = self.client.portal_now();
-                let wait = b.retry_after.unwrap_or_else(|| {
-                    match self.client.operating("event.offline.get").1 {
-                        Some(at) if at as f64 > now => {
-                            Duration::from_secs_f64((at as f64 - now + 1.0).min(660.0))
-                        }
-                        _ => Duration::from_secs(60),
-                    }
-                });
+                let wait = self
+                    .client
+                    .operating_wait("event.offline.get", b.retry_after);
                 return Ok(Some(Fetched::Paused(wait)));
             }
             return Err(e);

@@ -65,6 +65,12 @@ pub async fn last_run_drains_and_stops(
         || journal.counts_blocking().unwrap().unsettled_upstream == 0,
     )
     .await;
+    stop_with_sigterm(&mut child, log);
+    journal
+}
+
+/// Stops the daemon with SIGTERM, which must exit 0.
+pub fn stop_with_sigterm(child: &mut Child, log: &Path) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -77,5 +83,4 @@ pub async fn last_run_drains_and_stops(
         "SIGTERM exits 0; log: {}",
         std::fs::read_to_string(log).unwrap()
     );
-    journal
 }
