@@ -43,7 +43,9 @@ const DEFAULT_PER_SECOND: f64 = 2.0;
 /// Half the portal's bucket: the rest is left to the other integrations of the account.
 const DEFAULT_SHARE: f64 = 0.5;
 /// The cloud's operating budget per method per 10 minutes (notes §8).
-const DEFAULT_OPERATING_BUDGET: Duration = Duration::from_secs(480);
+/// `LoadLimiter::$limitTime` of the rest module: 420 s per method per 10 minutes unless the
+/// plan sets `rest_load_limiter_seconds` (the docs' older example said 480).
+const DEFAULT_OPERATING_BUDGET: Duration = Duration::from_secs(420);
 /// How slowly an idle portal is polled at most (when `poll_interval` is shorter).
 const DEFAULT_IDLE_POLL_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_UNSETTLED: u32 = 5000;
@@ -261,8 +263,9 @@ pub struct RateLimit {
     /// In (0, 1]: the client-side bucket is `burst * share` requests refilled at
     /// `per_second * share`.
     pub share: f64,
-    /// Server time a method may use per 10 minutes (480 s on the cloud): fetches narrow as the
-    /// `event.offline.get` budget fills and pause near its end.
+    /// Server time a method may use per 10 minutes (420 s on the cloud unless the plan says
+    /// otherwise; `batch` itself counts at half its time): requests carry no more calls of a
+    /// method than its time left pays for, and a method pauses at 90% of it.
     pub operating_budget: Duration,
 }
 
@@ -2799,7 +2802,7 @@ events = ["ONCRMDEALADD"]
                 burst: 50,
                 per_second: 2.0,
                 share: 0.5,
-                operating_budget: Duration::from_secs(480)
+                operating_budget: Duration::from_secs(420)
             }
         );
         assert_eq!(p.idle_poll_max, Duration::from_secs(30));
@@ -3084,7 +3087,7 @@ events = ["ONCRMDEALADD"]
                 burst: 250,
                 per_second: 5.0,
                 share: 0.5,
-                operating_budget: Duration::from_secs(480)
+                operating_budget: Duration::from_secs(420)
             }
         );
         assert_eq!(

@@ -89,10 +89,10 @@ async fn clock_set_back_an_hour_then_forward_a_day_delays_and_loses_nothing() {
     // A small operating budget for the drain to spend several times over: 3 s of server time
     // per 10 s window, a 50-event get costing 5 ms + 4 ms per event.
     let (sim, tokens) = portal(SimulatorConfig {
-        operating_limit: Some(OperatingLimit {
-            budget: Duration::from_secs(3),
-            window: Duration::from_secs(10),
-        }),
+        operating_limit: Some(OperatingLimit::scaled(
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )),
         operating_cost_per_event: Duration::from_millis(4),
         ..SimulatorConfig::default()
     })

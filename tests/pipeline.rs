@@ -287,6 +287,79 @@ async fn lost_get_responses_are_adopted_and_nothing_stays_reserved() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_is_adopted_even_when_the_counts_mislead() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // A sink that refuses everything until told otherwise: the first 100 events stay unsettled.
+    let up = Arc::new(AtomicBool::new(false));
+    let flag = up.clone();
+    let endpoint = Endpoint::start(Arc::new(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        }
+    }))
+    .await;
+    emit_deals(&sim, 1, 100);
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "idle_poll_max = \"200ms\"",
+        &http_sink(&endpoint.url),
+    );
+    let running = Running::start(&config, &tokens).await;
+    let unsettled = || {
+        running
+            .journal
+            .counts_blocking()
+            .unwrap()
+            .unsettled_upstream
+    };
+    wait_for(
+        "100 events reserved and journaled",
+        Duration::from_secs(30),
+        || unsettled() == 100,
+    )
+    .await;
+    // The portal's daily agent purges those reservations (after ~34 days on a real portal): the
+    // journal still counts 100 unsettled, the portal holds none.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(sim.purge_reservations(Duration::ZERO), 100);
+    // A get whose answer is lost: 30 events reserved upstream, unknown to the journal, and
+    // fewer than the journal's unsettled count, so comparing counts would find nothing.
+    sim.set_faults(Faults {
+        drop_next_gets: 1,
+        ..Faults::default()
+    });
+    emit_deals(&sim, 1001, 30);
+    wait_for("the orphan adopted", Duration::from_secs(30), || {
+        running.journal.counts_blocking().unwrap().adopted_batches >= 1
+    })
+    .await;
+    up.store(true, Ordering::SeqCst);
+    wait_for(
+        "everything settled upstream and in the journal",
+        Duration::from_secs(60),
+        || upstream_empty(&sim) && unsettled() == 0,
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(
+        sim.stats().dropped_after_commit,
+        1,
+        "the fault was exercised"
+    );
+    let delivered = endpoint.accepted_entities();
+    assert!(
+        expected_entities(1001, 30).is_subset(&delivered),
+        "the orphaned events were delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_portal_is_followed_with_a_re_post() {
     init();
     let dir = tempfile::tempdir().unwrap();
@@ -366,12 +439,14 @@ async fn auth_connector_reads_and_settles_only_its_own_queue() {
 async fn shutdown_is_not_held_up_by_a_long_operating_limit_wait() {
     init();
     let dir = tempfile::tempdir().unwrap();
-    // A tiny operating budget: after a couple of gets the portal answers 429 for ten minutes.
+    // A plan whose limit is far below the configured operating_budget: the third get (each
+    // takes 122 ms, stored on its own) passes it and the portal bans the method for 300 s.
     let (sim, tokens) = portal(SimulatorConfig {
         operating_limit: Some(b24eventd::simulator::OperatingLimit {
-            budget: Duration::from_millis(20),
-            window: Duration::from_secs(600),
+            budget: Duration::from_millis(200),
+            ..Default::default()
         }),
+        operating_cost: Duration::from_millis(120),
         ..SimulatorConfig::default()
     })
     .await;

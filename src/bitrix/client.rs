@@ -9,6 +9,7 @@ use super::error::{
 };
 use super::form;
 use super::oauth::{self, TokenStore, Tokens};
+use super::operating::{self, Answered, MethodTime, OperatingTimes};
 use super::ratelimit::LeakyBucket;
 use super::types::{
     self, ApiResponse, AppInfo, BatchResponse, EventHandler, FeatureValue, ListPage, OfflineBatch,
@@ -17,7 +18,7 @@ use super::types::{
     parse_user_admin,
 };
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,8 +38,6 @@ const MIN_REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// First backoff after a 503 `QUERY_LIMIT_EXCEEDED`; doubles per repeat up to the cap.
 const LIMIT_BACKOFF_START: Duration = Duration::from_secs(1);
 const LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(60);
-/// Wait after a 429 `OPERATION_TIME_LIMIT` when no `operating_reset_at` is known.
-const OPERATING_FALLBACK_WAIT: Duration = Duration::from_secs(60);
 /// The longest wait for an operating window: the 10-minute window plus a minute of margin.
 pub const MAX_OPERATING_WAIT: Duration = Duration::from_secs(11 * 60);
 const USER_AGENT: &str = concat!("b24eventd/", env!("CARGO_PKG_VERSION"));
@@ -207,9 +206,6 @@ impl OfflineCommand {
 pub struct OfflineBatchAnswer {
     /// One per command, in order.
     pub outcomes: Vec<OfflineOutcome>,
-    /// Per method, the largest `time.processing` among its sub-commands: what one call of it
-    /// may cost against its operating budget.
-    pub costliest: BTreeMap<&'static str, f64>,
 }
 
 /// How one sub-command of [`PortalClient::offline_batch`] came out.
@@ -280,9 +276,8 @@ struct TokenState {
 
 #[derive(Default)]
 struct OperatingState {
-    /// `operating_reset_at` of the last successful response, per method and overall.
-    by_method: HashMap<String, i64>,
-    last: Option<i64>,
+    /// What the portal said of each method's operating time, and what was spent since.
+    times: OperatingTimes,
     /// The portal's clock as of the last answer (its `time.finish`) and when that answer came,
     /// on the monotonic clock: reset times are the portal's Unix seconds, and comparing them
     /// with this machine's wall clock would stall fetching for as long as that clock was set
@@ -436,6 +431,7 @@ impl PortalClient {
                 continue;
             }
             if err.is_code("OPERATION_TIME_LIMIT") {
+                self.operating_refused(method, err.retry_after);
                 let wait = self.operating_wait(method, err.retry_after);
                 limit_attempts += 1;
                 if wait > remaining {
@@ -537,13 +533,6 @@ impl PortalClient {
             ));
         }
         let resp = self.batch(&sub, false).await?;
-        let mut costliest: BTreeMap<&'static str, f64> = BTreeMap::new();
-        for ((key, _, _), command) in sub.iter().zip(commands) {
-            if let Some(p) = resp.times.get(key).and_then(|t| t.processing) {
-                let max = costliest.entry(command.method()).or_insert(p);
-                *max = max.max(p);
-            }
-        }
         let outcomes = sub
             .iter()
             .zip(commands)
@@ -573,10 +562,7 @@ impl PortalClient {
                 }
             })
             .collect();
-        Ok(OfflineBatchAnswer {
-            outcomes,
-            costliest,
-        })
+        Ok(OfflineBatchAnswer { outcomes })
     }
 
     /// Reads up to 50 entities in one `batch` request (one sub-command per entity; callers
@@ -681,6 +667,62 @@ impl PortalClient {
         parse_offline_list(&resp).map_err(|e| self.shape_error(METHOD, e))
     }
 
+    /// Pages of `event.offline.list`, ordered by `PROCESS_ID`: one `(filter, start)` per page,
+    /// sent together in one `batch` request (a single page alone). Returns one page or error per
+    /// query, in order.
+    pub async fn offline_list_pages(
+        &self,
+        queries: &[(Value, u64)],
+    ) -> Result<Vec<Result<ListPage, BitrixError>>, BitrixError> {
+        const METHOD: &str = "event.offline.list";
+        let params = |filter: &Value, start: u64| json!({ "filter": filter, "order": {"PROCESS_ID": "ASC"}, "start": start });
+        if let [(filter, start)] = queries {
+            let resp = self.call(METHOD, params(filter, *start)).await?;
+            return Ok(vec![
+                parse_offline_list(&resp).map_err(|e| self.shape_error(METHOD, e)),
+            ]);
+        }
+        let commands: Vec<(String, String, Value)> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, (filter, start))| {
+                (
+                    format!("{i:02}list"),
+                    METHOD.to_string(),
+                    params(filter, *start),
+                )
+            })
+            .collect();
+        let resp = self.batch(&commands, false).await?;
+        Ok(commands
+            .iter()
+            .map(|(key, _, _)| {
+                if let Some((code, description)) = resp.errors.get(key) {
+                    return Err(BitrixError::from_api(
+                        self.portal(),
+                        METHOD,
+                        code,
+                        description,
+                        None,
+                    ));
+                }
+                let Some(result) = resp.results.get(key) else {
+                    return Err(
+                        self.shape_error(METHOD, format!("no result for sub-command {key}"))
+                    );
+                };
+                let page = ApiResponse {
+                    result: result.clone(),
+                    total: resp.totals.get(key).copied(),
+                    next: resp.nexts.get(key).copied(),
+                    time: resp.times.get(key).cloned().unwrap_or_default(),
+                    waited: 0.0,
+                };
+                parse_offline_list(&page).map_err(|e| self.shape_error(METHOD, e))
+            })
+            .collect())
+    }
+
     /// One `batch` request of up to 50 `(key, method, params)` sub-commands, each sent as
     /// `method?<PHP bracket query>`. Sub-command failures are in [`BatchResponse::errors`].
     pub async fn batch(
@@ -727,24 +769,37 @@ impl PortalClient {
             .call(METHOD, json!({ "cmd": cmd, "halt": u8::from(halt) }))
             .await?;
         let parsed = parse_batch(&resp.result).map_err(|e| self.shape_error(METHOD, e))?;
-        // Each sub-command is charged to its own method's operating budget.
-        for (key, method, _) in commands {
-            if let Some(time) = parsed.times.get(key) {
-                self.record_time(method, time);
+        // Each sub-command is charged to its own method's operating budget; the portal runs
+        // them in the order of their keys (the `cmd` object is written with sorted keys).
+        let mut ran: Vec<&(String, String, Value)> = commands.iter().collect();
+        ran.sort_by(|a, b| a.0.cmp(&b.0));
+        let stamped: Vec<(&str, Option<&types::TimeInfo>)> = ran
+            .iter()
+            .map(|(key, method, _)| (method.as_str(), parsed.times.get(key)))
+            .collect();
+        self.record_answer(
+            Answered {
+                method: METHOD,
+                time: &resp.time,
+                waited: resp.waited,
+            },
+            &stamped,
+        );
+        for (key, method, _) in &ran {
+            if let Some((code, _)) = parsed.errors.get(key)
+                && code.eq_ignore_ascii_case("OPERATION_TIME_LIMIT")
+            {
+                self.operating_refused(method, None);
             }
         }
         Ok(parsed)
     }
 
-    /// What the portal last reported of `method`'s operating budget: seconds used in the current
-    /// 10-minute window and when its oldest minute drops out (Unix seconds).
-    pub fn operating(&self, method: &str) -> (Option<f64>, Option<i64>) {
-        let used = lock(&self.inner.stats)
-            .methods
-            .get(method)
-            .and_then(|m| m.operating_seconds);
-        let reset_at = lock(&self.inner.operating).by_method.get(method).copied();
-        (used, reset_at)
+    /// What the portal last reported of `method`'s operating time (seconds used in the current
+    /// 10-minute window, when its oldest minute drops out), what this client's calls may have
+    /// added since, what one call may take, and a ban the portal imposed.
+    pub fn operating(&self, method: &str) -> MethodTime {
+        lock(&self.inner.operating).times.get(method)
     }
 
     /// The portal's Unix time now, in seconds: its clock as of the last answer plus the
@@ -756,14 +811,6 @@ impl PortalClient {
             Some((finish, at)) => finish + at.elapsed().as_secs_f64(),
             None => chrono::Utc::now().timestamp_millis() as f64 / 1000.0,
         }
-    }
-
-    /// `time.processing` of `method`'s last answer: the server time one call cost.
-    pub fn last_processing(&self, method: &str) -> Option<f64> {
-        lock(&self.inner.stats)
-            .methods
-            .get(method)
-            .and_then(|m| m.processing_seconds)
     }
 
     /// `event.get`: every handler of the application, online and offline, of every connector.
@@ -1238,39 +1285,73 @@ impl PortalClient {
         tokio::time::sleep(wait).await;
     }
 
-    /// How long to wait after a 429: until the method's last known `operating_reset_at`
-    /// (or the error's own hint), else 60 s.
+    /// How long to wait after a 429 on `method`: the answer's own hint, else until the ban the
+    /// portal imposed ends (a method that passes its limit is refused for
+    /// [`operating::BAN`]), at most [`MAX_OPERATING_WAIT`].
     pub fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
         if let Some(hint) = hint.filter(|h| !h.is_zero()) {
-            return hint;
+            return hint.min(MAX_OPERATING_WAIT);
         }
-        let reset_at = {
-            let op = lock(&self.inner.operating);
-            op.by_method.get(method).copied().or(op.last)
-        };
         let now = self.portal_now();
-        match reset_at {
-            Some(at) if (at as f64) > now => {
-                Duration::from_secs_f64(at as f64 - now + 0.5).min(MAX_OPERATING_WAIT)
-            }
-            _ => OPERATING_FALLBACK_WAIT,
+        let until = lock(&self.inner.operating)
+            .times
+            .get(method)
+            .banned(now)
+            .unwrap_or(now + operating::BAN.as_secs_f64());
+        Duration::try_from_secs_f64(until - now + 0.5)
+            .unwrap_or(MAX_OPERATING_WAIT)
+            .min(MAX_OPERATING_WAIT)
+    }
+
+    /// The portal refused `method` with 429 `OPERATION_TIME_LIMIT`: it is banned (for the
+    /// answer's hint, else [`operating::BAN`]) and its stored time is gone. The request economy
+    /// exists to keep every method under its limit, so this is logged as the defect it is.
+    fn operating_refused(&self, method: &str, hint: Option<Duration>) {
+        let now = self.portal_now();
+        let ban = hint.filter(|h| !h.is_zero()).unwrap_or(operating::BAN);
+        let before = {
+            let mut op = lock(&self.inner.operating);
+            let before = op.times.get(method);
+            op.times.refused(method, now, ban);
+            before
+        };
+        if before.banned(now).is_none() {
+            tracing::error!(
+                portal = self.portal(),
+                method,
+                ban_seconds = ban.as_secs_f64(),
+                operating_reported = ?before.reported,
+                operating_unreported = before.unreported,
+                call_seconds = ?before.call,
+                "the portal banned a method for passing its operating-time limit (429 OPERATION_TIME_LIMIT); the request economy plans to use 90% of rate_limit.operating_budget: if the portal's plan allows less, lower that setting; otherwise this is a defect, please report it with this log line"
+            );
         }
     }
 
-    fn record_time(&self, method: &str, time: &types::TimeInfo) {
-        if let Some(at) = time.operating_reset_at {
+    /// Records a successful answer's `time` stamps (a single call, or a `batch` with its
+    /// sub-commands in the order they ran) and publishes each method's figure to the stats.
+    fn record_answer(&self, answer: Answered<'_>, commands: &operating::Commands<'_>) {
+        let reported: Vec<(String, Option<f64>)> = {
             let mut op = lock(&self.inner.operating);
-            op.by_method.insert(method.to_string(), at);
-            op.last = Some(at);
-        }
-        if let Some(operating) = time.operating {
-            tracing::trace!(portal = self.portal(), method, operating, "operating time");
-            self.stat(|s| {
-                let m = s.methods.entry(method.to_string()).or_default();
-                m.operating_seconds = Some(operating);
-                m.processing_seconds = time.processing;
-            });
-        }
+            op.times.record(answer, commands);
+            std::iter::once(answer.method)
+                .chain(commands.iter().map(|(m, _)| *m))
+                .map(|m| (m.to_string(), op.times.get(m).reported))
+                .collect()
+        };
+        tracing::trace!(
+            portal = self.portal(),
+            method = answer.method,
+            ?reported,
+            "operating time"
+        );
+        self.stat(|s| {
+            for (method, seconds) in reported {
+                if let Some(seconds) = seconds {
+                    s.methods.entry(method).or_default().operating_seconds = Some(seconds);
+                }
+            }
+        });
     }
 
     // ----- HTTP -----
@@ -1363,7 +1444,14 @@ impl PortalClient {
                     return Err(err.with_maybe_executed(true));
                 }
             };
-            let result = self.interpret(method, status, &bytes, retry_after, access);
+            let result = self.interpret(
+                method,
+                status,
+                &bytes,
+                retry_after,
+                access,
+                started.elapsed(),
+            );
             match &result {
                 Ok(_) => tracing::debug!(
                     portal,
@@ -1472,6 +1560,7 @@ impl PortalClient {
         bytes: &[u8],
         retry_after: Option<Duration>,
         access: &str,
+        waited: Duration,
     ) -> Result<ApiResponse, BitrixError> {
         let portal = self.portal();
         let secrets = [self.inner.settings.client_secret.as_str(), access];
@@ -1503,11 +1592,13 @@ impl PortalClient {
             let mut err = BitrixError::from_api(portal, method, &code, &description, Some(status));
             let mut hint = retry_after;
             if err.is_code("OPERATION_TIME_LIMIT") {
+                // The current server sends no `time` with an error; should one come, its reset
+                // time is the ban's end.
                 let time = json.get("time").map(parse_time).unwrap_or_default();
                 if let Some(at) = time.operating_reset_at {
                     let now = time.finish.unwrap_or_else(|| self.portal_now());
-                    if at as f64 > now {
-                        hint = Some(Duration::from_secs_f64(at as f64 - now + 0.5));
+                    if let Ok(wait) = Duration::try_from_secs_f64(at as f64 - now + 0.5) {
+                        hint = Some(wait.min(MAX_OPERATING_WAIT));
                     }
                 }
             }
@@ -1532,12 +1623,23 @@ impl PortalClient {
             )));
         }
         match ApiResponse::from_body(&json) {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 self.count_answer(method, Answer::Ok);
-                if let Some(finish) = resp.time.finish {
+                resp.waited = waited.as_secs_f64();
+                if let Some(finish) = resp.time.finish.filter(|f| f.is_finite()) {
                     lock(&self.inner.operating).portal_clock = Some((finish, Instant::now()));
                 }
-                self.record_time(method, &resp.time);
+                // A batch is recorded with its sub-commands, once they are parsed.
+                if method != "batch" {
+                    self.record_answer(
+                        Answered {
+                            method,
+                            time: &resp.time,
+                            waited: resp.waited,
+                        },
+                        &[],
+                    );
+                }
                 Ok(resp)
             }
             Err(what) => {
@@ -1896,13 +1998,18 @@ mod tests {
     }
 
     /// A first answer with `time`, then a 429: how long the client waited before repeating.
-    async fn wait_after_429(time: Value) -> (PortalClient, Duration) {
+    /// A first call answered with `first_time`, then a 429 carrying `ban_time` (the current
+    /// server sends none), then success: how long the second call took.
+    async fn wait_after_429(first_time: Value, ban_time: Value) -> (PortalClient, Duration) {
         let (base, srv) = serve(move |_, n| match n {
-            0 => json_reply(200, json!({"result": true, "time": time.clone()})),
-            1 => api_error(
+            0 => json_reply(200, json!({"result": true, "time": first_time.clone()})),
+            1 => json_reply(
                 429,
-                "OPERATION_TIME_LIMIT",
-                "Method is blocked due to operation time limit.",
+                json!({
+                    "error": "OPERATION_TIME_LIMIT",
+                    "error_description": "Method is blocked due to operation time limit.",
+                    "time": ban_time.clone(),
+                }),
             ),
             _ => ok(json!(true)),
         })
@@ -1915,27 +2022,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn waits_for_operating_reset_at_after_429() {
-        let reset_at = chrono::Utc::now().timestamp() + 2;
-        let (client, waited) =
-            wait_after_429(json!({"operating": 3.5, "operating_reset_at": reset_at})).await;
+    async fn a_429_that_says_when_the_ban_ends_is_waited_out() {
+        let now = chrono::Utc::now().timestamp();
+        let (client, waited) = wait_after_429(
+            json!({"operating": 3.5, "operating_reset_at": now + 500}),
+            json!({"operating_reset_at": now + 2}),
+        )
+        .await;
         assert!(
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
         assert_eq!(client.stats().operating_429, 1);
+        // Answered again: the ban is over, and the portal forgot the method's time.
+        assert_eq!(client.operating("crm.deal.get").banned_until, None);
     }
 
     #[tokio::test]
     async fn operating_windows_are_read_on_the_portals_clock_not_this_machines() {
-        // The portal's clock is an hour behind ours (or ours was set ahead an hour): its
-        // window resets 2 s after its own `finish`. By our clock the reset is an hour past:
-        // waiting the fallback minute would be wrong, and so would waiting an hour had the
-        // clocks differed the other way.
+        // The portal's clock is an hour behind ours (or ours was set ahead an hour): its ban
+        // ends 2 s after its own `finish`. By our clock the end is an hour past: waiting the
+        // whole ban would be wrong, and so would waiting an hour had the clocks differed the
+        // other way.
         let portal_finish = chrono::Utc::now().timestamp() as f64 - 3600.0;
-        let reset_at = portal_finish as i64 + 2;
         let (client, waited) = wait_after_429(
-            json!({"finish": portal_finish, "operating": 3.5, "operating_reset_at": reset_at}),
+            json!({"finish": portal_finish, "operating": 3.5}),
+            json!({"operating_reset_at": portal_finish as i64 + 2}),
         )
         .await;
         assert!(
@@ -1950,7 +2062,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn operating_limit_beyond_max_wait_is_returned_with_retry_after() {
+    async fn a_429_bans_the_method_for_five_minutes_and_is_returned_past_max_wait() {
         let (base, srv) =
             serve(|_, _| api_error(429, "OPERATION_TIME_LIMIT", "Method is blocked")).await;
         let mut s = settings(&base);
@@ -1961,7 +2073,15 @@ mod tests {
             (err.class, err.code.as_str()),
             (ErrorClass::Retryable, "OPERATION_TIME_LIMIT")
         );
-        assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+        // LoadLimiter::BAN_DURATION: the current server bans the method for 300 s.
+        let wait = err.retry_after.unwrap();
+        assert!(
+            wait > Duration::from_secs(299) && wait <= Duration::from_secs(301),
+            "{wait:?}"
+        );
+        let now = client.portal_now();
+        let banned = client.operating("crm.deal.get").banned(now).unwrap();
+        assert!((banned - now - 300.0).abs() < 2.0);
         assert_eq!(client.stats().requests, 1);
     }
 

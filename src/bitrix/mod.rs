@@ -5,6 +5,7 @@ pub mod entities;
 pub mod error;
 pub mod form;
 pub mod oauth;
+pub mod operating;
 pub mod ratelimit;
 pub mod types;
 

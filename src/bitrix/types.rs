@@ -55,8 +55,10 @@ pub struct TimeInfo {
     pub operating: Option<f64>,
     /// Unix time when the oldest one-minute basket of the operating limit drops out.
     pub operating_reset_at: Option<i64>,
-    /// Seconds the server spent on this call (`processing`): what it adds to `operating`.
-    pub processing: Option<f64>,
+    /// The portal's Unix time when it began the call (`start`; whole seconds on the current
+    /// server). `processing` is not read: on the current server it is a difference of whole
+    /// seconds and says nothing about what a call cost.
+    pub start: Option<f64>,
     /// The portal's own Unix time when it finished the call (`finish`).
     pub finish: Option<f64>,
 }
@@ -68,6 +70,8 @@ pub struct ApiResponse {
     pub total: Option<u64>,
     pub next: Option<u64>,
     pub time: TimeInfo,
+    /// Seconds the client waited for this answer (set by the client; 0 when parsed alone).
+    pub waited: f64,
 }
 
 /// A `batch` answer, by command key.
@@ -97,6 +101,7 @@ impl ApiResponse {
             total: obj.get("total").and_then(as_u64),
             next: obj.get("next").and_then(as_u64),
             time: obj.get("time").map(parse_time).unwrap_or_default(),
+            waited: 0.0,
         })
     }
 }
@@ -127,7 +132,7 @@ pub fn parse_time(time: &Value) -> TimeInfo {
     TimeInfo {
         operating: time.get("operating").and_then(as_f64),
         operating_reset_at: time.get("operating_reset_at").and_then(as_i64),
-        processing: time.get("processing").and_then(as_f64),
+        start: time.get("start").and_then(as_f64),
         finish: time.get("finish").and_then(as_f64),
     }
 }

@@ -40,10 +40,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let sim = Simulator::start(SimulatorConfig {
         rate_limit: Some((50, 2.0)),
-        operating_limit: Some(OperatingLimit {
-            budget: Duration::from_secs(480),
-            window: Duration::from_secs(600),
-        }),
+        // The cloud's limits: the leaky bucket, and 420 s of operating time per method per
+        // 10 minutes with a 300 s ban.
+        operating_limit: Some(OperatingLimit::default()),
         ..SimulatorConfig::default()
     })
     .await
@@ -72,7 +71,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
 
     outln!(
-        "b24eventd demo: portal simulator at {} (limits: 50 burst, 2 req/s, 480 s operating per 10 min)",
+        "b24eventd demo: portal simulator at {} (limits: 50 burst, 2 req/s, 420 s operating per method per 10 min)",
         sim.base_url()
     )?;
     outln!(

@@ -1,16 +1,24 @@
-//! Request economy (pure): how many reservations one combined request asks for, and how long an
-//! idle portal waits between polls.
+//! Request economy (pure): how many reservations one combined request asks for, what each
+//! method's operating-time limit still allows, and how long an idle portal waits between polls.
 //!
 //! A combined request is one `batch` carrying the settle calls that are ready and up to
 //! [`MAX_GETS`] `get` commands (`clear=0`, each its own reservation). The number of gets — the
 //! *width* — starts at one and doubles while every get comes back full (a backlog), drops to what
-//! the last answer showed when the queue runs dry, and halves when a request was slow. The
-//! `event.offline.get` operating budget bounds it too: each get is charged server time, so a
-//! request carries no more gets than the budget left can pay for at the cost learned from earlier
-//! answers, and none once 90% is spent, until the oldest minute of the window drops out.
-//! `max_unsettled` caps the events asked for.
+//! the last answer showed when the queue runs dry, and halves when a request was slow.
+//!
+//! The portal limits each method's operating time (420 s per 10 minutes on the cloud, `batch`
+//! itself included at half weight; passing it bans the method for 5 minutes). What a method has
+//! used is what the portal says in `time.operating`, plus what the calls of the answered request
+//! may have added since (the portal stores a request's time after answering); what one call
+//! takes is bounded from the portal's own stamps (see `bitrix::operating`). A request carries no
+//! more calls of a method than the time left under [`OPERATING_CEILING`] of its limit pays for,
+//! goes without `batch` when the `batch` method has no time left, and a method with no time left
+//! waits until the oldest minute of its window drops out.
 
 use std::time::Duration;
+
+use crate::bitrix::client::MAX_OPERATING_WAIT;
+use crate::bitrix::operating::MethodTime;
 
 /// Sub-commands per `batch` request (`CRestUtil::BATCH_MAX_LENGTH`).
 pub const MAX_COMMANDS: usize = crate::bitrix::client::MAX_BATCH;
@@ -18,136 +26,99 @@ pub const MAX_COMMANDS: usize = crate::bitrix::client::MAX_BATCH;
 pub const MAX_GETS: u32 = 40;
 /// A request that took longer than this halves the width (the portal allows 60 s per request).
 pub const SLOW_REQUEST: Duration = Duration::from_secs(15);
-/// The share of the operating budget fetches may use; the rest is margin for estimates.
-const OPERATING_CEILING: f64 = 0.9;
+/// The share of each method's operating limit the daemon plans to use; the rest is the margin
+/// for its estimates and for the operator's commands, which use the same application.
+pub const OPERATING_CEILING: f64 = 0.9;
+/// The wait for a method with no time left when the portal gave no reset time.
+const UNKNOWN_RESET_WAIT: Duration = Duration::from_secs(60);
 
-/// The adaptive number of `get` commands per request, and what one get costs.
+/// One method's operating time as the client knows it, against the limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub time: MethodTime,
+    /// Seconds per 10-minute window (`rate_limit.operating_budget`).
+    pub limit: f64,
+}
+
+impl Budget {
+    /// Seconds left under the ceiling, `None` when the portal has never reported the method's
+    /// time (it enforces nothing this client can see).
+    fn left(&self) -> Option<f64> {
+        self.time
+            .used()
+            .map(|used| self.limit * OPERATING_CEILING - used)
+    }
+
+    /// How many calls the time left pays for (`u32::MAX`: no limit known). A banned method
+    /// affords none. Once the portal's figure is out of date (its oldest minute has left the
+    /// window) it still bounds the use from above; when it leaves nothing, one call learns
+    /// where the method stands.
+    pub fn affordable(&self, now: f64) -> u32 {
+        if self.time.banned(now).is_some() {
+            return 0;
+        }
+        let Some(left) = self.left() else {
+            return u32::MAX;
+        };
+        let calls = match self.time.call {
+            Some(cost) if cost > 0.0 => (left / cost).floor(),
+            // Nothing measured yet: one call measures it, if there is time at all.
+            _ if left > 0.0 => 1.0,
+            _ => 0.0,
+        };
+        if calls >= 1.0 {
+            calls.min(f64::from(u32::MAX)) as u32
+        } else if self.time.stale(now) {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// How long to hold the method back, if at all: while it is banned, and when no call is
+    /// affordable until its oldest minute drops out (`now` and the result on the portal's
+    /// clock).
+    pub fn pause(&self, now: f64) -> Option<Duration> {
+        if let Some(until) = self.time.banned(now) {
+            return Some(wait_until(until - now));
+        }
+        if self.affordable(now) > 0 {
+            return None;
+        }
+        Some(match self.time.reset_at {
+            Some(at) => wait_until(at as f64 - now + 0.5),
+            None => UNKNOWN_RESET_WAIT,
+        })
+    }
+}
+
+/// A wait of `seconds`, at least half a second, at most [`MAX_OPERATING_WAIT`], whatever the
+/// portal's numbers were.
+fn wait_until(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds.max(0.5))
+        .unwrap_or(MAX_OPERATING_WAIT)
+        .min(MAX_OPERATING_WAIT)
+}
+
+/// The operating time of every method a combined request may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budgets {
+    pub get: Budget,
+    pub clear: Budget,
+    pub error: Budget,
+    /// The `batch` request itself.
+    pub batch: Budget,
+}
+
+/// The adaptive number of `get` commands per request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FetchWidth {
     width: u32,
-    get: CallBudget,
 }
 
 impl Default for FetchWidth {
     fn default() -> Self {
-        FetchWidth {
-            width: 1,
-            get: CallBudget::default(),
-        }
-    }
-}
-
-/// What the poller of one portal has learned about its requests: the fetch width and the
-/// cost of each `event.offline.*` method.
-#[derive(Debug, Clone, Default)]
-pub struct Economy {
-    pub fetch: FetchWidth,
-    pub clear: CallBudget,
-    pub error: CallBudget,
-}
-
-/// What one call of a REST method costs in operating time, learned from answers, and how many
-/// calls the method's budget left pays for. Every method has its own budget (`get`, `clear`
-/// and `error` each).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CallBudget {
-    /// Server seconds one call was charged, smoothed over recent answers.
-    cost: Option<f64>,
-}
-
-impl CallBudget {
-    /// How many calls the budget left pays for (`u32::MAX`: no limit known).
-    pub fn affordable(&self, operating: Operating, now: f64) -> u32 {
-        if operating.stale(now) {
-            return 1; // the window has moved on: one call learns where it stands
-        }
-        let Some(used) = operating.current_use(now) else {
-            return u32::MAX; // nothing charged yet
-        };
-        let left = operating.budget * OPERATING_CEILING - used;
-        if left <= 0.0 {
-            return 0;
-        }
-        match self.cost {
-            Some(cost) if cost > 0.0 => (left / cost).floor().min(f64::from(u32::MAX)) as u32,
-            _ => 1, // cost not known yet: one call measures it
-        }
-    }
-
-    /// How long to hold calls back (`now`: Unix seconds), if at all: once the next call would
-    /// pass 90% of the budget, until the oldest minute of the window drops out.
-    pub fn pause(&self, operating: Operating, now: f64) -> Option<Duration> {
-        let used = operating.current_use(now)?;
-        let cost = self.cost.unwrap_or(0.0);
-        if used + cost < operating.budget * OPERATING_CEILING {
-            return None;
-        }
-        let until = operating.reset_at.map_or(60.0, |at| at as f64 - now + 0.5);
-        Some(Duration::from_secs_f64(until.max(0.5)).min(crate::bitrix::client::MAX_OPERATING_WAIT))
-    }
-
-    /// Learns the cost of one call from a request that carried `calls` of the method: the
-    /// server's own `processing` time of the call when it reports one, else the growth of the
-    /// operating time (ignored when the window moved on in between).
-    pub fn observe(
-        &mut self,
-        before: Option<f64>,
-        after: Option<f64>,
-        calls: usize,
-        processing: Option<f64>,
-    ) {
-        if calls == 0 {
-            return;
-        }
-        let cost = match (processing, before, after) {
-            (Some(p), _, _) if p >= 0.0 => p,
-            (_, Some(before), Some(after)) if after >= before => (after - before) / calls as f64,
-            _ => return,
-        };
-        self.cost = Some(match self.cost {
-            // The larger of the last cost and a slow average: cheap answers must not talk the
-            // estimate down faster than expensive ones raise it.
-            Some(old) => cost.max(old * 0.8 + cost * 0.2),
-            None => cost,
-        });
-    }
-}
-
-/// What the portal last said of the `event.offline.get` operating budget, and the budget.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Operating {
-    /// Seconds used in the current 10-minute window, as of the last answer.
-    pub used: Option<f64>,
-    /// Unix seconds when the oldest minute of the window drops out.
-    pub reset_at: Option<i64>,
-    /// Seconds the portal allows per window (`rate_limit.operating_budget`, 480 on the cloud).
-    pub budget: f64,
-}
-
-impl Default for Operating {
-    fn default() -> Self {
-        Operating {
-            used: None,
-            reset_at: None,
-            budget: 480.0,
-        }
-    }
-}
-
-impl Operating {
-    /// Seconds used, when the last answer is still current: once its `reset_at` has passed,
-    /// some of that time has dropped out of the window and the figure says nothing.
-    fn current_use(&self, now: f64) -> Option<f64> {
-        match (self.used, self.reset_at) {
-            (Some(used), Some(at)) if (at as f64) > now => Some(used),
-            (Some(used), None) => Some(used),
-            _ => None,
-        }
-    }
-
-    /// Whether a figure exists that is no longer current.
-    fn stale(&self, now: f64) -> bool {
-        self.used.is_some() && self.current_use(now).is_none()
+        FetchWidth { width: 1 }
     }
 }
 
@@ -156,34 +127,14 @@ impl FetchWidth {
         self.width
     }
 
-    /// What one get is thought to cost (server seconds), once an answer told.
-    pub fn get_cost(&self) -> Option<f64> {
-        self.get.cost
-    }
-
-    /// The `limit`s of the gets to send next (`now`: Unix seconds): at most the width, the free
-    /// command slots, what the operating budget left pays for, and `room` events in total
-    /// (`max_unsettled` minus what is open), each at most `batch_size`. Empty when there is no
-    /// room, no slot, or the budget is spent.
-    pub fn plan(
-        &self,
-        room: u64,
-        batch_size: u32,
-        free_slots: usize,
-        operating: Operating,
-        now: f64,
-    ) -> Vec<u32> {
-        if batch_size == 0 || room == 0 || free_slots == 0 {
+    /// The `limit`s of the gets to send next: at most the width, `max_gets` (the command slots
+    /// and the operating time left), and `room` events in total (`max_unsettled` minus what is
+    /// open), each at most `batch_size`. Empty when there is no room.
+    pub fn plan(&self, room: u64, batch_size: u32, max_gets: u32) -> Vec<u32> {
+        if batch_size == 0 || room == 0 {
             return Vec::new();
         }
-        if operating.stale(now) {
-            // The window has moved on since the last answer and nobody knows by how much: a
-            // get of one event (a few milliseconds of server time) learns where it stands.
-            return vec![1];
-        }
-        let affordable = self.affordable_gets(operating, now);
-        let slots = u32::try_from(free_slots).unwrap_or(u32::MAX);
-        let count = self.width.min(slots).min(affordable);
+        let count = self.width.min(max_gets).min(MAX_GETS);
         let mut left = room;
         let mut limits = Vec::new();
         while left > 0 && (limits.len() as u32) < count {
@@ -192,27 +143,6 @@ impl FetchWidth {
             left -= u64::from(limit);
         }
         limits
-    }
-
-    /// How many gets the operating budget left pays for.
-    fn affordable_gets(&self, operating: Operating, now: f64) -> u32 {
-        self.get.affordable(operating, now).min(MAX_GETS)
-    }
-
-    /// How long to hold fetches back for the `get` operating budget, if at all.
-    pub fn operating_pause(&self, operating: Operating, now: f64) -> Option<Duration> {
-        self.get.pause(operating, now)
-    }
-
-    /// Learns what a get costs (see [`CallBudget::observe`]).
-    pub fn observe_cost(
-        &mut self,
-        before: Option<f64>,
-        after: Option<f64>,
-        gets: usize,
-        processing: Option<f64>,
-    ) {
-        self.get.observe(before, after, gets, processing);
     }
 
     /// Learns from a request that carried `asked` gets of which `full` came back full.
@@ -251,21 +181,26 @@ mod tests {
     const FAST: Duration = Duration::from_millis(200);
     const NOW: f64 = 900.0;
 
-    fn width(width: u32) -> FetchWidth {
-        FetchWidth {
-            width,
-            get: CallBudget::default(),
+    fn budget(reported: f64, call: Option<f64>) -> Budget {
+        Budget {
+            time: MethodTime {
+                reported: Some(reported),
+                reset_at: Some(1_000),
+                unreported: 0.0,
+                call,
+                banned_until: None,
+            },
+            limit: 420.0,
         }
     }
 
     #[test]
     fn width_grows_while_every_get_is_full_and_falls_when_the_queue_drains() {
         let mut w = FetchWidth::default();
-        let none = Operating::default();
-        assert_eq!(w.plan(5000, 50, 50, none, NOW), vec![50]);
+        assert_eq!(w.plan(5000, 50, u32::MAX), vec![50]);
         let mut widths = Vec::new();
         for _ in 0..7 {
-            let asked = w.plan(1_000_000, 50, 50, none, NOW).len();
+            let asked = w.plan(1_000_000, 50, u32::MAX).len();
             w.observe(asked, asked, FAST);
             widths.push(w.width());
         }
@@ -277,69 +212,73 @@ mod tests {
     }
 
     #[test]
-    fn plan_respects_room_slots_and_batch_size() {
-        let w = width(40);
-        let none = Operating::default();
-        assert_eq!(w.plan(120, 50, 50, none, NOW), vec![50, 50, 20]);
-        assert_eq!(w.plan(0, 50, 50, none, NOW), Vec::<u32>::new());
-        assert_eq!(w.plan(10_000, 50, 3, none, NOW).len(), 3);
-        assert_eq!(w.plan(10_000, 50, 0, none, NOW).len(), 0);
-        assert_eq!(w.plan(10_000, 50, 50, none, NOW).len(), 40);
-        assert!(w.plan(10_000, 50, 50, none, NOW).iter().all(|l| *l == 50));
+    fn plan_respects_room_max_gets_and_batch_size() {
+        let w = FetchWidth { width: 40 };
+        assert_eq!(w.plan(120, 50, 50), vec![50, 50, 20]);
+        assert_eq!(w.plan(0, 50, 50), Vec::<u32>::new());
+        assert_eq!(w.plan(10_000, 50, 3).len(), 3);
+        assert_eq!(w.plan(10_000, 50, 0).len(), 0);
+        assert_eq!(w.plan(10_000, 50, u32::MAX).len(), 40);
+        assert!(w.plan(10_000, 50, 50).iter().all(|l| *l == 50));
     }
 
     #[test]
-    fn the_operating_budget_bounds_the_gets_it_can_pay_for() {
-        let mut w = width(40);
-        let at = |used: f64| Operating {
-            used: Some(used),
-            reset_at: Some(1_000),
-            budget: 480.0,
-        };
-        // Cost unknown: one get measures it.
-        assert_eq!(w.plan(100_000, 50, 50, at(100.0), NOW).len(), 1);
-        w.observe_cost(Some(100.0), Some(100.5), 1, None);
-        // 0.9 * 480 - 400 = 32 s left at 0.5 s per get: 40 capped by the width; at 420, 24.
-        assert_eq!(w.plan(100_000, 50, 50, at(100.0), NOW).len(), 40);
-        assert_eq!(w.plan(100_000, 50, 50, at(420.0), NOW).len(), 24);
-        assert!(w.plan(100_000, 50, 50, at(432.0), NOW).is_empty());
-        assert_eq!(w.operating_pause(at(420.0), NOW), None);
+    fn the_time_left_under_the_ceiling_bounds_the_calls() {
+        // 0.9 * 420 = 378 s; 300 used leaves 78 s: 156 calls of 0.5 s.
+        assert_eq!(budget(300.0, Some(0.5)).affordable(NOW), 156);
+        // Unreported time counts as used.
+        let mut b = budget(300.0, Some(0.5));
+        b.time.unreported = 28.0;
+        assert_eq!(b.affordable(NOW), 100);
+        // At the ceiling: nothing, until the oldest minute drops out.
+        assert_eq!(budget(377.8, Some(0.5)).affordable(NOW), 0);
         assert_eq!(
-            w.operating_pause(at(431.8), NOW),
+            budget(377.8, Some(0.5)).pause(NOW),
             Some(Duration::from_secs_f64(100.5))
         );
-        // Once reset_at has passed the figure is stale: a get of one event learns where it stands.
-        assert_eq!(w.operating_pause(at(470.0), 1_001.0), None);
-        assert_eq!(w.plan(100_000, 50, 50, at(470.0), 1_001.0), vec![1]);
-        // A cheaper answer lowers the estimate only slowly; a dearer one raises it at once.
-        w.observe_cost(Some(10.0), Some(10.1), 1, None);
-        assert!((w.get.cost.unwrap() - 0.42).abs() < 1e-9);
-        w.observe_cost(Some(10.0), Some(12.0), 2, None);
-        assert_eq!(w.get.cost, Some(1.0));
-        // A window that moved on in between teaches nothing.
-        w.observe_cost(Some(50.0), Some(10.0), 4, None);
-        assert_eq!(w.get.cost, Some(1.0));
-        // The server's own processing time wins over the growth of the operating time.
-        w.observe_cost(Some(10.0), Some(20.0), 1, Some(3.0));
-        assert_eq!(w.get.cost, Some(3.0));
+        assert_eq!(budget(300.0, Some(0.5)).pause(NOW), None);
+        // Cost not measured yet: one call measures it.
+        assert_eq!(budget(10.0, None).affordable(NOW), 1);
+        // Nothing reported: no limit known.
+        let unknown = Budget {
+            time: MethodTime::default(),
+            limit: 420.0,
+        };
+        assert_eq!(unknown.affordable(NOW), u32::MAX);
+        assert_eq!(unknown.pause(NOW), None);
     }
 
     #[test]
-    fn a_small_budget_is_respected_too() {
-        let mut w = width(40);
-        w.observe_cost(Some(0.0), Some(0.2), 1, None);
-        let small = Operating {
-            used: Some(4.0),
-            reset_at: Some(1_000),
-            budget: 6.0,
-        };
-        // 0.9 * 6 - 4 = 1.4 s left at 0.2 s: 7 gets.
-        assert_eq!(w.plan(100_000, 50, 50, small, NOW).len(), 7);
+    fn a_stale_figure_still_bounds_the_use_and_one_call_learns_more() {
+        // The window moved on (reset_at 1000 has passed): the old figure is an overestimate.
+        assert_eq!(budget(300.0, Some(0.5)).affordable(1_001.0), 156);
+        assert_eq!(budget(400.0, Some(0.5)).affordable(1_001.0), 1);
+        assert_eq!(budget(400.0, Some(0.5)).pause(1_001.0), None);
+    }
+
+    #[test]
+    fn a_banned_method_waits_for_the_ban_to_end() {
+        let mut b = budget(0.0, Some(0.5));
+        b.time.banned_until = Some(NOW + 250.0);
+        assert_eq!(b.affordable(NOW), 0);
+        assert_eq!(b.pause(NOW), Some(Duration::from_secs(250)));
+        assert_eq!(b.affordable(NOW + 250.0), 756);
+    }
+
+    #[test]
+    fn hostile_reset_times_give_bounded_waits() {
+        let mut b = budget(420.0, Some(0.5));
+        b.time.reset_at = Some(i64::MAX);
+        assert_eq!(b.pause(NOW), Some(MAX_OPERATING_WAIT));
+        b.time.reset_at = Some(i64::MIN);
+        assert_eq!(b.affordable(NOW), 1, "a reset long past: stale, one call");
+        b.time.banned_until = Some(f64::MAX);
+        assert_eq!(b.pause(NOW), Some(MAX_OPERATING_WAIT));
     }
 
     #[test]
     fn a_slow_request_halves_the_width() {
-        let mut w = width(16);
+        let mut w = FetchWidth { width: 16 };
         w.observe(16, 16, Duration::from_secs(20));
         assert_eq!(w.width(), 16); // doubled to 32, then halved
         w.observe(16, 16, Duration::from_secs(20));

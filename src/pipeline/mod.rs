@@ -7,6 +7,7 @@ pub mod clock;
 pub mod dispatcher;
 pub mod economy;
 pub mod liveness;
+pub mod orphans;
 pub mod poller;
 pub mod retry;
 pub mod settle;

@@ -2,8 +2,9 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
-use super::economy::{self, Economy, MAX_COMMANDS, Operating};
+use super::economy::{self, Budget, Budgets, FetchWidth, MAX_COMMANDS};
 use super::liveness::LoopHandle;
+use super::orphans;
 use super::settle::SettleAction;
 use super::{SharedRoutes, Wakers};
 use crate::bitrix::client::EntityOutcome;
@@ -217,30 +218,38 @@ impl Settler {
     pub async fn settle(&self) -> anyhow::Result<usize> {
         let mut settled = 0;
         for group in self.journal.pending_settlements(&self.portal).await? {
-            let sent = match settle_command(&group) {
-                OfflineCommand::Clear { process_id, target } => {
-                    self.client.offline_clear(&process_id, &target).await
-                }
-                OfflineCommand::Error {
-                    process_id,
-                    message_ids,
-                } => self.client.offline_error(&process_id, &message_ids).await,
-                OfflineCommand::Get(_) => unreachable!("settle_command makes clear or error calls"),
-            };
-            match sent {
-                Ok(()) => {}
-                Err(e) if e.class == ErrorClass::Rejected => {
-                    self.log_rejected(&group, &e);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            if self.send(&group).await? {
+                settled += group.events.len();
             }
-            let ids = group.events.iter().map(|e| e.0).collect();
-            self.journal.mark_settled(ids, group.action).await?;
-            self.log_settled(&group);
-            settled += group.events.len();
         }
         Ok(settled)
+    }
+
+    /// Sends one settle call on its own and marks its events settled. Returns false when the
+    /// portal rejected it (logged; it stays pending); other failures are errors.
+    pub async fn send(&self, group: &PendingSettlement) -> anyhow::Result<bool> {
+        let sent = match settle_command(group) {
+            OfflineCommand::Clear { process_id, target } => {
+                self.client.offline_clear(&process_id, &target).await
+            }
+            OfflineCommand::Error {
+                process_id,
+                message_ids,
+            } => self.client.offline_error(&process_id, &message_ids).await,
+            OfflineCommand::Get(_) => unreachable!("settle_command makes clear or error calls"),
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.class == ErrorClass::Rejected => {
+                self.log_rejected(group, &e);
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let ids = group.events.iter().map(|e| e.0).collect();
+        self.journal.mark_settled(ids, group.action).await?;
+        self.log_settled(group);
+        Ok(true)
     }
 
     fn log_rejected(&self, group: &PendingSettlement, e: &BitrixError) {
@@ -289,8 +298,8 @@ struct RoundState {
     resumed: bool,
     /// No normal-lane fetch before this.
     next_fetch: Instant,
-    /// Gets per combined request and what each method costs.
-    economy: Economy,
+    /// Gets per combined request.
+    width: FetchWidth,
     /// Empty polls in a row (the idle backoff).
     empty_polls: u32,
     /// Settle calls were held back for their method's operating budget: the next round comes
@@ -389,7 +398,7 @@ impl Poller {
         let mut state = RoundState {
             resumed: false,
             next_fetch: Instant::now(),
-            economy: Economy::default(),
+            width: FetchWidth::default(),
             empty_polls: 0,
             settles_held_until: None,
         };
@@ -523,12 +532,8 @@ impl Poller {
             return Err(e);
         }
         let now_unix = self.client.portal_now();
-        let get_paused = self.reserving()
-            && state
-                .economy
-                .fetch
-                .operating_pause(self.operating("event.offline.get"), now_unix)
-                .is_some();
+        let get_paused =
+            self.reserving() && self.budget("event.offline.get").pause(now_unix).is_some();
         if get_paused && self.triggers.error_lane.take() {
             // The get budget is spent: the error lane waits for it like the normal lane.
             self.triggers.error_lane.set_quietly();
@@ -595,8 +600,15 @@ impl Poller {
                 )
             }
             Some(Fetched::Paused(wait)) => {
-                let (used, reset_at) = self.client.operating("event.offline.get");
-                tracing::info!(portal = %self.portal(), wait = ?wait, used = ?used, reset_at = ?reset_at, "event.offline.get operating budget nearly spent: fetching again when it recovers");
+                let get = self.client.operating("event.offline.get");
+                tracing::info!(
+                    portal = %self.portal(),
+                    wait = ?wait,
+                    used = ?get.used(),
+                    reset_at = ?get.reset_at,
+                    banned = get.banned_until.is_some(),
+                    "event.offline.get has used its share of the operating-time limit: fetching again when the oldest minute of its window drops out"
+                );
                 wait
             }
         };
@@ -606,24 +618,21 @@ impl Poller {
 
     /// Reserve mode: sends the settle calls that are ready and, when `fetch` and there is room,
     /// new reservations — together in one `batch` request when there is more than one call.
-    /// Settles go first: a request carries gets only in the slots settles leave free. Returns
-    /// how the fetch went (`None`: no get was sent).
+    /// Settles go first: a request carries gets only in the slots settles leave free. Each
+    /// method, `batch` included, gets no more calls than its operating time left pays for; when
+    /// `batch` has none left, calls go one at a time. Returns how the fetch went (`None`: no get
+    /// was sent).
     async fn exchange(
         &self,
         fetch: bool,
         state: &mut RoundState,
     ) -> anyhow::Result<Option<Fetched>> {
         loop {
-            let economy = &mut state.economy;
             let now = self.client.portal_now();
+            let budgets = self.budgets();
             let mut groups = self.journal.pending_settlements(self.portal()).await?;
-            // Each settle method spends its own operating budget: no more calls than it pays for.
-            let mut clears = economy
-                .clear
-                .affordable(self.operating("event.offline.clear"), now);
-            let mut errors = economy
-                .error
-                .affordable(self.operating("event.offline.error"), now);
+            let mut clears = budgets.clear.affordable(now);
+            let mut errors = budgets.error.affordable(now);
             let wanted = groups.len();
             groups.retain(|g| {
                 let left = match g.action {
@@ -634,33 +643,33 @@ impl Poller {
                 *left = left.saturating_sub(1);
                 take
             });
-            // Held back for the budget: come back when it allows (the fetch may wait longer).
+            // Held back for the time limit: come back when it allows (the fetch may wait longer).
             state.settles_held_until = (groups.len() < wanted).then(|| {
-                let pause = [
-                    (&economy.clear, "event.offline.clear"),
-                    (&economy.error, "event.offline.error"),
-                ]
-                .into_iter()
-                .filter_map(|(budget, method)| budget.pause(self.operating(method), now))
-                .min();
+                let pause = [budgets.clear, budgets.error]
+                    .iter()
+                    .filter_map(|b| b.pause(now))
+                    .min();
                 Instant::now() + pause.unwrap_or(self.config.poll_interval)
             });
+            let batched = budgets.batch.affordable(now) > 0;
+            if !batched {
+                // No time left for `batch` itself: one call per request.
+                groups.truncate(1);
+            }
             groups.truncate(MAX_COMMANDS);
-            let operating = self.operating("event.offline.get");
-            let width = &mut economy.fetch;
             let mut limits = Vec::new();
-            if fetch && groups.len() < MAX_COMMANDS {
-                if let Some(wait) = width.operating_pause(operating, now) {
+            if fetch && groups.len() < MAX_COMMANDS && (batched || groups.is_empty()) {
+                if let Some(wait) = budgets.get.pause(now) {
                     if groups.is_empty() {
                         return Ok(Some(Fetched::Paused(wait)));
                     }
                 } else if let Some(room) = self.fetch_room().await? {
-                    limits = width.plan(
+                    let free = (MAX_COMMANDS - groups.len()) as u32;
+                    let max_gets = if batched { free } else { 1 };
+                    limits = state.width.plan(
                         room,
                         self.config.batch_size,
-                        MAX_COMMANDS - groups.len(),
-                        operating,
-                        now,
+                        max_gets.min(budgets.get.affordable(now)),
                     );
                 }
             }
@@ -668,24 +677,34 @@ impl Poller {
                 (0, 0) => return Ok(None),
                 (0, 1) => {
                     let fetched = self.fetch(Lane::Normal, limits[0]).await?;
-                    width.observe_cost(
-                        operating.used,
-                        self.operating("event.offline.get").used,
-                        1,
-                        self.client.last_processing("event.offline.get"),
-                    );
-                    width.observe(
+                    state.width.observe(
                         1,
                         usize::from(matches!(fetched, Fetched::Full)),
                         Duration::ZERO,
                     );
                     return Ok(Some(fetched));
                 }
+                (1, 0) => {
+                    // A lone settle call goes without `batch`, which would only add its time.
+                    let group = groups.remove(0);
+                    if self.settler.send(&group).await? {
+                        continue;
+                    }
+                    return Ok(None);
+                }
                 _ => {}
             }
-            tracing::debug!(portal = %self.portal(), settles = groups.len(), gets = limits.len(), get_operating = ?operating.used, get_cost = ?economy.fetch.get_cost(), "combined request");
+            tracing::debug!(
+                portal = %self.portal(),
+                settles = groups.len(),
+                gets = limits.len(),
+                get_used = ?budgets.get.time.used(),
+                get_call = ?budgets.get.time.call,
+                batch_used = ?budgets.batch.time.used(),
+                "combined request"
+            );
             let more_settles = groups.len() == MAX_COMMANDS;
-            let fetched = self.combined(groups, &limits, economy).await?;
+            let fetched = self.combined(groups, &limits, &mut state.width).await?;
             if more_settles && !self.shutdown.is_cancelled() {
                 continue;
             }
@@ -701,7 +720,7 @@ impl Poller {
         &self,
         groups: Vec<PendingSettlement>,
         limits: &[u32],
-        economy: &mut Economy,
+        width: &mut FetchWidth,
     ) -> anyhow::Result<Option<Fetched>> {
         let mut commands: Vec<OfflineCommand> = groups.iter().map(settle_command).collect();
         commands.extend(limits.iter().map(|&limit| {
@@ -712,15 +731,6 @@ impl Poller {
                 error_lane: false,
             })
         }));
-        let used_before = |client: &PortalClient| {
-            [
-                "event.offline.get",
-                "event.offline.clear",
-                "event.offline.error",
-            ]
-            .map(|m| client.operating(m).0)
-        };
-        let before = used_before(&self.client);
         let started = Instant::now();
         let answer = match self.client.offline_batch(&commands).await {
             Ok(answer) => answer,
@@ -733,39 +743,6 @@ impl Poller {
         };
         let elapsed = started.elapsed();
         let outcomes = answer.outcomes;
-        let after = used_before(&self.client);
-        let gets_run = outcomes
-            .iter()
-            .skip(groups.len())
-            .filter(|o| matches!(o, OfflineOutcome::Got(_)))
-            .count();
-        let settled_by = |action: SettleAction| {
-            groups
-                .iter()
-                .zip(&outcomes)
-                .filter(|(g, o)| g.action == action && matches!(o, OfflineOutcome::Settled))
-                .count()
-        };
-        let processing = |m: &str| answer.costliest.get(m).copied();
-        economy.fetch.observe_cost(
-            before[0],
-            after[0],
-            gets_run,
-            processing("event.offline.get"),
-        );
-        economy.clear.observe(
-            before[1],
-            after[1],
-            settled_by(SettleAction::Clear),
-            processing("event.offline.clear"),
-        );
-        economy.error.observe(
-            before[2],
-            after[2],
-            settled_by(SettleAction::Error),
-            processing("event.offline.error"),
-        );
-        let width = &mut economy.fetch;
         let mut outcomes = outcomes.into_iter();
         let settle_outcomes: Vec<OfflineOutcome> = outcomes.by_ref().take(groups.len()).collect();
 
@@ -961,13 +938,21 @@ impl Poller {
         Ok(taken < pending.len() || pending.len() == SCAN)
     }
 
-    /// What the portal last reported of `method`'s operating budget.
-    fn operating(&self, method: &str) -> Operating {
-        let (used, reset_at) = self.client.operating(method);
-        Operating {
-            used,
-            reset_at,
-            budget: self.config.rate_limit.operating_budget.as_secs_f64(),
+    /// `method`'s operating time as the client knows it, against the configured limit.
+    fn budget(&self, method: &str) -> Budget {
+        Budget {
+            time: self.client.operating(method),
+            limit: self.config.rate_limit.operating_budget.as_secs_f64(),
+        }
+    }
+
+    /// The operating time of every method a combined request may use.
+    fn budgets(&self) -> Budgets {
+        Budgets {
+            get: self.budget("event.offline.get"),
+            clear: self.budget("event.offline.clear"),
+            error: self.budget("event.offline.error"),
+            batch: self.budget("batch"),
         }
     }
 
@@ -1207,37 +1192,85 @@ impl Poller {
             .await
     }
 
-    /// Finds reservations the portal holds but the journal does not know (their `get` answer was
-    /// lost) and adopts them. One `event.offline.list` call when the counts agree.
+    /// Finds reservations the portal holds that the journal does not know as open (a `get`
+    /// whose answer was lost; rows left under a reservation the journal settled) and adopts
+    /// them. Sets of `process_id`s are compared, not counts (see [`orphans`]): one
+    /// `event.offline.list` per gap between the journal's open reservations, 50 to a request.
+    /// Deferred (flagged again) while `event.offline.list` or `batch` has no operating time
+    /// left.
     async fn sweep_orphans(&self) -> anyhow::Result<()> {
-        let filter = serde_json::json!({">PROCESS_ID": ""});
-        let first = self.client.offline_list(filter.clone(), 0).await?;
-        let unsettled = self.journal.unsettled_count(self.portal()).await?;
-        if first.total <= unsettled {
-            tracing::debug!(portal = %self.portal(), upstream_reserved = first.total, unsettled, "orphan sweep: nothing to adopt");
+        /// More requests than this in one sweep means the portal ignores the filter.
+        const MAX_SWEEP_REQUESTS: usize = 1000;
+        let now = self.client.portal_now();
+        if let Some(wait) = ["event.offline.list", "batch"]
+            .into_iter()
+            .filter_map(|m| self.budget(m).pause(now))
+            .max()
+        {
+            self.triggers.orphan_sweep.set_quietly();
+            tracing::debug!(portal = %self.portal(), wait = ?wait, "orphan sweep deferred: event.offline.list or batch has no operating time left");
             return Ok(());
         }
-        let mut reservations: BTreeMap<String, bool> = BTreeMap::new();
-        let mut page = first;
-        loop {
-            for item in &page.items {
-                reservations.insert(item.process_id.clone(), item.error);
+        let open: Vec<String> = self
+            .journal
+            .open_batches(self.portal())
+            .await?
+            .into_iter()
+            .map(|b| b.process_id)
+            .collect();
+        let is_open = |pid: &str| {
+            let key = orphans::collation_key(pid);
+            open.iter().any(|p| orphans::collation_key(p) == key)
+        };
+        let mut pending = orphans::gaps(&open);
+        let gaps = pending.len();
+        // process_id → whether its rows are in the error lane
+        let mut found: BTreeMap<String, bool> = BTreeMap::new();
+        let mut requests = 0;
+        while !pending.is_empty() && !self.shutdown.is_cancelled() {
+            if requests >= MAX_SWEEP_REQUESTS {
+                anyhow::bail!(
+                    "portal {}: the orphan sweep did not finish in {MAX_SWEEP_REQUESTS} requests: does event.offline.list honour its PROCESS_ID filter?",
+                    self.portal()
+                );
             }
-            match page.next {
-                Some(next) if !self.shutdown.is_cancelled() => {
-                    page = self.client.offline_list(filter.clone(), next).await?;
+            let chunk: Vec<orphans::Gap> =
+                pending.drain(..pending.len().min(MAX_COMMANDS)).collect();
+            let queries: Vec<(Value, u64)> = chunk.iter().map(|g| (g.filter(), 0)).collect();
+            let pages = self.client.offline_list_pages(&queries).await?;
+            requests += 1;
+            for (gap, page) in chunk.iter().zip(pages) {
+                let page = page?;
+                let mut last: Option<&str> = None;
+                for item in &page.items {
+                    if !item.process_id.is_empty() && !is_open(&item.process_id) {
+                        found.entry(item.process_id.clone()).or_insert(item.error);
+                    }
+                    last = Some(&item.process_id);
                 }
-                _ => break,
+                // More rows than one page: the rest of the gap lies after the last id seen
+                // (its remaining rows belong to a reservation already found).
+                if let Some(last) = last
+                    && page.total > page.items.len() as u64
+                    && orphans::collation_key(last) > gap.after
+                {
+                    pending.push(gap.after(last));
+                }
             }
         }
+        tracing::debug!(portal = %self.portal(), open = open.len(), gaps, requests, found = found.len(), "orphan sweep");
         let known = self.journal.known_process_ids(self.portal()).await?;
-        for (process_id, error) in reservations {
-            if known.get(&process_id) == Some(&false) {
-                continue; // ours and in progress
+        for (process_id, error) in found {
+            if self.shutdown.is_cancelled() {
+                break;
             }
             let lane = if error { Lane::Error } else { Lane::Normal };
             let adopted = self.reread(&process_id, lane, BatchOrigin::Adopted).await?;
-            tracing::warn!(portal = %self.portal(), %process_id, lane = lane.as_str(), events = adopted, "adopted an orphaned reservation (its get response was lost)");
+            if known.contains_key(&process_id) {
+                tracing::warn!(portal = %self.portal(), %process_id, lane = lane.as_str(), events = adopted, "the portal still holds rows of a reservation the journal settled: read again and settled again");
+            } else {
+                tracing::warn!(portal = %self.portal(), %process_id, lane = lane.as_str(), events = adopted, "adopted an orphaned reservation (its get response was lost)");
+            }
         }
         Ok(())
     }

@@ -207,6 +207,11 @@ async fn rest(
     };
     tracing::debug!(method = %method, status = reply.status, ?delivery, "rest call");
 
+    // A real server answers once its calls have run: the client sees the time it is charged.
+    let busy = reply.answer_at - unix_now();
+    if busy > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(busy.min(120.0))).await;
+    }
     if let Some(delay) = delivery.slow {
         tokio::time::sleep(delay).await;
     }

@@ -6,12 +6,13 @@
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::SimulatorConfig;
 use super::auth::AccessCheck;
+use super::limits::RequestCalls;
 use super::php::{self, Params};
 use super::portal::{CRM_TYPES, State};
 use super::queue::{ClearRequest, ErrorRequest, GetRequest, ListRequest};
 use super::rest::{RestError, TimeBlock, iso, portal_now, unix_now};
+use super::{LimiterModel, SimulatorConfig};
 
 /// `CRestUtil::BATCH_MAX_LENGTH`.
 const BATCH_MAX_LENGTH: usize = 50;
@@ -69,6 +70,9 @@ pub struct RestReply {
     pub body: Vec<u8>,
     /// `event.offline.get` ran (alone or inside `batch`) and committed.
     pub ran_get: bool,
+    /// Unix time before which the answer must not leave: when the calls it ran would have
+    /// finished on a real server.
+    pub answer_at: f64,
 }
 
 impl RestReply {
@@ -77,7 +81,34 @@ impl RestReply {
             status: error.status,
             body: serde_json::to_vec(&error.to_json()).unwrap_or_default(),
             ran_get: false,
+            answer_at: 0.0,
         }
+    }
+}
+
+/// One HTTP request on the server's clock: each call takes its simulated time, one after the
+/// other from the request's arrival, and the limiter sees every call the request made.
+struct Timeline {
+    started: f64,
+    elapsed: f64,
+    calls: RequestCalls,
+}
+
+impl Timeline {
+    fn new(started: f64) -> Timeline {
+        Timeline {
+            started,
+            elapsed: 0.0,
+            calls: RequestCalls::default(),
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.started + self.elapsed
+    }
+
+    fn spend(&mut self, seconds: f64) {
+        self.elapsed += seconds.max(0.0);
     }
 }
 
@@ -169,15 +200,19 @@ pub fn handle(state: &mut State, config: &SimulatorConfig, mut call: RestCall) -
     }
     let ctx = Ctx { config, connector };
 
-    if call.method == "batch" {
-        let (result, processing, ran_get) = batch(state, &ctx, &call.params);
-        let time = TimeBlock::new(call.started, unix_now(), processing);
-        return success(&result, None, None, &time, ran_get);
-    }
-    match charged_call(state, &ctx, &call.method, call.params, call.started) {
-        Ok((out, time)) => success(&out.result, out.next, out.total, &time, out.ran_get),
-        Err(error) => RestReply::error(&error),
-    }
+    let mut timeline = Timeline::new(call.started);
+    let mut reply = if call.method == "batch" {
+        batch_request(state, &ctx, &call.params, &mut timeline)
+    } else {
+        match charged_call(state, &ctx, &call.method, call.params, &mut timeline) {
+            Ok((out, time)) => success(&out.result, out.next, out.total, &time, out.ran_get),
+            Err(error) => RestReply::error(&error),
+        }
+    };
+    // `LoadLimiter::finalize` runs after the answer: the next request sees this one's time.
+    state.limiter.finalize(&timeline.calls, call.started);
+    reply.answer_at = timeline.now();
+    reply
 }
 
 fn success(
@@ -197,51 +232,102 @@ fn success(
         status: 200,
         body: serde_json::to_vec(&envelope).unwrap_or_default(),
         ran_get,
+        answer_at: 0.0,
     }
 }
 
-/// Runs a method under its operating budget: refused with 429 when over budget, otherwise
-/// executed and charged `operating_cost` (+ per event).
+/// The `time` block of a call of `method` that ran from `start` to `finish`, with what the
+/// limiter reports of the method.
+fn time_block(
+    state: &mut State,
+    timeline: &Timeline,
+    method: &str,
+    start: f64,
+    finish: f64,
+) -> TimeBlock {
+    let time = match state.limiter.model() {
+        LimiterModel::Current => TimeBlock::current(start, start, finish, finish),
+        LimiterModel::Legacy => TimeBlock::legacy(start, finish, finish - start),
+    };
+    match state.limiter.operating(method, &timeline.calls, finish) {
+        Some(op) => time.with_operating(op.operating, op.reset_at),
+        None => time,
+    }
+}
+
+/// Answers 429 `OPERATION_TIME_LIMIT` when the limiter refuses a call of `method` now.
+fn admit(state: &mut State, timeline: &Timeline, method: &str) -> Result<(), RestError> {
+    if let Err(reset_at) = state.limiter.check(method, &timeline.calls, timeline.now()) {
+        state.counters.rejected_429 += 1;
+        tracing::debug!(method, reset_at, "operating time limit: 429");
+        return Err(RestError::operation_time_limit());
+    }
+    Ok(())
+}
+
+/// Runs a method under the operating-time limiter (`CRestServer::processCall`): refused with
+/// 429 when over the limit or banned, otherwise executed, taking `operating_cost` (+ per event)
+/// of server time. A call that fails is not charged (`registerEnding` is never reached).
 fn charged_call(
     state: &mut State,
     ctx: &Ctx,
     method: &str,
     mut params: Params,
-    started: f64,
+    timeline: &mut Timeline,
 ) -> Result<(Output, TimeBlock), RestError> {
-    let now = unix_now();
-    if state.budget.check(method, now).is_err() {
-        state.counters.rejected_429 += 1;
-        tracing::debug!(method, "operating budget exhausted");
-        return Err(RestError::operation_time_limit());
-    }
-    let start = params.take("start").map_or(0, |v| php::intval(&v));
-    let result = invoke(state, ctx, method, &params, start);
+    admit(state, timeline, method)?;
+    let start = timeline.now();
+    let offset = params.take("start").map_or(0, |v| php::intval(&v));
+    timeline.calls.start(method, start);
+    let result = invoke(state, ctx, method, &params, offset);
     let affected = result.as_ref().map_or(0, |o| o.affected) as f64;
-    let cost = ctx.config.operating_cost.as_secs_f64()
-        + ctx.config.operating_cost_per_event.as_secs_f64() * affected;
-    state.budget.charge(method, cost, now);
-    let out = result?;
-    let finish = unix_now();
-    let time = TimeBlock::new(started, finish, cost).with_operating(
-        state.budget.used(method, finish),
-        state.budget.reset_at(method, finish),
+    timeline.spend(
+        ctx.config.operating_cost.as_secs_f64()
+            + ctx.config.operating_cost_per_event.as_secs_f64() * affected,
     );
+    let finish = timeline.now();
+    if state.limiter.model() == LimiterModel::Legacy {
+        state.limiter.ran(method, start, finish);
+    }
+    let out = result?;
+    timeline.calls.finish(method, finish);
+    let time = time_block(state, timeline, method, start, finish);
     Ok((out, time))
+}
+
+/// A `batch` request: the batch is itself a call of the method `batch` (limited, and charged
+/// at half its time by the current limiter), running its commands one after the other.
+fn batch_request(
+    state: &mut State,
+    ctx: &Ctx,
+    params: &Params,
+    timeline: &mut Timeline,
+) -> RestReply {
+    if let Err(error) = admit(state, timeline, "batch") {
+        return RestReply::error(&error);
+    }
+    let start = timeline.now();
+    timeline.calls.start("batch", start);
+    timeline.spend(ctx.config.operating_cost.as_secs_f64());
+    let (result, ran_get) = batch(state, ctx, params, timeline);
+    let finish = timeline.now();
+    timeline.calls.finish("batch", finish);
+    state.limiter.ran("batch", start, finish);
+    let time = time_block(state, timeline, "batch", start, finish);
+    success(&result, None, None, &time, ran_get)
 }
 
 /// `methodsBatch`: commands run in the order sent; each is charged to its own method; the
 /// top-level `auth_connector` applies to all; commands past the 50th fail with
-/// `ERROR_BATCH_LENGTH_EXCEEDED`; `halt` stops at the first error. Returns the result, the
-/// summed server time and whether `event.offline.get` ran.
-fn batch(state: &mut State, ctx: &Ctx, params: &Params) -> (Value, f64, bool) {
+/// `ERROR_BATCH_LENGTH_EXCEEDED`; `halt` stops at the first error. Returns the result and
+/// whether `event.offline.get` ran.
+fn batch(state: &mut State, ctx: &Ctx, params: &Params, timeline: &mut Timeline) -> (Value, bool) {
     let halt = params.get("halt").is_some_and(php::boolval);
     let mut results = Map::new();
     let mut errors = Map::new();
     let mut totals = Map::new();
     let mut nexts = Map::new();
     let mut times = Map::new();
-    let mut processing = 0.0;
     let mut ran_get = false;
     let commands = params.entries_in_order("cmd");
     let method_of = |command: &Value| {
@@ -272,11 +358,10 @@ fn batch(state: &mut State, ctx: &Ctx, params: &Params) -> (Value, f64, bool) {
             let Value::String(command) = command else {
                 continue;
             };
-            batch_command(state, ctx, &command)
+            batch_command(state, ctx, &command, timeline)
         };
         match outcome {
             Ok((out, time)) => {
-                processing += time.processing;
                 ran_get |= out.ran_get;
                 results.insert(key.clone(), out.result);
                 if let Some(total) = out.total {
@@ -302,7 +387,7 @@ fn batch(state: &mut State, ctx: &Ctx, params: &Params) -> (Value, f64, bool) {
         "result_next": php_array(nexts),
         "result_time": php_array(times),
     });
-    (result, processing, ran_get)
+    (result, ran_get)
 }
 
 /// A PHP array as `json_encode` writes it: `[]` when empty, a list when the keys are
@@ -325,6 +410,7 @@ fn batch_command(
     state: &mut State,
     ctx: &Ctx,
     command: &str,
+    timeline: &mut Timeline,
 ) -> Result<(Output, TimeBlock), RestError> {
     let (path, query) = command.split_once('?').unwrap_or((command, ""));
     let method = path.trim().to_lowercase();
@@ -353,7 +439,7 @@ fn batch_command(
     for name in ["auth", "access_token", "auth_connector"] {
         params.take(name);
     }
-    charged_call(state, ctx, &method, params, unix_now())
+    charged_call(state, ctx, &method, params, timeline)
 }
 
 fn invoke(

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use super::auth::{Issued, TokenStore};
-use super::limits::OperatingBudget;
+use super::limits::Limiter;
 use super::queue::Queue;
 use super::rest::iso;
 use super::{Faults, SimRow, SimStats, SimulatorConfig};
@@ -84,7 +84,7 @@ pub struct State {
     /// Next entity id `/_sim/emit` uses when none is given.
     pub next_entity_id: u64,
     pub tokens: TokenStore,
-    pub budget: OperatingBudget,
+    pub limiter: Limiter,
     pub bucket: Option<LeakyBucket>,
     pub faults: Faults,
     pub rng: fastrand::Rng,
@@ -102,7 +102,7 @@ impl State {
             entities: BTreeMap::new(),
             next_entity_id: 1,
             tokens: TokenStore::new(config.access_token_ttl.as_secs_f64()),
-            budget: OperatingBudget::new(config.operating_limit),
+            limiter: Limiter::new(config.limiter, config.operating_limit),
             bucket: config
                 .rate_limit
                 .map(|(burst, per_second)| LeakyBucket::new(burst, per_second, Instant::now())),

@@ -751,6 +751,14 @@ impl Queue {
         })
     }
 
+    /// `EventOfflineTable::cleanProcessAgent` (daily on the portal): deletes every reserved row
+    /// whose `TIMESTAMP_X` is before `cutoff` (now less `PROCESS_ID_LIFETIME`, 2,952,000 s).
+    /// `TIMESTAMP_X` is the last change before the reservation, so an old event reserved late
+    /// goes soon after. Returns the rows deleted.
+    pub fn purge_reservations(&mut self, cutoff: DateTime<FixedOffset>) -> usize {
+        self.delete_where(|r| !r.process_id.is_empty() && r.timestamp_x < cutoff)
+    }
+
     /// `markError`, statement by statement:
     /// 1. delete every other non-error copy of those MESSAGE_IDs (`PROCESS_ID <> pid`);
     /// 2. `ERROR=1`, and `PROCESS_ID` '' for the caller's rows, 'fake_process_id' otherwise;
@@ -1392,6 +1400,20 @@ mod tests {
                 assert!(keys.insert(key), "unique key violated at {step}");
             }
         }
+    }
+
+    #[test]
+    fn the_purge_deletes_old_reservations_only() {
+        let mut q = queue3();
+        let out = q.get(&get_req(json!({"clear": 0, "limit": 2})), "", pid("p1"));
+        assert_eq!(ids(&out.events), vec![1, 2]);
+        // Reserved and last changed before the cutoff: row 1 only.
+        assert_eq!(q.purge_reservations(t(1)), 1);
+        assert_eq!(q.rows().map(|r| r.id).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(consistent(&q));
+        // Rows without a reservation are never purged, however old.
+        let mut q = queue3();
+        assert_eq!(q.purge_reservations(t(100)), 0);
     }
 
     #[test]

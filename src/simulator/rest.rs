@@ -161,14 +161,18 @@ impl RestError {
     }
 }
 
-/// The `time` member of a reply. `operating*` are present for calls charged to a method's
-/// operating budget (not for the outer `batch`).
+/// The `time` member of a reply (`CRestServer::appendDebugInfo`). `operating*` are present
+/// when the limiter reports them.
 #[derive(Debug, Clone, Serialize)]
 pub struct TimeBlock {
-    pub start: f64,
+    /// Whole seconds on the current server (an `int` property holding `microtime(true)`), a
+    /// float in the legacy model.
+    pub start: Value,
     pub finish: f64,
     pub duration: f64,
-    pub processing: f64,
+    /// The difference of two whole-second stamps on the current server (0 or 1 for a fast
+    /// call); the call's own time in the legacy model.
+    pub processing: Value,
     pub date_start: String,
     pub date_finish: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,13 +182,30 @@ pub struct TimeBlock {
 }
 
 impl TimeBlock {
-    /// `start` and `finish` are unix seconds; `processing` the simulated server time.
-    pub fn new(start: f64, finish: f64, processing: f64) -> TimeBlock {
+    /// The current server: `$timeStart`, `$timeProcessStart` and `$timeProcessFinish` are
+    /// `protected int` properties of `CRestServer` assigned `microtime(true)`, so `start` and
+    /// `processing` come out in whole seconds; `finish` is `microtime(true)` when answering.
+    pub fn current(start: f64, process_start: f64, process_finish: f64, finish: f64) -> TimeBlock {
+        let start = start.trunc();
         TimeBlock {
-            start,
+            start: json!(start as i64),
             finish,
             duration: finish - start,
-            processing,
+            processing: json!(process_finish.trunc() as i64 - process_start.trunc() as i64),
+            date_start: iso(&portal_time(start as i64)),
+            date_finish: iso(&portal_time(finish.floor() as i64)),
+            operating_reset_at: None,
+            operating: None,
+        }
+    }
+
+    /// The model the docs' examples show: float `start`, `processing` the call's own time.
+    pub fn legacy(start: f64, finish: f64, processing: f64) -> TimeBlock {
+        TimeBlock {
+            start: json!(start),
+            finish,
+            duration: finish - start,
+            processing: json!(processing),
             date_start: iso(&portal_time(start.floor() as i64)),
             date_finish: iso(&portal_time(finish.floor() as i64)),
             operating_reset_at: None,
@@ -192,9 +213,10 @@ impl TimeBlock {
         }
     }
 
-    pub fn with_operating(mut self, operating: f64, reset_at: i64) -> TimeBlock {
+    /// Adds `operating` and, when known, `operating_reset_at`.
+    pub fn with_operating(mut self, operating: f64, reset_at: Option<i64>) -> TimeBlock {
         self.operating = Some(operating);
-        self.operating_reset_at = Some(reset_at);
+        self.operating_reset_at = reset_at;
         self
     }
 
@@ -229,13 +251,27 @@ mod tests {
 
     #[test]
     fn time_block_has_operating_only_when_charged() {
-        let plain = TimeBlock::new(10.0, 10.5, 0.005).to_json();
+        let plain = TimeBlock::legacy(10.0, 10.5, 0.005).to_json();
         assert!(plain.get("operating").is_none());
-        let charged = TimeBlock::new(10.0, 10.5, 0.005)
-            .with_operating(1.5, 610)
+        let charged = TimeBlock::legacy(10.0, 10.5, 0.005)
+            .with_operating(1.5, Some(610))
             .to_json();
         assert_eq!(charged["operating"], json!(1.5));
         assert_eq!(charged["operating_reset_at"], json!(610));
         assert_eq!(charged["duration"], json!(0.5));
+        assert_eq!(charged["processing"], json!(0.005));
+    }
+
+    #[test]
+    fn the_current_server_stamps_whole_seconds() {
+        let t = TimeBlock::current(100.7, 100.8, 100.85, 100.9).to_json();
+        assert_eq!(t["start"], json!(100));
+        assert!(t["start"].is_i64());
+        assert_eq!(t["processing"], json!(0));
+        assert!((t["duration"].as_f64().unwrap() - 0.9).abs() < 1e-9);
+        // A call that crosses a second boundary "took" one second.
+        let crossing = TimeBlock::current(100.95, 100.96, 101.01, 101.02).to_json();
+        assert_eq!(crossing["processing"], json!(1));
+        assert!(t.get("operating_reset_at").is_none());
     }
 }

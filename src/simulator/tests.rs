@@ -367,7 +367,9 @@ async fn batch_runs_commands_in_order_with_php_shapes() {
         json!("ERROR_METHOD_NOT_FOUND")
     );
     assert!(result["result_time"]["a_fetch"].get("operating").is_some());
-    assert!(body["time"].get("operating").is_none());
+    // The current limiter charges and reports the batch request itself.
+    assert!(body["time"].get("operating").is_some());
+    assert!(body["time"]["start"].is_i64(), "{}", body["time"]);
     let stats = sim.stats();
     assert_eq!(stats.requests, 2);
     assert_eq!(stats.calls_by_method["batch"], 2);
@@ -571,33 +573,53 @@ async fn leaky_bucket_answers_503_and_counts_a_batch_once() {
 }
 
 #[tokio::test]
-async fn operating_budget_answers_429_per_method() {
+async fn the_current_limiter_bans_a_method_past_its_limit_and_reports_whole_seconds() {
     let config = SimulatorConfig {
         operating_limit: Some(OperatingLimit {
-            budget: Duration::from_millis(10),
+            budget: Duration::from_millis(200),
             window: Duration::from_secs(600),
+            ban: Duration::from_secs(300),
         }),
-        operating_cost: Duration::from_millis(6),
+        operating_cost: Duration::from_millis(150),
         ..SimulatorConfig::default()
     };
     let (sim, http, auth) = start(config).await;
+    let asked = std::time::Instant::now();
     let (status, first) = call(&http, &sim, "event.offline.list", json!({"auth": auth})).await;
     assert_eq!(status, 200);
-    assert!((first["time"]["operating"].as_f64().unwrap() - 0.006).abs() < 1e-9);
-    let reset_at = first["time"]["operating_reset_at"].as_i64().unwrap();
-    assert!(reset_at > first["time"]["start"].as_f64().unwrap() as i64 + 590);
-    assert_eq!(
-        call(&http, &sim, "event.offline.list", json!({"auth": auth}))
-            .await
-            .0,
-        200
+    assert!(
+        asked.elapsed() >= Duration::from_millis(150),
+        "the answer waits for the call's server time"
     );
+    let time = &first["time"];
+    assert!(time["start"].is_i64(), "{time}");
+    assert!(time["processing"].is_i64(), "{time}");
+    assert!(time["processing"].as_i64().unwrap() <= 1);
+    // The call itself took over 0.1 s, so its own answer counts it.
+    assert!(
+        (time["operating"].as_f64().unwrap() - 0.15).abs() < 1e-6,
+        "{time}"
+    );
+    let reset_at = time["operating_reset_at"].as_i64().unwrap();
+    assert!(reset_at >= time["start"].as_i64().unwrap() + 599);
+    // 0.15 s stored ≤ 0.2: runs; then 0.30 > 0.2: banned, the stored time forgotten.
+    let (status, second) = call(&http, &sim, "event.offline.list", json!({"auth": auth})).await;
+    assert_eq!(status, 200);
+    assert!((second["time"]["operating"].as_f64().unwrap() - 0.30).abs() < 1e-6);
     let (status, body) = call(&http, &sim, "event.offline.list", json!({"auth": auth})).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (429, Some("OPERATION_TIME_LIMIT"))
     );
-    // Other methods keep working; inside a batch the blocked method fails alone.
+    assert!(body.get("time").is_none(), "an error carries no time block");
+    // Still banned although nothing is stored any more.
+    assert_eq!(
+        call(&http, &sim, "event.offline.list", json!({"auth": auth}))
+            .await
+            .0,
+        429
+    );
+    // Other methods keep working; inside a batch the banned method fails alone.
     assert_eq!(
         call(&http, &sim, "server.time", json!({"auth": auth}))
             .await
@@ -617,6 +639,88 @@ async fn operating_budget_answers_429_per_method() {
         json!("OPERATION_TIME_LIMIT")
     );
     assert!(body["result"]["result"].get("t").is_some());
+    assert_eq!(sim.stats().rejected_429, 3);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn the_current_limiter_sums_a_methods_calls_in_one_request() {
+    let config = SimulatorConfig {
+        operating_limit: Some(OperatingLimit::default()),
+        operating_cost: Duration::from_millis(30),
+        ..SimulatorConfig::default()
+    };
+    let (sim, http, auth) = start(config).await;
+    // Alone, a 30 ms call is not stored.
+    for _ in 0..3 {
+        let (_, body) = call(&http, &sim, "server.time", json!({"auth": auth})).await;
+        assert_eq!(body["time"]["operating"], json!(0.0));
+    }
+    // Four in one batch: 120 ms stored for server.time.
+    let cmd =
+        json!({"a": "server.time", "b": "server.time", "c": "server.time", "d": "server.time"});
+    let (_, body) = call(&http, &sim, "batch", json!({"auth": auth, "cmd": cmd})).await;
+    // The answer counts only calls above 0.1 s each: none yet.
+    assert_eq!(body["result"]["result_time"]["d"]["operating"], json!(0.0));
+    let (_, body) = call(&http, &sim, "server.time", json!({"auth": auth})).await;
+    assert!((body["time"]["operating"].as_f64().unwrap() - 0.12).abs() < 1e-6);
+    let (_, body) = call(
+        &http,
+        &sim,
+        "batch",
+        json!({"auth": auth, "cmd": {"x": "server.time"}}),
+    )
+    .await;
+    // The first batch took 30 ms + 4 x 30 ms: 75 ms at half weight, not stored.
+    assert_eq!(body["time"]["operating"], json!(0.0));
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn the_legacy_limiter_charges_each_call_and_refuses_until_the_window_moves() {
+    let config = SimulatorConfig {
+        operating_limit: Some(OperatingLimit::scaled(
+            Duration::from_millis(10),
+            Duration::from_secs(600),
+        )),
+        limiter: LimiterModel::Legacy,
+        operating_cost: Duration::from_millis(6),
+        ..SimulatorConfig::default()
+    };
+    let (sim, http, auth) = start(config).await;
+    let (status, first) = call(&http, &sim, "event.offline.list", json!({"auth": auth})).await;
+    assert_eq!(status, 200);
+    assert!((first["time"]["operating"].as_f64().unwrap() - 0.006).abs() < 1e-6);
+    assert!((first["time"]["processing"].as_f64().unwrap() - 0.006).abs() < 1e-6);
+    let reset_at = first["time"]["operating_reset_at"].as_i64().unwrap();
+    assert!(reset_at > first["time"]["start"].as_f64().unwrap() as i64 + 590);
+    assert_eq!(
+        call(&http, &sim, "event.offline.list", json!({"auth": auth}))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = call(&http, &sim, "event.offline.list", json!({"auth": auth})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("OPERATION_TIME_LIMIT"))
+    );
+    let (status, body) = call(
+        &http,
+        &sim,
+        "batch",
+        json!({"auth": auth, "cmd": {"l": "event.offline.list", "t": "server.time"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["result"]["result_error"]["l"]["error"],
+        json!("OPERATION_TIME_LIMIT")
+    );
+    assert!(
+        body["time"].get("operating").is_none(),
+        "batch is not charged"
+    );
     assert_eq!(sim.stats().rejected_429, 2);
     sim.shutdown();
 }
