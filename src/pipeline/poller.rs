@@ -857,6 +857,14 @@ impl Poller {
         if pending.is_empty() {
             return Ok(false);
         }
+        // The getters ride in one `batch`: it and each getter method need operating time left.
+        let now = self.client.portal_now();
+        if self.budget("batch").affordable(now) == 0 {
+            tracing::debug!(portal = %self.portal(), "enrichment waits: batch has no operating time left");
+            return Ok(false);
+        }
+        let mut affordable: HashMap<&'static str, u32> = HashMap::new();
+        let mut held_back = false;
         let mut keys: Vec<(Getter, u64)> = Vec::new();
         let mut waiting: Vec<(i64, usize)> = Vec::new();
         let mut results = Vec::new();
@@ -886,6 +894,14 @@ impl Poller {
             let index = match keys.iter().position(|k| *k == (getter, id)) {
                 Some(index) => index,
                 None if keys.len() < MAX_COMMANDS => {
+                    let left = affordable
+                        .entry(getter.method())
+                        .or_insert_with(|| self.budget(getter.method()).affordable(now));
+                    if *left == 0 {
+                        held_back = true;
+                        continue;
+                    }
+                    *left -= 1;
                     keys.push((getter, id));
                     keys.len() - 1
                 }
@@ -933,6 +949,10 @@ impl Poller {
         tracing::debug!(portal = %self.portal(), events = enriched, entities = keys.len(), "entities attached");
         if transient > 0 {
             tracing::warn!(portal = %self.portal(), events = transient, "reading entities failed for some events; they wait for the next round");
+            return Ok(false);
+        }
+        if held_back {
+            tracing::debug!(portal = %self.portal(), "some entities wait for their getter's operating time");
             return Ok(false);
         }
         Ok(taken < pending.len() || pending.len() == SCAN)
@@ -1187,6 +1207,14 @@ impl Poller {
             process_id: Some(process_id.to_string()),
             error_lane: lane == Lane::Error,
         };
+        // A re-read is a get like any other: it waits for operating time like the fetches.
+        if let Some(wait) = self
+            .budget("event.offline.get")
+            .pause(self.client.portal_now())
+        {
+            tracing::info!(portal = %self.portal(), %process_id, wait = ?wait, "re-reading a reservation waits for event.offline.get's operating time");
+            tokio::time::sleep(wait).await;
+        }
         let batch = self.client.offline_get(&request).await?;
         self.record(process_id, lane, origin, batch.events, false)
             .await

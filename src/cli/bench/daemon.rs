@@ -147,9 +147,14 @@ impl Daemon {
     /// Starts `current_exe() -c <config> run`, logging at `warn,b24eventd=info` to `log`.
     pub fn spawn(config: &Path, log: &Path) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe().context("cannot find the b24eventd binary")?;
+        Daemon::spawn_binary(&exe, config, log)
+    }
+
+    /// Like [`Daemon::spawn`] with another build of b24eventd.
+    pub fn spawn_binary(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<Daemon> {
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(&exe)
+        let child = Command::new(exe)
             .arg("-c")
             .arg(config)
             .arg("run")

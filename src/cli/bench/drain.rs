@@ -33,7 +33,7 @@ fn limited() -> SimulatorConfig {
     }
 }
 
-pub async fn run(events: u64) -> anyhow::Result<Report> {
+pub async fn run(events: u64, compare_with: Option<&Path>) -> anyhow::Result<Report> {
     let mut report = Report::new("drain");
     let sim = SimulatorConfig::default();
     report.setup = vec![
@@ -52,9 +52,26 @@ one file sink, journal synchronous=full"
             .to_string(),
     ];
     let dir = WorkDir::create("drain")?;
-    let daemon = drain_with_daemon(events, &dir).await?;
+    let this = std::env::current_exe().context("cannot find the b24eventd binary")?;
+    let daemon = drain_with_daemon(events, &dir, &this).await?;
+    let other = match compare_with {
+        Some(exe) => {
+            report.setup.push(format!(
+                "other build: {}, same queue, simulator and config",
+                exe.display()
+            ));
+            // Its own scratch directory: a journal of its own.
+            let other_dir = WorkDir::create("drain-other")?;
+            Some(drain_with_daemon(events, &other_dir, exe).await?)
+        }
+        None => None,
+    };
     let baseline = drain_with_safe_loop(events, &dir).await?;
-    for (subject, d) in [("baseline: safe loop", &baseline), ("b24eventd", &daemon)] {
+    let mut subjects = vec![("baseline: safe loop", &baseline), ("b24eventd", &daemon)];
+    if let Some(other) = &other {
+        subjects.push(("b24eventd (other build)", other));
+    }
+    for (subject, d) in subjects {
         if d.lines < events as usize {
             bail!("{subject} wrote {} of {events} events to its file", d.lines);
         }
@@ -80,6 +97,17 @@ one file sink, journal synchronous=full"
         baseline.stats.requests as f64 / daemon.stats.requests.max(1) as f64,
         "higher is better",
     );
+    if let Some(other) = &other {
+        report.ratio(
+            "other build faster (baseline s / other build s)",
+            baseline.seconds / other.seconds,
+            "for comparison",
+        );
+        report.notes.push(format!(
+            "the other build's most gets in one batch request: {}",
+            other.stats.max_gets_per_batch
+        ));
+    }
     report.notes.push(format!(
         "b24eventd's requests include its start-up calls; its most gets in one batch request: {}",
         daemon.stats.max_gets_per_batch
@@ -87,7 +115,7 @@ one file sink, journal synchronous=full"
     Ok(report)
 }
 
-async fn drain_with_daemon(events: u64, dir: &WorkDir) -> anyhow::Result<Drained> {
+async fn drain_with_daemon(events: u64, dir: &WorkDir, exe: &Path) -> anyhow::Result<Drained> {
     let (sim, tokens) = daemon::portal(limited()).await?;
     daemon::emit_deals(&sim, 1, events);
     let out = dir.file("daemon.jsonl");
@@ -101,7 +129,7 @@ async fn drain_with_daemon(events: u64, dir: &WorkDir) -> anyhow::Result<Drained
         &daemon::file_sink(&out),
     )?;
     daemon::seed_tokens(&dir.path, &[("main".to_string(), tokens)]).await?;
-    let mut child = Daemon::spawn(&config, &dir.file("daemon.log"))?;
+    let mut child = Daemon::spawn_binary(exe, &config, &dir.file("daemon.log"))?;
     let started = Instant::now();
     daemon::wait_until(
         &mut child,

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Print one JSON document instead of tables
     #[arg(long)]
     json: bool,
+    /// drain: also drain the same queue with another build of b24eventd (e.g. the previous
+    /// release), against the same simulator
+    #[arg(long, value_name = "BINARY")]
+    compare_with: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +167,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench {name}: running");
         let started = Instant::now();
         let mut report = match which {
-            Which::Drain => drain::run(events).await?,
+            Which::Drain => drain::run(events, args.compare_with.as_deref()).await?,
             Which::Overhead => overhead::run(events).await?,
             Which::Latency => latency::run().await?,
             Which::Memory => memory::run(events * BACKLOG_FACTOR, args.portals).await?,
