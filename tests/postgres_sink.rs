@@ -78,6 +78,7 @@ async fn read_table(
         let id: String = row.get(0);
         let payload: serde_json::Value = row.get(6);
         assert_eq!(payload["id"], id.as_str(), "payload is the envelope");
+        assert_eq!(id, expected_key(&payload), "the key of the change");
         assert_eq!(payload["portal"], row.get::<_, String>(1).as_str());
         assert_eq!(payload["event"], row.get::<_, String>(2).as_str());
         assert_eq!(payload["offline_id"], row.get::<_, i64>(3));
@@ -157,7 +158,10 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
 
     let rows = read_table(&db, &table).await;
     assert_all_present(&rows, 1, 1000);
-    let sample = &rows["main:1"];
+    let sample = rows
+        .values()
+        .find(|v| v["offline_id"] == 1)
+        .expect("offline ID 1 is a row");
     assert_eq!(sample["lane"], "normal");
     assert_eq!(sample.as_object().unwrap().len(), 11);
 
@@ -494,7 +498,7 @@ async fn healthcheck_and_validate_online() {
 
 fn sample_envelope() -> b24eventd::envelope::Envelope {
     b24eventd::envelope::Envelope {
-        id: "main:1".into(),
+        id: b24eventd::envelope::Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: "ONCRMDEALADD".into(),
         offline_id: 1,
