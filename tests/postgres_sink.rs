@@ -199,6 +199,68 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
         .unwrap();
 }
 
+/// An event delivered to the table and dead at another sink is errored into Bitrix24's error
+/// lane; a later change merges into that row (same ID, new TIMESTAMP_X). The error-lane poll
+/// inserts the later change as a row of its own (a new key, not swallowed by `ON CONFLICT (id)
+/// DO NOTHING`); the unchanged error-lane copy of another event is not offered to the table
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_lane_merge_is_a_row_of_its_own() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = pg_sink(&format!("postgres://{user}@{POSTGRES}/test"), &table);
+    let merge = error_lane::error_lane_merge(dir.path(), &sim, &tokens, &sinks, |journal| {
+        error_lane::delivered_to(journal, "db") == 2
+    })
+    .await;
+    let count: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 3,
+        "the later change was not swallowed by ON CONFLICT"
+    );
+    let rows = read_table(&db, &table).await;
+    let keys: BTreeSet<String> = rows.keys().cloned().collect();
+    let merged_key = error_lane::key_of(&merge.merged);
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            error_lane::key_of(&merge.deal1),
+            error_lane::key_of(&merge.deal2),
+            merged_key.clone()
+        ]),
+        "the later change is a row of its own"
+    );
+    assert_eq!(rows[&merged_key]["lane"], "error");
+    assert_eq!(
+        rows[&merged_key]["timestamp"],
+        merge.merged.timestamp_x.as_str()
+    );
+    let events = error_lane::journal_events(&merge.journal);
+    let copy1 = events
+        .iter()
+        .find(|r| r.1 == merge.deal1.id && r.3 == "error")
+        .expect("deal 1's error-lane copy");
+    assert!(
+        !error_lane::journal_deliveries(&merge.journal, copy1.0).contains_key("db"),
+        "the unchanged copy is not offered to the table again"
+    );
+    assert_eq!(journal_duplicates(&merge.journal), 0);
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_cut_mid_run_loses_nothing() {
     if !service_requested("B24TEST_POSTGRES") {

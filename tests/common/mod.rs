@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod error_lane;
 pub mod proxy;
 pub mod slow_proxy;
 
