@@ -256,7 +256,12 @@ async fn amqp_sink_delivers_1000_events_exactly_once_with_their_properties() {
             Some(AMQPValue::LongString("main".into()))
         );
         assert_eq!(message.body["portal"], "main");
-        assert!(id.starts_with("main:"), "{id}");
+        let key = Envelope::make_id(
+            "main",
+            message.body["offline_id"].as_i64().unwrap(),
+            message.body["timestamp"].as_str().unwrap(),
+        );
+        assert_eq!(id, key, "the key of the change");
     }
     let counts = journal.counts().await.unwrap();
     assert_eq!(counts.delivered, 1000, "{counts:?}");
@@ -347,7 +352,7 @@ async fn amqp_sink_loses_nothing_when_rabbitmq_is_cut_off_mid_run() {
 
 fn envelope(n: i64) -> Envelope {
     Envelope {
-        id: Envelope::make_id("main", n),
+        id: Envelope::make_id("main", n, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: "ONCRMDEALUPDATE".into(),
         offline_id: n,
@@ -436,7 +441,11 @@ async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
         .iter()
         .map(|m| m.body["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, vec!["main:1", "main:2"], "only the retried ones, once");
+    assert_eq!(
+        ids,
+        vec!["main:1:1795330800", "main:2:1795330800"],
+        "only the retried ones, once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Crash safety of the real binary: SIGKILL at random moments while events flow and the portal
 //! misbehaves (lost `get` responses after commit, 500s, truncated JSON) and an HTTP sink flaps;
-//! afterwards every event was delivered to every sink, nothing is left reserved upstream, and the
-//! duplicates are counted.
+//! afterwards every event was delivered to every sink, nothing is left reserved upstream, every
+//! idempotency key is the key of its change (a redelivery after a kill carries the key of the
+//! first delivery), and the duplicates are counted.
 
 mod common;
 
@@ -9,6 +10,7 @@ use b24eventd::journal::Journal;
 use b24eventd::simulator::{Faults, SimulatorConfig};
 use common::daemon::{self, spawn_daemon};
 use common::*;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,13 +129,33 @@ async fn crash_scenario(s: Scenario) {
         "nothing left reserved or queued upstream: {:?}",
         sim.rows().len()
     );
+    // Every key has the form of its change, and a redelivery after a kill carries the key of the
+    // first delivery of the same offline ID and TIMESTAMP_X, in both sinks.
+    let mut first_key: BTreeMap<(i64, String), String> = BTreeMap::new();
+    let file = file_envelopes(&dir.path().join("events.jsonl"));
+    let http = endpoint.received.lock().unwrap().clone();
+    for envelope in file.iter().chain(&http) {
+        let id = envelope["id"].as_str().unwrap();
+        assert_eq!(id, expected_key(envelope), "the key of the change");
+        let change = (
+            envelope["offline_id"].as_i64().unwrap(),
+            envelope["timestamp"].as_str().unwrap().to_string(),
+        );
+        match first_key.get(&change) {
+            Some(first) => assert_eq!(first, id, "every delivery of {change:?} has its key"),
+            None => {
+                first_key.insert(change, id.to_string());
+            }
+        }
+    }
     let counts = journal.counts_blocking().unwrap();
     let lines: usize = file_ids(&dir.path().join("events.jsonl")).values().sum();
     let stats = sim.stats();
     eprintln!(
         "crash test: {kills} SIGKILLs in {:.1} s, {} lost get responses, {} 500s, {} truncated \
          answers, {} reservations adopted, {} events journaled, {} JSONL lines for {} distinct \
-         events ({} duplicates), {} HTTP deliveries ({} duplicates)",
+         events ({} duplicates), {} HTTP deliveries ({} duplicates); {} changes, each under one key \
+         in both sinks",
         started.elapsed().as_secs_f64(),
         stats.dropped_after_commit,
         stats.faults_500,
@@ -144,7 +166,8 @@ async fn crash_scenario(s: Scenario) {
         delivered.len(),
         lines - delivered.len(),
         endpoint.accepted_count(),
-        endpoint.accepted_count() - reached.len()
+        endpoint.accepted_count() - reached.len(),
+        first_key.len()
     );
     assert_eq!(kills, s.kills);
     if s.faults.drop_get_after_commit > 0.0 {

@@ -169,7 +169,7 @@ fn check_messages(
         assert_eq!(m.content_type.as_deref(), Some("application/json"));
         assert_eq!(
             envelope.id,
-            Envelope::make_id(&envelope.portal, envelope.offline_id)
+            Envelope::make_id(&envelope.portal, envelope.offline_id, &envelope.timestamp)
         );
         *ids.entry(envelope.id.clone()).or_insert(0) += 1;
         entities.insert((

@@ -172,15 +172,17 @@ async fn a_thousand_events_are_stored_once_with_their_ids() {
     let stored = read_stream(&js, &stream).await;
     let by_id = assert_exactly_once(&stored, &prefix, 1, 1000);
     // The content is the envelope, field for field.
-    let sample = &by_id["main:1"];
+    let sample = by_id
+        .values()
+        .find(|v| v["offline_id"] == 1)
+        .expect("offline ID 1 is stored");
     assert_eq!(sample["portal"], "main");
     assert_eq!(sample["offline_id"], 1);
     assert_eq!(sample["lane"], "normal");
     assert!(sample["message_id"].as_str().is_some_and(|m| !m.is_empty()));
     assert_eq!(sample.as_object().unwrap().len(), 11);
     for (id, envelope) in &by_id {
-        let offline_id = envelope["offline_id"].as_i64().unwrap();
-        assert_eq!(id, &format!("main:{offline_id}"));
+        assert_eq!(id, &expected_key(envelope), "the key of the change");
     }
     let info = js
         .get_stream(&stream)
@@ -201,6 +203,68 @@ async fn a_thousand_events_are_stored_once_with_their_ids() {
     eprintln!(
         "nats: 1000 events delivered and drained in {:.1} s",
         elapsed.as_secs_f64()
+    );
+    js.delete_stream(&stream).await.unwrap();
+}
+
+/// An event stored in the stream and dead at another sink is errored into Bitrix24's error lane;
+/// a later change merges into that row (same ID, new TIMESTAMP_X). The error-lane poll publishes
+/// the later change with a new `Nats-Msg-Id`, so the server stores it instead of dropping it as
+/// a duplicate within its window; the unchanged error-lane copy of another event is not
+/// published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_lane_merge_is_stored_not_dropped_as_a_duplicate() {
+    if !service_requested("B24TEST_NATS") {
+        return;
+    }
+    init();
+    let js = jetstream().await;
+    let (stream, prefix) = unique("B24T_MERGE");
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = nats_sink(&format!("nats://{NATS}"), &stream, &prefix, true);
+    let merge = error_lane::error_lane_merge(dir.path(), &sim, &tokens, &sinks, |journal| {
+        error_lane::delivered_to(journal, "bus") == 2
+    })
+    .await;
+    let stored = read_stream(&js, &stream).await;
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|m| {
+            let id = m.envelope["id"].as_str().unwrap().to_string();
+            assert_eq!(
+                m.msg_id.as_deref(),
+                Some(id.as_str()),
+                "Nats-Msg-Id is the id"
+            );
+            id
+        })
+        .collect();
+    let merged_key = error_lane::key_of(&merge.merged);
+    assert_eq!(ids.len(), 3, "three messages: {ids:?}");
+    assert_eq!(
+        ids.iter().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            error_lane::key_of(&merge.deal1),
+            error_lane::key_of(&merge.deal2),
+            merged_key.clone()
+        ])
+    );
+    assert_eq!(ids[2], merged_key, "the later change came last");
+    assert_eq!(stored[2].envelope["lane"], "error");
+    let events = error_lane::journal_events(&merge.journal);
+    let copy1 = events
+        .iter()
+        .find(|r| r.1 == merge.deal1.id && r.3 == "error")
+        .expect("deal 1's error-lane copy");
+    assert!(
+        !error_lane::journal_deliveries(&merge.journal, copy1.0).contains_key("bus"),
+        "the unchanged copy is not published again"
+    );
+    assert_eq!(
+        journal_duplicates(&merge.journal),
+        0,
+        "no PubAck said duplicate"
     );
     js.delete_stream(&stream).await.unwrap();
 }
@@ -496,7 +560,7 @@ async fn healthcheck_and_validate_online() {
 
 fn sample_envelope() -> b24eventd::envelope::Envelope {
     b24eventd::envelope::Envelope {
-        id: "main:1".into(),
+        id: b24eventd::envelope::Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: "ONCRMDEALADD".into(),
         offline_id: 1,

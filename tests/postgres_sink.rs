@@ -78,6 +78,7 @@ async fn read_table(
         let id: String = row.get(0);
         let payload: serde_json::Value = row.get(6);
         assert_eq!(payload["id"], id.as_str(), "payload is the envelope");
+        assert_eq!(id, expected_key(&payload), "the key of the change");
         assert_eq!(payload["portal"], row.get::<_, String>(1).as_str());
         assert_eq!(payload["event"], row.get::<_, String>(2).as_str());
         assert_eq!(payload["offline_id"], row.get::<_, i64>(3));
@@ -157,7 +158,10 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
 
     let rows = read_table(&db, &table).await;
     assert_all_present(&rows, 1, 1000);
-    let sample = &rows["main:1"];
+    let sample = rows
+        .values()
+        .find(|v| v["offline_id"] == 1)
+        .expect("offline ID 1 is a row");
     assert_eq!(sample["lane"], "normal");
     assert_eq!(sample.as_object().unwrap().len(), 11);
 
@@ -190,6 +194,68 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
         "postgres: 1000 events inserted and one NUL event dead in {:.1} s",
         elapsed.as_secs_f64()
     );
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+/// An event delivered to the table and dead at another sink is errored into Bitrix24's error
+/// lane; a later change merges into that row (same ID, new TIMESTAMP_X). The error-lane poll
+/// inserts the later change as a row of its own (a new key, not swallowed by `ON CONFLICT (id)
+/// DO NOTHING`); the unchanged error-lane copy of another event is not offered to the table
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_lane_merge_is_a_row_of_its_own() {
+    if !service_requested("B24TEST_POSTGRES") {
+        return;
+    }
+    init();
+    let db = database().await;
+    let user = user(&db).await;
+    let table = unique_table();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let sinks = pg_sink(&format!("postgres://{user}@{POSTGRES}/test"), &table);
+    let merge = error_lane::error_lane_merge(dir.path(), &sim, &tokens, &sinks, |journal| {
+        error_lane::delivered_to(journal, "db") == 2
+    })
+    .await;
+    let count: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 3,
+        "the later change was not swallowed by ON CONFLICT"
+    );
+    let rows = read_table(&db, &table).await;
+    let keys: BTreeSet<String> = rows.keys().cloned().collect();
+    let merged_key = error_lane::key_of(&merge.merged);
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            error_lane::key_of(&merge.deal1),
+            error_lane::key_of(&merge.deal2),
+            merged_key.clone()
+        ]),
+        "the later change is a row of its own"
+    );
+    assert_eq!(rows[&merged_key]["lane"], "error");
+    assert_eq!(
+        rows[&merged_key]["timestamp"],
+        merge.merged.timestamp_x.as_str()
+    );
+    let events = error_lane::journal_events(&merge.journal);
+    let copy1 = events
+        .iter()
+        .find(|r| r.1 == merge.deal1.id && r.3 == "error")
+        .expect("deal 1's error-lane copy");
+    assert!(
+        !error_lane::journal_deliveries(&merge.journal, copy1.0).contains_key("db"),
+        "the unchanged copy is not offered to the table again"
+    );
+    assert_eq!(journal_duplicates(&merge.journal), 0);
     db.batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
@@ -494,7 +560,7 @@ async fn healthcheck_and_validate_online() {
 
 fn sample_envelope() -> b24eventd::envelope::Envelope {
     b24eventd::envelope::Envelope {
-        id: "main:1".into(),
+        id: b24eventd::envelope::Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: "ONCRMDEALADD".into(),
         offline_id: 1,

@@ -108,7 +108,7 @@ fn check_entries(entries: &[Entry]) -> (BTreeMap<String, usize>, BTreeSet<(Strin
         assert_eq!(envelope.portal, "main");
         assert_eq!(
             envelope.id,
-            Envelope::make_id(&envelope.portal, envelope.offline_id)
+            Envelope::make_id(&envelope.portal, envelope.offline_id, &envelope.timestamp)
         );
         *ids.entry(envelope.id.clone()).or_insert(0) += 1;
         entities.insert((
@@ -463,12 +463,19 @@ async fn an_error_reply_fails_only_its_own_envelope() {
     assert_eq!(sink.deliver(&retried).await, vec![SinkResult::Delivered; 3]);
     let entries = read_stream(&mut conn, &update_key).await;
     let ids: Vec<&str> = entries.iter().map(|e| e["id"].as_str()).collect();
-    assert_eq!(ids, ["main:1", "main:3", "main:5"]);
+    assert_eq!(
+        ids,
+        [
+            "main:1:1795330800",
+            "main:3:1795330800",
+            "main:5:1795330800"
+        ]
+    );
 }
 
 fn envelope(n: i64, event: &str) -> Envelope {
     Envelope {
-        id: Envelope::make_id("main", n),
+        id: Envelope::make_id("main", n, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: event.into(),
         offline_id: n,

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let envelope = Envelope {
-        id: Envelope::make_id("main", 1),
+        id: Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
         portal: "main".into(),
         event: "ONCRMDEALUPDATE".into(),
         offline_id: 1,

@@ -4,7 +4,9 @@
 
 use super::report::{Table, print_json};
 use crate::config::Config;
-use crate::journal::{EventDetail, EventFilter, EventRow, Journal, PortalStats, StatusFilter};
+use crate::journal::{
+    EventDetail, EventFilter, EventRow, Journal, PortalStats, Pruned, StatusFilter,
+};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Local, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use clap::{Args, Subcommand};
@@ -134,7 +136,8 @@ pub enum JournalCommand {
     },
     /// One event: its envelope, every delivery attempt with its error, the upstream settlement
     Show {
-        /// A journal row (42) or an envelope id (main:1234)
+        /// A journal row (42), an envelope id (main:1234:1721298751), or a portal and offline
+        /// ID (main:1234: every row journaled for that ID)
         id: String,
         #[arg(long)]
         json: bool,
@@ -474,6 +477,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                     String::new()
                 }
             )?;
+            print_kept_in_error_lane(&done)?;
             Ok(())
         }
     }
@@ -502,6 +506,19 @@ pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
             ""
         }
     )?;
+    print_kept_in_error_lane(&done)?;
+    Ok(())
+}
+
+/// The line `dead purge` and `prune` add when they kept events Bitrix24 still holds in its error
+/// lane (the next error-lane poll needs their deliveries to tell which sinks have them).
+fn print_kept_in_error_lane(done: &Pruned) -> anyhow::Result<()> {
+    if done.kept_in_error_lane > 0 {
+        outln!(
+            "kept {}: Bitrix24 still holds them in its error lane; they can be purged after the next error-lane poll",
+            done.kept_in_error_lane
+        )?;
+    }
     Ok(())
 }
 

@@ -139,7 +139,8 @@ impl EventFilter {
 pub struct EventRow {
     /// The journal row id (`journal show ID`).
     pub row: i64,
-    /// The envelope id, `<portal>:<offline ID>`.
+    /// The envelope id, `<portal>:<offline ID>:<change>` (`<portal>:<offline ID>` for rows
+    /// journaled before keys carried the change).
     pub id: String,
     pub portal: String,
     pub event: String,
@@ -252,6 +253,10 @@ pub struct Pruned {
     pub batches: u64,
     /// Matching events kept because they still wait for upstream settlement.
     pub kept_unsettled: u64,
+    /// Matching events kept because Bitrix24 still holds them in its error lane: reported with
+    /// `event.offline.error` and not re-read by an error-lane poll since. Without them the
+    /// error-lane copy would go again to the sinks that have it.
+    pub kept_in_error_lane: u64,
 }
 
 impl Journal {
@@ -269,8 +274,9 @@ impl Journal {
         self.with_conn(|conn| stats(conn, filter))
     }
 
-    /// The events with this row id (`42`) or envelope id (`main:1234`; an event re-fetched from
-    /// the error lane has several rows).
+    /// The events with this row id (`42`) or envelope id (`main:1234:1721298751`; an event
+    /// re-fetched from the error lane unchanged has several rows), or every row of one offline
+    /// ID (`main:1234`: its changes, and a row keyed so before keys carried the change).
     pub fn show_event(&self, id: &str) -> anyhow::Result<Vec<EventDetail>> {
         self.with_conn(|conn| show_event(conn, id))
     }
@@ -297,7 +303,8 @@ impl Journal {
         self.with_conn(|conn| retry_dead(conn, filter, known_sinks))
     }
 
-    /// Deletes matching dead events that are settled upstream (`dead purge`).
+    /// Deletes matching dead events that are settled upstream (`dead purge`); those Bitrix24
+    /// still holds in its error lane stay until an error-lane poll has re-read them.
     pub fn purge_dead(&self, filter: &EventFilter) -> anyhow::Result<Pruned> {
         self.with_conn(|conn| {
             let mut filter = filter.clone();
@@ -307,7 +314,8 @@ impl Journal {
     }
 
     /// Deletes events settled upstream before `cutoff` whose deliveries are all final; dead
-    /// ones only with `include_dead`. Small transactions, so the daemon never waits long.
+    /// ones only with `include_dead`, and none Bitrix24 still holds in its error lane. Small
+    /// transactions, so the daemon never waits long.
     pub fn prune_blocking(
         &self,
         cutoff: DateTime<Utc>,
@@ -445,9 +453,21 @@ fn stats(conn: &Connection, filter: &EventFilter) -> anyhow::Result<Vec<PortalSt
 }
 
 fn show_event(conn: &Connection, id: &str) -> anyhow::Result<Vec<EventDetail>> {
-    let rows: Vec<i64> = match id.parse::<i64>() {
-        Ok(row) => vec![row],
-        Err(_) => conn
+    // `<portal>:<offline ID>` also names every row of that offline ID (the portal part may hold
+    // a colon of its own; then it matches nothing here, and the envelope id still does).
+    let offline = id
+        .rsplit_once(':')
+        .and_then(|(portal, n)| Some((portal, n.parse::<i64>().ok()?)));
+    let rows: Vec<i64> = match (id.parse::<i64>(), offline) {
+        (Ok(row), _) => vec![row],
+        (Err(_), Some((portal, offline_id))) => conn
+            .prepare_cached(
+                "SELECT id FROM events WHERE envelope_id = ?1 OR (portal = ?2 AND offline_id = ?3)
+                 ORDER BY id",
+            )?
+            .query_map(params![id, portal, offline_id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?,
+        (Err(_), None) => conn
             .prepare_cached("SELECT id FROM events WHERE envelope_id = ?1 ORDER BY id")?
             .query_map([id], |r| r.get(0))?
             .collect::<Result<_, _>>()?,
@@ -648,9 +668,17 @@ fn requeue(
     Ok(out)
 }
 
+/// Whether the event `e` (SQL over `events e`) was reported with `event.offline.error` and no
+/// error-lane row of its offline ID has been journaled after it: Bitrix24 still holds it in its
+/// error lane (unchanged, or with a later change merged in), and the next error-lane poll needs
+/// its deliveries to tell which sinks have the change.
+const STILL_IN_ERROR_LANE: &str = "e.upstream = 'errored' AND NOT EXISTS (
+    SELECT 1 FROM events l WHERE l.portal = e.portal AND l.offline_id = e.offline_id
+      AND l.lane = 'error' AND l.id > e.id)";
+
 /// Deletes matching events that are settled upstream and have no pending delivery, with their
 /// deliveries and attempts, then the settled batches left empty. `cutoff` bounds `settled_at`;
-/// dead events go only with `include_dead`.
+/// dead events go only with `include_dead`; events still in Bitrix24's error lane stay.
 fn delete_settled(
     conn: &mut Connection,
     filter: &EventFilter,
@@ -659,7 +687,10 @@ fn delete_settled(
 ) -> anyhow::Result<Pruned> {
     let clause = filter.clause();
     let mut params = clause.params.clone();
-    let mut sql = format!("SELECT e.id, e.upstream FROM events e WHERE {}", clause.sql);
+    let mut sql = format!(
+        "SELECT e.id, e.upstream, {STILL_IN_ERROR_LANE} FROM events e WHERE {}",
+        clause.sql
+    );
     if let Some(cutoff) = cutoff {
         params.push(SqlValue::Text(timestamp(cutoff)));
         sql.push_str(&format!(
@@ -672,26 +703,32 @@ fn delete_settled(
     }
     sql.push_str(" AND e.status <> 'pending' ORDER BY e.id");
     sql.push_str(&filter.limit_sql());
-    let candidates: Vec<(i64, String)> = conn
+    let candidates: Vec<(i64, String, bool)> = conn
         .prepare(&sql)?
         .query_map(params_from_iter(params.iter()), |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?
         .collect::<Result<_, _>>()?;
     let mut out = Pruned::default();
-    let (settled, unsettled): (Vec<_>, Vec<_>) = candidates
-        .into_iter()
-        .partition(|(_, upstream)| upstream == "cleared" || upstream == "errored");
-    out.kept_unsettled = unsettled.len() as u64;
-    let ids: Vec<i64> = settled.into_iter().map(|(id, _)| id).collect();
+    let mut ids = Vec::new();
+    for (id, upstream, in_error_lane) in candidates {
+        if upstream != "cleared" && upstream != "errored" {
+            out.kept_unsettled += 1;
+        } else if in_error_lane {
+            out.kept_in_error_lane += 1;
+        } else {
+            ids.push(id);
+        }
+    }
     for chunk in ids.chunks(DELETE_CHUNK) {
         let tx = conn.transaction()?;
         {
             // Deliveries and attempts go with the event (ON DELETE CASCADE).
-            let mut delete = tx.prepare_cached(
-                "DELETE FROM events WHERE id = ?1 AND upstream IN ('cleared', 'errored')
-                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = ?1 AND d.status = 'pending')",
-            )?;
+            let mut delete = tx.prepare_cached(&format!(
+                "DELETE FROM events AS e WHERE e.id = ?1 AND e.upstream IN ('cleared', 'errored')
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = ?1 AND d.status = 'pending')
+                 AND NOT ({STILL_IN_ERROR_LANE})"
+            ))?;
             for id in chunk {
                 out.events += delete.execute([id])? as u64;
             }
@@ -776,28 +813,35 @@ mod tests {
         rows.iter().map(|r| r.id.clone()).collect()
     }
 
+    /// The keys of offline IDs `ns` of [`batch`] (all of one `TIMESTAMP_X`).
+    fn keys(ns: &[i64]) -> Vec<String> {
+        ns.iter()
+            .map(|n| Envelope::make_id("main", *n, "2026-11-22T10:00:00+03:00"))
+            .collect()
+    }
+
     #[tokio::test]
     async fn filters_narrow_by_event_status_and_sink() {
         let (_d, j) = journal().await;
         let all = j.list_events(&EventFilter::default()).unwrap();
-        assert_eq!(ids(&all), ["main:1", "main:2", "main:3", "main:4"]);
+        assert_eq!(ids(&all), keys(&[1, 2, 3, 4]));
         let f = |f: EventFilter| ids(&j.list_events(&f).unwrap());
         let adds = EventFilter {
             event: Some("oncrmdeal*add".into()),
             ..EventFilter::default()
         };
-        assert_eq!(f(adds), ["main:2", "main:4"]);
+        assert_eq!(f(adds), keys(&[2, 4]));
         let dead = EventFilter {
             sink: Some("a".into()),
             status: Some(StatusFilter::Dead),
             ..EventFilter::default()
         };
-        assert_eq!(f(dead), ["main:3"]);
+        assert_eq!(f(dead), keys(&[3]));
         let newest = EventFilter {
             limit: Some(2),
             ..EventFilter::default()
         };
-        assert_eq!(f(newest), ["main:3", "main:4"], "the newest, oldest first");
+        assert_eq!(f(newest), keys(&[3, 4]), "the newest, oldest first");
         let future = EventFilter {
             since: Some(Utc::now() + chrono::Duration::hours(1)),
             ..EventFilter::default()
@@ -826,11 +870,82 @@ mod tests {
             (2, 0),
             "1 and 2; not dead 3, not pending 4"
         );
+        // 3 was errored upstream: Bitrix24 holds it in its error lane until a poll re-reads it.
         let purged = j.purge_dead(&EventFilter::default()).unwrap();
-        assert_eq!(purged.events, 1);
+        assert_eq!((purged.events, purged.kept_in_error_lane), (0, 1));
+        let pruned = j.prune_blocking(later, true).unwrap();
+        assert_eq!((pruned.events, pruned.kept_in_error_lane), (0, 1));
+        // The error-lane poll re-read it (a row of its offline ID journaled after it).
+        let mut lane = batch("e1", 3..=3);
+        lane.lane = Lane::Error;
+        j.record_batch(lane).await.unwrap();
+        let purged = j.purge_dead(&EventFilter::default()).unwrap();
+        assert_eq!((purged.events, purged.kept_in_error_lane), (1, 0));
         let left = j.list_events(&EventFilter::default()).unwrap();
-        assert_eq!(ids(&left), ["main:4"]);
+        assert_eq!(ids(&left), keys(&[4, 3]), "4, and the error-lane copy of 3");
+        assert_eq!(left[1].lane, "error");
         assert_eq!(j.prune_blocking(later, true).unwrap().events, 0);
+    }
+
+    #[tokio::test]
+    async fn an_errored_event_delivered_by_a_dead_retry_is_kept_until_the_error_lane_poll() {
+        let (_d, j) = journal().await;
+        // 3 is dead and errored; a dead retry delivers it: `delivered`, upstream still errored.
+        j.retry_dead(&EventFilter::default(), &["a".to_string()])
+            .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        let three: Vec<_> = due
+            .iter()
+            .filter(|d| d.envelope.offline_id == 3)
+            .map(|d| (d.event_id, Outcome::Delivered, None))
+            .collect();
+        assert_eq!(three.len(), 1);
+        j.record_outcomes("a", three).await.unwrap();
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        let pruned = j.prune_blocking(later, false).unwrap();
+        assert_eq!(
+            (
+                pruned.events,
+                pruned.kept_in_error_lane,
+                pruned.kept_unsettled
+            ),
+            (2, 1, 0),
+            "1 and 2 go; 3 stays for the error lane; pending 4 is not a candidate"
+        );
+        let json = serde_json::to_value(&pruned).unwrap();
+        assert_eq!(json["kept_in_error_lane"], 1);
+        // A merged later change re-read from the error lane also shows the poll happened.
+        let mut lane = batch("e1", 3..=3);
+        lane.lane = Lane::Error;
+        lane.events[0].timestamp = "2026-11-22T10:05:00+03:00".into();
+        j.record_batch(lane).await.unwrap();
+        let pruned = j.prune_blocking(later, false).unwrap();
+        assert_eq!((pruned.events, pruned.kept_in_error_lane), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn show_takes_a_row_a_key_or_a_portal_and_offline_id() {
+        let (_d, j) = journal().await;
+        let mut lane = batch("e1", 3..=3);
+        lane.lane = Lane::Error;
+        lane.events[0].timestamp = "2026-11-22T10:05:00+03:00".into();
+        j.record_batch(lane).await.unwrap();
+        let rows = |id: &str| -> Vec<(i64, String)> {
+            j.show_event(id)
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.row, d.envelope.id))
+                .collect()
+        };
+        let first = keys(&[3])[0].clone();
+        let merged = Envelope::make_id("main", 3, "2026-11-22T10:05:00+03:00");
+        assert_eq!(rows(&first), [(3, first.clone())]);
+        assert_eq!(rows(&merged), [(5, merged.clone())]);
+        assert_eq!(rows("main:3"), [(3, first), (5, merged)], "both changes");
+        assert_eq!(rows("4").len(), 1);
+        assert!(rows("main:99").is_empty());
+        assert!(rows("other:3").is_empty());
+        assert!(rows("main:3:0").is_empty());
     }
 
     #[tokio::test]

@@ -134,6 +134,14 @@ pub struct RecordedBatch {
     /// Events the journal already had and considers settled, yet the portal still holds them
     /// reserved: their settle call must be repeated (message ids).
     pub known_settled: Vec<(i64, String)>,
+    /// Error-lane events new to this reservation whose change the journal already holds in an
+    /// earlier row (the copy `event.offline.error` left in the error lane, unchanged).
+    pub known_changes: usize,
+    /// Deliveries those copies still got: routed sinks that had neither delivered nor pending
+    /// the change in the earlier rows.
+    pub known_change_deliveries: usize,
+    /// Those copies no sink needed any more: cleared upstream at once.
+    pub known_changes_done: usize,
 }
 
 /// A reservation the journal knows and has not finished settling.
@@ -333,6 +341,11 @@ impl Journal {
     /// Journals a reservation and its events in one transaction: the batch row, each event not
     /// yet known under this reservation, and one pending delivery per routed sink. An event no
     /// sink wants is settled (`clear_pending`) at once.
+    ///
+    /// Each event gets the envelope id of the first journaled row of the same change (same
+    /// portal, offline ID and [`Envelope::change_key`]), else a new one. An error-lane event
+    /// whose change the journal already holds goes only to the routed sinks with neither a
+    /// delivered nor a pending delivery of it; with none left it is settled at once.
     pub async fn record_batch(&self, batch: NewBatch) -> anyhow::Result<RecordedBatch> {
         let mut recorded = self.record_batches(vec![batch]).await?;
         Ok(recorded.remove(0))
@@ -780,6 +793,18 @@ fn record_batches(
         .map(|batch| record_batch_in(&tx, batch))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tx.commit()?;
+    for (batch, r) in batches.iter().zip(&recorded) {
+        if r.known_changes > 0 {
+            tracing::info!(
+                portal = %batch.portal,
+                process_id = %batch.process_id,
+                copies = r.known_changes,
+                deliveries = r.known_change_deliveries,
+                cleared_at_once = r.known_changes_done,
+                "error-lane copies of changes already journaled: they go only to the sinks that have not had them"
+            );
+        }
+    }
     Ok(recorded)
 }
 
@@ -808,8 +833,21 @@ fn record_batch_in(
         )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (envelope_id, portal, batch_id, offline_id, event, message_id, timestamp, data,
-                                 additional, lane, fetched_at, status, upstream, enrichment)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                 additional, lane, fetched_at, status, upstream, enrichment, change_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?;
+        // The first row of the same change (same portal, offline ID and change), whose key a
+        // later row of that change keeps.
+        let mut first_of_change = tx.prepare_cached(
+            "SELECT envelope_id FROM events WHERE portal = ?1 AND offline_id = ?2 AND change_key = ?3
+             ORDER BY id LIMIT 1",
+        )?;
+        // The sinks that have a change, or are about to (a pending delivery: a dead retry or a
+        // replay in progress), in any earlier row.
+        let mut sinks_with_change = tx.prepare_cached(
+            "SELECT DISTINCT d.sink FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE e.portal = ?1 AND e.offline_id = ?2 AND e.change_key = ?3
+               AND d.status IN ('delivered', 'pending')",
         )?;
         let mut insert_delivery = tx.prepare_cached(
             "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3)",
@@ -830,19 +868,39 @@ fn record_batch_in(
                 }
                 continue;
             }
-            // With no routed sink the lattice settles the event at once.
-            let status = if e.sinks.is_empty() {
+            // One key per change, forever: a row of a change journaled before (an error-lane
+            // copy, or a row keyed before keys carried the change) lends its key.
+            let change = Envelope::change_key(&e.timestamp);
+            let earlier: Option<String> = first_of_change
+                .query_row(params![batch.portal, e.offline_id, change], |r| r.get(0))
+                .optional()?;
+            let mut sinks: Vec<&String> = e.sinks.iter().collect();
+            if batch.lane == Lane::Error && earlier.is_some() {
+                // The copy `event.offline.error` left in the error lane: the sinks that had it
+                // (or are getting it again) must not get it twice.
+                let had: Vec<String> = sinks_with_change
+                    .query_map(params![batch.portal, e.offline_id, change], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                sinks.retain(|sink| !had.contains(sink));
+                recorded.known_changes += 1;
+                recorded.known_change_deliveries += sinks.len();
+                recorded.known_changes_done += usize::from(sinks.is_empty());
+            }
+            let envelope_id = earlier
+                .unwrap_or_else(|| Envelope::id_of_change(&batch.portal, e.offline_id, &change));
+            // With no sink to deliver to, the lattice settles the event at once.
+            let status = if sinks.is_empty() {
                 "delivered"
             } else {
                 "pending"
             };
-            let upstream = match (batch.deleted_upstream, e.sinks.is_empty()) {
+            let upstream = match (batch.deleted_upstream, sinks.is_empty()) {
                 (true, _) => "cleared",
                 (false, true) => "clear_pending",
                 (false, false) => "reserved",
             };
             insert_event.execute(params![
-                Envelope::make_id(&batch.portal, e.offline_id),
+                envelope_id,
                 batch.portal,
                 batch_id,
                 e.offline_id,
@@ -856,10 +914,11 @@ fn record_batch_in(
                 status,
                 upstream,
                 // An event no sink wants is not worth a request.
-                (e.enrich && !e.sinks.is_empty()).then_some("pending")
+                (e.enrich && !sinks.is_empty()).then_some("pending"),
+                change
             ])?;
             let event_id = tx.last_insert_rowid();
-            for sink in &e.sinks {
+            for sink in sinks {
                 insert_delivery.execute(params![event_id, sink, fetched_at])?;
             }
             recorded.inserted += 1;
@@ -1280,7 +1339,7 @@ mod tests {
         assert_eq!(j.unsettled_count("main").await.unwrap(), 2);
         let due = j.due_deliveries("a", 10).await.unwrap();
         assert_eq!(due.len(), 2);
-        assert_eq!(due[0].envelope.id, "main:1");
+        assert_eq!(due[0].envelope.id, "main:1:1795330800");
         assert_eq!(due[0].envelope.attempt, 1);
         let fetched_at = due[0].fetched_at.expect("fetched_at is read");
         assert!(
@@ -1457,6 +1516,235 @@ mod tests {
             .unwrap();
         assert_eq!((r.inserted, r.known_unsettled), (1, 1));
         assert_eq!(j.counts().await.unwrap().events, 2);
+    }
+
+    /// The deliveries of the event row `row`: `(sink, status)` by sink.
+    fn deliveries_of(j: &Journal, row: i64) -> Vec<(String, String)> {
+        j.with_conn(|conn| {
+            Ok(conn
+                .prepare("SELECT sink, status FROM deliveries WHERE event_id = ?1 ORDER BY sink")?
+                .query_map([row], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+        .unwrap()
+    }
+
+    /// `(row, envelope_id, status, upstream)` of every event, by row.
+    fn event_rows(j: &Journal) -> Vec<(i64, String, String, String)> {
+        j.with_conn(|conn| {
+            Ok(conn
+                .prepare("SELECT id, envelope_id, status, upstream FROM events ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+        .unwrap()
+    }
+
+    /// Event 1 delivered to `a` and dead at `b`, so errored upstream.
+    async fn delivered_to_a_dead_at_b(j: &Journal) {
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a", "b"])]))
+            .await
+            .unwrap();
+        let a = j.due_deliveries("a", 10).await.unwrap();
+        j.record_outcomes("a", vec![(a[0].event_id, Outcome::Delivered, None)])
+            .await
+            .unwrap();
+        let b = j.due_deliveries("b", 10).await.unwrap();
+        let dead = Outcome::Dead {
+            error: "http 400".into(),
+        };
+        j.record_outcomes("b", vec![(b[0].event_id, dead, None)])
+            .await
+            .unwrap();
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending[0].action, SettleAction::Error);
+        j.mark_settled(vec![pending[0].events[0].0], SettleAction::Error)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_error_lane_copy_keeps_its_key_and_skips_the_sinks_that_have_it() {
+        let (_d, j) = open();
+        delivered_to_a_dead_at_b(&j).await;
+        let r = j
+            .record_batch(batch("e1", Lane::Error, vec![event(1, &["a", "b"])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                r.inserted,
+                r.known_changes,
+                r.known_change_deliveries,
+                r.known_changes_done
+            ),
+            (1, 1, 1, 0)
+        );
+        let rows = event_rows(&j);
+        assert_eq!(rows[1].1, rows[0].1, "the same change, the same key");
+        assert_eq!(rows[1].1, "main:1:1795330800");
+        assert_eq!(
+            deliveries_of(&j, rows[1].0),
+            [("b".to_string(), "pending".to_string())],
+            "a has it; b gave up on it and gets it again"
+        );
+        assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_error_lane_copy_every_sink_has_or_is_getting_again_is_cleared_at_once() {
+        let (_d, j) = open();
+        delivered_to_a_dead_at_b(&j).await;
+        // `dead retry --sink b`: b's delivery of the first row is pending again.
+        j.with_conn(|conn| {
+            Ok(conn.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0 WHERE sink = 'b'",
+                [],
+            )?)
+        })
+        .unwrap();
+        let r = j
+            .record_batch(batch("e1", Lane::Error, vec![event(1, &["a", "b"])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                r.known_changes,
+                r.known_change_deliveries,
+                r.known_changes_done
+            ),
+            (1, 0, 1)
+        );
+        let rows = event_rows(&j);
+        assert_eq!(
+            (rows[1].2.as_str(), rows[1].3.as_str()),
+            ("delivered", "clear_pending")
+        );
+        assert!(deliveries_of(&j, rows[1].0).is_empty());
+        let pending = j.pending_settlements("main").await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].process_id.as_str(), pending[0].action),
+            ("e1", SettleAction::Clear)
+        );
+        // Only b's retry of the first row is due, under the one key.
+        let due = j.due_deliveries("b", 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].event_id, rows[0].0);
+        assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_later_change_merged_into_the_error_lane_row_is_new_to_every_sink() {
+        let (_d, j) = open();
+        delivered_to_a_dead_at_b(&j).await;
+        let mut merged = event(1, &["a", "b"]);
+        merged.timestamp = "2026-11-22T10:00:02+03:00".into();
+        let r = j
+            .record_batch(batch("e1", Lane::Error, vec![merged]))
+            .await
+            .unwrap();
+        assert_eq!((r.inserted, r.known_changes), (1, 0));
+        let rows = event_rows(&j);
+        assert_eq!(rows[1].1, "main:1:1795330802");
+        assert_ne!(rows[1].1, rows[0].1);
+        assert_eq!(
+            deliveries_of(&j, rows[1].0),
+            [
+                ("a".to_string(), "pending".to_string()),
+                ("b".to_string(), "pending".to_string())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_offline_id_is_a_new_key_and_goes_to_every_sink() {
+        let (_d, j) = open();
+        j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+            .await
+            .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        j.record_outcomes("a", vec![(due[0].event_id, Outcome::Delivered, None)])
+            .await
+            .unwrap();
+        // The table was emptied and MySQL re-seeded its counter: ID 1 again, another event.
+        let mut reused = event(1, &["a"]);
+        reused.timestamp = "2026-11-22T10:07:13+03:00".into();
+        reused.data = json!({"FIELDS": {"ID": "77"}});
+        j.record_batch(batch("p2", Lane::Normal, vec![reused]))
+            .await
+            .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].envelope.id, "main:1:1795331233");
+        assert_eq!(due[0].envelope.data["FIELDS"]["ID"], "77");
+    }
+
+    /// A journal written by the previous version (schema 4, keys `main:N`) migrates: every row
+    /// gets its change, keeps its key, and an unchanged error-lane copy of it keeps that key.
+    #[tokio::test]
+    async fn rows_keyed_before_changes_were_keyed_keep_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            schema::migrate_to(&mut conn, 0, 4).unwrap();
+            conn.execute_batch(
+                "INSERT INTO batches (id, portal, process_id, lane, origin, fetched_at, settled_at)
+                 VALUES (1, 'main', 'p1', 'normal', 'fetched', '2026-11-22T07:00:00.000Z',
+                         '2026-11-22T07:00:01.000Z');
+                 INSERT INTO events (id, envelope_id, portal, batch_id, offline_id, event, message_id,
+                                     timestamp, data, additional, lane, fetched_at, status, upstream,
+                                     settled_at)
+                 VALUES (1, 'main:1', 'main', 1, 1, 'ONCRMDEALUPDATE', '00000000000000000000000000000001',
+                         '2026-11-22T10:00:00+03:00', '{}', '{}', 'normal', '2026-11-22T07:00:00.000Z',
+                         'dead', 'errored', '2026-11-22T07:00:01.000Z'),
+                        (2, 'main:2', 'main', 1, 2, 'ONCRMDEALUPDATE', '00000000000000000000000000000002',
+                         '2026-11-22T10:00:01+03:00', '{}', '{}', 'normal', '2026-11-22T07:00:00.000Z',
+                         'delivered', 'cleared', '2026-11-22T07:00:01.000Z');
+                 INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at)
+                 VALUES (1, 'a', 'delivered', 1, '2026-11-22T07:00:00.000Z'),
+                        (1, 'b', 'dead', 1, '2026-11-22T07:00:00.000Z'),
+                        (2, 'a', 'delivered', 1, '2026-11-22T07:00:00.000Z');",
+            )
+            .unwrap();
+        }
+        let j = Journal::open_blocking(&path, Synchronous::Full).unwrap();
+        let migrated: Vec<(String, Option<String>)> = j
+            .with_conn(|conn| {
+                Ok(conn
+                    .prepare("SELECT envelope_id, change_key FROM events ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(
+            migrated,
+            [
+                ("main:1".to_string(), Some("1795330800".to_string())),
+                ("main:2".to_string(), Some("1795330801".to_string()))
+            ]
+        );
+        // Event 1 comes back from the error lane unchanged: the old key, only to b.
+        let r = j
+            .record_batch(batch("e1", Lane::Error, vec![event(1, &["a", "b"])]))
+            .await
+            .unwrap();
+        assert_eq!((r.known_changes, r.known_change_deliveries), (1, 1));
+        let due = j.due_deliveries("b", 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].envelope.id, "main:1");
+        assert_eq!(due[0].envelope.lane, Lane::Error);
+        assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
+        // A later change of it is a new change: the new key format, every sink.
+        let mut merged = event(1, &["a", "b"]);
+        merged.timestamp = "2026-11-22T10:09:00+03:00".into();
+        j.record_batch(batch("e2", Lane::Error, vec![merged]))
+            .await
+            .unwrap();
+        let due = j.due_deliveries("a", 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].envelope.id, "main:1:1795331340");
     }
 
     #[tokio::test]

@@ -530,6 +530,7 @@ async fn prune_on_schedule(
             Ok(pruned) => tracing::info!(
                 events = pruned.events,
                 batches = pruned.batches,
+                kept_in_error_lane = pruned.kept_in_error_lane,
                 retention = %humantime::format_duration(retention),
                 "pruned settled events past retention"
             ),

@@ -1,5 +1,5 @@
 //! The `/_sim/*` control API for people running `simulate`: raise events, bind, read stats and
-//! rows, issue or expire tokens, set faults. JSON in, JSON out.
+//! rows, re-seed the queue's IDs, issue or expire tokens, set faults. JSON in, JSON out.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -97,6 +97,14 @@ pub async fn stats(State(inner): State<Arc<Inner>>) -> Response {
 pub async fn rows(State(inner): State<Arc<Inner>>) -> Response {
     let rows = inner.lock().sim_rows();
     json_value(200, &serde_json::to_value(rows).unwrap_or(Value::Null))
+}
+
+/// `POST /_sim/reseed`: the queue's auto-increment restarts at `MAX(ID) + 1` of the rows present
+/// (1 when empty), as after a MySQL (< 8.0) restart; answers the next ID.
+pub async fn reseed(State(inner): State<Arc<Inner>>) -> Response {
+    let next_id = inner.lock().queue.reseed_ids();
+    tracing::info!(next_id, "simulated queue ids re-seeded");
+    json_value(200, &json!({"result": true, "next_id": next_id}))
 }
 
 /// `POST /_sim/tokens`: a fresh token pair.

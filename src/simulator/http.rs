@@ -35,6 +35,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/_sim/bind", post(control::bind))
         .route("/_sim/stats", get(control::stats))
         .route("/_sim/rows", get(control::rows))
+        .route("/_sim/reseed", post(control::reseed))
         .route("/_sim/tokens", post(control::tokens))
         .route("/_sim/faults", post(control::faults))
         .route("/_sim/expire_tokens", post(control::expire_tokens))

@@ -412,6 +412,13 @@ impl Simulator {
         self.inner.lock().sim_rows()
     }
 
+    /// Re-seeds the queue's auto-increment from the rows present (`MAX(ID) + 1`, 1 when the
+    /// table is empty), as MySQL before 8.0 does at a restart: IDs of deleted rows come back.
+    /// Returns the ID the next new row gets.
+    pub fn reseed_ids(&self) -> i64 {
+        self.inner.lock().queue.reseed_ids()
+    }
+
     /// Stops serving (in-flight requests finish).
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();

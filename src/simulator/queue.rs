@@ -1,6 +1,8 @@
 //! The offline event table (`b_rest_event_offline`) and the exact semantics of
-//! `event.offline.get/clear/error/list` over it (notes §1-§4, §6). Pure: the time, the
-//! connector of the request and new process ids are passed in.
+//! `event.offline.get/clear/error/list` over it (`modules/rest/lib/eventoffline.php` and
+//! `modules/rest/lib/api/event.php` of Bitrix24's rest module), plus the auto-increment re-seed a
+//! MySQL restart performs. Pure: the time, the connector of the request and new process ids are
+//! passed in.
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::{Value, json};
@@ -596,6 +598,14 @@ impl Queue {
 
     pub fn rows(&self) -> impl Iterator<Item = &Row> {
         self.rows.values()
+    }
+
+    /// What MySQL before 8.0 does to an InnoDB table at server start: the auto-increment
+    /// counter is re-seeded from the rows present, `MAX(ID) + 1` (1 when the table is empty), so
+    /// the IDs of rows deleted since come back for new events. Returns the next ID.
+    pub fn reseed_ids(&mut self) -> i64 {
+        self.last_id = self.rows.keys().next_back().copied().unwrap_or(0);
+        self.last_id + 1
     }
 
     /// `callEvent`: `INSERT … ON DUPLICATE KEY UPDATE TIMESTAMP_X, EVENT_DATA,
@@ -1414,6 +1424,49 @@ mod tests {
         // Rows without a reservation are never purged, however old.
         let mut q = queue3();
         assert_eq!(q.purge_reservations(t(100)), 0);
+    }
+
+    #[test]
+    fn reseeding_ids_brings_back_the_ids_of_deleted_rows() {
+        let mut q = Queue::new();
+        for id in 1..=3 {
+            q.push("ONCRMDEALUPDATE", change(id), 1, "", t(0));
+        }
+        // Without a restart an ID is never handed out twice.
+        let out = q.get(&get_req(json!({"clear": 1})), "", pid("p1"));
+        assert_eq!(out.deleted, 3);
+        assert_eq!(
+            q.push("ONCRMDEALUPDATE", change(4), 1, "", t(1)),
+            Pushed::Inserted(4)
+        );
+        // A restart with row 4 present: the counter goes on from 5, as before.
+        assert_eq!(q.reseed_ids(), 5);
+        assert_eq!(
+            q.push("ONCRMDEALUPDATE", change(5), 1, "", t(1)),
+            Pushed::Inserted(5)
+        );
+        // Rows 4 and 5 cleared, then a restart: the empty table starts again at 1.
+        q.get(&get_req(json!({"clear": 1})), "", pid("p2"));
+        assert_eq!(q.rows().count(), 0);
+        assert_eq!(q.reseed_ids(), 1);
+        assert_eq!(
+            q.push("ONCRMDEALADD", change(6), 1, "", t(2)),
+            Pushed::Inserted(1)
+        );
+        assert_eq!(
+            q.push("ONCRMDEALADD", change(7), 1, "", t(2)),
+            Pushed::Inserted(2)
+        );
+        // A gap below the highest row is not filled: MAX(ID) + 1.
+        let mid = message_id("ONCRMDEALADD", &change(6));
+        q.get(
+            &get_req(json!({"clear": 1, "filter": {"=MESSAGE_ID": mid}})),
+            "",
+            pid("p3"),
+        );
+        assert_eq!(ids(&q.rows().cloned().collect::<Vec<_>>()), [2]);
+        assert_eq!(q.reseed_ids(), 3);
+        assert!(consistent(&q));
     }
 
     #[test]

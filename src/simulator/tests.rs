@@ -1023,6 +1023,13 @@ async fn control_api_drives_a_served_simulator() {
         .await
         .unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 3);
+    let reseeded: Value = post("/_sim/reseed", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reseeded, json!({"result": true, "next_id": 4}));
 
     shutdown.cancel();
     drop(http);

@@ -1226,7 +1226,10 @@ type = "amqp"
             p.content_type().as_ref().unwrap().as_str(),
             "application/json"
         );
-        assert_eq!(p.message_id().as_ref().unwrap().as_str(), "main:42");
+        assert_eq!(
+            p.message_id().as_ref().unwrap().as_str(),
+            "main:42:1795330800"
+        );
         assert_eq!(p.kind().as_ref().unwrap().as_str(), "ONCRMDEALUPDATE");
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "b24eventd");
         // 2026-11-22T10:00:00+03:00

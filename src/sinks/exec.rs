@@ -670,7 +670,7 @@ mod tests {
         assert_eq!(result, SinkResult::Delivered);
         assert_eq!(
             output,
-            "exit 0\nstdout:\nmain:42|ONCRMDEALUPDATE|main|3|http://erp.local"
+            "exit 0\nstdout:\nmain:42:1795330800|ONCRMDEALUPDATE|main|3|http://erp.local"
         );
     }
 

@@ -553,7 +553,7 @@ mod tests {
         let seen = seen.lock().unwrap();
         let (headers, body) = &seen.requests[0];
         assert_eq!(headers["content-type"], "application/json");
-        assert_eq!(headers["idempotency-key"], "main:7");
+        assert_eq!(headers["idempotency-key"], "main:7:1795330800");
         assert_eq!(
             headers["user-agent"],
             concat!("b24eventd/", env!("CARGO_PKG_VERSION"))
@@ -771,8 +771,8 @@ mod tests {
 
         let headers = seen.lock().unwrap()[0].clone();
         assert_eq!(headers["content-type"], "application/x-www-form-urlencoded");
-        assert_eq!(headers["idempotency-key"], "main:7");
-        assert_eq!(headers["webhook-id"], "main:7");
+        assert_eq!(headers["idempotency-key"], "main:7:1795330800");
+        assert_eq!(headers["webhook-id"], "main:7:1795330800");
         let ts: i64 = headers["webhook-timestamp"]
             .to_str()
             .unwrap()

@@ -654,7 +654,9 @@ mod tests {
         };
         let plain = packed(None);
         assert!(
-            plain.contains("XADD\r\n$6\r\ns:main\r\n$1\r\n*\r\n$2\r\nid\r\n$6\r\nmain:7\r\n"),
+            plain.contains(
+                "XADD\r\n$6\r\ns:main\r\n$1\r\n*\r\n$2\r\nid\r\n$17\r\nmain:7:1795330800\r\n"
+            ),
             "{plain}"
         );
         assert!(plain.contains(

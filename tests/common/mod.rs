@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod error_lane;
 pub mod proxy;
 pub mod slow_proxy;
 
@@ -41,7 +42,8 @@ pub async fn portal(config: SimulatorConfig) -> (Simulator, Tokens) {
 }
 
 /// Writes a config for one portal `main` on `sim` plus the given sink tables; `portal_extra` is
-/// appended to `[portals.main]`.
+/// appended to `[portals.main]` (the orphan sweep and the error lane run every 2 s unless it sets
+/// their schedules).
 pub fn write_config(
     dir: &Path,
     sim: &Simulator,
@@ -65,9 +67,7 @@ client_id = "{client_id}"
 client_secret = "{secret}"
 events = ["ONCRMDEALADD", "ONCRMDEALUPDATE"]
 poll_interval = "200ms"
-orphan_sweep_schedule = "*/2 * * * * *"
-error_lane_schedule = "*/2 * * * * *"
-{portal_extra}
+{schedules}{portal_extra}
 
 {sinks}
 "#,
@@ -78,6 +78,11 @@ error_lane_schedule = "*/2 * * * * *"
         oauth = sim.oauth_token_url(),
         client_id = defaults.client_id,
         secret = defaults.client_secret,
+        schedules = ["orphan_sweep_schedule", "error_lane_schedule"]
+            .iter()
+            .filter(|key| !portal_extra.contains(*key))
+            .map(|key| format!("{key} = \"*/2 * * * * *\"\n"))
+            .collect::<String>(),
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -179,7 +184,26 @@ pub fn upstream_empty(sim: &Simulator) -> bool {
     sim.rows().is_empty()
 }
 
-/// Reads the JSONL file sink: envelope id → number of lines with it.
+/// The idempotency key one change of a queue row must carry, computed here (not through the
+/// crate): `<portal>:<offline ID>:<TIMESTAMP_X as Unix seconds>`.
+pub fn portal_rows_key(portal: &str, offline_id: i64, timestamp: &str) -> String {
+    let unix = chrono::DateTime::parse_from_rfc3339(timestamp)
+        .unwrap_or_else(|e| panic!("TIMESTAMP_X {timestamp:?} parses: {e}"))
+        .timestamp();
+    format!("{portal}:{offline_id}:{unix}")
+}
+
+/// [`portal_rows_key`] of an envelope's own fields.
+pub fn expected_key(envelope: &serde_json::Value) -> String {
+    portal_rows_key(
+        envelope["portal"].as_str().expect("a portal"),
+        envelope["offline_id"].as_i64().expect("an offline ID"),
+        envelope["timestamp"].as_str().expect("a timestamp"),
+    )
+}
+
+/// Reads the JSONL file sink: envelope id → number of lines with it. One id is one change of
+/// one queue record (a redelivery repeats it); every id is checked against [`expected_key`].
 pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
     let mut ids = BTreeMap::new();
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -188,10 +212,20 @@ pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
     for line in text.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).expect("every line is a JSON envelope");
-        *ids.entry(v["id"].as_str().unwrap().to_string())
-            .or_insert(0) += 1;
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(id, expected_key(&v), "the key of the change: {line}");
+        *ids.entry(id).or_insert(0) += 1;
     }
     ids
+}
+
+/// Every envelope in a JSONL file sink, in order.
+pub fn file_envelopes(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is a JSON envelope"))
+        .collect()
 }
 
 /// The (event, entity ID) pairs in a JSONL file sink.
@@ -291,6 +325,77 @@ impl Endpoint {
             .iter()
             .map(|v| v["id"].as_str().unwrap().to_string())
             .collect()
+    }
+}
+
+/// An HTTP consumer that deduplicates as a real one does: it records the `Idempotency-Key` of
+/// every request (repeats included), keeps the envelope of the first request with each key, and
+/// answers 200 to a repeat without keeping it.
+pub struct DedupEndpoint {
+    pub url: String,
+    /// Every `Idempotency-Key` received, in order.
+    pub keys: Arc<Mutex<Vec<String>>>,
+    /// The envelopes taken: the first with each key.
+    pub accepted: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub stop: CancellationToken,
+}
+
+impl DedupEndpoint {
+    pub async fn start() -> DedupEndpoint {
+        use axum::http::{HeaderMap, StatusCode};
+        let keys = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (key_log, kept) = (keys.clone(), accepted.clone());
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (key_log, kept) = (key_log.clone(), kept.clone());
+                async move {
+                    let Some(key) = headers
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                    else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let Ok(envelope) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let mut seen = key_log.lock().unwrap();
+                    if !seen.contains(&key) {
+                        kept.lock().unwrap().push(envelope);
+                    }
+                    seen.push(key);
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+                .unwrap();
+        });
+        DedupEndpoint {
+            url,
+            keys,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Every key received, repeats included, in order.
+    pub fn keys_received(&self) -> Vec<String> {
+        self.keys.lock().unwrap().clone()
+    }
+
+    /// The envelopes taken (one per key), in order.
+    pub fn accepted(&self) -> Vec<serde_json::Value> {
+        self.accepted.lock().unwrap().clone()
     }
 }
 

@@ -159,7 +159,11 @@ fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Cost> 
             for id in next..(next + per_txn).min(events + 1) {
                 let data = serde_json::json!({"FIELDS": {"ID": id.to_string()}});
                 insert.execute(params![
-                    format!("main:{id}"),
+                    crate::envelope::Envelope::make_id(
+                        "main",
+                        id as i64,
+                        "2026-01-01T00:00:00+03:00"
+                    ),
                     "main",
                     id as i64,
                     daemon::EVENTS[(id % 2) as usize],
