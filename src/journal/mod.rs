@@ -2,7 +2,9 @@
 //! batches, events, deliveries and upstream settlement. All SQL of the crate lives in this module;
 //! every call runs on tokio's blocking pool so the async runtime never waits on the disk.
 
+mod conformance;
 mod inspect;
+pub mod lock;
 mod schema;
 mod status;
 
@@ -10,6 +12,7 @@ pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
+pub use conformance::StoredFinding;
 pub use schema::SCHEMA_VERSION;
 pub use status::{DeadAttempt, HISTORY_MINUTES, PortalStatus, SinkStatus, StatusData};
 

@@ -127,6 +127,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE events ADD COLUMN enrichment TEXT;
     CREATE INDEX events_enrichment ON events (portal, id) WHERE enrichment IS NOT NULL;
     "#,
+    // 4 -> 5: the findings of the last conformance probe of each portal (`doctor --conformance`)
+    r#"
+    CREATE TABLE conformance (
+        portal      TEXT NOT NULL,
+        check_name  TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('ok', 'fail', 'skipped')),
+        observed    TEXT NOT NULL,
+        value       INTEGER,
+        run_id      TEXT NOT NULL,
+        checked_at  TEXT NOT NULL,
+        PRIMARY KEY (portal, check_name)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
