@@ -4,8 +4,10 @@
 //! poller whether `event.offline.list` filters reserved rows), refuse where it cannot. The one
 //! place both the probe and the daemon read; a portal never probed runs as if every check held.
 
+use crate::config::{Config, ConfigError, Mode};
 use crate::journal::{Journal, StoredFinding};
 use chrono::{DateTime, SecondsFormat, Utc};
+use std::collections::BTreeMap;
 
 /// `IRestService::LIST_LIMIT`: `event.offline.get`'s default `limit`; the probe asks for more.
 pub const LIST_LIMIT: u32 = 50;
@@ -399,7 +401,11 @@ impl PortalConformance {
                 })
             })
             .collect();
-        let at = stored.iter().map(|s| s.checked_at).max().unwrap_or(first.checked_at);
+        let at = stored
+            .iter()
+            .map(|s| s.checked_at)
+            .max()
+            .unwrap_or(first.checked_at);
         PortalConformance::from_findings(portal, &findings, at, &first.run_id)
     }
 
@@ -415,12 +421,7 @@ impl PortalConformance {
                 .iter()
                 .find(|f| f.check == check && f.status == Status::Fail)
         };
-        let status = |check: Check| {
-            findings
-                .iter()
-                .find(|f| f.check == check)
-                .map(|f| f.status)
-        };
+        let status = |check: Check| findings.iter().find(|f| f.check == check).map(|f| f.status);
         let refusal_of = |f: &Finding| Refusal {
             portal: portal.to_string(),
             check: f.check,
@@ -512,6 +513,42 @@ impl PortalConformance {
         }
         out
     }
+}
+
+/// At the daemon's start: every portal's findings, logged with what the daemon adapts, or a
+/// configuration error (exit 78) naming the first finding that makes a reserve-mode portal
+/// unsafe to run. Fetch-delete mode reserves nothing, so no finding refuses it.
+pub async fn for_daemon(
+    config: &Config,
+    journal: &Journal,
+) -> anyhow::Result<BTreeMap<String, PortalConformance>> {
+    let mut out = BTreeMap::new();
+    for portal in config.portals.values() {
+        let found = PortalConformance::load(journal, &portal.name).await?;
+        if let Some(refusal) = found.refusal()
+            && portal.mode == Mode::Reserve
+        {
+            return Err(ConfigError::new(
+                config.source.display().to_string(),
+                format!("portals.{}", portal.name),
+                refusal.message(),
+            )
+            .into());
+        }
+        if let Some((at, run)) = &found.probed {
+            tracing::info!(
+                portal = %portal.name,
+                probed_at = %at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                run = %run,
+                "conformance findings of the last probe apply"
+            );
+        }
+        for adaptation in found.adaptations(portal.batch_size) {
+            tracing::warn!(portal = %portal.name, adaptation = %adaptation, "adapting to this portal's conformance findings");
+        }
+        out.insert(portal.name.clone(), found);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -625,7 +662,10 @@ mod tests {
         );
         let c = PortalConformance::from_findings("main", &skipped, at(), "r1");
         assert!(c.refusal().is_none(), "skipped is unknown, not failed");
-        let broken = with(all_ok(), Finding::fail(Check::ListReservedFilter, "total 0"));
+        let broken = with(
+            all_ok(),
+            Finding::fail(Check::ListReservedFilter, "total 0"),
+        );
         let c = PortalConformance::from_findings("main", &broken, at(), "r1");
         assert_eq!(c.reserved_listing(), ReservedListing::Broken);
         assert!(c.refusal().is_none());

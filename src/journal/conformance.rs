@@ -123,10 +123,16 @@ mod tests {
             .unwrap();
         let main = j.conformance("main").await.unwrap();
         assert_eq!(main.len(), 2);
-        assert_eq!(main[0], finding("get_limit_above_50", "fail", Some(50), "r1"));
-        j.replace_conformance("main", vec![finding("reservation_hides", "skipped", None, "r2")])
-            .await
-            .unwrap();
+        assert_eq!(
+            main[0],
+            finding("get_limit_above_50", "fail", Some(50), "r1")
+        );
+        j.replace_conformance(
+            "main",
+            vec![finding("reservation_hides", "skipped", None, "r2")],
+        )
+        .await
+        .unwrap();
         let main = j.conformance("main").await.unwrap();
         assert_eq!(main, [finding("reservation_hides", "skipped", None, "r2")]);
         assert_eq!(j.conformance("other").await.unwrap().len(), 1);

@@ -8,11 +8,11 @@ pub mod lock;
 mod schema;
 mod status;
 
+pub use conformance::StoredFinding;
 pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
-pub use conformance::StoredFinding;
 pub use schema::SCHEMA_VERSION;
 pub use status::{DeadAttempt, HISTORY_MINUTES, PortalStatus, SinkStatus, StatusData};
 

@@ -11,6 +11,7 @@ use crate::bitrix::client::{ClearTarget, GetRequest, OfflineCommand, OfflineOutc
 use crate::bitrix::entities::{self, Getter};
 use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
+use crate::conformance::{ClearBy, PortalConformance};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, Enriched, Journal, NewBatch, NewEvent, PendingSettlement};
 use crate::metrics::Metrics;
@@ -208,6 +209,8 @@ pub struct Settler {
     portal: String,
     client: PortalClient,
     journal: Journal,
+    /// How `event.offline.clear` addresses rows on this portal (the conformance findings).
+    clear_by: ClearBy,
 }
 
 impl Settler {
@@ -217,7 +220,7 @@ impl Settler {
     pub async fn settle(&self) -> anyhow::Result<usize> {
         let mut settled = 0;
         for group in self.journal.pending_settlements(&self.portal).await? {
-            let sent = match settle_command(&group) {
+            let sent = match self.command(&group) {
                 OfflineCommand::Clear { process_id, target } => {
                     self.client.offline_clear(&process_id, &target).await
                 }
@@ -241,6 +244,11 @@ impl Settler {
             settled += group.events.len();
         }
         Ok(settled)
+    }
+
+    /// The settle call for one group of finished events.
+    fn command(&self, group: &PendingSettlement) -> OfflineCommand {
+        settle_command(group, self.clear_by)
     }
 
     fn log_rejected(&self, group: &PendingSettlement, e: &BitrixError) {
@@ -309,6 +317,7 @@ pub struct Poller {
     shutdown: CancellationToken,
     settler: Settler,
     liveness: LoopHandle,
+    conformance: PortalConformance,
 }
 
 /// What every poller shares with the rest of the pipeline.
@@ -328,7 +337,10 @@ impl Poller {
         shared: Shared,
         triggers: Triggers,
         liveness: LoopHandle,
+        conformance: PortalConformance,
     ) -> Poller {
+        let mut config = config;
+        config.batch_size = conformance.batch_size(config.batch_size);
         let Shared {
             journal,
             routes,
@@ -340,6 +352,7 @@ impl Poller {
             portal: config.name.clone(),
             client: client.clone(),
             journal: journal.clone(),
+            clear_by: conformance.clear_by(),
         };
         Poller {
             config,
@@ -352,7 +365,16 @@ impl Poller {
             shutdown,
             settler,
             liveness,
+            conformance,
         }
+    }
+
+    /// What the last conformance probe found on this portal (`batch_size` and the settle
+    /// calls already follow it). The orphan sweep reads
+    /// [`PortalConformance::reserved_listing`] from here: whether the `>PROCESS_ID` filter of
+    /// `event.offline.list` can be trusted to find orphaned reservations.
+    pub fn conformance(&self) -> &PortalConformance {
+        &self.conformance
     }
 
     pub fn settler(&self) -> Settler {
@@ -703,7 +725,8 @@ impl Poller {
         limits: &[u32],
         economy: &mut Economy,
     ) -> anyhow::Result<Option<Fetched>> {
-        let mut commands: Vec<OfflineCommand> = groups.iter().map(settle_command).collect();
+        let mut commands: Vec<OfflineCommand> =
+            groups.iter().map(|g| self.settler.command(g)).collect();
         commands.extend(limits.iter().map(|&limit| {
             OfflineCommand::Get(GetRequest {
                 limit,
@@ -1269,17 +1292,19 @@ impl Trigger {
     }
 }
 
-/// The settle call for one group of finished events of a reservation.
-fn settle_command(group: &PendingSettlement) -> OfflineCommand {
+/// The settle call for one group of finished events of a reservation; `clear_by` is
+/// [`ClearBy::Id`] where the conformance probe found `message_id` ignored.
+fn settle_command(group: &PendingSettlement, clear_by: ClearBy) -> OfflineCommand {
     let message_ids: Vec<String> = group.events.iter().map(|e| e.2.clone()).collect();
     match group.action {
         SettleAction::Clear => {
             // clear validates message_id as exactly 32 characters; fall back to ID otherwise
-            let target = if message_ids.iter().all(|m| m.len() == 32) {
-                ClearTarget::MessageIds(message_ids)
-            } else {
-                ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
-            };
+            let target =
+                if clear_by == ClearBy::MessageId && message_ids.iter().all(|m| m.len() == 32) {
+                    ClearTarget::MessageIds(message_ids)
+                } else {
+                    ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
+                };
             OfflineCommand::Clear {
                 process_id: group.process_id.clone(),
                 target,

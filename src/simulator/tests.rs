@@ -1010,7 +1010,11 @@ async fn deviation_switches_clamp_get_and_ignore_clear_by_message_id() {
     .await;
     let events = body["result"]["events"].as_array().unwrap();
     assert_eq!(events.len(), 50);
-    assert_eq!(sim.stats().reserved, 50, "the clamp reserves no more either");
+    assert_eq!(
+        sim.stats().reserved,
+        50,
+        "the clamp reserves no more either"
+    );
     assert_eq!(sim.stats().largest_get_limit, 60);
     let pid = body["result"]["process_id"].as_str().unwrap().to_string();
     let mid = events[0]["MESSAGE_ID"].as_str().unwrap().to_string();
