@@ -59,6 +59,18 @@ fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no finding {check} in {report:#}"))
 }
 
+/// SIGKILLs a daemon the test started if the test ends early (a panic drops it still running).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     dir: PathBuf,
@@ -342,12 +354,25 @@ async fn a_refusing_finding_stops_run_with_78_naming_it() {
         .unwrap();
     drop(journal);
     emit_deals(&sim, 1, 10);
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        b24eventd(&["-c", s.config.to_str().unwrap(), "run"]),
-    )
-    .await
-    .expect("run refuses at once");
+    // A daemon that does not refuse would run on: stop it after a minute instead of hanging.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", s.config.to_str().unwrap(), "run"])
+        .env_remove("B24EVENTD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("run did not refuse the portal within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     for part in [
@@ -370,6 +395,7 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     let s = setup(&sim, &tokens, "").await;
     let log = s.dir.join("daemon.log");
     let mut daemon = common::daemon::spawn_daemon(&s.config, &log);
+    let _kill = KillOnDrop(daemon.id());
     wait_for("the daemon runs", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
