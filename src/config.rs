@@ -42,7 +42,7 @@ const DEFAULT_BURST: u32 = 50;
 const DEFAULT_PER_SECOND: f64 = 2.0;
 /// Half the portal's bucket: the rest is left to the other integrations of the account.
 const DEFAULT_SHARE: f64 = 0.5;
-/// The cloud's operating budget per method per 10 minutes (notes §8).
+/// The cloud's operating budget per method per 10 minutes.
 const DEFAULT_OPERATING_BUDGET: Duration = Duration::from_secs(480);
 /// How slowly an idle portal is polled at most (when `poll_interval` is shorter).
 const DEFAULT_IDLE_POLL_MAX: Duration = Duration::from_secs(30);

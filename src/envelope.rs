@@ -1,4 +1,4 @@
-//! The envelope: the one JSON object every sink receives per event (SPEC §4).
+//! The envelope: the one JSON object every sink receives per event.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -225,7 +225,7 @@ pub fn parse_batch(result: &Value) -> Result<BatchResponse, String> {
 }
 
 /// One registered event handler of the application, as `event.get` lists it: online handlers
-/// carry `handler` and `auth_type`, offline ones `connector_id` (notes §5, `eventGet`).
+/// carry `handler` and `auth_type`, offline ones `connector_id` (`Event::eventGet`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventHandler {
     /// The event name, upper case (`ONCRMDEALADD`).
@@ -238,7 +238,7 @@ pub struct EventHandler {
     pub connector_id: String,
 }
 
-/// What `feature.get` said about a plan feature (`{"value": "Y"}`, notes §1).
+/// What `feature.get` said about a plan feature (`{"value": "Y"}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeatureValue {
     /// `Y`: the plan has the feature.

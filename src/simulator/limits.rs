@@ -1,4 +1,4 @@
-//! The per-method operating budget (notes §8): execution time accumulated in one-minute
+//! The per-method operating budget: execution time accumulated in one-minute
 //! baskets over a sliding window; past the budget the method answers 429
 //! `OPERATION_TIME_LIMIT` until its oldest basket drops out. Pure: time is passed in.
 

@@ -1,5 +1,5 @@
 //! The offline event table (`b_rest_event_offline`) and the exact semantics of
-//! `event.offline.get/clear/error/list` over it (notes §1-§4, §6). Pure: the time, the
+//! `event.offline.get/clear/error/list` over it. Pure: the time, the
 //! connector of the request and new process ids are passed in.
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
