@@ -1,8 +1,9 @@
 //! The portal simulator: a local Bitrix24 look-alike (offline event queue, REST methods, batch,
 //! OAuth with strict refresh rotation, rate and operating limits, injected faults) that behaves
-//! as the `rest` module's code (avshatalov48/bitrix-core-business) does, plus switches that make it deviate on purpose
-//! (`get_limit_clamp`, `clear_ignores_message_id`) for the conformance probe's tests. Used by the integration tests, by `demo`
-//! (in-process) and by `simulate --listen` (through [`serve`]).
+//! as the `rest` module's code (avshatalov48/bitrix-core-business) does, plus switches that
+//! make it deviate on purpose (`get_limit_clamp`, `clear_ignores_message_id`) for the
+//! conformance probe's tests. Used by the integration tests, by `demo` (in-process) and by
+//! `simulate --listen` (through [`serve`]).
 //!
 //! Layout: `queue` holds the pure queue semantics, `methods` the REST methods and `batch`,
 //! `http` the axum transport and faults, `control` the `/_sim/*` endpoints, `portal` the
