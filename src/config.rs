@@ -42,7 +42,6 @@ const DEFAULT_BURST: u32 = 50;
 const DEFAULT_PER_SECOND: f64 = 2.0;
 /// Half the portal's bucket: the rest is left to the other integrations of the account.
 const DEFAULT_SHARE: f64 = 0.5;
-/// The cloud's operating budget per method per 10 minutes (notes §8).
 /// `LoadLimiter::$limitTime` of the rest module: 420 s per method per 10 minutes unless the
 /// plan sets `rest_load_limiter_seconds` (the docs' older example said 480).
 const DEFAULT_OPERATING_BUDGET: Duration = Duration::from_secs(420);

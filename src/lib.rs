@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod bitrix;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod envelope;
 pub mod journal;
 pub mod metrics;

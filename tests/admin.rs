@@ -244,8 +244,11 @@ async fn metrics_scraped_while_events_flow_match_the_journal() {
 
     // Phase 3: the ERP is back; everything settles. Compare every counter with the journal.
     down.store(false, Ordering::SeqCst);
+    // The portal empties its queue before its answer reaches the journal: wait for both.
     wait_for("220 events settled", Duration::from_secs(60), || {
-        upstream_empty(&sim) && sim.stats().emitted == 220
+        upstream_empty(&sim)
+            && sim.stats().emitted == 220
+            && journal.counts_blocking().unwrap().unsettled_upstream == 0
     })
     .await;
     let counts = journal.counts().await.unwrap();

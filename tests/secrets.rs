@@ -1,4 +1,4 @@
-//! Secrets stay secret (SPEC §2.7): every command and a full pipeline run at `trace` log level,
+//! Secrets stay secret: every command and a full pipeline run at `trace` log level,
 //! with a token refresh, signed and authenticated sinks and a bitrix-form sink; no client secret,
 //! OAuth token, signing secret, URL password, header value, exec environment value or application
 //! token may appear in any output, in what sinks receive (beyond what a sink is configured to

@@ -667,15 +667,16 @@ impl PortalClient {
         parse_offline_list(&resp).map_err(|e| self.shape_error(METHOD, e))
     }
 
-    /// Pages of `event.offline.list`, ordered by `PROCESS_ID`: one `(filter, start)` per page,
-    /// sent together in one `batch` request (a single page alone). Returns one page or error per
-    /// query, in order.
+    /// Pages of `event.offline.list` in `order` (one field, e.g. `{"PROCESS_ID": "ASC"}`): one
+    /// `(filter, start)` per page, sent together in one `batch` request (a single page alone).
+    /// Returns one page or error per query, in order.
     pub async fn offline_list_pages(
         &self,
+        order: &Value,
         queries: &[(Value, u64)],
     ) -> Result<Vec<Result<ListPage, BitrixError>>, BitrixError> {
         const METHOD: &str = "event.offline.list";
-        let params = |filter: &Value, start: u64| json!({ "filter": filter, "order": {"PROCESS_ID": "ASC"}, "start": start });
+        let params = |filter: &Value, start: u64| json!({ "filter": filter, "order": order, "start": start });
         if let [(filter, start)] = queries {
             let resp = self.call(METHOD, params(filter, *start)).await?;
             return Ok(vec![

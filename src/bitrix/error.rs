@@ -1,7 +1,7 @@
 //! Errors of the Bitrix24 client and their classification: what the caller should do about them.
 //!
 //! Bitrix24 reports errors as `{"error": CODE, "error_description": TEXT}`; its HTTP statuses vary
-//! between builds (notes §8), so the `error` string decides the class and the status is used only
+//! between builds, so the `error` string decides the class and the status is used only
 //! when there is none. The client adds a few codes of its own, listed in [`codes`].
 
 use std::fmt;

@@ -1,5 +1,5 @@
 //! OAuth 2.0 tokens of a Bitrix24 application: the token pair, where it is persisted, the two
-//! requests to the authorization server (refresh and authorization-code exchange, notes §10),
+//! requests to the authorization server (refresh and authorization-code exchange),
 //! and the authorization page with the answer an operator pastes back from it.
 //!
 //! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
@@ -148,7 +148,7 @@ pub async fn exchange_code(
     .await
 }
 
-/// The page where a portal user grants the application access (notes §10, "Full OAuth
+/// The page where a portal user grants the application access (b24restdocs, "Full OAuth
 /// authorization"): `<portal>/oauth/authorize/?client_id=…&state=…` on the portal's own host,
 /// taken from `client_endpoint`. After the grant the browser is sent to the application's
 /// redirect address with `code`, `state`, `domain`, `member_id`, `scope` in the query.

@@ -209,6 +209,7 @@ mod tests {
             finish: Some(finish),
             operating,
             operating_reset_at: reset_at,
+            processing: None,
         }
     }
 
@@ -330,6 +331,7 @@ mod tests {
             finish: Some(-1e300),
             operating: Some(f64::NAN),
             operating_reset_at: Some(i64::MAX),
+            processing: Some(f64::NAN),
         };
         t.record(
             Answered {

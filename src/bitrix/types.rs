@@ -56,9 +56,12 @@ pub struct TimeInfo {
     /// Unix time when the oldest one-minute basket of the operating limit drops out.
     pub operating_reset_at: Option<i64>,
     /// The portal's Unix time when it began the call (`start`; whole seconds on the current
-    /// server). `processing` is not read: on the current server it is a difference of whole
-    /// seconds and says nothing about what a call cost.
+    /// server).
     pub start: Option<f64>,
+    /// `processing`, as sent: only the conformance probe reports it. On the current server it is
+    /// a difference of whole seconds and says nothing about what a call cost, so the request
+    /// economy never reads it.
+    pub processing: Option<f64>,
     /// The portal's own Unix time when it finished the call (`finish`).
     pub finish: Option<f64>,
 }
@@ -133,6 +136,7 @@ pub fn parse_time(time: &Value) -> TimeInfo {
         operating: time.get("operating").and_then(as_f64),
         operating_reset_at: time.get("operating_reset_at").and_then(as_i64),
         start: time.get("start").and_then(as_f64),
+        processing: time.get("processing").and_then(as_f64),
         finish: time.get("finish").and_then(as_f64),
     }
 }
@@ -230,7 +234,7 @@ pub fn parse_batch(result: &Value) -> Result<BatchResponse, String> {
 }
 
 /// One registered event handler of the application, as `event.get` lists it: online handlers
-/// carry `handler` and `auth_type`, offline ones `connector_id` (notes §5, `eventGet`).
+/// carry `handler` and `auth_type`, offline ones `connector_id` (`Event::eventGet`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventHandler {
     /// The event name, upper case (`ONCRMDEALADD`).
@@ -243,7 +247,7 @@ pub struct EventHandler {
     pub connector_id: String,
 }
 
-/// What `feature.get` said about a plan feature (`{"value": "Y"}`, notes §1).
+/// What `feature.get` said about a plan feature (`{"value": "Y"}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeatureValue {
     /// `Y`: the plan has the feature.

@@ -26,7 +26,7 @@ const CLOCK_WARN_SECS: f64 = 30.0;
 /// stamped more than 5 minutes off (the Standard Webhooks tolerance), and token expiry times
 /// written by this host no longer mean what they say.
 const CLOCK_FAIL_SECS: f64 = 300.0;
-/// A refresh token lives 180 days from its issue (notes §10); every refresh issues a new one.
+/// A refresh token lives 180 days from its issue; every refresh issues a new one.
 const REFRESH_TOKEN_DAYS: i64 = 180;
 /// A refresh token this old warns: nothing has renewed it for months (the daemon renews the
 /// pair every hour while it runs).

@@ -23,6 +23,7 @@ mod bench;
 mod demo;
 mod doctor;
 mod journal;
+mod probe;
 mod report;
 mod subscribe;
 
@@ -90,11 +91,31 @@ enum Command {
         json: bool,
     },
     /// Check every portal (token, rights, plan features, bindings, clock, backlog) and every
-    /// sink; exit 1 when a check fails
+    /// sink; exit 1 when a check fails. With --conformance: check one portal's Bitrix24 server
+    /// against every assumption the daemon rests on (needs the daemon stopped)
     Doctor {
         /// Print the report as one JSON document
         #[arg(long)]
         json: bool,
+        /// Instead of the checks above, probe --portal's Bitrix24 server for every assumption
+        /// the daemon rests on (needs the daemon stopped; see --help)
+        ///
+        /// Under a connector of its own (b24eventd-probe-<hex>) the probe binds ONAPPTEST
+        /// offline, makes test rows with event.test (no CRM data), and checks reservation,
+        /// re-read by process_id, the >PROCESS_ID listing, the error lane (move and merge),
+        /// clear by message_id and by id, a get limit above 50 and the time block; then it
+        /// clears every row it made, unbinds, and checks that nothing is left. It never touches
+        /// the daemon's connector. It takes under a minute, refuses while `run` holds the
+        /// journal, and stores its findings in the journal, where `run` reads them at start: it
+        /// caps batch_size at what one get returned, clears by id, or refuses the portal (exit
+        /// 78) where it cannot work around a finding. Exit 1 when a check fails. Run it before
+        /// the first start on a new portal, after a Bitrix24 update, and when something looks
+        /// wrong; send the --json output to the b24eventd maintainers.
+        #[arg(long, requires = "portal")]
+        conformance: bool,
+        /// The portal the conformance probe checks ([portals.NAME])
+        #[arg(long, value_name = "NAME", requires = "conformance")]
+        portal: Option<String>,
     },
     /// Manage the OAuth tokens stored in the journal
     #[command(subcommand)]
@@ -268,8 +289,18 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Doctor { json } => {
+        Command::Doctor {
+            json,
+            conformance,
+            portal,
+        } => {
             let config = config::load(&config_path)?;
+            if let (true, Some(portal)) = (conformance, portal) {
+                config::resolve_secret(report::portal(&config, &portal)?)?;
+                init_logging("warn");
+                runtime()?.block_on(probe::run(&config, &portal, json))?;
+                return Ok(());
+            }
             for portal in config.portals.values() {
                 config::resolve_secret(portal)?;
             }
@@ -414,6 +445,9 @@ fn init_logging_as(default: &str, format: config::LogFormat) {
 }
 
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
+    // Held until the daemon exits: a second `run` or a conformance probe on this journal is
+    // refused while it lives.
+    let _lock = crate::journal::lock::DaemonLock::acquire(&config.journal.path)?;
     let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
     let shutdown = CancellationToken::new();
     let reload = std::sync::Arc::new(tokio::sync::Notify::new());

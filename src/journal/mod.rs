@@ -2,10 +2,13 @@
 //! batches, events, deliveries and upstream settlement. All SQL of the crate lives in this module;
 //! every call runs on tokio's blocking pool so the async runtime never waits on the disk.
 
+mod conformance;
 mod inspect;
+pub mod lock;
 mod schema;
 mod status;
 
+pub use conformance::StoredFinding;
 pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,

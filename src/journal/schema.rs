@@ -139,6 +139,19 @@ const MIGRATIONS: &[&str] = &[
        OR timestamp GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z';
     CREATE INDEX events_offline_id ON events (portal, offline_id);
     "#,
+    // 5 -> 6: the findings of the last conformance probe of each portal (`doctor --conformance`)
+    r#"
+    CREATE TABLE conformance (
+        portal      TEXT NOT NULL,
+        check_name  TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('ok', 'fail', 'skipped')),
+        observed    TEXT NOT NULL,
+        value       INTEGER,
+        run_id      TEXT NOT NULL,
+        checked_at  TEXT NOT NULL,
+        PRIMARY KEY (portal, check_name)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version that added `events.change_key`.

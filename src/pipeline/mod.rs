@@ -208,6 +208,9 @@ pub async fn run_with(
         dispatchers.start(sink, sink_config);
     }
 
+    // What the last conformance probe found: adapt, or refuse a portal (exit 78) before
+    // anything starts.
+    let mut conformance = crate::conformance::for_daemon(&config, &journal).await?;
     let mut scheduler = poller::Schedules::start(&config).await?;
     let mut pollers = tokio::task::JoinSet::new();
     let mut settlers = Vec::new();
@@ -224,6 +227,7 @@ pub async fn run_with(
             },
             scheduler.triggers(&portal.name),
             liveness.handle(&portal.name),
+            conformance.remove(&portal.name).unwrap_or_default(),
         );
         settlers.push(poller.settler());
         pollers.spawn(poller.run());

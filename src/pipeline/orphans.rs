@@ -17,6 +17,9 @@
 
 use serde_json::{Value, json};
 
+/// Rows in one page of `event.offline.list` (`IRestService::LIST_LIMIT`).
+pub const PAGE: u64 = 50;
+
 /// One range of `process_id`s strictly between two open reservations of the journal (`None`:
 /// unbounded above).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,6 +12,7 @@ use crate::bitrix::client::{ClearTarget, GetRequest, OfflineCommand, OfflineOutc
 use crate::bitrix::entities::{self, Getter};
 use crate::bitrix::{BitrixError, ErrorClass, OfflineEvent, PortalClient};
 use crate::config::{Config, Mode, PortalConfig};
+use crate::conformance::{ClearBy, PortalConformance, ReservedListing};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, Enriched, Journal, NewBatch, NewEvent, PendingSettlement};
 use crate::metrics::Metrics;
@@ -209,6 +210,8 @@ pub struct Settler {
     portal: String,
     client: PortalClient,
     journal: Journal,
+    /// How `event.offline.clear` addresses rows on this portal (the conformance findings).
+    clear_by: ClearBy,
 }
 
 impl Settler {
@@ -228,7 +231,7 @@ impl Settler {
     /// Sends one settle call on its own and marks its events settled. Returns false when the
     /// portal rejected it (logged; it stays pending); other failures are errors.
     pub async fn send(&self, group: &PendingSettlement) -> anyhow::Result<bool> {
-        let sent = match settle_command(group) {
+        let sent = match self.command(group) {
             OfflineCommand::Clear { process_id, target } => {
                 self.client.offline_clear(&process_id, &target).await
             }
@@ -250,6 +253,11 @@ impl Settler {
         self.journal.mark_settled(ids, group.action).await?;
         self.log_settled(group);
         Ok(true)
+    }
+
+    /// The settle call for one group of finished events.
+    fn command(&self, group: &PendingSettlement) -> OfflineCommand {
+        settle_command(group, self.clear_by)
     }
 
     fn log_rejected(&self, group: &PendingSettlement, e: &BitrixError) {
@@ -318,6 +326,7 @@ pub struct Poller {
     shutdown: CancellationToken,
     settler: Settler,
     liveness: LoopHandle,
+    conformance: PortalConformance,
 }
 
 /// What every poller shares with the rest of the pipeline.
@@ -337,7 +346,10 @@ impl Poller {
         shared: Shared,
         triggers: Triggers,
         liveness: LoopHandle,
+        conformance: PortalConformance,
     ) -> Poller {
+        let mut config = config;
+        config.batch_size = conformance.batch_size(config.batch_size);
         let Shared {
             journal,
             routes,
@@ -349,6 +361,7 @@ impl Poller {
             portal: config.name.clone(),
             client: client.clone(),
             journal: journal.clone(),
+            clear_by: conformance.clear_by(),
         };
         Poller {
             config,
@@ -361,7 +374,16 @@ impl Poller {
             shutdown,
             settler,
             liveness,
+            conformance,
         }
+    }
+
+    /// What the last conformance probe found on this portal (`batch_size` and the settle
+    /// calls already follow it). The orphan sweep reads
+    /// [`PortalConformance::reserved_listing`] from here: whether the `>PROCESS_ID` filter of
+    /// `event.offline.list` can be trusted to find orphaned reservations.
+    pub fn conformance(&self) -> &PortalConformance {
+        &self.conformance
     }
 
     pub fn settler(&self) -> Settler {
@@ -722,7 +744,8 @@ impl Poller {
         limits: &[u32],
         width: &mut FetchWidth,
     ) -> anyhow::Result<Option<Fetched>> {
-        let mut commands: Vec<OfflineCommand> = groups.iter().map(settle_command).collect();
+        let mut commands: Vec<OfflineCommand> =
+            groups.iter().map(|g| self.settler.command(g)).collect();
         commands.extend(limits.iter().map(|&limit| {
             OfflineCommand::Get(GetRequest {
                 limit,
@@ -1250,42 +1273,75 @@ impl Poller {
             let key = orphans::collation_key(pid);
             open.iter().any(|p| orphans::collation_key(p) == key)
         };
-        let mut pending = orphans::gaps(&open);
-        let gaps = pending.len();
         // process_id → whether its rows are in the error lane
         let mut found: BTreeMap<String, bool> = BTreeMap::new();
-        let mut requests = 0;
-        while !pending.is_empty() && !self.shutdown.is_cancelled() {
-            if requests >= MAX_SWEEP_REQUESTS {
-                anyhow::bail!(
-                    "portal {}: the orphan sweep did not finish in {MAX_SWEEP_REQUESTS} requests: does event.offline.list honour its PROCESS_ID filter?",
-                    self.portal()
-                );
+        let mut note = |items: &[crate::bitrix::types::ListedEvent]| {
+            for item in items {
+                if !item.process_id.is_empty() && !is_open(&item.process_id) {
+                    found.entry(item.process_id.clone()).or_insert(item.error);
+                }
             }
-            let chunk: Vec<orphans::Gap> =
-                pending.drain(..pending.len().min(MAX_COMMANDS)).collect();
-            let queries: Vec<(Value, u64)> = chunk.iter().map(|g| (g.filter(), 0)).collect();
-            let pages = self.client.offline_list_pages(&queries).await?;
-            requests += 1;
-            for (gap, page) in chunk.iter().zip(pages) {
-                let page = page?;
-                let mut last: Option<&str> = None;
-                for item in &page.items {
-                    if !item.process_id.is_empty() && !is_open(&item.process_id) {
-                        found.entry(item.process_id.clone()).or_insert(item.error);
+        };
+        let (gaps, requests) = if self.conformance.reserved_listing() == ReservedListing::Broken {
+            // The conformance probe found the PROCESS_ID filter not honoured: read every row
+            // of the queue, by ID, and filter here.
+            let by_id = serde_json::json!({"ID": "ASC"});
+            let first = self
+                .client
+                .offline_list_pages(&by_id, &[(serde_json::json!({}), 0)])
+                .await?
+                .remove(0)?;
+            note(&first.items);
+            let mut start = first.items.len().max(1) as u64;
+            let mut requests = 1;
+            while start < first.total && !self.shutdown.is_cancelled() {
+                let queries: Vec<(Value, u64)> = (0..MAX_COMMANDS as u64)
+                    .map(|i| start + i * orphans::PAGE)
+                    .take_while(|s| *s < first.total)
+                    .map(|s| (serde_json::json!({}), s))
+                    .collect();
+                start += queries.len() as u64 * orphans::PAGE;
+                for page in self.client.offline_list_pages(&by_id, &queries).await? {
+                    note(&page?.items);
+                }
+                requests += 1;
+            }
+            (0, requests)
+        } else {
+            let by_process = serde_json::json!({"PROCESS_ID": "ASC"});
+            let mut pending = orphans::gaps(&open);
+            let gaps = pending.len();
+            let mut requests = 0;
+            while !pending.is_empty() && !self.shutdown.is_cancelled() {
+                if requests >= MAX_SWEEP_REQUESTS {
+                    anyhow::bail!(
+                        "portal {}: the orphan sweep did not finish in {MAX_SWEEP_REQUESTS} requests: does event.offline.list honour its PROCESS_ID filter? (doctor --conformance checks it)",
+                        self.portal()
+                    );
+                }
+                let chunk: Vec<orphans::Gap> =
+                    pending.drain(..pending.len().min(MAX_COMMANDS)).collect();
+                let queries: Vec<(Value, u64)> = chunk.iter().map(|g| (g.filter(), 0)).collect();
+                let pages = self
+                    .client
+                    .offline_list_pages(&by_process, &queries)
+                    .await?;
+                requests += 1;
+                for (gap, page) in chunk.iter().zip(pages) {
+                    let page = page?;
+                    note(&page.items);
+                    // More rows than one page: the rest of the gap lies after the last id seen
+                    // (its remaining rows belong to a reservation already found).
+                    if let Some(last) = page.items.last().map(|i| i.process_id.as_str())
+                        && page.total > page.items.len() as u64
+                        && orphans::collation_key(last) > gap.after
+                    {
+                        pending.push(gap.after(last));
                     }
-                    last = Some(&item.process_id);
-                }
-                // More rows than one page: the rest of the gap lies after the last id seen
-                // (its remaining rows belong to a reservation already found).
-                if let Some(last) = last
-                    && page.total > page.items.len() as u64
-                    && orphans::collation_key(last) > gap.after
-                {
-                    pending.push(gap.after(last));
                 }
             }
-        }
+            (gaps, requests)
+        };
         tracing::debug!(portal = %self.portal(), open = open.len(), gaps, requests, found = found.len(), "orphan sweep");
         let known = self.journal.known_process_ids(self.portal()).await?;
         for (process_id, error) in found {
@@ -1330,17 +1386,19 @@ impl Trigger {
     }
 }
 
-/// The settle call for one group of finished events of a reservation.
-fn settle_command(group: &PendingSettlement) -> OfflineCommand {
+/// The settle call for one group of finished events of a reservation; `clear_by` is
+/// [`ClearBy::Id`] where the conformance probe found `message_id` ignored.
+fn settle_command(group: &PendingSettlement, clear_by: ClearBy) -> OfflineCommand {
     let message_ids: Vec<String> = group.events.iter().map(|e| e.2.clone()).collect();
     match group.action {
         SettleAction::Clear => {
             // clear validates message_id as exactly 32 characters; fall back to ID otherwise
-            let target = if message_ids.iter().all(|m| m.len() == 32) {
-                ClearTarget::MessageIds(message_ids)
-            } else {
-                ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
-            };
+            let target =
+                if clear_by == ClearBy::MessageId && message_ids.iter().all(|m| m.len() == 32) {
+                    ClearTarget::MessageIds(message_ids)
+                } else {
+                    ClearTarget::Ids(group.events.iter().map(|e| e.1).collect())
+                };
             OfflineCommand::Clear {
                 process_id: group.process_id.clone(),
                 target,

@@ -289,7 +289,7 @@ async fn moved(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) ->
 /// The portal's authorization page, as an administrator who is logged in and clicks "Allow"
 /// meets it: a known `client_id` gets a fresh code and a redirect to the application's address
 /// (here `/_sim/authorized`) with `code`, `state`, `domain`, `member_id`, `scope` and
-/// `server_domain`, as notes §10 shows; an unknown one gets an error page.
+/// `server_domain`, as Bitrix24's OAuth documentation shows; an unknown one gets an error page.
 async fn authorize(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) -> Response {
     let params = Params::from_form(uri.query().unwrap_or(""));
     let text = |name: &str| {

@@ -1,6 +1,6 @@
 //! The REST server of the simulated portal: method lookup, authentication, `auth_connector`,
-//! the operating budget, `batch`, and the methods themselves (`event.offline.*`, `event.*`,
-//! `events`, `feature.get`, `server.time`, `profile`, `user.admin`, `app.info`,
+//! the operating budget, `batch`, and the methods themselves (`event.offline.*`, `event.*`
+//! including `event.test`, `events`, `feature.get`, `server.time`, `profile`, `user.admin`, `app.info`,
 //! `crm.<type>.get`). Synchronous: runs under the state lock.
 
 use serde::Serialize;
@@ -10,7 +10,7 @@ use super::auth::AccessCheck;
 use super::limits::RequestCalls;
 use super::php::{self, Params};
 use super::portal::{CRM_TYPES, State};
-use super::queue::{ClearRequest, ErrorRequest, GetRequest, ListRequest};
+use super::queue::{ClearRequest, ClearSelector, ErrorRequest, GetRequest, ListRequest};
 use super::rest::{RestError, TimeBlock, iso, portal_now, unix_now};
 use super::{LimiterModel, SimulatorConfig};
 
@@ -27,6 +27,7 @@ const METHODS: &[&str] = &[
     "event.bind",
     "event.unbind",
     "event.get",
+    "event.test",
     "events",
     "feature.get",
     "server.time",
@@ -454,6 +455,12 @@ fn invoke(
         "event.offline.clear" => {
             ctx.require_admin("")?;
             let req = ClearRequest::parse(params)?;
+            if ctx.config.clear_ignores_message_id
+                && matches!(req.selector, ClearSelector::MessageIds(_))
+            {
+                state.counters.ignored_message_id_clears += 1;
+                return Ok(Output::of(json!(true)));
+            }
             let deleted = state.queue.clear(&req, &ctx.connector);
             state.counters.cleared += deleted as u64;
             Ok(Output {
@@ -487,6 +494,7 @@ fn invoke(
         "event.bind" => event_bind(state, ctx, params),
         "event.unbind" => event_unbind(state, ctx, params),
         "event.get" => Ok(Output::of(event_get(state, ctx))),
+        "event.test" => Ok(Output::of(event_test(state, ctx, params))),
         "events" => {
             let scope = params.get("scope").and_then(php::strval);
             let names = match scope.as_deref() {
@@ -551,7 +559,11 @@ fn invoke(
 
 fn offline_get(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output, RestError> {
     ctx.require_admin("")?;
-    let req = GetRequest::parse(params, ctx.config.rest_offline_extended)?;
+    let mut req = GetRequest::parse(params, ctx.config.rest_offline_extended)?;
+    state.counters.largest_get_limit = state.counters.largest_get_limit.max(req.limit as u64);
+    if let Some(clamp) = ctx.config.get_limit_clamp {
+        req.limit = req.limit.min(clamp);
+    }
     if req.error_lane {
         state.counters.error_lane_gets += 1;
     }
@@ -685,6 +697,25 @@ fn event_unbind(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output,
         !matches
     });
     Ok(Output::of(json!({"count": before - state.bindings.len()})))
+}
+
+/// `Event::eventTest` (modules/rest/lib/api/event.php): fires `OnRestAppTest` with the
+/// application and the call's parameters and answers `1`. `CRestProvider::OnAppEvent` hands the
+/// event only to the calling application's handlers, adding `LANGUAGE_ID` and dropping
+/// `APP_ID`, so an offline row's `EVENT_DATA` is `{"QUERY": {...}, "LANGUAGE_ID": "en"}`.
+/// `ProviderOffline::finalize` writes no row for the handler whose `CONNECTOR_ID` equals the
+/// request's `auth_connector` ('' without one): the caller's own connector gets nothing. OAuth
+/// only: `handle` refuses `event.*` on a webhook with `WRONG_AUTH_TYPE`.
+fn event_test(state: &mut State, ctx: &Ctx, params: &Params) -> Value {
+    state.counters.event_tests += 1;
+    let data = json!({"QUERY": params.to_value(), "LANGUAGE_ID": "en"});
+    let connectors: Vec<String> = state
+        .offline_connectors("ONAPPTEST")
+        .into_iter()
+        .filter(|c| *c != ctx.connector)
+        .collect();
+    state.raise("ONAPPTEST", data, &connectors, 1, portal_now());
+    json!(1)
 }
 
 fn event_get(state: &State, ctx: &Ctx) -> Value {

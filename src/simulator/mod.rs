@@ -1,7 +1,9 @@
 //! The portal simulator: a local Bitrix24 look-alike (offline event queue, REST methods, batch,
 //! OAuth with strict refresh rotation, rate and operating limits, injected faults) that behaves
-//! as `bitrix24-api-notes.md` §1-§10 describe. Used by the integration tests, by `demo`
-//! (in-process) and by `simulate --listen` (through [`serve`]).
+//! as the `rest` module's code (avshatalov48/bitrix-core-business) does, plus switches that
+//! make it deviate on purpose (`get_limit_clamp`, `clear_ignores_message_id`) for the
+//! conformance probe's tests. Used by the integration tests, by `demo` (in-process) and by
+//! `simulate --listen` (through [`serve`]).
 //!
 //! Layout: `queue` holds the pure queue semantics, `methods` the REST methods and `batch`,
 //! `http` the axum transport and faults, `control` the `/_sim/*` endpoints, `portal` the
@@ -56,6 +58,12 @@ pub struct SimulatorConfig {
     pub member_id: String,
     /// Seeds the generator behind faults, tokens and process ids.
     pub seed: u64,
+    /// A deviation for conformance tests: `event.offline.get` returns (and reserves) at most
+    /// this many rows whatever `limit` asks for. The real server has no upper clamp.
+    pub get_limit_clamp: Option<usize>,
+    /// A deviation for conformance tests: `event.offline.clear` with `message_id` answers
+    /// `true` and deletes nothing. The real server deletes those rows of the reservation.
+    pub clear_ignores_message_id: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -78,6 +86,8 @@ impl Default for SimulatorConfig {
             user_is_admin: true,
             member_id: "5f0c2d7e9b4a41c3a8e6d1f2b3c4d5e6".to_string(),
             seed: 0x5eed_b24e,
+            get_limit_clamp: None,
+            clear_ignores_message_id: false,
         }
     }
 }
@@ -98,6 +108,8 @@ impl fmt::Debug for SimulatorConfig {
             .field("user_is_admin", &self.user_is_admin)
             .field("member_id", &self.member_id)
             .field("seed", &self.seed)
+            .field("get_limit_clamp", &self.get_limit_clamp)
+            .field("clear_ignores_message_id", &self.clear_ignores_message_id)
             .finish()
     }
 }
@@ -218,6 +230,12 @@ pub struct SimStats {
     pub errored: u64,
     /// `event.offline.get` calls that read the error lane (`error=1`).
     pub error_lane_gets: u64,
+    /// The largest `limit` an `event.offline.get` asked for (before `get_limit_clamp`).
+    pub largest_get_limit: u64,
+    /// `event.offline.clear` calls with `message_id` that `clear_ignores_message_id` ignored.
+    pub ignored_message_id_clears: u64,
+    /// `event.test` calls answered.
+    pub event_tests: u64,
 }
 
 /// One row of the queue table.

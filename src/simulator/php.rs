@@ -106,6 +106,11 @@ impl Params {
     pub fn key_order(&self, name: &str) -> Option<&[String]> {
         self.key_orders.get(name).map(Vec::as_slice)
     }
+
+    /// The whole parameter set as one object (what a method receives as `$query`).
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.map.clone())
+    }
 }
 
 /// Entries of a PHP array (JSON object or list), `order` first, the remaining keys after.

@@ -1,4 +1,4 @@
-//! The REST server's reply vocabulary: error bodies with their HTTP statuses (notes §8), the
+//! The REST server's reply vocabulary: error bodies with their HTTP statuses, the
 //! `time` block, and the portal clock (ISO-8601 with the portal's +03:00 offset).
 
 use chrono::{DateTime, FixedOffset, SecondsFormat, TimeZone, Utc};

@@ -1039,3 +1039,113 @@ async fn control_api_drives_a_served_simulator() {
         .expect("serve task")
         .expect("serve ok");
 }
+
+#[tokio::test]
+async fn event_test_writes_onapptest_for_the_other_connectors_of_the_app() {
+    let (sim, http, auth) = start(SimulatorConfig::default()).await;
+    sim.bind_offline("ONAPPTEST", "probe");
+    sim.bind_offline("ONAPPTEST", "");
+    let (status, events) = call(&http, &sim, "events", json!({"auth": auth})).await;
+    assert_eq!(status, 200);
+    assert!(
+        events["result"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ONAPPTEST"))
+    );
+    // Without auth_connector: the '' handler is the caller's own and gets nothing.
+    let (status, body) = call(
+        &http,
+        &sim,
+        "event.test",
+        json!({"auth": auth, "b24eventd_probe": "r1", "n": 1}),
+    )
+    .await;
+    assert_eq!((status, &body["result"]), (200, &json!(1)), "{body}");
+    let rows = sim.rows();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].connector_id, "probe");
+    assert_eq!(rows[0].event_name, "ONAPPTEST");
+    assert_eq!(
+        rows[0].event_data,
+        json!({"QUERY": {"b24eventd_probe": "r1", "n": 1}, "LANGUAGE_ID": "en"})
+    );
+    // With auth_connector=probe: only the '' handler gets a row.
+    let (status, _) = call(
+        &http,
+        &sim,
+        "event.test",
+        json!({"auth": auth, "auth_connector": "probe", "n": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let connectors: Vec<String> = sim.rows().into_iter().map(|r| r.connector_id).collect();
+    assert_eq!(connectors, ["probe", ""]);
+    // The same parameters again merge into the unreserved row (same MESSAGE_ID).
+    call(
+        &http,
+        &sim,
+        "event.test",
+        json!({"auth": auth, "b24eventd_probe": "r1", "n": 1}),
+    )
+    .await;
+    assert_eq!(sim.rows().len(), 2);
+    assert_eq!(sim.stats().event_tests, 3);
+    // OAuth only.
+    let resp = http
+        .post(format!("{}/rest/1/abc/event.test", sim.base_url()))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], json!("WRONG_AUTH_TYPE"));
+}
+
+#[tokio::test]
+async fn deviation_switches_clamp_get_and_ignore_clear_by_message_id() {
+    let (sim, http, auth) = start(SimulatorConfig {
+        get_limit_clamp: Some(50),
+        clear_ignores_message_id: true,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    seeded(&sim, "ONCRMDEALUPDATE", "", 1..61);
+    let (_, body) = call(
+        &http,
+        &sim,
+        "event.offline.get",
+        json!({"auth": auth, "clear": 0, "limit": 60}),
+    )
+    .await;
+    let events = body["result"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 50);
+    assert_eq!(
+        sim.stats().reserved,
+        50,
+        "the clamp reserves no more either"
+    );
+    assert_eq!(sim.stats().largest_get_limit, 60);
+    let pid = body["result"]["process_id"].as_str().unwrap().to_string();
+    let mid = events[0]["MESSAGE_ID"].as_str().unwrap().to_string();
+    let (status, body) = call(
+        &http,
+        &sim,
+        "event.offline.clear",
+        json!({"auth": auth, "process_id": pid, "message_id": [mid]}),
+    )
+    .await;
+    assert_eq!((status, &body["result"]), (200, &json!(true)));
+    assert_eq!(sim.rows().len(), 60, "nothing deleted");
+    assert_eq!(sim.stats().ignored_message_id_clears, 1);
+    let first_id = events[0]["ID"].as_str().unwrap().parse::<i64>().unwrap();
+    call(
+        &http,
+        &sim,
+        "event.offline.clear",
+        json!({"auth": auth, "process_id": pid, "id": [first_id]}),
+    )
+    .await;
+    assert_eq!(sim.rows().len(), 59, "clear by id still works");
+}
