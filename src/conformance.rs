@@ -141,7 +141,7 @@ impl Check {
             Check::Reserve => "get with clear=0 returns a process_id with the rows it reserved",
             Check::ReservationHides => "a later plain get does not return reserved rows",
             Check::ListReservedFilter => {
-                "event.offline.list filter {\">PROCESS_ID\": \"\"} returns the reserved rows with their PROCESS_ID and total"
+                "event.offline.list filter {\">PROCESS_ID\": \"\"} returns the reserved rows with their PROCESS_ID and total, and not the unreserved ones"
             }
             Check::RereadByProcessId => {
                 "get with process_id and clear=0 returns the same rows and leaves them reserved"
@@ -508,7 +508,7 @@ impl PortalConformance {
         }
         if self.reserved_listing == ReservedListing::Broken {
             out.push(
-                "event.offline.list does not filter reserved rows with >PROCESS_ID: the orphan sweep cannot rely on it".into(),
+                "event.offline.list does not filter reserved rows with >PROCESS_ID: the orphan sweep reads the whole queue by ID instead".into(),
             );
         }
         out

@@ -430,3 +430,85 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     let out = probe(&s).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[tokio::test]
+async fn an_ignored_process_id_filter_is_found_and_the_sweep_reads_the_whole_queue() {
+    init();
+    let (sim, tokens) = portal(SimulatorConfig {
+        list_ignores_process_id_filter: true,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let s = setup(&sim, &tokens, "").await;
+    let out = probe(&s).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let doc = report(&out);
+    assert_eq!(finding(&doc, "list_reserved_filter")["status"], "fail");
+    assert_eq!(doc["daemon"]["reserved_listing"], "broken");
+    assert_eq!(doc["daemon"]["refuses"], Value::Null);
+
+    // A reservation nobody journaled (an earlier run's lost answer), behind 100 unreserved
+    // rows: with the filter ignored, the listing's first page ordered by PROCESS_ID holds only
+    // unreserved rows, and a sweep that trusts the filter never gets to the orphan.
+    emit_deals(&sim, 1, 130);
+    let (access, _) = sim.issue_tokens();
+    let orphan: Value = reqwest::Client::new()
+        .post(format!("{}event.offline.get", sim.client_endpoint()))
+        .json(&json!({"auth": access, "clear": 0, "limit": 30}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let orphan_pid = orphan["result"]["process_id"].as_str().unwrap().to_string();
+    // The sink refuses everything at first, so that at most 50 events are reserved and 50
+    // stay unreserved upstream while the sweeps run.
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    let endpoint = Endpoint::start(std::sync::Arc::new(move |_| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            200
+        } else {
+            503
+        }
+    }))
+    .await;
+    write_config(
+        &s.dir,
+        &sim,
+        None,
+        "max_unsettled = 80",
+        &http_sink(&endpoint.url),
+    );
+    let running = Running::start(&s.config, &tokens).await;
+    let adopted = || -> Vec<String> {
+        running
+            .journal
+            .with_conn(|c| {
+                let mut stmt =
+                    c.prepare("SELECT process_id FROM batches WHERE origin = 'adopted'")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .unwrap()
+    };
+    wait_for("the orphan adopted", Duration::from_secs(30), || {
+        !adopted().is_empty()
+    })
+    .await;
+    assert_eq!(adopted(), vec![orphan_pid]);
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for("all 130 drained", Duration::from_secs(60), || {
+        upstream_empty(&sim)
+            && running
+                .journal
+                .counts_blocking()
+                .unwrap()
+                .unsettled_upstream
+                == 0
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(endpoint.accepted_entities(), expected_entities(1, 130));
+}

@@ -598,6 +598,15 @@ impl Probe {
 
     /// `event.offline.list` with `{">PROCESS_ID": ""}` finds the reservation.
     async fn list_reserved(&mut self, p1: &str, listed: &[Row]) -> Step<()> {
+        // One row left unreserved beside the reservation: a listing that ignored the filter
+        // would return it too.
+        self.create_rows(SMALL + 1..=SMALL + 1).await?;
+        let unreserved = self
+            .wait_rows(
+                json!({"=EVENT_NAME": EVENT, "=PROCESS_ID": "", "=ERROR": 0}),
+                1,
+            )
+            .await?;
         let finding = match self.probe.offline_list(json!({">PROCESS_ID": ""}), 0).await {
             Ok(page) => {
                 let rows: Vec<Row> = page.items.iter().map(Row::of).collect();
@@ -625,6 +634,20 @@ impl Probe {
             Err(e) => return Err(stop(&e)),
         };
         self.found(finding);
+        // The unreserved row goes (a get with clear=1 deletes what it returns; it is the only
+        // unreserved row of the probe's connector), so that the later checks find the normal
+        // lane as before.
+        if !unreserved.is_empty() {
+            self.probe
+                .offline_get(&GetRequest {
+                    limit: 1,
+                    clear: true,
+                    process_id: None,
+                    error_lane: false,
+                })
+                .await
+                .map_err(|e| stop(&e))?;
+        }
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use super::auth::AccessCheck;
 use super::limits::RequestCalls;
 use super::php::{self, Params};
 use super::portal::{CRM_TYPES, State};
-use super::queue::{ClearRequest, ClearSelector, ErrorRequest, GetRequest, ListRequest};
+use super::queue::{ClearRequest, ClearSelector, ErrorRequest, Field, GetRequest, ListRequest};
 use super::rest::{RestError, TimeBlock, iso, portal_now, unix_now};
 use super::{LimiterModel, SimulatorConfig};
 
@@ -480,7 +480,10 @@ fn invoke(
         }
         "event.offline.list" => {
             ctx.require_admin("")?;
-            let req = ListRequest::parse(params, start)?;
+            let mut req = ListRequest::parse(params, start)?;
+            if ctx.config.list_ignores_process_id_filter {
+                req.filter = req.filter.without(Field::ProcessId);
+            }
             let out = state.queue.list(&req, &ctx.connector);
             let items: Vec<Value> = out.rows.iter().map(|r| r.to_listed()).collect();
             Ok(Output {

@@ -64,6 +64,10 @@ pub struct SimulatorConfig {
     /// A deviation for conformance tests: `event.offline.clear` with `message_id` answers
     /// `true` and deletes nothing. The real server deletes those rows of the reservation.
     pub clear_ignores_message_id: bool,
+    /// A deviation for conformance tests: `event.offline.list` ignores the conditions on
+    /// `PROCESS_ID` of its filter. The real server applies them (`IRestService::sanitizeFilter`
+    /// allows the field and the comparison operations).
+    pub list_ignores_process_id_filter: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -88,6 +92,7 @@ impl Default for SimulatorConfig {
             seed: 0x5eed_b24e,
             get_limit_clamp: None,
             clear_ignores_message_id: false,
+            list_ignores_process_id_filter: false,
         }
     }
 }
@@ -110,6 +115,10 @@ impl fmt::Debug for SimulatorConfig {
             .field("seed", &self.seed)
             .field("get_limit_clamp", &self.get_limit_clamp)
             .field("clear_ignores_message_id", &self.clear_ignores_message_id)
+            .field(
+                "list_ignores_process_id_filter",
+                &self.list_ignores_process_id_filter,
+            )
             .finish()
     }
 }

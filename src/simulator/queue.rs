@@ -269,6 +269,11 @@ impl Filter {
     pub fn matches(&self, row: &Row) -> bool {
         self.0.iter().all(|c| c.matches(row))
     }
+
+    /// The filter without its conditions on `field`.
+    pub fn without(self, field: Field) -> Filter {
+        Filter(self.0.into_iter().filter(|c| c.field != field).collect())
+    }
 }
 
 fn operand(field: Field, op: Op, value: &Value) -> Result<Operand, RestError> {
