@@ -290,6 +290,17 @@ impl Settler {
     }
 }
 
+/// Whether an exchange of settle calls reserves new events too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// The fetch is due.
+    Due,
+    /// Not due, but a request with settle calls may carry gets in its free slots.
+    WithSettles,
+    /// Settle only (room first, before the error lane reserves).
+    No,
+}
+
 /// How a fetch went.
 enum Fetched {
     /// As many events as asked for: fetch again at once.
@@ -562,7 +573,7 @@ impl Poller {
         } else if self.triggers.error_lane.take() {
             if self.reserving() {
                 // Room first: what is finished is settled before the error lane reserves more.
-                self.exchange(false, state).await?;
+                self.exchange(Fetch::No, state).await?;
             }
             loop {
                 if self.shutdown.is_cancelled() {
@@ -588,7 +599,15 @@ impl Poller {
         // Lowest priority, after settles and fetches: the entities of events already journaled.
         let more_to_enrich = self.enrich().await?;
         let fetched = if self.reserving() {
-            self.exchange(fetch_due, state).await?
+            self.exchange(
+                if fetch_due {
+                    Fetch::Due
+                } else {
+                    Fetch::WithSettles
+                },
+                state,
+            )
+            .await?
         } else if fetch_due {
             match self.fetch_limit().await? {
                 Some(limit) => Some(self.fetch(Lane::Normal, limit).await?),
@@ -646,7 +665,7 @@ impl Poller {
     /// was sent).
     async fn exchange(
         &self,
-        fetch: bool,
+        fetch: Fetch,
         state: &mut RoundState,
     ) -> anyhow::Result<Option<Fetched>> {
         loop {
@@ -680,6 +699,14 @@ impl Poller {
             }
             groups.truncate(MAX_COMMANDS);
             let mut limits = Vec::new();
+            let fetch = match fetch {
+                Fetch::Due => true,
+                // A request that goes anyway costs a tick of the bucket either way: its free
+                // slots carry gets (the portal's bucket, not the idle wait, is what a busy
+                // portal runs into; a settle sent alone would delay the next fetch by a tick).
+                Fetch::WithSettles => batched && !groups.is_empty(),
+                Fetch::No => false,
+            };
             if fetch && groups.len() < MAX_COMMANDS && (batched || groups.is_empty()) {
                 if let Some(wait) = budgets.get.pause(now) {
                     if groups.is_empty() {
@@ -708,10 +735,10 @@ impl Poller {
                 }
                 (1, 0) => {
                     // A lone settle call goes without `batch`, which would only add its time.
+                    // One request per round, as a combined one: the next comes with the next
+                    // fetch or wake-up, so lone settles never crowd fetches out of the bucket.
                     let group = groups.remove(0);
-                    if self.settler.send(&group).await? {
-                        continue;
-                    }
+                    self.settler.send(&group).await?;
                     return Ok(None);
                 }
                 _ => {}

@@ -134,7 +134,9 @@ impl LoadLimiter {
     }
 
     fn rest_time(&self, method: &str, request: &RequestCalls, now: f64) -> f64 {
-        self.window(method, now)
+        // `0.0 +`: an empty float sum is -0.0, which PHP's `array_sum` never gives.
+        0.0 + self
+            .window(method, now)
             .iter()
             .map(|b| b.seconds)
             .sum::<f64>()
@@ -510,6 +512,13 @@ mod tests {
             l.operating("batch", &RequestCalls::default(), 601.0)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn nothing_stored_reads_as_zero_not_minus_zero() {
+        let mut l = Limiter::new(LimiterModel::Current, limit(420, 600, 300));
+        let op = l.operating("m", &RequestCalls::default(), T0).unwrap();
+        assert!(op.operating.is_sign_positive(), "{}", op.operating);
     }
 
     #[test]
