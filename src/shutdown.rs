@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Cancel `token` on the first SIGTERM or SIGINT. A second signal exits at once with status 130.
+/// Cancel `token` on the first SIGTERM or SIGINT. A second one exits at once with status 128 +
+/// the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for
+/// SIGINT (what is in flight is recovered at the next start, as after a kill).
 ///
 /// signal-hook's iterator runs on its own thread so no async task has to own the signals.
 pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
@@ -37,8 +39,13 @@ pub fn watch_signals(token: CancellationToken, reload: Option<Arc<Notify>>) -> s
                     tracing::info!(signal, "shutdown requested: finishing in-flight work");
                     token.cancel();
                 } else {
-                    tracing::warn!(signal, "second signal: exiting now");
-                    std::process::exit(130);
+                    let status = 128 + signal;
+                    tracing::warn!(
+                        signal,
+                        status,
+                        "second signal: exiting now, in-flight work is recovered at the next start"
+                    );
+                    std::process::exit(status);
                 }
             }
         })?;

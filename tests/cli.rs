@@ -355,3 +355,124 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         assert!(!text.contains(value), "the {what} appears in the trace log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_with_143() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // A sink that answers after 20 s: the first SIGTERM waits for its batch (up to the 10 s
+    // shutdown_timeout of the test config), the second must not.
+    let endpoint = Endpoint::start_with_delay(
+        std::sync::Arc::new(|_| 200),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
+    Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap()
+    .save_tokens("main", &tokens)
+    .await
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    emit_deals(&sim, 1, 5);
+    let mut child = common::daemon::spawn_daemon(&config, &log);
+    let reserved = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("reserved and journaled")
+    };
+    wait_for(
+        "a batch in flight",
+        std::time::Duration::from_secs(30),
+        reserved,
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let pid = child.id().to_string();
+    let kill = |signal: &str| {
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    kill("-TERM");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the batch in flight"
+    );
+    let second = std::time::Instant::now();
+    kill("-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        second.elapsed() < std::time::Duration::from_secs(3),
+        "the second SIGTERM ends the process at once"
+    );
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "128 + SIGTERM, as a shell reports it\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn journal_commands_never_print_control_characters_from_the_portal() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), &good(dir.path()));
+    let journal = Journal::open(
+        &dir.path().join("j.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    // An event name and an error text with a terminal escape sequence in them.
+    let hostile = "ONCRMDEAL\u{1b}]0;owned\u{7}\u{1b}[2J";
+    journal
+        .record_batch(b24eventd::journal::NewBatch {
+            portal: "main".into(),
+            process_id: "p1".into(),
+            lane: b24eventd::envelope::Lane::Normal,
+            origin: b24eventd::journal::BatchOrigin::Fetched,
+            events: vec![b24eventd::journal::NewEvent {
+                offline_id: 7,
+                event: hostile.into(),
+                message_id: format!("{:032x}", 7),
+                timestamp: "2026-11-22T10:00:00+03:00".into(),
+                data: serde_json::json!({"FIELDS": {"ID": "7"}}),
+                additional: serde_json::json!({"user_id": 1}),
+                sinks: vec!["archive".into()],
+                enrich: false,
+            }],
+            deleted_upstream: false,
+        })
+        .await
+        .unwrap();
+    drop(journal);
+    for args in [
+        vec!["-c", config.as_str(), "journal", "list"],
+        vec!["-c", config.as_str(), "journal", "show", "1"],
+        vec!["-c", config.as_str(), "journal", "stats"],
+    ] {
+        let out = b24eventd(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed a control character: {text:?}"
+        );
+        if args[3] == "list" {
+            assert!(text.contains("ONCRMDEAL\\x1b]0;owned\\x07"), "{text}");
+        }
+    }
+}

@@ -430,7 +430,12 @@ fn parse_event(record: &Value) -> Result<OfflineEvent, String> {
         .ok_or_else(|| format!("record is {} instead of an object", kind(record)))?;
     let id = match field(obj, "ID") {
         None | Some(Value::Null) => return Err("missing ID".to_string()),
-        Some(v) => as_i64(v).ok_or_else(|| format!("ID {} is not an integer", short(v)))?,
+        Some(v) => offline_id(v).ok_or_else(|| {
+            format!(
+                "ID {} is not an offline ID (a positive whole number without spaces, sign or leading zeros)",
+                short(v)
+            )
+        })?,
     };
     let event_name = match field(obj, "EVENT_NAME") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -512,6 +517,26 @@ fn as_i64(value: &Value) -> Option<i64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+/// A record's `ID` exactly as the portal writes its auto-increment key: a JSON string of
+/// digits (`"42"`) or a number. Looser forms (`" 42 "`, `"042"`, `"+42"`, `42.0`) are refused,
+/// not read as 42: two of them in one answer would silently become one event.
+fn offline_id(value: &Value) -> Option<i64> {
+    let id = match value {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => {
+            let canonical = !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && (s.len() == 1 || !s.starts_with('0'));
+            if !canonical {
+                return None;
+            }
+            s.parse().ok()?
+        }
+        _ => return None,
+    };
+    (id > 0).then_some(id)
 }
 
 fn as_u64(value: &Value) -> Option<u64> {
@@ -641,6 +666,35 @@ mod tests {
         let err =
             parse_offline_get(&json!({"events": [{"ID": "x7", "EVENT_NAME": "A"}]})).unwrap_err();
         assert!(err.contains("ID"), "{err}");
+    }
+
+    #[test]
+    fn loose_ids_are_refused_not_merged() {
+        let record = |id: Value| json!({"ID": id, "EVENT_NAME": "ONCRMDEALUPDATE"});
+        for bad in [
+            json!(" 42 "),
+            json!("042"),
+            json!("+42"),
+            json!("4 2"),
+            json!(""),
+            json!("0"),
+            json!(-42),
+            json!(42.0),
+            json!(true),
+        ] {
+            let err = parse_offline_get(&json!({"events": [record(bad.clone())]})).unwrap_err();
+            assert!(err.contains("is not an offline ID"), "{bad}: {err}");
+        }
+        // " 42 ", "042" and 42 in one answer are not one event under ID 42.
+        let merged =
+            json!({"events": [record(json!(" 42 ")), record(json!("042")), record(json!(42))]});
+        assert!(parse_offline_get(&merged).is_err());
+        let fine = parse_offline_get(&json!({"events": [record(json!("42")), record(json!(43))]}))
+            .unwrap();
+        assert_eq!(
+            fine.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![42, 43]
+        );
         assert!(parse_offline_get(&json!(true)).is_err());
     }
 

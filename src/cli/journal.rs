@@ -687,7 +687,7 @@ fn print_detail(d: &EventDetail) -> anyhow::Result<()> {
             a.sink,
             a.attempt,
             local_time(&a.at),
-            a.output.as_deref().unwrap_or_default()
+            super::report::printable(a.output.as_deref().unwrap_or_default(), true)
         )?;
     }
     Ok(())

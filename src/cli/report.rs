@@ -43,6 +43,26 @@ pub(super) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` safe to print on a terminal: control characters (escape sequences, carriage returns,
+/// NUL, DEL, the C1 range) become `\x1b`-style escapes; with `keep_lines`, newlines and tabs
+/// stay.
+pub(super) fn printable(text: &str, keep_lines: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' if keep_lines => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A plain-text table: a header row and left-aligned columns two spaces apart; the last column
 /// is not padded.
 pub(super) struct Table {
@@ -58,8 +78,11 @@ impl Table {
         }
     }
 
+    /// Adds a row; control characters in a cell (an event name or an error text from a
+    /// portal or a sink) are shown escaped, never sent to the terminal.
     pub(super) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows
+            .push(cells.into_iter().map(|c| printable(&c, false)).collect());
     }
 
     pub(super) fn render(&self) -> String {
@@ -109,6 +132,20 @@ mod tests {
              second  ONTASKADD     already bound\n"
         );
         assert_eq!(Table::new(&["A"]).render(), "A\n");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("ON\u{1b}[2JX", false), "ON\\x1b[2JX");
+        assert_eq!(
+            printable("a\nb\tc\u{0}\u{7f}\u{9b}", false),
+            "a\\nb\\tc\\x00\\x7f\\x9b"
+        );
+        assert_eq!(printable("a\nb\tc\r", true), "a\nb\tc\\x0d");
+        assert_eq!(printable("ОНКРМ ✓", false), "ОНКРМ ✓");
+        let mut t = Table::new(&["EVENT"]);
+        t.row(vec!["ON\u{1b}]0;owned\u{7}".into()]);
+        assert!(!t.render().chars().any(|c| c.is_control() && c != '\n'));
     }
 
     #[test]
