@@ -1166,6 +1166,8 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
         sinks.insert(name, sink);
     }
 
+    v.file_sink_paths(&sinks, &journal.path)?;
+
     let alerts = match raw.alerts {
         Some(alerts) => Some(v.alerts(alerts, &sinks)?),
         None => None,
@@ -1352,7 +1354,14 @@ impl Validator {
             format!("{fields} field{}", if fields == 1 { "" } else { "s" })
         } else {
             match parse_cron(&expr) {
-                Ok(_) => return Ok(expr),
+                // A schedule that parses can still name a day no month has (`0 0 0 31 2 *`):
+                // it would be accepted and never run.
+                Ok(cron) => match cron.find_next_occurrence(&chrono::Utc::now(), false) {
+                    Ok(_) => return Ok(expr),
+                    Err(_) => {
+                        "it never fires: no date matches its day and month fields".to_string()
+                    }
+                },
                 Err(e) => lowercase_first(e.to_string().trim_end_matches('.')),
             }
         };
@@ -1362,6 +1371,58 @@ impl Validator {
                 "invalid cron schedule {expr:?} ({problem}); expected 6 fields: sec min hour day month weekday, e.g. {default:?}"
             ),
         ))
+    }
+
+    /// Two file sinks appending to one file would interleave and rotate each other's output,
+    /// and a file sink aimed at the journal would corrupt it: both are refused. Paths are
+    /// compared as written with `.` and repeated slashes dropped, and, where they exist, after
+    /// resolving symlinks.
+    fn file_sink_paths(
+        &self,
+        sinks: &BTreeMap<String, SinkConfig>,
+        journal: &Path,
+    ) -> Result<(), ConfigError> {
+        fn same_file(a: &Path, b: &Path) -> bool {
+            a.components().eq(b.components())
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        }
+        let mut journal_files = vec![journal.to_path_buf()];
+        for suffix in ["-wal", "-shm", "-journal", ".lock"] {
+            let mut name = journal.as_os_str().to_owned();
+            name.push(suffix);
+            journal_files.push(PathBuf::from(name));
+        }
+        let mut seen: Vec<(&str, &Path)> = Vec::new();
+        for (name, sink) in sinks {
+            let SinkKind::File(file) = &sink.kind else {
+                continue;
+            };
+            let key = format!("sinks.{name}.path");
+            if let Some((other, _)) = seen.iter().find(|(_, path)| same_file(path, &file.path)) {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{} is already the path of sinks.{other}; two file sinks cannot share a file (route both to one sink instead)",
+                        file.path.display()
+                    ),
+                ));
+            }
+            if journal_files.iter().any(|j| same_file(j, &file.path)) {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{} is the journal's file ({}); a file sink must write elsewhere",
+                        file.path.display(),
+                        journal.display()
+                    ),
+                ));
+            }
+            seen.push((name, &file.path));
+        }
+        Ok(())
     }
 
     fn non_empty(&self, key: &str, value: Option<String>) -> Result<String, ConfigError> {
@@ -1771,6 +1832,20 @@ impl Validator {
             ));
         }
 
+        if raw.events.as_ref().is_some_and(Vec::is_empty) {
+            // An empty list reads as "no events", yet a missing key routes every event: refuse
+            // the list rather than guess which was meant.
+            return Err(self.err(
+                k("events"),
+                "an empty list routes nothing; list at least one event name or glob, or leave the key out to route every event",
+            ));
+        }
+        if raw.portals.as_ref().is_some_and(Vec::is_empty) {
+            return Err(self.err(
+                k("portals"),
+                "an empty list routes nothing; list at least one portal, or leave the key out to route every portal",
+            ));
+        }
         let mut events = Vec::new();
         for (i, glob) in raw
             .events
@@ -3125,6 +3200,76 @@ events = ["ONCRMDEALADD"]
         );
         assert!(parse_cron("0 */5 * * * *").is_ok());
         assert!(parse_cron("0 0 0 * * * 2030").is_err());
+    }
+
+    #[test]
+    fn a_cron_schedule_that_never_fires_is_refused() {
+        assert_err(
+            &with("[journal]\nprune_schedule = \"0 0 0 31 2 *\""),
+            "journal.prune_schedule",
+            "never fires",
+        );
+        assert_err(
+            &portal("orphan_sweep_schedule = \"0 0 0 30 2 *\""),
+            "portals.main.orphan_sweep_schedule",
+            "never fires",
+        );
+        // Rare is not never: the 29th of February comes every four years.
+        let config = load_str(&with("[journal]\nprune_schedule = \"0 0 3 29 2 *\""), &[]).unwrap();
+        assert_eq!(config.journal.prune_schedule, "0 0 3 29 2 *");
+    }
+
+    #[test]
+    fn two_file_sinks_cannot_share_a_path_nor_write_the_journal() {
+        let text = format!(
+            "{}\n[sinks.copy]\ntype = \"file\"\npath = \"/tmp/./events.jsonl\"\n",
+            portal("")
+        );
+        assert_err(
+            &text,
+            "sinks.copy.path",
+            "already the path of sinks.archive",
+        );
+        let text = format!(
+            "{}\n[sinks.copy]\ntype = \"file\"\npath = \"/tmp/other.jsonl\"\n",
+            portal("")
+        );
+        assert!(load_str(&text, &[]).is_ok());
+        let text = format!(
+            "[journal]\npath = \"/var/lib/x/j.db\"\n{}\n[sinks.copy]\ntype = \"file\"\npath = \"/var/lib/x/j.db-wal\"\n",
+            portal("")
+        );
+        assert_err(&text, "sinks.copy.path", "the journal's file");
+
+        // The same file under another name (a symlink) is the same file.
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.jsonl");
+        std::fs::write(&real, "").unwrap();
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let text = format!(
+            "{}\n[sinks.a]\ntype = \"file\"\npath = {:?}\n[sinks.b]\ntype = \"file\"\npath = {:?}\n",
+            portal(""),
+            real.display().to_string(),
+            link.display().to_string()
+        );
+        assert_err(&text, "sinks.b.path", "already the path of sinks.a");
+    }
+
+    #[test]
+    fn an_empty_route_list_is_refused_not_read_as_everything() {
+        assert_err(
+            &sink("type = \"file\"\npath = \"/tmp/e.jsonl\"\nevents = []"),
+            "sinks.erp.events",
+            "an empty list routes nothing",
+        );
+        assert_err(
+            &sink("type = \"file\"\npath = \"/tmp/e.jsonl\"\nportals = []"),
+            "sinks.erp.portals",
+            "an empty list routes nothing",
+        );
+        let config = load_str(&sink("type = \"file\"\npath = \"/tmp/e.jsonl\""), &[]).unwrap();
+        assert!(config.sinks["erp"].route.events.is_empty());
     }
 
     #[test]

@@ -455,6 +455,7 @@ async fn journal_commands_never_print_control_characters_from_the_portal() {
                 enrich: false,
             }],
             deleted_upstream: false,
+            new_reservation: true,
         })
         .await
         .unwrap();
@@ -475,4 +476,48 @@ async fn journal_commands_never_print_control_characters_from_the_portal() {
             assert!(text.contains("ONCRMDEAL\\x1b]0;owned\\x07"), "{text}");
         }
     }
+}
+
+#[test]
+fn a_log_filter_that_is_not_one_is_reported_and_the_default_used() {
+    use std::io::BufRead;
+    // `verbose` is no level: tracing alone would read it as "all levels of a target named
+    // verbose" and log nothing else at all.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env("B24EVENTD_LOG", "verbose")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if lines_tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut warned = false;
+    while !warned {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
+        warned |= line.contains("log filter refused")
+            && line.contains("B24EVENTD_LOG")
+            && line.contains("verbose");
+        seen.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        warned,
+        "a warning naming the variable and its value:\n{}",
+        seen.join("\n")
+    );
 }

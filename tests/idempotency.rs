@@ -399,3 +399,35 @@ async fn dead_purge_keeps_errored_events_until_the_error_lane_poll_re_read_them(
     );
     assert!(journal_events(&open_journal(dir.path()).await).is_empty());
 }
+
+/// The same error-lane flow on a portal that hands out one process id for every reservation:
+/// the error-lane re-read comes back under the process id of the batch that errored the rows.
+/// It is a new reservation, not that settled batch: the later change still reaches the
+/// consumer and nothing stays reserved upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_id_handed_out_again_for_the_error_lane_is_a_new_reservation() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        reused_process_id: Some("r".repeat(32)),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let consumer = DedupEndpoint::start().await;
+    let Merge { merged, .. } = error_lane_merge(
+        dir.path(),
+        &sim,
+        &tokens,
+        &http_sink_named("erp", &consumer.url),
+        |_| consumer.accepted().len() == 2,
+    )
+    .await;
+    let keys = consumer.keys_received();
+    assert_eq!(
+        keys.len(),
+        3,
+        "the later change reached the consumer: {keys:?}"
+    );
+    assert_eq!(keys[2], key_of(&merged));
+    assert_eq!(sim.stats().reserved, 0, "nothing left reserved upstream");
+}

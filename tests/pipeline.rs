@@ -640,3 +640,50 @@ async fn the_prune_job_deletes_settled_events_past_retention_and_keeps_dead_ones
     // Deal 3's first row (errored) and its error-lane copy (cleared) are both dead and kept.
     assert_eq!((counts.events, counts.dead), (2, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_id_the_portal_hands_out_again_is_a_new_batch() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    // A portal whose reservations all carry one process id: after the first batch is cleared,
+    // the id comes back for new events.
+    let (sim, tokens) = portal(SimulatorConfig {
+        reused_process_id: Some("r".repeat(32)),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let config = write_config(
+        dir.path(),
+        &sim,
+        None,
+        "idle_poll_max = \"200ms\"",
+        &file_sink(dir.path()),
+    );
+    let running = Running::start(&config, &tokens).await;
+    let unsettled = || {
+        running
+            .journal
+            .counts_blocking()
+            .unwrap()
+            .unsettled_upstream
+    };
+    for (wave, first) in [1, 101, 201].into_iter().enumerate() {
+        emit_deals(&sim, first, 100);
+        wait_for(
+            &format!("wave {wave} delivered and settled upstream and in the journal"),
+            Duration::from_secs(30),
+            || {
+                file_entities(&dir.path().join("events.jsonl")).len() == 100 * (wave + 1)
+                    && upstream_empty(&sim)
+                    && unsettled() == 0
+            },
+        )
+        .await;
+    }
+    running.stop().await;
+    assert_eq!(
+        file_entities(&dir.path().join("events.jsonl")),
+        expected_entities(1, 300)
+    );
+    assert_eq!(sim.stats().reserved, 0, "nothing left reserved upstream");
+}

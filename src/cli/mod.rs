@@ -424,9 +424,10 @@ fn init_logging(default: &str) {
 /// per line with the event fields (`portal`, `event_id`, `sink`, ...) as keys.
 fn init_logging_as(default: &str, format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("B24EVENTD_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| format!("{default},tokio_cron_scheduler=warn"));
+    let from_env = ["B24EVENTD_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|name| Some((name, std::env::var(name).ok()?)));
+    let (filter, refused) = log_filter(from_env, default);
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -442,6 +443,64 @@ fn init_logging_as(default: &str, format: config::LogFormat) {
             .with_span_list(false)
             .try_init(),
     };
+    if let Some(refused) = refused {
+        tracing::warn!(target: LOG_FILTER_TARGET, variable = refused.variable, value = %refused.value, problem = %refused.problem, "log filter refused; logging with the default filter");
+    }
+}
+
+/// The target of the warning about a refused log filter; the default filter lets it through.
+const LOG_FILTER_TARGET: &str = "b24eventd::log_filter";
+
+/// A log filter from the environment that was not used, and why.
+#[derive(Debug, PartialEq, Eq)]
+struct RefusedLogFilter {
+    variable: &'static str,
+    value: String,
+    problem: String,
+}
+
+/// The tracing filter to log with: the environment's (`B24EVENTD_LOG`, else `RUST_LOG`) when it
+/// is a filter, else the command's default. A value that is not one (a syntax error, or a bare
+/// word that is neither a level nor one of our targets, such as `verbose` or `debgu`, which
+/// tracing would read as "everything from a target named debgu" and so log nothing) is refused
+/// and reported, never taken silently.
+fn log_filter(
+    from_env: Option<(&'static str, String)>,
+    default: &str,
+) -> (String, Option<RefusedLogFilter>) {
+    let fallback = format!("{default},tokio_cron_scheduler=warn,{LOG_FILTER_TARGET}=warn");
+    let Some((variable, value)) = from_env else {
+        return (fallback, None);
+    };
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let problem = value.split(',').map(str::trim).find_map(|directive| {
+        let bare = !directive.contains(['=', '[', '{']);
+        let ours = directive == "b24eventd" || directive.starts_with("b24eventd::");
+        let level = LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            || directive.parse::<u8>().is_ok_and(|n| n <= 5);
+        (bare && !directive.is_empty() && !ours && !level).then(|| {
+            format!(
+                "{directive:?} is neither a level ({}) nor target=level",
+                LEVELS.join(", ")
+            )
+        })
+    });
+    let problem = problem.or_else(|| {
+        tracing_subscriber::EnvFilter::try_new(&value)
+            .err()
+            .map(|e| e.to_string())
+    });
+    match problem {
+        None => (value, None),
+        Some(problem) => (
+            fallback,
+            Some(RefusedLogFilter {
+                variable,
+                value,
+                problem,
+            }),
+        ),
+    }
 }
 
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
@@ -525,4 +584,46 @@ async fn simulate(
     shutdown.cancelled().await;
     sim.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_filter_that_is_not_one_is_refused_and_reported() {
+        let env = |v: &str| Some(("B24EVENTD_LOG", v.to_string()));
+        for good in [
+            "debug",
+            "WARN",
+            "warn,b24eventd=debug",
+            "b24eventd",
+            "b24eventd::pipeline=trace",
+            "info,hyper=off",
+            "3",
+        ] {
+            assert_eq!(log_filter(env(good), "info"), (good.to_string(), None));
+        }
+        for (garbage, problem) in [
+            ("verbose", "\"verbose\" is neither a level"),
+            ("debgu", "\"debgu\" is neither a level"),
+            ("info,lots", "\"lots\" is neither a level"),
+            ("b24eventd=loud", "level filter"),
+        ] {
+            let (filter, refused) = log_filter(env(garbage), "info");
+            assert_eq!(
+                filter,
+                "info,tokio_cron_scheduler=warn,b24eventd::log_filter=warn"
+            );
+            let refused = refused.expect("refused");
+            assert_eq!(refused.variable, "B24EVENTD_LOG");
+            assert_eq!(refused.value, garbage);
+            assert!(
+                refused.problem.contains(problem),
+                "{garbage}: {}",
+                refused.problem
+            );
+        }
+        assert_eq!(log_filter(None, "warn").1, None);
+    }
 }

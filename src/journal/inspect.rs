@@ -775,6 +775,7 @@ mod tests {
                 })
                 .collect(),
             deleted_upstream: false,
+            new_reservation: true,
         }
     }
 

@@ -124,6 +124,13 @@ pub struct NewBatch {
     /// Fetch-delete mode: the portal deleted these events when it answered, so they are
     /// journaled as already settled upstream (`cleared`) and nothing is ever sent back.
     pub deleted_upstream: bool,
+    /// The `get` that answered made this reservation (it asked for no `process_id`). A
+    /// `process_id` the journal has as a settled batch then names a new reservation the portal
+    /// drew the same id for, not that batch: the settled batch is renamed
+    /// `<process_id>#<batch id>` and its rows are never taken for the new ones. A re-read
+    /// (`get` with the `process_id`) is not new: rows found again under a settled batch are
+    /// rows that batch's clear left behind.
+    pub new_reservation: bool,
 }
 
 /// What [`Journal::record_batch`] did.
@@ -817,6 +824,16 @@ fn record_batch_in(
 ) -> anyhow::Result<RecordedBatch> {
     ensure_portal(tx, &batch.portal)?;
     let fetched_at = now();
+    if batch.new_reservation {
+        let renamed = tx.execute(
+            "UPDATE batches SET process_id = process_id || '#' || id
+             WHERE portal = ?1 AND process_id = ?2 AND settled_at IS NOT NULL",
+            params![batch.portal, batch.process_id],
+        )?;
+        if renamed > 0 {
+            tracing::warn!(portal = %batch.portal, process_id = %batch.process_id, "the portal handed out the process_id of a settled batch again: journaled as a new reservation; the settled batch keeps its history as <process_id>#<batch id>");
+        }
+    }
     tx.execute(
         "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![batch.portal, batch.process_id, batch.lane.as_str(), batch.origin.as_str(), fetched_at],
@@ -1286,6 +1303,7 @@ mod tests {
             origin: BatchOrigin::Fetched,
             events,
             deleted_upstream: false,
+            new_reservation: true,
         }
     }
 
@@ -1900,6 +1918,7 @@ mod lattice_properties {
                 origin: BatchOrigin::Fetched,
                 events,
                 deleted_upstream: false,
+                new_reservation: true,
             };
             j.with_conn(|conn| record_batches(conn, std::slice::from_ref(&batch))).unwrap();
             let row_of = |offline_id: i64| -> i64 {

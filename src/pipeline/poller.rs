@@ -1092,7 +1092,14 @@ impl Poller {
         };
         let count = batch.events.len();
         if let Err(e) = self
-            .record(&process_id, lane, BatchOrigin::Fetched, batch.events, false)
+            .record(
+                &process_id,
+                lane,
+                BatchOrigin::Fetched,
+                batch.events,
+                false,
+                true,
+            )
             .await
         {
             // Reserved upstream but not journaled: the sweep adopts it once the journal works.
@@ -1121,7 +1128,7 @@ impl Poller {
             chrono::Utc::now().timestamp_micros()
         );
         if let Err(e) = self
-            .record(&local_id, lane, BatchOrigin::Fetched, events, true)
+            .record(&local_id, lane, BatchOrigin::Fetched, events, true, true)
             .await
         {
             tracing::error!(portal = %self.portal(), events = count, error = format!("{e:#}"), "fetch-delete mode: the journal failed after the portal deleted the batch; those events are lost");
@@ -1144,14 +1151,16 @@ impl Poller {
         origin: BatchOrigin,
         events: Vec<OfflineEvent>,
         deleted_upstream: bool,
+        new_reservation: bool,
     ) -> anyhow::Result<usize> {
-        let batch = self.new_batch(
+        let mut batch = self.new_batch(
             process_id.to_string(),
             lane,
             origin,
             events,
             deleted_upstream,
         );
+        batch.new_reservation = new_reservation;
         self.record_batches(vec![batch]).await
     }
 
@@ -1204,6 +1213,8 @@ impl Poller {
             origin,
             events,
             deleted_upstream,
+            // What the fetches made; a re-read says otherwise.
+            new_reservation: true,
         }
     }
 
@@ -1266,7 +1277,7 @@ impl Poller {
             tokio::time::sleep(wait).await;
         }
         let batch = self.client.offline_get(&request).await?;
-        self.record(process_id, lane, origin, batch.events, false)
+        self.record(process_id, lane, origin, batch.events, false, false)
             .await
     }
 

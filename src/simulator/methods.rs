@@ -572,7 +572,12 @@ fn offline_get(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output, 
     }
     let State { queue, rng, .. } = state;
     // `Random::getString(32)`.
-    let out = queue.get(&req, &ctx.connector, || super::auth::random_token(rng, 32));
+    let out = queue.get(&req, &ctx.connector, || {
+        match &ctx.config.reused_process_id {
+            Some(reused) => reused.clone(),
+            None => super::auth::random_token(rng, 32),
+        }
+    });
     state.counters.cleared += out.deleted as u64;
     tracing::debug!(
         connector = %ctx.connector,

@@ -68,6 +68,10 @@ pub struct SimulatorConfig {
     /// `PROCESS_ID` of its filter. The real server applies them (`IRestService::sanitizeFilter`
     /// allows the field and the comparison operations).
     pub list_ignores_process_id_filter: bool,
+    /// A hostile portal for hardening tests: every fresh reservation gets this `process_id`
+    /// instead of a new `Random::getString(32)`, so a process id comes back after its batch
+    /// was cleared. The real server draws a new random id for each reservation.
+    pub reused_process_id: Option<String>,
 }
 
 impl Default for SimulatorConfig {
@@ -93,6 +97,7 @@ impl Default for SimulatorConfig {
             get_limit_clamp: None,
             clear_ignores_message_id: false,
             list_ignores_process_id_filter: false,
+            reused_process_id: None,
         }
     }
 }
@@ -119,6 +124,7 @@ impl fmt::Debug for SimulatorConfig {
                 "list_ignores_process_id_filter",
                 &self.list_ignores_process_id_filter,
             )
+            .field("reused_process_id", &self.reused_process_id)
             .finish()
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! Exit 0 within `timeout` is delivered; an exit code listed in `permanent_exit_codes` is dead;
 //! anything else (another code, a signal, the timeout, a program that cannot be started) is
-//! retried. Every run is its own process group, so a timeout kills the program and whatever it
-//! started. The first 4 KiB of stdout and of stderr go into the attempt record; the rest is read
+//! retried. Every run is its own process group, killed when the run ends (exit, timeout or
+//! shutdown), so nothing the program started outlives it unless it left the group (`setsid`). The first 4 KiB of stdout and of stderr go into the attempt record; the rest is read
 //! and dropped so the program never blocks on a full pipe.
 
 use super::{Sink, SinkResult};
@@ -166,7 +166,14 @@ impl ExecSink {
             }
         };
         if status.is_ok() {
-            // Reaped: the group id may be reused once its last member is gone.
+            // Reaped. Whatever the program left running in its group (a `cmd &` it did not wait
+            // for) ends with the run, whatever the outcome: a delivery leaves no process behind.
+            // The signal cannot reach a stranger: Linux does not hand out a pid again while a
+            // process group of that id still has members, and an empty group is ESRCH. After
+            // this the group id may be reused, so it is never signalled again.
+            if let Err(e) = group.kill() {
+                tracing::warn!(sink = %self.name, program = %self.program.display(), error = %e, "cannot kill what the program left running in its process group");
+            }
             group.disarm();
         }
         let pipes_held = !exchanged
@@ -785,6 +792,29 @@ mod tests {
         assert_killed(grandchild).await;
     }
 
+    #[tokio::test]
+    async fn a_successful_run_leaves_no_background_process_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("background.pid");
+        let sink = sink_with(
+            "sleep 30 >/dev/null 2>&1 & echo $! > \"$PID_FILE\"; exit 0",
+            |c| {
+                c.env
+                    .insert("PID_FILE".into(), pid_file.display().to_string());
+            },
+            Duration::from_secs(10),
+            1,
+        );
+        let (result, _) = run_one(&sink, &Envelope::sample(1)).await;
+        assert_eq!(result, SinkResult::Delivered);
+        let background: u32 = std::fs::read_to_string(&pid_file)
+            .expect("the script started its background process")
+            .trim()
+            .parse()
+            .unwrap();
+        assert_killed(background).await;
+    }
+
     /// Waits until `pid` is gone or a zombie (killed, waiting for whoever adopted it to reap it).
     async fn assert_killed(pid: u32) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -843,8 +873,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_process_left_holding_the_pipes_does_not_hold_up_the_result() {
-        // The background sleep inherits stdout and outlives the program by seconds.
-        let sink = script_sink("sleep 5 & echo finished");
+        // The background sleep inherits stdout and, in a session of its own, escapes the kill
+        // of the run's process group: it outlives the program by seconds. The program ends only
+        // once the sleep has left the group.
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join("left-the-group");
+        let sink = sink_with(
+            "setsid sh -c 'touch \"$0\"; exec sleep 5' \"$LEFT\" & \
+             while [ ! -e \"$LEFT\" ]; do sleep 0.05; done; echo finished",
+            |c| {
+                c.env.insert("LEFT".into(), left.display().to_string());
+            },
+            Duration::from_secs(10),
+            1,
+        );
         let started = Instant::now();
         let (result, output) = run_one(&sink, &Envelope::sample(1)).await;
         let took = started.elapsed();
