@@ -1,5 +1,6 @@
-//! One daemon per journal, commands that never damage one, and operator commands that never
-//! destroy working state: on the real binary, against files that are not the daemon's journal
+//! Commands that never damage a journal, and operator commands that never destroy working
+//! state (the daemon lock is `tests/conformance.rs::the_daemon_lock_keeps_the_probe_and_a_second_run_away`):
+//! on the real binary, against files that are not the daemon's journal
 //! (a directory, a FIFO, another program's SQLite database beside its `-wal`, a damaged file)
 //! and against the simulator (a token pair that fails, a bind that fails).
 
@@ -255,40 +256,6 @@ async fn commands_that_need_a_journal_never_create_one() {
             );
         }
     }
-}
-
-/// A second `run` on a journal whose daemon runs exits at once, non-zero, naming the holder's
-/// pid and the lock's path; the first goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_run_on_the_same_journal_is_refused_at_once() {
-    init();
-    let dir = tempfile::tempdir().unwrap();
-    let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
-    store_tokens(dir.path(), &tokens).await;
-    let log = dir.path().join("daemon.log");
-    let mut first = common::daemon::spawn_daemon(&config, &log);
-    wait_for("the first daemon", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("b24eventd running")
-    })
-    .await;
-    let started = std::time::Instant::now();
-    let out = command(&config, &["run"]).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused at once"
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let err = stderr(&out);
-    let lock = format!("{}.lock", dir.path().join("journal.db").display());
-    assert!(
-        err.contains(&format!("pid {}", first.id())) && err.contains(&lock),
-        "names the holder and the lock: {err}"
-    );
-    assert!(first.try_wait().unwrap().is_none(), "the first one goes on");
-    common::daemon::stop_with_sigterm(&mut first, &log);
 }
 
 /// `auth import` of a refresh token that was used already (the simulator's OAuth rotates

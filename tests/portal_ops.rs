@@ -4,8 +4,6 @@
 mod common;
 
 use b24eventd::bitrix::Tokens;
-use b24eventd::config::Synchronous;
-use b24eventd::journal::Journal;
 use b24eventd::simulator::{Simulator, SimulatorConfig};
 use common::cli::*;
 use common::*;

@@ -53,9 +53,9 @@ pub enum Access {
     Read,
 }
 
-/// Why a journal was not opened. Every variant but [`OpenError::Missing`] is an operator
-/// problem a restart cannot fix: the CLI exits 78 on them, which the systemd unit does not
-/// restart on.
+/// Why a journal was not opened. Every variant but [`OpenError::Missing`] and
+/// [`OpenError::Unreadable`] (permissions, I/O) is an operator problem a restart cannot fix: the
+/// CLI exits 78 on them, which the systemd unit does not restart on.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(
@@ -78,6 +78,8 @@ pub enum OpenError {
         "journal {path} is damaged or not a database ({detail}): if it is the daemon's journal, stop the daemon and restore it from a backup, or move it aside (with its -wal and -shm files) and start again: the daemon re-adopts what is still reserved upstream, and the tokens must be stored again with `b24eventd auth login` (docs/OPERATIONS.md, \"A damaged journal\"); otherwise fix journal.path"
     )]
     Damaged { path: PathBuf, detail: String },
+    #[error("cannot read journal {path}: {detail}")]
+    Unreadable { path: PathBuf, detail: String },
     #[error(
         "journal {path} has schema version {version}, newer than this build supports ({SCHEMA_VERSION}): upgrade b24eventd"
     )]
@@ -89,9 +91,12 @@ pub enum OpenError {
 }
 
 impl OpenError {
-    /// Whether the CLI exits 78 on it (everything but a missing journal).
+    /// Whether the CLI exits 78 on it (everything but a missing or unreadable journal).
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, OpenError::Missing { .. })
+        !matches!(
+            self,
+            OpenError::Missing { .. } | OpenError::Unreadable { .. }
+        )
     }
 }
 
@@ -163,9 +168,9 @@ fn inspect_file(path: &Path) -> Result<Found, OpenError> {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Nothing),
         Err(e) => {
-            return Err(OpenError::Damaged {
+            return Err(OpenError::Unreadable {
                 path: path.to_path_buf(),
-                detail: format!("cannot read its metadata: {e}"),
+                detail: e.to_string(),
             });
         }
     };
@@ -175,9 +180,9 @@ fn inspect_file(path: &Path) -> Result<Found, OpenError> {
             kind: file_kind(&meta.file_type()),
         });
     }
-    let header = read_header(path).map_err(|e| OpenError::Damaged {
+    let header = read_header(path).map_err(|e| OpenError::Unreadable {
         path: path.to_path_buf(),
-        detail: format!("cannot read it: {e}"),
+        detail: e.to_string(),
     })?;
     if header.is_empty() {
         // A journal created but never written (or a crash right after creating it). A WAL
@@ -238,9 +243,9 @@ fn classify(path: &Path) -> Result<Found, OpenError> {
                 detail: e.to_string(),
             }
         } else {
-            OpenError::Damaged {
+            OpenError::Unreadable {
                 path: path.to_path_buf(),
-                detail: format!("cannot read it read-only: {e}"),
+                detail: format!("read-only: {e}"),
             }
         }
     };
