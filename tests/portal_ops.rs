@@ -4,56 +4,13 @@
 mod common;
 
 use b24eventd::bitrix::Tokens;
-use b24eventd::config::Synchronous;
-use b24eventd::journal::Journal;
 use b24eventd::simulator::{Simulator, SimulatorConfig};
+use common::cli::*;
 use common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-/// Runs the binary off the async runtime (the simulator serves on it meanwhile), with `stdin`
-/// piped in when given.
-async fn b24eventd(args: &[&str], stdin: Option<&str>) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let stdin = stdin.map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-            .args(&args)
-            .env_remove("B24EVENTD_CONFIG")
-            .env_remove("B24EVENTD_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary runs");
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
@@ -63,20 +20,6 @@ fn json(o: &Output) -> Value {
             stderr(o)
         )
     })
-}
-
-async fn store_tokens(dir: &Path, tokens: &Tokens) {
-    let journal = Journal::open(&dir.join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap();
-    journal.save_tokens("main", tokens).await.unwrap();
-}
-
-async fn stored_tokens(dir: &Path) -> Option<Tokens> {
-    let journal = Journal::open(&dir.join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap();
-    journal.load_tokens("main").await.unwrap()
 }
 
 fn path(p: &Path) -> &str {

@@ -1,16 +1,20 @@
-//! `auth import`, `auth login` and `auth status`: getting a portal's first OAuth tokens into the
+//! `auth import`, `auth login` and `auth status`: getting a portal's OAuth tokens into the
 //! journal and showing what is stored (expiry, last refresh, member_id, scope), never the tokens.
+//! A new pair replaces the stored one only once it has answered a call on the portal; a pair
+//! that fails leaves the stored one in place.
 
 use super::report::{self, Table};
-use crate::bitrix::{Tokens, oauth};
-use crate::config::Config;
-use crate::journal::{Journal, TokenStatus};
+use crate::bitrix::{TokenStore, Tokens, oauth};
+use crate::config::{Config, PortalConfig};
+use crate::journal::{Access, Journal, TokenStatus};
 use anyhow::Context;
 use chrono::Utc;
 use std::io::Read;
+use std::sync::Arc;
 
-/// `auth import`: stores a refresh token (and an access token, when given). Without an access
-/// token the refresh token is used at once, which checks it and stores the rotated pair.
+/// `auth import`: stores a refresh token (and an access token, when given), once it worked:
+/// the pair is tried on the portal first ([`try_pair`]), and only a pair that answered replaces
+/// the stored one. Without an access token that try refreshes, which also rotates the pair.
 pub(super) async fn import(
     config: Config,
     portal: String,
@@ -30,27 +34,88 @@ pub(super) async fn import(
     if refresh_token.is_empty() {
         anyhow::bail!("the refresh token is empty");
     }
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
-    let has_access = access_token.is_some();
-    // Without an access token the first call refreshes (an empty token counts as expired).
-    let tokens = Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
-    journal.save_tokens(&portal, &tokens).await?;
-    if has_access {
-        outln!(
-            "stored tokens for portal {portal} in {}",
-            journal.path().display()
-        )?;
-        return Ok(());
-    }
-    let client = crate::pipeline::operator_client(portal_config, &journal).await?;
-    client.refresh_tokens().await.with_context(|| {
-        format!("the refresh token was stored, but using it failed for portal {portal}")
-    })?;
+    // The first tokens of a new installation make the journal.
+    let journal = Journal::open_as(
+        &config.journal.path,
+        config.journal.synchronous,
+        Access::Create,
+    )
+    .await?;
+    let candidate = Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
+    let command = format!("auth import --portal {portal}");
+    let (tokens, rotated) = try_pair(portal_config, &journal, candidate, &command).await?;
+    store(&journal, &portal, &tokens, &command).await?;
     outln!(
-        "stored tokens for portal {portal} in {} (refresh token checked and rotated)",
-        journal.path().display()
+        "stored tokens for portal {portal} in {}{}",
+        journal.path().display(),
+        if rotated {
+            " (refresh token checked and rotated)"
+        } else {
+            " (checked with user.admin)"
+        }
     )?;
     Ok(())
+}
+
+/// Keeps the pair a refresh made while a new pair is tried, instead of the journal: nothing is
+/// stored before the new pair has answered. It never reads the journal back, so a refused
+/// refresh token is not mistaken for the stored pair of another process.
+#[derive(Default)]
+struct Candidate(std::sync::Mutex<Option<Tokens>>);
+
+impl TokenStore for Candidate {
+    fn save<'a>(
+        &'a self,
+        _portal: &'a str,
+        tokens: &'a Tokens,
+    ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokens.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Tries a new token pair on the portal before it may replace the stored one: `user.admin`
+/// (scope `basic`, any user may call it: bitrix24/b24restdocs
+/// api-reference/common/users/user-admin.md), refreshing first when the pair has no access
+/// token, or when the portal refuses it. Returns the pair as it stands after the call (a
+/// refresh rotates it) and whether it was rotated. On failure the stored tokens are untouched
+/// and the error says so.
+async fn try_pair(
+    portal: &PortalConfig,
+    journal: &Journal,
+    candidate: Tokens,
+    command: &str,
+) -> anyhow::Result<(Tokens, bool)> {
+    let kept = Arc::new(Candidate::default());
+    let client = crate::pipeline::candidate_client(portal, Some(candidate.clone()), kept.clone())?;
+    if let Err(e) = client.user_admin().await {
+        let left = match journal.token_status(&portal.name).await {
+            Ok(Some(_)) => "the stored tokens were left unchanged",
+            _ => "nothing was stored",
+        };
+        return Err(anyhow::Error::from(e)
+            .context(format!("{command}: the new tokens did not work, so {left}")));
+    }
+    let rotated = kept.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(match rotated {
+        Some(tokens) => (tokens, true),
+        None => (candidate, false),
+    })
+}
+
+/// Stores a pair that worked, replacing the stored one.
+async fn store(
+    journal: &Journal,
+    portal: &str,
+    tokens: &Tokens,
+    command: &str,
+) -> anyhow::Result<()> {
+    journal.save_tokens(portal, tokens).await.with_context(|| {
+        format!(
+            "{command}: the new tokens worked but could not be stored in {} (the stored tokens were left unchanged)",
+            journal.path().display()
+        )
+    })
 }
 
 /// `auth login`: prints the portal's authorization page for the configured application, reads
@@ -60,7 +125,12 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
     let portal_config = report::portal(&config, &portal)?;
     // Everything that can fail without the operator is checked before the browser round trip:
     // the code it yields lives 30 seconds.
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let journal = Journal::open_as(
+        &config.journal.path,
+        config.journal.synchronous,
+        Access::Create,
+    )
+    .await?;
     let client = crate::pipeline::operator_client(portal_config, &journal).await?;
     let state = random_state();
     let url = oauth::authorize_url(
@@ -130,7 +200,10 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
             "the tokens name another client_endpoint than the config: if the portal moved, update client_endpoint"
         );
     }
-    journal.save_tokens(&portal, &tokens).await?;
+    // The new pair replaces the stored one only once it has answered a call.
+    let command = format!("auth login --portal {portal}");
+    let (tokens, _) = try_pair(portal_config, &journal, tokens, &command).await?;
+    store(&journal, &portal, &tokens, &command).await?;
     outln!(
         "stored tokens for portal {portal} (member_id {}, scope {}, access token expires {})",
         tokens.member_id.as_deref().unwrap_or("unknown"),
@@ -192,7 +265,7 @@ pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
     let path = &config.journal.path;
     // A command that only looks must not create the journal.
     let journal = if path.exists() {
-        Some(Journal::open(path, config.journal.synchronous).await?)
+        Some(Journal::open_as(path, config.journal.synchronous, Access::Read).await?)
     } else {
         None
     };

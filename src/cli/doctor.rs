@@ -146,7 +146,14 @@ async fn examine(config: &Config) -> anyhow::Result<Report> {
     let path = &config.journal.path;
     // Looking must not create a journal: without one there are no tokens to check.
     let journal = if path.exists() {
-        Some(Journal::open(path, config.journal.synchronous).await?)
+        Some(
+            Journal::open_as(
+                path,
+                config.journal.synchronous,
+                crate::journal::Access::Read,
+            )
+            .await?,
+        )
     } else {
         None
     };

@@ -5,7 +5,7 @@
 use super::report::{Table, print_json};
 use crate::config::Config;
 use crate::journal::{
-    EventDetail, EventFilter, EventRow, Journal, PortalStats, Pruned, StatusFilter,
+    Access, EventDetail, EventFilter, EventRow, Journal, PortalStats, Pruned, StatusFilter,
 };
 use anyhow::{Context, bail};
 use chrono::{DateTime, Local, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -205,18 +205,25 @@ pub struct PruneArgs {
     json: bool,
 }
 
-/// Opens the journal a command reads; it must exist already (a typo in the path should not
-/// create an empty one).
-fn open_existing(config: &Config) -> anyhow::Result<Journal> {
-    let path = &config.journal.path;
-    if !path.exists() {
-        bail!(
-            "journal {} does not exist: has the daemon run with this config ({})?",
-            path.display(),
-            config.source.display()
-        );
-    }
-    Journal::open_blocking(path, config.journal.synchronous)
+/// Opens the journal of a command that only reads it: read-only, and it must exist already and
+/// be the daemon's (a typo in the path should not create an empty one, nor migrate a file of
+/// another program).
+fn open_to_read(config: &Config) -> anyhow::Result<Journal> {
+    Journal::open_blocking_as(
+        &config.journal.path,
+        config.journal.synchronous,
+        Access::Read,
+    )
+}
+
+/// Opens the journal of a command that changes it: read-write, but it must exist already and be
+/// the daemon's.
+fn open_to_write(config: &Config) -> anyhow::Result<Journal> {
+    Journal::open_blocking_as(
+        &config.journal.path,
+        config.journal.synchronous,
+        Access::Write,
+    )
 }
 
 /// Checks `--sink`/`--portal` against the config, so a typo is an error and not an empty list.
@@ -258,7 +265,7 @@ fn names<'a>(names: impl Iterator<Item = &'a String>) -> String {
 }
 
 pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
-    let journal = open_existing(config)?;
+    let journal = open_to_read(config)?;
     match command {
         JournalCommand::Stats { filter, json } => {
             check_names(config, &filter, &journal)?;
@@ -353,7 +360,11 @@ pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
             "replay needs a filter (--portal, --event, --sink, --status, --since, --until, --limit) or --all for the whole journal"
         );
     }
-    let journal = open_existing(config)?;
+    let journal = if args.dry_run {
+        open_to_read(config)?
+    } else {
+        open_to_write(config)?
+    };
     let to_sink = args.filter.sink.take();
     check_names(config, &args.filter, &journal)?;
     if let Some(sink) = &to_sink
@@ -403,7 +414,10 @@ fn skipped_note(skipped: u64) -> String {
 }
 
 pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
-    let journal = open_existing(config)?;
+    let journal = match command {
+        DeadCommand::List { .. } => open_to_read(config)?,
+        DeadCommand::Retry { .. } | DeadCommand::Purge { .. } => open_to_write(config)?,
+    };
     match command {
         DeadCommand::List { filter, json } => {
             check_names(config, &filter, &journal)?;
@@ -484,7 +498,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
 }
 
 pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
-    let journal = open_existing(config)?;
+    let journal = open_to_write(config)?;
     let age = args.older_than.unwrap_or(config.journal.retention);
     let cutoff =
         Utc::now() - chrono::Duration::from_std(age).context("--older-than is too large")?;

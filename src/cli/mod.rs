@@ -1,5 +1,6 @@
 //! The command line: argument parsing, logging set-up, and the one place that prints errors and
-//! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
+//! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error or a
+//! journal refused: not a file, another program's, damaged, or too new).
 
 /// `println!` that returns the write error instead of panicking, so `b24eventd journal list |
 /// head` ends quietly when `head` closes the pipe (see [`main`]).
@@ -51,7 +52,8 @@ event.offline.error when a sink gave up. No event is lost on a crash, a lost res
 limit or an expired token.\n\nStart with `b24eventd demo` (no portal or config needed).",
     after_help = "Config path: -c/--config, else $B24EVENTD_CONFIG, else ./b24eventd.toml, else /etc/b24eventd/config.toml.\n\
 Logging: B24EVENTD_LOG (or RUST_LOG) takes a tracing filter, e.g. B24EVENTD_LOG=debug.\n\
-Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error."
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (also a journal path that is not a \
+file, another program's database, a damaged journal)."
 )]
 struct Cli {
     /// Configuration file (TOML)
@@ -137,7 +139,8 @@ enum Command {
         /// Only this portal (default: every configured portal)
         #[arg(long)]
         portal: Option<String>,
-        /// Also unbind offline events that are bound but not in `events`
+        /// Also unbind offline events that are bound but not in `events`, once every event in
+        /// `events` is bound (when a bind fails, the extras are kept)
         #[arg(long)]
         prune: bool,
         /// Print what changed as one JSON document
@@ -195,13 +198,27 @@ struct Failure {
 
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Failure {
-        let code = if error.downcast_ref::<ConfigError>().is_some() {
+        let refused = error
+            .downcast_ref::<crate::journal::OpenError>()
+            .is_some_and(crate::journal::OpenError::is_refusal);
+        let code = if error.downcast_ref::<ConfigError>().is_some() || refused {
             EXIT_CONFIG
         } else {
             1
         };
         Failure { code, error }
     }
+}
+
+/// A command's error, with damage to the journal found after it was opened (a damaged page is
+/// only seen when it is read) turned into the refusal that names the journal and what to do.
+fn journal_failure(journal: &std::path::Path, error: anyhow::Error) -> Failure {
+    if error.downcast_ref::<crate::journal::OpenError>().is_none()
+        && let Some(damage) = crate::journal::damage(journal, &error)
+    {
+        return Failure::from(anyhow::Error::from(damage));
+    }
+    Failure::from(error)
 }
 
 impl From<std::io::Error> for Failure {
@@ -298,7 +315,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             if let (true, Some(portal)) = (conformance, portal) {
                 config::resolve_secret(report::portal(&config, &portal)?)?;
                 init_logging("warn");
-                runtime()?.block_on(probe::run(&config, &portal, json))?;
+                runtime()?
+                    .block_on(probe::run(&config, &portal, json))
+                    .map_err(|e| journal_failure(&config.journal.path, e))?;
                 return Ok(());
             }
             for portal in config.portals.values() {
@@ -308,7 +327,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 config::resolve_sink_secrets(sink)?;
             }
             init_logging("warn");
-            runtime()?.block_on(doctor::run(&config, json, "doctor"))?;
+            runtime()?
+                .block_on(doctor::run(&config, json, "doctor"))
+                .map_err(|e| journal_failure(&config.journal.path, e))?;
             Ok(())
         }
         Command::Run => {
@@ -320,7 +341,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 config::resolve_sink_secrets(sink)?;
             }
             init_logging_as("info", config.log_format);
-            runtime()?.block_on(run_daemon(config))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(run_daemon(config))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
         Command::Demo(args) => {
@@ -342,25 +366,27 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Journal(command) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            journal::journal(&config, command)?;
+            journal::journal(&config, command)
+                .map_err(|e| journal_failure(&config.journal.path, e))?;
             Ok(())
         }
         Command::Replay(args) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            journal::replay(&config, args)?;
+            journal::replay(&config, args).map_err(|e| journal_failure(&config.journal.path, e))?;
             Ok(())
         }
         Command::Dead(command) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            journal::dead(&config, command)?;
+            journal::dead(&config, command)
+                .map_err(|e| journal_failure(&config.journal.path, e))?;
             Ok(())
         }
         Command::Prune(args) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            journal::prune(&config, args)?;
+            journal::prune(&config, args).map_err(|e| journal_failure(&config.journal.path, e))?;
             Ok(())
         }
         Command::Auth(AuthCommand::Import {
@@ -370,19 +396,28 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(auth::import(config, portal, refresh_token, access_token))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(auth::import(config, portal, refresh_token, access_token))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
         Command::Auth(AuthCommand::Login { portal }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(auth::login(config, portal))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(auth::login(config, portal))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
         Command::Auth(AuthCommand::Status { json }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(auth::status(config, json))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(auth::status(config, json))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
         Command::Subscribe {
@@ -392,13 +427,19 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(subscribe::subscribe(config, portal, prune, json))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(subscribe::subscribe(config, portal, prune, json))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
         Command::Unsubscribe { portal, json } => {
             let config = config::load(&config_path)?;
             init_logging("warn");
-            runtime()?.block_on(subscribe::unsubscribe(config, portal, json))?;
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(subscribe::unsubscribe(config, portal, json))
+                .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
     }
@@ -504,6 +545,8 @@ fn log_filter(
 }
 
 async fn run_daemon(config: Config) -> anyhow::Result<()> {
+    // Nothing, not even the lock file, is made beside a path that is not a journal of ours.
+    crate::journal::check(&config.journal.path, crate::journal::Access::Create)?;
     // Held until the daemon exits: a second `run` or a conformance probe on this journal is
     // refused while it lives.
     let _lock = crate::journal::lock::DaemonLock::acquire(&config.journal.path)?;

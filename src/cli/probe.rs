@@ -21,6 +21,7 @@ use crate::config::{Config, PortalConfig};
 use crate::conformance::{
     Check, ClearBy, Finding, LIST_LIMIT, OnFail, PortalConformance, ReservedListing, Status,
 };
+use crate::journal::Access;
 use crate::journal::Journal;
 use crate::journal::lock::DaemonLock;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -52,9 +53,11 @@ pub(super) async fn run(config: &Config, portal_name: &str, json: bool) -> anyho
             path.display()
         );
     }
+    // Nothing (not even the lock file) is made beside a file that is not the daemon's journal.
+    crate::journal::check(path, Access::Write)?;
     let _lock =
         DaemonLock::acquire(path).map_err(|e| anyhow::anyhow!("conformance probe refused: {e}"))?;
-    let journal = Journal::open(path, config.journal.synchronous).await?;
+    let journal = Journal::open_as(path, config.journal.synchronous, Access::Write).await?;
     if journal.token_status(portal_name).await?.is_none() {
         anyhow::bail!(
             "no OAuth tokens are stored for portal {portal_name}: run `b24eventd auth login --portal {portal_name}` first"

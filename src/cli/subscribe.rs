@@ -174,8 +174,11 @@ async fn subscribe_portal(
             return run.errors;
         }
     }
+    // With --prune the configured bindings replace the extras: the extras go only once every
+    // configured event is bound, so a failed bind never leaves the portal with neither.
+    let replaced = run.errors.is_empty();
     for event in extras(&bound, &portal.events) {
-        let answer = if prune {
+        let answer = if prune && replaced {
             client.event_unbind_offline(&event).await.map(unbind_action)
         } else {
             Ok(Action::Extra)
@@ -218,7 +221,7 @@ pub(super) async fn subscribe(
     json: bool,
 ) -> anyhow::Result<()> {
     let portals = report::portals(&config, portal.as_deref())?;
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let journal = open_journal(&config).await?;
     let mut rows = Vec::new();
     let mut errors = Vec::new();
     for portal in portals {
@@ -235,7 +238,7 @@ pub(super) async fn unsubscribe(
     json: bool,
 ) -> anyhow::Result<()> {
     let portals = report::portals(&config, portal.as_deref())?;
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let journal = open_journal(&config).await?;
     let mut rows = Vec::new();
     let mut errors = Vec::new();
     for portal in portals {
@@ -243,6 +246,17 @@ pub(super) async fn unsubscribe(
         errors.extend(unsubscribe_portal(&client, portal, &mut rows).await);
     }
     finish("unsubscribe", &rows, errors, json)
+}
+
+/// The journal, for the stored tokens only: read-only, and it must exist (without one there are
+/// no tokens to bind with). A refresh made here is stored all the same (`Journal::save_tokens`).
+async fn open_journal(config: &Config) -> anyhow::Result<Journal> {
+    Journal::open_as(
+        &config.journal.path,
+        config.journal.synchronous,
+        crate::journal::Access::Read,
+    )
+    .await
 }
 
 /// Prints what changed, then reports the errors (if any) as the command's failure.
@@ -260,9 +274,15 @@ fn finish(command: &str, rows: &[Row], errors: Vec<BitrixError>, json: bool) -> 
         }
         out!("{}", table.render())?;
         if rows.iter().any(|r| r.action == Action::Extra) {
-            outln!(
-                "\nextra: bound on the portal but not in events; `b24eventd subscribe --prune` removes them"
-            )?;
+            if errors.is_empty() {
+                outln!(
+                    "\nextra: bound on the portal but not in events; `b24eventd subscribe --prune` removes them"
+                )?;
+            } else {
+                outln!(
+                    "\nextra: bound on the portal but not in events; --prune removes them only once every event in events is bound: fix the failure and run it again"
+                )?;
+            }
         }
     }
     match errors.len() {

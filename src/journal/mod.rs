@@ -5,6 +5,7 @@
 mod conformance;
 mod inspect;
 pub mod lock;
+mod open;
 mod schema;
 mod status;
 
@@ -13,6 +14,7 @@ pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
+pub use open::{APPLICATION_ID, Access, OpenError, check, damage};
 pub use schema::SCHEMA_VERSION;
 pub use status::{DeadAttempt, HISTORY_MINUTES, PortalStatus, SinkStatus, StatusData};
 
@@ -45,6 +47,8 @@ pub struct Journal {
     /// time, and a thousand pollers waiting on its mutex would each hold a blocking thread.
     turn: Arc<tokio::sync::Semaphore>,
     path: PathBuf,
+    access: Access,
+    synchronous: Synchronous,
 }
 
 /// Where a batch came from.
@@ -217,48 +221,100 @@ pub struct JournalCounts {
 }
 
 impl Journal {
-    /// Opens (creating if needed, mode 0600) and migrates the journal. Blocking; see [`Journal::open`].
+    /// Opens (creating if needed, mode 0600) and migrates the journal: [`Access::Create`], as
+    /// `run` does. Blocking; see [`Journal::open`].
     pub fn open_blocking(path: &Path, synchronous: Synchronous) -> anyhow::Result<Journal> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create journal directory {}", parent.display()))?;
-        }
-        create_private(path)?;
-        let mut conn = Connection::open(path)
-            .with_context(|| format!("cannot open journal {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(60))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            anyhow::bail!(
-                "journal {} could not switch to WAL mode (got {mode})",
-                path.display()
-            );
-        }
-        let sync = match synchronous {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
+        Journal::open_blocking_as(path, synchronous, Access::Create)
+    }
+
+    /// Opens the journal as `access` allows, after the checks of [`check`]; a refusal is an
+    /// [`OpenError`]. Blocking; see [`Journal::open_as`].
+    pub fn open_blocking_as(
+        path: &Path,
+        synchronous: Synchronous,
+        access: Access,
+    ) -> anyhow::Result<Journal> {
+        let found = open::inspect(path, access)?;
+        let damaged = |e: rusqlite::Error| -> anyhow::Error {
+            if open::is_damage(&e) {
+                OpenError::Damaged {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                }
+                .into()
+            } else {
+                anyhow::Error::from(e).context(format!("cannot open journal {}", path.display()))
+            }
         };
-        conn.pragma_update(None, "synchronous", sync)?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        schema::migrate(&mut conn)
-            .with_context(|| format!("cannot migrate journal {}", path.display()))?;
-        // The WAL and shared-memory files hold the same data: keep them private too.
-        for suffix in ["-wal", "-shm"] {
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = set_private(Path::new(&p));
-        }
+        let conn = match access {
+            Access::Read => {
+                let conn = open::open_read_only(path).map_err(damaged)?;
+                conn.busy_timeout(std::time::Duration::from_secs(60))?;
+                conn
+            }
+            Access::Create | Access::Write => {
+                if found == open::Found::Nothing {
+                    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(parent).with_context(|| {
+                            format!("cannot create journal directory {}", parent.display())
+                        })?;
+                    }
+                    create_private(path)?;
+                } else {
+                    set_private(path).with_context(|| {
+                        format!("cannot set mode 0600 on journal {}", path.display())
+                    })?;
+                }
+                let mut conn = open::open_read_write(path, false, synchronous).map_err(damaged)?;
+                let mode: String = conn
+                    .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                    .map_err(damaged)?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    anyhow::bail!(
+                        "journal {} could not switch to WAL mode (got {mode})",
+                        path.display()
+                    );
+                }
+                if !matches!(found, open::Found::Ours { stamped: true, .. }) {
+                    conn.pragma_update(None, "application_id", APPLICATION_ID)
+                        .map_err(damaged)?;
+                }
+                schema::migrate(&mut conn).map_err(|e| match open::damage(path, &e) {
+                    Some(damage) => damage.into(),
+                    None => e.context(format!("cannot migrate journal {}", path.display())),
+                })?;
+                // The WAL and shared-memory files hold the same data: keep them private too.
+                for suffix in ["-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    let _ = set_private(Path::new(&p));
+                }
+                conn
+            }
+        };
         Ok(Journal {
             conn: Arc::new(Mutex::new(conn)),
             turn: Arc::new(tokio::sync::Semaphore::new(1)),
             path: path.to_path_buf(),
+            access,
+            synchronous,
         })
     }
 
-    /// Opens and migrates the journal off the async runtime.
+    /// Opens and migrates the journal off the async runtime ([`Access::Create`]).
     pub async fn open(path: &Path, synchronous: Synchronous) -> anyhow::Result<Journal> {
+        Journal::open_as(path, synchronous, Access::Create).await
+    }
+
+    /// [`Journal::open_blocking_as`] off the async runtime.
+    pub async fn open_as(
+        path: &Path,
+        synchronous: Synchronous,
+        access: Access,
+    ) -> anyhow::Result<Journal> {
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || Journal::open_blocking(&path, synchronous)).await?
+        tokio::task::spawn_blocking(move || Journal::open_blocking_as(&path, synchronous, access))
+            .await?
     }
 
     pub fn path(&self) -> &Path {
@@ -307,11 +363,31 @@ impl Journal {
     }
 
     /// Stores tokens durably (the transaction has committed when this returns).
+    ///
+    /// On a journal opened [`Access::Read`] this is the one write made: a refresh made by a
+    /// command that only looks has already killed the old refresh token upstream, so the new
+    /// pair goes through a short-lived read-write connection to the file that was checked to be
+    /// the daemon's journal (never created).
     pub async fn save_tokens(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
         let portal = portal.to_string();
         let tokens = tokens.clone();
-        self.run(move |conn| save_tokens(conn, &portal, &tokens))
-            .await
+        let writer = self.token_writer();
+        self.run(move |conn| match writer {
+            Some((path, synchronous)) => {
+                let mut conn =
+                    open::open_read_write(&path, false, synchronous).with_context(|| {
+                        format!("cannot open journal {} to store tokens", path.display())
+                    })?;
+                save_tokens(&mut conn, &portal, &tokens)
+            }
+            None => save_tokens(conn, &portal, &tokens),
+        })
+        .await
+    }
+
+    /// Where a read-only journal writes a rotated token pair (`None`: through its connection).
+    fn token_writer(&self) -> Option<(PathBuf, Synchronous)> {
+        (self.access == Access::Read).then(|| (self.path.clone(), self.synchronous))
     }
 
     /// The stored tokens' metadata for `portal` (never the tokens), or `None` when none are stored.
@@ -343,7 +419,13 @@ impl Journal {
     }
 
     pub fn save_tokens_blocking(&self, portal: &str, tokens: &Tokens) -> anyhow::Result<()> {
-        self.with_conn(|conn| save_tokens(conn, portal, tokens))
+        match self.token_writer() {
+            Some((path, synchronous)) => {
+                let mut conn = open::open_read_write(&path, false, synchronous)?;
+                save_tokens(&mut conn, portal, tokens)
+            }
+            None => self.with_conn(|conn| save_tokens(conn, portal, tokens)),
+        }
     }
 
     // ---- batches -----------------------------------------------------------------------------

@@ -91,14 +91,36 @@ pub async fn operator_client(
     client_with_limit_wait(portal, journal, Duration::from_secs(30), http).await
 }
 
+/// [`operator_client`] on a token pair not stored yet, kept by `store` (`auth import`/`login`
+/// try a new pair this way before it replaces the stored one).
+pub fn candidate_client(
+    portal: &PortalConfig,
+    tokens: Option<crate::bitrix::Tokens>,
+    store: Arc<dyn TokenStore>,
+) -> anyhow::Result<PortalClient> {
+    let http = crate::bitrix::client::http_client()?;
+    client_on(portal, tokens, store, Duration::from_secs(30), http)
+}
+
 async fn client_with_limit_wait(
     portal: &PortalConfig,
     journal: &Journal,
     max_limit_wait: Duration,
     http: reqwest::Client,
 ) -> anyhow::Result<PortalClient> {
-    let secret = resolve_secret(portal)?;
     let tokens = journal.load_tokens(&portal.name).await?;
+    let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
+    client_on(portal, tokens, store, max_limit_wait, http)
+}
+
+fn client_on(
+    portal: &PortalConfig,
+    tokens: Option<crate::bitrix::Tokens>,
+    store: Arc<dyn TokenStore>,
+    max_limit_wait: Duration,
+    http: reqwest::Client,
+) -> anyhow::Result<PortalClient> {
+    let secret = resolve_secret(portal)?;
     let (burst, per_second) = portal.rate_limit.client_bucket();
     let settings = ClientSettings {
         portal: portal.name.clone(),
@@ -112,7 +134,6 @@ async fn client_with_limit_wait(
         request_timeout: portal.request_timeout,
         max_limit_wait,
     };
-    let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
     PortalClient::with_http(settings, tokens, store, http).map_err(anyhow::Error::from)
 }
 
