@@ -19,6 +19,7 @@ use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::sinks::Route;
 use crate::supervisor::Supervisor;
+use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -280,7 +281,7 @@ pub async fn run_with(
                 trigger.clone(),
                 shutdown.clone(),
             );
-            async move { Ok(run.await) }
+            run.map(Ok)
         }))
     };
     let alerts = config.alerts.clone().map(|alerts| {
@@ -294,7 +295,7 @@ pub async fn run_with(
                 sinks.clone(),
                 shutdown.clone(),
             );
-            async move { Ok(run.await) }
+            run.map(Ok)
         }))
     });
     let systemd = {
@@ -308,7 +309,7 @@ pub async fn run_with(
                 journal.clone(),
                 shutdown.clone(),
             );
-            async move { Ok(run.await) }
+            run.map(Ok)
         }))
     };
     let (steps_tx, mut clock_steps) = tokio::sync::mpsc::unbounded_channel();
@@ -319,7 +320,7 @@ pub async fn run_with(
             let run = clock::watch(shutdown.clone(), move |seconds| {
                 let _ = steps_tx.send(seconds);
             });
-            async move { Ok(run.await) }
+            run.map(Ok)
         }))
     };
     started(&Running {
