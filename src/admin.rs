@@ -32,6 +32,8 @@ pub struct AdminState {
     pub journal: Journal,
     /// The configured portals, shown on the status page even before their first event.
     pub portals: Vec<String>,
+    /// The supervised tasks (`/readyz`: one that died is not ready until it runs again).
+    pub tasks: crate::supervisor::Supervisor,
 }
 
 /// The running endpoint. Dropping it stops the server; [`AdminServer::stop`] also waits for it.
@@ -71,6 +73,25 @@ impl AdminServer {
     /// The address actually bound (the port chosen for `:0`).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Waits until the server's task ends on its own (it never should before
+    /// [`AdminServer::stop`]), and says how.
+    pub async fn finished(&mut self) -> anyhow::Error {
+        let addr = self.addr;
+        let Some(task) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = task.await;
+        self.task = None;
+        match ended {
+            Ok(()) => anyhow::anyhow!("admin endpoint {addr} stopped serving"),
+            Err(e) if e.is_panic() => anyhow::anyhow!(
+                "admin endpoint {addr} panicked: {}",
+                crate::supervisor::panic_message(e.into_panic().as_ref())
+            ),
+            Err(e) => anyhow::anyhow!("admin endpoint {addr} failed: {e}"),
+        }
     }
 
     /// Stops accepting, lets open requests finish for a few seconds, and returns.
@@ -149,7 +170,7 @@ struct Readiness {
 
 #[derive(Debug, Serialize, PartialEq)]
 struct NotReady {
-    /// `journal` or `portal NAME`.
+    /// `journal`, `portal NAME` or `task NAME`.
     component: String,
     reason: String,
 }
@@ -169,6 +190,15 @@ async fn readyz(State(state): State<AdminState>) -> Response {
                 JOURNAL_PING_TIMEOUT.as_secs()
             ),
         }),
+    }
+    for dead in state.tasks.dead() {
+        not_ready.push(NotReady {
+            component: format!("task {}", dead.task),
+            reason: format!(
+                "died ({} times lately), restarting: {}",
+                dead.deaths, dead.cause
+            ),
+        });
     }
     for (portal, poll) in state.liveness.poll_states() {
         if let Some(reason) = portal_not_ready(&poll) {

@@ -759,6 +759,23 @@ impl SinkOptions {
         format!("sinks.{}.{key}", self.sink)
     }
 
+    /// A duration key of this sink: `default` when unset, else the value, which must lie in
+    /// the key's [`DurationRange`].
+    pub fn duration(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        match duration_problem(&self.key(key), value) {
+            Some(problem) => Err(self.err(key, problem)),
+            None => Ok(value),
+        }
+    }
+
     /// An error about `key` (a key of this sink, without the `sinks.NAME.` prefix).
     pub fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::new(&self.file, self.key(key), message)
@@ -1123,6 +1140,186 @@ fn figment_error(error: figment::Error, file: &str) -> ConfigError {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Duration bounds
+// ---------------------------------------------------------------------------------------------
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// The least a duration that "must be longer than 0s" may be.
+const NONZERO: Duration = Duration::from_nanos(1);
+
+/// The range one duration key must lie in, and why its upper end is there.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationRange {
+    /// The dotted key; `*` stands for a portal or sink name (`portals.*.poll_interval`).
+    pub key: &'static str,
+    /// [`Duration::ZERO`] when 0 is allowed.
+    pub min: Duration,
+    pub max: Duration,
+    /// Why a longer value makes no sense, for the error message.
+    pub why: &'static str,
+}
+
+const fn range(
+    key: &'static str,
+    min: Duration,
+    max: Duration,
+    why: &'static str,
+) -> DurationRange {
+    DurationRange { key, min, max, why }
+}
+
+/// Every duration key of the configuration (sink modules' own keys included) and its range.
+/// A value past the upper end is a slip (`"5y"` for `"5s"`), and it would reach arithmetic
+/// that cannot hold it (a retry time past the year 9999 in the journal, a cutoff before year 0):
+/// `validate` refuses it, naming the key.
+pub const DURATION_RANGES: &[DurationRange] = &[
+    range(
+        "shutdown_timeout",
+        Duration::ZERO,
+        HOUR,
+        "systemd stops waiting long before that",
+    ),
+    range(
+        "journal.retention",
+        NONZERO,
+        Duration::from_secs(100 * 365 * 24 * 3600),
+        "100 years keeps everything",
+    ),
+    range(
+        "alerts.check_interval",
+        NONZERO,
+        DAY,
+        "an alert checked less often than daily is no alert",
+    ),
+    range(
+        "alerts.unsettled_for",
+        NONZERO,
+        Duration::from_secs(365 * 24 * 3600),
+        "a year",
+    ),
+    range(
+        "alerts.portal_failing_for",
+        NONZERO,
+        Duration::from_secs(365 * 24 * 3600),
+        "a year",
+    ),
+    range(
+        "alerts.oldest_pending_older_than",
+        NONZERO,
+        Duration::from_secs(365 * 24 * 3600),
+        "a year",
+    ),
+    range(
+        "portals.*.poll_interval",
+        NONZERO,
+        DAY,
+        "a portal polled less often than daily loses events to its own purge",
+    ),
+    range(
+        "portals.*.idle_poll_max",
+        NONZERO,
+        DAY,
+        "a portal polled less often than daily loses events to its own purge",
+    ),
+    range(
+        "portals.*.request_timeout",
+        NONZERO,
+        Duration::from_secs(10 * 60),
+        "the portal ends a request after 60 s",
+    ),
+    range(
+        "portals.*.rate_limit.operating_budget",
+        NONZERO,
+        Duration::from_secs(10 * 60),
+        "the portal's operating-time window is 10 minutes",
+    ),
+    range(
+        "sinks.*.timeout",
+        NONZERO,
+        HOUR,
+        "a delivery that takes longer is hung",
+    ),
+    range(
+        "sinks.*.retry.initial_backoff",
+        NONZERO,
+        Duration::from_secs(7 * 24 * 3600),
+        "a week",
+    ),
+    range(
+        "sinks.*.retry.max_backoff",
+        NONZERO,
+        Duration::from_secs(7 * 24 * 3600),
+        "a week; a longer pause holds events past any sensible retention",
+    ),
+    range(
+        "sinks.*.duplicate_window",
+        Duration::from_secs(2 * 60),
+        Duration::from_secs(7 * 24 * 3600),
+        "the server keeps every message id of the window",
+    ),
+    range(
+        "sinks.*.keep_alive",
+        Duration::from_secs(5),
+        Duration::from_secs(u16::MAX as u64),
+        "MQTT carries it in 16 bits of seconds",
+    ),
+];
+
+/// What is wrong with `value` for the duration key `key` (a full key such as
+/// `sinks.erp.retry.max_backoff`), or `None` when it lies in the key's [`DurationRange`].
+pub fn duration_problem(key: &str, value: Duration) -> Option<String> {
+    let range = DurationRange::of(key);
+    debug_assert!(range.is_some(), "no DurationRange for {key}");
+    match range {
+        Some(range) => range.check(value),
+        None => value
+            .is_zero()
+            .then(|| "must be longer than 0s".to_string()),
+    }
+}
+
+impl DurationRange {
+    /// The range of `key` (`portals.main.poll_interval` finds `portals.*.poll_interval`).
+    pub fn of(key: &str) -> Option<&'static DurationRange> {
+        DURATION_RANGES
+            .iter()
+            .find(|r| match r.key.split_once('*') {
+                None => r.key == key,
+                Some((prefix, suffix)) => {
+                    key.len() > prefix.len() + suffix.len()
+                        && key.starts_with(prefix)
+                        && key.ends_with(suffix)
+                        && !key[prefix.len()..key.len() - suffix.len()].contains('.')
+                }
+            })
+    }
+
+    /// `None` when `value` lies in the range, else what is wrong with it.
+    pub fn check(&self, value: Duration) -> Option<String> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if value.is_zero() && !self.min.is_zero() {
+            Some("must be longer than 0s".to_string())
+        } else if value < self.min {
+            Some(format!(
+                "must be at least {}, got {}",
+                show(self.min),
+                show(value)
+            ))
+        } else if value > self.max {
+            Some(format!(
+                "must be at most {} ({}), got {}",
+                show(self.max),
+                self.why,
+                show(value)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------------------------
 
@@ -1177,7 +1374,11 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
         journal,
         admin,
         alerts,
-        shutdown_timeout: raw.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+        shutdown_timeout: v.duration(
+            "shutdown_timeout",
+            raw.shutdown_timeout,
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        )?,
         log_format,
         portals,
         sinks,
@@ -1329,16 +1530,23 @@ impl Validator {
         ConfigError::new(&self.file, key, message)
     }
 
-    fn nonzero(
+    /// A duration key: `default` when unset, else the value, which must lie in the key's
+    /// [`DurationRange`].
+    fn duration(
         &self,
         key: &str,
         value: Option<Duration>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        match value {
-            Some(d) if d.is_zero() => Err(self.err(key, "must be longer than 0s")),
-            Some(d) => Ok(d),
-            None => Ok(default),
+        self.bounded(key, value).map(|d| d.unwrap_or(default))
+    }
+
+    /// An optional duration key: the value must lie in the key's [`DurationRange`].
+    fn bounded(&self, key: &str, value: Option<Duration>) -> Result<Option<Duration>, ConfigError> {
+        let Some(d) = value else { return Ok(None) };
+        match duration_problem(key, d) {
+            Some(problem) => Err(self.err(key, problem)),
+            None => Ok(Some(d)),
         }
     }
 
@@ -1475,7 +1683,7 @@ impl Validator {
         };
         Ok(JournalConfig {
             path,
-            retention: self.nonzero("journal.retention", raw.retention, DEFAULT_RETENTION)?,
+            retention: self.duration("journal.retention", raw.retention, DEFAULT_RETENTION)?,
             prune_schedule: self.schedule(
                 "journal.prune_schedule",
                 raw.prune_schedule,
@@ -1515,27 +1723,24 @@ impl Validator {
                 )
             })?),
         };
-        let optional = |key: &str, value: Option<Duration>| match value {
-            Some(d) if d.is_zero() => Err(self.err(key, "must be longer than 0s")),
-            other => Ok(other),
-        };
         Ok(AlertsConfig {
             sink,
-            check_interval: self.nonzero(
+            check_interval: self.duration(
                 "alerts.check_interval",
                 raw.check_interval,
                 Duration::from_secs(30),
             )?,
             unsettled_above: raw.unsettled_above,
-            unsettled_for: self.nonzero(
+            unsettled_for: self.duration(
                 "alerts.unsettled_for",
                 raw.unsettled_for,
                 Duration::from_secs(5 * 60),
             )?,
             on_dead: raw.on_dead.unwrap_or(true),
-            portal_failing_for: optional("alerts.portal_failing_for", raw.portal_failing_for)?
+            portal_failing_for: self
+                .bounded("alerts.portal_failing_for", raw.portal_failing_for)?
                 .or(Some(Duration::from_secs(10 * 60))),
-            oldest_pending_older_than: optional(
+            oldest_pending_older_than: self.bounded(
                 "alerts.oldest_pending_older_than",
                 raw.oldest_pending_older_than,
             )?,
@@ -1669,13 +1874,13 @@ impl Validator {
                 format!("must be a fraction greater than 0 and at most 1, got {share}"),
             ));
         }
-        let poll_interval = self.nonzero(
+        let poll_interval = self.duration(
             &k("poll_interval"),
             raw.poll_interval,
             DEFAULT_POLL_INTERVAL,
         )?;
-        let idle_poll_max = raw
-            .idle_poll_max
+        let idle_poll_max = self
+            .bounded(&k("idle_poll_max"), raw.idle_poll_max)?
             .unwrap_or(DEFAULT_IDLE_POLL_MAX.max(poll_interval));
         if idle_poll_max < poll_interval {
             return Err(self.err(
@@ -1726,7 +1931,7 @@ impl Validator {
                 burst,
                 per_second,
                 share,
-                operating_budget: self.nonzero(
+                operating_budget: self.duration(
                     &k("rate_limit.operating_budget"),
                     rate.operating_budget,
                     DEFAULT_OPERATING_BUDGET,
@@ -1743,7 +1948,7 @@ impl Validator {
                 raw.orphan_sweep_schedule,
                 DEFAULT_ORPHAN_SWEEP_SCHEDULE,
             )?,
-            request_timeout: self.nonzero(
+            request_timeout: self.duration(
                 &k("request_timeout"),
                 raw.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
@@ -1893,12 +2098,16 @@ impl Validator {
         if max_attempts < 1 {
             return Err(self.err(k("retry.max_attempts"), "must be at least 1"));
         }
-        let initial_backoff = self.nonzero(
+        let initial_backoff = self.duration(
             &k("retry.initial_backoff"),
             retry.initial_backoff,
             DEFAULT_INITIAL_BACKOFF,
         )?;
-        let max_backoff = retry.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF);
+        let max_backoff = self.duration(
+            &k("retry.max_backoff"),
+            retry.max_backoff,
+            DEFAULT_MAX_BACKOFF,
+        )?;
         if initial_backoff > max_backoff {
             return Err(self.err(
                 k("retry.initial_backoff"),
@@ -1992,7 +2201,7 @@ impl Validator {
                 events,
                 portals: routed_portals,
             },
-            timeout: self.nonzero(&k("timeout"), raw.timeout, DEFAULT_SINK_TIMEOUT)?,
+            timeout: self.duration(&k("timeout"), raw.timeout, DEFAULT_SINK_TIMEOUT)?,
             concurrency,
             retry: RetryPolicy {
                 max_attempts,
@@ -3068,6 +3277,152 @@ events = ["ONCRMDEALADD"]
             "portals.main.poll_interval",
             "longer than 0s",
         );
+    }
+
+    /// One config per duration key, with `VALUE` where the duration goes.
+    fn duration_cases() -> Vec<(&'static str, String)> {
+        let nats = "[sinks.bus]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"b.{event}\"\nstream = \"B\"\ncreate_stream = true\n";
+        let mqtt = "[sinks.bus]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\n";
+        vec![
+            (
+                "shutdown_timeout",
+                format!("shutdown_timeout = \"VALUE\"\n{MINIMAL}"),
+            ),
+            (
+                "journal.retention",
+                with("[journal]\nretention = \"VALUE\""),
+            ),
+            (
+                "alerts.check_interval",
+                with("[alerts]\nsink = \"archive\"\ncheck_interval = \"VALUE\""),
+            ),
+            (
+                "alerts.unsettled_for",
+                with("[alerts]\nsink = \"archive\"\nunsettled_for = \"VALUE\""),
+            ),
+            (
+                "alerts.portal_failing_for",
+                with("[alerts]\nsink = \"archive\"\nportal_failing_for = \"VALUE\""),
+            ),
+            (
+                "alerts.oldest_pending_older_than",
+                with("[alerts]\nsink = \"archive\"\noldest_pending_older_than = \"VALUE\""),
+            ),
+            (
+                "portals.main.poll_interval",
+                portal("poll_interval = \"VALUE\"\nidle_poll_max = \"VALUE\""),
+            ),
+            (
+                "portals.main.idle_poll_max",
+                portal("poll_interval = \"1s\"\nidle_poll_max = \"VALUE\""),
+            ),
+            (
+                "portals.main.request_timeout",
+                portal("request_timeout = \"VALUE\""),
+            ),
+            (
+                "portals.main.rate_limit.operating_budget",
+                portal("rate_limit.operating_budget = \"VALUE\""),
+            ),
+            (
+                "sinks.erp.timeout",
+                sink("type = \"file\"\npath = \"/tmp/x\"\ntimeout = \"VALUE\""),
+            ),
+            (
+                "sinks.erp.retry.initial_backoff",
+                sink(
+                    "type = \"file\"\npath = \"/tmp/x\"\nretry.initial_backoff = \"VALUE\"\nretry.max_backoff = \"VALUE\"",
+                ),
+            ),
+            (
+                "sinks.erp.retry.max_backoff",
+                sink(
+                    "type = \"file\"\npath = \"/tmp/x\"\nretry.initial_backoff = \"1ms\"\nretry.max_backoff = \"VALUE\"",
+                ),
+            ),
+            (
+                "sinks.bus.duplicate_window",
+                format!("{MINIMAL}\n{nats}duplicate_window = \"VALUE\"\n"),
+            ),
+            (
+                "sinks.bus.keep_alive",
+                format!("{MINIMAL}\n{mqtt}keep_alive = \"VALUE\"\n"),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_duration_key_is_bounded_and_absurd_values_are_refused_naming_the_key() {
+        let cases = duration_cases();
+        // Every range is exercised, and every humantime key in the sources has a range.
+        for range in DURATION_RANGES {
+            assert!(
+                cases
+                    .iter()
+                    .any(|(key, _)| DurationRange::of(key).is_some_and(|r| r.key == range.key)),
+                "no case for {}",
+                range.key
+            );
+        }
+        for source in [
+            include_str!("config.rs"),
+            include_str!("sinks/nats.rs"),
+            include_str!("sinks/mqtt.rs"),
+        ] {
+            let mut lines = source.lines();
+            while let Some(line) = lines.next() {
+                if !line.contains("with = \"humantime_serde\"") || line.contains("line.contains") {
+                    continue;
+                }
+                let field = lines.next().unwrap_or_default().trim();
+                let name = field
+                    .trim_start_matches("pub ")
+                    .split(':')
+                    .next()
+                    .unwrap_or_default();
+                assert!(
+                    DURATION_RANGES
+                        .iter()
+                        .any(|r| r.key.ends_with(&format!(".{name}")) || r.key == name),
+                    "the duration key {name} has no DurationRange"
+                );
+            }
+        }
+        for (key, text) in &cases {
+            let range = DurationRange::of(key).expect("a range");
+            // In range: the upper end itself is accepted.
+            let max = humantime::format_duration(range.max).to_string();
+            load_str(&text.replace("VALUE", &max), &[])
+                .unwrap_or_else(|e| panic!("{key} = {max:?} should pass: {e}"));
+            for absurd in ["500000000y", "300000y", "101years"] {
+                let err = assert_err(&text.replace("VALUE", absurd), key, "must be at most");
+                assert!(err.message.contains(range.why), "{err}");
+            }
+            let above = humantime::format_duration(range.max + Duration::from_secs(1)).to_string();
+            assert_err(&text.replace("VALUE", &above), key, "must be at most");
+            if !range.min.is_zero() {
+                assert_err(&text.replace("VALUE", "0s"), key, "");
+            }
+        }
+        // The defaults lie in their ranges.
+        for (key, default) in [
+            ("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+            ("journal.retention", DEFAULT_RETENTION),
+            ("portals.main.poll_interval", DEFAULT_POLL_INTERVAL),
+            ("portals.main.idle_poll_max", DEFAULT_IDLE_POLL_MAX),
+            ("portals.main.request_timeout", DEFAULT_REQUEST_TIMEOUT),
+            (
+                "portals.main.rate_limit.operating_budget",
+                DEFAULT_OPERATING_BUDGET,
+            ),
+            ("sinks.erp.timeout", DEFAULT_SINK_TIMEOUT),
+            ("sinks.erp.retry.initial_backoff", DEFAULT_INITIAL_BACKOFF),
+            ("sinks.erp.retry.max_backoff", DEFAULT_MAX_BACKOFF),
+        ] {
+            assert_eq!(duration_problem(key, default), None, "{key}");
+        }
+        assert!(DurationRange::of("portals.a.b.poll_interval").is_none());
+        assert!(DurationRange::of("sinks.x.retry.timeout").is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod simulator;
 pub mod sinks;
 pub mod status_page;
+pub mod supervisor;
 pub mod systemd;
 
 /// A boxed, sendable future: the return type of the object-safe async traits (sinks, token store).

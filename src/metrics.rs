@@ -35,6 +35,11 @@ struct PortalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -81,6 +86,7 @@ pub struct Metrics {
     journal_bytes: Gauge,
     last_successful_poll: Family<PortalLabels, Gauge<f64, AtomicU64>>,
     clock_steps: Family<DirectionLabels, Counter>,
+    task_restarts: Family<TaskLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -137,6 +143,12 @@ impl Metrics {
             "Jumps of this machine's wall clock of 2 s or more against the monotonic clock, by direction (backward: set back; forward: set ahead or resumed from suspend)",
             clock_steps.clone(),
         );
+        let task_restarts = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Restarts of a supervised task (poller/NAME, dispatcher/NAME, prune, alerts, clock, systemd, admin) after it panicked or failed",
+            task_restarts.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { clients }));
         Metrics {
             registry: Arc::new(registry),
@@ -147,7 +159,17 @@ impl Metrics {
             journal_bytes,
             last_successful_poll,
             clock_steps,
+            task_restarts,
         }
+    }
+
+    /// The supervisor started `task` again after it died.
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts
+            .get_or_create(&TaskLabels {
+                task: task.to_string(),
+            })
+            .inc();
     }
 
     /// The wall clock jumped by `seconds` (negative: set back).

@@ -591,3 +591,154 @@ fn run_fails_when_the_admin_address_is_taken() {
     );
     drop(taken);
 }
+
+/// A portal whose `time` blocks hold absurd numbers (huge, negative, NaN-like, missing, not
+/// even an object), in its answers and in 429 `OPERATION_TIME_LIMIT` refusals: nothing panics,
+/// nothing stalls, every event is delivered and settled, `/readyz` stays honest and no task
+/// was restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_time_blocks_neither_panic_nor_stop_the_portal() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = admin_config(dir.path(), &sim, &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    let admin = running.admin.expect("the admin endpoint is bound");
+    let http = reqwest::Client::new();
+    let file = dir.path().join("events.jsonl");
+    let hostile = [
+        serde_json::json!({"operating_reset_at": i64::MAX, "finish": -1e300, "start": 1e300,
+            "operating": 1e300, "processing": -1e300}),
+        serde_json::json!({"operating_reset_at": i64::MIN, "finish": 1e300, "operating": -5}),
+        serde_json::json!({"operating": 1e300, "operating_reset_at": i64::MAX}),
+        serde_json::json!({"operating": "NaN", "finish": "inf", "start": "-inf",
+            "operating_reset_at": "NaN", "processing": "NaN"}),
+        serde_json::json!({"operating": 1e300}),
+        serde_json::json!({}),
+        serde_json::json!("garbage"),
+        serde_json::Value::Null,
+    ];
+    let mut emitted = 0;
+    for time in &hostile {
+        sim.set_faults(Faults {
+            time_block: Some(time.clone()),
+            operating_limit_next: 2,
+            ..Faults::default()
+        });
+        emit_deals(&sim, emitted + 1, 20);
+        emitted += 20;
+        wait_for(
+            &format!("{emitted} events delivered and settled under time {time}"),
+            Duration::from_secs(30),
+            || file_ids(&file).len() == emitted as usize && upstream_empty(&sim),
+        )
+        .await;
+        let (status, body) = get(&http, admin, "/readyz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"ready":true}"#),
+            "{time}"
+        );
+    }
+    // The portal behaves again: the daemon goes on as before.
+    sim.set_faults(Faults::default());
+    emit_deals(&sim, emitted + 1, 20);
+    emitted += 20;
+    wait_for("the last events delivered", Duration::from_secs(30), || {
+        file_ids(&file).len() == emitted as usize && upstream_empty(&sim)
+    })
+    .await;
+    assert!(sim.stats().rejected_429 >= 2 * hostile.len() as u64);
+    let samples = scrape(&http, admin).await;
+    assert_eq!(sum(&samples, "b24eventd_task_restarts_total", &[]), 0.0);
+    assert!(!running.task.is_finished(), "still running");
+    running.stop().await;
+    assert!(file_ids(&file).values().all(|n| *n == 1), "no duplicates");
+}
+
+/// A supervised task that panics: `/readyz` names it until it runs again, the restart is
+/// counted in `/metrics`, and a finished task (at shutdown) is neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_task_that_panics_is_restarted_counted_and_not_ready_meanwhile() {
+    use b24eventd::supervisor::{Policy, Supervisor};
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = b24eventd::journal::Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    let metrics = b24eventd::metrics::Metrics::new(Vec::new());
+    let policy = Policy {
+        backoff: Duration::from_secs(2),
+        ..Policy::default()
+    };
+    let tasks = Supervisor::with_policy(metrics.clone(), policy);
+    let server = b24eventd::admin::AdminServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        b24eventd::admin::AdminState {
+            metrics: metrics.clone(),
+            liveness: b24eventd::pipeline::liveness::Liveness::new(&Vec::<String>::new()),
+            journal,
+            portals: Vec::new(),
+            tasks: tasks.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let admin = server.local_addr();
+    let http = reqwest::Client::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let task = {
+        let (runs, stop) = (runs.clone(), stop.clone());
+        tokio::spawn(tasks.supervise("dispatcher/erp", stop.clone(), move || {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            let stop = stop.clone();
+            async move {
+                if run == 0 {
+                    panic!("a defect in the dispatcher");
+                }
+                stop.cancelled().await;
+                Ok(())
+            }
+        }))
+    };
+    let body = wait_not_ready(&http, admin).await;
+    let not_ready = body["not_ready"].as_array().unwrap();
+    assert_eq!(not_ready.len(), 1, "{body}");
+    assert_eq!(not_ready[0]["component"], "task dispatcher/erp");
+    let reason = not_ready[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("panicked: a defect in the dispatcher"),
+        "{reason}"
+    );
+    assert_eq!(
+        sum(
+            &scrape(&http, admin).await,
+            "b24eventd_task_restarts_total",
+            &[]
+        ),
+        0.0
+    );
+    wait_for("the restart", Duration::from_secs(10), || {
+        runs.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let (status, body) = get(&http, admin, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"ready":true}"#));
+    let samples = scrape(&http, admin).await;
+    assert_eq!(
+        one(
+            &samples,
+            "b24eventd_task_restarts_total",
+            &[("task", "dispatcher/erp")]
+        ),
+        1.0
+    );
+    stop.cancel();
+    assert_eq!(task.await.unwrap(), Some(()));
+    assert_eq!(tasks.given_up(), None);
+    server.stop().await;
+}

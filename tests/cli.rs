@@ -83,6 +83,46 @@ fn validate_names_the_file_and_key_and_exits_78() {
     assert_eq!(err.trim().lines().count(), 1, "one message: {err}");
 }
 
+/// Durations no part of the daemon can use (they passed `validate` and later panicked in
+/// `DateTime + TimeDelta`) are refused by `validate`, exit 78, naming the key.
+#[test]
+fn absurd_durations_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, edit) in [
+        (
+            "sinks.archive.retry.max_backoff",
+            (
+                "[sinks.archive]",
+                "[sinks.archive]\nretry.max_backoff = \"500000000y\"",
+            ),
+        ),
+        (
+            "journal.retention",
+            ("[journal]", "[journal]\nretention = \"300000y\""),
+        ),
+        (
+            "portals.main.poll_interval",
+            (
+                "[portals.main]",
+                "[portals.main]\npoll_interval = \"300000y\"",
+            ),
+        ),
+        (
+            "shutdown_timeout",
+            ("[journal]", "shutdown_timeout = \"50y\"\n[journal]"),
+        ),
+    ] {
+        let path = write(dir.path(), &good(dir.path()).replace(edit.0, edit.1));
+        let out = b24eventd(&["-c", &path, "validate"]);
+        assert_eq!(out.status.code(), Some(78), "{key}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(key) && err.contains("must be at most"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn unknown_keys_are_configuration_errors() {
     let dir = tempfile::tempdir().unwrap();

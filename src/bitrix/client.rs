@@ -1596,10 +1596,14 @@ impl PortalClient {
                 // The current server sends no `time` with an error; should one come, its reset
                 // time is the ban's end.
                 let time = json.get("time").map(parse_time).unwrap_or_default();
+                // A reset time further away than the limiter's window is no real one: the
+                // `Retry-After` hint, else the ban's length, stands.
                 if let Some(at) = time.operating_reset_at {
                     let now = time.finish.unwrap_or_else(|| self.portal_now());
-                    if let Ok(wait) = Duration::try_from_secs_f64(at as f64 - now + 0.5) {
-                        hint = Some(wait.min(MAX_OPERATING_WAIT));
+                    if let Ok(wait) = Duration::try_from_secs_f64(at as f64 - now + 0.5)
+                        && wait <= MAX_OPERATING_WAIT
+                    {
+                        hint = Some(wait);
                     }
                 }
             }

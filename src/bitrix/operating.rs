@@ -25,6 +25,11 @@ use super::types::TimeInfo;
 pub const BAN: Duration = Duration::from_secs(300);
 /// `LoadLimiter::BATCH_TIME_WEIGHT`: a `batch` request is charged half its time.
 pub const BATCH_WEIGHT: f64 = 0.5;
+/// `LoadLimiter`'s window (`$limitTime` per ten minutes, in one-minute baskets): a second
+/// stored now has left it this long later, so a reset time further ahead (a minute of slack
+/// for the clocks) is no real one.
+pub const WINDOW: f64 = 600.0;
+const RESET_SLACK: f64 = 60.0;
 
 /// What is known of one method's operating time.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -53,9 +58,13 @@ impl MethodTime {
     }
 
     /// Whether the portal's figure is out of date: its oldest minute has left the window since,
-    /// so `used` is now an overestimate.
+    /// so `used` is now an overestimate. A figure without a reset time, or with one further
+    /// ahead than the window, would never go out of date: it is treated as out of date, so that
+    /// one call learns where the method stands instead of the method waiting for ever (a 429
+    /// is the backstop).
     pub fn stale(&self, now: f64) -> bool {
-        self.reset_at.is_some_and(|at| (at as f64) <= now)
+        self.reset_at
+            .is_none_or(|at| (at as f64) <= now || (at as f64) > now + WINDOW + RESET_SLACK)
     }
 
     /// Whether a ban is still running at `now`.
@@ -157,13 +166,14 @@ impl OperatingTimes {
     }
 
     fn update(&mut self, method: &str, time: &TimeInfo, unreported: f64, call: f64) {
-        if let Some(at) = time.operating_reset_at {
+        let reset_at = credible_reset(time);
+        if let Some(at) = reset_at.filter(|at| time.operating_reset_at == Some(*at)) {
             self.last_reset = Some(at);
         }
         let entry = self.methods.entry(method.to_string()).or_default();
         if let Some(operating) = time.operating.filter(|o| o.is_finite() && *o >= 0.0) {
             entry.reported = Some(operating);
-            entry.reset_at = time.operating_reset_at;
+            entry.reset_at = reset_at;
             entry.unreported = unreported;
         } else if entry.reported.is_some() {
             entry.unreported += unreported;
@@ -180,6 +190,24 @@ impl OperatingTimes {
         entry.reported = Some(0.0);
         entry.unreported = 0.0;
         entry.reset_at = None;
+    }
+}
+
+/// The answer's reset time when it is credible: within the window of the answer's own stamp
+/// (`finish`, else `start`). Missing or out of range beside a stamp, the figure is out of date
+/// one window after the stamp at the latest; with no stamp to check it against, it is taken as
+/// given (`MethodTime::stale` still treats one too far ahead of the portal's clock, or none, as
+/// out of date).
+fn credible_reset(time: &TimeInfo) -> Option<i64> {
+    let stamp = time.finish.or(time.start).filter(|t| t.is_finite());
+    match (time.operating_reset_at, stamp) {
+        (Some(at), Some(t))
+            if (at as f64) > t - WINDOW && (at as f64) <= t + WINDOW + RESET_SLACK =>
+        {
+            Some(at)
+        }
+        (_, Some(t)) => Some((t + WINDOW).ceil() as i64),
+        (at, None) => at,
     }
 }
 

@@ -37,7 +37,8 @@ impl LeakyBucket {
             Ok(())
         } else {
             let excess = self.level + 1.0 - self.burst;
-            Err(Duration::from_secs_f64(excess / self.per_second))
+            // Saturating: a drain rate near zero must not overflow the wait.
+            Err(Duration::try_from_secs_f64(excess / self.per_second).unwrap_or(Duration::MAX))
         }
     }
 

@@ -130,14 +130,27 @@ pub fn parse_error(body: &Value) -> Option<(String, String)> {
     Some((code.trim().to_string(), description))
 }
 
-/// Reads the limit fields of a `time` block; anything missing or odd stays `None`.
+/// The latest Unix time a portal's stamp may hold (9999-12-31T23:59:59Z).
+const LATEST_UNIX: f64 = 253_402_300_799.0;
+/// The most operating time a method can be charged in the portal's ten-minute window: a day of
+/// execution is more than any number of parallel requests could run up.
+const MOST_OPERATING: f64 = 86_400.0;
+
+/// Reads the limit fields of a `time` block; anything missing or odd stays `None`: a
+/// `"NaN"`, an infinity, a time stamp before 1970 or after 9999, a negative or absurd
+/// operating time (a hostile or broken portal must not steer the client's waits).
 pub fn parse_time(time: &Value) -> TimeInfo {
+    let float = |key: &str| time.get(key).and_then(as_f64).filter(|f| f.is_finite());
+    let stamp = |key: &str| float(key).filter(|t| (0.0..=LATEST_UNIX).contains(t));
     TimeInfo {
-        operating: time.get("operating").and_then(as_f64),
-        operating_reset_at: time.get("operating_reset_at").and_then(as_i64),
-        start: time.get("start").and_then(as_f64),
-        processing: time.get("processing").and_then(as_f64),
-        finish: time.get("finish").and_then(as_f64),
+        operating: float("operating").filter(|o| (0.0..=MOST_OPERATING).contains(o)),
+        operating_reset_at: time
+            .get("operating_reset_at")
+            .and_then(as_i64)
+            .filter(|at| (0.0..=LATEST_UNIX).contains(&(*at as f64))),
+        start: stamp("start"),
+        processing: float("processing"),
+        finish: stamp("finish"),
     }
 }
 

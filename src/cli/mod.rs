@@ -1,6 +1,7 @@
 //! The command line: argument parsing, logging set-up, and the one place that prints errors and
-//! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error or a
-//! journal refused: not a file, another program's, damaged, or too new).
+//! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 70 a supervised task of `run`
+//! kept dying, 78 configuration error or a journal refused: not a file, another program's,
+//! damaged, or too new).
 
 /// `println!` that returns the write error instead of panicking, so `b24eventd journal list |
 /// head` ends quietly when `head` closes the pipe (see [`main`]).
@@ -52,8 +53,8 @@ event.offline.error when a sink gave up. No event is lost on a crash, a lost res
 limit or an expired token.\n\nStart with `b24eventd demo` (no portal or config needed).",
     after_help = "Config path: -c/--config, else $B24EVENTD_CONFIG, else ./b24eventd.toml, else /etc/b24eventd/config.toml.\n\
 Logging: B24EVENTD_LOG (or RUST_LOG) takes a tracing filter, e.g. B24EVENTD_LOG=debug.\n\
-Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (also a journal path that is not a \
-file, another program's database, a damaged journal)."
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 70 a task of `run` kept dying, 78 configuration error \
+(also a journal path that is not a file, another program's database, a damaged journal)."
 )]
 struct Cli {
     /// Configuration file (TOML)
@@ -203,6 +204,8 @@ impl From<anyhow::Error> for Failure {
             .is_some_and(crate::journal::OpenError::is_refusal);
         let code = if error.downcast_ref::<ConfigError>().is_some() || refused {
             EXIT_CONFIG
+        } else if error.downcast_ref::<crate::supervisor::GaveUp>().is_some() {
+            crate::supervisor::EXIT_SOFTWARE
         } else {
             1
         };
@@ -668,5 +671,21 @@ mod tests {
             );
         }
         assert_eq!(log_filter(None, "warn").1, None);
+    }
+
+    #[test]
+    fn a_task_that_kept_dying_exits_70_and_a_config_error_78() {
+        let gave_up = crate::supervisor::GaveUp {
+            task: "poller/main".into(),
+            deaths: 5,
+            window: "10m".into(),
+            cause: "panicked: overflow".into(),
+        };
+        let failure = Failure::from(anyhow::Error::from(gave_up));
+        assert_eq!(failure.code, 70);
+        assert!(format_error(&failure.error).contains("task poller/main died 5 times"));
+        let config = ConfigError::new("b24eventd.toml", "shutdown_timeout", "must be at most 1h");
+        assert_eq!(Failure::from(anyhow::Error::from(config)).code, 78);
+        assert_eq!(Failure::from(anyhow::anyhow!("disk full")).code, 1);
     }
 }

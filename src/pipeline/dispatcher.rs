@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// `dead retry` from the CLI).
 const IDLE_WAIT: Duration = Duration::from_secs(2);
 
+#[derive(Clone)]
 pub struct Dispatcher {
     pub sink: Arc<dyn Sink>,
     pub policy: RetryPolicy,
@@ -164,7 +165,7 @@ impl Dispatcher {
                         tracing::info!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, retry_in = ?after, error = %error, "delivery failed, will retry");
                         Outcome::Retry {
                             error,
-                            next_attempt_at: now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX),
+                            next_attempt_at: super::retry::retry_at(now, after),
                         }
                     }
                     Step::Dead { error } => {

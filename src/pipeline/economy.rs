@@ -29,8 +29,6 @@ pub const SLOW_REQUEST: Duration = Duration::from_secs(15);
 /// The share of each method's operating limit the daemon plans to use; the rest is the margin
 /// for its estimates and for the operator's commands, which use the same application.
 pub const OPERATING_CEILING: f64 = 0.9;
-/// The wait for a method with no time left when the portal gave no reset time.
-const UNKNOWN_RESET_WAIT: Duration = Duration::from_secs(60);
 
 /// One method's operating time as the client knows it, against the limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,10 +83,10 @@ impl Budget {
         if self.affordable(now) > 0 {
             return None;
         }
-        Some(match self.time.reset_at {
-            Some(at) => wait_until(at as f64 - now + 0.5),
-            None => UNKNOWN_RESET_WAIT,
-        })
+        // Not stale, so the reset time is known and within the window.
+        Some(wait_until(
+            self.time.reset_at.map_or(0.0, |at| at as f64 - now + 0.5),
+        ))
     }
 }
 
@@ -269,7 +267,15 @@ mod tests {
     fn hostile_reset_times_give_bounded_waits() {
         let mut b = budget(420.0, Some(0.5));
         b.time.reset_at = Some(i64::MAX);
-        assert_eq!(b.pause(NOW), Some(MAX_OPERATING_WAIT));
+        assert_eq!(
+            b.affordable(NOW),
+            1,
+            "no real reset time: one call learns more"
+        );
+        assert_eq!(b.pause(NOW), None);
+        b.time.reset_at = None;
+        assert_eq!(b.affordable(NOW), 1, "none at all: the same");
+        assert_eq!(b.pause(NOW), None);
         b.time.reset_at = Some(i64::MIN);
         assert_eq!(b.affordable(NOW), 1, "a reset long past: stale, one call");
         b.time.banned_until = Some(f64::MAX);

@@ -1,10 +1,12 @@
 //! The poll loops as seen from outside, the one record of how each portal's rounds go: each
 //! poller marks the start and end of its rounds and how they ended. systemd's watchdog is fed
-//! only while no round has been running for longer than any round legitimately can, and
+//! only while no round has been running for longer than any round legitimately can and every
+//! supervised task (`crate::supervisor`) is running, and
 //! `READY=1` waits for every portal's first round (recovery: resume, sweep, settle); `/readyz`
 //! and the alerts read the failures from here. Also the one-line `STATUS=` summary.
 
 use crate::journal::Journal;
+use crate::supervisor::Supervisor;
 use crate::systemd::Notifier;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -206,6 +208,7 @@ impl Liveness {
 pub async fn notify_systemd(
     notifier: Notifier,
     liveness: Arc<Liveness>,
+    tasks: Supervisor,
     journal: Journal,
     shutdown: CancellationToken,
 ) {
@@ -221,12 +224,16 @@ pub async fn notify_systemd(
             let mut warned = false;
             loop {
                 let stuck = liveness.stuck(STUCK_ROUND);
-                if stuck.is_empty() {
+                let dead = tasks.dead();
+                if stuck.is_empty() && dead.is_empty() {
                     notifier.watchdog();
                     warned = false;
                 } else if !warned {
                     for (portal, running) in &stuck {
                         tracing::error!(%portal, running = ?running, "a poll round is stuck: no longer feeding the systemd watchdog, so systemd restarts the daemon");
+                    }
+                    for task in &dead {
+                        tracing::error!(task = %task.task, cause = %task.cause, "a supervised task is not running: not feeding the systemd watchdog until it runs again");
                     }
                     warned = true;
                 }

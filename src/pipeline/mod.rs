@@ -18,6 +18,8 @@ use crate::config::{Config, PortalConfig, SinkConfig, resolve_secret};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::sinks::Route;
+use crate::supervisor::Supervisor;
+use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -200,22 +202,49 @@ pub async fn run_with(
         );
     }
     let metrics = Metrics::new(clients.clone());
+    let supervisor = Supervisor::new(metrics.clone());
     let liveness = liveness::Liveness::new(config.portals.keys());
+    let admin_state = AdminState {
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+        journal: journal.clone(),
+        portals: config.portals.keys().cloned().collect(),
+        tasks: supervisor.clone(),
+    };
     let admin = match config.admin.listen {
-        Some(listen) => Some(
-            AdminServer::start(
-                listen,
-                AdminState {
-                    metrics: metrics.clone(),
-                    liveness: liveness.clone(),
-                    journal: journal.clone(),
-                    portals: config.portals.keys().cloned().collect(),
-                },
-            )
-            .await?,
-        ),
+        Some(listen) => Some(AdminServer::start(listen, admin_state.clone()).await?),
         None => None,
     };
+    let admin_addr = admin.as_ref().map(AdminServer::local_addr);
+    // Stopped after the final settle, as before; the endpoint is restarted on its address
+    // should its task die.
+    let admin_stop = CancellationToken::new();
+    // An early return (a refused start) stops the endpoint too, as dropping it did.
+    let _admin_stopped_on_return = admin_stop.clone().drop_guard();
+    let admin = admin.map(|first| {
+        let mut first = Some(first);
+        let stop = admin_stop.clone();
+        let addr = first.as_ref().map(AdminServer::local_addr);
+        tokio::spawn(supervisor.supervise("admin", admin_stop.clone(), move || {
+            let first = first.take();
+            let state = admin_state.clone();
+            let stop = stop.clone();
+            async move {
+                let mut server = match (first, addr) {
+                    (Some(server), _) => server,
+                    (None, Some(addr)) => AdminServer::start(addr, state).await?,
+                    (None, None) => return Ok(()),
+                };
+                tokio::select! {
+                    ended = server.finished() => Err(ended),
+                    _ = stop.cancelled() => {
+                        server.stop().await;
+                        Ok(())
+                    }
+                }
+            }
+        }))
+    });
     let mut dispatchers = Dispatchers {
         running: BTreeMap::new(),
         directory: crate::alerts::SinkDirectory::default(),
@@ -223,6 +252,7 @@ pub async fn run_with(
         wakers: wakers.clone(),
         metrics: metrics.clone(),
         stop: dispatch_stop.clone(),
+        supervisor: supervisor.clone(),
     };
     dispatchers.drop_unknown(&config).await?;
     for (sink, sink_config) in built {
@@ -251,36 +281,72 @@ pub async fn run_with(
             conformance.remove(&portal.name).unwrap_or_default(),
         );
         settlers.push(poller.settler());
-        pollers.spawn(poller.run());
-    }
-    let pruner = tokio::spawn(prune_on_schedule(
-        journal.clone(),
-        config.journal.retention,
-        scheduler.prune_trigger(),
-        shutdown.clone(),
-    ));
-    let alerts = config.alerts.clone().map(|alerts| {
-        tokio::spawn(crate::alerts::run(
-            alerts,
-            journal.clone(),
-            liveness.clone(),
-            dispatchers.directory.clone(),
+        // A restarted poller starts as at a daemon start: it re-reads its open reservations
+        // and sweeps for orphans, so the round that died loses nothing.
+        pollers.spawn(supervisor.supervise(
+            format!("poller/{}", portal.name),
             shutdown.clone(),
-        ))
+            move || {
+                let poller = poller.clone();
+                async move { Ok(poller.run().await) }
+            },
+        ));
+    }
+    let pruner = {
+        let (journal, retention) = (journal.clone(), config.journal.retention);
+        let (trigger, shutdown) = (scheduler.prune_trigger(), shutdown.clone());
+        tokio::spawn(supervisor.supervise("prune", shutdown.clone(), move || {
+            let run = prune_on_schedule(
+                journal.clone(),
+                retention,
+                trigger.clone(),
+                shutdown.clone(),
+            );
+            run.map(Ok)
+        }))
+    };
+    let alerts = config.alerts.clone().map(|alerts| {
+        let (journal, liveness) = (journal.clone(), liveness.clone());
+        let (sinks, shutdown) = (dispatchers.directory.clone(), shutdown.clone());
+        tokio::spawn(supervisor.supervise("alerts", shutdown.clone(), move || {
+            let run = crate::alerts::run(
+                alerts.clone(),
+                journal.clone(),
+                liveness.clone(),
+                sinks.clone(),
+                shutdown.clone(),
+            );
+            run.map(Ok)
+        }))
     });
-    let systemd = tokio::spawn(liveness::notify_systemd(
-        notifier.clone(),
-        liveness.clone(),
-        journal.clone(),
-        shutdown.clone(),
-    ));
+    let systemd = {
+        let (notifier, liveness) = (notifier.clone(), liveness.clone());
+        let (tasks, journal, shutdown) = (supervisor.clone(), journal.clone(), shutdown.clone());
+        tokio::spawn(supervisor.supervise("systemd", shutdown.clone(), move || {
+            let run = liveness::notify_systemd(
+                notifier.clone(),
+                liveness.clone(),
+                tasks.clone(),
+                journal.clone(),
+                shutdown.clone(),
+            );
+            run.map(Ok)
+        }))
+    };
     let (steps_tx, mut clock_steps) = tokio::sync::mpsc::unbounded_channel();
-    let clock_watch = tokio::spawn(clock::watch(shutdown.clone(), move |seconds| {
-        let _ = steps_tx.send(seconds);
-    }));
+    let clock_watch = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(supervisor.supervise("clock", shutdown.clone(), move || {
+            let steps_tx = steps_tx.clone();
+            let run = clock::watch(shutdown.clone(), move |seconds| {
+                let _ = steps_tx.send(seconds);
+            });
+            run.map(Ok)
+        }))
+    };
     started(&Running {
         clients,
-        admin_addr: admin.as_ref().map(AdminServer::local_addr),
+        admin_addr,
     });
     tracing::info!(
         portals = config.portals.len(),
@@ -294,9 +360,16 @@ pub async fn run_with(
     let mut refused: Vec<poller::ConfigMismatch> = Vec::new();
     let reload = reload.unwrap_or_default();
     let portal_count = running_config.portals.len();
+    let mut gave_up = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            given_up = supervisor.gave_up() => {
+                tracing::error!(error = %given_up, "stopping: a task keeps dying");
+                gave_up = Some(given_up);
+                shutdown.cancel();
+                break;
+            }
             _ = reload.notified() => {
                 notifier.reloading();
                 reload_config(&mut running_config, &mut dispatchers, &routes).await;
@@ -311,8 +384,8 @@ pub async fn run_with(
             }
             Some(done) = pollers.join_next(), if !pollers.is_empty() => {
                 match done {
-                    Ok(Some(mismatch)) => refused.push(mismatch),
-                    Ok(None) => {}
+                    Ok(Some(Some(mismatch))) => refused.push(mismatch),
+                    Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "poller task failed"),
                 }
                 if portal_count > 0 && refused.len() == portal_count {
@@ -326,8 +399,8 @@ pub async fn run_with(
     notifier.stopping();
     while let Some(res) = pollers.join_next().await {
         match res {
-            Ok(Some(mismatch)) => refused.push(mismatch),
-            Ok(None) => {}
+            Ok(Some(Some(mismatch))) => refused.push(mismatch),
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "poller task failed"),
         }
     }
@@ -361,10 +434,14 @@ pub async fn run_with(
             "shutdown deadline reached while settling: pending settle calls are resent on the next start"
         );
     }
+    admin_stop.cancel();
     if let Some(admin) = admin {
-        admin.stop().await;
+        let _ = admin.await;
     }
     tracing::info!("b24eventd stopped");
+    if let Some(gave_up) = gave_up.or_else(|| supervisor.given_up()) {
+        return Err(gave_up.into());
+    }
     if portal_count > 0 && refused.len() == portal_count {
         let first = &refused[0];
         return Err(crate::config::ConfigError::new(
@@ -387,11 +464,13 @@ struct Dispatchers {
     metrics: Metrics,
     /// Parent of every dispatcher's token: cancelled at shutdown.
     stop: CancellationToken,
+    /// Restarts a dispatcher that died.
+    supervisor: Supervisor,
 }
 
 struct RunningSink {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<()>>,
 }
 
 impl Dispatchers {
@@ -416,7 +495,17 @@ impl Dispatchers {
             metrics: self.metrics.clone(),
             stop: stop.clone(),
         };
-        let task = tokio::spawn(worker.run());
+        let task = tokio::spawn(self.supervisor.supervise(
+            format!("dispatcher/{}", config.name),
+            stop.clone(),
+            move || {
+                let worker = worker.clone();
+                async move {
+                    worker.run().await;
+                    Ok(())
+                }
+            },
+        ));
         self.running.insert(config.name, RunningSink { stop, task });
     }
 
@@ -460,7 +549,7 @@ impl Dispatchers {
         for (name, sink) in std::mem::take(&mut self.running) {
             let mut task = sink.task;
             match tokio::time::timeout_at(deadline, &mut task).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(sink = %name, error = %e, "dispatcher task failed"),
                 Err(_) => {
                     task.abort();
@@ -549,8 +638,11 @@ async fn prune_on_schedule(
             _ = trigger.wait() => {}
             _ = shutdown.cancelled() => return,
         }
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        // Saturating: a retention longer than the calendar prunes nothing.
+        let cutoff = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
         match journal.prune(cutoff, false).await {
             Ok(pruned) => tracing::info!(
                 events = pruned.events,

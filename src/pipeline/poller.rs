@@ -35,6 +35,14 @@ const STEP_GRACE: Duration = Duration::from_secs(10);
 /// Longest backoff after transient failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// The instant `wait` from now, saturating (a year at most): no wait, whatever its source,
+/// overflows the clock.
+fn later(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// A wake-up flag set by a schedule (or by the poller itself) and taken by the poller.
 #[derive(Default)]
 pub struct Trigger {
@@ -326,6 +334,7 @@ struct RoundState {
     settles_held_until: Option<Instant>,
 }
 
+#[derive(Clone)]
 pub struct Poller {
     config: PortalConfig,
     client: PortalClient,
@@ -499,7 +508,7 @@ impl Poller {
                         tracing::warn!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal call failed; backing off");
                     }
                     last_error = message;
-                    state.next_fetch = state.next_fetch.max(Instant::now() + wait);
+                    state.next_fetch = state.next_fetch.max(later(wait));
                     // Schedules do not cut a backoff short (their flags stay set). Finished
                     // deliveries do after a transient failure, so settles are not held up (the
                     // fetch still waits out the backoff). A portal failing for a reason an
@@ -653,7 +662,7 @@ impl Poller {
                 wait
             }
         };
-        state.next_fetch = Instant::now() + wait;
+        state.next_fetch = later(wait);
         Ok(Some(wait))
     }
 
@@ -690,7 +699,7 @@ impl Poller {
                     .iter()
                     .filter_map(|b| b.pause(now))
                     .min();
-                Instant::now() + pause.unwrap_or(self.config.poll_interval)
+                later(pause.unwrap_or(self.config.poll_interval))
             });
             let batched = budgets.batch.affordable(now) > 0;
             if !batched {

@@ -43,6 +43,23 @@ pub fn backoff(
     }
 }
 
+/// The latest time a retry is written for (2262, the end of `i64` nanoseconds): the journal
+/// keeps RFC 3339 text, whose order is the time order only up to the year 9999.
+const LATEST_RETRY: chrono::DateTime<chrono::Utc> =
+    chrono::DateTime::from_timestamp_nanos(i64::MAX);
+
+/// When a retry `after` this long from `now` is due: saturating (never past
+/// [`LATEST_RETRY`]), whatever the policy or a sink's hint said.
+pub fn retry_at(
+    now: chrono::DateTime<chrono::Utc>,
+    after: Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(after)
+        .ok()
+        .and_then(|after| now.checked_add_signed(after))
+        .map_or(LATEST_RETRY, |at| at.min(LATEST_RETRY))
+}
+
 /// Turns a sink's answer into the step to record, after `attempts_made` attempts (this one
 /// included). A retryable failure on the last allowed attempt is dead.
 pub fn next_step(policy: &RetryPolicy, attempts_made: u32, result: SinkResult, rand: f64) -> Step {
@@ -73,6 +90,22 @@ mod tests {
             max_attempts: 5,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn retry_times_saturate_instead_of_overflowing() {
+        let now = chrono::Utc::now();
+        assert_eq!(
+            retry_at(now, Duration::from_secs(10)),
+            now + chrono::Duration::seconds(10)
+        );
+        // 500000000 years, and the largest Duration there is: no panic, a time that still
+        // sorts as a time in the journal.
+        for after in [Duration::from_secs(500_000_000 * 31_557_600), Duration::MAX] {
+            let at = retry_at(now, after);
+            assert_eq!(at, LATEST_RETRY);
+            assert!(crate::journal::timestamp(at).starts_with("2262-"));
         }
     }
 

@@ -143,6 +143,8 @@ struct FaultsRequest {
     html: f64,
     invalid_utf8_next_gets: u32,
     redirect_loop: bool,
+    operating_limit_next: u32,
+    time_block: Option<Value>,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -172,6 +174,8 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         html: req.html,
         invalid_utf8_next_gets: req.invalid_utf8_next_gets,
         redirect_loop: req.redirect_loop,
+        operating_limit_next: req.operating_limit_next,
+        time_block: req.time_block,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

@@ -170,6 +170,23 @@ async fn rest(
             tracing::debug!(method = %method, "injected fault: HTML page");
             return html_response();
         }
+        if faults.operating_limit_next > 0 {
+            state.faults.operating_limit_next -= 1;
+            state.counters.rejected_429 += 1;
+            tracing::debug!(method = %method, "injected fault: 429 OPERATION_TIME_LIMIT");
+            let mut body = RestError::operation_time_limit().to_json();
+            if let Some(time) = &faults.time_block {
+                body["time"] = time.clone();
+            }
+            let mut response = json_value(429, &body);
+            // A real portal sends no Retry-After and bans for 300 s; this one lets a test go on
+            // after a second, unless the `time` block says otherwise.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return response;
+        }
         let call = methods::RestCall {
             method: method.clone(),
             webhook,
@@ -177,7 +194,10 @@ async fn rest(
             bearer,
             started,
         };
-        let reply = methods::handle(&mut state, &inner.config, call);
+        let mut reply = methods::handle(&mut state, &inner.config, call);
+        if let Some(time) = &faults.time_block {
+            reply.body = with_time_block(&reply.body, time);
+        }
         let mut delivery = Delivery::default();
         if reply.ran_get {
             if state.faults.drop_next_gets > 0 {
@@ -233,6 +253,26 @@ async fn rest(
         return json_response(reply.status, body);
     }
     json_response(reply.status, reply.body)
+}
+
+/// `body` with its `time` block, and each `result_time` of a `batch`, replaced by `time`.
+fn with_time_block(body: &[u8], time: &Value) -> Vec<u8> {
+    let Ok(mut json) = serde_json::from_slice::<Value>(body) else {
+        return body.to_vec();
+    };
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("time".to_string(), time.clone());
+    }
+    if let Some(times) = json
+        .get_mut("result")
+        .and_then(|r| r.get_mut("result_time"))
+        .and_then(Value::as_object_mut)
+    {
+        for entry in times.values_mut() {
+            *entry = time.clone();
+        }
+    }
+    serde_json::to_vec(&json).unwrap_or_else(|_| body.to_vec())
 }
 
 /// What a reverse proxy answers when the portal behind it is down.

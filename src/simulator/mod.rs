@@ -203,6 +203,13 @@ pub struct Faults {
     /// Answer every `/rest/` request with a 302 to `/old/rest/`, which redirects back: a
     /// redirect loop (a misconfigured proxy in front of the portal), without executing.
     pub redirect_loop: bool,
+    /// The next N `/rest/` requests are refused with 429 `OPERATION_TIME_LIMIT` without
+    /// executing, with `Retry-After: 1` (their `time` block is `time_block` when set).
+    pub operating_limit_next: u32,
+    /// A hostile portal's `time` block: while set, it replaces the `time` of every answer
+    /// (and each `result_time` of a `batch`), whatever it holds (`operating_reset_at`
+    /// 9223372036854775807, `finish` -1e300, `"NaN"`, an empty object, `null`).
+    pub time_block: Option<Value>,
 }
 
 /// Counters and a snapshot of the queue table.

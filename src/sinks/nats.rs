@@ -82,6 +82,7 @@ pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
             ),
         ));
     }
+    options.duration("duplicate_window", raw.duplicate_window, duplicate_window)?;
     if raw.duplicate_window.is_some() && !raw.create_stream {
         return Err(options.err(
             "duplicate_window",
