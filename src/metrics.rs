@@ -81,6 +81,7 @@ pub struct Metrics {
     journal_bytes: Gauge,
     last_successful_poll: Family<PortalLabels, Gauge<f64, AtomicU64>>,
     clock_steps: Family<DirectionLabels, Counter>,
+    admin_refused: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -137,6 +138,12 @@ impl Metrics {
             "Jumps of this machine's wall clock of 2 s or more against the monotonic clock, by direction (backward: set back; forward: set ahead or resumed from suspend)",
             clock_steps.clone(),
         );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Connections to the admin endpoint closed as soon as they were accepted: all of its 64 connections had a request in flight (an idle one gives its place to a new connection instead)",
+            admin_refused.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { clients }));
         Metrics {
             registry: Arc::new(registry),
@@ -147,7 +154,14 @@ impl Metrics {
             journal_bytes,
             last_successful_poll,
             clock_steps,
+            admin_refused,
         }
+    }
+
+    /// The admin endpoint closed a new connection at once: each of its open ones had a request
+    /// in flight.
+    pub fn admin_connection_refused(&self) {
+        self.admin_refused.inc();
     }
 
     /// The wall clock jumped by `seconds` (negative: set back).
@@ -312,6 +326,18 @@ impl Collector for UpstreamCollector {
             )?;
             for (portal, s) in &stats {
                 ConstCounter::new(s.rate_wait_seconds)
+                    .encode(family.encode_family(&[("portal", *portal)])?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "unparsable_answers",
+                "Answers of the portal with a success status whose body could not be parsed (cut off, broken, or JSON nested deeper than 1000 levels). What such an answer reserved stays reserved upstream for the orphan sweep.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (portal, s) in &stats {
+                ConstCounter::new(s.unparsable)
                     .encode(family.encode_family(&[("portal", *portal)])?)?;
             }
         }
