@@ -80,6 +80,9 @@ async fn garbage_html_truncated_non_utf8_and_huge_answers_lose_nothing() {
     sim.set_faults(Faults {
         html: 0.15,
         truncate: 0.05,
+        // One cut-off answer for sure: how many the 5 % above hits depends on the request
+        // sequence, which the seeded generator does not fix.
+        unparsable_next_gets: 1,
         invalid_utf8_next_gets: 3,
         ..Faults::default()
     });
@@ -101,7 +104,10 @@ async fn garbage_html_truncated_non_utf8_and_huge_answers_lose_nothing() {
     running.stop().await;
 
     let stats = sim.stats();
-    assert!(stats.html_pages > 0 && stats.truncated > 0, "{stats:?}");
+    assert!(
+        stats.html_pages > 0 && stats.truncated + stats.unparsable > 0,
+        "{stats:?}"
+    );
     assert_eq!(stats.invalid_utf8, 3);
     let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
     let envelopes: Vec<serde_json::Value> = text
