@@ -1,24 +1,50 @@
 //! The admin endpoint on `[admin] listen`: the status page at `/`, `/metrics` (OpenMetrics text,
 //! see `docs/METRICS.md`), `/healthz` (the process answers) and `/readyz` (the journal answers and
-//! every portal is reachable within its backoff), served with axum until the daemon stops.
+//! every portal is reachable within its backoff), served with axum on hyper until the daemon
+//! stops, with bounded connections: at most [`MAX_CONNECTIONS`] at once, each sending its
+//! request headers within [`HEADER_READ_TIMEOUT`] (idle keep-alive included), each request
+//! answered within [`REQUEST_TIMEOUT`].
 
 use crate::journal::Journal;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::liveness::{Liveness, PollState};
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long `/readyz` waits for the journal to answer a trivial query.
 const JOURNAL_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long stopping waits for open requests before dropping them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once. At the cap a new connection replaces the oldest idle one, or is
+/// closed as soon as it is accepted when none is idle, so idle or slow clients never hold more
+/// than this many file descriptors of the daemon (its sinks and the journal need them).
+/// Prometheus, a health check and an operator's browser need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send a request's headers, counted from the connection's
+/// start or from the end of its previous answer: it also bounds an idle keep-alive connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request may take to be answered; after it the answer is 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one connection may live: then it is closed once its request in flight is answered.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// The pause after a failed `accept` (out of file descriptors, say) before the next one.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Consecutive failed rounds after which a portal is not ready: the first failure is followed by
 /// a retry after the poller's shortest backoff (0.5 s); failing that too makes it not ready.
 const UNREADY_AFTER_FAILURES: u32 = 2;
@@ -53,16 +79,15 @@ impl AdminServer {
             .local_addr()
             .map_err(|e| anyhow::anyhow!("admin.listen {listen}: no local address: {e}"))?;
         let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router(state))
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(listen = %addr, error = %e, "admin endpoint failed");
-            }
-        });
-        tracing::info!(listen = %addr, "admin endpoint serving the status page, /metrics, /healthz and /readyz");
+        let metrics = state.metrics.clone();
+        let task = tokio::spawn(serve(listener, router(state), metrics, stop.clone()));
+        tracing::info!(
+            listen = %addr,
+            max_connections = MAX_CONNECTIONS,
+            header_read_timeout = ?HEADER_READ_TIMEOUT,
+            request_timeout = ?REQUEST_TIMEOUT,
+            "admin endpoint serving the status page, /metrics, /healthz and /readyz"
+        );
         Ok(AdminServer {
             addr,
             stop,
@@ -111,13 +136,179 @@ impl Drop for AdminServer {
     }
 }
 
+/// Accepts connections until `stop`, at most [`MAX_CONNECTIONS`] open at once; then lets the open
+/// ones finish their requests (the caller bounds that wait). At the cap, a new connection takes
+/// the slot of the oldest one waiting for a request (idle: no request in flight), which is
+/// closed at once; when every connection has a request in flight, the new one is closed at once.
+/// So idle sockets never starve `/healthz`, and never hold more than the cap of descriptors.
+async fn serve(listener: TcpListener, router: Router, metrics: Metrics, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(OpenConnections::default());
+    let connections = TaskTracker::new();
+    let mut refused: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, say: the listener stays, the next accept may work.
+                tracing::warn!(error = %e, "admin endpoint: cannot accept a connection");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if open.evict_oldest_idle() => {
+                // The evicted connection's task drops it and its slot at once.
+                tokio::time::timeout(ACCEPT_RETRY, slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(slot) = slot else {
+            refused += 1;
+            metrics.admin_connection_refused();
+            // Once per 100 refusals: a flood must not flood the log too.
+            if refused % 100 == 1 {
+                tracing::warn!(%peer, max_connections = MAX_CONNECTIONS, refused, "admin endpoint: every connection has a request in flight; closing new ones at once");
+            }
+            drop(stream);
+            continue;
+        };
+        let connection = open.register();
+        let inner = TowerToHyperService::new(router.clone());
+        let counted = connection.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let busy = Busy::enter(&counted);
+            let answer = hyper::service::Service::call(&inner, request);
+            async move {
+                let answer = answer.await;
+                drop(busy);
+                answer
+            }
+        });
+        let (open, stop) = (open.clone(), stop.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true);
+            let served = builder.serve_connection(TokioIo::new(stream), service);
+            let mut served = std::pin::pin!(served);
+            tokio::select! {
+                // A client that went away or timed out is nothing to report.
+                _ = served.as_mut() => {}
+                _ = connection.evict.cancelled() => {}
+                _ = stop.cancelled() => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_TIMEOUT, served).await;
+                }
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_TIMEOUT, served).await;
+                }
+            }
+            open.remove(&connection);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// One open connection, as the accept loop sees it.
+#[derive(Default)]
+struct Connection {
+    /// Requests being answered on it (0: it waits for one).
+    busy: AtomicUsize,
+    /// Closes it at once: a new connection needs its slot.
+    evict: CancellationToken,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections(Mutex<VecDeque<Arc<Connection>>>);
+
+impl OpenConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Connection>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self) -> Arc<Connection> {
+        let connection = Arc::new(Connection::default());
+        self.lock().push_back(connection.clone());
+        connection
+    }
+
+    fn remove(&self, connection: &Arc<Connection>) {
+        self.lock().retain(|c| !Arc::ptr_eq(c, connection));
+    }
+
+    /// Closes the oldest connection with no request in flight; false when there is none.
+    fn evict_oldest_idle(&self) -> bool {
+        let mut open = self.lock();
+        let Some(at) = open.iter().position(|c| c.busy.load(Ordering::SeqCst) == 0) else {
+            return false;
+        };
+        if let Some(connection) = open.remove(at) {
+            connection.evict.cancel();
+        }
+        true
+    }
+}
+
+/// A request in flight on a connection (it is not idle until the answer is done).
+struct Busy(Arc<Connection>);
+
+impl Busy {
+    fn enter(connection: &Arc<Connection>) -> Busy {
+        connection.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(connection.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn router(state: AdminState) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(request_timeout))
         .with_state(state)
+}
+
+/// Answers 503 when a request is not answered within [`REQUEST_TIMEOUT`].
+async fn request_timeout(request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(path, timeout = ?REQUEST_TIMEOUT, "admin endpoint: a request was not answered in time");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{path} was not answered within {}s\n",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn serve_metrics(State(state): State<AdminState>) -> Response {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conformance;
 pub mod envelope;
 pub mod journal;
+pub mod json_depth;
 pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;

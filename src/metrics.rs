@@ -87,6 +87,7 @@ pub struct Metrics {
     last_successful_poll: Family<PortalLabels, Gauge<f64, AtomicU64>>,
     clock_steps: Family<DirectionLabels, Counter>,
     task_restarts: Family<TaskLabels, Counter>,
+    admin_refused: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -149,6 +150,12 @@ impl Metrics {
             "Restarts of a supervised task (poller/NAME, dispatcher/NAME, prune, alerts, clock, systemd, admin) after it panicked or failed",
             task_restarts.clone(),
         );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Connections to the admin endpoint closed as soon as they were accepted: all of its 64 connections had a request in flight (an idle one gives its place to a new connection instead)",
+            admin_refused.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { clients }));
         Metrics {
             registry: Arc::new(registry),
@@ -160,6 +167,7 @@ impl Metrics {
             last_successful_poll,
             clock_steps,
             task_restarts,
+            admin_refused,
         }
     }
 
@@ -170,6 +178,12 @@ impl Metrics {
                 task: task.to_string(),
             })
             .inc();
+    }
+
+    /// The admin endpoint closed a new connection at once: each of its open ones had a request
+    /// in flight.
+    pub fn admin_connection_refused(&self) {
+        self.admin_refused.inc();
     }
 
     /// The wall clock jumped by `seconds` (negative: set back).
@@ -334,6 +348,18 @@ impl Collector for UpstreamCollector {
             )?;
             for (portal, s) in &stats {
                 ConstCounter::new(s.rate_wait_seconds)
+                    .encode(family.encode_family(&[("portal", *portal)])?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "unparsable_answers",
+                "Answers of the portal with a success status whose body could not be parsed (cut off, broken, or JSON nested deeper than 1000 levels). What such an answer reserved stays reserved upstream for the orphan sweep.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (portal, s) in &stats {
+                ConstCounter::new(s.unparsable)
                     .encode(family.encode_family(&[("portal", *portal)])?)?;
             }
         }

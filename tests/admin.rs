@@ -490,6 +490,139 @@ async fn readyz_names_the_portal_that_fails_or_goes_away() {
     running.stop().await;
 }
 
+/// 200 idle TCP connections (a hostile or broken client) never hold more than the admin
+/// endpoint's cap of the daemon's descriptors: beyond 64 the oldest idle ones are closed at once,
+/// `/healthz` answers promptly in the middle of them, and every idle one is closed once the
+/// header-read timeout (5 s) has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_capped_and_timed_out_while_healthz_answers() {
+    use tokio::io::AsyncReadExt;
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = admin_config(dir.path(), &sim, &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    let admin = running.admin.expect("the admin endpoint is bound");
+    let opened = std::time::Instant::now();
+    // Each idle connection reads until the server closes it; the task ends then.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        idle.push(tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            opened.elapsed()
+        }));
+    }
+    let closed = |idle: &[tokio::task::JoinHandle<Duration>]| {
+        idle.iter().filter(|task| task.is_finished()).count()
+    };
+    let http = reqwest::Client::new();
+    let asked = std::time::Instant::now();
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(2), get(&http, admin, "/healthz"))
+            .await
+            .expect("/healthz answers among 200 idle connections");
+    assert_eq!((status, body.as_str()), (200, r#"{"alive":true}"#));
+    let healthz = asked.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let closed_at_once = closed(&idle);
+    assert!(
+        closed_at_once >= 200 - 64,
+        "at most 64 connections stay open: {closed_at_once} of 200 closed"
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(4),
+        "measured before the header-read timeout"
+    );
+    wait_for(
+        "every idle connection closed",
+        Duration::from_secs(10),
+        || closed(&idle) == 200,
+    )
+    .await;
+    let mut lifetimes = Vec::new();
+    for task in idle {
+        lifetimes.push(task.await.unwrap());
+    }
+    let longest = lifetimes.iter().max().unwrap();
+    assert!(
+        *longest >= Duration::from_secs(4) && *longest < Duration::from_secs(8),
+        "the last idle connections were closed by the 5 s header-read timeout: {longest:?}"
+    );
+    let (status, _) = get(&http, admin, "/healthz").await;
+    assert_eq!(status, 200);
+    eprintln!(
+        "200 idle connections: {closed_at_once} closed at once, the rest after {longest:?}; /healthz answered in {healthz:?}"
+    );
+    running.stop().await;
+}
+
+/// Answers the portal cut off after it reserved their events, and one whose `EVENT_DATA` is
+/// nested deeper than the daemon parses (1,000 levels): each is logged at error and counted in
+/// `b24eventd_unparsable_answers_total`; the cut-off reservations are adopted by the orphan
+/// sweep (nothing lost), the too-deep one stays reserved upstream, and the portal goes on
+/// fetching the events raised after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_answers_are_counted_and_never_stop_the_portal() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    sim.set_faults(Faults {
+        unparsable_next_gets: 2,
+        ..Faults::default()
+    });
+    emit_deals(&sim, 1, 100);
+    let config = admin_config(dir.path(), &sim, &file_sink(dir.path()));
+    let running = Running::start(&config, &tokens).await;
+    let admin = running.admin.expect("the admin endpoint is bound");
+    let http = reqwest::Client::new();
+    wait_for("100 events settled", Duration::from_secs(60), || {
+        upstream_empty(&sim) && sim.stats().cleared == 100
+    })
+    .await;
+    assert_eq!(sim.stats().unparsable, 2);
+    let unparsable = |samples: &[Sample]| {
+        one(
+            samples,
+            "b24eventd_unparsable_answers_total",
+            &[("portal", "main")],
+        )
+    };
+    assert_eq!(unparsable(&scrape(&http, admin).await), 2.0);
+
+    // Too deep to parse, raised through the simulator's control API.
+    let emitted = http
+        .post(format!("{}/_sim/emit", sim.base_url()))
+        .body(r#"{"event": "ONCRMDEALUPDATE", "entity_id": 5000, "nest": 1500}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(emitted.status().as_u16(), 200);
+    wait_for("the deep event reserved", Duration::from_secs(30), || {
+        sim.stats().reserved == 1
+    })
+    .await;
+    emit_deals(&sim, 101, 50);
+    wait_for(
+        "the 50 events raised after it settled",
+        Duration::from_secs(60),
+        || sim.stats().cleared == 150 && sim.stats().queued == 0,
+    )
+    .await;
+    let stats = sim.stats();
+    assert_eq!(stats.reserved, 1, "the deep event stays reserved upstream");
+    assert!(unparsable(&scrape(&http, admin).await) >= 3.0);
+    let delivered = file_ids(&dir.path().join("events.jsonl"));
+    assert_eq!(delivered.len(), 150);
+    assert!(delivered.values().all(|n| *n == 1), "no duplicates");
+    running.stop().await;
+}
+
 /// Polls `/readyz` until it answers 503, and returns the parsed body.
 async fn wait_not_ready(http: &reqwest::Client, admin: SocketAddr) -> serde_json::Value {
     let start = std::time::Instant::now();

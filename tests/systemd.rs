@@ -150,3 +150,73 @@ async fn a_fake_notify_socket_sees_ready_status_watchdog_reloading_and_stopping(
     assert_eq!(journaled["level"], "INFO");
     assert!(journaled["events"].as_u64().unwrap() > 0);
 }
+
+/// stderr is a pipe whose reader went away (a log shipper that died): the daemon's log lines are
+/// lost, never a panic. It starts, works (and logs) through a reload, and SIGTERM ends it with 0,
+/// not 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_pipe_does_not_stop_the_daemon() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let loaded = b24eventd::config::load(&config).unwrap();
+    let journal =
+        b24eventd::journal::Journal::open(&loaded.journal.path, loaded.journal.synchronous)
+            .await
+            .unwrap();
+    journal.save_tokens("main", &tokens).await.unwrap();
+
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", config.to_str().unwrap(), "run"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("B24EVENTD_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(daemon.stderr.take());
+    let pid = daemon.id();
+    let (socket, mut seen) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        receive_until(&socket, &mut seen, Duration::from_secs(30), "READY", |s| {
+            count(s, "READY=1") >= 1
+        });
+        (socket, seen)
+    })
+    .await
+    .unwrap();
+    emit_deals(&sim, 1, 30);
+    wait_for("30 events settled", Duration::from_secs(30), || {
+        upstream_empty(&sim) && sim.stats().cleared == 30
+    })
+    .await;
+    signal(pid, "HUP");
+    let socket = tokio::task::spawn_blocking(move || {
+        receive_until(
+            &socket,
+            &mut seen,
+            Duration::from_secs(10),
+            "READY after the reload",
+            |s| count(s, "READY=1") >= 2,
+        );
+        socket
+    })
+    .await
+    .unwrap();
+    assert_eq!(daemon.try_wait().unwrap(), None, "still running");
+    signal(pid, "TERM");
+    let status = daemon.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM with a closed stderr exits 0"
+    );
+    drop(socket);
+}

@@ -95,6 +95,10 @@ pub struct ClientStats {
     pub other_errors: u64,
     /// Requests that did not complete (connect, timeout, reset, cut-off body).
     pub transport_errors: u64,
+    /// Answers with a success status whose body could not be parsed (cut off, broken, or JSON
+    /// nested deeper than [`crate::json_depth::MAX_DEPTH`] levels); counted in `other_errors`
+    /// too.
+    pub unparsable: u64,
     pub token_refreshes: u64,
     /// Seconds spent waiting for rate limits: the client-side bucket and 503/429 backoffs.
     pub rate_wait_seconds: f64,
@@ -1567,7 +1571,7 @@ impl PortalClient {
         let secrets = [self.inner.settings.client_secret.as_str(), access];
         let invalid = |what: String| invalid_response(portal, method, status, what);
         let parsed = match std::str::from_utf8(bytes) {
-            Ok(text) => serde_json::from_str(text),
+            Ok(text) => crate::json_depth::from_str(text),
             Err(e) => {
                 // PHP's json_encode never writes invalid UTF-8, but a proxy or a broken module
                 // might: refusing the answer would refuse it forever (the same rows come back),
@@ -1578,14 +1582,29 @@ impl PortalClient {
                     at_byte = e.valid_up_to(),
                     "the portal's answer is not valid UTF-8; invalid bytes were replaced by U+FFFD"
                 );
-                serde_json::from_str(&String::from_utf8_lossy(bytes))
+                crate::json_depth::from_str(&String::from_utf8_lossy(bytes))
             }
         };
         let json: Value = match parsed {
             Ok(v) => v,
-            Err(_) => {
+            Err(e) => {
                 self.count_answer(method, Answer::Other);
-                return Err(invalid(describe_unparsable(bytes, &secrets, true)));
+                let what = format!("{} ({e})", describe_unparsable(bytes, &secrets, true));
+                if (200..300).contains(&status) {
+                    // The portal ran the call and its answer is lost to us: what a get reserved
+                    // stays reserved upstream (the orphan sweep adopts it once the portal
+                    // answers readably), so the portal goes on; the operator must hear of it.
+                    self.stat(|s| s.unparsable += 1);
+                    tracing::error!(
+                        portal,
+                        method,
+                        status,
+                        bytes = bytes.len(),
+                        error = %what,
+                        "the portal's answer cannot be parsed; events it reserved stay reserved upstream for the orphan sweep"
+                    );
+                }
+                return Err(invalid(what));
             }
         };
         if let Some((code, description)) = parse_error(&json) {

@@ -254,7 +254,9 @@ pub fn main() -> ExitCode {
         // The reader of our output went away (`| head`): nothing left to say, nothing failed.
         Err(Failure { error, .. }) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("b24eventd: {}", format_error(&error));
+            // Not `eprintln!`, which panics (exit 101) when stderr is a closed pipe.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "b24eventd: {}", format_error(&error));
             ExitCode::from(code)
         }
     }
@@ -465,7 +467,10 @@ fn init_logging(default: &str) {
 }
 
 /// [`init_logging`] in the configured format: text (coloured on a terminal) or one JSON object
-/// per line with the event fields (`portal`, `event_id`, `sink`, ...) as keys.
+/// per line with the event fields (`portal`, `event_id`, `sink`, ...) as keys. Logging never
+/// panics: a line stderr cannot take (a closed pipe, a full disk behind a redirect) is dropped,
+/// where tracing-subscriber's default would report it with `eprintln!`, which panics on a
+/// broken pipe.
 fn init_logging_as(default: &str, format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let from_env = ["B24EVENTD_LOG", "RUST_LOG"]
@@ -475,7 +480,8 @@ fn init_logging_as(default: &str, format: config::LogFormat) {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         config::LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -701,7 +701,7 @@ impl Journal {
                     data: r
                         .get::<_, String>(2)
                         .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .and_then(|t| crate::json_depth::from_str(&t).ok())
                         .unwrap_or(Value::Null),
                 })
             })?;
@@ -1082,7 +1082,7 @@ fn envelope_at(r: &rusqlite::Row<'_>, first: usize, attempt: u32) -> rusqlite::R
     let json = |i: usize| -> rusqlite::Result<Value> {
         let text: Option<String> = r.get(first + i)?;
         Ok(text
-            .and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|t| crate::json_depth::from_str(&t).ok())
             .unwrap_or(Value::Null))
     };
     Ok(Envelope {

@@ -3,6 +3,7 @@
 //! schedules that wake them. Everything is driven by the journal, so a restart resumes exactly
 //! where the last run stopped.
 
+pub mod backoff;
 pub mod clock;
 pub mod dispatcher;
 pub mod economy;

@@ -2,6 +2,7 @@
 //! the error lane on its schedule, and reserves new batches (`clear=0`) while fewer than
 //! `max_unsettled` events are open. Also the cron schedules that wake it.
 
+use super::backoff::{Backoff, Operation};
 use super::economy::{self, Budget, Budgets, FetchWidth, MAX_COMMANDS};
 use super::liveness::LoopHandle;
 use super::orphans;
@@ -32,8 +33,6 @@ const RESUME_LIMIT: u32 = 1000;
 const FATAL_RETRY: Duration = Duration::from_secs(300);
 /// How long a poller round may go on after shutdown was requested.
 const STEP_GRACE: Duration = Duration::from_secs(10);
-/// Longest backoff after transient failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The instant `wait` from now, saturating (a year at most): no wait, whatever its source,
 /// overflows the clock.
@@ -332,6 +331,8 @@ struct RoundState {
     /// Settle calls were held back for their method's operating budget: the next round comes
     /// no later than this, whatever the fetch waits for.
     settles_held_until: Option<Instant>,
+    /// Failures in a row of each operation, and the backoff they give.
+    backoff: Backoff,
 }
 
 #[derive(Clone)]
@@ -443,14 +444,15 @@ impl Poller {
             width: FetchWidth::default(),
             empty_polls: 0,
             settles_held_until: None,
+            backoff: Backoff::default(),
         };
+        // Rounds failed in a row (readiness); the backoff counts failures per operation.
         let mut failures = 0u32;
         let mut last_error = String::new();
         while !self.shutdown.is_cancelled() {
             // A round stuck in a long wait (a 429 can ask for minutes) must not hold up a
             // shutdown: once it is requested, the round gets STEP_GRACE, then is dropped. Whatever
             // it was doing is recovered on the next start (open batches, pending settles, sweep).
-            let answered_before = self.client.stats().ok;
             self.liveness.round_started();
             let round = tokio::select! {
                 round = self.step(&mut state) => round,
@@ -469,17 +471,16 @@ impl Poller {
                     }
                     self.liveness.round_succeeded();
                     self.metrics.poll_succeeded(self.portal());
+                    state.backoff.round_succeeded();
                     failures = 0;
                     last_error.clear();
                     wait
                 }
                 Err(e) => {
-                    // The backoff grows while the portal answers nothing; a round that got
-                    // answers before failing starts it over (the portal is up, a call failed).
-                    if self.client.stats().ok > answered_before {
-                        failures = 0;
-                    }
-                    failures += 1;
+                    // The backoff grows with the failures in a row of the operation that failed:
+                    // another one working (a sweep, a settle) does not start it over.
+                    let (operation, op_failures, backoff) = state.backoff.round_failed();
+                    failures = failures.saturating_add(1);
                     let bitrix = e.downcast_ref::<BitrixError>();
                     let fatal = bitrix.is_some_and(|b| b.class == ErrorClass::Fatal);
                     let message = format!("{e:#}");
@@ -495,17 +496,14 @@ impl Poller {
                         });
                     }
                     self.liveness.round_failed(failures, &message, fatal);
-                    let wait = if fatal {
-                        FATAL_RETRY
-                    } else {
-                        (Duration::from_millis(250) * (1 << failures.min(8))).min(MAX_BACKOFF)
-                    };
+                    let wait = if fatal { FATAL_RETRY } else { backoff };
+                    let operation = operation.as_str();
                     if fatal && message == last_error {
-                        tracing::debug!(portal = %self.portal(), error = %message, "portal still failing");
+                        tracing::debug!(portal = %self.portal(), operation, error = %message, "portal still failing");
                     } else if fatal {
-                        tracing::error!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal stopped until the cause is fixed: trying again after retry_in, or at once on reload (SIGHUP)");
+                        tracing::error!(portal = %self.portal(), operation, error = %message, retry_in = ?wait, "portal stopped until the cause is fixed: trying again after retry_in, or at once on reload (SIGHUP)");
                     } else {
-                        tracing::warn!(portal = %self.portal(), error = %message, retry_in = ?wait, "portal call failed; backing off");
+                        tracing::warn!(portal = %self.portal(), operation, failures = op_failures, error = %message, retry_in = ?wait, "portal call failed; backing off");
                     }
                     last_error = message;
                     state.next_fetch = state.next_fetch.max(later(wait));
@@ -558,20 +556,30 @@ impl Poller {
     async fn step(&self, state: &mut RoundState) -> anyhow::Result<Option<Duration>> {
         if !state.resumed {
             if self.reserving() {
-                self.resume_open_batches().await?;
+                let resumed = self.resume_open_batches().await;
+                state.backoff.track(Operation::Sweep, resumed)?;
             }
             state.resumed = true;
         }
         if !self.reserving() {
             // Fetch-delete mode settles nothing upstream: pending rows are only ever local.
-            self.settler.settle().await?;
+            let settled = self.settler.settle().await;
+            state.backoff.track(Operation::Settle, settled)?;
         }
-        if self.triggers.orphan_sweep.take()
-            && self.reserving()
-            && let Err(e) = self.sweep_orphans().await
-        {
-            self.triggers.orphan_sweep.set_quietly();
-            return Err(e);
+        if self.triggers.orphan_sweep.take() && self.reserving() {
+            if !state.backoff.due(Operation::Sweep) {
+                self.triggers.orphan_sweep.set_quietly();
+            } else if let Err(e) = state
+                .backoff
+                .track(Operation::Sweep, self.sweep_orphans().await)
+            {
+                // The sweep waits out its own backoff and the round goes on: a reservation the
+                // portal cannot answer readably (or a listing that fails) must not stop the
+                // fetching of new events. What it would adopt stays reserved upstream.
+                self.triggers.orphan_sweep.set_quietly();
+                let (failures, retry_in) = state.backoff.failed_alone(Operation::Sweep);
+                tracing::warn!(portal = %self.portal(), error = format!("{e:#}"), failures, retry_in = ?retry_in, "the orphan sweep failed; it runs again after retry_in, fetching goes on");
+            }
         }
         let now_unix = self.client.portal_now();
         let get_paused =
@@ -593,7 +601,8 @@ impl Poller {
                     self.triggers.error_lane.set_quietly();
                     break;
                 };
-                match self.fetch(Lane::Error, limit).await {
+                let fetched = self.fetch(Lane::Error, limit).await;
+                match state.backoff.track(Operation::Fetch, fetched) {
                     Ok(Fetched::Full) => continue,
                     Ok(_) => break,
                     Err(e) => {
@@ -606,7 +615,8 @@ impl Poller {
         let now = Instant::now();
         let fetch_due = now >= state.next_fetch;
         // Lowest priority, after settles and fetches: the entities of events already journaled.
-        let more_to_enrich = self.enrich().await?;
+        let enriched = self.enrich().await;
+        let more_to_enrich = state.backoff.track(Operation::Enrich, enriched)?;
         let fetched = if self.reserving() {
             self.exchange(
                 if fetch_due {
@@ -619,7 +629,10 @@ impl Poller {
             .await?
         } else if fetch_due {
             match self.fetch_limit().await? {
-                Some(limit) => Some(self.fetch(Lane::Normal, limit).await?),
+                Some(limit) => {
+                    let fetched = self.fetch(Lane::Normal, limit).await;
+                    Some(state.backoff.track(Operation::Fetch, fetched)?)
+                }
                 None => None,
             }
         } else {
@@ -734,7 +747,8 @@ impl Poller {
             match (groups.len(), limits.len()) {
                 (0, 0) => return Ok(None),
                 (0, 1) => {
-                    let fetched = self.fetch(Lane::Normal, limits[0]).await?;
+                    let fetched = self.fetch(Lane::Normal, limits[0]).await;
+                    let fetched = state.backoff.track(Operation::Fetch, fetched)?;
                     state.width.observe(
                         1,
                         usize::from(matches!(fetched, Fetched::Full)),
@@ -747,7 +761,8 @@ impl Poller {
                     // One request per round, as a combined one: the next comes with the next
                     // fetch or wake-up, so lone settles never crowd fetches out of the bucket.
                     let group = groups.remove(0);
-                    self.settler.send(&group).await?;
+                    let sent = self.settler.send(&group).await;
+                    state.backoff.track(Operation::Settle, sent)?;
                     return Ok(None);
                 }
                 _ => {}
@@ -762,7 +777,17 @@ impl Poller {
                 "combined request"
             );
             let more_settles = groups.len() == MAX_COMMANDS;
-            let fetched = self.combined(groups, &limits, &mut state.width).await?;
+            let settles = !groups.is_empty();
+            let operation = if limits.is_empty() {
+                Operation::Settle
+            } else {
+                Operation::Fetch
+            };
+            let fetched = self.combined(groups, &limits, &mut state.width).await;
+            let fetched = state.backoff.track(operation, fetched)?;
+            if settles {
+                state.backoff.succeeded(Operation::Settle);
+            }
             if more_settles && !self.shutdown.is_cancelled() {
                 continue;
             }

@@ -21,9 +21,17 @@ fn bad_request(description: &str) -> Response {
     )
 }
 
+/// Parses a request body; `EVENT_DATA` to raise may be nested up to
+/// [`crate::json_depth::MAX_DEPTH`] levels.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|error| format!("invalid json body: {error}"))
+    let text = std::str::from_utf8(body).map_err(|error| format!("invalid json body: {error}"))?;
+    crate::json_depth::from_str(text)
+        .and_then(serde_json::from_value)
+        .map_err(|error| format!("invalid json body: {error}"))
 }
+
+/// The most levels `nest` adds: twice the daemon's bound, so data too deep for it can be raised.
+const MAX_NEST: usize = 2 * crate::json_depth::MAX_DEPTH;
 
 #[derive(Debug, Deserialize)]
 struct EmitRequest {
@@ -35,6 +43,9 @@ struct EmitRequest {
     connector: Option<String>,
     count: Option<u64>,
     user_id: Option<i64>,
+    /// Wraps `EVENT_DATA` in this many levels of `{"NESTED": …}` (deeply nested data, as a
+    /// portal module may send); at most [`MAX_NEST`].
+    nest: Option<usize>,
 }
 
 /// `POST /_sim/emit`: `count` (default 1) distinct entity changes from `entity_id` on (or
@@ -56,10 +67,13 @@ pub async fn emit(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     };
     let first_id = req.entity_id.unwrap_or(state.next_entity_id);
     for i in 0..count {
-        let data = match &req.data {
+        let mut data = match &req.data {
             Some(data) => data.clone(),
             None => json!({"FIELDS": {"ID": (first_id + i).to_string()}}),
         };
+        for _ in 0..req.nest.unwrap_or(0).min(MAX_NEST) {
+            data = json!({ "NESTED": data });
+        }
         state.raise(&req.event, data, &connectors, user_id, portal_now());
     }
     if req.data.is_none() {
@@ -145,6 +159,8 @@ struct FaultsRequest {
     redirect_loop: bool,
     operating_limit_next: u32,
     time_block: Option<Value>,
+    fail_gets: bool,
+    unparsable_next_gets: u32,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -176,6 +192,8 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         redirect_loop: req.redirect_loop,
         operating_limit_next: req.operating_limit_next,
         time_block: req.time_block,
+        fail_gets: req.fail_gets,
+        unparsable_next_gets: req.unparsable_next_gets,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

@@ -112,6 +112,7 @@ struct Delivery {
     drop: bool,
     truncate: bool,
     invalid_utf8: bool,
+    unparsable: bool,
 }
 
 fn roll(rng: &mut fastrand::Rng, probability: f64) -> bool {
@@ -215,6 +216,11 @@ async fn rest(
             state.counters.invalid_utf8 += 1;
             delivery.invalid_utf8 = true;
         }
+        if reply.ran_get && !delivery.drop && state.faults.unparsable_next_gets > 0 {
+            state.faults.unparsable_next_gets -= 1;
+            state.counters.unparsable += 1;
+            delivery.unparsable = true;
+        }
         if roll(&mut state.rng, faults.slow) {
             delivery.slow = Some(faults.slow_delay);
         }
@@ -242,6 +248,16 @@ async fn rest(
     if delivery.truncate {
         let mut body = reply.body;
         body.truncate(body.len() / 2);
+        return json_response(reply.status, body);
+    }
+    if delivery.unparsable {
+        let mut body = reply.body;
+        let marker = br#""EVENT_DATA":"#;
+        let at = body
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .map_or(body.len() / 2, |at| at + marker.len());
+        body.truncate(at);
         return json_response(reply.status, body);
     }
     if delivery.invalid_utf8 {

@@ -277,6 +277,10 @@ fn charged_call(
     timeline: &mut Timeline,
 ) -> Result<(Output, TimeBlock), RestError> {
     admit(state, timeline, method)?;
+    if method == "event.offline.get" && state.faults.fail_gets {
+        state.counters.failed_gets += 1;
+        return Err(RestError::internal());
+    }
     let start = timeline.now();
     let offset = params.take("start").map_or(0, |v| php::intval(&v));
     timeline.calls.start(method, start);

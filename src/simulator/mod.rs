@@ -210,6 +210,12 @@ pub struct Faults {
     /// (and each `result_time` of a `batch`), whatever it holds (`operating_reset_at`
     /// 9223372036854775807, `finish` -1e300, `"NaN"`, an empty object, `null`).
     pub time_block: Option<Value>,
+    /// Every `event.offline.get`, alone or in a `batch`, fails with 500
+    /// `INTERNAL_SERVER_ERROR` without running; every other call runs.
+    pub fail_gets: bool,
+    /// The next N answers that ran `event.offline.get` (executed: the rows are reserved) are
+    /// cut off after their first `"EVENT_DATA":`, so they cannot be parsed.
+    pub unparsable_next_gets: u32,
 }
 
 /// Counters and a snapshot of the queue table.
@@ -239,6 +245,10 @@ pub struct SimStats {
     pub invalid_utf8: u64,
     /// `/rest/` requests answered with a 302 by `redirect_loop`.
     pub redirect_loops: u64,
+    /// `event.offline.get` calls failed by `fail_gets`.
+    pub failed_gets: u64,
+    /// Answers cut off by `unparsable_next_gets`.
+    pub unparsable: u64,
     pub rejected_503: u64,
     pub rejected_429: u64,
     pub faults_500: u64,

@@ -211,8 +211,7 @@ pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
         return ids;
     };
     for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).expect("every line is a JSON envelope");
+        let v = b24eventd::json_depth::from_str(line).expect("every line is a JSON envelope");
         let id = v["id"].as_str().unwrap().to_string();
         assert_eq!(id, expected_key(&v), "the key of the change: {line}");
         *ids.entry(id).or_insert(0) += 1;
@@ -220,12 +219,12 @@ pub fn file_ids(path: &Path) -> BTreeMap<String, usize> {
     ids
 }
 
-/// Every envelope in a JSONL file sink, in order.
+/// Every envelope in a JSONL file sink, in order (data nested up to the daemon's bound reads).
 pub fn file_envelopes(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|line| serde_json::from_str(line).expect("every line is a JSON envelope"))
+        .map(|line| b24eventd::json_depth::from_str(line).expect("every line is a JSON envelope"))
         .collect()
 }
 
