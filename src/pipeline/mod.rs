@@ -396,38 +396,64 @@ pub async fn run_with(
             }
         }
     }
-    tracing::info!("stopping: no new fetches; letting in-flight deliveries finish");
+    // Every phase of the stop is bounded: the pollers and the deliveries share one deadline,
+    // `shutdown_timeout` after the signal; the due settle calls, the cron scheduler and the
+    // admin endpoint get what is left of it plus STOP_TAIL. The process ends within
+    // `shutdown_timeout` + STOP_TAIL whatever is in flight, and the log says what it waited for.
+    let stop_started = tokio::time::Instant::now();
+    let deadline = stop_started + running_config.shutdown_timeout;
+    let end = deadline + STOP_TAIL;
+    tracing::info!(timeout = ?running_config.shutdown_timeout, "stopping: no new fetches; letting in-flight deliveries finish");
     notifier.stopping();
-    while let Some(res) = pollers.join_next().await {
-        match res {
-            Ok(Some(Some(mismatch))) => refused.push(mismatch),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "poller task failed"),
+    let pollers_stopped = tokio::time::timeout_at(deadline, async {
+        while let Some(res) = pollers.join_next().await {
+            match res {
+                Ok(Some(Some(mismatch))) => refused.push(mismatch),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "poller task failed"),
+            }
         }
+    })
+    .await
+    .is_ok();
+    if !pollers_stopped {
+        tracing::warn!(portals = pollers.len(), timeout = ?running_config.shutdown_timeout, "shutdown deadline reached with portal calls in flight: abandoned; what they reserved is resumed on the next start");
+        pollers.abort_all();
     }
-    scheduler.stop().await;
+    let pollers_took = stop_started.elapsed();
     clock_watch.abort();
     pruner.abort();
-    let _ = systemd.await;
     if let Some(alerts) = alerts {
         alerts.abort();
     }
+    let helpers_stopped = tokio::time::timeout(AUX_STOP, async {
+        scheduler.stop().await;
+        let _ = systemd.await;
+    })
+    .await
+    .is_ok();
+    if !helpers_stopped {
+        tracing::warn!(timeout = ?AUX_STOP, "the cron scheduler or the systemd notifier did not stop in time: abandoned");
+    }
 
-    let deadline = tokio::time::Instant::now() + running_config.shutdown_timeout;
     dispatch_stop.cancel();
-    if !dispatchers.join_all(deadline).await {
+    let in_flight = dispatchers.join_all(deadline).await;
+    if !in_flight.is_empty() {
         tracing::warn!(
+            sinks = %in_flight.join(","),
             timeout = ?running_config.shutdown_timeout,
             "shutdown deadline reached with deliveries in flight: they will be retried on the next start"
         );
     }
-    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let deliveries_took = stop_started.elapsed().saturating_sub(pollers_took);
+    let settle_started = tokio::time::Instant::now();
     let final_settle = async {
         for settler in &settlers {
             settler.settle_all().await;
         }
     };
-    if tokio::time::timeout(remaining.max(Duration::from_secs(5)), final_settle)
+    let settle_by = end.checked_sub(AUX_STOP).unwrap_or(end);
+    if tokio::time::timeout_at(settle_by, final_settle)
         .await
         .is_err()
     {
@@ -435,10 +461,20 @@ pub async fn run_with(
             "shutdown deadline reached while settling: pending settle calls are resent on the next start"
         );
     }
+    let settle_took = settle_started.elapsed();
     admin_stop.cancel();
-    if let Some(admin) = admin {
-        let _ = admin.await;
+    if let Some(admin) = admin
+        && tokio::time::timeout_at(end, admin).await.is_err()
+    {
+        tracing::warn!("the admin endpoint did not stop in time: abandoned");
     }
+    tracing::info!(
+        took = ?stop_started.elapsed(),
+        pollers = ?pollers_took,
+        deliveries = ?deliveries_took,
+        settle = ?settle_took,
+        "stop waited for: the pollers' last round, the deliveries in flight, the due settle calls"
+    );
     tracing::info!("b24eventd stopped");
     if let Some(gave_up) = gave_up.or_else(|| supervisor.given_up()) {
         return Err(gave_up.into());
@@ -454,6 +490,12 @@ pub async fn run_with(
     }
     Ok(())
 }
+
+/// How long a stop may go on after `shutdown_timeout`: the due settle calls, then the cron
+/// scheduler and the admin endpoint.
+pub const STOP_TAIL: Duration = Duration::from_secs(10);
+/// How long the cron scheduler, the systemd notifier, each, get to stop (part of the bounds).
+const AUX_STOP: Duration = Duration::from_secs(2);
 
 /// The dispatcher of every configured sink, started and stopped as the config says.
 struct Dispatchers {
@@ -545,8 +587,10 @@ impl Dispatchers {
 
     /// Waits for every dispatcher until `deadline`, then aborts the rest; false if any was
     /// still delivering.
-    async fn join_all(&mut self, deadline: tokio::time::Instant) -> bool {
-        let mut in_time = true;
+    /// Waits for every dispatcher until `deadline`; the names of the sinks whose deliveries
+    /// were still in flight then (their tasks are aborted).
+    async fn join_all(&mut self, deadline: tokio::time::Instant) -> Vec<String> {
+        let mut in_flight = Vec::new();
         for (name, sink) in std::mem::take(&mut self.running) {
             let mut task = sink.task;
             match tokio::time::timeout_at(deadline, &mut task).await {
@@ -554,11 +598,11 @@ impl Dispatchers {
                 Ok(Err(e)) => tracing::error!(sink = %name, error = %e, "dispatcher task failed"),
                 Err(_) => {
                     task.abort();
-                    in_time = false;
+                    in_flight.push(name);
                 }
             }
         }
-        in_time
+        in_flight
     }
 }
 
