@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod journal;
 pub mod metrics;
 pub mod pipeline;
+pub mod redact;
 pub mod shutdown;
 pub mod simulator;
 pub mod sinks;

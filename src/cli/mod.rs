@@ -2,19 +2,26 @@
 //! turns them into exit codes (0 ok, 1 runtime failure, 2 usage, 78 configuration error).
 
 /// `println!` that returns the write error instead of panicking, so `b24eventd journal list |
-/// head` ends quietly when `head` closes the pipe (see [`main`]).
+/// head` ends quietly when `head` closes the pipe (see [`main`]). What it prints is scrubbed of
+/// every secret the process knows ([`crate::redact`]).
 macro_rules! outln {
+    () => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout())
+    }};
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)
+        let text = format!($($arg)*);
+        writeln!(std::io::stdout(), "{}", crate::redact::scrub(&text))
     }};
 }
 
-/// `print!`, returning the write error like [`outln!`].
+/// `print!`, returning the write error and scrubbed like [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        write!(std::io::stdout(), $($arg)*)
+        let text = format!($($arg)*);
+        write!(std::io::stdout(), "{}", crate::redact::scrub(&text))
     }};
 }
 
@@ -234,7 +241,7 @@ pub fn main() -> ExitCode {
         // The reader of our output went away (`| head`): nothing left to say, nothing failed.
         Err(Failure { error, .. }) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("b24eventd: {}", format_error(&error));
+            eprintln!("b24eventd: {}", crate::redact::scrub(&format_error(&error)));
             ExitCode::from(code)
         }
     }
@@ -430,7 +437,7 @@ fn init_logging_as(default: &str, format: config::LogFormat) {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::redact::Scrubbed(std::io::stderr));
     let _ = match format {
         config::LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

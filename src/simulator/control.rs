@@ -143,6 +143,9 @@ struct FaultsRequest {
     html: f64,
     invalid_utf8_next_gets: u32,
     redirect_loop: bool,
+    redirect_to: Option<String>,
+    oauth_redirect_to: Option<String>,
+    oauth_echo: bool,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -172,6 +175,9 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         html: req.html,
         invalid_utf8_next_gets: req.invalid_utf8_next_gets,
         redirect_loop: req.redirect_loop,
+        redirect_to: req.redirect_to,
+        oauth_redirect_to: req.oauth_redirect_to,
+        oauth_echo: req.oauth_echo,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;
