@@ -3496,12 +3496,12 @@ events = ["ONCRMDEALADD"]
             read_secret_file(path, "portals.main.client_secret_file", "client secret")
         };
         let file = dir.path().join("main.secret");
-        std::fs::write(&file, "x".repeat(MAX_SECRET_FILE as usize)).unwrap();
+        std::fs::write(&file, "q7".repeat(MAX_SECRET_FILE as usize / 2)).unwrap();
         assert_eq!(
             read(&file).unwrap().expose().len(),
             MAX_SECRET_FILE as usize
         );
-        std::fs::write(&file, "x".repeat(MAX_SECRET_FILE as usize + 1)).unwrap();
+        std::fs::write(&file, "q7".repeat(MAX_SECRET_FILE as usize / 2) + "q").unwrap();
         let err = read(&file).unwrap_err();
         assert!(
             err.message.contains("65537 bytes") && err.message.contains("65536"),

@@ -129,7 +129,7 @@ fn html_escape(s: &str) -> String {
     out
 }
 
-/// A set of needles (secrets in all their forms) compiled for fast replacement.
+/// A set of needles (secrets in all their forms) compiled for fast matching.
 struct Matcher {
     ac: Option<AhoCorasick>,
 }
@@ -141,31 +141,64 @@ impl Matcher {
             return Matcher { ac: None };
         }
         let ac = AhoCorasickBuilder::new()
-            .match_kind(MatchKind::LeftmostLongest)
+            .match_kind(MatchKind::Standard)
             .ascii_case_insensitive(true)
             .build(needles)
             .ok();
         Matcher { ac }
     }
 
-    fn replace<'t>(&self, text: &'t str) -> Cow<'t, str> {
-        let Some(ac) = &self.ac else {
-            return Cow::Borrowed(text);
-        };
-        if !ac.is_match(text) {
-            return Cow::Borrowed(text);
+    /// Every occurrence of every needle, overlapping ones included.
+    fn spans(&self, text: &str, out: &mut Vec<(usize, usize)>) {
+        if let Some(ac) = &self.ac {
+            out.extend(ac.find_overlapping_iter(text).map(|m| (m.start(), m.end())));
         }
-        let mut out = String::with_capacity(text.len());
-        ac.replace_all_with(text, &mut out, |_, _, dst| {
-            dst.push_str(REDACTED);
-            true
-        });
-        Cow::Owned(out)
     }
 }
 
+/// Every occurrence of `needle` in `text` (ASCII case ignored), overlapping ones included.
+fn naive_spans(text: &str, needle: &str, out: &mut Vec<(usize, usize)>) {
+    let mut from = 0;
+    while let Some(at) = find_ignore_ascii_case(text, needle, from) {
+        out.push((at, at + needle.len()));
+        from = at + 1;
+    }
+}
+
+/// `text` with the union of `spans` replaced: overlapping or touching occurrences (one secret
+/// inside another, pieces of a long one) become one `[redacted]`, so no part of any survives.
+fn redact_spans<'t>(text: &'t str, mut spans: Vec<(usize, usize)>) -> Cow<'t, str> {
+    if spans.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    let mut current: Option<(usize, usize)> = None;
+    for (start, end) in spans {
+        match &mut current {
+            Some((_, cur_end)) if start <= *cur_end => *cur_end = (*cur_end).max(end),
+            _ => {
+                if let Some((s, e)) = current.take() {
+                    out.push_str(&text[at..s]);
+                    out.push_str(REDACTED);
+                    at = e;
+                }
+                current = Some((start, end));
+            }
+        }
+    }
+    if let Some((s, e)) = current {
+        out.push_str(&text[at..s]);
+        out.push_str(REDACTED);
+        at = e;
+    }
+    out.push_str(&text[at..]);
+    Cow::Owned(out)
+}
+
 /// Every needle of the process. Needles added since the last compilation sit in `pending` and
-/// are matched one by one until there are enough of them to compile again (so registering the
+/// are searched one by one until there are enough of them to compile again (so registering the
 /// tokens of a thousand portals does not compile a thousand automatons). A rotated-out token
 /// stays in the compiled matcher until the next compilation.
 #[derive(Default)]
@@ -182,12 +215,9 @@ struct Registry {
 }
 
 impl Registry {
-    /// Adds a needle to `pending`, kept longest first: a secret containing another is replaced
-    /// whole.
     fn add_pending(&mut self, needle: &str) {
         if !self.pending.iter().any(|p| p == needle) {
-            let at = self.pending.partition_point(|p| p.len() >= needle.len());
-            self.pending.insert(at, needle.to_string());
+            self.pending.push(needle.to_string());
         }
     }
 
@@ -202,22 +232,15 @@ impl Registry {
         self.pending.clear();
     }
 
-    fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
-        let mut out = match &self.compiled {
-            Some(matcher) => matcher.replace(text),
-            None => Cow::Borrowed(text),
-        };
-        for needle in &self.pending {
-            if contains_ignore_ascii_case(&out, needle) {
-                out = Cow::Owned(replace_ignore_ascii_case(&out, needle));
-            }
+    /// Where registered secrets occur in `text`.
+    fn spans(&self, text: &str, out: &mut Vec<(usize, usize)>) {
+        if let Some(matcher) = &self.compiled {
+            matcher.spans(text, out);
         }
-        out
+        for needle in &self.pending {
+            naive_spans(text, needle, out);
+        }
     }
-}
-
-fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
-    find_ignore_ascii_case(haystack, needle, 0).is_some()
 }
 
 fn find_ignore_ascii_case(haystack: &str, needle: &str, from: usize) -> Option<usize> {
@@ -226,20 +249,6 @@ fn find_ignore_ascii_case(haystack: &str, needle: &str, from: usize) -> Option<u
         return None;
     }
     (from..=h.len() - n.len()).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
-}
-
-fn replace_ignore_ascii_case(haystack: &str, needle: &str) -> String {
-    let mut out = String::with_capacity(haystack.len());
-    let mut at = 0;
-    while let Some(found) = find_ignore_ascii_case(haystack, needle, at) {
-        // A match of a whole needle starts and ends on character boundaries: the needle is
-        // valid UTF-8 and ASCII case folding never touches the bytes of other characters.
-        out.push_str(&haystack[at..found]);
-        out.push_str(REDACTED);
-        at = found + needle.len();
-    }
-    out.push_str(&haystack[at..]);
-    out
 }
 
 static REGISTRY: LazyLock<RwLock<Registry>> = LazyLock::new(|| RwLock::new(Registry::default()));
@@ -322,23 +331,25 @@ pub fn is_credential_header(name: &str) -> bool {
 
 /// `text` with every registered secret, in every encoding, replaced by `[redacted]`.
 pub fn scrub(text: &str) -> Cow<'_, str> {
-    let registry = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
-    registry.scrub(text)
+    scrub_spans(text, &[])
 }
 
 /// [`scrub`], and `extra` secrets (those a caller holds but did not register) in every
 /// encoding too.
 pub fn scrub_with(text: &str, extra: &[&str]) -> String {
-    let mut out = scrub(text).into_owned();
-    let mut forms: Vec<String> = extra.iter().flat_map(|s| needles(s)).collect();
-    // Longest first, so that a form containing another is replaced whole.
-    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-    for form in forms {
-        if contains_ignore_ascii_case(&out, &form) {
-            out = replace_ignore_ascii_case(&out, &form);
-        }
+    scrub_spans(text, extra).into_owned()
+}
+
+fn scrub_spans<'t>(text: &'t str, extra: &[&str]) -> Cow<'t, str> {
+    let mut spans = Vec::new();
+    {
+        let registry = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+        registry.spans(text, &mut spans);
     }
-    out
+    for needle in extra.iter().flat_map(|s| needles(s)) {
+        naive_spans(text, &needle, &mut spans);
+    }
+    redact_spans(text, spans)
 }
 
 /// A [`MakeWriter`](tracing_subscriber::fmt::MakeWriter) whose writers [`scrub`] what they
@@ -465,11 +476,11 @@ mod tests {
             "{pieces:?}"
         );
         register(&long);
-        register(&"x".repeat(64 * 1024));
-        let text = format!("before {long} after {}", "x".repeat(64 * 1024));
+        register(&"q9".repeat(32 * 1024));
+        let text = format!("before {long} after {}", "q9".repeat(32 * 1024));
         let out = scrub(&text);
         assert!(out.starts_with("before [redacted]"), "{out}");
-        assert!(!out.contains("abc") && !out.contains("xx"), "{out}");
+        assert!(!out.contains("abc") && !out.contains("q9"), "{out}");
         assert!(out.contains(" after [redacted]"), "{out}");
     }
 
