@@ -334,9 +334,11 @@ async fn status_page(State(state): State<AdminState>) -> Response {
         .status_data(state.portals.clone(), chrono::Utc::now())
         .await
     {
+        // Scrubbed whole: errors on the page came from portals and sinks (HTML-escaped forms
+        // of a secret are among those scrubbed).
         Ok(data) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            crate::status_page::render(&data),
+            crate::redact::scrub(&crate::status_page::render(&data)).into_owned(),
         )
             .into_response(),
         Err(e) => (
@@ -398,6 +400,10 @@ async fn readyz(State(state): State<AdminState>) -> Response {
                 reason,
             });
         }
+    }
+    // Unauthenticated: the reasons quote errors from portals, scrubbed of every known secret.
+    for entry in &mut not_ready {
+        entry.reason = crate::redact::scrub(&entry.reason).into_owned();
     }
     let status = if not_ready.is_empty() {
         StatusCode::OK

@@ -220,12 +220,15 @@ pub enum SecretSource {
 }
 
 /// A secret string. `Debug` and `Display` print `[redacted]`; only [`Secret::expose`] shows it.
+/// Making one registers it with [`crate::redact`], so no log line or output shows it either.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
+        let secret = s.into();
+        crate::redact::register(&secret);
+        Secret(secret)
     }
 
     /// The secret itself: for building a request, never for a log line or an error message.
@@ -248,7 +251,7 @@ impl fmt::Display for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
-        String::deserialize(deserializer).map(Secret)
+        String::deserialize(deserializer).map(Secret::new)
     }
 }
 
@@ -879,7 +882,55 @@ pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, Co
         // systemd lists several directories separated by ':' when several are configured.
         .and_then(|(_, v)| v.split(':').find(|s| !s.is_empty()))
         .map(PathBuf::from);
-    validate(raw, path)
+    let config = validate(raw, path)?;
+    register_credentials(&config);
+    Ok(config)
+}
+
+/// Registers the credentials a loaded config names with [`crate::redact`], so no log line or
+/// output shows them: the userinfo of sink URLs (with the `Basic` credentials an HTTP client
+/// makes of it) and the values of http sink headers that carry credentials. Inline secrets
+/// register themselves as [`Secret`]s.
+fn register_credentials(config: &Config) {
+    for sink in config.sinks.values() {
+        match &sink.kind {
+            SinkKind::Http(http) => {
+                register_url_credentials(&http.url);
+                for (name, value) in &http.headers {
+                    if crate::redact::is_credential_header(name) {
+                        crate::redact::register(value);
+                        // `Bearer TOKEN`, `Basic CREDENTIALS`: the credential on its own too.
+                        if let Some((_, credential)) = value.trim().split_once(' ') {
+                            crate::redact::register(credential.trim());
+                        }
+                    }
+                }
+            }
+            SinkKind::Amqp(c) => register_url_credentials(&c.url),
+            SinkKind::Redis(c) => register_url_credentials(&c.url),
+            SinkKind::Mqtt(c) => register_url_credentials(&c.url),
+            SinkKind::Postgres(c) => register_url_credentials(&c.url),
+            // Its token or password is a `Secret`; files and programs have no credentials here.
+            SinkKind::Nats(_) | SinkKind::File(_) | SinkKind::Exec(_) => {}
+        }
+    }
+}
+
+/// The userinfo of `url` with [`crate::redact`]: as written and decoded.
+fn register_url_credentials(url: &str) {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return;
+    };
+    // Userinfo is percent-encoded; a `+` in it is a plus, not a space.
+    let decode = |text: &str| crate::bitrix::form::percent_decode(&text.replace('+', "%2B"));
+    let user = parsed.username();
+    if let Some(password) = parsed.password() {
+        crate::redact::register(password);
+        crate::redact::register_credentials(&decode(user), &decode(password));
+    } else if !user.is_empty() {
+        crate::redact::register(user);
+        crate::redact::register_credentials(&decode(user), "");
+    }
 }
 
 fn load_raw(path: &Path, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
@@ -1806,7 +1857,11 @@ impl Validator {
             (Some(secret), None) if secret.expose().trim().is_empty() => {
                 return Err(self.err(k("client_secret"), "must not be empty"));
             }
-            (Some(secret), None) => SecretSource::Inline(secret),
+            (Some(secret), None) => {
+                check_secret_text(secret.expose(), "client secret")
+                    .map_err(|problem| self.err(k("client_secret"), problem))?;
+                SecretSource::Inline(secret)
+            }
             (None, Some(path)) if path.as_os_str().is_empty() => {
                 return Err(self.err(k("client_secret_file"), "must not be empty"));
             }
@@ -2325,6 +2380,19 @@ impl Validator {
             raw.headers.take().unwrap_or_default(),
             signing_secret.is_some(),
         )?;
+        if let Some(header) = headers
+            .keys()
+            .find(|h| h.eq_ignore_ascii_case("authorization"))
+            && reqwest::Url::parse(&url)
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+        {
+            return Err(self.err(
+                k(&format!("headers.{header}")),
+                format!(
+                    "sink {name}: url carries credentials (user:password@, sent as Authorization: Basic) and headers sets Authorization too; keep one"
+                ),
+            ));
+        }
         let statuses = self.status_overrides(name, raw.retry_on.take(), raw.dead_on.take())?;
         let format = match raw.format.as_deref() {
             None | Some("json") => {
@@ -2558,7 +2626,11 @@ impl Validator {
             (Some(token), None) if token.expose().trim().is_empty() => {
                 return Err(self.err(k("application_token"), "must not be empty"));
             }
-            (Some(token), None) => SecretSource::Inline(token),
+            (Some(token), None) => {
+                check_secret_text(token.expose(), "application token")
+                    .map_err(|problem| self.err(k("application_token"), problem))?;
+                SecretSource::Inline(token)
+            }
             (None, Some(path)) if path.as_os_str().is_empty() => {
                 return Err(self.err(k("application_token_file"), "must not be empty"));
             }
@@ -2803,19 +2875,94 @@ fn read_secret(
     }
 }
 
+/// The largest secret file read (a client secret is 50 characters, a signing key well under
+/// 1 KiB); a bigger file is refused, not read.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads a secret file: a regular file (a FIFO would block, a device like `/dev/zero` never
+/// ends: both refused without reading) of at most [`MAX_SECRET_FILE`] bytes, UTF-8, holding the
+/// secret and at most one final newline.
 fn read_secret_file(path: &Path, key: &str, what: &str) -> Result<Secret, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(&file, key, format!("cannot read the {what}: {e}")))?;
-    let secret = text.trim_end_matches(['\n', '\r']);
-    if secret.trim().is_empty() {
-        return Err(ConfigError::new(
-            &file,
-            key,
-            format!("the {what} file is empty"),
-        ));
+    let err = |message: String| ConfigError::new(&file, key, message);
+    // Non-blocking, so that opening a FIFO returns at once; the type is checked on the opened
+    // file, so nothing can be swapped in between.
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| err(format!("cannot read the {what}: {e}")))?;
+    let meta = handle
+        .metadata()
+        .map_err(|e| err(format!("cannot read the {what}: {e}")))?;
+    if !meta.is_file() {
+        let kind = file_kind(&meta);
+        return Err(err(format!(
+            "the {what} file is {kind}, not a regular file: point the key at a file holding only the {what}"
+        )));
     }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(err(format!(
+            "the {what} file is {} bytes; a secret file holds at most {MAX_SECRET_FILE} bytes",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    handle
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot read the {what}: {e}")))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(err(format!(
+            "the {what} file grew past {MAX_SECRET_FILE} bytes while it was read"
+        )));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| err(format!("the {what} file is not UTF-8 text")))?;
+    let secret = text
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&text);
+    if secret.trim().is_empty() {
+        return Err(err(format!("the {what} file is empty")));
+    }
+    check_secret_text(secret, what).map_err(|problem| {
+        err(format!(
+            "{problem} (a secret file holds the secret and at most one final newline)"
+        ))
+    })?;
     Ok(Secret::new(secret))
+}
+
+/// What a file is, for the message refusing it as a secret file.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// A secret holds no line break and no NUL: it goes into headers, query strings and URLs, where
+/// either would cut it or smuggle something in.
+fn check_secret_text(secret: &str, what: &str) -> Result<(), String> {
+    if secret.contains(['\n', '\r']) {
+        return Err(format!("the {what} holds a line break"));
+    }
+    if secret.contains('\0') {
+        return Err(format!("the {what} holds a NUL character"));
+    }
+    Ok(())
 }
 
 fn warn_if_shared(key: &str, path: &Path) {
@@ -3843,11 +3990,79 @@ events = ["ONCRMDEALADD"]
     }
 
     #[test]
+    fn secret_files_are_small_regular_files_of_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |path: &Path| {
+            read_secret_file(path, "portals.main.client_secret_file", "client secret")
+        };
+        let file = dir.path().join("main.secret");
+        std::fs::write(&file, "q7".repeat(MAX_SECRET_FILE as usize / 2)).unwrap();
+        assert_eq!(
+            read(&file).unwrap().expose().len(),
+            MAX_SECRET_FILE as usize
+        );
+        std::fs::write(&file, "q7".repeat(MAX_SECRET_FILE as usize / 2) + "q").unwrap();
+        let err = read(&file).unwrap_err();
+        assert!(
+            err.message.contains("65537 bytes") && err.message.contains("65536"),
+            "{err}"
+        );
+        assert_eq!(err.key, "portals.main.client_secret_file");
+        let err = read(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(err.file, "/dev/zero");
+        assert!(
+            err.message.contains("a device, not a regular file"),
+            "{err}"
+        );
+        let err = read(dir.path()).unwrap_err();
+        assert!(err.message.contains("a directory"), "{err}");
+        for (content, expected) in [
+            ("s3cret\n", Ok("s3cret")),
+            ("s3cret\r\n", Ok("s3cret")),
+            (" s3 cret ", Ok(" s3 cret ")),
+            ("s3cret\n\n", Err("line break")),
+            ("s3\ncret", Err("line break")),
+            ("s3\rcret", Err("line break")),
+            ("s3\0cret", Err("NUL")),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            match (read(&file), expected) {
+                (Ok(secret), Ok(want)) => assert_eq!(secret.expose(), want),
+                (Err(err), Err(why)) => assert!(
+                    err.message.contains(why) && err.message.contains("one final newline"),
+                    "{content:?}: {err}"
+                ),
+                (got, want) => panic!("{content:?}: {got:?}, expected {want:?}"),
+            }
+        }
+        std::fs::write(&file, [0xff, 0xfe]).unwrap();
+        assert!(read(&file).unwrap_err().message.contains("not UTF-8"));
+    }
+
+    #[test]
+    fn inline_secrets_hold_no_line_break_or_nul() {
+        for (value, why) in [("s3\\ncr3t", "line break"), ("s3\\u0000cr3t", "NUL")] {
+            let text = portal("").replace(
+                "client_secret = \"s3cr3t\"",
+                &format!("client_secret = \"{value}\""),
+            );
+            assert_err(&text, "portals.main.client_secret", why);
+        }
+        assert_err(
+            &sink(
+                "type = \"http\"\nurl = \"https://u:p@erp.example/\"\nheaders = { Authorization = \"Bearer t0ken\" }",
+            ),
+            "sinks.erp.headers.Authorization",
+            "keep one",
+        );
+    }
+
+    #[test]
     fn secret_never_prints() {
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret}"), "[redacted]");
         assert_eq!(format!("{secret:?}"), "[redacted]");
-        let config = load_str(&with("[sinks.erp]\ntype = \"http\"\nurl = \"https://user:pw@erp.local/x\"\nheaders = { Authorization = \"Bearer tok\" }"), &[]).unwrap();
+        let config = load_str(&with("[sinks.erp]\ntype = \"http\"\nurl = \"https://user:pw@erp.local/x\"\nheaders = { X-Api-Key = \"Bearer tok\" }"), &[]).unwrap();
         let debug = format!("{config:?}");
         for leaked in ["s3cr3t", "Bearer tok", ":pw@"] {
             assert!(!debug.contains(leaked), "{leaked} leaked in {debug}");

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod json_depth;
 pub mod metrics;
 pub mod pipeline;
+pub mod redact;
 pub mod shutdown;
 pub mod simulator;
 pub mod sinks;

@@ -1,6 +1,7 @@
 //! The real pipeline, in-process, against the portal simulator, delivering through an `exec`
 //! sink: a program per event, a permanent exit code ending one entity dead, and what the
-//! programs printed kept in the journal's attempt records.
+//! programs printed kept in the journal's attempt records. The daemon binary under systemd's
+//! variables: its programs get no credentials directory, notification socket or watchdog.
 
 mod common;
 
@@ -158,4 +159,75 @@ async fn exec_sink_delivers_each_event_and_a_permanent_exit_code_ends_dead() {
         .map(|a| a.lane.as_str())
         .collect();
     assert_eq!(dead_lanes, vec!["normal", "error"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_get_no_credentials_directory_nor_the_systemd_socket() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // The client secret comes from systemd's credentials directory, as `LoadCredential=` gives it.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let secret = SimulatorConfig::default().client_secret;
+    std::fs::write(credentials.join("main.client_secret"), &secret).unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let _socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let dump = dir.path().join("env.txt");
+    let sinks = format!(
+        r#"[sinks.notify]
+type = "exec"
+command = ["/bin/sh", "-c", "env >> \"$ENV_DUMP\"; echo ---- >> \"$ENV_DUMP\""]
+env = {{ ENV_DUMP = "{dump}" }}
+"#,
+        dump = dump.display()
+    );
+    let config = write_config(dir.path(), &sim, None, "", &sinks);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("client_secret = \"{secret}\""), "");
+    std::fs::write(&config, text).unwrap();
+    let journal = b24eventd::journal::Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    journal.save_tokens("main", &tokens).await.unwrap();
+
+    let log = dir.path().join("daemon.log");
+    let mut daemon = common::daemon::spawn_daemon_with_env(
+        &config,
+        &log,
+        &[
+            ("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap()),
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "600000000"),
+            ("LISTEN_FDS", "0"),
+        ],
+    );
+    emit_deals(&sim, 1, 3);
+    wait_for("three events settled", Duration::from_secs(60), || {
+        upstream_empty(&sim) && sim.stats().cleared == 3
+    })
+    .await;
+    common::daemon::stop_with_sigterm(&mut daemon, &log);
+
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert_eq!(env.matches("----").count(), 3, "{env}");
+    assert!(
+        env.contains("B24_EVENT_ID=") && env.contains("ENV_DUMP="),
+        "{env}"
+    );
+    for leaked in [
+        "CREDENTIALS_DIRECTORY",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "LISTEN_FDS",
+        credentials.to_str().unwrap(),
+        socket_path.to_str().unwrap(),
+        secret.as_str(),
+    ] {
+        assert!(!env.contains(leaked), "a program saw {leaked:?}:\n{env}");
+    }
 }

@@ -3,10 +3,16 @@
 //! OAuth token, signing secret, URL password, header value, exec environment value or application
 //! token may appear in any output, in what sinks receive (beyond what a sink is configured to
 //! send), or in the journal outside its `tokens` table. The journal files are 0600.
+//!
+//! Remote ends that echo what they were sent (a token endpoint echoing its query, a sink
+//! endpoint echoing its headers) get no form of a secret into the log, `/readyz`, the status
+//! page or `doctor`; a redirect to another host is refused before anything goes there; secret
+//! files must be small regular files; a secret holds no line break or NUL.
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd::simulator::{Faults, SimulatorConfig};
+use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -44,12 +50,25 @@ async fn recorder() -> (String, Arc<Mutex<Vec<String>>>) {
 }
 
 async fn cli(config: &Path, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
+    cli_with_env(config, args, stdin, &[]).await
+}
+
+/// [`cli`] with extra environment variables.
+async fn cli_with_env(
+    config: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_b24eventd"));
     cmd.arg("-c")
         .arg(config)
         .args(args)
         .env_remove("B24EVENTD_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
         .env("B24EVENTD_LOG", "trace")
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -112,14 +131,14 @@ async fn no_secret_leaks_at_trace_level() {
     let sinks = format!(
         r#"[sinks.erp]
 type = "http"
-url = "http://erp:{URL_PASSWORD}@{endpoint}/events"
+url = "http://{endpoint}/events"
 headers = {{ Authorization = "{HEADER_VALUE}" }}
 signing_secret = "{SIGNING_SECRET}"
 timeout = "5s"
 
 [sinks.legacy]
 type = "http"
-url = "http://{endpoint}/handler.php"
+url = "http://erp:{URL_PASSWORD}@{endpoint}/handler.php"
 format = "bitrix-form"
 bitrix_member_id = "a223c6b3710f85df22e9377d6c4f7553"
 application_token = "{APPLICATION_TOKEN}"
@@ -333,4 +352,446 @@ env = {{ HOOK_SECRET = "{EXEC_ENV_VALUE}" }}
         }
     }
     assert!(dir.path().join("journal.db").exists());
+}
+
+/// A client secret with characters that every encoding writes differently: a query (`%20`), a
+/// form (`+`), JSON (`\"`), HTML (`&amp;`).
+const ODD_SECRET: &str = "S3cr3t +/&=?#%é'<>\"x~*";
+
+/// `secret` as it would appear raw, percent-encoded (either hex case), form-encoded (a space as
+/// `+`, with and without `*` and `~` kept), inside a JSON string and in HTML text: written here
+/// independently of the daemon's own scrubber.
+fn every_form(secret: &str) -> Vec<String> {
+    let escape = |keep: &str, plus: bool| -> String {
+        secret
+            .bytes()
+            .map(|b| match b {
+                b' ' if plus => "+".to_string(),
+                b if b.is_ascii_alphanumeric() || keep.as_bytes().contains(&b) => {
+                    (b as char).to_string()
+                }
+                b => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let html = secret
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;");
+    let json = serde_json::to_string(secret).unwrap();
+    let mut forms = vec![
+        secret.to_string(),
+        escape("-._~", false),
+        escape("-._~", false).to_lowercase(),
+        escape("*-._", true),
+        escape("-._", true),
+        json.trim_matches('"').to_string(),
+        html,
+    ];
+    forms.dedup();
+    forms
+}
+
+/// A free loopback port for the daemon's admin endpoint.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `config` with its admin endpoint on `port` and `[portals.main]`'s client secret replaced by
+/// `secret_line` (another key, or nothing).
+fn rewrite_config(config: &Path, port: u16, secret_line: &str) {
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace("client_secret = \"sim-secret\"", secret_line);
+    std::fs::write(config, text).unwrap();
+}
+
+/// Stores `tokens` for portal `main` in the config's journal, as `auth import` would.
+async fn seed_tokens(dir: &Path, tokens: &b24eventd::bitrix::Tokens) {
+    let journal = b24eventd::journal::Journal::open(
+        &dir.join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap();
+    journal.save_tokens("main", tokens).await.unwrap();
+}
+
+/// GET `path` on the admin endpoint: status and body.
+async fn admin_get(port: u16, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Polls `/readyz` until the portal is not ready for a reason containing `needle`.
+async fn readyz_saying(port: u16, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = admin_get(port, "/readyz").await;
+        if status == 503 && body.contains(needle) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never said {needle:?}; last answer {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_echoing_token_endpoint_leaks_no_form_of_the_client_secret() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig {
+        client_secret: ODD_SECRET.into(),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let secret_file = dir.path().join("main.secret");
+    std::fs::write(&secret_file, format!("{ODD_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let port = free_port();
+    rewrite_config(
+        &config,
+        port,
+        &format!("client_secret_file = \"{}\"", secret_file.display()),
+    );
+    seed_tokens(dir.path(), &tokens).await;
+    // Every call is refused for its expired token; the refresh meets the echoing endpoint.
+    sim.expire_access_tokens();
+    sim.set_faults(Faults {
+        oauth_echo: true,
+        ..Faults::default()
+    });
+
+    let log_path = dir.path().join("daemon.log");
+    let mut daemon = spawn_daemon_with_env(&config, &log_path, &[("B24EVENTD_LOG", "trace")]);
+    let mut outputs = vec![format!(
+        "/readyz\n{}",
+        readyz_saying(port, "invalid_request").await
+    )];
+    outputs.push(format!("status page\n{}", admin_get(port, "/").await.1));
+    for args in [
+        &["doctor"][..],
+        &["doctor", "--json"],
+        &["validate", "--online"],
+    ] {
+        let (code, text) = cli(&config, args, None).await;
+        assert_eq!(code, Some(1), "the failing refresh fails the check: {text}");
+        outputs.push(text);
+    }
+    stop_with_sigterm(&mut daemon, &log_path);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("invalid_request") && log.contains("[redacted]"),
+        "the echo reached the daemon and was scrubbed: {log}"
+    );
+    outputs.push(format!("daemon log\n{log}"));
+
+    let mut secrets = every_form(ODD_SECRET);
+    secrets.extend(sim.issued_tokens());
+    for output in &outputs {
+        let what = output.lines().next().unwrap_or("output");
+        if what != "status page" {
+            assert!(output.contains("invalid_request"), "{output}");
+        }
+        assert_clean(what, output, &secrets);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_echoing_sink_endpoint_leaks_no_form_of_the_sink_credentials() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // The endpoint refuses every request, quoting its headers (the Basic credentials among them).
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let echo: Vec<String> = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("")))
+            .collect();
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("refused: {}", echo.join("; ")),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let password = "p@ss w0rd+Sink";
+    let sinks = format!(
+        "[sinks.erp]\ntype = \"http\"\nurl = \"http://erp-user:p%40ss%20w0rd%2BSink@{endpoint}/events\"\ntimeout = \"5s\"\n"
+    );
+    let config = write_config(dir.path(), &sim, None, "", &sinks);
+    let port = free_port();
+    rewrite_config(&config, port, "client_secret = \"sim-secret\"");
+    seed_tokens(dir.path(), &tokens).await;
+
+    let log_path = dir.path().join("daemon.log");
+    let mut daemon = spawn_daemon_with_env(&config, &log_path, &[("B24EVENTD_LOG", "trace")]);
+    emit_deals(&sim, 1, 3);
+    wait_for(
+        "the refused events settled",
+        Duration::from_secs(60),
+        || upstream_empty(&sim) && sim.stats().errored >= 3,
+    )
+    .await;
+    let mut outputs = vec![format!("status page\n{}", admin_get(port, "/").await.1)];
+    stop_with_sigterm(&mut daemon, &log_path);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("refused: "), "the echo reached the log: {log}");
+    outputs.push(format!("daemon log\n{log}"));
+    for args in [
+        &["dead", "list", "--json"][..],
+        &["journal", "show", "main:1"],
+        &["doctor", "--json"],
+    ] {
+        outputs.push(cli(&config, args, None).await.1);
+    }
+    assert!(
+        outputs.iter().any(|o| o.contains("[redacted]")),
+        "the Basic credentials were echoed and scrubbed"
+    );
+    use base64::Engine as _;
+    let mut secrets = every_form(password);
+    secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("erp-user:{password}")));
+    secrets.push("p%40ss%20w0rd%2BSink".to_string());
+    for output in &outputs {
+        assert_clean(output.lines().next().unwrap_or("output"), output, &secrets);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redirect_to_another_host_is_refused_and_nothing_goes_there() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let (elsewhere, received) = recorder().await;
+    // The portal answers every REST call with a 302 to the same path on another host.
+    sim.set_faults(Faults {
+        redirect_to: Some(format!("http://{elsewhere}")),
+        ..Faults::default()
+    });
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let port = free_port();
+    rewrite_config(&config, port, "client_secret = \"sim-secret\"");
+    seed_tokens(dir.path(), &tokens).await;
+    let log_path = dir.path().join("daemon.log");
+    let mut daemon = spawn_daemon_with_env(&config, &log_path, &[]);
+    let readyz = readyz_saying(port, "REDIRECT_REFUSED").await;
+    let new_endpoint = format!("http://{elsewhere}/rest/");
+    assert!(readyz.contains(&new_endpoint), "{readyz}");
+    stop_with_sigterm(&mut daemon, &log_path);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("new_client_endpoint")
+            && l.contains(&new_endpoint)),
+        "the new client_endpoint is logged for the operator: {log}"
+    );
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "a request went to the other host: {:?}",
+        received.lock().unwrap()
+    );
+
+    // The token server redirecting elsewhere: the refresh (client secret and refresh token in
+    // its query) is not repeated there either.
+    sim.set_faults(Faults {
+        oauth_redirect_to: Some(format!("http://{elsewhere}")),
+        ..Faults::default()
+    });
+    sim.expire_access_tokens();
+    let mut daemon = spawn_daemon_with_env(&config, &log_path, &[]);
+    let readyz = readyz_saying(port, "the token server redirected").await;
+    assert!(readyz.contains("REDIRECT_REFUSED"), "{readyz}");
+    stop_with_sigterm(&mut daemon, &log_path);
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "a token request went to the other host: {:?}",
+        received.lock().unwrap()
+    );
+}
+
+/// Runs `validate` on `config` (within 20 s, under a 2 GiB address-space limit: an unbounded
+/// read fails instead of taking the machine's memory) and returns its exit code and output.
+async fn validate_bounded(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -v 2097152; exec \"$0\" -c \"$1\" validate")
+        .arg(env!("CARGO_BIN_EXE_b24eventd"))
+        .arg(config)
+        .env_remove("B24EVENTD_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("validate ends within 20 s")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_files_must_be_small_regular_files() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, _) = portal(SimulatorConfig::default()).await;
+    let fifo = dir.path().join("secret.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let big = dir.path().join("big.secret");
+    std::fs::write(&big, "x".repeat(64 * 1024 + 1)).unwrap();
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let original = std::fs::read_to_string(&config).unwrap();
+    let cases: [(&Path, &str); 4] = [
+        (Path::new("/dev/zero"), "a device"),
+        (&fifo, "a FIFO"),
+        (dir.path(), "a directory"),
+        (&big, "65537 bytes"),
+    ];
+    for (path, why) in cases {
+        let text = original.replace(
+            "client_secret = \"sim-secret\"",
+            &format!("client_secret_file = \"{}\"", path.display()),
+        );
+        std::fs::write(&config, text).unwrap();
+        let (code, output) = validate_bounded(&config, &[]).await;
+        assert_eq!(code, Some(78), "{}: {output}", path.display());
+        assert!(
+            output.contains("portals.main.client_secret_file")
+                && output.contains(&path.display().to_string())
+                && output.contains(why),
+            "{output}"
+        );
+    }
+
+    // The same for a systemd credential: a FIFO in $CREDENTIALS_DIRECTORY.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(credentials.join("main.client_secret"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(
+        &config,
+        original.replace("client_secret = \"sim-secret\"", ""),
+    )
+    .unwrap();
+    let (code, output) = validate_bounded(
+        &config,
+        &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{output}");
+    assert!(
+        output.contains("portals.main.client_secret") && output.contains("a FIFO"),
+        "{output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_with_a_line_break_or_nul_is_refused() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, _) = portal(SimulatorConfig::default()).await;
+    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let original = std::fs::read_to_string(&config).unwrap();
+    let file = dir.path().join("main.secret");
+    let with_file = original.replace(
+        "client_secret = \"sim-secret\"",
+        &format!("client_secret_file = \"{}\"", file.display()),
+    );
+
+    // One final newline (or CRLF) is how files end: accepted.
+    for content in ["sim-secret\n", "sim-secret\r\n", "sim-secret"] {
+        std::fs::write(&file, content).unwrap();
+        std::fs::write(&config, &with_file).unwrap();
+        let (code, output) = validate_bounded(&config, &[]).await;
+        assert_eq!(code, Some(0), "{content:?}: {output}");
+    }
+    for (content, why) in [
+        ("sim-secret\n\n", "line break"),
+        ("sim\nsecret\n", "line break"),
+        ("sim\0secret", "NUL"),
+    ] {
+        std::fs::write(&file, content).unwrap();
+        let (code, output) = validate_bounded(&config, &[]).await;
+        assert_eq!(code, Some(78), "{content:?}: {output}");
+        assert!(
+            output.contains("portals.main.client_secret_file") && output.contains(why),
+            "{content:?}: {output}"
+        );
+    }
+    for (inline, why) in [
+        ("sim\\nsecret", "line break"),
+        ("sim\\rsecret", "line break"),
+        ("sim\\u0000secret", "NUL"),
+    ] {
+        std::fs::write(
+            &config,
+            original.replace(
+                "client_secret = \"sim-secret\"",
+                &format!("client_secret = \"{inline}\""),
+            ),
+        )
+        .unwrap();
+        let (code, output) = validate_bounded(&config, &[]).await;
+        assert_eq!(code, Some(78), "{inline}: {output}");
+        assert!(
+            output.contains("portals.main.client_secret:") && output.contains(why),
+            "{inline}: {output}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_header_beside_url_credentials_is_refused() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, _) = portal(SimulatorConfig::default()).await;
+    let sinks = "[sinks.erp]\ntype = \"http\"\nurl = \"http://erp:pass@127.0.0.1:9/events\"\nheaders = { authorization = \"Bearer abcdef\" }\n";
+    let config = write_config(dir.path(), &sim, None, "", sinks);
+    let (code, output) = validate_bounded(&config, &[]).await;
+    assert_eq!(code, Some(78), "{output}");
+    assert!(
+        output.contains("sinks.erp.headers.authorization") && output.contains("keep one"),
+        "{output}"
+    );
+    // Either alone is fine.
+    for sinks in [
+        "[sinks.erp]\ntype = \"http\"\nurl = \"http://erp:pass@127.0.0.1:9/events\"\n",
+        "[sinks.erp]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/events\"\nheaders = { authorization = \"Bearer abcdef\" }\n",
+    ] {
+        let config = write_config(dir.path(), &sim, None, "", sinks);
+        let (code, output) = validate_bounded(&config, &[]).await;
+        assert_eq!(code, Some(0), "{output}");
+    }
 }

@@ -357,6 +357,10 @@ impl PortalClient {
             )));
         }
         let bucket = LeakyBucket::new(settings.burst, settings.per_second, Instant::now());
+        crate::redact::register(&settings.client_secret);
+        if let Some(tokens) = &tokens {
+            tokens.register_secrets(&portal);
+        }
         Ok(PortalClient {
             inner: Arc::new(Inner {
                 http,
@@ -1185,6 +1189,7 @@ impl PortalClient {
             portal = self.portal(),
             "the refresh token was refused, but another process stored a newer pair: using that"
         );
+        stored.register_secrets(self.portal());
         let mut state = lock(&self.inner.tokens);
         state.tokens = Some(stored);
         state.unsaved = false;
@@ -1486,7 +1491,12 @@ impl PortalClient {
         ))
     }
 
-    /// The portal moved: derive the new `client_endpoint` from `Location` and switch to it.
+    /// The portal moved its REST endpoint on the same host: derive the new `client_endpoint`
+    /// from `Location` and switch to it. A redirect to another host is refused, not followed:
+    /// every later call would carry the access token there. Bitrix24 answers a renamed portal's
+    /// old address with a 301/302 to the new one (b24restdocs
+    /// `settings/how-to-call-rest-api/change-domen.md`), so the refusal logs the endpoint the
+    /// redirect points at for the operator to check and set as `client_endpoint`.
     fn follow_redirect(
         &self,
         method: &str,
@@ -1525,6 +1535,8 @@ impl PortalClient {
         }
         target.set_query(None);
         target.set_fragment(None);
+        let _ = target.set_username("");
+        let _ = target.set_password(None);
         // Only a move of the REST endpoint itself is followed (…/rest/METHOD[.json], or …/rest/);
         // anything else (a login or landing page) must not become the endpoint of later calls.
         let path = target.path().to_string();
@@ -1541,10 +1553,30 @@ impl PortalClient {
             )));
         };
         target.set_path(&dir);
-        let new_endpoint = target.to_string();
+        let new_endpoint = sanitize_snippet(target.as_str(), &[], 300);
+        if !self.on_configured_host(&target) {
+            let host = match target.port() {
+                Some(port) => format!("{}:{port}", target.host_str().unwrap_or("")),
+                None => target.host_str().unwrap_or("").to_string(),
+            };
+            tracing::error!(
+                portal = self.portal(),
+                method,
+                status,
+                client_endpoint = %self.inner.settings.client_endpoint,
+                new_client_endpoint = %new_endpoint,
+                "the portal redirected to another host; refused (no request and no token goes \
+                 there). If the portal's address was changed, check the new address, set \
+                 client_endpoint to it in the config and restart"
+            );
+            return Err(refuse(format!(
+                "redirect to another host ({host}) refused; if the portal's address was changed, \
+                 set client_endpoint = \"{new_endpoint}\" in the config and restart"
+            )));
+        }
         let old_endpoint = {
             let mut endpoint = lock(&self.inner.endpoint);
-            std::mem::replace(&mut *endpoint, new_endpoint.clone())
+            std::mem::replace(&mut *endpoint, target.to_string())
         };
         tracing::warn!(
             portal = self.portal(),
@@ -1552,9 +1584,27 @@ impl PortalClient {
             status,
             old_endpoint = %old_endpoint,
             new_endpoint = %new_endpoint,
-            "the portal redirected to a new address; using it from now on (update client_endpoint in the config)"
+            "the portal redirected to a new address on its host; using it from now on (update client_endpoint in the config)"
         );
         Ok(())
+    }
+
+    /// Whether `target` is on the configured `client_endpoint`'s host: the same host name and
+    /// port, or the same host name moved from http to https on the default ports.
+    fn on_configured_host(&self, target: &reqwest::Url) -> bool {
+        let Ok(configured) = reqwest::Url::parse(self.inner.settings.client_endpoint.trim()) else {
+            return false;
+        };
+        let same_name = match (configured.host_str(), target.host_str()) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        };
+        let same_port = configured.port_or_known_default() == target.port_or_known_default()
+            || (configured.scheme() == "http"
+                && configured.port().is_none()
+                && target.scheme() == "https"
+                && target.port().is_none());
+        same_name && same_port
     }
 
     /// Classifies a complete HTTP answer and updates the counters.
@@ -2427,6 +2477,76 @@ mod tests {
         assert!(!err.maybe_executed);
         assert_eq!(client.client_endpoint(), format!("{base}/rest/"));
         assert_eq!(log(&srv).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_another_host_is_refused_and_nothing_goes_there() {
+        let (elsewhere, other) = serve(|_, _| ok(json!(true))).await;
+        let target = elsewhere.clone();
+        let (base, srv) = serve(move |seen, _| Reply {
+            status: 301,
+            headers: vec![("location", format!("{target}{}", seen.path))],
+            body: String::new(),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "REDIRECT_REFUSED")
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("set client_endpoint = \"{elsewhere}/rest/\"")),
+            "{msg}"
+        );
+        assert_eq!(client.client_endpoint(), format!("{base}/rest/"));
+        assert_eq!(log(&srv).len(), 1);
+        assert!(log(&other).is_empty(), "{:?}", log(&other));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_http_to_https_on_the_same_host_is_followed() {
+        let (base, srv) = serve(|_, _| ok(json!(true))).await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 3600)), &srv);
+        let same = |to: &str| client.on_configured_host(&reqwest::Url::parse(to).unwrap());
+        assert!(same(&format!("{base}/moved/rest/")));
+        let port = base.rsplit(':').next().unwrap().to_string();
+        assert!(!same(&format!("http://localhost:{port}/rest/")));
+        assert!(!same("http://127.0.0.1:1/rest/"));
+        let mut plain = settings("http://portal.example");
+        plain.client_endpoint = "http://Portal.example/rest/".into();
+        let (client, _) = client_with(plain, None, &srv);
+        let same = |to: &str| client.on_configured_host(&reqwest::Url::parse(to).unwrap());
+        assert!(same("https://portal.example/rest/"));
+        assert!(same("http://portal.EXAMPLE:80/rest/"));
+        assert!(!same("https://portal.example:8443/rest/"));
+        assert!(!same("https://renamed.example/rest/"));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_the_token_server_is_not_followed() {
+        let (elsewhere, other) = serve(|_, _| token_reply("a2", "r2")).await;
+        let target = elsewhere.clone();
+        let (base, srv) = serve(move |seen, _| Reply {
+            status: 302,
+            headers: vec![("location", format!("{target}{}?client_secret=x", seen.path))],
+            body: String::new(),
+        })
+        .await;
+        let (client, _) = client_with(settings(&base), Some(tokens("a1", "r1", 0)), &srv);
+        let err = client.call("app.info", json!({})).await.unwrap_err();
+        assert_eq!(
+            (err.class, err.code.as_str()),
+            (ErrorClass::Fatal, "REDIRECT_REFUSED")
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("redirected to {elsewhere}/oauth/token/;")),
+            "{msg}"
+        );
+        assert_eq!(log(&srv), vec!["refresh r1"]);
+        assert!(log(&other).is_empty(), "{:?}", log(&other));
     }
 
     #[tokio::test]

@@ -149,7 +149,9 @@ pub struct BitrixError {
 }
 
 impl BitrixError {
-    /// An error whose class follows from [`classify`]. `maybe_executed` starts false.
+    /// An error whose class follows from [`classify`]. `maybe_executed` starts false. The
+    /// description is scrubbed of every registered secret ([`crate::redact`]): it may quote the
+    /// server.
     pub fn new(
         portal: &str,
         method: &str,
@@ -157,10 +159,11 @@ impl BitrixError {
         description: impl Into<String>,
         status: Option<u16>,
     ) -> BitrixError {
+        let description = description.into();
         BitrixError {
             class: classify(code, status),
             code: code.to_string(),
-            description: description.into(),
+            description: crate::redact::scrub(&description).into_owned(),
             status,
             portal: portal.to_string(),
             method: method.to_string(),
@@ -390,13 +393,11 @@ pub fn describe_unparsable(body: &[u8], secrets: &[&str], quote_json: bool) -> S
 }
 
 /// Turns any text from the wire into a short, single-line, printable snippet: HTML tags and
-/// control characters dropped, whitespace collapsed, `secrets` replaced by `[redacted]`, cut at
-/// `max_chars`.
+/// control characters dropped, whitespace collapsed, `secrets` and every registered secret
+/// replaced by `[redacted]` in every encoding the daemon produces (a server echoing a request
+/// echoes the percent-encoded query), cut at `max_chars`.
 pub fn sanitize_snippet(text: &str, secrets: &[&str], max_chars: usize) -> String {
-    let mut scrubbed = text.to_string();
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        scrubbed = scrubbed.replace(secret, "[redacted]");
-    }
+    let scrubbed = crate::redact::scrub_with(text, secrets);
     let mut out = String::new();
     let mut in_tag = false;
     let mut last_space = true;
@@ -607,5 +608,14 @@ mod tests {
         assert_eq!(s, "502 Bad Gateway token [redacted] here");
         let long = "x".repeat(500);
         assert_eq!(sanitize_snippet(&long, &[], 10).chars().count(), 11);
+    }
+
+    #[test]
+    fn snippets_scrub_every_encoding_of_a_secret() {
+        // A token endpoint echoing the query it was sent: the secret percent-encoded.
+        let echo = "cannot handle grant_type=refresh_token&client_secret=s3c%20r3t%2B%2F%26x                    &refresh_token=r1 (client_secret s3c r3t+/&x; form s3c+r3t%2B%2F%26x;                     lower s3c%20r3t%2b%2f%26x)";
+        let s = sanitize_snippet(echo, &["s3c r3t+/&x"], 500);
+        assert!(!s.contains("s3c"), "{s}");
+        assert_eq!(s.matches("[redacted]").count(), 4, "{s}");
     }
 }

@@ -69,6 +69,13 @@ impl Tokens {
         }
     }
 
+    /// Registers both tokens with [`crate::redact`] as `portal`'s current pair: from now on no
+    /// log line or output shows them (nor, for a few rotations, the pairs before them).
+    pub fn register_secrets(&self, portal: &str) {
+        crate::redact::register_rotating(&format!("{portal}.access_token"), &self.access_token);
+        crate::redact::register_rotating(&format!("{portal}.refresh_token"), &self.refresh_token);
+    }
+
     /// True when the access token is missing, or known to expire before `now + margin`.
     pub fn expires_within(&self, margin: chrono::Duration, now: DateTime<Utc>) -> bool {
         self.access_token.is_empty() || self.expires_at.is_some_and(|at| at - margin <= now)
@@ -313,6 +320,9 @@ async fn token_request(
         .await
         .map_err(|e| BitrixError::transport(portal, method, &e))?;
     let status = response.status().as_u16();
+    if response.status().is_redirection() {
+        return Err(redirect_refused(&response, token_url, portal, method));
+    }
     let body = super::client::read_body(response, MAX_TOKEN_BODY)
         .await
         .map_err(|e| match e {
@@ -334,6 +344,38 @@ async fn token_request(
         "token request answered"
     );
     parse_token_answer(&body, status, portal, method, secrets, Utc::now())
+}
+
+/// A redirect from the token server is never followed: the request carries the client secret
+/// and a refresh token in its query, and the HTTP client follows no redirect. The error names
+/// where it pointed (without its query) so an operator can check it and set `oauth_token_url`.
+fn redirect_refused(
+    response: &reqwest::Response,
+    token_url: &str,
+    portal: &str,
+    method: &str,
+) -> BitrixError {
+    let status = response.status().as_u16();
+    let target = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|location| reqwest::Url::parse(token_url).ok()?.join(location).ok())
+        .map(|mut url| {
+            url.set_query(None);
+            url.set_fragment(None);
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            sanitize_snippet(url.as_str(), &[], 300)
+        });
+    let what = match &target {
+        Some(target) => format!(
+            "http {status}: the token server redirected to {target}; not followed (the request \
+             carries the client secret): if that is the token server now, set oauth_token_url to it"
+        ),
+        None => format!("http {status}: the token server redirected; not followed"),
+    };
+    BitrixError::new(portal, method, codes::REDIRECT_REFUSED, what, Some(status))
 }
 
 /// Turns the token server's answer into tokens or a classified error. Nothing of a body that
@@ -389,7 +431,7 @@ fn parse_token_answer(
         Some(secs) if secs > 0 => Some(now + chrono::Duration::seconds(secs)),
         _ => integer("expires").and_then(|at| DateTime::<Utc>::from_timestamp(at, 0)),
     };
-    Ok(Tokens {
+    let tokens = Tokens {
         access_token,
         refresh_token,
         expires_at,
@@ -397,7 +439,9 @@ fn parse_token_answer(
         scope: string("scope"),
         client_endpoint: string("client_endpoint"),
         user_id: integer("user_id"),
-    })
+    };
+    tokens.register_secrets(portal);
+    Ok(tokens)
 }
 
 #[cfg(test)]

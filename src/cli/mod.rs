@@ -4,19 +4,26 @@
 //! damaged, or too new).
 
 /// `println!` that returns the write error instead of panicking, so `b24eventd journal list |
-/// head` ends quietly when `head` closes the pipe (see [`main`]).
+/// head` ends quietly when `head` closes the pipe (see [`main`]). What it prints is scrubbed of
+/// every secret the process knows ([`crate::redact`]).
 macro_rules! outln {
+    () => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout())
+    }};
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)
+        let text = format!($($arg)*);
+        writeln!(std::io::stdout(), "{}", crate::redact::scrub(&text))
     }};
 }
 
-/// `print!`, returning the write error like [`outln!`].
+/// `print!`, returning the write error and scrubbed like [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        write!(std::io::stdout(), $($arg)*)
+        let text = format!($($arg)*);
+        write!(std::io::stdout(), "{}", crate::redact::scrub(&text))
     }};
 }
 
@@ -256,7 +263,11 @@ pub fn main() -> ExitCode {
         Err(Failure { code, error }) => {
             // Not `eprintln!`, which panics (exit 101) when stderr is a closed pipe.
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "b24eventd: {}", format_error(&error));
+            let _ = writeln!(
+                std::io::stderr(),
+                "b24eventd: {}",
+                crate::redact::scrub(&format_error(&error))
+            );
             ExitCode::from(code)
         }
     }
@@ -480,7 +491,7 @@ fn init_logging_as(default: &str, format: config::LogFormat) {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::redact::Scrubbed(std::io::stderr))
         .log_internal_errors(false);
     let _ = match format {
         config::LogFormat::Text => builder

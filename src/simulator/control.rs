@@ -161,6 +161,9 @@ struct FaultsRequest {
     time_block: Option<Value>,
     fail_gets: bool,
     unparsable_next_gets: u32,
+    redirect_to: Option<String>,
+    oauth_redirect_to: Option<String>,
+    oauth_echo: bool,
 }
 
 /// `POST /_sim/faults`: replaces the fault settings (fields default to off).
@@ -194,6 +197,9 @@ pub async fn faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         time_block: req.time_block,
         fail_gets: req.fail_gets,
         unparsable_next_gets: req.unparsable_next_gets,
+        redirect_to: req.redirect_to,
+        oauth_redirect_to: req.oauth_redirect_to,
+        oauth_echo: req.oauth_echo,
     };
     tracing::info!(?faults, "simulated faults set");
     inner.lock().faults = faults;

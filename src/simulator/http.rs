@@ -166,6 +166,10 @@ async fn rest(
                 .body(Body::empty())
                 .unwrap_or_else(|_| Response::new(Body::empty()));
         }
+        if let Some(base) = &faults.redirect_to {
+            tracing::debug!(method = %method, "injected fault: redirect to another host");
+            return found(&format!("{}{}", base.trim_end_matches('/'), uri.path()));
+        }
         if roll(&mut state.rng, faults.html) {
             state.counters.html_pages += 1;
             tracing::debug!(method = %method, "injected fault: HTML page");
@@ -326,6 +330,15 @@ fn dropped_response(status: u16, body: Vec<u8>) -> Response {
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
+/// A 302 to `location`.
+fn found(location: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(LOCATION, location)
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
 /// The portal moved: 302 to the same method under `/rest/` (query kept).
 async fn moved(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap) -> Response {
     let tail = uri.path().strip_prefix("/old/rest/").unwrap_or("");
@@ -423,6 +436,27 @@ async fn oauth(
     };
 
     let mut state = inner.lock();
+    if let Some(base) = &state.faults.oauth_redirect_to {
+        let mut location = format!("{}{}", base.trim_end_matches('/'), uri.path());
+        if let Some(query) = uri.query() {
+            location.push('?');
+            location.push_str(query);
+        }
+        tracing::debug!("injected fault: token request redirected");
+        return found(&location);
+    }
+    if state.faults.oauth_echo {
+        tracing::debug!("injected fault: token request echoed");
+        return oauth_error(
+            400,
+            "invalid_request",
+            &format!(
+                "cannot handle {} (client_secret {})",
+                uri.query().unwrap_or(""),
+                text("client_secret")
+            ),
+        );
+    }
     let refreshing = grant_type == "refresh_token";
     if !matches!(grant_type.as_str(), "refresh_token" | "authorization_code") {
         return oauth_error(400, "invalid_request", "Unsupported or missing grant_type");

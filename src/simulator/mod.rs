@@ -176,7 +176,8 @@ pub enum LimiterModel {
     Legacy,
 }
 
-/// Faults injected into `/rest` calls (never into `/oauth` or `/_sim`).
+/// Faults injected into `/rest` calls and, for the `oauth_*` ones, into the token endpoint
+/// (never into `/_sim`).
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Probability of answering 500 `INTERNAL_SERVER_ERROR` without executing.
@@ -216,6 +217,16 @@ pub struct Faults {
     /// The next N answers that ran `event.offline.get` (executed: the rows are reserved) are
     /// cut off after their first `"EVENT_DATA":`, so they cannot be parsed.
     pub unparsable_next_gets: u32,
+    /// Answer every `/rest/` request with a 302 to the same path on this base URL
+    /// (`http://host:port`), without executing: what a renamed portal answers at its old
+    /// address, or a hostile one.
+    pub redirect_to: Option<String>,
+    /// Answer every token request with a 302 to the same path and query on this base URL.
+    pub oauth_redirect_to: Option<String>,
+    /// The token endpoint refuses every request with 400 `invalid_request` whose description
+    /// echoes the request (its query string as received and its decoded `client_secret`), as a
+    /// debugging proxy in front of it might.
+    pub oauth_echo: bool,
 }
 
 /// Counters and a snapshot of the queue table.

@@ -305,12 +305,24 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// systemd's notification variables: a program must not talk to systemd as the daemon.
-const SYSTEMD_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+/// What systemd gives the daemon alone: the directory of its credentials (`LoadCredential=`,
+/// the portals' client secrets; `systemd.exec(5)`), the notification socket and watchdog (a
+/// program must not talk to systemd as the daemon), and socket-activation descriptors.
+const SYSTEMD_ENV: &[&str] = &[
+    "CREDENTIALS_DIRECTORY",
+    "ENCRYPTED_CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
 
 /// Which of the daemon's environment variables a program must not inherit: its `B24EVENTD_*`
 /// configuration overrides (client secrets among them; `B24EVENTD_CONFIG` and `B24EVENTD_LOG`
-/// are not configuration and stay), and systemd's notification socket and watchdog.
+/// are not configuration and stay), and what systemd set for the daemon alone ([`SYSTEMD_ENV`]:
+/// the credentials directory, the notification socket and watchdog).
 fn daemon_config_vars(names: impl Iterator<Item = OsString>) -> Vec<OsString> {
     names
         .filter(|name| {
@@ -1103,6 +1115,7 @@ mod tests {
             "B24EVENT",
             "NOTIFY_SOCKET",
             "WATCHDOG_USEC",
+            "CREDENTIALS_DIRECTORY",
         ]
         .map(OsString::from);
         assert_eq!(
@@ -1112,6 +1125,7 @@ mod tests {
                 OsString::from("b24eventd_sinks__erp__url"),
                 OsString::from("NOTIFY_SOCKET"),
                 OsString::from("WATCHDOG_USEC"),
+                OsString::from("CREDENTIALS_DIRECTORY"),
             ]
         );
     }

@@ -155,8 +155,9 @@ impl HttpSink {
         if class == StatusClass::Delivered {
             return SinkResult::Delivered;
         }
-        // Redacted before it is cut to an excerpt, so no part of the token survives.
-        let body = self.redact(body);
+        // Redacted before it is cut to an excerpt, so no part of the token survives; an endpoint
+        // echoing the request would echo its credentials (the URL's as Basic) too.
+        let body = crate::redact::scrub(&self.redact(body)).into_owned();
         let error = status_error(status, self.override_list(status), &body);
         match class {
             StatusClass::Retry => SinkResult::Retry { error, after },
