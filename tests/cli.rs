@@ -561,3 +561,85 @@ fn a_log_filter_that_is_not_one_is_reported_and_the_default_used() {
         seen.join("\n")
     );
 }
+
+#[tokio::test]
+async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    // The sink answers after 1.5 s (its timeout is 2 s); by then the portal answers nothing
+    // for a minute, so the poller's round hangs and so does the clear of the delivered batch in
+    // the final settle.
+    let endpoint = Endpoint::start_with_delay(
+        std::sync::Arc::new(|_| 200),
+        std::time::Duration::from_millis(1500),
+    )
+    .await;
+    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"2s\"");
+    std::fs::write(&config, text).unwrap();
+    Journal::open(
+        &dir.path().join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap()
+    .save_tokens("main", &tokens)
+    .await
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    emit_deals(&sim, 1, 5);
+    let mut child = common::daemon::spawn_daemon(&config, &log);
+    let journaled = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("reserved and journaled")
+    };
+    wait_for(
+        "a batch journaled",
+        std::time::Duration::from_secs(30),
+        journaled,
+    )
+    .await;
+    sim.set_faults(b24eventd::simulator::Faults {
+        slow: 1.0,
+        slow_delay: std::time::Duration::from_secs(60),
+        ..Default::default()
+    });
+    // The delivery ends at 1.5 s; the portal is silent.
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
+    assert_eq!(endpoint.accepted_count(), 5, "delivered before the stop");
+    let signalled = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = signalled.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // 2 s of shutdown_timeout plus the 10 s tail, and a margin for a loaded machine.
+    assert!(
+        took < std::time::Duration::from_secs(13),
+        "the stop took {took:?}\n{text}"
+    );
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("shutdown deadline reached with portal calls in flight"),
+        "the log names the portal call it gave up on\n{text}"
+    );
+    assert!(
+        text.contains("shutdown deadline reached while settling"),
+        "the log names the settle calls it gave up on\n{text}"
+    );
+    assert!(
+        text.contains("stop waited for"),
+        "the log says what the stop waited for\n{text}"
+    );
+}
