@@ -8,20 +8,10 @@ use std::fmt::Write;
 /// Seconds between the page's own reloads.
 pub const REFRESH_SECONDS: u32 = 10;
 
-/// Escapes text for HTML element content and attribute values.
+/// Escapes text for HTML element content and attribute values (the scrubber's escaper, so a
+/// secret is recognised in the form the page shows it).
 fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::redact::html_escape(text)
 }
 
 /// A bar chart of per-minute counts as inline SVG, oldest minute on the left.

@@ -408,30 +408,8 @@ async fn a_second_sigterm_exits_at_once_with_143() {
         std::time::Duration::from_secs(20),
     )
     .await;
-    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
-    Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap()
-    .save_tokens("main", &tokens)
-    .await
-    .unwrap();
-    let log = dir.path().join("daemon.log");
-    emit_deals(&sim, 1, 5);
-    let mut child = common::daemon::spawn_daemon(&config, &log);
-    let reserved = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("reserved and journaled")
-    };
-    wait_for(
-        "a batch in flight",
-        std::time::Duration::from_secs(30),
-        reserved,
-    )
-    .await;
+    let (mut child, log) =
+        daemon_with_a_batch_journaled(dir.path(), &sim, &tokens, &endpoint.url, "10s").await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let pid = child.id().to_string();
     let kill = |signal: &str| {
@@ -575,34 +553,8 @@ async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
         std::time::Duration::from_millis(1500),
     )
     .await;
-    let config = write_config(dir.path(), &sim, None, "", &http_sink(&endpoint.url));
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"2s\"");
-    std::fs::write(&config, text).unwrap();
-    Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap()
-    .save_tokens("main", &tokens)
-    .await
-    .unwrap();
-    let log = dir.path().join("daemon.log");
-    emit_deals(&sim, 1, 5);
-    let mut child = common::daemon::spawn_daemon(&config, &log);
-    let journaled = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("reserved and journaled")
-    };
-    wait_for(
-        "a batch journaled",
-        std::time::Duration::from_secs(30),
-        journaled,
-    )
-    .await;
+    let (mut child, log) =
+        daemon_with_a_batch_journaled(dir.path(), &sim, &tokens, &endpoint.url, "2s").await;
     sim.set_faults(b24eventd::simulator::Faults {
         slow: 1.0,
         slow_delay: std::time::Duration::from_secs(60),
@@ -642,4 +594,44 @@ async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
         text.contains("stop waited for"),
         "the log says what the stop waited for\n{text}"
     );
+}
+
+/// The real binary on the simulator with its tokens stored, an http sink at `sink_url` and
+/// `shutdown_timeout`, once 5 deals were raised and their batch journaled: the child and its log.
+async fn daemon_with_a_batch_journaled(
+    dir: &Path,
+    sim: &b24eventd::simulator::Simulator,
+    tokens: &b24eventd::bitrix::Tokens,
+    sink_url: &str,
+    shutdown_timeout: &str,
+) -> (std::process::Child, std::path::PathBuf) {
+    let config = write_config(dir, sim, None, "", &http_sink(sink_url));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "shutdown_timeout = \"10s\"",
+        &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+    Journal::open(
+        &dir.join("journal.db"),
+        b24eventd::config::Synchronous::Full,
+    )
+    .await
+    .unwrap()
+    .save_tokens("main", tokens)
+    .await
+    .unwrap();
+    let log = dir.join("daemon.log");
+    emit_deals(sim, 1, 5);
+    let child = common::daemon::spawn_daemon(&config, &log);
+    wait_for(
+        "a batch journaled",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("reserved and journaled")
+        },
+    )
+    .await;
+    (child, log)
 }
