@@ -11,7 +11,6 @@ pub mod liveness;
 pub mod orphans;
 pub mod poller;
 pub mod retry;
-pub mod settle;
 
 use crate::admin::{AdminServer, AdminState};
 use crate::bitrix::{ClientSettings, PortalClient, TokenStore};

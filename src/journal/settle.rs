@@ -1,11 +1,12 @@
 //! The settle lattice: from the states of an event's deliveries, what the event is and what to
-//! tell Bitrix24. Pure; the journal applies it inside the transaction that records outcomes.
+//! tell Bitrix24. Pure; every journal backend applies it inside the transaction that records
+//! outcomes.
 
 use crate::envelope::Lane;
 
 /// Where one delivery (event × sink) stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryState {
+pub(super) enum DeliveryState {
     Pending,
     Delivered,
     Dead,
@@ -32,14 +33,14 @@ impl SettleAction {
 
 /// The final state of an event and its upstream action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
+pub(super) struct Decision {
     pub dead: bool,
     pub action: SettleAction,
 }
 
 /// `None` while any delivery is pending. Otherwise: dead iff some sink is dead; `Error` iff dead
 /// in the normal lane; `Clear` in every other case (including no routed sink at all).
-pub fn decide(lane: Lane, deliveries: &[DeliveryState]) -> Option<Decision> {
+pub(super) fn decide(lane: Lane, deliveries: &[DeliveryState]) -> Option<Decision> {
     if deliveries.contains(&DeliveryState::Pending) {
         return None;
     }

@@ -1,71 +1,114 @@
-//! What the status page shows, read from the journal without table scans: the last hour is read
-//! backwards by rowid (rows are appended in time order), backlogs come from partial indexes, and
-//! the last dead attempts from their own index.
+//! What the daemon reports from the journal, read without table scans: the status page (the
+//! last hour is read backwards by rowid, as rows are appended in time order; backlogs come from
+//! partial indexes, the last dead attempts from their own index), the systemd status line's
+//! fetch rate, the alerts' new dead attempts and oldest pending delivery, and the counts.
 
-use super::{Journal, count};
+use super::{count, parse_time};
+use crate::journal::timestamp;
+use crate::journal::types::{
+    DeadAttempt, HISTORY_MINUTES, JournalCounts, PortalStatus, SinkStatus, StatusData,
+};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use rusqlite::Connection;
-use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Minutes of history the page charts.
-pub const HISTORY_MINUTES: usize = 60;
 /// Dead attempts the page lists.
 const LAST_DEAD: usize = 20;
 
-/// Everything on the status page.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StatusData {
-    pub generated_at: String,
-    pub portals: Vec<PortalStatus>,
-    pub sinks: Vec<SinkStatus>,
-    pub last_dead: Vec<DeadAttempt>,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PortalStatus {
-    pub portal: String,
-    /// Reserved upstream or waiting for our clear/error call.
-    pub unsettled: u64,
-    /// Events some sink still has to take.
-    pub pending: u64,
-    /// Events journaled per minute, oldest minute first ([`HISTORY_MINUTES`] values).
-    pub fetched_per_minute: Vec<u64>,
-    /// Deliveries that succeeded per minute (all sinks), oldest first.
-    pub delivered_per_minute: Vec<u64>,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SinkStatus {
-    pub sink: String,
-    /// Attempts in the last hour by outcome.
-    pub delivered: u64,
-    pub retried: u64,
-    pub dead: u64,
-    /// Deliveries waiting now.
-    pub pending: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadAttempt {
-    pub at: String,
-    pub id: String,
-    pub portal: String,
-    pub event: String,
-    pub sink: String,
-    pub error: Option<String>,
-}
-
-impl Journal {
-    /// The status page's data as of `now`, for `portals` (the configured ones, shown even
-    /// without events).
-    pub async fn status_data(
-        &self,
-        portals: Vec<String>,
-        now: DateTime<Utc>,
-    ) -> anyhow::Result<StatusData> {
-        self.run(move |conn| status_data(conn, &portals, now)).await
+/// The highest event row, and per portal the events journaled after row `after` (none without
+/// one): the fetch rate for the systemd status line, from the rowid alone.
+pub(super) fn events_since_row(
+    conn: &Connection,
+    after: Option<i64>,
+) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
+    let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+    let mut counts = BTreeMap::new();
+    if let Some(after) = after {
+        let mut stmt = conn
+            .prepare_cached("SELECT portal, COUNT(*) FROM events WHERE id > ?1 GROUP BY portal")?;
+        let rows = stmt.query_map([after], |r| Ok((r.get::<_, String>(0)?, count(r, 1)?)))?;
+        for row in rows {
+            let (portal, n) = row?;
+            counts.insert(portal, n);
+        }
     }
+    Ok((max, counts))
+}
+
+/// Dead outcomes recorded after attempt row `after` (none without one): the highest attempt
+/// row, how many, and up to 5 of their envelope ids.
+pub(super) fn dead_attempts_since(
+    conn: &Connection,
+    after: Option<i64>,
+) -> anyhow::Result<(i64, u64, Vec<String>)> {
+    let max: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(id), 0) FROM delivery_attempts",
+        [],
+        |r| r.get(0),
+    )?;
+    let Some(after) = after else {
+        return Ok((max, 0, Vec::new()));
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.envelope_id FROM delivery_attempts a JOIN events e ON e.id = a.event_id
+         WHERE a.id > ?1 AND a.id <= ?2 AND a.outcome = 'dead' ORDER BY a.id",
+    )?;
+    let ids: Vec<String> = stmt
+        .query_map([after, max], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let count = ids.len() as u64;
+    Ok((max, count, ids.into_iter().take(5).collect()))
+}
+
+/// When the event behind the oldest pending delivery was journaled.
+pub(super) fn oldest_pending_fetched_at(
+    conn: &Connection,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let at: Option<String> = conn.query_row(
+        "SELECT MIN(e.fetched_at) FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.status = 'pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(parse_time(at))
+}
+
+pub(super) fn counts(conn: &Connection) -> anyhow::Result<JournalCounts> {
+    let mut c = conn.query_row(
+        "SELECT COUNT(*),
+                COALESCE(SUM(status = 'delivered'), 0), COALESCE(SUM(status = 'dead'), 0),
+                COALESCE(SUM(status = 'pending'), 0),
+                COALESCE(SUM(upstream IN ('reserved', 'clear_pending', 'error_pending')), 0),
+                COALESCE(SUM(upstream = 'cleared'), 0), COALESCE(SUM(upstream = 'errored'), 0)
+         FROM events",
+        [],
+        |r| {
+            Ok(JournalCounts {
+                events: count(r, 0)?,
+                delivered: count(r, 1)?,
+                dead: count(r, 2)?,
+                pending: count(r, 3)?,
+                unsettled_upstream: count(r, 4)?,
+                cleared: count(r, 5)?,
+                errored: count(r, 6)?,
+                ..JournalCounts::default()
+            })
+        },
+    )?;
+    (c.batches, c.adopted_batches) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(origin = 'adopted'), 0) FROM batches",
+        [],
+        |r| Ok((count(r, 0)?, count(r, 1)?)),
+    )?;
+    (c.delivery_attempts, c.retried_attempts, c.duplicate_deliveries) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM delivery_attempts),
+                (SELECT COUNT(*) FROM delivery_attempts WHERE outcome = 'retry'),
+                (SELECT COUNT(*) - COUNT(DISTINCT e.envelope_id || char(31) || a.sink)
+                 FROM delivery_attempts a JOIN events e ON e.id = a.event_id WHERE a.outcome = 'delivered')",
+        [],
+        |r| Ok((count(r, 0)?, count(r, 1)?, count(r, 2)?)),
+    )?;
+    Ok(c)
 }
 
 /// The minute slot (0 = oldest) of a journal timestamp within the hour before `now`.
@@ -77,13 +120,15 @@ fn slot(at: &str, start: DateTime<Utc>) -> Option<usize> {
         .then_some(minutes as usize)
 }
 
-fn status_data(
+/// The status page's data as of `now`, for `portals` (the configured ones, shown even without
+/// events).
+pub(super) fn status_data(
     conn: &Connection,
     portals: &[String],
     now: DateTime<Utc>,
 ) -> anyhow::Result<StatusData> {
     let start = now - ChronoDuration::minutes(HISTORY_MINUTES as i64);
-    let cutoff = super::timestamp(start);
+    let cutoff = timestamp(start);
     let mut by_portal: BTreeMap<String, PortalStatus> = BTreeMap::new();
     // Configured portals show even without events; journaled ones even if no longer configured.
     let portal_entry = |by_portal: &mut BTreeMap<String, PortalStatus>, portal: &str| {
@@ -197,7 +242,7 @@ fn status_data(
         })?
         .collect::<Result<_, _>>()?;
     Ok(StatusData {
-        generated_at: super::timestamp(now),
+        generated_at: timestamp(now),
         portals: by_portal.into_values().collect(),
         sinks: sinks.into_values().collect(),
         last_dead,

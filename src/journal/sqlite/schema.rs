@@ -158,11 +158,11 @@ const MIGRATIONS: &[&str] = &[
 const CHANGE_KEY_VERSION: usize = 5;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to [`SCHEMA_VERSION`], one transaction per step. A journal written by a
 /// newer build is refused rather than guessed at.
-pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > SCHEMA_VERSION {
         anyhow::bail!(

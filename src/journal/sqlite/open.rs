@@ -25,33 +25,17 @@
 
 use super::schema::SCHEMA_VERSION;
 use crate::config::Synchronous;
+use crate::journal::Access;
 use rusqlite::{Connection, OpenFlags};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// `PRAGMA application_id` of a b24eventd journal (`b24e` in ASCII): the marker that a SQLite
 /// file is the daemon's (<https://www.sqlite.org/fileformat2.html#application_id>).
-pub const APPLICATION_ID: i32 = 0x6232_3465;
+pub(super) const APPLICATION_ID: i32 = 0x6232_3465;
 
 /// The tables every journal of ours has had since schema version 1.
 const OUR_TABLES: [&str; 5] = ["portals", "tokens", "batches", "events", "deliveries"];
-
-/// What an opener may do to the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// `run`, `demo` and the commands that store a portal's first tokens (`auth login`,
-    /// `auth import`): read-write; a missing file is created (mode 0600, with its directory),
-    /// an older schema of ours migrated.
-    Create,
-    /// Commands that change the journal (`replay`, `dead retry|purge`, `prune`, the conformance
-    /// probe): read-write on an existing journal of ours; an older schema of ours is migrated.
-    Write,
-    /// Commands that only look (`journal ...`, `dead list`, `auth status`, `doctor`,
-    /// `subscribe`): `SQLITE_OPEN_READ_ONLY` on an existing journal of ours at this build's
-    /// schema. The one write such a command may need, persisting a token pair that a refresh
-    /// rotated, goes through a short-lived read-write connection (see `Journal::save_tokens`).
-    Read,
-}
 
 /// Why a journal was not opened. Every variant but [`OpenError::Missing`] and
 /// [`OpenError::Unreadable`] (permissions, I/O) is an operator problem a restart cannot fix: the

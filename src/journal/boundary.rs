@@ -1,0 +1,103 @@
+//! The test that keeps the journal's boundary (ARCHITECTURE.md, `journal/`): `rusqlite` and SQL
+//! appear in `src/` only inside the SQLite backend, `journal/sqlite/` (so neither the callers
+//! nor the journal's interface name them), and nothing outside `journal/` reaches for the
+//! SQLite connection through `Journal::with_conn`, the tests' hook.
+
+use std::path::{Path, PathBuf};
+
+/// What counts as SQL or as naming SQLite's driver. Comment lines are not looked at: prose may
+/// describe SQL (the simulator quotes the portal's own).
+const FORBIDDEN: [&str; 7] = [
+    "rusqlite",
+    "SELECT ",
+    "INSERT INTO",
+    "UPDATE ",
+    "DELETE FROM",
+    "CREATE TABLE",
+    "PRAGMA",
+];
+
+/// Where SQL may be, by path prefix under `src/`, and why.
+const ALLOWED: [(&str, &str); 6] = [
+    ("journal/sqlite/", "the SQLite backend"),
+    (
+        "journal/baseline.rs",
+        "the bench's baseline: bare SQLite writes to measure the journal against",
+    ),
+    ("journal/boundary.rs", "this test's own list"),
+    (
+        "sinks/postgres.rs",
+        "the postgres sink writes the user's table: that is a sink's job",
+    ),
+    (
+        "cli/demo.rs",
+        "prints the sqlite3 commands a user may run on the demo's journal; runs none",
+    ),
+    (
+        "cli/bench/",
+        "the bench's bare-SQLite baseline; it moves out of the shipped binary (issue 14), \
+         then this entry goes",
+    ),
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Whether `word` occurs in `line` not as the tail of a longer name (`ONCRMDEALUPDATE `).
+fn mentions(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(at, _)| {
+        !line[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+#[test]
+fn sql_and_rusqlite_stay_in_the_sqlite_backend() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(files.len() > 50, "the source tree was found: {src:?}");
+    let mut found = Vec::new();
+    for file in &files {
+        let rel = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(file).unwrap();
+        let sql_allowed = ALLOWED.iter().any(|(p, _)| rel.starts_with(p));
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            if !sql_allowed {
+                for word in FORBIDDEN {
+                    if mentions(line, word) {
+                        found.push(format!("src/{rel}:{}: {word:?}: {}", n + 1, line.trim()));
+                    }
+                }
+            }
+            if !rel.starts_with("journal/") && line.contains(".with_conn(") {
+                found.push(format!(
+                    "src/{rel}:{}: Journal::with_conn is for tests",
+                    n + 1
+                ));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "SQL and rusqlite belong in src/journal/sqlite/ (ARCHITECTURE.md, journal/); found:\n{}",
+        found.join("\n")
+    );
+}

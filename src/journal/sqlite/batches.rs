@@ -1,0 +1,228 @@
+//! The SQL of reservations: a batch with its events and deliveries journaled in one
+//! transaction (the one-key-per-change rule and the error-lane copies included), and what the
+//! poller reads back about them.
+
+use super::tokens::ensure_portal;
+use super::{lane_from_sql, now};
+use crate::envelope::{Envelope, Lane};
+use crate::journal::types::{NewBatch, OpenBatch, RecordedBatch};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+
+pub(super) fn record_batches(
+    conn: &mut Connection,
+    batches: &[NewBatch],
+) -> anyhow::Result<Vec<RecordedBatch>> {
+    let tx = conn.transaction()?;
+    let recorded = batches
+        .iter()
+        .map(|batch| record_batch_in(&tx, batch))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tx.commit()?;
+    for (batch, r) in batches.iter().zip(&recorded) {
+        if r.known_changes > 0 {
+            tracing::info!(
+                portal = %batch.portal,
+                process_id = %batch.process_id,
+                copies = r.known_changes,
+                deliveries = r.known_change_deliveries,
+                cleared_at_once = r.known_changes_done,
+                "error-lane copies of changes already journaled: they go only to the sinks that have not had them"
+            );
+        }
+    }
+    Ok(recorded)
+}
+
+fn record_batch_in(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &NewBatch,
+) -> anyhow::Result<RecordedBatch> {
+    ensure_portal(tx, &batch.portal)?;
+    let fetched_at = now();
+    if batch.new_reservation {
+        let renamed = tx.execute(
+            "UPDATE batches SET process_id = process_id || '#' || id
+             WHERE portal = ?1 AND process_id = ?2 AND settled_at IS NOT NULL",
+            params![batch.portal, batch.process_id],
+        )?;
+        if renamed > 0 {
+            tracing::warn!(portal = %batch.portal, process_id = %batch.process_id, "the portal handed out the process_id of a settled batch again: journaled as a new reservation; the settled batch keeps its history as <process_id>#<batch id>");
+        }
+    }
+    tx.execute(
+        "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![batch.portal, batch.process_id, batch.lane.as_str(), batch.origin.as_str(), fetched_at],
+    )?;
+    let batch_id: i64 = tx.query_row(
+        "SELECT id FROM batches WHERE portal = ?1 AND process_id = ?2",
+        params![batch.portal, batch.process_id],
+        |r| r.get(0),
+    )?;
+    let mut recorded = RecordedBatch {
+        batch_id,
+        ..RecordedBatch::default()
+    };
+    {
+        let mut find = tx.prepare_cached(
+            "SELECT id, upstream FROM events WHERE batch_id = ?1 AND offline_id = ?2",
+        )?;
+        let mut insert_event = tx.prepare_cached(
+            "INSERT INTO events (envelope_id, portal, batch_id, offline_id, event, message_id, timestamp, data,
+                                 additional, lane, fetched_at, status, upstream, enrichment, change_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?;
+        // The first row of the same change (same portal, offline ID and change), whose key a
+        // later row of that change keeps.
+        let mut first_of_change = tx.prepare_cached(
+            "SELECT envelope_id FROM events WHERE portal = ?1 AND offline_id = ?2 AND change_key = ?3
+             ORDER BY id LIMIT 1",
+        )?;
+        // The sinks that have a change, or are about to (a pending delivery: a dead retry or a
+        // replay in progress), in any earlier row.
+        let mut sinks_with_change = tx.prepare_cached(
+            "SELECT DISTINCT d.sink FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE e.portal = ?1 AND e.offline_id = ?2 AND e.change_key = ?3
+               AND d.status IN ('delivered', 'pending')",
+        )?;
+        let mut insert_delivery = tx.prepare_cached(
+            "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3)",
+        )?;
+        for e in &batch.events {
+            let known: Option<(i64, String)> = find
+                .query_row(params![batch_id, e.offline_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if let Some((_, upstream)) = known {
+                if upstream == "cleared" || upstream == "errored" {
+                    recorded
+                        .known_settled
+                        .push((e.offline_id, e.message_id.clone()));
+                } else {
+                    recorded.known_unsettled += 1;
+                }
+                continue;
+            }
+            // One key per change, forever: a row of a change journaled before (an error-lane
+            // copy, or a row keyed before keys carried the change) lends its key.
+            let change = Envelope::change_key(&e.timestamp);
+            let earlier: Option<String> = first_of_change
+                .query_row(params![batch.portal, e.offline_id, change], |r| r.get(0))
+                .optional()?;
+            let mut sinks: Vec<&String> = e.sinks.iter().collect();
+            if batch.lane == Lane::Error && earlier.is_some() {
+                // The copy `event.offline.error` left in the error lane: the sinks that had it
+                // (or are getting it again) must not get it twice.
+                let had: Vec<String> = sinks_with_change
+                    .query_map(params![batch.portal, e.offline_id, change], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                sinks.retain(|sink| !had.contains(sink));
+                recorded.known_changes += 1;
+                recorded.known_change_deliveries += sinks.len();
+                recorded.known_changes_done += usize::from(sinks.is_empty());
+            }
+            let envelope_id = earlier
+                .unwrap_or_else(|| Envelope::id_of_change(&batch.portal, e.offline_id, &change));
+            // With no sink to deliver to, the lattice settles the event at once.
+            let status = if sinks.is_empty() {
+                "delivered"
+            } else {
+                "pending"
+            };
+            let upstream = match (batch.deleted_upstream, sinks.is_empty()) {
+                (true, _) => "cleared",
+                (false, true) => "clear_pending",
+                (false, false) => "reserved",
+            };
+            insert_event.execute(params![
+                envelope_id,
+                batch.portal,
+                batch_id,
+                e.offline_id,
+                e.event,
+                e.message_id,
+                e.timestamp,
+                e.data.to_string(),
+                e.additional.to_string(),
+                batch.lane.as_str(),
+                fetched_at,
+                status,
+                upstream,
+                // An event no sink wants is not worth a request.
+                (e.enrich && !sinks.is_empty()).then_some("pending"),
+                change
+            ])?;
+            let event_id = tx.last_insert_rowid();
+            for sink in sinks {
+                insert_delivery.execute(params![event_id, sink, fetched_at])?;
+            }
+            recorded.inserted += 1;
+        }
+    }
+    if batch.deleted_upstream {
+        tx.execute(
+            "UPDATE batches SET settled_at = ?2 WHERE id = ?1",
+            params![batch_id, fetched_at],
+        )?;
+        tx.execute(
+            "UPDATE events SET settled_at = ?2 WHERE batch_id = ?1 AND settled_at IS NULL",
+            params![batch_id, fetched_at],
+        )?;
+    } else if recorded.inserted > 0 {
+        tx.execute(
+            "UPDATE batches SET settled_at = NULL WHERE id = ?1",
+            [batch_id],
+        )?;
+    }
+    Ok(recorded)
+}
+
+/// Reservations not fully settled yet.
+pub(super) fn open_batches(conn: &Connection, portal: &str) -> anyhow::Result<Vec<OpenBatch>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, process_id, lane FROM batches WHERE portal = ?1 AND settled_at IS NULL ORDER BY id",
+    )?;
+    let rows = stmt.query_map([portal], |r| {
+        Ok(OpenBatch {
+            batch_id: r.get(0)?,
+            process_id: r.get(1)?,
+            lane: lane_from_sql(&r.get::<_, String>(2)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Every `process_id` the journal has seen for `portal`, with whether it is settled.
+pub(super) fn known_process_ids(
+    conn: &Connection,
+    portal: &str,
+) -> anyhow::Result<HashMap<String, bool>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT process_id, settled_at IS NOT NULL FROM batches WHERE portal = ?1",
+    )?;
+    let rows = stmt.query_map([portal], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+    })?;
+    Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
+}
+
+/// Events of `portal` reserved upstream and not settled yet.
+pub(super) fn unsettled_count(conn: &Connection, portal: &str) -> anyhow::Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE portal = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending')",
+        [portal],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}
+
+/// Events of `portal` some sink still has to deliver.
+pub(super) fn undelivered_count(conn: &Connection, portal: &str) -> anyhow::Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE portal = ?1 AND status = 'pending'",
+        [portal],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}

@@ -1,0 +1,221 @@
+//! The SQL of deliveries: which are due, their outcomes, and the settle lattice applied to an
+//! event in the transaction that makes its last delivery final.
+
+use super::{lane_from_sql, now, parse_time, state_from_sql};
+use crate::envelope::Envelope;
+use crate::journal::settle::{self, DeliveryState, SettleAction};
+use crate::journal::timestamp;
+use crate::journal::types::{DueDelivery, Outcome};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+pub(super) fn due_deliveries(
+    conn: &Connection,
+    sink: &str,
+    now: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<DueDelivery>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
+         FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.sink = ?1 AND d.status = 'pending' AND d.next_attempt_at <= ?2
+           AND e.enrichment IS NULL
+         ORDER BY d.next_attempt_at, d.event_id
+         LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(params![sink, now, limit as i64], |r| {
+        let attempts: u32 = r.get(1)?;
+        Ok(DueDelivery {
+            event_id: r.get(0)?,
+            attempts,
+            envelope: envelope_at(r, 2, attempts + 1)?,
+            fetched_at: parse_time(r.get(2 + ENVELOPE_WIDTH)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
+pub(super) const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
+     e.timestamp, e.data, e.additional, e.lane, e.entity, e.entity_error";
+/// How many columns [`ENVELOPE_COLUMNS`] has.
+pub(super) const ENVELOPE_WIDTH: usize = 11;
+
+/// Reads an envelope from [`ENVELOPE_COLUMNS`] starting at column `first`. JSON columns that do
+/// not parse (never written by this crate) read as `null`.
+pub(super) fn envelope_at(
+    r: &rusqlite::Row<'_>,
+    first: usize,
+    attempt: u32,
+) -> rusqlite::Result<Envelope> {
+    let json = |i: usize| -> rusqlite::Result<Value> {
+        let text: Option<String> = r.get(first + i)?;
+        Ok(text
+            .and_then(|t| crate::json_depth::from_str(&t).ok())
+            .unwrap_or(Value::Null))
+    };
+    Ok(Envelope {
+        id: r.get(first)?,
+        portal: r.get(first + 1)?,
+        event: r.get(first + 2)?,
+        offline_id: r.get(first + 3)?,
+        message_id: r.get(first + 4)?,
+        timestamp: r.get(first + 5)?,
+        data: json(6)?,
+        additional: json(7)?,
+        lane: lane_from_sql(&r.get::<_, String>(first + 8)?),
+        attempt,
+        entity: json(9)?,
+        entity_error: r.get(first + 10)?,
+    })
+}
+
+pub(super) fn record_outcomes(
+    conn: &mut Connection,
+    sink: &str,
+    outcomes: &[(i64, Outcome, Option<String>)],
+) -> anyhow::Result<Vec<String>> {
+    let tx = conn.transaction()?;
+    let at = now();
+    let mut portals = Vec::new();
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE deliveries SET status = ?3, attempts = attempts + 1, next_attempt_at = ?4, last_error = ?5,
+                    delivered_at = CASE WHEN ?3 = 'delivered' THEN ?6 ELSE delivered_at END
+             WHERE event_id = ?1 AND sink = ?2 AND status = 'pending'
+             RETURNING attempts",
+        )?;
+        let mut log_attempt = tx.prepare_cached(
+            "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome, error, output) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for (event_id, outcome, output) in outcomes {
+            let (status, next_at, error, label) = match outcome {
+                Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
+                Outcome::Retry {
+                    error,
+                    next_attempt_at,
+                } => (
+                    "pending",
+                    timestamp(*next_attempt_at),
+                    Some(error.as_str()),
+                    "retry",
+                ),
+                Outcome::Dead { error } => ("dead", at.clone(), Some(error.as_str()), "dead"),
+            };
+            let attempt: Option<i64> = update
+                .query_row(params![event_id, sink, status, next_at, error, at], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(attempt) = attempt else {
+                continue; // already final (e.g. settled by an earlier run): nothing to record
+            };
+            log_attempt.execute(params![event_id, sink, attempt, at, label, error, output])?;
+            if status == "pending" {
+                continue;
+            }
+            if let Some(portal) = settle_if_final(&tx, *event_id)?
+                && !portals.contains(&portal)
+            {
+                portals.push(portal);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(portals)
+}
+
+/// Applies the settle lattice to one event: when every delivery is final it becomes
+/// `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/`error_pending`.
+/// Returns its portal when there is new settle work. An event settled upstream before (a
+/// replay, a dead retry, fetch-delete mode) only gets its status.
+fn settle_if_final(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: i64,
+) -> anyhow::Result<Option<String>> {
+    let (lane, portal, upstream): (String, String, String) = tx
+        .prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let deliveries: Vec<DeliveryState> = tx
+        .prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?
+        .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
+        .collect::<Result<_, _>>()?;
+    let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) else {
+        return Ok(None);
+    };
+    let status = if decision.dead { "dead" } else { "delivered" };
+    if upstream != "reserved" {
+        tx.prepare_cached("UPDATE events SET status = ?2 WHERE id = ?1")?
+            .execute(params![event_id, status])?;
+        return Ok(None);
+    }
+    let upstream = match decision.action {
+        SettleAction::Clear => "clear_pending",
+        SettleAction::Error => "error_pending",
+    };
+    tx.prepare_cached(
+        "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
+    )?
+    .execute(params![event_id, status, upstream])?;
+    Ok(Some(portal))
+}
+
+/// Deletes pending deliveries to sinks no longer configured (an operator removed or renamed
+/// one) and settles the events that were only waiting for them. Returns, per removed sink, how
+/// many deliveries were dropped.
+pub(super) fn drop_unknown_sinks(
+    conn: &mut Connection,
+    known: &[String],
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let tx = conn.transaction()?;
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events = Vec::new();
+    {
+        let mut pending =
+            tx.prepare("SELECT event_id, sink FROM deliveries WHERE status = 'pending'")?;
+        let rows = pending.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (event_id, sink) = row?;
+            if !known.contains(&sink) {
+                *dropped.entry(sink.clone()).or_default() += 1;
+                events.push((event_id, sink));
+            }
+        }
+    }
+    for (event_id, sink) in &events {
+        tx.execute(
+            "DELETE FROM deliveries WHERE event_id = ?1 AND sink = ?2 AND status = 'pending'",
+            params![event_id, sink],
+        )?;
+        settle_if_final(&tx, *event_id)?;
+    }
+    tx.commit()?;
+    Ok(dropped.into_iter().collect())
+}
+
+/// Makes the pending deliveries of `sink` due now whose time lies after `latest`; returns how
+/// many.
+pub(super) fn bring_forward(
+    conn: &Connection,
+    sink: &str,
+    latest: DateTime<Utc>,
+) -> anyhow::Result<usize> {
+    Ok(conn.execute(
+        "UPDATE deliveries SET next_attempt_at = ?3
+         WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2",
+        params![sink, timestamp(latest), now()],
+    )?)
+}
+
+/// When the earliest pending delivery of `sink` is due, if any.
+pub(super) fn next_due(conn: &Connection, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let at: Option<String> = conn.query_row(
+        "SELECT MIN(d.next_attempt_at) FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.sink = ?1 AND d.status = 'pending' AND e.enrichment IS NULL",
+        [sink],
+        |r| r.get(0),
+    )?;
+    Ok(parse_time(at))
+}

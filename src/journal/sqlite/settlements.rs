@@ -1,0 +1,101 @@
+//! The SQL of upstream settlement: the events waiting for `event.offline.clear` /
+//! `event.offline.error`, grouped by reservation, and marking them settled (closing the
+//! reservations with nothing left to settle).
+
+use super::{lane_from_sql, now};
+use crate::journal::settle::SettleAction;
+use crate::journal::types::PendingSettlement;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
+
+pub(super) fn pending_settlements(
+    conn: &Connection,
+    portal: &str,
+) -> anyhow::Result<Vec<PendingSettlement>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.batch_id, b.process_id, b.lane, e.upstream, e.id, e.offline_id, e.message_id
+         FROM events e JOIN batches b ON b.id = e.batch_id
+         WHERE e.portal = ?1 AND e.upstream IN ('clear_pending', 'error_pending')
+         ORDER BY e.batch_id, e.upstream, e.id",
+    )?;
+    let mut groups: BTreeMap<(i64, String), PendingSettlement> = BTreeMap::new();
+    let rows = stmt.query_map([portal], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+        ))
+    })?;
+    for row in rows {
+        let (batch_id, process_id, lane, upstream, id, offline_id, message_id) = row?;
+        let action = if upstream == "error_pending" {
+            SettleAction::Error
+        } else {
+            SettleAction::Clear
+        };
+        groups
+            .entry((batch_id, upstream))
+            .or_insert_with(|| PendingSettlement {
+                batch_id,
+                process_id,
+                lane: lane_from_sql(&lane),
+                action,
+                events: Vec::new(),
+            })
+            .events
+            .push((id, offline_id, message_id));
+    }
+    Ok(groups.into_values().collect())
+}
+
+pub(super) fn mark_settled(
+    conn: &mut Connection,
+    groups: &[(Vec<i64>, SettleAction)],
+) -> anyhow::Result<()> {
+    let tx = conn.transaction()?;
+    let at = now();
+    for (event_ids, action) in groups {
+        mark_settled_in(&tx, event_ids, *action, &at)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn mark_settled_in(
+    tx: &rusqlite::Transaction<'_>,
+    event_ids: &[i64],
+    action: SettleAction,
+    at: &str,
+) -> anyhow::Result<()> {
+    let (from, to) = match action {
+        SettleAction::Clear => ("clear_pending", "cleared"),
+        SettleAction::Error => ("error_pending", "errored"),
+    };
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE events SET upstream = ?2, settled_at = ?3 WHERE id = ?1 AND upstream = ?4 RETURNING batch_id",
+        )?;
+        let mut close = tx.prepare_cached(
+            "UPDATE batches SET settled_at = ?2 WHERE id = ?1 AND settled_at IS NULL AND NOT EXISTS (
+                SELECT 1 FROM events WHERE batch_id = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending'))",
+        )?;
+        let mut batches = Vec::new();
+        for id in event_ids {
+            if let Some(batch_id) = update
+                .query_row(params![id, to, at, from], |r| r.get::<_, i64>(0))
+                .optional()?
+                && !batches.contains(&batch_id)
+            {
+                batches.push(batch_id);
+            }
+        }
+        for batch_id in batches {
+            close.execute(params![batch_id, at])?;
+        }
+    }
+    Ok(())
+}
