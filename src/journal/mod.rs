@@ -28,13 +28,14 @@ pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
-pub use sqlite::lock;
-pub use sqlite::open::{OpenError, check, damage};
+pub(crate) use sqlite::lock;
+pub(crate) use sqlite::open::{OpenError, check, damage};
 pub use types::{
-    Access, BatchOrigin, DeadAttempt, DueDelivery, Enriched, HISTORY_MINUTES, JournalCounts,
-    NewBatch, NewEvent, OpenBatch, Outcome, PendingEnrichment, PendingSettlement, PortalStatus,
-    RecordedBatch, SettleAction, SinkStatus, StatusData, StoredFinding, TokenStatus, timestamp,
+    Access, BatchOrigin, DeadAttempt, DueDelivery, Enriched, JournalCounts, NewBatch, NewEvent,
+    OpenBatch, Outcome, PendingEnrichment, PendingSettlement, PortalStatus, RecordedBatch,
+    SettleAction, SinkStatus, StatusData, StoredFinding, TokenStatus,
 };
+pub(crate) use types::{HISTORY_MINUTES, timestamp};
 
 use crate::bitrix::{TokenStore, Tokens};
 use crate::config::Synchronous;

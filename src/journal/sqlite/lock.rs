@@ -23,7 +23,6 @@ pub fn lock_path(journal: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct DaemonLock {
     file: File,
-    path: PathBuf,
 }
 
 /// Why the lock could not be taken.
@@ -99,12 +98,7 @@ impl DaemonLock {
             .and_then(|()| file.sync_data());
         written.map_err(io)?;
         tracing::debug!(lock = %path.display(), pid, "daemon lock taken");
-        Ok(DaemonLock { file, path })
-    }
-
-    /// Where the lock file is.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(DaemonLock { file })
     }
 }
 
@@ -139,8 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("j.db");
         let held = DaemonLock::acquire(&journal).unwrap();
-        assert_eq!(held.path(), lock_path(&journal));
-        let text = std::fs::read_to_string(held.path()).unwrap();
+        let text = std::fs::read_to_string(lock_path(&journal)).unwrap();
         assert_eq!(text, format!("{}\n", std::process::id()));
         // flock locks belong to the open file description: a second open in the same process
         // conflicts as another process would.
@@ -169,11 +162,14 @@ mod tests {
         let journal = dir.path().join("sub/j.db");
         std::fs::create_dir_all(dir.path().join("sub")).unwrap();
         std::fs::write(lock_path(&journal), "999999\n").unwrap();
-        let lock = DaemonLock::acquire(&journal).unwrap();
-        let text = std::fs::read_to_string(lock.path()).unwrap();
+        let _lock = DaemonLock::acquire(&journal).unwrap();
+        let text = std::fs::read_to_string(lock_path(&journal)).unwrap();
         assert_eq!(text.trim(), std::process::id().to_string(), "pid replaced");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(lock.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(lock_path(&journal))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "an existing file is made private");
     }
 }
