@@ -178,7 +178,6 @@ fn record_batch_in(
     Ok(recorded)
 }
 
-/// Reservations not fully settled yet.
 pub(super) fn open_batches(conn: &Connection, portal: &str) -> anyhow::Result<Vec<OpenBatch>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, process_id, lane FROM batches WHERE portal = ?1 AND settled_at IS NULL ORDER BY id",
@@ -193,7 +192,6 @@ pub(super) fn open_batches(conn: &Connection, portal: &str) -> anyhow::Result<Ve
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Every `process_id` the journal has seen for `portal`, with whether it is settled.
 pub(super) fn known_process_ids(
     conn: &Connection,
     portal: &str,
@@ -207,7 +205,6 @@ pub(super) fn known_process_ids(
     Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
 }
 
-/// Events of `portal` reserved upstream and not settled yet.
 pub(super) fn unsettled_count(conn: &Connection, portal: &str) -> anyhow::Result<u64> {
     let n: i64 = conn.query_row(
         "SELECT COUNT(*) FROM events WHERE portal = ?1 AND upstream IN ('reserved', 'clear_pending', 'error_pending')",
@@ -217,7 +214,6 @@ pub(super) fn unsettled_count(conn: &Connection, portal: &str) -> anyhow::Result
     Ok(n as u64)
 }
 
-/// Events of `portal` some sink still has to deliver.
 pub(super) fn undelivered_count(conn: &Connection, portal: &str) -> anyhow::Result<u64> {
     let n: i64 = conn.query_row(
         "SELECT COUNT(*) FROM events WHERE portal = ?1 AND status = 'pending'",

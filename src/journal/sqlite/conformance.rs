@@ -6,7 +6,6 @@ use crate::journal::timestamp;
 use crate::journal::types::StoredFinding;
 use rusqlite::{Connection, params};
 
-/// Replaces the stored findings of `portal` with those of one probe run, in one transaction.
 pub(super) fn replace_conformance(
     conn: &mut Connection,
     portal: &str,
@@ -38,7 +37,6 @@ pub(super) fn replace_conformance(
     Ok(())
 }
 
-/// The stored findings of `portal`, by check name.
 pub(super) fn conformance(conn: &Connection, portal: &str) -> anyhow::Result<Vec<StoredFinding>> {
     let mut select = conn.prepare_cached(
         "SELECT check_name, status, observed, value, run_id, checked_at

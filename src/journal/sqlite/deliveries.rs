@@ -195,8 +195,6 @@ pub(super) fn drop_unknown_sinks(
     Ok(dropped.into_iter().collect())
 }
 
-/// Makes the pending deliveries of `sink` due now whose time lies after `latest`; returns how
-/// many.
 pub(super) fn bring_forward(
     conn: &Connection,
     sink: &str,
@@ -209,7 +207,6 @@ pub(super) fn bring_forward(
     )?)
 }
 
-/// When the earliest pending delivery of `sink` is due, if any.
 pub(super) fn next_due(conn: &Connection, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
     let at: Option<String> = conn.query_row(
         "SELECT MIN(d.next_attempt_at) FROM deliveries d JOIN events e ON e.id = d.event_id

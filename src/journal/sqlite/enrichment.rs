@@ -5,7 +5,6 @@ use crate::journal::types::{Enriched, PendingEnrichment};
 use rusqlite::{Connection, params};
 use serde_json::Value;
 
-/// Events of `portal` whose entity is still to be read, oldest first.
 pub(super) fn pending_enrichment(
     conn: &Connection,
     portal: &str,
@@ -29,7 +28,6 @@ pub(super) fn pending_enrichment(
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Stores what enrichment found and releases the events' deliveries, in one transaction.
 pub(super) fn record_enrichment(conn: &mut Connection, results: &[Enriched]) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
     {

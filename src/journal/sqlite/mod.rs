@@ -1,7 +1,8 @@
 //! The SQLite backend: one file (WAL, `synchronous=FULL` by default) behind one connection.
 //! Every call runs on tokio's blocking pool, one at a time: async callers wait for their turn
 //! on a semaphore before they take a blocking thread. The SQL lives in one file per concern;
-//! this file opens the journal and maps [`JournalBackend`] onto them.
+//! this file opens the journal and maps [`JournalBackend`] (which documents each operation)
+//! onto them.
 
 mod batches;
 mod conformance;

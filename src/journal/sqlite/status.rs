@@ -15,8 +15,6 @@ use std::collections::BTreeMap;
 /// Dead attempts the page lists.
 const LAST_DEAD: usize = 20;
 
-/// The highest event row, and per portal the events journaled after row `after` (none without
-/// one): the fetch rate for the systemd status line, from the rowid alone.
 pub(super) fn events_since_row(
     conn: &Connection,
     after: Option<i64>,
@@ -35,8 +33,6 @@ pub(super) fn events_since_row(
     Ok((max, counts))
 }
 
-/// Dead outcomes recorded after attempt row `after` (none without one): the highest attempt
-/// row, how many, and up to 5 of their envelope ids.
 pub(super) fn dead_attempts_since(
     conn: &Connection,
     after: Option<i64>,
@@ -60,7 +56,6 @@ pub(super) fn dead_attempts_since(
     Ok((max, count, ids.into_iter().take(5).collect()))
 }
 
-/// When the event behind the oldest pending delivery was journaled.
 pub(super) fn oldest_pending_fetched_at(
     conn: &Connection,
 ) -> anyhow::Result<Option<DateTime<Utc>>> {
@@ -120,8 +115,6 @@ fn slot(at: &str, start: DateTime<Utc>) -> Option<usize> {
         .then_some(minutes as usize)
 }
 
-/// The status page's data as of `now`, for `portals` (the configured ones, shown even without
-/// events).
 pub(super) fn status_data(
     conn: &Connection,
     portals: &[String],

@@ -70,7 +70,6 @@ pub(super) fn save_tokens(conn: &mut Connection, portal: &str, t: &Tokens) -> an
     Ok(())
 }
 
-/// The stored tokens' metadata for `portal` (never the tokens), or `None` when none are stored.
 pub(super) fn token_status(conn: &Connection, portal: &str) -> anyhow::Result<Option<TokenStatus>> {
     let status = conn
         .query_row(
