@@ -7,6 +7,11 @@
 use std::fmt;
 use std::time::Duration;
 
+/// Method names used in errors and logs for the two token requests (`oauth` sends them; the
+/// hints of an `invalid_grant` depend on which one failed).
+pub const REFRESH_METHOD: &str = "oauth token refresh";
+pub const EXCHANGE_METHOD: &str = "oauth code exchange";
+
 /// What a caller should do with a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorClass {
@@ -299,9 +304,7 @@ impl BitrixError {
                 );
             }
         }
-        if code.eq_ignore_ascii_case("invalid_grant")
-            && self.method == super::oauth::EXCHANGE_METHOD
-        {
+        if code.eq_ignore_ascii_case("invalid_grant") && self.method == EXCHANGE_METHOD {
             hints.push(
                 "the authorization code was refused: a code works once and only for 30 seconds \
                  after the redirect; run `b24eventd auth login` again and paste the address at once"
@@ -569,7 +572,7 @@ mod tests {
     fn invalid_grant_hints_depend_on_the_request() {
         let refresh = BitrixError::from_api(
             "main",
-            crate::bitrix::oauth::REFRESH_METHOD,
+            REFRESH_METHOD,
             "invalid_grant",
             "Invalid grant",
             Some(400),
@@ -577,7 +580,7 @@ mod tests {
         assert!(refresh.to_string().contains("180 days"), "{refresh}");
         let exchange = BitrixError::from_api(
             "main",
-            crate::bitrix::oauth::EXCHANGE_METHOD,
+            EXCHANGE_METHOD,
             "invalid_grant",
             "Invalid grant",
             Some(400),

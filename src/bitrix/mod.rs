@@ -1,5 +1,6 @@
 //! The Bitrix24 REST client: the only place that knows Bitrix24's JSON, HTTP, OAuth and limits.
 
+mod body;
 pub mod client;
 pub mod entities;
 pub mod error;

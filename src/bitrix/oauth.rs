@@ -5,7 +5,11 @@
 //! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
 //! must persist the new pair before relying on it (see [`TokenStore`]).
 
-use super::error::{BitrixError, codes, describe_unparsable, invalid_response, sanitize_snippet};
+use super::body::{BodyError, read_body};
+use super::error::{
+    BitrixError, EXCHANGE_METHOD, REFRESH_METHOD, codes, describe_unparsable, invalid_response,
+    sanitize_snippet,
+};
 use super::form::percent_encode;
 use super::types::parse_error;
 use chrono::{DateTime, Utc};
@@ -14,10 +18,6 @@ use std::fmt;
 
 /// Largest token-server answer read (a real one is well under 1 KiB).
 const MAX_TOKEN_BODY: usize = 1024 * 1024;
-
-/// Method names used in errors and logs for the two token requests.
-pub const REFRESH_METHOD: &str = "oauth token refresh";
-pub const EXCHANGE_METHOD: &str = "oauth code exchange";
 
 /// An access/refresh token pair with what the authorization server said about it.
 #[derive(Clone, PartialEq)]
@@ -323,11 +323,11 @@ async fn token_request(
     if response.status().is_redirection() {
         return Err(redirect_refused(&response, token_url, portal, method));
     }
-    let body = super::client::read_body(response, MAX_TOKEN_BODY)
+    let body = read_body(response, MAX_TOKEN_BODY)
         .await
         .map_err(|e| match e {
-            super::client::BodyError::Transport(e) => BitrixError::transport(portal, method, &e),
-            super::client::BodyError::TooLarge => BitrixError::new(
+            BodyError::Transport(e) => BitrixError::transport(portal, method, &e),
+            BodyError::TooLarge => BitrixError::new(
                 portal,
                 method,
                 codes::INVALID_RESPONSE,
@@ -447,7 +447,7 @@ fn parse_token_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitrix::ErrorClass;
+    use crate::bitrix::error::ErrorClass;
 
     const REFRESH_EXAMPLE: &str = r#"{
         "access_token": "ydtj8pho532wydb5ixk78ol7uqlb7sch",
