@@ -2,13 +2,13 @@
 //! alike (a leaf: it imports nothing of `bitrix`).
 
 /// Why a body could not be read.
-pub(crate) enum BodyError {
+pub(super) enum BodyError {
     Transport(reqwest::Error),
     TooLarge,
 }
 
 /// Reads a response body, refusing more than `cap` bytes.
-pub(crate) async fn read_body(
+pub(super) async fn read_body(
     mut response: reqwest::Response,
     cap: usize,
 ) -> Result<Vec<u8>, BodyError> {

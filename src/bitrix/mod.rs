@@ -10,7 +10,8 @@ pub mod operating;
 pub mod ratelimit;
 pub mod types;
 
-pub use client::{BindOutcome, ClientSettings, PortalClient};
+pub(crate) use client::BindOutcome;
+pub use client::{ClientSettings, PortalClient};
 pub use error::{BitrixError, ErrorClass};
 pub use oauth::{TokenStore, Tokens};
 pub use types::{

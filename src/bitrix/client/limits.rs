@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 const LIMIT_BACKOFF_START: Duration = Duration::from_secs(1);
 const LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// The longest wait for an operating window: the 10-minute window plus a minute of margin.
-pub const MAX_OPERATING_WAIT: Duration = Duration::from_secs(11 * 60);
+pub(crate) const MAX_OPERATING_WAIT: Duration = Duration::from_secs(11 * 60);
 
 #[derive(Default)]
 pub(super) struct OperatingState {
@@ -27,7 +27,7 @@ impl PortalClient {
     /// What the portal last reported of `method`'s operating time (seconds used in the current
     /// 10-minute window, when its oldest minute drops out), what this client's calls may have
     /// added since, what one call may take, and a ban the portal imposed.
-    pub fn operating(&self, method: &str) -> MethodTime {
+    pub(crate) fn operating(&self, method: &str) -> MethodTime {
         lock(&self.inner.operating).times.get(method)
     }
 
@@ -35,7 +35,7 @@ impl PortalClient {
     /// monotonic time since, so that neither a step of this machine's clock nor a skew between
     /// the two clocks moves the operating windows the portal reports. This machine's clock
     /// until the portal has answered.
-    pub fn portal_now(&self) -> f64 {
+    pub(crate) fn portal_now(&self) -> f64 {
         match lock(&self.inner.operating).portal_clock {
             Some((finish, at)) => finish + at.elapsed().as_secs_f64(),
             None => chrono::Utc::now().timestamp_millis() as f64 / 1000.0,
@@ -80,7 +80,7 @@ impl PortalClient {
     /// How long to wait after a 429 on `method`: the answer's own hint, else until the ban the
     /// portal imposed ends (a method that passes its limit is refused for
     /// [`operating::BAN`]), at most [`MAX_OPERATING_WAIT`].
-    pub fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
+    pub(crate) fn operating_wait(&self, method: &str, hint: Option<Duration>) -> Duration {
         if let Some(hint) = hint.filter(|h| !h.is_zero()) {
             return hint.min(MAX_OPERATING_WAIT);
         }

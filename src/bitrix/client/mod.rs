@@ -17,13 +17,11 @@ mod test_support;
 mod tokens;
 mod transport;
 
-pub use limits::MAX_OPERATING_WAIT;
-pub use offline::{
-    ClearTarget, EntityOutcome, GetRequest, MAX_BATCH, OfflineBatchAnswer, OfflineCommand,
-    OfflineOutcome,
-};
-pub use operator::BindOutcome;
-pub use transport::{ClientStats, MethodStats, http_client};
+pub(crate) use limits::MAX_OPERATING_WAIT;
+pub use offline::{ClearTarget, GetRequest};
+pub(crate) use offline::{EntityOutcome, MAX_BATCH, OfflineCommand, OfflineOutcome};
+pub(crate) use operator::BindOutcome;
+pub(crate) use transport::{ClientStats, http_client};
 
 use super::error::{BitrixError, codes};
 use super::oauth::{TokenStore, Tokens};
@@ -125,7 +123,7 @@ impl PortalClient {
     /// [`PortalClient::new`] on an HTTP client shared with other portals (one connection pool
     /// and TLS configuration for a daemon serving many portals). Each request still has the
     /// portal's own `request_timeout`.
-    pub fn with_http(
+    pub(crate) fn with_http(
         settings: ClientSettings,
         tokens: Option<Tokens>,
         store: Arc<dyn TokenStore>,
@@ -174,16 +172,16 @@ impl PortalClient {
         })
     }
 
-    pub fn portal(&self) -> &str {
+    pub(crate) fn portal(&self) -> &str {
         &self.inner.settings.portal
     }
 
-    pub fn stats(&self) -> ClientStats {
+    pub(crate) fn stats(&self) -> ClientStats {
         lock(&self.inner.stats).clone()
     }
 
     /// The endpoint calls currently go to (differs from the config after a domain redirect).
-    pub fn client_endpoint(&self) -> String {
+    pub(crate) fn client_endpoint(&self) -> String {
         lock(&self.inner.endpoint).clone()
     }
 

@@ -15,7 +15,7 @@ use crate::bitrix::types::{
 use serde_json::{Map, Value, json};
 
 /// Sub-commands per `batch` request (`CRestUtil::BATCH_MAX_LENGTH`).
-pub const MAX_BATCH: usize = 50;
+pub(crate) const MAX_BATCH: usize = 50;
 
 /// Parameters of `event.offline.get`.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +31,7 @@ pub struct GetRequest {
 
 /// One `event.offline.*` call, alone or as a sub-command of [`PortalClient::offline_batch`].
 #[derive(Debug, Clone, PartialEq)]
-pub enum OfflineCommand {
+pub(crate) enum OfflineCommand {
     Get(GetRequest),
     Clear {
         process_id: String,
@@ -44,7 +44,7 @@ pub enum OfflineCommand {
 }
 
 impl OfflineCommand {
-    pub fn method(&self) -> &'static str {
+    pub(crate) fn method(&self) -> &'static str {
         match self {
             OfflineCommand::Get(_) => "event.offline.get",
             OfflineCommand::Clear { .. } => "event.offline.clear",
@@ -77,14 +77,14 @@ impl OfflineCommand {
 
 /// The answer to [`PortalClient::offline_batch`].
 #[derive(Debug)]
-pub struct OfflineBatchAnswer {
+pub(crate) struct OfflineBatchAnswer {
     /// One per command, in order.
-    pub outcomes: Vec<OfflineOutcome>,
+    pub(crate) outcomes: Vec<OfflineOutcome>,
 }
 
 /// How one sub-command of [`PortalClient::offline_batch`] came out.
 #[derive(Debug)]
-pub enum OfflineOutcome {
+pub(crate) enum OfflineOutcome {
     /// A `get` answered (its reservation and events).
     Got(OfflineBatch),
     /// A `clear` or `error` was done.
@@ -95,7 +95,7 @@ pub enum OfflineOutcome {
 
 /// What a getter in [`PortalClient::get_entities`] came to.
 #[derive(Debug)]
-pub enum EntityOutcome {
+pub(crate) enum EntityOutcome {
     Found(Value),
     /// The entity does not exist (deleted since the event): the text says which.
     NotFound(String),
@@ -138,7 +138,7 @@ impl PortalClient {
 
     /// `event.offline.error`: moves these rows of the reservation to the error lane. An empty
     /// list sends no request (the server would do nothing).
-    pub async fn offline_error(
+    pub(crate) async fn offline_error(
         &self,
         process_id: &str,
         message_ids: &[String],
@@ -159,7 +159,7 @@ impl PortalClient {
     /// run in order under the request's `auth_connector`; one failing does not stop the others.
     /// Returns one outcome per command, in order. Empty settle commands are refused: leave them
     /// out.
-    pub async fn offline_batch(
+    pub(crate) async fn offline_batch(
         &self,
         commands: &[OfflineCommand],
     ) -> Result<OfflineBatchAnswer, BitrixError> {
@@ -219,7 +219,7 @@ impl PortalClient {
 
     /// Reads up to 50 entities in one `batch` request (one sub-command per entity; callers
     /// deduplicate). Returns one outcome per key, in order.
-    pub async fn get_entities(
+    pub(crate) async fn get_entities(
         &self,
         keys: &[(Getter, u64)],
     ) -> Result<Vec<EntityOutcome>, BitrixError> {
@@ -311,7 +311,11 @@ impl PortalClient {
     }
 
     /// One page of `event.offline.list` (ordered by `ID` ascending), from `start`.
-    pub async fn offline_list(&self, filter: Value, start: u64) -> Result<ListPage, BitrixError> {
+    pub(crate) async fn offline_list(
+        &self,
+        filter: Value,
+        start: u64,
+    ) -> Result<ListPage, BitrixError> {
         const METHOD: &str = "event.offline.list";
         let filter = if filter.is_null() { json!({}) } else { filter };
         let params = json!({ "filter": filter, "order": {"ID": "ASC"}, "start": start });
@@ -322,7 +326,7 @@ impl PortalClient {
     /// Pages of `event.offline.list` in `order` (one field, e.g. `{"PROCESS_ID": "ASC"}`): one
     /// `(filter, start)` per page, sent together in one `batch` request (a single page alone).
     /// Returns one page or error per query, in order.
-    pub async fn offline_list_pages(
+    pub(crate) async fn offline_list_pages(
         &self,
         order: &Value,
         queries: &[(Value, u64)],
@@ -378,7 +382,7 @@ impl PortalClient {
 
     /// One `batch` request of up to 50 `(key, method, params)` sub-commands, each sent as
     /// `method?<PHP bracket query>`. Sub-command failures are in [`BatchResponse::errors`].
-    pub async fn batch(
+    pub(crate) async fn batch(
         &self,
         commands: &[(String, String, Value)],
         halt: bool,

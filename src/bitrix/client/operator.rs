@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 /// What `event.bind` did with an offline binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BindOutcome {
+pub(crate) enum BindOutcome {
     /// The binding was added.
     Bound,
     /// The portal already had it ("Handler already binded"): nothing changed.
@@ -22,7 +22,7 @@ pub enum BindOutcome {
 impl PortalClient {
     /// Sent without `auth_connector` (the server lists all connectors' bindings anyway), so it
     /// also works on plans without `rest_auth_connector`.
-    pub async fn event_get(&self) -> Result<Vec<EventHandler>, BitrixError> {
+    pub(crate) async fn event_get(&self) -> Result<Vec<EventHandler>, BitrixError> {
         const METHOD: &str = "event.get";
         let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
         parse_event_get(&resp.result).map_err(|e| self.shape_error(METHOD, e))
@@ -30,7 +30,7 @@ impl PortalClient {
 
     /// `event.bind` with `event_type=offline` (no handler URL; the configured `auth_connector`
     /// goes along and becomes the binding's `connector_id`). Binding twice is not an error.
-    pub async fn event_bind_offline(&self, event: &str) -> Result<BindOutcome, BitrixError> {
+    pub(crate) async fn event_bind_offline(&self, event: &str) -> Result<BindOutcome, BitrixError> {
         const METHOD: &str = "event.bind";
         let params = json!({ "event": event, "event_type": "offline" });
         match self.call(METHOD, params).await {
@@ -52,7 +52,7 @@ impl PortalClient {
     /// `event.unbind` with `event_type=offline`: removes this application's offline binding of
     /// `event` made with the configured `auth_connector` (the server matches the connector of
     /// the request). Returns how many bindings were removed.
-    pub async fn event_unbind_offline(&self, event: &str) -> Result<u64, BitrixError> {
+    pub(crate) async fn event_unbind_offline(&self, event: &str) -> Result<u64, BitrixError> {
         const METHOD: &str = "event.unbind";
         let params = json!({ "event": event, "event_type": "offline" });
         let resp = self.call(METHOD, params).await?;
@@ -60,7 +60,7 @@ impl PortalClient {
     }
 
     /// `feature.get` of a plan feature code (`rest_offline_extended`, `rest_auth_connector`).
-    pub async fn feature_get(&self, code: &str) -> Result<FeatureValue, BitrixError> {
+    pub(crate) async fn feature_get(&self, code: &str) -> Result<FeatureValue, BitrixError> {
         const METHOD: &str = "feature.get";
         let resp = self
             .call(METHOD, json!({ "CODE": code, "auth_connector": null }))
@@ -69,21 +69,23 @@ impl PortalClient {
     }
 
     /// `server.time`: the portal's clock.
-    pub async fn server_time(&self) -> Result<chrono::DateTime<chrono::FixedOffset>, BitrixError> {
+    pub(crate) async fn server_time(
+        &self,
+    ) -> Result<chrono::DateTime<chrono::FixedOffset>, BitrixError> {
         const METHOD: &str = "server.time";
         let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
         parse_server_time(&resp.result).map_err(|e| self.shape_error(METHOD, e))
     }
 
     /// `user.admin`: whether the token's user is a portal administrator (event methods need one).
-    pub async fn user_admin(&self) -> Result<bool, BitrixError> {
+    pub(crate) async fn user_admin(&self) -> Result<bool, BitrixError> {
         const METHOD: &str = "user.admin";
         let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
         parse_user_admin(&resp.result).map_err(|e| self.shape_error(METHOD, e))
     }
 
     /// `app.info`: the application's installation and payment state and the portal's plan.
-    pub async fn app_info(&self) -> Result<AppInfo, BitrixError> {
+    pub(crate) async fn app_info(&self) -> Result<AppInfo, BitrixError> {
         const METHOD: &str = "app.info";
         let resp = self.call(METHOD, json!({ "auth_connector": null })).await?;
         parse_app_info(&resp.result).map_err(|e| self.shape_error(METHOD, e))

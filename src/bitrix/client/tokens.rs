@@ -29,8 +29,6 @@ pub(super) enum RefreshTrigger<'a> {
     Expiring,
     /// The portal refused this access token.
     Rejected(&'a str),
-    /// Asked for explicitly.
-    Forced,
 }
 
 impl TokenState {
@@ -43,13 +41,9 @@ impl TokenState {
 }
 
 impl PortalClient {
-    pub fn has_tokens(&self) -> bool {
-        lock(&self.inner.tokens).tokens.is_some()
-    }
-
     /// Exchanges an authorization code (from the OAuth redirect, valid for 30 seconds) for a
     /// token pair. The pair is returned, not stored or used: the caller persists it first.
-    pub async fn exchange_code(&self, code: &str) -> Result<Tokens, BitrixError> {
+    pub(crate) async fn exchange_code(&self, code: &str) -> Result<Tokens, BitrixError> {
         let s = &self.inner.settings;
         oauth::exchange_code(
             &self.inner.http,
@@ -60,13 +54,6 @@ impl PortalClient {
             &s.portal,
         )
         .await
-    }
-
-    /// Refreshes the token pair now (and persists it before using it).
-    pub async fn refresh_tokens(&self) -> Result<(), BitrixError> {
-        self.refresh_single_flight(RefreshTrigger::Forced)
-            .await
-            .map(|_| ())
     }
 
     fn no_tokens(&self, method: &str) -> BitrixError {
@@ -157,7 +144,6 @@ impl PortalClient {
                         return Ok(false);
                     }
                 }
-                RefreshTrigger::Forced => {}
             }
             state.tokens.clone()
         };
@@ -336,6 +322,10 @@ mod tests {
     use serde_json::json;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+
+    fn holds_tokens(client: &PortalClient) -> bool {
+        lock(&client.inner.tokens).tokens.is_some()
+    }
 
     #[tokio::test]
     async fn expired_token_is_refreshed_saved_then_the_call_repeated() {
@@ -622,7 +612,7 @@ mod tests {
     async fn no_tokens_is_fatal_and_says_how_to_import() {
         let (base, srv) = serve(|_, _| ok(json!(true))).await;
         let (client, _) = client_with(settings(&base), None, &srv);
-        assert!(!client.has_tokens());
+        assert!(!holds_tokens(&client));
         let err = client
             .call("event.offline.get", json!({}))
             .await
@@ -653,7 +643,7 @@ mod tests {
             (tokens.access_token.as_str(), tokens.refresh_token.as_str()),
             ("a9", "r9")
         );
-        assert!(!client.has_tokens(), "the caller stores the pair first");
+        assert!(!holds_tokens(&client), "the caller stores the pair first");
         assert!(
             log(&srv).iter().all(|l| !l.starts_with("save")),
             "{:?}",

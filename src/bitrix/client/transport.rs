@@ -24,7 +24,7 @@ const USER_AGENT: &str = concat!("b24eventd/", env!("CARGO_PKG_VERSION"));
 
 /// Counters of one client since it was built.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ClientStats {
+pub(crate) struct ClientStats {
     /// HTTP requests sent to the portal (redirect hops and retries included).
     pub requests: u64,
     pub ok: u64,
@@ -49,7 +49,7 @@ pub struct ClientStats {
 
 /// Answers to one REST method since the client was built.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct MethodStats {
+pub(crate) struct MethodStats {
     pub ok: u64,
     pub rate_limited_503: u64,
     pub operating_429: u64,
@@ -78,7 +78,7 @@ enum Answer {
 /// The HTTP client every portal client uses: redirects not followed (a 302 is handled by the
 /// client), 30 s to connect, 60 s per request unless the call sets its own (REST calls use the
 /// portal's `request_timeout`; OAuth calls keep the 60 s).
-pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
@@ -95,7 +95,11 @@ impl PortalClient {
     /// Waits for the client-side bucket before every request; waits out 503/429 limit answers
     /// for up to `max_limit_wait`; refreshes the access token when it expires within 60 s and
     /// once after an auth error (then repeats the call once); follows up to 3 domain redirects.
-    pub async fn call(&self, method: &str, params: Value) -> Result<ApiResponse, BitrixError> {
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<ApiResponse, BitrixError> {
         let params = self.prepare_params(method, params)?;
         let settings = &self.inner.settings;
         let started = Instant::now();
