@@ -5,6 +5,8 @@ pub mod client;
 pub mod entities;
 pub mod error;
 pub mod form;
+#[cfg(test)]
+mod layering;
 pub mod oauth;
 pub mod operating;
 pub mod ratelimit;

@@ -4,14 +4,16 @@
 //! 429 `OPERATION_TIME_LIMIT`), domain-change redirects and response classification.
 //!
 //! This module holds [`PortalClient`] itself, its settings and the facade; the concerns live in
-//! the children: `transport` (the one `call` path, HTTP, classification, [`ClientStats`]),
-//! `tokens` (the pair, refresh, adoption, persistence), `limits` (the bucket, 503/429 waits,
-//! operating-time accounting), `offline` (`event.offline.*`, `batch`, entity getters) and
-//! `operator` (`event.*` bindings, `feature.get`, `server.time`, `user.admin`, `app.info`).
+//! the children, each using only those before it: `stats` ([`ClientStats`]); `limits` (the
+//! bucket, 503/429 waits, operating-time accounting) and `tokens` (the pair, refresh, adoption,
+//! persistence); `transport` (the one `call` path: HTTP, redirects, classification); `offline`
+//! (`event.offline.*`, `batch`, entity getters) and `operator` (`event.*` bindings,
+//! `feature.get`, `server.time`, `user.admin`, `app.info`). `bitrix::layering` checks this.
 
 mod limits;
 mod offline;
 mod operator;
+mod stats;
 #[cfg(test)]
 mod test_support;
 mod tokens;
@@ -21,7 +23,8 @@ pub(crate) use limits::MAX_OPERATING_WAIT;
 pub use offline::{ClearTarget, GetRequest};
 pub(crate) use offline::{EntityOutcome, MAX_BATCH, OfflineCommand, OfflineOutcome};
 pub(crate) use operator::BindOutcome;
-pub(crate) use transport::{ClientStats, http_client};
+pub(crate) use stats::ClientStats;
+pub(crate) use transport::http_client;
 
 use super::error::{BitrixError, codes};
 use super::oauth::{TokenStore, Tokens};
@@ -31,7 +34,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokens::TokenState;
-use transport::normalize_endpoint;
 
 const SETUP: &str = "client setup";
 
@@ -176,10 +178,6 @@ impl PortalClient {
         &self.inner.settings.portal
     }
 
-    pub(crate) fn stats(&self) -> ClientStats {
-        lock(&self.inner.stats).clone()
-    }
-
     /// The endpoint calls currently go to (differs from the config after a domain redirect).
     pub(crate) fn client_endpoint(&self) -> String {
         lock(&self.inner.endpoint).clone()
@@ -196,6 +194,25 @@ impl PortalClient {
         )
         .with_maybe_executed(true)
     }
+}
+
+/// Checks an endpoint URL and gives it exactly one trailing `/`.
+fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme {} is not http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("no host".to_string());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a query or fragment is not allowed".to_string());
+    }
+    let mut s = url.to_string();
+    if !s.ends_with('/') {
+        s.push('/');
+    }
+    Ok(s)
 }
 
 #[cfg(test)]

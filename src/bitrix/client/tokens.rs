@@ -2,8 +2,7 @@
 //! the single-flight refresh (the new pair persisted before it is used), adopting a pair another
 //! process stored after `invalid_grant`, and the registration of every pair as rotating secrets.
 
-use super::transport::normalize_endpoint;
-use super::{PortalClient, lock};
+use super::{PortalClient, lock, normalize_endpoint};
 use crate::bitrix::error::{BitrixError, REFRESH_METHOD, codes, sanitize_snippet};
 use crate::bitrix::oauth::{self, Tokens};
 use std::time::{Duration, Instant};
