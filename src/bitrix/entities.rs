@@ -16,7 +16,7 @@ pub enum Getter {
 
 impl Getter {
     /// Every getter, for messages listing the choices.
-    pub const ALL: [Getter; 6] = [
+    pub(crate) const ALL: [Getter; 6] = [
         Getter::CrmDeal,
         Getter::CrmLead,
         Getter::CrmContact,
@@ -26,7 +26,7 @@ impl Getter {
     ];
 
     /// The REST method, as written in the config.
-    pub fn method(self) -> &'static str {
+    pub(crate) fn method(self) -> &'static str {
         match self {
             Getter::CrmDeal => "crm.deal.get",
             Getter::CrmLead => "crm.lead.get",
@@ -37,14 +37,14 @@ impl Getter {
         }
     }
 
-    pub fn from_method(method: &str) -> Option<Getter> {
+    pub(crate) fn from_method(method: &str) -> Option<Getter> {
         Getter::ALL
             .into_iter()
             .find(|g| g.method().eq_ignore_ascii_case(method.trim()))
     }
 
     /// The parameter that takes the entity id (`tasks.task.get` wants `taskId`).
-    pub fn id_param(self) -> &'static str {
+    pub(super) fn id_param(self) -> &'static str {
         match self {
             Getter::Task => "taskId",
             _ => "id",
@@ -52,7 +52,7 @@ impl Getter {
     }
 
     /// The entity in the getter's result: `tasks.task.get` wraps it as `{"task": {...}}`.
-    pub fn entity_of(self, result: Value) -> Value {
+    pub(super) fn entity_of(self, result: Value) -> Value {
         match (self, result) {
             (Getter::Task, Value::Object(mut obj)) if obj.contains_key("task") => {
                 obj.remove("task").unwrap_or(Value::Null)
@@ -64,7 +64,7 @@ impl Getter {
 
 /// The id of the entity an event is about: `FIELDS.ID` (CRM events), else `FIELDS_AFTER.ID`
 /// (task add/update), else `FIELDS_BEFORE.ID` (task delete). Positive integers only.
-pub fn entity_id(data: &Value) -> Option<u64> {
+pub(crate) fn entity_id(data: &Value) -> Option<u64> {
     ["/FIELDS/ID", "/FIELDS_AFTER/ID", "/FIELDS_BEFORE/ID"]
         .iter()
         .filter_map(|p| data.pointer(p))
@@ -79,7 +79,7 @@ pub fn entity_id(data: &Value) -> Option<u64> {
 /// Whether a getter's error means the entity does not exist (deleted since the event): CRM
 /// getters answer `{"error": "", "error_description": "Not found"}`, tasks `ERROR_NOT_FOUND` or
 /// an access error for a task that is gone.
-pub fn is_not_found(code: &str, description: &str) -> bool {
+pub(super) fn is_not_found(code: &str, description: &str) -> bool {
     let code = code.to_ascii_uppercase();
     let description = description.to_ascii_lowercase();
     code == "NOT_FOUND"

@@ -7,6 +7,11 @@
 use std::fmt;
 use std::time::Duration;
 
+/// Method names used in errors and logs for the two token requests (`oauth` sends them; the
+/// hints of an `invalid_grant` depend on which one failed).
+pub(super) const REFRESH_METHOD: &str = "oauth token refresh";
+pub(super) const EXCHANGE_METHOD: &str = "oauth code exchange";
+
 /// What a caller should do with a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorClass {
@@ -38,7 +43,7 @@ impl fmt::Display for ErrorClass {
 }
 
 /// Codes the client itself puts into [`BitrixError::code`] (Bitrix24 never sends these).
-pub mod codes {
+pub(crate) mod codes {
     /// The request did not complete (timeout, reset, refused, TLS, DNS).
     pub const TRANSPORT: &str = "TRANSPORT";
     /// The body was not the JSON Bitrix24 sends (HTML error page, truncated, wrong shape, too large).
@@ -99,7 +104,7 @@ fn listed(list: &[&str], code: &str) -> bool {
 
 /// Classifies an error by its `error` code (case-insensitive), or by the HTTP status when the code
 /// is empty. `status` is `None` for transport errors.
-pub fn classify(code: &str, status: Option<u16>) -> ErrorClass {
+pub(super) fn classify(code: &str, status: Option<u16>) -> ErrorClass {
     let code = code.trim();
     if !code.is_empty() {
         if code.eq_ignore_ascii_case(codes::INVALID_RESPONSE) {
@@ -152,7 +157,7 @@ impl BitrixError {
     /// An error whose class follows from [`classify`]. `maybe_executed` starts false. The
     /// description is scrubbed of every registered secret ([`crate::redact`]): it may quote the
     /// server.
-    pub fn new(
+    pub(super) fn new(
         portal: &str,
         method: &str,
         code: &str,
@@ -174,7 +179,7 @@ impl BitrixError {
 
     /// An error answer of the server (`{"error": …}`), e.g. a `result_error` entry of a batch.
     /// `maybe_executed` is set for 5xx answers other than the limit and portal-state ones.
-    pub fn from_api(
+    pub(super) fn from_api(
         portal: &str,
         method: &str,
         code: &str,
@@ -192,7 +197,7 @@ impl BitrixError {
 
     /// A request that did not complete. Connect errors (refused, DNS, TLS handshake) surely did
     /// not reach the server; anything later may have been executed.
-    pub fn transport(portal: &str, method: &str, err: &reqwest::Error) -> BitrixError {
+    pub(super) fn transport(portal: &str, method: &str, err: &reqwest::Error) -> BitrixError {
         let connect = err.is_connect();
         let what = if err.is_timeout() {
             "timed out"
@@ -222,28 +227,28 @@ impl BitrixError {
             .with_maybe_executed(!connect)
     }
 
-    pub fn with_maybe_executed(mut self, maybe_executed: bool) -> BitrixError {
+    pub(super) fn with_maybe_executed(mut self, maybe_executed: bool) -> BitrixError {
         self.maybe_executed = maybe_executed;
         self
     }
 
-    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> BitrixError {
+    pub(super) fn with_retry_after(mut self, retry_after: Option<Duration>) -> BitrixError {
         self.retry_after = retry_after;
         self
     }
 
-    pub fn is_retryable(&self) -> bool {
+    pub(super) fn is_retryable(&self) -> bool {
         self.class == ErrorClass::Retryable
     }
 
     /// True when the code equals `code` (case-insensitive, as Bitrix24 mixes cases).
-    pub fn is_code(&self, code: &str) -> bool {
+    pub(crate) fn is_code(&self, code: &str) -> bool {
         self.code.eq_ignore_ascii_case(code)
     }
 
     /// `METHOD failed: CODE (description)`: the message without the portal and the hint, for
     /// reports that group by portal and show the hint on its own.
-    pub fn failure(&self) -> String {
+    pub(crate) fn failure(&self) -> String {
         let mut out = format!("{} failed: {}", self.method, self.code);
         let description = tidy(&self.description);
         if !description.is_empty() {
@@ -255,7 +260,7 @@ impl BitrixError {
     }
 
     /// The operator-facing message: `portal P: METHOD failed: CODE (description); hint`.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         let mut out = format!("portal {}: {}", self.portal, self.failure());
         if let Some(hint) = self.hint() {
             out.push_str("; ");
@@ -267,7 +272,7 @@ impl BitrixError {
     /// What an operator can do about this error, when the code says (also part of [`message`]).
     ///
     /// [`message`]: BitrixError::message
-    pub fn hint(&self) -> Option<String> {
+    pub(crate) fn hint(&self) -> Option<String> {
         let code = self.code.as_str();
         let mut hints = Vec::new();
         if code.eq_ignore_ascii_case("WRONG_AUTH_TYPE") {
@@ -299,9 +304,7 @@ impl BitrixError {
                 );
             }
         }
-        if code.eq_ignore_ascii_case("invalid_grant")
-            && self.method == super::oauth::EXCHANGE_METHOD
-        {
+        if code.eq_ignore_ascii_case("invalid_grant") && self.method == EXCHANGE_METHOD {
             hints.push(
                 "the authorization code was refused: a code works once and only for 30 seconds \
                  after the redirect; run `b24eventd auth login` again and paste the address at once"
@@ -358,7 +361,12 @@ fn tidy(description: &str) -> String {
 
 /// An answer that is not the JSON Bitrix24 promised (truncated, HTML, empty): `INVALID_RESPONSE`,
 /// retryable unless the status was a 4xx, and possibly executed for the same reason.
-pub fn invalid_response(portal: &str, method: &str, status: u16, what: String) -> BitrixError {
+pub(super) fn invalid_response(
+    portal: &str,
+    method: &str,
+    status: u16,
+    what: String,
+) -> BitrixError {
     BitrixError::new(
         portal,
         method,
@@ -372,7 +380,7 @@ pub fn invalid_response(portal: &str, method: &str, status: u16, what: String) -
 /// Says what a body that failed to parse as JSON looked like, without secrets. With
 /// `quote_json` false nothing of a JSON-looking body is quoted (a truncated token answer may
 /// hold fresh tokens).
-pub fn describe_unparsable(body: &[u8], secrets: &[&str], quote_json: bool) -> String {
+pub(super) fn describe_unparsable(body: &[u8], secrets: &[&str], quote_json: bool) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
@@ -396,7 +404,7 @@ pub fn describe_unparsable(body: &[u8], secrets: &[&str], quote_json: bool) -> S
 /// control characters dropped, whitespace collapsed, `secrets` and every registered secret
 /// replaced by `[redacted]` in every encoding the daemon produces (a server echoing a request
 /// echoes the percent-encoded query), cut at `max_chars`.
-pub fn sanitize_snippet(text: &str, secrets: &[&str], max_chars: usize) -> String {
+pub(super) fn sanitize_snippet(text: &str, secrets: &[&str], max_chars: usize) -> String {
     let scrubbed = crate::redact::scrub_with(text, secrets);
     let mut out = String::new();
     let mut in_tag = false;
@@ -569,7 +577,7 @@ mod tests {
     fn invalid_grant_hints_depend_on_the_request() {
         let refresh = BitrixError::from_api(
             "main",
-            crate::bitrix::oauth::REFRESH_METHOD,
+            REFRESH_METHOD,
             "invalid_grant",
             "Invalid grant",
             Some(400),
@@ -577,7 +585,7 @@ mod tests {
         assert!(refresh.to_string().contains("180 days"), "{refresh}");
         let exchange = BitrixError::from_api(
             "main",
-            crate::bitrix::oauth::EXCHANGE_METHOD,
+            EXCHANGE_METHOD,
             "invalid_grant",
             "Invalid grant",
             Some(400),

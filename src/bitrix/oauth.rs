@@ -5,7 +5,11 @@
 //! Every refresh returns a **new** refresh token and the old one may die at once, so a caller
 //! must persist the new pair before relying on it (see [`TokenStore`]).
 
-use super::error::{BitrixError, codes, describe_unparsable, invalid_response, sanitize_snippet};
+use super::body::{BodyError, read_body};
+use super::error::{
+    BitrixError, EXCHANGE_METHOD, REFRESH_METHOD, codes, describe_unparsable, invalid_response,
+    sanitize_snippet,
+};
 use super::form::percent_encode;
 use super::types::parse_error;
 use chrono::{DateTime, Utc};
@@ -14,10 +18,6 @@ use std::fmt;
 
 /// Largest token-server answer read (a real one is well under 1 KiB).
 const MAX_TOKEN_BODY: usize = 1024 * 1024;
-
-/// Method names used in errors and logs for the two token requests.
-pub const REFRESH_METHOD: &str = "oauth token refresh";
-pub const EXCHANGE_METHOD: &str = "oauth code exchange";
 
 /// An access/refresh token pair with what the authorization server said about it.
 #[derive(Clone, PartialEq)]
@@ -71,13 +71,13 @@ impl Tokens {
 
     /// Registers both tokens with [`crate::redact`] as `portal`'s current pair: from now on no
     /// log line or output shows them (nor, for a few rotations, the pairs before them).
-    pub fn register_secrets(&self, portal: &str) {
+    pub(super) fn register_secrets(&self, portal: &str) {
         crate::redact::register_rotating(&format!("{portal}.access_token"), &self.access_token);
         crate::redact::register_rotating(&format!("{portal}.refresh_token"), &self.refresh_token);
     }
 
     /// True when the access token is missing, or known to expire before `now + margin`.
-    pub fn expires_within(&self, margin: chrono::Duration, now: DateTime<Utc>) -> bool {
+    pub(super) fn expires_within(&self, margin: chrono::Duration, now: DateTime<Utc>) -> bool {
         self.access_token.is_empty() || self.expires_at.is_some_and(|at| at - margin <= now)
     }
 }
@@ -103,7 +103,7 @@ pub trait TokenStore: Send + Sync {
 
 /// Renews the token pair: `GET token_url?grant_type=refresh_token&client_id&client_secret&refresh_token`.
 /// `invalid_grant` (refresh token expired or revoked) and `invalid_client` are Fatal.
-pub async fn refresh(
+pub(super) async fn refresh(
     http: &reqwest::Client,
     token_url: &str,
     client_id: &str,
@@ -130,7 +130,7 @@ pub async fn refresh(
 
 /// Exchanges an authorization code (from the OAuth redirect) for a token pair:
 /// `GET token_url?grant_type=authorization_code&client_id&client_secret&code`.
-pub async fn exchange_code(
+pub(super) async fn exchange_code(
     http: &reqwest::Client,
     token_url: &str,
     client_id: &str,
@@ -159,7 +159,7 @@ pub async fn exchange_code(
 /// authorization"): `<portal>/oauth/authorize/?client_id=…&state=…` on the portal's own host,
 /// taken from `client_endpoint`. After the grant the browser is sent to the application's
 /// redirect address with `code`, `state`, `domain`, `member_id`, `scope` in the query.
-pub fn authorize_url(
+pub(crate) fn authorize_url(
     client_endpoint: &str,
     client_id: &str,
     state: &str,
@@ -185,15 +185,15 @@ pub fn authorize_url(
 /// What the operator pasted after authorizing: the redirected address, its query string, or
 /// the bare code. Only `code` is always there.
 #[derive(Clone, PartialEq, Eq)]
-pub struct LoginAnswer {
+pub(crate) struct LoginAnswer {
     /// The authorization code (valid for 30 seconds, single use).
-    pub code: String,
+    pub(crate) code: String,
     /// The `state` echoed back, when the address was pasted.
-    pub state: Option<String>,
+    pub(crate) state: Option<String>,
     /// The portal's domain as the redirect named it.
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// The portal's `member_id` as the redirect named it.
-    pub member_id: Option<String>,
+    pub(crate) member_id: Option<String>,
 }
 
 impl fmt::Debug for LoginAnswer {
@@ -209,7 +209,7 @@ impl fmt::Debug for LoginAnswer {
 
 /// Reads one pasted line: a whole redirected URL, a query string, or only the code. Errors say
 /// what to paste instead and never quote the input (it may hold a live code).
-pub fn parse_login_answer(input: &str) -> Result<LoginAnswer, String> {
+pub(crate) fn parse_login_answer(input: &str) -> Result<LoginAnswer, String> {
     let input = input.trim();
     if input.is_empty() {
         return Err("nothing was pasted: paste the address the browser was redirected to, or the code in it".to_string());
@@ -275,7 +275,7 @@ pub fn parse_login_answer(input: &str) -> Result<LoginAnswer, String> {
 }
 
 /// Whether a redirect's `domain` names the portal of `client_endpoint` (host, or host:port).
-pub fn domain_matches(client_endpoint: &str, domain: &str) -> bool {
+pub(crate) fn domain_matches(client_endpoint: &str, domain: &str) -> bool {
     let Ok(url) = reqwest::Url::parse(client_endpoint.trim()) else {
         return false;
     };
@@ -323,11 +323,11 @@ async fn token_request(
     if response.status().is_redirection() {
         return Err(redirect_refused(&response, token_url, portal, method));
     }
-    let body = super::client::read_body(response, MAX_TOKEN_BODY)
+    let body = read_body(response, MAX_TOKEN_BODY)
         .await
         .map_err(|e| match e {
-            super::client::BodyError::Transport(e) => BitrixError::transport(portal, method, &e),
-            super::client::BodyError::TooLarge => BitrixError::new(
+            BodyError::Transport(e) => BitrixError::transport(portal, method, &e),
+            BodyError::TooLarge => BitrixError::new(
                 portal,
                 method,
                 codes::INVALID_RESPONSE,
@@ -447,7 +447,7 @@ fn parse_token_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitrix::ErrorClass;
+    use crate::bitrix::error::ErrorClass;
 
     const REFRESH_EXAMPLE: &str = r#"{
         "access_token": "ydtj8pho532wydb5ixk78ol7uqlb7sch",

@@ -22,13 +22,13 @@ use super::types::TimeInfo;
 
 /// `LoadLimiter::BAN_DURATION`: a method that passed its limit is refused this long, and its
 /// stored time is forgotten.
-pub const BAN: Duration = Duration::from_secs(300);
+pub(super) const BAN: Duration = Duration::from_secs(300);
 /// `LoadLimiter::BATCH_TIME_WEIGHT`: a `batch` request is charged half its time.
-pub const BATCH_WEIGHT: f64 = 0.5;
+const BATCH_WEIGHT: f64 = 0.5;
 /// `LoadLimiter`'s window (`$limitTime` per ten minutes, in one-minute baskets): a second
 /// stored now has left it this long later, so a reset time further ahead (a minute of slack
 /// for the clocks) is no real one.
-pub const WINDOW: f64 = 600.0;
+const WINDOW: f64 = 600.0;
 const RESET_SLACK: f64 = 60.0;
 
 /// What is known of one method's operating time.
@@ -53,7 +53,7 @@ pub struct MethodTime {
 impl MethodTime {
     /// Seconds of the method's limit taken, at most: what the portal reported plus what the
     /// client added since. `None` when the portal has never reported the method's time.
-    pub fn used(&self) -> Option<f64> {
+    pub(crate) fn used(&self) -> Option<f64> {
         self.reported.map(|r| r + self.unreported)
     }
 
@@ -62,13 +62,13 @@ impl MethodTime {
     /// ahead than the window, would never go out of date: it is treated as out of date, so that
     /// one call learns where the method stands instead of the method waiting for ever (a 429
     /// is the backstop).
-    pub fn stale(&self, now: f64) -> bool {
+    pub(crate) fn stale(&self, now: f64) -> bool {
         self.reset_at
             .is_none_or(|at| (at as f64) <= now || (at as f64) > now + WINDOW + RESET_SLACK)
     }
 
     /// Whether a ban is still running at `now`.
-    pub fn banned(&self, now: f64) -> Option<f64> {
+    pub(crate) fn banned(&self, now: f64) -> Option<f64> {
         self.banned_until.filter(|until| *until > now)
     }
 
@@ -86,44 +86,32 @@ impl MethodTime {
 
 /// One answered request, as the accounting needs it.
 #[derive(Debug, Clone, Copy)]
-pub struct Answered<'a> {
+pub(super) struct Answered<'a> {
     /// The method of the request (`batch` for a batch).
-    pub method: &'a str,
+    pub(super) method: &'a str,
     /// The request's `time` block.
-    pub time: &'a TimeInfo,
+    pub(super) time: &'a TimeInfo,
     /// How long this client waited for the answer, in seconds.
-    pub waited: f64,
+    pub(super) waited: f64,
 }
 
 /// The sub-commands of a `batch` request in the order they ran: their method and, when they
 /// succeeded, their `time` block.
-pub type Commands<'a> = [(&'a str, Option<&'a TimeInfo>)];
+pub(super) type Commands<'a> = [(&'a str, Option<&'a TimeInfo>)];
 
 /// What is known of every method's operating time on one portal.
 #[derive(Debug, Clone, Default)]
-pub struct OperatingTimes {
+pub(super) struct OperatingTimes {
     methods: HashMap<String, MethodTime>,
-    /// `operating_reset_at` of the last answer that carried one, for any method.
-    last_reset: Option<i64>,
 }
 
 impl OperatingTimes {
-    pub fn get(&self, method: &str) -> MethodTime {
+    pub(super) fn get(&self, method: &str) -> MethodTime {
         self.methods.get(method).copied().unwrap_or_default()
     }
 
-    /// The last `operating_reset_at` the portal gave for any method.
-    pub fn last_reset(&self) -> Option<i64> {
-        self.last_reset
-    }
-
-    /// Methods with something recorded, and what.
-    pub fn all(&self) -> impl Iterator<Item = (&str, &MethodTime)> {
-        self.methods.iter().map(|(m, t)| (m.as_str(), t))
-    }
-
     /// Records a successful answer: a single call, or a `batch` with its sub-commands.
-    pub fn record(&mut self, answer: Answered<'_>, commands: &Commands<'_>) {
+    pub(super) fn record(&mut self, answer: Answered<'_>, commands: &Commands<'_>) {
         let whole = bound(answer.time, answer.waited);
         if commands.is_empty() {
             self.update(answer.method, answer.time, whole, whole);
@@ -167,9 +155,6 @@ impl OperatingTimes {
 
     fn update(&mut self, method: &str, time: &TimeInfo, unreported: f64, call: f64) {
         let reset_at = credible_reset(time);
-        if let Some(at) = reset_at.filter(|at| time.operating_reset_at == Some(*at)) {
-            self.last_reset = Some(at);
-        }
         let entry = self.methods.entry(method.to_string()).or_default();
         if let Some(operating) = time.operating.filter(|o| o.is_finite() && *o >= 0.0) {
             entry.reported = Some(operating);
@@ -183,7 +168,7 @@ impl OperatingTimes {
     }
 
     /// The portal refused `method` with 429 at `now` (portal Unix seconds): banned for `ban`.
-    pub fn refused(&mut self, method: &str, now: f64, ban: Duration) {
+    pub(super) fn refused(&mut self, method: &str, now: f64, ban: Duration) {
         let entry = self.methods.entry(method.to_string()).or_default();
         entry.banned_until = Some(now + ban.as_secs_f64());
         // The portal forgets the method's stored time when it bans it.
@@ -262,7 +247,6 @@ mod tests {
         assert!((get.used().unwrap() - 12.05).abs() < 1e-9);
         assert!(!get.stale(699.0));
         assert!(get.stale(700.0));
-        assert_eq!(t.last_reset(), Some(700));
     }
 
     #[test]

@@ -44,15 +44,9 @@ impl LeakyBucket {
 
     /// The portal said the bucket is full (a 503): assume it is, so the next request waits for a
     /// slot to drain instead of adding to the storm.
-    pub fn mark_full(&mut self, now: Instant) {
+    pub(super) fn mark_full(&mut self, now: Instant) {
         self.drain(now);
         self.level = self.burst;
-    }
-
-    /// Current fill level (requests counted and not yet drained).
-    pub fn level(&mut self, now: Instant) -> f64 {
-        self.drain(now);
-        self.level
     }
 }
 
@@ -80,7 +74,11 @@ mod tests {
         for _ in 0..3 {
             b.try_acquire(t0).unwrap();
         }
-        assert_eq!(b.level(t0 + Duration::from_secs(10)), 0.0);
+        let later = t0 + Duration::from_secs(10);
+        for _ in 0..3 {
+            b.try_acquire(later).unwrap();
+        }
+        assert!(b.try_acquire(later).is_err());
     }
 
     #[test]

@@ -331,7 +331,7 @@ pub fn parse_event_get(result: &Value) -> Result<Vec<EventHandler>, String> {
 }
 
 /// Parses the `result` of `feature.get`.
-pub fn parse_feature_get(result: &Value) -> Result<FeatureValue, String> {
+pub(super) fn parse_feature_get(result: &Value) -> Result<FeatureValue, String> {
     let value = result
         .as_object()
         .and_then(|obj| field(obj, "value"))
@@ -350,7 +350,9 @@ pub fn parse_feature_get(result: &Value) -> Result<FeatureValue, String> {
 }
 
 /// Parses the `result` of `server.time`: the portal's clock, ISO 8601 with offset.
-pub fn parse_server_time(result: &Value) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+pub(super) fn parse_server_time(
+    result: &Value,
+) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
     let Value::String(s) = result else {
         return Err(format!(
             "result of server.time is {} instead of a time",
@@ -362,12 +364,12 @@ pub fn parse_server_time(result: &Value) -> Result<chrono::DateTime<chrono::Fixe
 }
 
 /// Parses the `result` of `user.admin` (`true`/`false`; PHP-ish `"Y"`, `1` accepted too).
-pub fn parse_user_admin(result: &Value) -> Result<bool, String> {
+pub(super) fn parse_user_admin(result: &Value) -> Result<bool, String> {
     flag(result).ok_or_else(|| format!("result of user.admin {} is not a boolean", short(result)))
 }
 
 /// Parses the `result` of `app.info`.
-pub fn parse_app_info(result: &Value) -> Result<AppInfo, String> {
+pub(super) fn parse_app_info(result: &Value) -> Result<AppInfo, String> {
     let obj = result.as_object().ok_or_else(|| {
         format!(
             "result of app.info is {} instead of an object",
@@ -393,7 +395,7 @@ pub fn parse_app_info(result: &Value) -> Result<AppInfo, String> {
 }
 
 /// Parses the `result` of `event.unbind`: `{"count": n}`, the handlers removed.
-pub fn parse_unbind_count(result: &Value) -> Result<u64, String> {
+pub(super) fn parse_unbind_count(result: &Value) -> Result<u64, String> {
     result
         .as_object()
         .and_then(|obj| field(obj, "count"))
