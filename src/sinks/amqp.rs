@@ -10,9 +10,10 @@
 //! Error texts never contain the URL's password.
 
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, parse_bytes, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, parse_bytes, redact_url};
 use futures_util::future::join_all;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,

@@ -8,15 +8,17 @@
 //! shutdown), so nothing the program started outlives it unless it left the group (`setsid`). The first 4 KiB of stdout and of stderr go into the attempt record; the rest is read
 //! and dropped so the program never blocks on a full pipe.
 
+use super::SinkConfig;
 use super::{Sink, SinkResult};
 use crate::BoxFuture;
-use crate::config::{ExecSinkConfig, IGNORED_ENV, SinkConfig};
 use crate::envelope::Envelope;
+use crate::options::{IGNORED_ENV, RedactedValues};
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use rustix::process::{Pid, Signal};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -26,6 +28,34 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+
+/// Environment variables an exec sink sets itself for every event; `env` cannot set them.
+pub const EXEC_EVENT_ENV: [&str; 4] = ["B24_EVENT_ID", "B24_EVENT", "B24_PORTAL", "B24_ATTEMPT"];
+
+/// `type = "exec"`: run a program per event with the envelope on stdin.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExecSinkConfig {
+    /// argv as configured: the program (a path, or a name looked up on `PATH` when the sink is
+    /// built) and its arguments. Never run through a shell.
+    pub command: Vec<String>,
+    /// Exit codes that make the event dead for this sink at once (never 0).
+    pub permanent_exit_codes: Vec<i32>,
+    /// Extra environment variables; values may be credentials, so `Debug` hides them.
+    pub env: BTreeMap<String, String>,
+    /// The program's working directory; default: the daemon's.
+    pub working_dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for ExecSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecSinkConfig")
+            .field("command", &self.command)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .field("env", &RedactedValues(&self.env))
+            .field("working_dir", &self.working_dir)
+            .finish()
+    }
+}
 
 /// How much of stdout and of stderr is kept for the attempt record.
 const OUTPUT_KEEP_BYTES: usize = 4096;
@@ -37,7 +67,7 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 /// How much of stderr's first line goes into the error text.
 const ERROR_EXCERPT_CHARS: usize = 200;
 /// The prefix of the daemon's own configuration variables, which may hold client secrets.
-const DAEMON_ENV_PREFIX: &str = crate::config::ENV_PREFIX;
+const DAEMON_ENV_PREFIX: &str = crate::options::ENV_PREFIX;
 
 /// Delivers envelopes by running a program per envelope.
 pub struct ExecSink {
@@ -599,7 +629,7 @@ impl Sink for ExecSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind};
+    use crate::sinks::{RetryPolicy, SinkKind};
     use std::time::Instant;
 
     /// A sink running `script` with `/bin/sh -c` (the test's choice of argv; the sink itself

@@ -7,9 +7,9 @@
 //! the sink and its healthcheck write nothing: `doctor` may run beside a daemon that is
 //! appending to the same file, possibly as another user.
 
+use super::SinkConfig;
 use super::{Health, Sink, SinkResult};
 use crate::BoxFuture;
-use crate::config::{FileSinkConfig, SinkConfig};
 use crate::envelope::Envelope;
 use anyhow::{Context, bail};
 use std::fs::{File, OpenOptions};
@@ -18,6 +18,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// `type = "file"`: append JSON lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+}
 
 /// The most envelopes one `deliver` call takes.
 const MAX_BATCH: usize = 500;
@@ -287,7 +293,7 @@ impl Sink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind};
+    use crate::sinks::{RetryPolicy, SinkKind};
     use std::os::unix::fs::PermissionsExt;
 
     fn envelope(n: i64) -> Envelope {

@@ -18,12 +18,63 @@ pub mod route;
 pub mod standard_webhooks;
 
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use route::Route;
+
+/// `[sinks.NAME]`: one destination and the events routed to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub name: String,
+    pub route: Route,
+    /// Bound on one delivery attempt.
+    pub timeout: Duration,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub kind: SinkKind,
+}
+
+/// `[sinks.NAME.retry]`: exponential backoff between attempts, then dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in total, the first one included; after the last failure the event is dead.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// The type-specific part of a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
+    File(file::FileSinkConfig),
+    Http(http::HttpSinkConfig),
+    Exec(exec::ExecSinkConfig),
+    Amqp(amqp::AmqpSinkConfig),
+    Redis(redis::RedisSinkConfig),
+    Mqtt(mqtt::MqttSinkConfig),
+    Nats(nats::NatsSinkConfig),
+    Postgres(postgres::PostgresSinkConfig),
+}
+
+impl SinkKind {
+    /// The `type` as written in the config.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkKind::File(_) => "file",
+            SinkKind::Http(_) => "http",
+            SinkKind::Exec(_) => "exec",
+            SinkKind::Amqp(_) => "amqp",
+            SinkKind::Redis(_) => "redis",
+            SinkKind::Mqtt(_) => "mqtt",
+            SinkKind::Nats(_) => "nats",
+            SinkKind::Postgres(_) => "postgres",
+        }
+    }
+}
 
 /// What one delivery attempt of one envelope came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,9 +11,10 @@
 //! session is made. Credentials never appear in error texts.
 
 use super::{Health, Sink, SinkResult, name_template};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use anyhow::{Context, bail};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{

@@ -5,7 +5,7 @@
 const PLACEHOLDERS: [&str; 2] = ["portal", "event"];
 
 /// Checks a template: not empty, and every `{` opens one of [`PLACEHOLDERS`] closed by `}`.
-/// The error is a lowercase message for [`crate::config::SinkOptions::err`].
+/// The error is a lowercase message for [`crate::options::SinkOptions::err`].
 pub fn check(template: &str) -> Result<(), String> {
     if template.is_empty() {
         return Err("must not be empty".to_string());

@@ -9,9 +9,10 @@
 //! of ours nor one of the client library carries them.
 
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, Secret, SinkConfig, SinkKind, SinkOptions};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, Secret, SinkOptions};
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use serde::Deserialize;
 use std::time::Duration;

@@ -8,9 +8,10 @@
 //! system trust store) when the URL says `sslmode=prefer|require|verify-ca|verify-full`.
 
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::time::Duration;

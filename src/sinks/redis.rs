@@ -10,9 +10,10 @@
 //! any Redis bulk string is dead. Error texts never contain the URL's credentials.
 
 use super::{Health, Sink, SinkResult, name_template, scrub};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
