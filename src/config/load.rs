@@ -585,4 +585,36 @@ mod tests {
             None => false,
         }
     }
+
+    #[test]
+    fn env_sets_the_keys_a_sink_type_defines() {
+        let config = load_str(
+            &sink("type = \"redis\"\nurl = \"redis://h\""),
+            &[
+                ("B24EVENTD_SINKS__ERP__MAXLEN", "50"),
+                ("B24EVENTD_SINKS__ERP__STREAM", "s:{event}"),
+            ],
+        )
+        .unwrap();
+        let SinkKind::Redis(redis) = &config.sinks["erp"].kind else {
+            panic!("redis sink expected")
+        };
+        assert_eq!(
+            (redis.maxlen, redis.stream.as_str()),
+            (Some(50), "s:{event}")
+        );
+        let config = load_str(
+            &sink("type = \"mqtt\"\nurl = \"mqtt://h\""),
+            &[
+                ("B24EVENTD_SINKS__ERP__RETAIN", "true"),
+                ("B24EVENTD_SINKS__ERP__TOPIC", "t/{portal}"),
+            ],
+        )
+        .unwrap();
+        let SinkKind::Mqtt(mqtt) = &config.sinks["erp"].kind else {
+            panic!("mqtt sink expected")
+        };
+        assert!(mqtt.retain);
+        assert_eq!(mqtt.topic, "t/{portal}");
+    }
 }

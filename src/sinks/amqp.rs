@@ -973,31 +973,14 @@ impl Sink for AmqpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigError, RetryPolicy};
-    use std::io::Write;
+    use crate::sinks::RetryPolicy;
 
     const URL: &str = "amqp://guest:hunter2@127.0.0.1:5672/%2f";
 
-    /// Loads a config with one portal and `[sinks.bus]` of type amqp with `keys`.
+    /// The typed config of `[sinks.bus]` of type amqp with `keys`.
     fn load(keys: &str) -> Result<AmqpSinkConfig, ConfigError> {
-        let text = format!(
-            r#"
-[portals.main]
-client_endpoint = "https://example.bitrix24.com/rest/"
-client_id = "local.1.2"
-client_secret = "s3cr3t"
-events = ["ONCRMDEALADD"]
-
-[sinks.bus]
-type = "amqp"
-{keys}
-"#
-        );
-        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        file.write_all(text.as_bytes()).unwrap();
-        let config = crate::config::load(file.path())?;
-        match &config.sinks["bus"].kind {
-            SinkKind::Amqp(amqp) => Ok(amqp.clone()),
+        match crate::sinks::parse_test_config("bus", "amqp", keys)? {
+            SinkKind::Amqp(amqp) => Ok(amqp),
             other => panic!("expected an amqp sink, got {other:?}"),
         }
     }
@@ -1041,7 +1024,7 @@ type = "amqp"
         let config = load(&format!(
             "url = \"{URL}\"\nexchange = \"b24\"\nrouting_key = \"crm.{{event}}.{{portal}}\"\n\
              declare_exchange = \"direct\"\nqueue = \"erp\"\nqueue_binding = \"crm.#\"\n\
-             mandatory = false\nmax_message_size = \"1MiB\"\nconcurrency = 2"
+             mandatory = false\nmax_message_size = \"1MiB\""
         ))
         .unwrap();
         assert_eq!(config.routing_key, "crm.{event}.{portal}");

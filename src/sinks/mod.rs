@@ -236,6 +236,24 @@ pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
     OPTION_TYPES.iter().copied().find(|(name, _)| *name == kind)
 }
 
+/// The typed config of a `[sinks.NAME]` of type `kind` holding the TOML `keys`, as the type's
+/// own parser reads it when `config` hands the keys over (from the file `c.toml`).
+#[cfg(test)]
+pub(crate) fn parse_test_config(
+    name: &str,
+    kind: &str,
+    keys: &str,
+) -> Result<SinkKind, ConfigError> {
+    use figment::Provider;
+    use figment::providers::Format;
+    let data = figment::providers::Toml::string(keys)
+        .data()
+        .expect("valid TOML");
+    let values = data.into_values().next().unwrap_or_default();
+    let (kind, parse) = option_type(kind).expect("a sink type with its own keys");
+    parse(&SinkOptions::new("c.toml", name, kind, values))
+}
+
 /// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink
 /// cannot work at all (a file sink's directory is missing, an http client cannot be built, an
 /// exec sink's program is not on `PATH`).

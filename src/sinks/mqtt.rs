@@ -733,33 +733,23 @@ impl Sink for MqttSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RetryPolicy};
+    use crate::sinks::RetryPolicy;
     use rumqttc::v5::mqttbytes::v5::PubAckProperties;
-    use std::io::Write;
 
-    fn load(sink_keys: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://example.bitrix24.com/rest/\"\nclient_id = \"local.1.2\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.bus]\ntype = \"mqtt\"\n{sink_keys}\n"
-        );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        crate::config::load_with_env(f.path(), &env)
+    fn load(sink_keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("bus", "mqtt", sink_keys)
     }
 
     fn mqtt_config(sink_keys: &str) -> MqttSinkConfig {
-        let config = load(sink_keys, &[]).unwrap_or_else(|e| panic!("{e}"));
-        match &config.sinks["bus"].kind {
+        let config = load(sink_keys).unwrap_or_else(|e| panic!("{e}"));
+        match &config {
             SinkKind::Mqtt(mqtt) => mqtt.clone(),
             other => panic!("mqtt sink expected, got {other:?}"),
         }
     }
 
     fn assert_err(sink_keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(sink_keys, &[]).expect_err("config should be rejected");
+        let err = load(sink_keys).expect_err("config should be rejected");
         assert_eq!(err.key, key, "wrong key in {err}");
         assert!(
             err.message.contains(needle),
@@ -788,19 +778,6 @@ mod tests {
         assert_eq!(mqtt.client_id, "erp-feed");
         assert!(mqtt.retain);
         assert_eq!(mqtt.keep_alive, Duration::from_secs(60));
-        let config = load(
-            "url = \"mqtt://h\"",
-            &[
-                ("B24EVENTD_SINKS__BUS__RETAIN", "true"),
-                ("B24EVENTD_SINKS__BUS__TOPIC", "t/{portal}"),
-            ],
-        )
-        .unwrap();
-        let SinkKind::Mqtt(mqtt) = &config.sinks["bus"].kind else {
-            panic!("mqtt sink expected")
-        };
-        assert!(mqtt.retain);
-        assert_eq!(mqtt.topic, "t/{portal}");
     }
 
     #[test]

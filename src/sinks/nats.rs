@@ -638,15 +638,9 @@ impl Sink for NatsSink {
 mod tests {
     use super::*;
 
-    /// Loads a config with one portal and `[sinks.bus]` holding `keys`.
-    fn load(keys: &str) -> Result<crate::config::Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://x.bitrix24.com/rest/\"\nclient_id = \"id\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.bus]\ntype = \"nats\"\n{keys}\n"
-        );
-        std::fs::write(&path, text).unwrap();
-        crate::config::load(&path)
+    /// The typed config of `[sinks.bus]` holding `keys`.
+    fn load(keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("bus", "nats", keys)
     }
 
     fn assert_config_err(keys: &str, key: &str, needle: &str) -> ConfigError {
@@ -661,7 +655,7 @@ mod tests {
     #[test]
     fn config_reads_every_key_with_defaults() {
         let config = load(GOOD).unwrap();
-        let SinkKind::Nats(nats) = &config.sinks["bus"].kind else {
+        let SinkKind::Nats(nats) = &config else {
             panic!("nats sink expected")
         };
         assert_eq!(nats.server, "nats://127.0.0.1:4222");
@@ -676,7 +670,7 @@ mod tests {
             GOOD.replace("nats://", "nats://app:s3cret@")
         ))
         .unwrap();
-        let SinkKind::Nats(nats) = &config.sinks["bus"].kind else {
+        let SinkKind::Nats(nats) = &config else {
             panic!("nats sink expected")
         };
         assert!(nats.create_stream);
@@ -685,7 +679,7 @@ mod tests {
             nats.auth,
             NatsAuth::UserPassword("app".into(), Secret::new("s3cret"))
         );
-        assert_eq!(config.sinks["bus"].kind.type_name(), "nats");
+        assert_eq!(config.type_name(), "nats");
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
     }

@@ -777,19 +777,13 @@ mod tests {
     use super::*;
 
     /// Loads a config with one portal and `[sinks.db]` holding `keys`.
-    fn load(keys: &str) -> Result<crate::config::Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://x.bitrix24.com/rest/\"\nclient_id = \"id\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.db]\ntype = \"postgres\"\n{keys}\n"
-        );
-        std::fs::write(&path, text).unwrap();
-        crate::config::load(&path)
+    fn load(keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("db", "postgres", keys)
     }
 
     fn pg(keys: &str) -> PostgresSinkConfig {
         let config = load(keys).unwrap();
-        match &config.sinks["db"].kind {
+        match &config {
             SinkKind::Postgres(pg) => pg.clone(),
             other => panic!("postgres sink expected, got {other:?}"),
         }

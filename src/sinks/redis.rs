@@ -475,32 +475,22 @@ impl Sink for RedisSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RetryPolicy};
-    use std::io::Write;
+    use crate::sinks::RetryPolicy;
 
-    fn load(sink_keys: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://example.bitrix24.com/rest/\"\nclient_id = \"local.1.2\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.stream]\ntype = \"redis\"\n{sink_keys}\n"
-        );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        crate::config::load_with_env(f.path(), &env)
+    fn load(sink_keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("stream", "redis", sink_keys)
     }
 
     fn redis_config(sink_keys: &str) -> RedisSinkConfig {
-        let config = load(sink_keys, &[]).unwrap_or_else(|e| panic!("{e}"));
-        match &config.sinks["stream"].kind {
+        let config = load(sink_keys).unwrap_or_else(|e| panic!("{e}"));
+        match &config {
             SinkKind::Redis(redis) => redis.clone(),
             other => panic!("redis sink expected, got {other:?}"),
         }
     }
 
     fn assert_err(sink_keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(sink_keys, &[]).expect_err("config should be rejected");
+        let err = load(sink_keys).expect_err("config should be rejected");
         assert_eq!(err.key, key, "wrong key in {err}");
         assert!(
             err.message.contains(needle),
@@ -526,23 +516,6 @@ mod tests {
         );
         assert_eq!(redis.stream, "bitrix:{portal}:{event}");
         assert_eq!(redis.maxlen, Some(100000));
-
-        // The environment can set every key.
-        let config = load(
-            "url = \"redis://h\"",
-            &[
-                ("B24EVENTD_SINKS__STREAM__MAXLEN", "50"),
-                ("B24EVENTD_SINKS__STREAM__STREAM", "s:{event}"),
-            ],
-        )
-        .unwrap();
-        let SinkKind::Redis(redis) = &config.sinks["stream"].kind else {
-            panic!("redis sink expected")
-        };
-        assert_eq!(
-            (redis.maxlen, redis.stream.as_str()),
-            (Some(50), "s:{event}")
-        );
     }
 
     #[test]
@@ -602,7 +575,7 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let redis = redis_config("url = \"redis://user:hunter2@h:6379\"");
         assert!(!format!("{redis:?}").contains("hunter2"));
-        let config = load("url = \"redis://user:hunter2@h:6379\"", &[]).unwrap();
+        let config = load("url = \"redis://user:hunter2@h:6379\"").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert_eq!(
             scrub("auth hunter2 and hunter%32", &["hunter2"]),
