@@ -961,10 +961,6 @@ impl Sink for AmqpSink {
         Box::pin(self.deliver_batch(batch))
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -1324,7 +1320,7 @@ mod tests {
         assert_eq!(health.level, super::super::HealthLevel::Fail, "{health:?}");
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!health.detail.contains("hunter2"), "{health:?}");
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 
     #[tokio::test]

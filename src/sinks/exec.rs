@@ -9,7 +9,7 @@
 //! and dropped so the program never blocks on a full pipe.
 
 use super::SinkConfig;
-use super::{Sink, SinkResult};
+use super::{Health, HealthLevel, Sink, SinkResult};
 use crate::BoxFuture;
 use crate::envelope::Envelope;
 use crate::options::{IGNORED_ENV, RedactedValues};
@@ -618,10 +618,16 @@ impl Sink for ExecSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            check_runnable(&self.program, self.working_dir.as_deref())?;
-            Ok(format!("will run {}", self.program.display()))
+            match check_runnable(&self.program, self.working_dir.as_deref()) {
+                Ok(()) => Health::ok(format!("will run {}", self.program.display())),
+                Err(problem) => Health {
+                    level: HealthLevel::Fail,
+                    detail: problem,
+                    fix: None,
+                },
+            }
         })
     }
 }
@@ -1021,17 +1027,19 @@ mod tests {
             }
             other => panic!("expected a retry without output, got {other:?}"),
         }
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("does not exist"), "{err}");
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("does not exist"), "{health:?}");
 
         // Installed later: the next attempt runs it.
         std::fs::write(&missing, "#!/bin/sh\nexit 0\n").unwrap();
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("chmod +x"), "{err}");
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("chmod +x"), "{health:?}");
         std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(
-            sink.healthcheck().await.unwrap(),
-            format!("will run {}", missing.display())
+            sink.health().await,
+            Health::ok(format!("will run {}", missing.display()))
         );
         assert_eq!(
             sink.deliver(&[Envelope::sample(1)]).await,

@@ -4,7 +4,7 @@
 //! written with one `write_all` and made durable with `sync_data` before the batch counts as
 //! delivered. A failed write is truncated back so a retry does not leave half a line behind.
 //! A partial last line left by a killed process is cut off before the first append. Building
-//! the sink and its healthcheck write nothing: `doctor` may run beside a daemon that is
+//! the sink and its health check write nothing: `doctor` may run beside a daemon that is
 //! appending to the same file, possibly as another user.
 
 use super::SinkConfig;
@@ -263,10 +263,6 @@ impl Sink for FileSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.health().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             let path = self.path.clone();
@@ -459,7 +455,6 @@ mod tests {
         assert_eq!(health.level, HealthLevel::Ok);
         assert!(health.detail.contains("3 bytes"), "{health:?}");
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
-        assert!(sink.healthcheck().await.is_ok());
 
         // A directory that is gone, and a path that cannot be appended to.
         let (config, file) = sink_config(&dir.path().join("sub/events.jsonl"));
@@ -470,8 +465,6 @@ mod tests {
         assert_eq!(health.level, HealthLevel::Fail);
         assert!(health.detail.contains("does not exist"), "{health:?}");
         assert!(health.fix.is_some_and(|f| f.contains("create")));
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("does not exist"), "{err}");
 
         let (config, file) = sink_config(dir.path());
         assert!(

@@ -488,10 +488,6 @@ impl Sink for HttpSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -767,7 +763,7 @@ mod tests {
         let health = busy.health().await;
         assert_eq!(health.level, HealthLevel::Warn, "{health:?}");
         assert!(health.detail.contains("503"), "{health:?}");
-        assert!(busy.healthcheck().await.is_ok(), "a warning passes");
+        assert_eq!(busy.health().await.level, HealthLevel::Warn, "probed again");
         let probes: Vec<AxumHeaders> = seen
             .lock()
             .unwrap()
@@ -775,7 +771,7 @@ mod tests {
             .iter()
             .map(|(headers, _)| headers.clone())
             .collect();
-        assert_eq!(probes.len(), 2, "health and healthcheck probed once each");
+        assert_eq!(probes.len(), 2, "each health check probed once");
         assert_eq!(
             probes[0]["authorization"], "Bearer tok-123",
             "the sink's headers go along"
@@ -796,7 +792,7 @@ mod tests {
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!health.detail.contains("pw"), "{health:?}");
         assert!(health.fix.is_some());
-        assert!(down.healthcheck().await.is_err());
+        assert_eq!(down.health().await.level, HealthLevel::Fail);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub enum SinkResult {
     Dead { error: String },
 }
 
-/// How a sink's healthcheck came out.
+/// How a sink's health check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthLevel {
     /// A delivery would succeed now.
@@ -135,18 +135,6 @@ impl Health {
             fix: Some(fix.into()),
         }
     }
-
-    /// The pass/fail form of [`Sink::healthcheck`]: a warning passes (with its fix appended).
-    pub fn into_result(self) -> Result<String, String> {
-        let text = match &self.fix {
-            Some(fix) => format!("{}; {fix}", self.detail),
-            None => self.detail,
-        };
-        match self.level {
-            HealthLevel::Ok | HealthLevel::Warn => Ok(text),
-            HealthLevel::Fail => Err(text),
-        }
-    }
 }
 
 /// A configured destination. Implementations hold their typed config and clients.
@@ -176,28 +164,9 @@ pub trait Sink: Send + Sync {
         })
     }
 
-    /// Checks, without delivering an event, that a delivery could succeed now (`doctor`,
-    /// `validate --online`): `Ok` with a short description of what was checked, or what is
-    /// wrong and how to fix it.
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async { Ok("no check for this sink type".to_string()) })
-    }
-
-    /// The healthcheck as `doctor` reports it: ok, warn or fail, with how to fix it. Sinks whose
-    /// check is pass/fail implement only [`Sink::healthcheck`]; this default turns its `Ok` into
-    /// ok and its `Err` (which says what to fix) into fail.
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            match self.healthcheck().await {
-                Ok(detail) => Health::ok(detail),
-                Err(problem) => Health {
-                    level: HealthLevel::Fail,
-                    detail: problem,
-                    fix: None,
-                },
-            }
-        })
-    }
+    /// Checks, without delivering an event or writing anything, that a delivery could succeed
+    /// now (`doctor`, `validate --online`): ok, warn or fail, with how to fix it.
+    fn health(&self) -> BoxFuture<'_, Health>;
 }
 
 /// Installs rustls's ring provider unless one is installed (the binary installs it in `main`;

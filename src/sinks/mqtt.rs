@@ -721,10 +721,6 @@ impl Sink for MqttSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -1005,6 +1001,6 @@ mod tests {
         let health = sink.health().await;
         assert_eq!(health.level, crate::sinks::HealthLevel::Fail, "{health:?}");
         assert!(!format!("{health:?}").contains("hunter2"));
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 }

@@ -625,10 +625,6 @@ impl Sink for NatsSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }

@@ -751,10 +751,6 @@ impl Sink for PostgresSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.health().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             match tokio::time::timeout(self.timeout, self.probe()).await {

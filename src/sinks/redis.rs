@@ -463,10 +463,6 @@ impl Sink for RedisSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -686,7 +682,7 @@ mod tests {
         assert_eq!(health.level, crate::sinks::HealthLevel::Fail, "{health:?}");
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!format!("{health:?}").contains("hunter2"));
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 
     #[test]
