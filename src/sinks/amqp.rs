@@ -9,6 +9,7 @@
 //! than `max_message_size`, or whose routing key does not fit AMQP's 255 bytes, is dead at once.
 //! Error texts never contain the URL's password.
 
+use super::name_template::{self, Piece, TemplateError};
 use super::{Health, Sink, SinkResult};
 use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
@@ -306,49 +307,20 @@ fn check_size(options: &SinkOptions, text: &str) -> Result<u64, ConfigError> {
 // Routing key template
 // ---------------------------------------------------------------------------------------------
 
-/// One piece of a routing key template.
-#[derive(Debug, PartialEq)]
-enum Piece<'a> {
-    Text(&'a str),
-    Portal,
-    Event,
-}
-
-/// Splits a template into text and `{portal}`/`{event}`; any other `{...}` or a stray brace is
-/// an error naming it.
+/// Splits a routing key template into text and `{portal}`/`{event}`; any other `{...}` or a
+/// stray brace is an error naming it.
 fn parse_template(template: &str) -> Result<Vec<Piece<'_>>, String> {
-    let mut pieces = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err(format!(
-                "has a '}}' without '{{' in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
+    name_template::parse(template).map_err(|error| match error {
+        TemplateError::StrayClose => format!(
+            "has a '}}' without '{{' in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unclosed => format!(
+            "has a '{{' without '}}' in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unknown(other) => {
+            format!("unknown placeholder {{{other}}} in {template:?}; use {{portal}} and {{event}}")
         }
-        if open > 0 {
-            pieces.push(Piece::Text(&rest[..open]));
-        }
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Err(format!(
-                "has a '{{' without '}}' in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
-        };
-        pieces.push(match &after[..close] {
-            "portal" => Piece::Portal,
-            "event" => Piece::Event,
-            other => {
-                return Err(format!(
-                    "unknown placeholder {{{other}}} in {template:?}; use {{portal}} and {{event}}"
-                ));
-            }
-        });
-        rest = &after[close + 1..];
-    }
-    if !rest.is_empty() {
-        pieces.push(Piece::Text(rest));
-    }
-    Ok(pieces)
+    })
 }
 
 /// Checks a routing key template: known placeholders only, and its fixed text within 255 bytes.

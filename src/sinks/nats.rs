@@ -8,6 +8,7 @@
 //! delivery. Credentials from the URL are handed to the client separately, so neither a log line
 //! of ours nor one of the client library carries them.
 
+use super::name_template;
 use super::{Health, Sink, SinkResult};
 use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
@@ -171,11 +172,9 @@ fn validate_template(template: &str) -> Result<(), String> {
     if template.split('.').any(str::is_empty) {
         return Err("has an empty token (a leading, trailing or doubled \".\")".into());
     }
-    let rest = template.replace("{portal}", "").replace("{event}", "");
-    if rest.contains(['{', '}']) {
-        return Err("unknown placeholder; the placeholders are {portal} and {event}".into());
-    }
-    Ok(())
+    name_template::parse(template)
+        .map(|_| ())
+        .map_err(|_| "unknown placeholder; the placeholders are {portal} and {event}".into())
 }
 
 /// A stream name: what the server accepts (no spaces, `.`, `*`, `>`, path separators).
@@ -212,9 +211,11 @@ fn subject_token(value: &str) -> String {
 
 /// The subject of one envelope: the portal as configured, the event name in lower case.
 pub fn render_subject(template: &str, portal: &str, event: &str) -> String {
-    template
-        .replace("{portal}", &subject_token(portal))
-        .replace("{event}", &subject_token(&event.to_lowercase()))
+    name_template::render(
+        template,
+        &subject_token(portal),
+        &subject_token(&event.to_lowercase()),
+    )
 }
 
 /// The subject filter covering every subject the template can produce: each token holding a
@@ -223,7 +224,7 @@ pub fn template_filter(template: &str) -> String {
     template
         .split('.')
         .map(|token| {
-            if token.contains("{portal}") || token.contains("{event}") {
+            if name_template::has_placeholders(token) {
                 "*"
             } else {
                 token
