@@ -2,10 +2,10 @@
 //! structs, figment's errors turned into `ConfigError`s naming the key, and the credentials a
 //! loaded config registers with the scrubber.
 
+use super::CONFIG_ENV;
 use super::raw::RawConfig;
 use super::types::Config;
 use super::validate::validate;
-use super::{CONFIG_ENV, SinkKind};
 use crate::options::{ConfigError, ENV_PREFIX, IGNORED_ENV, env_var_name, push_leaf, render_key};
 use figment::providers::Format;
 use figment::value::{Dict, Map, Value};
@@ -68,43 +68,7 @@ pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, Co
 /// register themselves as [`Secret`]s.
 fn register_credentials(config: &Config) {
     for sink in config.sinks.values() {
-        match &sink.kind {
-            SinkKind::Http(http) => {
-                register_url_credentials(&http.url);
-                for (name, value) in &http.headers {
-                    if crate::redact::is_credential_header(name) {
-                        crate::redact::register(value);
-                        // `Bearer TOKEN`, `Basic CREDENTIALS`: the credential on its own too.
-                        if let Some((_, credential)) = value.trim().split_once(' ') {
-                            crate::redact::register(credential.trim());
-                        }
-                    }
-                }
-            }
-            SinkKind::Amqp(c) => register_url_credentials(&c.url),
-            SinkKind::Redis(c) => register_url_credentials(&c.url),
-            SinkKind::Mqtt(c) => register_url_credentials(&c.url),
-            SinkKind::Postgres(c) => register_url_credentials(&c.url),
-            // Its token or password is a `Secret`; files and programs have no credentials here.
-            SinkKind::Nats(_) | SinkKind::File(_) | SinkKind::Exec(_) => {}
-        }
-    }
-}
-
-/// The userinfo of `url` with [`crate::redact`]: as written and decoded.
-fn register_url_credentials(url: &str) {
-    let Ok(parsed) = reqwest::Url::parse(url) else {
-        return;
-    };
-    // Userinfo is percent-encoded; a `+` in it is a plus, not a space.
-    let decode = |text: &str| crate::bitrix::form::percent_decode(&text.replace('+', "%2B"));
-    let user = parsed.username();
-    if let Some(password) = parsed.password() {
-        crate::redact::register(password);
-        crate::redact::register_credentials(&decode(user), &decode(password));
-    } else if !user.is_empty() {
-        crate::redact::register(user);
-        crate::redact::register_credentials(&decode(user), "");
+        sink.kind.register_credentials();
     }
 }
 

@@ -111,6 +111,12 @@ pub struct AmqpSinkConfig {
     pub max_message_size: u64,
 }
 
+impl super::SinkTypeConfig for AmqpSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl fmt::Debug for AmqpSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpSinkConfig")

@@ -46,6 +46,8 @@ pub struct ExecSinkConfig {
     pub working_dir: Option<PathBuf>,
 }
 
+impl super::SinkTypeConfig for ExecSinkConfig {}
+
 impl fmt::Debug for ExecSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExecSinkConfig")

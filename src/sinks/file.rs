@@ -25,6 +25,8 @@ pub struct FileSinkConfig {
     pub path: PathBuf,
 }
 
+impl super::SinkTypeConfig for FileSinkConfig {}
+
 /// The most envelopes one `deliver` call takes.
 const MAX_BATCH: usize = 500;
 /// Mode of a newly created file: owner read/write, group read.

@@ -43,6 +43,21 @@ pub struct HttpSinkConfig {
     pub statuses: StatusOverrides,
 }
 
+impl super::SinkTypeConfig for HttpSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+        for (name, value) in &self.headers {
+            if crate::redact::is_credential_header(name) {
+                crate::redact::register(value);
+                // `Bearer TOKEN`, `Basic CREDENTIALS`: the credential on its own too.
+                if let Some((_, credential)) = value.trim().split_once(' ') {
+                    crate::redact::register(credential.trim());
+                }
+            }
+        }
+    }
+}
+
 impl fmt::Debug for HttpSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpSinkConfig")

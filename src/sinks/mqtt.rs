@@ -60,6 +60,12 @@ pub struct MqttSinkConfig {
     pub keep_alive: Duration,
 }
 
+impl super::SinkTypeConfig for MqttSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl fmt::Debug for MqttSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MqttSinkConfig")

@@ -44,6 +44,10 @@ pub struct NatsSinkConfig {
     pub duplicate_window: Duration,
 }
 
+impl super::SinkTypeConfig for NatsSinkConfig {
+    // Its token or password is a `Secret`, registered when it is made.
+}
+
 /// How the sink authenticates, taken from the URL's userinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NatsAuth {

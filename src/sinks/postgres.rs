@@ -46,6 +46,12 @@ pub struct PostgresSinkConfig {
     pub tls: Tls,
 }
 
+impl super::SinkTypeConfig for PostgresSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl std::fmt::Debug for PostgresSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresSinkConfig")

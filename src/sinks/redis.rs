@@ -42,6 +42,12 @@ pub struct RedisSinkConfig {
     pub maxlen: Option<u64>,
 }
 
+impl super::SinkTypeConfig for RedisSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl fmt::Debug for RedisSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSinkConfig")
