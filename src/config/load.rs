@@ -297,6 +297,7 @@ mod tests {
     use super::*;
     use crate::config::test_support::*;
     use crate::config::*;
+    use crate::options::*;
     use crate::sinks::http::HttpFormat;
     use std::time::Duration;
 

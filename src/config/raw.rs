@@ -12,127 +12,127 @@ use std::time::Duration;
 /// The config as deserialized from TOML + environment, before defaults and checks.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub journal: RawJournal,
+    pub(crate) journal: RawJournal,
     #[serde(default)]
-    pub admin: RawAdmin,
+    pub(crate) admin: RawAdmin,
     #[serde(default, with = "humantime_serde")]
-    pub shutdown_timeout: Option<Duration>,
-    pub log_format: Option<String>,
-    pub alerts: Option<RawAlerts>,
+    pub(crate) shutdown_timeout: Option<Duration>,
+    pub(crate) log_format: Option<String>,
+    pub(crate) alerts: Option<RawAlerts>,
     #[serde(default)]
-    pub portals: BTreeMap<String, RawPortal>,
+    pub(crate) portals: BTreeMap<String, RawPortal>,
     #[serde(default)]
-    pub sinks: BTreeMap<String, RawSink>,
+    pub(crate) sinks: BTreeMap<String, RawSink>,
     /// `$STATE_DIRECTORY` as seen by [`load`]; the default journal directory. Not a config key.
     #[serde(skip)]
-    pub state_directory: Option<PathBuf>,
+    pub(crate) state_directory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawJournal {
-    pub path: Option<PathBuf>,
+pub(crate) struct RawJournal {
+    pub(crate) path: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
-    pub retention: Option<Duration>,
-    pub prune_schedule: Option<String>,
-    pub synchronous: Option<String>,
+    pub(crate) retention: Option<Duration>,
+    pub(crate) prune_schedule: Option<String>,
+    pub(crate) synchronous: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAlerts {
-    pub sink: Option<String>,
+pub(crate) struct RawAlerts {
+    pub(crate) sink: Option<String>,
     #[serde(default, with = "humantime_serde")]
-    pub check_interval: Option<Duration>,
-    pub unsettled_above: Option<u64>,
+    pub(crate) check_interval: Option<Duration>,
+    pub(crate) unsettled_above: Option<u64>,
     #[serde(default, with = "humantime_serde")]
-    pub unsettled_for: Option<Duration>,
-    pub on_dead: Option<bool>,
+    pub(crate) unsettled_for: Option<Duration>,
+    pub(crate) on_dead: Option<bool>,
     #[serde(default, with = "humantime_serde")]
-    pub portal_failing_for: Option<Duration>,
+    pub(crate) portal_failing_for: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    pub oldest_pending_older_than: Option<Duration>,
-    pub journal_larger_than: Option<String>,
+    pub(crate) oldest_pending_older_than: Option<Duration>,
+    pub(crate) journal_larger_than: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    pub listen: Option<String>,
-    pub allow_remote: Option<bool>,
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<String>,
+    pub(crate) allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPortal {
-    pub client_endpoint: Option<String>,
-    pub oauth_token_url: Option<String>,
-    pub client_id: Option<String>,
-    pub client_secret: Option<Secret>,
-    pub client_secret_file: Option<PathBuf>,
-    pub auth_connector: Option<String>,
-    pub events: Option<Vec<String>>,
-    pub mode: Option<String>,
-    pub batch_size: Option<u32>,
+pub(crate) struct RawPortal {
+    pub(crate) client_endpoint: Option<String>,
+    pub(crate) oauth_token_url: Option<String>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) client_secret: Option<Secret>,
+    pub(crate) client_secret_file: Option<PathBuf>,
+    pub(crate) auth_connector: Option<String>,
+    pub(crate) events: Option<Vec<String>>,
+    pub(crate) mode: Option<String>,
+    pub(crate) batch_size: Option<u32>,
     #[serde(default, with = "humantime_serde")]
-    pub poll_interval: Option<Duration>,
+    pub(crate) poll_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    pub idle_poll_max: Option<Duration>,
-    pub rate_limit: Option<RawRateLimit>,
-    pub max_unsettled: Option<u32>,
-    pub error_lane_schedule: Option<String>,
-    pub orphan_sweep_schedule: Option<String>,
+    pub(crate) idle_poll_max: Option<Duration>,
+    pub(crate) rate_limit: Option<RawRateLimit>,
+    pub(crate) max_unsettled: Option<u32>,
+    pub(crate) error_lane_schedule: Option<String>,
+    pub(crate) orphan_sweep_schedule: Option<String>,
     #[serde(default, with = "humantime_serde")]
-    pub request_timeout: Option<Duration>,
+    pub(crate) request_timeout: Option<Duration>,
     /// Event glob → getter method (`"ONCRMDEAL*" = "crm.deal.get"`).
-    pub enrich: Option<BTreeMap<String, String>>,
+    pub(crate) enrich: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
-    pub burst: Option<u32>,
-    pub per_second: Option<f64>,
-    pub share: Option<f64>,
+pub(crate) struct RawRateLimit {
+    pub(crate) burst: Option<u32>,
+    pub(crate) per_second: Option<f64>,
+    pub(crate) share: Option<f64>,
     #[serde(default, with = "humantime_serde")]
-    pub operating_budget: Option<Duration>,
+    pub(crate) operating_budget: Option<Duration>,
 }
 
 /// The keys of `[sinks.NAME]`: the common ones and those of the `file`, `http` and `exec` types by
 /// name (which ones are allowed is checked per `type`); every other key lands in `options`, which
 /// the broker and database sink types read into their own typed config ([`SinkOptions`]).
 #[derive(Clone, Default, Deserialize)]
-pub struct RawSink {
+pub(crate) struct RawSink {
     #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub events: Option<Vec<String>>,
-    pub portals: Option<Vec<String>>,
+    pub(crate) kind: Option<String>,
+    pub(crate) events: Option<Vec<String>>,
+    pub(crate) portals: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    pub concurrency: Option<usize>,
-    pub retry: Option<RawRetry>,
-    pub path: Option<PathBuf>,
-    pub url: Option<String>,
-    pub format: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
-    pub signing_secret: Option<Secret>,
-    pub signing_secret_file: Option<PathBuf>,
-    pub retry_on: Option<Vec<i64>>,
-    pub dead_on: Option<Vec<i64>>,
-    pub bitrix_domain: Option<String>,
-    pub bitrix_member_id: Option<String>,
-    pub application_token: Option<Secret>,
-    pub application_token_file: Option<PathBuf>,
-    pub event_handler_id: Option<u64>,
-    pub command: Option<Vec<String>>,
-    pub permanent_exit_codes: Option<Vec<i32>>,
-    pub env: Option<BTreeMap<String, String>>,
-    pub working_dir: Option<PathBuf>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) concurrency: Option<usize>,
+    pub(crate) retry: Option<RawRetry>,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) url: Option<String>,
+    pub(crate) format: Option<String>,
+    pub(crate) headers: Option<BTreeMap<String, String>>,
+    pub(crate) signing_secret: Option<Secret>,
+    pub(crate) signing_secret_file: Option<PathBuf>,
+    pub(crate) retry_on: Option<Vec<i64>>,
+    pub(crate) dead_on: Option<Vec<i64>>,
+    pub(crate) bitrix_domain: Option<String>,
+    pub(crate) bitrix_member_id: Option<String>,
+    pub(crate) application_token: Option<Secret>,
+    pub(crate) application_token_file: Option<PathBuf>,
+    pub(crate) event_handler_id: Option<u64>,
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) permanent_exit_codes: Option<Vec<i32>>,
+    pub(crate) env: Option<BTreeMap<String, String>>,
+    pub(crate) working_dir: Option<PathBuf>,
     /// Keys not named above, for the sink types that define their own ([`SinkOptions`]).
     #[serde(flatten)]
-    pub options: BTreeMap<String, Value>,
+    pub(crate) options: BTreeMap<String, Value>,
 }
 
 impl RawSink {
@@ -222,10 +222,10 @@ impl fmt::Debug for RawSink {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRetry {
-    pub max_attempts: Option<u32>,
+pub(crate) struct RawRetry {
+    pub(crate) max_attempts: Option<u32>,
     #[serde(default, with = "humantime_serde")]
-    pub initial_backoff: Option<Duration>,
+    pub(crate) initial_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    pub max_backoff: Option<Duration>,
+    pub(crate) max_backoff: Option<Duration>,
 }

@@ -13,7 +13,7 @@ pub fn resolve_secret(portal: &PortalConfig) -> Result<Secret, ConfigError> {
 }
 
 /// [`resolve_secret`] with an explicit credentials directory.
-pub fn resolve_secret_in(
+fn resolve_secret_in(
     portal: &PortalConfig,
     credentials_dir: Option<&Path>,
 ) -> Result<Secret, ConfigError> {
@@ -41,8 +41,8 @@ pub fn resolve_sink_secrets(sink: &SinkConfig) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
     use crate::config::test_support::*;
-    use crate::config::*;
     use crate::options::read_secret_file;
+    use crate::options::*;
     use crate::sinks::http::*;
 
     fn portal_with(source: SecretSource) -> PortalConfig {

@@ -10,7 +10,7 @@ const NONZERO: Duration = Duration::from_nanos(1);
 
 /// The range one duration key must lie in, and why its upper end is there.
 #[derive(Debug, Clone, Copy)]
-pub struct DurationRange {
+pub(crate) struct DurationRange {
     /// The dotted key; `*` stands for a portal or sink name (`portals.*.poll_interval`).
     pub key: &'static str,
     /// [`Duration::ZERO`] when 0 is allowed.
@@ -33,7 +33,7 @@ const fn range(
 /// A value past the upper end is a slip (`"5y"` for `"5s"`), and it would reach arithmetic
 /// that cannot hold it (a retry time past the year 9999 in the journal, a cutoff before year 0):
 /// `validate` refuses it, naming the key.
-pub const DURATION_RANGES: &[DurationRange] = &[
+pub(crate) const DURATION_RANGES: &[DurationRange] = &[
     range(
         "shutdown_timeout",
         Duration::ZERO,
@@ -128,7 +128,7 @@ pub const DURATION_RANGES: &[DurationRange] = &[
 
 /// What is wrong with `value` for the duration key `key` (a full key such as
 /// `sinks.erp.retry.max_backoff`), or `None` when it lies in the key's [`DurationRange`].
-pub fn duration_problem(key: &str, value: Duration) -> Option<String> {
+pub(crate) fn duration_problem(key: &str, value: Duration) -> Option<String> {
     let range = DurationRange::of(key);
     debug_assert!(range.is_some(), "no DurationRange for {key}");
     match range {

@@ -8,11 +8,13 @@ mod duration;
 mod error;
 mod secret;
 
-pub use duration::{DURATION_RANGES, DurationRange, duration_problem};
+pub(crate) use duration::duration_problem;
+#[cfg(test)]
+pub(crate) use duration::{DURATION_RANGES, DurationRange};
 pub use error::ConfigError;
 #[cfg(test)]
-pub(crate) use secret::read_secret_file;
-pub use secret::{MAX_SECRET_FILE, Secret, SecretSource};
+pub(crate) use secret::{MAX_SECRET_FILE, read_secret_file};
+pub use secret::{Secret, SecretSource};
 pub(crate) use secret::{SecretKeys, check_secret_text, credentials_directory, read_secret};
 
 use figment::value::{Dict, Value};
@@ -21,9 +23,9 @@ use std::fmt;
 use std::time::Duration;
 
 /// The prefix of environment variables that override config keys (`__` separates nesting).
-pub const ENV_PREFIX: &str = "B24EVENTD_";
+pub(crate) const ENV_PREFIX: &str = "B24EVENTD_";
 /// Variables with [`ENV_PREFIX`] that are not config keys (used by the CLI itself).
-pub const IGNORED_ENV: &[&str] = &["B24EVENTD_CONFIG", "B24EVENTD_LOG"];
+pub(crate) const IGNORED_ENV: &[&str] = &["B24EVENTD_CONFIG", "B24EVENTD_LOG"];
 
 /// The environment variable that sets the key `keys` (`B24EVENTD_PORTALS__MAIN__CLIENT_SECRET`).
 pub(crate) fn env_var_name(keys: &[&str]) -> String {
@@ -74,7 +76,7 @@ impl fmt::Debug for RedactedValues<'_> {
 }
 
 /// `url` with any `user:password@` removed, for logs and error messages.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) => {
             if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -94,7 +96,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// A size such as `500MB`, `2GiB`, `1048576` (bytes; decimal and binary units).
-pub fn parse_bytes(text: &str) -> Option<u64> {
+pub(crate) fn parse_bytes(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())

@@ -134,7 +134,7 @@ pub(crate) fn read_secret(
 
 /// The largest secret file read (a client secret is 50 characters, a signing key well under
 /// 1 KiB); a bigger file is refused, not read.
-pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+pub(crate) const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// Reads a secret file: a regular file (a FIFO would block, a device like `/dev/zero` never
 /// ends: both refused without reading) of at most [`MAX_SECRET_FILE`] bytes, UTF-8, holding the

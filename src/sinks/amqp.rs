@@ -29,9 +29,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// `routing_key` when none is configured.
-pub const DEFAULT_ROUTING_KEY: &str = "{portal}.{event}";
+pub(crate) const DEFAULT_ROUTING_KEY: &str = "{portal}.{event}";
 /// `max_message_size` when none is configured: RabbitMQ's own default (`max_message_size`).
-pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
 /// The largest message RabbitMQ accepts whatever its configuration (512 MiB).
 const BROKER_MAX_MESSAGE_SIZE: u64 = 512 << 20;
 /// The most bytes in an AMQP short string (exchange, queue, routing key, message id).
@@ -147,7 +147,7 @@ struct Raw {
 }
 
 /// Reads and checks the keys of an `amqp` sink (registered in [`super::OPTION_TYPES`]).
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     check_url(options, &raw.url)?;
     check_name(options, "exchange", &raw.exchange)?;
@@ -494,7 +494,7 @@ impl Link {
 }
 
 /// Publishes envelopes to RabbitMQ.
-pub struct AmqpSink {
+pub(crate) struct AmqpSink {
     name: String,
     config: AmqpSinkConfig,
     /// `url` without its password, for logs and error texts.

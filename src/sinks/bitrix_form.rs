@@ -66,7 +66,7 @@ pub fn body(
 }
 
 /// The envelope's timestamp (RFC 3339, as the journal keeps `TIMESTAMP_X`) in unix seconds.
-pub fn event_unix_seconds(timestamp: &str) -> Option<i64> {
+pub(crate) fn event_unix_seconds(timestamp: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(timestamp)
         .ok()
         .map(|t| t.timestamp())
@@ -108,7 +108,7 @@ fn push_pair(out: &mut String, key: &str, value: &str) {
 
 /// PHP's `urlencode`: letters, digits and `-_.` stay, a space becomes `+`, every other byte
 /// of the UTF-8 text becomes `%XX` (upper-case hex).
-pub fn php_urlencode(s: &str) -> String {
+pub(crate) fn php_urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {

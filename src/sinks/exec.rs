@@ -72,7 +72,7 @@ const ERROR_EXCERPT_CHARS: usize = 200;
 const DAEMON_ENV_PREFIX: &str = crate::options::ENV_PREFIX;
 
 /// Delivers envelopes by running a program per envelope.
-pub struct ExecSink {
+pub(crate) struct ExecSink {
     name: String,
     /// argv[0] resolved to an absolute path when the sink was built.
     program: PathBuf,

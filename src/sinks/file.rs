@@ -33,7 +33,7 @@ const MAX_BATCH: usize = 500;
 const FILE_MODE: u32 = 0o640;
 
 /// Appends envelopes to a JSONL file.
-pub struct FileSink {
+pub(crate) struct FileSink {
     name: String,
     path: PathBuf,
     timeout: Duration,

@@ -100,7 +100,7 @@ impl HttpFormat {
 
 /// The secrets an http sink needs, read and checked.
 #[derive(Debug, Clone, Default)]
-pub struct HttpSecrets {
+pub(crate) struct HttpSecrets {
     /// The Standard Webhooks key, when `signing_secret`/`signing_secret_file` is set.
     pub signing_key: Option<standard_webhooks::SigningKey>,
     /// The `auth[application_token]` of a bitrix-form sink.
@@ -109,12 +109,15 @@ pub struct HttpSecrets {
 
 /// Reads an http sink's secrets (signing secret, application token) from where the config says
 /// they are, with `$CREDENTIALS_DIRECTORY` from the process environment.
-pub fn resolve_http_secrets(sink: &str, http: &HttpSinkConfig) -> Result<HttpSecrets, ConfigError> {
+pub(crate) fn resolve_http_secrets(
+    sink: &str,
+    http: &HttpSinkConfig,
+) -> Result<HttpSecrets, ConfigError> {
     resolve_http_secrets_in(sink, http, credentials_directory().as_deref())
 }
 
 /// [`resolve_http_secrets`] with an explicit credentials directory.
-pub fn resolve_http_secrets_in(
+pub(crate) fn resolve_http_secrets_in(
     sink: &str,
     http: &HttpSinkConfig,
     credentials_dir: Option<&Path>,
@@ -164,7 +167,7 @@ const BODY_EXCERPT_CHARS: usize = 200;
 const BODY_READ_LIMIT: usize = 64 * 1024;
 
 /// Delivers envelopes by HTTP POST.
-pub struct HttpSink {
+pub(crate) struct HttpSink {
     name: String,
     client: reqwest::Client,
     url: reqwest::Url,

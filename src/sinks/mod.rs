@@ -11,7 +11,7 @@ pub mod exec;
 pub mod file;
 pub mod http;
 pub mod mqtt;
-pub mod name_template;
+pub(crate) mod name_template;
 pub mod nats;
 pub mod postgres;
 pub mod redis;
@@ -160,7 +160,7 @@ pub(crate) fn scrub<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
 }
 
 /// Reads the typed config of a sink type that defines its own keys from `[sinks.NAME]`.
-pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
+pub(crate) type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
 /// What every sink type's typed config provides besides its keys.
 pub(crate) trait SinkTypeConfig {
@@ -215,7 +215,7 @@ macro_rules! sink_types {
 
         /// The sink types whose keys their own module defines (everything but `file`, `http`
         /// and `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-        pub const OPTION_TYPES: &[(&str, OptionParser)] = &[$($(($name, $parse),)?)*];
+        pub(crate) const OPTION_TYPES: &[(&str, OptionParser)] = &[$($(($name, $parse),)?)*];
 
         /// Builds the sink a `[sinks.NAME]` describes. Fails when the sink cannot work at all (a
         /// file sink's directory is missing, an http client cannot be built, an exec sink's
@@ -240,7 +240,7 @@ sink_types! {
 }
 
 /// The entry of [`OPTION_TYPES`] for `kind`.
-pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
+pub(crate) fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
     OPTION_TYPES.iter().copied().find(|(name, _)| *name == kind)
 }
 

@@ -31,9 +31,9 @@ use tokio::sync::{OnceCell, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The topic when the config names none.
-pub const DEFAULT_TOPIC: &str = "bitrix/{portal}/{event}";
+pub(crate) const DEFAULT_TOPIC: &str = "bitrix/{portal}/{event}";
 /// Keep-alive when the config names none.
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// MQTT strings (topics, client ids) are at most this many bytes.
 const MAX_MQTT_STRING: usize = 65_535;
 /// The largest packet MQTT can express, when the broker names no smaller maximum.
@@ -90,7 +90,7 @@ struct Raw {
 }
 
 /// Reads and checks `[sinks.NAME]` of `type = "mqtt"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let url = raw.url.ok_or_else(|| {
         options.err(
@@ -499,7 +499,7 @@ fn connection_error(e: &ConnectionError) -> String {
 }
 
 /// Publishes envelopes with QoS 1.
-pub struct MqttSink {
+pub(crate) struct MqttSink {
     name: String,
     broker: Broker,
     topic: String,

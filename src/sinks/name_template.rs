@@ -51,7 +51,7 @@ pub(crate) fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError<'_>>
 
 /// Checks a template: not empty, and every `{` opens `{portal}` or `{event}` closed by `}`.
 /// The error is a lowercase message for [`crate::options::SinkOptions::err`].
-pub fn check(template: &str) -> Result<(), String> {
+pub(crate) fn check(template: &str) -> Result<(), String> {
     if template.is_empty() {
         return Err("must not be empty".to_string());
     }
@@ -69,13 +69,13 @@ pub fn check(template: &str) -> Result<(), String> {
 }
 
 /// Whether a (checked) template has placeholders, i.e. names a different destination per event.
-pub fn has_placeholders(template: &str) -> bool {
+pub(crate) fn has_placeholders(template: &str) -> bool {
     template.contains('{')
 }
 
 /// Fills in a checked template in one pass, so a portal or event name containing `{event}`
 /// is copied as it is. An unchecked template that does not parse is returned as it is.
-pub fn render(template: &str, portal: &str, event: &str) -> String {
+pub(crate) fn render(template: &str, portal: &str, event: &str) -> String {
     let Ok(pieces) = parse(template) else {
         return template.to_string();
     };

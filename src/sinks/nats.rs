@@ -71,7 +71,7 @@ struct Raw {
 }
 
 /// Reads `[sinks.NAME]` of `type = "nats"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let (server, auth) = split_url(&raw.url).map_err(|m| options.err("url", m))?;
     validate_template(&raw.subject).map_err(|m| options.err("subject", m))?;
@@ -214,7 +214,7 @@ fn subject_token(value: &str) -> String {
 }
 
 /// The subject of one envelope: the portal as configured, the event name in lower case.
-pub fn render_subject(template: &str, portal: &str, event: &str) -> String {
+pub(crate) fn render_subject(template: &str, portal: &str, event: &str) -> String {
     name_template::render(
         template,
         &subject_token(portal),
@@ -224,7 +224,7 @@ pub fn render_subject(template: &str, portal: &str, event: &str) -> String {
 
 /// The subject filter covering every subject the template can produce: each token holding a
 /// placeholder becomes `*` (`bitrix.{portal}.{event}` → `bitrix.*.*`).
-pub fn template_filter(template: &str) -> String {
+pub(crate) fn template_filter(template: &str) -> String {
     template
         .split('.')
         .map(|token| {
@@ -259,7 +259,7 @@ struct Connection {
 }
 
 /// Publishes envelopes to JetStream.
-pub struct NatsSink {
+pub(crate) struct NatsSink {
     name: String,
     config: NatsSinkConfig,
     timeout: Duration,

@@ -108,7 +108,7 @@ struct Raw {
 }
 
 /// Reads `[sinks.NAME]` of `type = "postgres"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let (_, tls) = connect_config(&raw.url).map_err(|m| options.err("url", m))?;
     let table = parse_table(raw.table.as_deref().unwrap_or(DEFAULT_TABLE))
@@ -358,7 +358,7 @@ enum Outcome {
 }
 
 /// Inserts envelopes into a table.
-pub struct PostgresSink {
+pub(crate) struct PostgresSink {
     name: String,
     config: PostgresSinkConfig,
     timeout: Duration,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// The stream when the config names none.
-pub const DEFAULT_STREAM: &str = "b24eventd:events";
+pub(crate) const DEFAULT_STREAM: &str = "b24eventd:events";
 /// `XADD` commands per pipeline (one round trip).
 const PIPELINE_LEN: usize = 100;
 /// Redis's largest bulk string (`proto-max-bulk-len`, 512 MiB): a bigger envelope can never be
@@ -67,7 +67,7 @@ struct Raw {
 }
 
 /// Reads and checks `[sinks.NAME]` of `type = "redis"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let url = check_url(options, raw.url)?;
     let stream = raw.stream.unwrap_or_else(|| DEFAULT_STREAM.to_string());
@@ -148,7 +148,7 @@ fn percent_decode(text: &str) -> Result<String, ()> {
 }
 
 /// Delivers envelopes with `XADD`.
-pub struct RedisSink {
+pub(crate) struct RedisSink {
     name: String,
     client: redis::Client,
     /// Made on first use (it spawns a task, so it needs the runtime); reconnects by itself.

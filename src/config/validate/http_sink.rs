@@ -305,6 +305,7 @@ mod tests {
     use super::*;
     use crate::config::test_support::*;
     use crate::config::*;
+    use crate::options::*;
 
     #[test]
     fn http_bitrix_form_keys() {

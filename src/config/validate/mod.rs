@@ -22,7 +22,7 @@ const DEFAULT_PRUNE_SCHEDULE: &str = "0 30 3 * * *";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 /// Checks a [`RawConfig`] and fills in defaults. Pure: reads no files and no environment.
-pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
     let v = Validator {
         file: source.display().to_string(),
     };
@@ -85,7 +85,7 @@ pub fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Parses a schedule the way the daemon does: cron with a seconds field, exactly 6 fields.
-pub fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
+pub(crate) fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
     use croner::parser::{CronParser, Seconds, Year};
     CronParser::builder()
         .seconds(Seconds::Required)
@@ -339,8 +339,10 @@ mod tests {
     use super::portal::*;
     use super::sink::*;
     use super::*;
+    use crate::config::raw::{RawPortal, RawSink};
     use crate::config::test_support::*;
     use crate::config::*;
+    use crate::options::*;
     use crate::sinks::file::FileSinkConfig;
 
     #[test]
@@ -509,6 +511,7 @@ mod tests {
                 }
                 let field = lines.next().unwrap_or_default().trim();
                 let name = field
+                    .trim_start_matches("pub(crate) ")
                     .trim_start_matches("pub ")
                     .split(':')
                     .next()
