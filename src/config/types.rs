@@ -102,7 +102,7 @@ pub struct PortalConfig {
     pub client_endpoint: String,
     pub oauth_token_url: String,
     pub client_id: String,
-    /// Where the client secret comes from; read with [`resolve_secret`].
+    /// Where the client secret comes from; read with [`super::resolve_secret`].
     pub client_secret: SecretSource,
     pub auth_connector: Option<String>,
     /// Exact event names (upper case, no duplicates) the portal's offline bindings should cover.

@@ -28,7 +28,8 @@ pub struct BitrixFormConfig {
     /// `auth[member_id]`: `bitrix_member_id`.
     pub member_id: String,
     /// `auth[application_token]`: `application_token`, `application_token_file`, or the
-    /// systemd credential `<sink>.application_token`; read with [`resolve_http_secrets`].
+    /// systemd credential `<sink>.application_token`; read with
+    /// [`super::http::resolve_http_secrets`].
     pub application_token: SecretSource,
     /// `event_handler_id`, default 0.
     pub event_handler_id: u64,
