@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod journal;
 pub mod json_depth;
 pub mod metrics;
+pub mod options;
 pub mod pipeline;
 pub mod redact;
 pub mod shutdown;

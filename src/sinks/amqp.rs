@@ -9,10 +9,12 @@
 //! than `max_message_size`, or whose routing key does not fit AMQP's 255 bytes, is dead at once.
 //! Error texts never contain the URL's password.
 
+use super::name_template::{self, Piece, TemplateError};
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, parse_bytes, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, parse_bytes, redact_url};
 use futures_util::future::join_all;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -27,9 +29,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// `routing_key` when none is configured.
-pub const DEFAULT_ROUTING_KEY: &str = "{portal}.{event}";
+pub(crate) const DEFAULT_ROUTING_KEY: &str = "{portal}.{event}";
 /// `max_message_size` when none is configured: RabbitMQ's own default (`max_message_size`).
-pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
 /// The largest message RabbitMQ accepts whatever its configuration (512 MiB).
 const BROKER_MAX_MESSAGE_SIZE: u64 = 512 << 20;
 /// The most bytes in an AMQP short string (exchange, queue, routing key, message id).
@@ -109,6 +111,12 @@ pub struct AmqpSinkConfig {
     pub max_message_size: u64,
 }
 
+impl super::SinkTypeConfig for AmqpSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl fmt::Debug for AmqpSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpSinkConfig")
@@ -139,7 +147,7 @@ struct Raw {
 }
 
 /// Reads and checks the keys of an `amqp` sink (registered in [`super::OPTION_TYPES`]).
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     check_url(options, &raw.url)?;
     check_name(options, "exchange", &raw.exchange)?;
@@ -305,49 +313,20 @@ fn check_size(options: &SinkOptions, text: &str) -> Result<u64, ConfigError> {
 // Routing key template
 // ---------------------------------------------------------------------------------------------
 
-/// One piece of a routing key template.
-#[derive(Debug, PartialEq)]
-enum Piece<'a> {
-    Text(&'a str),
-    Portal,
-    Event,
-}
-
-/// Splits a template into text and `{portal}`/`{event}`; any other `{...}` or a stray brace is
-/// an error naming it.
+/// Splits a routing key template into text and `{portal}`/`{event}`; any other `{...}` or a
+/// stray brace is an error naming it.
 fn parse_template(template: &str) -> Result<Vec<Piece<'_>>, String> {
-    let mut pieces = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err(format!(
-                "has a '}}' without '{{' in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
+    name_template::parse(template).map_err(|error| match error {
+        TemplateError::StrayClose => format!(
+            "has a '}}' without '{{' in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unclosed => format!(
+            "has a '{{' without '}}' in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unknown(other) => {
+            format!("unknown placeholder {{{other}}} in {template:?}; use {{portal}} and {{event}}")
         }
-        if open > 0 {
-            pieces.push(Piece::Text(&rest[..open]));
-        }
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Err(format!(
-                "has a '{{' without '}}' in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
-        };
-        pieces.push(match &after[..close] {
-            "portal" => Piece::Portal,
-            "event" => Piece::Event,
-            other => {
-                return Err(format!(
-                    "unknown placeholder {{{other}}} in {template:?}; use {{portal}} and {{event}}"
-                ));
-            }
-        });
-        rest = &after[close + 1..];
-    }
-    if !rest.is_empty() {
-        pieces.push(Piece::Text(rest));
-    }
-    Ok(pieces)
+    })
 }
 
 /// Checks a routing key template: known placeholders only, and its fixed text within 255 bytes.
@@ -515,7 +494,7 @@ impl Link {
 }
 
 /// Publishes envelopes to RabbitMQ.
-pub struct AmqpSink {
+pub(crate) struct AmqpSink {
     name: String,
     config: AmqpSinkConfig,
     /// `url` without its password, for logs and error texts.
@@ -960,10 +939,6 @@ impl Sink for AmqpSink {
         Box::pin(self.deliver_batch(batch))
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -972,31 +947,14 @@ impl Sink for AmqpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigError, RetryPolicy};
-    use std::io::Write;
+    use crate::sinks::RetryPolicy;
 
     const URL: &str = "amqp://guest:hunter2@127.0.0.1:5672/%2f";
 
-    /// Loads a config with one portal and `[sinks.bus]` of type amqp with `keys`.
+    /// The typed config of `[sinks.bus]` of type amqp with `keys`.
     fn load(keys: &str) -> Result<AmqpSinkConfig, ConfigError> {
-        let text = format!(
-            r#"
-[portals.main]
-client_endpoint = "https://example.bitrix24.com/rest/"
-client_id = "local.1.2"
-client_secret = "s3cr3t"
-events = ["ONCRMDEALADD"]
-
-[sinks.bus]
-type = "amqp"
-{keys}
-"#
-        );
-        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        file.write_all(text.as_bytes()).unwrap();
-        let config = crate::config::load(file.path())?;
-        match &config.sinks["bus"].kind {
-            SinkKind::Amqp(amqp) => Ok(amqp.clone()),
+        match crate::sinks::parse_test_config("bus", "amqp", keys)? {
+            SinkKind::Amqp(amqp) => Ok(amqp),
             other => panic!("expected an amqp sink, got {other:?}"),
         }
     }
@@ -1040,7 +998,7 @@ type = "amqp"
         let config = load(&format!(
             "url = \"{URL}\"\nexchange = \"b24\"\nrouting_key = \"crm.{{event}}.{{portal}}\"\n\
              declare_exchange = \"direct\"\nqueue = \"erp\"\nqueue_binding = \"crm.#\"\n\
-             mandatory = false\nmax_message_size = \"1MiB\"\nconcurrency = 2"
+             mandatory = false\nmax_message_size = \"1MiB\""
         ))
         .unwrap();
         assert_eq!(config.routing_key, "crm.{event}.{portal}");
@@ -1340,7 +1298,7 @@ type = "amqp"
         assert_eq!(health.level, super::super::HealthLevel::Fail, "{health:?}");
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!health.detail.contains("hunter2"), "{health:?}");
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 
     #[tokio::test]

@@ -9,10 +9,31 @@
 //! reserved characters percent-encoded, spaces as `+`, `true`/`false` as `1`/`0`, `null` and
 //! empty arrays left out.
 
-use crate::config::BitrixFormConfig;
 use crate::envelope::Envelope;
+use crate::options::SecretSource;
 use serde_json::Value;
 use std::fmt::Write;
+
+/// `format = "bitrix-form"`: what goes into the body besides the event (the `auth[]` of one
+/// portal and the handler id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitrixFormConfig {
+    /// `auth[domain]`: `bitrix_domain`, default the host of the routed portal's client_endpoint.
+    pub domain: String,
+    /// `auth[client_endpoint]`: `https://<bitrix_domain>/rest/` when `bitrix_domain` is set,
+    /// else the routed portal's client_endpoint.
+    pub client_endpoint: String,
+    /// `auth[server_endpoint]`: the origin of the portal's oauth_token_url + `/rest/`.
+    pub server_endpoint: String,
+    /// `auth[member_id]`: `bitrix_member_id`.
+    pub member_id: String,
+    /// `auth[application_token]`: `application_token`, `application_token_file`, or the
+    /// systemd credential `<sink>.application_token`; read with
+    /// [`super::http::resolve_http_secrets`].
+    pub application_token: SecretSource,
+    /// `event_handler_id`, default 0.
+    pub event_handler_id: u64,
+}
 
 /// The body for one envelope; `ts` is the event's time (or `now` when the envelope's timestamp
 /// cannot be read) and `application_token` the resolved secret.
@@ -46,7 +67,7 @@ pub fn body(
 }
 
 /// The envelope's timestamp (RFC 3339, as the journal keeps `TIMESTAMP_X`) in unix seconds.
-pub fn event_unix_seconds(timestamp: &str) -> Option<i64> {
+pub(crate) fn event_unix_seconds(timestamp: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(timestamp)
         .ok()
         .map(|t| t.timestamp())
@@ -88,7 +109,7 @@ fn push_pair(out: &mut String, key: &str, value: &str) {
 
 /// PHP's `urlencode`: letters, digits and `-_.` stay, a space becomes `+`, every other byte
 /// of the UTF-8 text becomes `%XX` (upper-case hex).
-pub fn php_urlencode(s: &str) -> String {
+pub(crate) fn php_urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
@@ -105,7 +126,7 @@ pub fn php_urlencode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SecretSource;
+
     use crate::envelope::Lane;
     use serde_json::json;
 

@@ -8,15 +8,17 @@
 //! shutdown), so nothing the program started outlives it unless it left the group (`setsid`). The first 4 KiB of stdout and of stderr go into the attempt record; the rest is read
 //! and dropped so the program never blocks on a full pipe.
 
-use super::{Sink, SinkResult};
+use super::SinkConfig;
+use super::{Health, HealthLevel, Sink, SinkResult};
 use crate::BoxFuture;
-use crate::config::{ExecSinkConfig, IGNORED_ENV, SinkConfig};
 use crate::envelope::Envelope;
+use crate::options::{IGNORED_ENV, RedactedValues};
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use rustix::process::{Pid, Signal};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -26,6 +28,36 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+
+/// Environment variables an exec sink sets itself for every event; `env` cannot set them.
+pub const EXEC_EVENT_ENV: [&str; 4] = ["B24_EVENT_ID", "B24_EVENT", "B24_PORTAL", "B24_ATTEMPT"];
+
+/// `type = "exec"`: run a program per event with the envelope on stdin.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExecSinkConfig {
+    /// argv as configured: the program (a path, or a name looked up on `PATH` when the sink is
+    /// built) and its arguments. Never run through a shell.
+    pub command: Vec<String>,
+    /// Exit codes that make the event dead for this sink at once (never 0).
+    pub permanent_exit_codes: Vec<i32>,
+    /// Extra environment variables; values may be credentials, so `Debug` hides them.
+    pub env: BTreeMap<String, String>,
+    /// The program's working directory; default: the daemon's.
+    pub working_dir: Option<PathBuf>,
+}
+
+impl super::SinkTypeConfig for ExecSinkConfig {}
+
+impl fmt::Debug for ExecSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecSinkConfig")
+            .field("command", &self.command)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .field("env", &RedactedValues(&self.env))
+            .field("working_dir", &self.working_dir)
+            .finish()
+    }
+}
 
 /// How much of stdout and of stderr is kept for the attempt record.
 const OUTPUT_KEEP_BYTES: usize = 4096;
@@ -37,10 +69,10 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 /// How much of stderr's first line goes into the error text.
 const ERROR_EXCERPT_CHARS: usize = 200;
 /// The prefix of the daemon's own configuration variables, which may hold client secrets.
-const DAEMON_ENV_PREFIX: &str = crate::config::ENV_PREFIX;
+const DAEMON_ENV_PREFIX: &str = crate::options::ENV_PREFIX;
 
 /// Delivers envelopes by running a program per envelope.
-pub struct ExecSink {
+pub(crate) struct ExecSink {
     name: String,
     /// argv[0] resolved to an absolute path when the sink was built.
     program: PathBuf,
@@ -588,10 +620,16 @@ impl Sink for ExecSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            check_runnable(&self.program, self.working_dir.as_deref())?;
-            Ok(format!("will run {}", self.program.display()))
+            match check_runnable(&self.program, self.working_dir.as_deref()) {
+                Ok(()) => Health::ok(format!("will run {}", self.program.display())),
+                Err(problem) => Health {
+                    level: HealthLevel::Fail,
+                    detail: problem,
+                    fix: None,
+                },
+            }
         })
     }
 }
@@ -599,7 +637,7 @@ impl Sink for ExecSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind};
+    use crate::sinks::{RetryPolicy, SinkKind};
     use std::time::Instant;
 
     /// A sink running `script` with `/bin/sh -c` (the test's choice of argv; the sink itself
@@ -991,17 +1029,19 @@ mod tests {
             }
             other => panic!("expected a retry without output, got {other:?}"),
         }
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("does not exist"), "{err}");
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("does not exist"), "{health:?}");
 
         // Installed later: the next attempt runs it.
         std::fs::write(&missing, "#!/bin/sh\nexit 0\n").unwrap();
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("chmod +x"), "{err}");
+        let health = sink.health().await;
+        assert_eq!(health.level, HealthLevel::Fail, "{health:?}");
+        assert!(health.detail.contains("chmod +x"), "{health:?}");
         std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(
-            sink.healthcheck().await.unwrap(),
-            format!("will run {}", missing.display())
+            sink.health().await,
+            Health::ok(format!("will run {}", missing.display()))
         );
         assert_eq!(
             sink.deliver(&[Envelope::sample(1)]).await,

@@ -4,12 +4,12 @@
 //! written with one `write_all` and made durable with `sync_data` before the batch counts as
 //! delivered. A failed write is truncated back so a retry does not leave half a line behind.
 //! A partial last line left by a killed process is cut off before the first append. Building
-//! the sink and its healthcheck write nothing: `doctor` may run beside a daemon that is
+//! the sink and its health check write nothing: `doctor` may run beside a daemon that is
 //! appending to the same file, possibly as another user.
 
+use super::SinkConfig;
 use super::{Health, Sink, SinkResult};
 use crate::BoxFuture;
-use crate::config::{FileSinkConfig, SinkConfig};
 use crate::envelope::Envelope;
 use anyhow::{Context, bail};
 use std::fs::{File, OpenOptions};
@@ -19,13 +19,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// `type = "file"`: append JSON lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+}
+
+impl super::SinkTypeConfig for FileSinkConfig {}
+
 /// The most envelopes one `deliver` call takes.
 const MAX_BATCH: usize = 500;
 /// Mode of a newly created file: owner read/write, group read.
 const FILE_MODE: u32 = 0o640;
 
 /// Appends envelopes to a JSONL file.
-pub struct FileSink {
+pub(crate) struct FileSink {
     name: String,
     path: PathBuf,
     timeout: Duration,
@@ -257,10 +265,6 @@ impl Sink for FileSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.health().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             let path = self.path.clone();
@@ -287,7 +291,7 @@ impl Sink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind};
+    use crate::sinks::{RetryPolicy, SinkKind};
     use std::os::unix::fs::PermissionsExt;
 
     fn envelope(n: i64) -> Envelope {
@@ -453,7 +457,6 @@ mod tests {
         assert_eq!(health.level, HealthLevel::Ok);
         assert!(health.detail.contains("3 bytes"), "{health:?}");
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
-        assert!(sink.healthcheck().await.is_ok());
 
         // A directory that is gone, and a path that cannot be appended to.
         let (config, file) = sink_config(&dir.path().join("sub/events.jsonl"));
@@ -464,8 +467,6 @@ mod tests {
         assert_eq!(health.level, HealthLevel::Fail);
         assert!(health.detail.contains("does not exist"), "{health:?}");
         assert!(health.fix.is_some_and(|f| f.contains("create")));
-        let err = sink.healthcheck().await.unwrap_err();
-        assert!(err.contains("does not exist"), "{err}");
 
         let (config, file) = sink_config(dir.path());
         assert!(

@@ -9,19 +9,155 @@
 //! `Idempotency-Key: <envelope id>`. Error texts never contain the URL's credentials, the
 //! configured header values or the application token.
 
+use super::SinkConfig;
+use super::bitrix_form::BitrixFormConfig;
 use super::standard_webhooks::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SigningKey};
 use super::{Health, Sink, SinkResult, bitrix_form};
 use crate::BoxFuture;
-use crate::config::{
-    HttpFormat, HttpSinkConfig, Secret, SinkConfig, StatusOverrides, redact_url,
-    resolve_http_secrets,
-};
 use crate::envelope::Envelope;
+use crate::options::{
+    ConfigError, RedactedValues, Secret, SecretKeys, SecretSource, credentials_directory,
+    read_secret, redact_url,
+};
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
 use std::time::Duration;
+
+/// `type = "http"`: POST each envelope.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSinkConfig {
+    /// May carry userinfo; print it with [`redact_url`].
+    pub url: String,
+    pub format: HttpFormat,
+    /// Extra request headers; values may be credentials (`Authorization`), so `Debug` hides them.
+    pub headers: BTreeMap<String, String>,
+    /// `signing_secret` / `signing_secret_file`: Standard Webhooks signing when set (an inline
+    /// secret is already checked to be well-formed; a file is read by [`resolve_http_secrets`]).
+    pub signing_secret: Option<SecretSource>,
+    /// `retry_on` / `dead_on`.
+    pub statuses: StatusOverrides,
+}
+
+impl super::SinkTypeConfig for HttpSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+        for (name, value) in &self.headers {
+            if crate::redact::is_credential_header(name) {
+                crate::redact::register(value);
+                // `Bearer TOKEN`, `Basic CREDENTIALS`: the credential on its own too.
+                if let Some((_, credential)) = value.trim().split_once(' ') {
+                    crate::redact::register(credential.trim());
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &redact_url(&self.url))
+            .field("format", &self.format)
+            .field("headers", &RedactedValues(&self.headers))
+            .field("signing_secret", &self.signing_secret)
+            .field("statuses", &self.statuses)
+            .finish()
+    }
+}
+
+/// `retry_on` / `dead_on` of an http sink: status codes whose default class (2xx delivered;
+/// 408, 429, 5xx retried; anything else dead) is overridden. Never both for one code; no 2xx in
+/// `dead_on`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusOverrides {
+    pub retry_on: Vec<u16>,
+    pub dead_on: Vec<u16>,
+}
+
+/// The body an http sink posts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpFormat {
+    /// The envelope as one JSON object.
+    Json,
+    /// The form-encoded body a Bitrix24 outbound webhook would have posted.
+    BitrixForm(BitrixFormConfig),
+}
+
+impl HttpFormat {
+    /// The `format` as written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HttpFormat::Json => "json",
+            HttpFormat::BitrixForm(_) => "bitrix-form",
+        }
+    }
+}
+
+/// The secrets an http sink needs, read and checked.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HttpSecrets {
+    /// The Standard Webhooks key, when `signing_secret`/`signing_secret_file` is set.
+    pub signing_key: Option<standard_webhooks::SigningKey>,
+    /// The `auth[application_token]` of a bitrix-form sink.
+    pub application_token: Option<Secret>,
+}
+
+/// Reads an http sink's secrets (signing secret, application token) from where the config says
+/// they are, with `$CREDENTIALS_DIRECTORY` from the process environment.
+pub(crate) fn resolve_http_secrets(
+    sink: &str,
+    http: &HttpSinkConfig,
+) -> Result<HttpSecrets, ConfigError> {
+    resolve_http_secrets_in(sink, http, credentials_directory().as_deref())
+}
+
+/// [`resolve_http_secrets`] with an explicit credentials directory.
+pub(crate) fn resolve_http_secrets_in(
+    sink: &str,
+    http: &HttpSinkConfig,
+    credentials_dir: Option<&Path>,
+) -> Result<HttpSecrets, ConfigError> {
+    let signing_key = match &http.signing_secret {
+        None => None,
+        Some(source) => {
+            let keys = SecretKeys {
+                what: "signing secret",
+                table: ["sinks", sink],
+                inline: "signing_secret",
+                file: "signing_secret_file",
+            };
+            let secret = read_secret(source, &keys, credentials_dir)?;
+            let key = standard_webhooks::parse_secret(secret.expose())
+                .map_err(|problem| keys.error(source, problem))?;
+            Some(key)
+        }
+    };
+    let application_token = match &http.format {
+        HttpFormat::Json => None,
+        HttpFormat::BitrixForm(form) => {
+            let keys = SecretKeys {
+                what: "application token",
+                table: ["sinks", sink],
+                inline: "application_token",
+                file: "application_token_file",
+            };
+            Some(read_secret(
+                &form.application_token,
+                &keys,
+                credentials_dir,
+            )?)
+        }
+    };
+    Ok(HttpSecrets {
+        signing_key,
+        application_token,
+    })
+}
 
 /// `max_batch` is this many times `concurrency`: enough to keep every slot busy.
 const BATCH_PER_SLOT: usize = 4;
@@ -31,7 +167,7 @@ const BODY_EXCERPT_CHARS: usize = 200;
 const BODY_READ_LIMIT: usize = 64 * 1024;
 
 /// Delivers envelopes by HTTP POST.
-pub struct HttpSink {
+pub(crate) struct HttpSink {
     name: String,
     client: reqwest::Client,
     url: reqwest::Url,
@@ -370,10 +506,6 @@ impl Sink for HttpSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -382,7 +514,7 @@ impl Sink for HttpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryPolicy, SinkKind, StatusOverrides};
+    use crate::sinks::{RetryPolicy, SinkKind};
     use axum::Router;
     use axum::extract::State;
     use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
@@ -649,7 +781,7 @@ mod tests {
         let health = busy.health().await;
         assert_eq!(health.level, HealthLevel::Warn, "{health:?}");
         assert!(health.detail.contains("503"), "{health:?}");
-        assert!(busy.healthcheck().await.is_ok(), "a warning passes");
+        assert_eq!(busy.health().await.level, HealthLevel::Warn, "probed again");
         let probes: Vec<AxumHeaders> = seen
             .lock()
             .unwrap()
@@ -657,7 +789,7 @@ mod tests {
             .iter()
             .map(|(headers, _)| headers.clone())
             .collect();
-        assert_eq!(probes.len(), 2, "health and healthcheck probed once each");
+        assert_eq!(probes.len(), 2, "each health check probed once");
         assert_eq!(
             probes[0]["authorization"], "Bearer tok-123",
             "the sink's headers go along"
@@ -678,7 +810,7 @@ mod tests {
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!health.detail.contains("pw"), "{health:?}");
         assert!(health.fix.is_some());
-        assert!(down.healthcheck().await.is_err());
+        assert_eq!(down.health().await.level, HealthLevel::Fail);
     }
 
     #[test]
@@ -707,7 +839,8 @@ mod tests {
     /// error quotes the body without the application token.
     #[tokio::test]
     async fn bitrix_form_signed_request_and_token_kept_out_of_errors() {
-        use crate::config::{BitrixFormConfig, SecretSource};
+        use crate::options::SecretSource;
+        use crate::sinks::bitrix_form::BitrixFormConfig;
         let seen: Arc<Mutex<Vec<AxumHeaders>>> = Arc::default();
         let log = seen.clone();
         let app = Router::new().route(

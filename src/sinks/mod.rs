@@ -1,5 +1,6 @@
-//! Sinks: where delivered events go. A trait, one file per sink type, one `match` as the registry,
-//! and the routing (`events` globs, `portals`) that decides which sinks an event goes to.
+//! Sinks: where delivered events go. A trait, one file per sink type, one registry line per type
+//! (`sink_types!`), and the routing (`events` globs, `portals`) that decides which sinks an event
+//! goes to.
 //!
 //! Retry is decided outside the sink (pipeline/retry.rs): a sink only says, per envelope, whether
 //! it was delivered, failed in a way worth retrying, or failed for good.
@@ -10,7 +11,7 @@ pub mod exec;
 pub mod file;
 pub mod http;
 pub mod mqtt;
-pub mod name_template;
+pub(crate) mod name_template;
 pub mod nats;
 pub mod postgres;
 pub mod redis;
@@ -18,12 +19,34 @@ pub mod route;
 pub mod standard_webhooks;
 
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use route::Route;
+
+/// `[sinks.NAME]`: one destination and the events routed to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub name: String,
+    pub route: Route,
+    /// Bound on one delivery attempt.
+    pub timeout: Duration,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub kind: SinkKind,
+}
+
+/// `[sinks.NAME.retry]`: exponential backoff between attempts, then dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in total, the first one included; after the last failure the event is dead.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
 
 /// What one delivery attempt of one envelope came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +63,7 @@ pub enum SinkResult {
     Dead { error: String },
 }
 
-/// How a sink's healthcheck came out.
+/// How a sink's health check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthLevel {
     /// A delivery would succeed now.
@@ -84,18 +107,6 @@ impl Health {
             fix: Some(fix.into()),
         }
     }
-
-    /// The pass/fail form of [`Sink::healthcheck`]: a warning passes (with its fix appended).
-    pub fn into_result(self) -> Result<String, String> {
-        let text = match &self.fix {
-            Some(fix) => format!("{}; {fix}", self.detail),
-            None => self.detail,
-        };
-        match self.level {
-            HealthLevel::Ok | HealthLevel::Warn => Ok(text),
-            HealthLevel::Fail => Err(text),
-        }
-    }
 }
 
 /// A configured destination. Implementations hold their typed config and clients.
@@ -125,28 +136,9 @@ pub trait Sink: Send + Sync {
         })
     }
 
-    /// Checks, without delivering an event, that a delivery could succeed now (`doctor`,
-    /// `validate --online`): `Ok` with a short description of what was checked, or what is
-    /// wrong and how to fix it.
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async { Ok("no check for this sink type".to_string()) })
-    }
-
-    /// The healthcheck as `doctor` reports it: ok, warn or fail, with how to fix it. Sinks whose
-    /// check is pass/fail implement only [`Sink::healthcheck`]; this default turns its `Ok` into
-    /// ok and its `Err` (which says what to fix) into fail.
-    fn health(&self) -> BoxFuture<'_, Health> {
-        Box::pin(async move {
-            match self.healthcheck().await {
-                Ok(detail) => Health::ok(detail),
-                Err(problem) => Health {
-                    level: HealthLevel::Fail,
-                    detail: problem,
-                    fix: None,
-                },
-            }
-        })
-    }
+    /// Checks, without delivering an event or writing anything, that a delivery could succeed
+    /// now (`doctor`, `validate --online`): ok, warn or fail, with how to fix it.
+    fn health(&self) -> BoxFuture<'_, Health>;
 }
 
 /// Installs rustls's ring provider unless one is installed (the binary installs it in `main`;
@@ -168,35 +160,104 @@ pub(crate) fn scrub<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
 }
 
 /// Reads the typed config of a sink type that defines its own keys from `[sinks.NAME]`.
-pub type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
+pub(crate) type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
-/// The sink types whose keys their own module defines (everything but `file`, `http` and
-/// `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-pub const OPTION_TYPES: &[(&str, OptionParser)] = &[
-    ("redis", redis::parse_config),
-    ("nats", nats::parse_config),
-    ("amqp", amqp::parse_config),
-    ("postgres", postgres::parse_config),
-    ("mqtt", mqtt::parse_config),
-];
+/// What every sink type's typed config provides besides its keys.
+pub(crate) trait SinkTypeConfig {
+    /// Registers the credentials the config holds (a URL's userinfo, a credential header) with
+    /// [`crate::redact`] when the config is loaded; most hold none, or hold them as `Secret`s.
+    fn register_credentials(&self) {}
+}
+
+/// The userinfo of `url` with [`crate::redact`]: as written and decoded.
+pub(crate) fn register_url_credentials(url: &str) {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return;
+    };
+    // Userinfo is percent-encoded; a `+` in it is a plus, not a space.
+    let decode = |text: &str| crate::bitrix::form::percent_decode(&text.replace('+', "%2B"));
+    let user = parsed.username();
+    if let Some(password) = parsed.password() {
+        crate::redact::register(password);
+        crate::redact::register_credentials(&decode(user), &decode(password));
+    } else if !user.is_empty() {
+        crate::redact::register(user);
+        crate::redact::register_credentials(&decode(user), "");
+    }
+}
+
+/// The registry of sink types, one line each: `Variant(module::Config) = "type" => module::Sink`,
+/// plus `, keys: module::parse_config` for a type whose module reads its own keys. It makes
+/// [`SinkKind`] (a variant per type), [`SinkKind::type_name`], [`OPTION_TYPES`] and [`build`].
+macro_rules! sink_types {
+    ($($variant:ident($config:ty) = $name:literal => $sink:ty $(, keys: $parse:path)?;)*) => {
+        /// The type-specific part of a sink: one variant per registered type.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum SinkKind {
+            $($variant($config),)*
+        }
+
+        impl SinkKind {
+            /// The `type` as written in the config.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(SinkKind::$variant(_) => $name,)*
+                }
+            }
+
+            /// Registers the credentials this sink's config holds with [`crate::redact`].
+            pub(crate) fn register_credentials(&self) {
+                match self {
+                    $(SinkKind::$variant(config) => SinkTypeConfig::register_credentials(config),)*
+                }
+            }
+        }
+
+        /// The sink types whose keys their own module defines (everything but `file`, `http`
+        /// and `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
+        pub(crate) const OPTION_TYPES: &[(&str, OptionParser)] = &[$($(($name, $parse),)?)*];
+
+        /// Builds the sink a `[sinks.NAME]` describes. Fails when the sink cannot work at all (a
+        /// file sink's directory is missing, an http client cannot be built, an exec sink's
+        /// program is not on `PATH`).
+        pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+            Ok(match &config.kind {
+                $(SinkKind::$variant(kind) => Arc::new(<$sink>::new(config, kind)?),)*
+            })
+        }
+    };
+}
+
+sink_types! {
+    File(file::FileSinkConfig) = "file" => file::FileSink;
+    Http(http::HttpSinkConfig) = "http" => http::HttpSink;
+    Exec(exec::ExecSinkConfig) = "exec" => exec::ExecSink;
+    Redis(redis::RedisSinkConfig) = "redis" => redis::RedisSink, keys: redis::parse_config;
+    Nats(nats::NatsSinkConfig) = "nats" => nats::NatsSink, keys: nats::parse_config;
+    Amqp(amqp::AmqpSinkConfig) = "amqp" => amqp::AmqpSink, keys: amqp::parse_config;
+    Postgres(postgres::PostgresSinkConfig) = "postgres" => postgres::PostgresSink, keys: postgres::parse_config;
+    Mqtt(mqtt::MqttSinkConfig) = "mqtt" => mqtt::MqttSink, keys: mqtt::parse_config;
+}
 
 /// The entry of [`OPTION_TYPES`] for `kind`.
-pub fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
+pub(crate) fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
     OPTION_TYPES.iter().copied().find(|(name, _)| *name == kind)
 }
 
-/// Builds the sink a `[sinks.NAME]` describes: the registry of sink types. Fails when the sink
-/// cannot work at all (a file sink's directory is missing, an http client cannot be built, an
-/// exec sink's program is not on `PATH`).
-pub fn build(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
-    Ok(match &config.kind {
-        SinkKind::File(file) => Arc::new(file::FileSink::new(config, file)?),
-        SinkKind::Http(http) => Arc::new(http::HttpSink::new(config, http)?),
-        SinkKind::Exec(exec) => Arc::new(exec::ExecSink::new(config, exec)?),
-        SinkKind::Amqp(amqp) => Arc::new(amqp::AmqpSink::new(config, amqp)?),
-        SinkKind::Redis(redis) => Arc::new(redis::RedisSink::new(config, redis)?),
-        SinkKind::Mqtt(mqtt) => Arc::new(mqtt::MqttSink::new(config, mqtt)?),
-        SinkKind::Nats(nats) => Arc::new(nats::NatsSink::new(config, nats)?),
-        SinkKind::Postgres(pg) => Arc::new(postgres::PostgresSink::new(config, pg)?),
-    })
+/// The typed config of a `[sinks.NAME]` of type `kind` holding the TOML `keys`, as the type's
+/// own parser reads it when `config` hands the keys over (from the file `c.toml`).
+#[cfg(test)]
+pub(crate) fn parse_test_config(
+    name: &str,
+    kind: &str,
+    keys: &str,
+) -> Result<SinkKind, ConfigError> {
+    use figment::Provider;
+    use figment::providers::Format;
+    let data = figment::providers::Toml::string(keys)
+        .data()
+        .expect("valid TOML");
+    let values = data.into_values().next().unwrap_or_default();
+    let (kind, parse) = option_type(kind).expect("a sink type with its own keys");
+    parse(&SinkOptions::new("c.toml", name, kind, values))
 }

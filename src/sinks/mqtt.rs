@@ -11,9 +11,10 @@
 //! session is made. Credentials never appear in error texts.
 
 use super::{Health, Sink, SinkResult, name_template};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use anyhow::{Context, bail};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
@@ -30,9 +31,9 @@ use tokio::sync::{OnceCell, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The topic when the config names none.
-pub const DEFAULT_TOPIC: &str = "bitrix/{portal}/{event}";
+pub(crate) const DEFAULT_TOPIC: &str = "bitrix/{portal}/{event}";
 /// Keep-alive when the config names none.
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// MQTT strings (topics, client ids) are at most this many bytes.
 const MAX_MQTT_STRING: usize = 65_535;
 /// The largest packet MQTT can express, when the broker names no smaller maximum.
@@ -59,6 +60,12 @@ pub struct MqttSinkConfig {
     pub keep_alive: Duration,
 }
 
+impl super::SinkTypeConfig for MqttSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
+}
+
 impl fmt::Debug for MqttSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MqttSinkConfig")
@@ -83,7 +90,7 @@ struct Raw {
 }
 
 /// Reads and checks `[sinks.NAME]` of `type = "mqtt"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let url = raw.url.ok_or_else(|| {
         options.err(
@@ -492,7 +499,7 @@ fn connection_error(e: &ConnectionError) -> String {
 }
 
 /// Publishes envelopes with QoS 1.
-pub struct MqttSink {
+pub(crate) struct MqttSink {
     name: String,
     broker: Broker,
     topic: String,
@@ -720,10 +727,6 @@ impl Sink for MqttSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -732,33 +735,23 @@ impl Sink for MqttSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RetryPolicy};
+    use crate::sinks::RetryPolicy;
     use rumqttc::v5::mqttbytes::v5::PubAckProperties;
-    use std::io::Write;
 
-    fn load(sink_keys: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://example.bitrix24.com/rest/\"\nclient_id = \"local.1.2\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.bus]\ntype = \"mqtt\"\n{sink_keys}\n"
-        );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        crate::config::load_with_env(f.path(), &env)
+    fn load(sink_keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("bus", "mqtt", sink_keys)
     }
 
     fn mqtt_config(sink_keys: &str) -> MqttSinkConfig {
-        let config = load(sink_keys, &[]).unwrap_or_else(|e| panic!("{e}"));
-        match &config.sinks["bus"].kind {
+        let config = load(sink_keys).unwrap_or_else(|e| panic!("{e}"));
+        match &config {
             SinkKind::Mqtt(mqtt) => mqtt.clone(),
             other => panic!("mqtt sink expected, got {other:?}"),
         }
     }
 
     fn assert_err(sink_keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(sink_keys, &[]).expect_err("config should be rejected");
+        let err = load(sink_keys).expect_err("config should be rejected");
         assert_eq!(err.key, key, "wrong key in {err}");
         assert!(
             err.message.contains(needle),
@@ -787,19 +780,6 @@ mod tests {
         assert_eq!(mqtt.client_id, "erp-feed");
         assert!(mqtt.retain);
         assert_eq!(mqtt.keep_alive, Duration::from_secs(60));
-        let config = load(
-            "url = \"mqtt://h\"",
-            &[
-                ("B24EVENTD_SINKS__BUS__RETAIN", "true"),
-                ("B24EVENTD_SINKS__BUS__TOPIC", "t/{portal}"),
-            ],
-        )
-        .unwrap();
-        let SinkKind::Mqtt(mqtt) = &config.sinks["bus"].kind else {
-            panic!("mqtt sink expected")
-        };
-        assert!(mqtt.retain);
-        assert_eq!(mqtt.topic, "t/{portal}");
     }
 
     #[test]
@@ -1027,6 +1007,6 @@ mod tests {
         let health = sink.health().await;
         assert_eq!(health.level, crate::sinks::HealthLevel::Fail, "{health:?}");
         assert!(!format!("{health:?}").contains("hunter2"));
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 }

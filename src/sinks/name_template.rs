@@ -1,64 +1,92 @@
 //! Destination names with `{portal}` and `{event}` placeholders (a redis stream, an mqtt topic):
 //! checking a template when the config is read, and filling it in per envelope.
 
-/// The placeholders a template may use.
-const PLACEHOLDERS: [&str; 2] = ["portal", "event"];
+/// One piece of a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Piece<'a> {
+    Text(&'a str),
+    Portal,
+    Event,
+}
 
-/// Checks a template: not empty, and every `{` opens one of [`PLACEHOLDERS`] closed by `}`.
-/// The error is a lowercase message for [`crate::config::SinkOptions::err`].
-pub fn check(template: &str) -> Result<(), String> {
-    if template.is_empty() {
-        return Err("must not be empty".to_string());
-    }
+/// What is wrong with a template; each sink type words it for its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TemplateError<'a> {
+    /// A `}` with no `{` before it.
+    StrayClose,
+    /// A `{` with no `}` after it.
+    Unclosed,
+    /// `{name}` with a name other than `portal` and `event`.
+    Unknown(&'a str),
+}
+
+/// Splits a template into text and `{portal}`/`{event}`: the one parser of the `{portal}` and
+/// `{event}` placeholders for every sink type.
+pub(crate) fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError<'_>> {
+    let mut pieces = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find(['{', '}']) {
         if rest[open..].starts_with('}') {
-            return Err(format!(
-                "unmatched \"}}\" in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
+            return Err(TemplateError::StrayClose);
+        }
+        if open > 0 {
+            pieces.push(Piece::Text(&rest[..open]));
         }
         let after = &rest[open + 1..];
         let Some(close) = after.find('}') else {
-            return Err(format!(
-                "unmatched \"{{\" in {template:?}; placeholders are {{portal}} and {{event}}"
-            ));
+            return Err(TemplateError::Unclosed);
         };
-        let name = &after[..close];
-        if !PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "unknown placeholder {{{name}}} in {template:?}; only {{portal}} and {{event}} are replaced"
-            ));
-        }
+        pieces.push(match &after[..close] {
+            "portal" => Piece::Portal,
+            "event" => Piece::Event,
+            other => return Err(TemplateError::Unknown(other)),
+        });
         rest = &after[close + 1..];
     }
-    Ok(())
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest));
+    }
+    Ok(pieces)
+}
+
+/// Checks a template: not empty, and every `{` opens `{portal}` or `{event}` closed by `}`.
+/// The error is a lowercase message for [`crate::options::SinkOptions::err`].
+pub(crate) fn check(template: &str) -> Result<(), String> {
+    if template.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    parse(template).map(|_| ()).map_err(|error| match error {
+        TemplateError::StrayClose => format!(
+            "unmatched \"}}\" in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unclosed => format!(
+            "unmatched \"{{\" in {template:?}; placeholders are {{portal}} and {{event}}"
+        ),
+        TemplateError::Unknown(name) => format!(
+            "unknown placeholder {{{name}}} in {template:?}; only {{portal}} and {{event}} are replaced"
+        ),
+    })
 }
 
 /// Whether a (checked) template has placeholders, i.e. names a different destination per event.
-pub fn has_placeholders(template: &str) -> bool {
+pub(crate) fn has_placeholders(template: &str) -> bool {
     template.contains('{')
 }
 
 /// Fills in a checked template in one pass, so a portal or event name containing `{event}`
-/// is copied as it is.
-pub fn render(template: &str, portal: &str, event: &str) -> String {
+/// is copied as it is. An unchecked template that does not parse is returned as it is.
+pub(crate) fn render(template: &str, portal: &str, event: &str) -> String {
+    let Ok(pieces) = parse(template) else {
+        return template.to_string();
+    };
     let mut out = String::with_capacity(template.len() + portal.len() + event.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open..];
-        if let Some(tail) = after.strip_prefix("{portal}") {
-            out.push_str(portal);
-            rest = tail;
-        } else if let Some(tail) = after.strip_prefix("{event}") {
-            out.push_str(event);
-            rest = tail;
-        } else {
-            out.push('{');
-            rest = &after[1..];
-        }
+    for piece in pieces {
+        out.push_str(match piece {
+            Piece::Text(text) => text,
+            Piece::Portal => portal,
+            Piece::Event => event,
+        });
     }
-    out.push_str(rest);
     out
 }
 
@@ -78,6 +106,11 @@ mod tests {
         assert!(check("{}").unwrap_err().contains("unknown placeholder {}"));
         assert!(has_placeholders("x:{event}"));
         assert!(!has_placeholders("x:y"));
+        assert_eq!(
+            parse("a{portal}b"),
+            Ok(vec![Piece::Text("a"), Piece::Portal, Piece::Text("b")])
+        );
+        assert_eq!(parse("{x}"), Err(TemplateError::Unknown("x")));
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! delivery. Credentials from the URL are handed to the client separately, so neither a log line
 //! of ours nor one of the client library carries them.
 
+use super::name_template;
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, Secret, SinkConfig, SinkKind, SinkOptions};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, Secret, SinkOptions};
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use serde::Deserialize;
 use std::time::Duration;
@@ -42,6 +44,10 @@ pub struct NatsSinkConfig {
     pub duplicate_window: Duration,
 }
 
+impl super::SinkTypeConfig for NatsSinkConfig {
+    // Its token or password is a `Secret`, registered when it is made.
+}
+
 /// How the sink authenticates, taken from the URL's userinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NatsAuth {
@@ -65,7 +71,7 @@ struct Raw {
 }
 
 /// Reads `[sinks.NAME]` of `type = "nats"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let (server, auth) = split_url(&raw.url).map_err(|m| options.err("url", m))?;
     validate_template(&raw.subject).map_err(|m| options.err("subject", m))?;
@@ -170,11 +176,9 @@ fn validate_template(template: &str) -> Result<(), String> {
     if template.split('.').any(str::is_empty) {
         return Err("has an empty token (a leading, trailing or doubled \".\")".into());
     }
-    let rest = template.replace("{portal}", "").replace("{event}", "");
-    if rest.contains(['{', '}']) {
-        return Err("unknown placeholder; the placeholders are {portal} and {event}".into());
-    }
-    Ok(())
+    name_template::parse(template)
+        .map(|_| ())
+        .map_err(|_| "unknown placeholder; the placeholders are {portal} and {event}".into())
 }
 
 /// A stream name: what the server accepts (no spaces, `.`, `*`, `>`, path separators).
@@ -210,19 +214,21 @@ fn subject_token(value: &str) -> String {
 }
 
 /// The subject of one envelope: the portal as configured, the event name in lower case.
-pub fn render_subject(template: &str, portal: &str, event: &str) -> String {
-    template
-        .replace("{portal}", &subject_token(portal))
-        .replace("{event}", &subject_token(&event.to_lowercase()))
+pub(crate) fn render_subject(template: &str, portal: &str, event: &str) -> String {
+    name_template::render(
+        template,
+        &subject_token(portal),
+        &subject_token(&event.to_lowercase()),
+    )
 }
 
 /// The subject filter covering every subject the template can produce: each token holding a
 /// placeholder becomes `*` (`bitrix.{portal}.{event}` → `bitrix.*.*`).
-pub fn template_filter(template: &str) -> String {
+pub(crate) fn template_filter(template: &str) -> String {
     template
         .split('.')
         .map(|token| {
-            if token.contains("{portal}") || token.contains("{event}") {
+            if name_template::has_placeholders(token) {
                 "*"
             } else {
                 token
@@ -253,7 +259,7 @@ struct Connection {
 }
 
 /// Publishes envelopes to JetStream.
-pub struct NatsSink {
+pub(crate) struct NatsSink {
     name: String,
     config: NatsSinkConfig,
     timeout: Duration,
@@ -624,10 +630,6 @@ impl Sink for NatsSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -637,15 +639,9 @@ impl Sink for NatsSink {
 mod tests {
     use super::*;
 
-    /// Loads a config with one portal and `[sinks.bus]` holding `keys`.
-    fn load(keys: &str) -> Result<crate::config::Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://x.bitrix24.com/rest/\"\nclient_id = \"id\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.bus]\ntype = \"nats\"\n{keys}\n"
-        );
-        std::fs::write(&path, text).unwrap();
-        crate::config::load(&path)
+    /// The typed config of `[sinks.bus]` holding `keys`.
+    fn load(keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("bus", "nats", keys)
     }
 
     fn assert_config_err(keys: &str, key: &str, needle: &str) -> ConfigError {
@@ -660,7 +656,7 @@ mod tests {
     #[test]
     fn config_reads_every_key_with_defaults() {
         let config = load(GOOD).unwrap();
-        let SinkKind::Nats(nats) = &config.sinks["bus"].kind else {
+        let SinkKind::Nats(nats) = &config else {
             panic!("nats sink expected")
         };
         assert_eq!(nats.server, "nats://127.0.0.1:4222");
@@ -675,7 +671,7 @@ mod tests {
             GOOD.replace("nats://", "nats://app:s3cret@")
         ))
         .unwrap();
-        let SinkKind::Nats(nats) = &config.sinks["bus"].kind else {
+        let SinkKind::Nats(nats) = &config else {
             panic!("nats sink expected")
         };
         assert!(nats.create_stream);
@@ -684,7 +680,7 @@ mod tests {
             nats.auth,
             NatsAuth::UserPassword("app".into(), Secret::new("s3cret"))
         );
-        assert_eq!(config.sinks["bus"].kind.type_name(), "nats");
+        assert_eq!(config.type_name(), "nats");
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
     }

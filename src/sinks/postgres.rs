@@ -8,9 +8,10 @@
 //! system trust store) when the URL says `sslmode=prefer|require|verify-ca|verify-full`.
 
 use super::{Health, Sink, SinkResult};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -43,6 +44,12 @@ pub struct PostgresSinkConfig {
     pub table: TableName,
     pub create_table: bool,
     pub tls: Tls,
+}
+
+impl super::SinkTypeConfig for PostgresSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
 }
 
 impl std::fmt::Debug for PostgresSinkConfig {
@@ -101,7 +108,7 @@ struct Raw {
 }
 
 /// Reads `[sinks.NAME]` of `type = "postgres"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let (_, tls) = connect_config(&raw.url).map_err(|m| options.err("url", m))?;
     let table = parse_table(raw.table.as_deref().unwrap_or(DEFAULT_TABLE))
@@ -351,7 +358,7 @@ enum Outcome {
 }
 
 /// Inserts envelopes into a table.
-pub struct PostgresSink {
+pub(crate) struct PostgresSink {
     name: String,
     config: PostgresSinkConfig,
     timeout: Duration,
@@ -750,10 +757,6 @@ impl Sink for PostgresSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.health().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             match tokio::time::timeout(self.timeout, self.probe()).await {
@@ -776,19 +779,13 @@ mod tests {
     use super::*;
 
     /// Loads a config with one portal and `[sinks.db]` holding `keys`.
-    fn load(keys: &str) -> Result<crate::config::Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://x.bitrix24.com/rest/\"\nclient_id = \"id\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.db]\ntype = \"postgres\"\n{keys}\n"
-        );
-        std::fs::write(&path, text).unwrap();
-        crate::config::load(&path)
+    fn load(keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("db", "postgres", keys)
     }
 
     fn pg(keys: &str) -> PostgresSinkConfig {
         let config = load(keys).unwrap();
-        match &config.sinks["db"].kind {
+        match &config {
             SinkKind::Postgres(pg) => pg.clone(),
             other => panic!("postgres sink expected, got {other:?}"),
         }

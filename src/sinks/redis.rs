@@ -10,9 +10,10 @@
 //! any Redis bulk string is dead. Error texts never contain the URL's credentials.
 
 use super::{Health, Sink, SinkResult, name_template, scrub};
+use super::{SinkConfig, SinkKind};
 use crate::BoxFuture;
-use crate::config::{ConfigError, SinkConfig, SinkKind, SinkOptions, redact_url};
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions, redact_url};
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -23,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// The stream when the config names none.
-pub const DEFAULT_STREAM: &str = "b24eventd:events";
+pub(crate) const DEFAULT_STREAM: &str = "b24eventd:events";
 /// `XADD` commands per pipeline (one round trip).
 const PIPELINE_LEN: usize = 100;
 /// Redis's largest bulk string (`proto-max-bulk-len`, 512 MiB): a bigger envelope can never be
@@ -39,6 +40,12 @@ pub struct RedisSinkConfig {
     pub stream: String,
     /// `XADD ... MAXLEN ~ N`: trim the stream to about this many entries.
     pub maxlen: Option<u64>,
+}
+
+impl super::SinkTypeConfig for RedisSinkConfig {
+    fn register_credentials(&self) {
+        super::register_url_credentials(&self.url);
+    }
 }
 
 impl fmt::Debug for RedisSinkConfig {
@@ -60,7 +67,7 @@ struct Raw {
 }
 
 /// Reads and checks `[sinks.NAME]` of `type = "redis"`.
-pub fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     let url = check_url(options, raw.url)?;
     let stream = raw.stream.unwrap_or_else(|| DEFAULT_STREAM.to_string());
@@ -141,7 +148,7 @@ fn percent_decode(text: &str) -> Result<String, ()> {
 }
 
 /// Delivers envelopes with `XADD`.
-pub struct RedisSink {
+pub(crate) struct RedisSink {
     name: String,
     client: redis::Client,
     /// Made on first use (it spawns a task, so it needs the runtime); reconnects by itself.
@@ -462,10 +469,6 @@ impl Sink for RedisSink {
         })
     }
 
-    fn healthcheck(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.probe().await.into_result() })
-    }
-
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(self.probe())
     }
@@ -474,32 +477,22 @@ impl Sink for RedisSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RetryPolicy};
-    use std::io::Write;
+    use crate::sinks::RetryPolicy;
 
-    fn load(sink_keys: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let text = format!(
-            "[portals.main]\nclient_endpoint = \"https://example.bitrix24.com/rest/\"\nclient_id = \"local.1.2\"\nclient_secret = \"s\"\nevents = [\"ONCRMDEALADD\"]\n\n[sinks.stream]\ntype = \"redis\"\n{sink_keys}\n"
-        );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        crate::config::load_with_env(f.path(), &env)
+    fn load(sink_keys: &str) -> Result<SinkKind, ConfigError> {
+        crate::sinks::parse_test_config("stream", "redis", sink_keys)
     }
 
     fn redis_config(sink_keys: &str) -> RedisSinkConfig {
-        let config = load(sink_keys, &[]).unwrap_or_else(|e| panic!("{e}"));
-        match &config.sinks["stream"].kind {
+        let config = load(sink_keys).unwrap_or_else(|e| panic!("{e}"));
+        match &config {
             SinkKind::Redis(redis) => redis.clone(),
             other => panic!("redis sink expected, got {other:?}"),
         }
     }
 
     fn assert_err(sink_keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(sink_keys, &[]).expect_err("config should be rejected");
+        let err = load(sink_keys).expect_err("config should be rejected");
         assert_eq!(err.key, key, "wrong key in {err}");
         assert!(
             err.message.contains(needle),
@@ -525,23 +518,6 @@ mod tests {
         );
         assert_eq!(redis.stream, "bitrix:{portal}:{event}");
         assert_eq!(redis.maxlen, Some(100000));
-
-        // The environment can set every key.
-        let config = load(
-            "url = \"redis://h\"",
-            &[
-                ("B24EVENTD_SINKS__STREAM__MAXLEN", "50"),
-                ("B24EVENTD_SINKS__STREAM__STREAM", "s:{event}"),
-            ],
-        )
-        .unwrap();
-        let SinkKind::Redis(redis) = &config.sinks["stream"].kind else {
-            panic!("redis sink expected")
-        };
-        assert_eq!(
-            (redis.maxlen, redis.stream.as_str()),
-            (Some(50), "s:{event}")
-        );
     }
 
     #[test]
@@ -601,7 +577,7 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let redis = redis_config("url = \"redis://user:hunter2@h:6379\"");
         assert!(!format!("{redis:?}").contains("hunter2"));
-        let config = load("url = \"redis://user:hunter2@h:6379\"", &[]).unwrap();
+        let config = load("url = \"redis://user:hunter2@h:6379\"").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert_eq!(
             scrub("auth hunter2 and hunter%32", &["hunter2"]),
@@ -712,7 +688,7 @@ mod tests {
         assert_eq!(health.level, crate::sinks::HealthLevel::Fail, "{health:?}");
         assert!(health.detail.contains("cannot connect"), "{health:?}");
         assert!(!format!("{health:?}").contains("hunter2"));
-        assert!(sink.healthcheck().await.is_err());
+        assert_eq!(sink.health().await.level, crate::sinks::HealthLevel::Fail);
     }
 
     #[test]

@@ -10,11 +10,11 @@ use base64::engine::general_purpose::STANDARD;
 use std::fmt;
 
 /// The prefix of a Standard Webhooks secret.
-pub const SECRET_PREFIX: &str = "whsec_";
+pub(crate) const SECRET_PREFIX: &str = "whsec_";
 /// The shortest key the spec allows (24 bytes); shorter keys are refused.
-pub const MIN_KEY_BYTES: usize = 24;
+pub(crate) const MIN_KEY_BYTES: usize = 24;
 /// The longest key the spec allows (64 bytes).
-pub const MAX_KEY_BYTES: usize = 64;
+pub(crate) const MAX_KEY_BYTES: usize = 64;
 
 /// The header carrying the message id (the envelope id: the same on every retry).
 pub const HEADER_ID: &str = "webhook-id";
@@ -28,7 +28,7 @@ const HOW_TO_MAKE: &str = "generate one with: echo \"whsec_$(openssl rand -base6
 
 /// A decoded signing key. `Debug` never prints it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SigningKey(Vec<u8>);
+pub(crate) struct SigningKey(Vec<u8>);
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -39,7 +39,7 @@ impl fmt::Debug for SigningKey {
 /// Reads a secret as written in the config: `whsec_` followed by base64 of 24 to 64 random
 /// bytes (the `whsec_` prefix may be left out, as the reference libraries allow). The error
 /// says what is wrong and how to make a good one, and never repeats the secret.
-pub fn parse_secret(text: &str) -> Result<SigningKey, String> {
+pub(crate) fn parse_secret(text: &str) -> Result<SigningKey, String> {
     let text = text.trim();
     let encoded = text.strip_prefix(SECRET_PREFIX).unwrap_or(text);
     if encoded.is_empty() {
@@ -65,14 +65,14 @@ pub fn parse_secret(text: &str) -> Result<SigningKey, String> {
 
 /// The three Standard Webhooks headers for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignatureHeaders {
+pub(crate) struct SignatureHeaders {
     pub id: String,
     pub timestamp: String,
     pub signature: String,
 }
 
 /// Signs `body` sent as message `id` at `timestamp` (unix seconds).
-pub fn sign(key: &SigningKey, id: &str, timestamp: i64, body: &[u8]) -> SignatureHeaders {
+pub(crate) fn sign(key: &SigningKey, id: &str, timestamp: i64, body: &[u8]) -> SignatureHeaders {
     let timestamp = timestamp.to_string();
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0);
     let mut context = ring::hmac::Context::with_key(&hmac_key);
