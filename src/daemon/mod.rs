@@ -82,7 +82,7 @@ const DAEMON_LIMIT_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// `b24eventd run`: takes the daemon lock, opens the journal, installs the signal handlers
 /// (SIGTERM/SIGINT stop, SIGHUP reloads) and runs until a signal, with systemd notifications.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     // Nothing, not even the lock file, is made beside a path that is not a journal of ours.
     crate::journal::check(&config.journal.path, crate::journal::Access::Create)?;
     // Held until the daemon exits: a second `run` or a conformance probe on this journal is
@@ -100,10 +100,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     run_with(config, journal, shutdown, controls, |_| {}).await
 }
 
-/// A running daemon's handles, for callers that want to look inside (the demo's summary, the
-/// tests that scrape the admin endpoint).
+/// A running daemon's handles, for callers that want to look inside (the tests that scrape
+/// the admin endpoint).
 pub struct Running {
-    pub clients: Vec<PortalClient>,
     /// Where the admin endpoint listens (the bound port when `admin.listen` asked for `:0`).
     pub admin_addr: Option<std::net::SocketAddr>,
 }
@@ -231,7 +230,6 @@ impl Daemon {
             &shutdown,
         );
         let running = Running {
-            clients,
             admin_addr: admin.addr(),
         };
         let daemon = Daemon {

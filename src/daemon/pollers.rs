@@ -114,3 +114,67 @@ impl Pollers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pollers(portals: usize) -> Pollers {
+        Pollers {
+            tasks: JoinSet::new(),
+            settlers: Vec::new(),
+            refused: Vec::new(),
+            portals,
+        }
+    }
+
+    fn refused(portal: &str) -> Result<Option<Option<ConfigMismatch>>, JoinError> {
+        Ok(Some(Some(ConfigMismatch {
+            portal: portal.to_string(),
+            message: format!("{portal}: WRONG_LICENSE"),
+        })))
+    }
+
+    #[test]
+    fn the_daemon_stops_only_once_every_portal_refused_its_mode_naming_the_first() {
+        let mut pollers = pollers(2);
+        pollers.ended(refused("b"));
+        assert!(pollers.all_refused().is_none());
+        // Finished at shutdown, or given up by the supervisor: not a refusal.
+        pollers.ended(Ok(Some(None)));
+        pollers.ended(Ok(None));
+        assert!(pollers.all_refused().is_none());
+        pollers.ended(refused("a"));
+        let first = pollers.all_refused().expect("every portal refused");
+        assert_eq!(first.portal, "b");
+        assert_eq!(first.message, "b: WRONG_LICENSE");
+    }
+
+    #[test]
+    fn a_daemon_without_portals_never_counts_as_all_refused() {
+        assert!(pollers(0).all_refused().is_none());
+    }
+
+    #[tokio::test]
+    async fn joining_no_pollers_ends_at_once_with_none_abandoned() {
+        let mut pollers = pollers(0);
+        assert_eq!(pollers.join(Instant::now()).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_poller_still_running_at_the_deadline_is_abandoned_and_counted() {
+        let mut pollers = pollers(1);
+        pollers
+            .tasks
+            .spawn(async { std::future::pending::<Option<Option<ConfigMismatch>>>().await });
+        pollers.tasks.spawn(async { Some(None) });
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        assert_eq!(pollers.join(deadline).await, Some(1));
+        let aborted = pollers
+            .tasks
+            .join_next()
+            .await
+            .expect("the abandoned poller");
+        assert!(aborted.expect_err("aborted").is_cancelled());
+    }
+}

@@ -4,14 +4,14 @@
 //! Everything is driven by the journal, so a restart resumes exactly where the last run
 //! stopped. The `daemon` module starts, stops and reloads these parts.
 
-pub mod backoff;
-pub mod clock;
-pub mod dispatcher;
-pub mod economy;
+pub(crate) mod backoff;
+pub(crate) mod clock;
+pub(crate) mod dispatcher;
+pub(crate) mod economy;
 pub mod liveness;
-pub mod orphans;
-pub mod poller;
-pub mod retry;
+pub(crate) mod orphans;
+pub(crate) mod poller;
+pub(crate) mod retry;
 pub mod settle;
 
 use crate::bitrix::{ClientSettings, PortalClient, TokenStore};
@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 /// Wake-ups shared between the pollers and the dispatchers.
 #[derive(Default)]
-pub struct Wakers {
+pub(crate) struct Wakers {
     /// Per portal: deliveries finished, there may be settle work.
     pub settle: HashMap<String, Arc<Notify>>,
     /// Per sink: new deliveries were journaled. Sinks come and go on reload.
@@ -61,10 +61,10 @@ impl Wakers {
 /// The routing table (`[sinks.NAME]` → its `events`/`portals` route), swapped whole on reload;
 /// a poller takes the current one for each batch it journals.
 #[derive(Clone, Default)]
-pub struct SharedRoutes(Arc<RwLock<Arc<RouteTable>>>);
+pub(crate) struct SharedRoutes(Arc<RwLock<Arc<RouteTable>>>);
 
 /// `(sink name, its route)` for every configured sink.
-pub type RouteTable = Vec<(String, Route)>;
+pub(crate) type RouteTable = Vec<(String, Route)>;
 
 impl SharedRoutes {
     pub fn new(config: &Config) -> SharedRoutes {
@@ -95,7 +95,7 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 /// The Bitrix24 client of one portal for operator commands (`doctor`, `subscribe`, `auth login`): it waits
 /// out the portal's rate and operating limits for at most 30 s, so a command answers with the
 /// limit error instead of hanging for minutes.
-pub async fn operator_client(
+pub(crate) async fn operator_client(
     portal: &PortalConfig,
     journal: &Journal,
 ) -> anyhow::Result<PortalClient> {
@@ -105,7 +105,7 @@ pub async fn operator_client(
 
 /// [`operator_client`] on a token pair not stored yet, kept by `store` (`auth import`/`login`
 /// try a new pair this way before it replaces the stored one).
-pub fn candidate_client(
+pub(crate) fn candidate_client(
     portal: &PortalConfig,
     tokens: Option<crate::bitrix::Tokens>,
     store: Arc<dyn TokenStore>,

@@ -11,8 +11,8 @@ mod schedules;
 mod settler;
 mod sweep;
 
-pub use schedules::{Schedules, Trigger, Triggers};
-pub use settler::Settler;
+pub(crate) use schedules::{Schedules, Trigger, Triggers};
+pub(crate) use settler::Settler;
 
 use super::economy::{Budget, Budgets};
 use super::liveness::LoopHandle;
@@ -47,7 +47,7 @@ enum Fetched {
 }
 
 #[derive(Clone)]
-pub struct Poller {
+pub(crate) struct Poller {
     config: PortalConfig,
     client: PortalClient,
     journal: Journal,
@@ -63,16 +63,16 @@ pub struct Poller {
 
 /// What every poller shares with the rest of the pipeline.
 #[derive(Clone)]
-pub struct Shared {
-    pub journal: Journal,
-    pub routes: SharedRoutes,
-    pub wakers: Arc<Wakers>,
-    pub metrics: Metrics,
-    pub shutdown: CancellationToken,
+pub(crate) struct Shared {
+    pub(crate) journal: Journal,
+    pub(crate) routes: SharedRoutes,
+    pub(crate) wakers: Arc<Wakers>,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl Poller {
-    pub fn new(
+    pub(crate) fn new(
         config: PortalConfig,
         client: PortalClient,
         shared: Shared,
@@ -114,11 +114,11 @@ impl Poller {
     /// calls already follow it). The orphan sweep reads
     /// [`PortalConformance::reserved_listing`] from here: whether the `>PROCESS_ID` filter of
     /// `event.offline.list` can be trusted to find orphaned reservations.
-    pub fn conformance(&self) -> &PortalConformance {
+    fn conformance(&self) -> &PortalConformance {
         &self.conformance
     }
 
-    pub fn settler(&self) -> Settler {
+    pub(crate) fn settler(&self) -> Settler {
         self.settler.clone()
     }
 
@@ -152,9 +152,9 @@ impl Poller {
 /// A portal that refused the configured mode: reserve mode on a plan without
 /// `rest_offline_extended`. The poller stops; the daemon reports it.
 #[derive(Debug, Clone)]
-pub struct ConfigMismatch {
-    pub portal: String,
-    pub message: String,
+pub(crate) struct ConfigMismatch {
+    pub(crate) portal: String,
+    pub(crate) message: String,
 }
 
 /// `WRONG_LICENSE` from `event.offline.get` about extended offline handling (not about

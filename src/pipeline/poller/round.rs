@@ -97,7 +97,7 @@ fn wait_after_failure(fatal: bool, backoff: Duration) -> Duration {
 impl Poller {
     /// Runs until shutdown, or until the portal refuses the configured mode (returned as a
     /// configuration error for the daemon to report).
-    pub async fn run(self) -> Option<ConfigMismatch> {
+    pub(crate) async fn run(self) -> Option<ConfigMismatch> {
         // At start: look for reservations lost by an earlier run, and poll the error lane once.
         if self.reserving() {
             self.triggers.orphan_sweep.set();

@@ -10,13 +10,13 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 /// A wake-up flag set by a schedule (or by the poller itself) and taken by the poller.
 #[derive(Default)]
-pub struct Trigger {
+pub(crate) struct Trigger {
     flag: AtomicBool,
     pub(super) notify: Notify,
 }
 
 impl Trigger {
-    pub fn set(&self) {
+    pub(crate) fn set(&self) {
         self.flag.store(true, Ordering::SeqCst);
         self.notify.notify_one();
     }
@@ -31,7 +31,7 @@ impl Trigger {
     }
 
     /// Waits until the trigger is set, and takes it.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             let notified = self.notify.notified();
             if self.take() {
@@ -44,16 +44,16 @@ impl Trigger {
 
 /// The schedule-driven work of one portal.
 #[derive(Clone, Default)]
-pub struct Triggers {
-    pub error_lane: Arc<Trigger>,
-    pub orphan_sweep: Arc<Trigger>,
+pub(crate) struct Triggers {
+    pub(crate) error_lane: Arc<Trigger>,
+    pub(crate) orphan_sweep: Arc<Trigger>,
     /// Set on SIGHUP: a portal stopped by an error that needed an operator tries again now,
     /// instead of at the end of its `FATAL_RETRY` wait.
-    pub resume: Arc<Trigger>,
+    pub(crate) resume: Arc<Trigger>,
 }
 
 /// The cron schedules (tokio-cron-scheduler, local time, with seconds) of every portal.
-pub struct Schedules {
+pub(crate) struct Schedules {
     scheduler: JobScheduler,
     plan: Plan,
     /// The jobs now registered, one per cron plan.
@@ -125,7 +125,7 @@ fn plan<'a>(
 impl Schedules {
     /// One cron job per distinct schedule, setting the triggers of every portal on it: a
     /// thousand portals on the default schedules make two jobs, not two thousand.
-    pub async fn start(config: &Config) -> anyhow::Result<Schedules> {
+    pub(crate) async fn start(config: &Config) -> anyhow::Result<Schedules> {
         let portals = config.portals.values().map(|p| {
             (
                 p.name.as_str(),
@@ -167,7 +167,7 @@ impl Schedules {
     /// Plans every cron job again from the wall clock now. The scheduler computes a job's next
     /// run once, in wall time: after the clock was set back by an hour, every job would wait
     /// an hour longer than its schedule says.
-    pub async fn replan(&mut self) {
+    pub(crate) async fn replan(&mut self) {
         for job in std::mem::take(&mut self.jobs) {
             if let Err(e) = self.scheduler.remove(&job.guid()).await {
                 tracing::warn!(error = %e, "cron job could not be removed for replanning");
@@ -182,23 +182,23 @@ impl Schedules {
     }
 
     /// Set on `journal.prune_schedule`.
-    pub fn prune_trigger(&self) -> Arc<Trigger> {
+    pub(crate) fn prune_trigger(&self) -> Arc<Trigger> {
         self.plan.prune.clone()
     }
 
     /// Wakes every portal stopped by an error that needed an operator (the operator says the
     /// cause is fixed by reloading).
-    pub fn resume_stopped(&self) {
+    pub(crate) fn resume_stopped(&self) {
         for t in self.plan.triggers.values() {
             t.resume.set();
         }
     }
 
-    pub fn triggers(&self, portal: &str) -> Triggers {
+    pub(crate) fn triggers(&self, portal: &str) -> Triggers {
         self.plan.triggers.get(portal).cloned().unwrap_or_default()
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Err(e) = self.scheduler.shutdown().await {
             tracing::warn!(error = %e, "cron scheduler did not stop cleanly");
         }

@@ -12,7 +12,7 @@ use crate::pipeline::settle::SettleAction;
 
 /// Sends the pending `event.offline.clear` / `event.offline.error` calls of one portal.
 #[derive(Clone)]
-pub struct Settler {
+pub(crate) struct Settler {
     portal: String,
     client: PortalClient,
     journal: Journal,
@@ -134,7 +134,7 @@ impl Settler {
     }
 
     /// Settles what it can, logging failures (used at shutdown).
-    pub async fn settle_all(&self) {
+    pub(crate) async fn settle_all(&self) {
         if let Err(e) = self.settle().await {
             tracing::warn!(portal = %self.portal, error = format!("{e:#}"), "settle at shutdown failed: resent on the next start");
         }

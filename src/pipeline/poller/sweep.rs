@@ -50,7 +50,7 @@ impl Poller {
                 }
             }
         };
-        let (gaps, requests) = if self.conformance.reserved_listing() == ReservedListing::Broken {
+        let (gaps, requests) = if self.conformance().reserved_listing() == ReservedListing::Broken {
             // The conformance probe found the PROCESS_ID filter not honoured: read every row
             // of the queue, by ID, and filter here.
             let by_id = serde_json::json!({"ID": "ASC"});
