@@ -39,7 +39,7 @@
 //!    deadline, `shutdown_timeout` after the stop began, past which a poller is aborted (what
 //!    it reserved is resumed at the next start);
 //! 2. the clock watch, the prune job and the alerts are aborted; the cron scheduler and the
-//!    systemd notifier get `AUX_STOP` each;
+//!    systemd notifier get `AUX_STOP` (2 s) between them;
 //! 3. the dispatchers finish the batch in hand until the deadline, then are aborted (those
 //!    deliveries are retried at the next start);
 //! 4. every portal sends its due settle calls, within what is left plus `STOP_TAIL`, less

@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// How long the cron scheduler, the systemd notifier, each, get to stop (part of the bounds).
+/// How long the cron scheduler and the systemd notifier get to stop, together (part of the
+/// bounds).
 pub(super) const AUX_STOP: Duration = Duration::from_secs(2);
 
 /// The admin endpoint, bound before the pollers start (a bind failure stops the start) and
@@ -129,57 +130,32 @@ impl Helpers {
         } = inputs;
         let pruner = {
             let (journal, retention) = (journal.clone(), config.journal.retention);
-            let (trigger, shutdown) = (prune_trigger, shutdown.clone());
-            tokio::spawn(supervisor.supervise("prune", shutdown.clone(), move || {
-                let run = prune_on_schedule(
-                    journal.clone(),
-                    retention,
-                    trigger.clone(),
-                    shutdown.clone(),
-                );
-                run.map(Ok)
-            }))
+            spawn_supervised(supervisor, "prune", shutdown, move |stop| {
+                prune_on_schedule(journal.clone(), retention, prune_trigger.clone(), stop)
+            })
         };
         let alerts = config.alerts.clone().map(|alerts| {
             let (journal, liveness) = (journal.clone(), liveness.clone());
-            let (sinks, shutdown) = (sinks, shutdown.clone());
-            tokio::spawn(supervisor.supervise("alerts", shutdown.clone(), move || {
-                let run = crate::alerts::run(
-                    alerts.clone(),
-                    journal.clone(),
-                    liveness.clone(),
-                    sinks.clone(),
-                    shutdown.clone(),
-                );
-                run.map(Ok)
-            }))
+            spawn_supervised(supervisor, "alerts", shutdown, move |stop| {
+                let (alerts, journal) = (alerts.clone(), journal.clone());
+                crate::alerts::run(alerts, journal, liveness.clone(), sinks.clone(), stop)
+            })
         });
         let systemd = {
             let (notifier, liveness) = (notifier.clone(), liveness.clone());
             let (tasks, journal) = (supervisor.clone(), journal.clone());
-            let shutdown = shutdown.clone();
-            tokio::spawn(supervisor.supervise("systemd", shutdown.clone(), move || {
-                let run = liveness::notify_systemd(
-                    notifier.clone(),
-                    liveness.clone(),
-                    tasks.clone(),
-                    journal.clone(),
-                    shutdown.clone(),
-                );
-                run.map(Ok)
-            }))
+            spawn_supervised(supervisor, "systemd", shutdown, move |stop| {
+                let (notifier, liveness) = (notifier.clone(), liveness.clone());
+                liveness::notify_systemd(notifier, liveness, tasks.clone(), journal.clone(), stop)
+            })
         };
         let (steps_tx, clock_steps) = tokio::sync::mpsc::unbounded_channel();
-        let clock_watch = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(supervisor.supervise("clock", shutdown.clone(), move || {
-                let steps_tx = steps_tx.clone();
-                let run = clock::watch(shutdown.clone(), move |seconds| {
-                    let _ = steps_tx.send(seconds);
-                });
-                run.map(Ok)
-            }))
-        };
+        let clock_watch = spawn_supervised(supervisor, "clock", shutdown, move |stop| {
+            let steps_tx = steps_tx.clone();
+            clock::watch(stop, move |seconds| {
+                let _ = steps_tx.send(seconds);
+            })
+        });
         Helpers {
             pruner,
             alerts,
@@ -208,6 +184,22 @@ impl Helpers {
             tracing::warn!(timeout = ?AUX_STOP, "the cron scheduler or the systemd notifier did not stop in time: abandoned");
         }
     }
+}
+
+/// Spawns the task `make` gives under `supervisor` (made again after a death), handing it
+/// `shutdown`, at which it ends.
+fn spawn_supervised<F, Fut>(
+    supervisor: &Supervisor,
+    name: &'static str,
+    shutdown: &CancellationToken,
+    mut make: F,
+) -> JoinHandle<Option<()>>
+where
+    F: FnMut(CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = shutdown.clone();
+    tokio::spawn(supervisor.supervise(name, shutdown.clone(), move || make(stop.clone()).map(Ok)))
 }
 
 /// The retention job: on `journal.prune_schedule`, deletes events settled longer than
