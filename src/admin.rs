@@ -35,12 +35,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// closed as soon as it is accepted when none is idle, so idle or slow clients never hold more
 /// than this many file descriptors of the daemon (its sinks and the journal need them).
 /// Prometheus, a health check and an operator's browser need a handful.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may take to send a request's headers, counted from the connection's
 /// start or from the end of its previous answer: it also bounds an idle keep-alive connection.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request may take to be answered; after it the answer is 503.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one connection may live: then it is closed once its request in flight is answered.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// The pause after a failed `accept` (out of file descriptors, say) before the next one.

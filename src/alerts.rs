@@ -15,23 +15,23 @@ use tokio_util::sync::CancellationToken;
 
 /// The `event` of an alert envelope; route a sink to it (or give it `events = ["B24EVENTD_ALERT"]`
 /// to keep Bitrix24 events away from it).
-pub const ALERT_EVENT: &str = "B24EVENTD_ALERT";
+pub(crate) const ALERT_EVENT: &str = "B24EVENTD_ALERT";
 /// How many times an alert is offered to a sink that answers "retry".
 const DELIVERY_TRIES: u32 = 10;
 
 /// The sinks a pipeline runs, by name, as the alerts task finds them (they change on reload).
-pub type SinkDirectory = Arc<RwLock<BTreeMap<String, Arc<dyn Sink>>>>;
+pub(crate) type SinkDirectory = Arc<RwLock<BTreeMap<String, Arc<dyn Sink>>>>;
 
 /// What a condition did between two checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     Fire,
     Resolve,
 }
 
 /// One condition's state: firing after it held for `hold`, resolved when it stops holding.
 #[derive(Debug, Default, Clone)]
-pub struct AlertState {
+pub(crate) struct AlertState {
     holding_since: Option<Instant>,
     firing: bool,
 }
@@ -53,7 +53,7 @@ impl AlertState {
 
 /// One alert about to be sent.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Alert {
+pub(crate) struct Alert {
     /// `unsettled_backlog`, `dead_events`, `portal_failing`, `oldest_pending`, `journal_size`.
     pub kind: &'static str,
     pub portal: Option<String>,
@@ -103,7 +103,7 @@ impl Alert {
 
 /// Everything the conditions look at, read once per check.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub unsettled: BTreeMap<String, u64>,
     /// `(portal, failing for, last error)`.
     pub failing: Vec<(String, Duration, String)>,
@@ -114,7 +114,7 @@ pub struct Snapshot {
 }
 
 /// The conditions of `[alerts]` and their states: pure, fed with [`Snapshot`]s.
-pub struct Evaluator {
+pub(crate) struct Evaluator {
     config: AlertsConfig,
     states: BTreeMap<(&'static str, String), AlertState>,
 }
@@ -261,7 +261,7 @@ fn push(alerts: &mut Vec<Alert>, t: Option<Transition>, make: impl FnOnce() -> A
 }
 
 /// The alerts task of a running pipeline.
-pub async fn run(
+pub(crate) async fn run(
     config: AlertsConfig,
     journal: Journal,
     liveness: Arc<Liveness>,

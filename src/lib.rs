@@ -9,6 +9,7 @@ pub mod bitrix;
 pub mod cli;
 pub mod config;
 pub mod conformance;
+pub mod daemon;
 pub mod envelope;
 pub mod journal;
 pub mod json_depth;

@@ -264,7 +264,7 @@ async fn a_redirect_loop_in_front_of_the_portal_stops_the_portal_until_a_reload(
     let running = Running::start_with(
         &config,
         &tokens,
-        b24eventd::pipeline::Controls {
+        b24eventd::daemon::Controls {
             reload: Some(reload.clone()),
             ..Default::default()
         },

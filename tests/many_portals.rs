@@ -60,11 +60,11 @@ async fn start(
     }
     let shutdown = CancellationToken::new();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(b24eventd::pipeline::run_with(
+    let task = tokio::spawn(b24eventd::daemon::run_with(
         config,
         journal.clone(),
         shutdown.clone(),
-        b24eventd::pipeline::Controls::default(),
+        b24eventd::daemon::Controls::default(),
         move |_| {
             let _ = started_tx.send(());
         },

@@ -157,7 +157,7 @@ impl BitrixError {
     /// An error whose class follows from [`classify`]. `maybe_executed` starts false. The
     /// description is scrubbed of every registered secret ([`crate::redact`]): it may quote the
     /// server.
-    pub(super) fn new(
+    pub(crate) fn new(
         portal: &str,
         method: &str,
         code: &str,

@@ -88,7 +88,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )?;
 
     let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(crate::pipeline::run(
+    let pipeline = tokio::spawn(crate::daemon::run(
         config,
         journal.clone(),
         shutdown.clone(),

@@ -36,8 +36,7 @@ mod probe;
 mod report;
 mod subscribe;
 
-use crate::config::{self, Config, ConfigError};
-use crate::journal::Journal;
+use crate::config::{self, ConfigError};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -359,7 +358,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             init_logging_as("info", config.log_format);
             let journal = config.journal.path.clone();
             runtime()?
-                .block_on(run_daemon(config))
+                .block_on(crate::daemon::serve(config))
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
@@ -562,24 +561,6 @@ fn log_filter(
             }),
         ),
     }
-}
-
-async fn run_daemon(config: Config) -> anyhow::Result<()> {
-    // Nothing, not even the lock file, is made beside a path that is not a journal of ours.
-    crate::journal::check(&config.journal.path, crate::journal::Access::Create)?;
-    // Held until the daemon exits: a second `run` or a conformance probe on this journal is
-    // refused while it lives.
-    let _lock = crate::journal::lock::DaemonLock::acquire(&config.journal.path)?;
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
-    let shutdown = CancellationToken::new();
-    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
-    crate::shutdown::watch_signals(shutdown.clone(), Some(reload.clone()))
-        .context("cannot install signal handlers")?;
-    let controls = crate::pipeline::Controls {
-        reload: Some(reload),
-        notifier: crate::systemd::Notifier::from_env(),
-    };
-    crate::pipeline::run_with(config, journal, shutdown, controls, |_| {}).await
 }
 
 async fn simulate(

@@ -6,13 +6,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The wait after a first failure; it doubles with each failure in a row of the same operation.
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait after transient failures (reached at the 8th failure in a row).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What a poller does in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub(crate) enum Operation {
     /// `event.offline.get`, in either lane, alone or in a combined request.
     Fetch,
     /// `event.offline.clear` and `event.offline.error`.
@@ -27,7 +27,7 @@ pub enum Operation {
 impl Operation {
     const COUNT: usize = 4;
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Operation::Fetch => "fetch",
             Operation::Settle => "settle",
@@ -42,7 +42,7 @@ impl Operation {
 }
 
 /// The wait after `failures` failures in a row of one operation: 0.5 s, 1 s, 2 s, … 60 s.
-pub fn wait(failures: u32) -> Duration {
+pub(crate) fn wait(failures: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1 << failures.saturating_sub(1).min(7))
         .min(MAX_BACKOFF)
@@ -50,7 +50,7 @@ pub fn wait(failures: u32) -> Duration {
 
 /// One poller's failure counts.
 #[derive(Debug, Default)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     failures: [u32; Operation::COUNT],
     /// The operation whose failure is ending the current round (the first one tracked).
     failed: Option<Operation>,
@@ -61,7 +61,7 @@ pub struct Backoff {
 impl Backoff {
     /// Notes how `op` went: a success clears its count (and no other); a failure names it as
     /// the cause of the round's failure, unless an operation inside it was named already.
-    pub fn track<T, E>(&mut self, op: Operation, result: Result<T, E>) -> Result<T, E> {
+    pub(crate) fn track<T, E>(&mut self, op: Operation, result: Result<T, E>) -> Result<T, E> {
         match &result {
             Ok(_) => self.succeeded(op),
             Err(_) => {
@@ -72,7 +72,7 @@ impl Backoff {
     }
 
     /// `op` succeeded: its count starts over.
-    pub fn succeeded(&mut self, op: Operation) {
+    pub(crate) fn succeeded(&mut self, op: Operation) {
         self.failures[op.index()] = 0;
         self.not_before[op.index()] = None;
     }
@@ -80,7 +80,7 @@ impl Backoff {
     /// The round failed: one more failure of the operation tracked as its cause (`Fetch` when
     /// none was: the journal, say, failed between calls). Returns that operation, its failures
     /// in a row and the wait before the next round.
-    pub fn round_failed(&mut self) -> (Operation, u32, Duration) {
+    pub(crate) fn round_failed(&mut self) -> (Operation, u32, Duration) {
         let op = self.failed.take().unwrap_or(Operation::Fetch);
         let failures = &mut self.failures[op.index()];
         *failures = failures.saturating_add(1);
@@ -88,13 +88,13 @@ impl Backoff {
     }
 
     /// The round ended without an error (a failure tracked inside it was handled).
-    pub fn round_succeeded(&mut self) {
+    pub(crate) fn round_succeeded(&mut self) {
         self.failed = None;
     }
 
     /// `op` failed without failing the round: it is not tried again before its own backoff
     /// has passed. Returns its failures in a row and that wait.
-    pub fn failed_alone(&mut self, op: Operation) -> (u32, Duration) {
+    pub(crate) fn failed_alone(&mut self, op: Operation) -> (u32, Duration) {
         if self.failed == Some(op) {
             self.failed = None;
         }
@@ -106,7 +106,7 @@ impl Backoff {
     }
 
     /// Whether `op` may run now (its own backoff after [`Backoff::failed_alone`] has passed).
-    pub fn due(&self, op: Operation) -> bool {
+    pub(crate) fn due(&self, op: Operation) -> bool {
         self.not_before[op.index()].is_none_or(|at| Instant::now() >= at)
     }
 }

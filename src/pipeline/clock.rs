@@ -15,14 +15,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 /// How often the two clocks are compared.
-pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// The smallest difference taken for a step. NTP slews small offsets (at most 0.5 ms/s) and
 /// a busy runtime may wake a tick late, so only a jump of whole seconds counts.
-pub const STEP_THRESHOLD: Duration = Duration::from_secs(2);
+pub(crate) const STEP_THRESHOLD: Duration = Duration::from_secs(2);
 
 /// How far the wall clock moved past the monotonic clock between two readings (seconds,
 /// negative when set back), when that is at least [`STEP_THRESHOLD`].
-pub fn step(wall_before: f64, wall_now: f64, monotonic_elapsed: Duration) -> Option<f64> {
+pub(crate) fn step(wall_before: f64, wall_now: f64, monotonic_elapsed: Duration) -> Option<f64> {
     let step = (wall_now - wall_before) - monotonic_elapsed.as_secs_f64();
     (step.abs() >= STEP_THRESHOLD.as_secs_f64()).then_some(step)
 }
@@ -35,7 +35,7 @@ fn wall_seconds() -> f64 {
 
 /// Compares the clocks every [`CHECK_EVERY`] until `stop`; calls `on_step` with each step found
 /// (seconds, negative when the clock was set back).
-pub async fn watch(stop: CancellationToken, mut on_step: impl FnMut(f64)) {
+pub(crate) async fn watch(stop: CancellationToken, mut on_step: impl FnMut(f64)) {
     let mut wall = wall_seconds();
     let mut mono = Instant::now();
     loop {

@@ -18,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 const IDLE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
-pub struct Dispatcher {
-    pub sink: Arc<dyn Sink>,
-    pub policy: RetryPolicy,
-    pub journal: Journal,
-    pub wake: Arc<Notify>,
-    pub wakers: Arc<Wakers>,
-    pub metrics: Metrics,
-    pub stop: CancellationToken,
+pub(crate) struct Dispatcher {
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) journal: Journal,
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) wakers: Arc<Wakers>,
+    pub(crate) metrics: Metrics,
+    pub(crate) stop: CancellationToken,
 }
 
 /// A batch the sink has answered, with the outcomes still to be journaled.
@@ -36,7 +36,7 @@ struct Answered {
 }
 
 impl Dispatcher {
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let name = self.sink.name().to_string();
         let mut journal_failures = 0u32;
         // Outcomes the journal could not take (disk full, a lock held too long): kept and

@@ -21,21 +21,21 @@ use crate::bitrix::client::MAX_OPERATING_WAIT;
 use crate::bitrix::operating::MethodTime;
 
 /// Sub-commands per `batch` request (`CRestUtil::BATCH_MAX_LENGTH`).
-pub const MAX_COMMANDS: usize = crate::bitrix::client::MAX_BATCH;
+pub(crate) const MAX_COMMANDS: usize = crate::bitrix::client::MAX_BATCH;
 /// The most gets in one request: the other slots stay free for settle calls.
-pub const MAX_GETS: u32 = 40;
+pub(crate) const MAX_GETS: u32 = 40;
 /// A request that took longer than this halves the width (the portal allows 60 s per request).
-pub const SLOW_REQUEST: Duration = Duration::from_secs(15);
+pub(crate) const SLOW_REQUEST: Duration = Duration::from_secs(15);
 /// The share of each method's operating limit the daemon plans to use; the rest is the margin
 /// for its estimates and for the operator's commands, which use the same application.
-pub const OPERATING_CEILING: f64 = 0.9;
+pub(crate) const OPERATING_CEILING: f64 = 0.9;
 
 /// One method's operating time as the client knows it, against the limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budget {
-    pub time: MethodTime,
+pub(crate) struct Budget {
+    pub(crate) time: MethodTime,
     /// Seconds per 10-minute window (`rate_limit.operating_budget`).
-    pub limit: f64,
+    pub(crate) limit: f64,
 }
 
 impl Budget {
@@ -51,7 +51,7 @@ impl Budget {
     /// affords none. Once the portal's figure is out of date (its oldest minute has left the
     /// window) it still bounds the use from above; when it leaves nothing, one call learns
     /// where the method stands.
-    pub fn affordable(&self, now: f64) -> u32 {
+    pub(crate) fn affordable(&self, now: f64) -> u32 {
         if self.time.banned(now).is_some() {
             return 0;
         }
@@ -76,7 +76,7 @@ impl Budget {
     /// How long to hold the method back, if at all: while it is banned, and when no call is
     /// affordable until its oldest minute drops out (`now` and the result on the portal's
     /// clock).
-    pub fn pause(&self, now: f64) -> Option<Duration> {
+    pub(crate) fn pause(&self, now: f64) -> Option<Duration> {
         if let Some(until) = self.time.banned(now) {
             return Some(wait_until(until - now));
         }
@@ -100,17 +100,17 @@ fn wait_until(seconds: f64) -> Duration {
 
 /// The operating time of every method a combined request may use.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budgets {
-    pub get: Budget,
-    pub clear: Budget,
-    pub error: Budget,
+pub(crate) struct Budgets {
+    pub(crate) get: Budget,
+    pub(crate) clear: Budget,
+    pub(crate) error: Budget,
     /// The `batch` request itself.
-    pub batch: Budget,
+    pub(crate) batch: Budget,
 }
 
 /// The adaptive number of `get` commands per request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FetchWidth {
+pub(crate) struct FetchWidth {
     width: u32,
 }
 
@@ -121,14 +121,15 @@ impl Default for FetchWidth {
 }
 
 impl FetchWidth {
-    pub fn width(&self) -> u32 {
+    #[cfg(test)]
+    fn width(&self) -> u32 {
         self.width
     }
 
     /// The `limit`s of the gets to send next: at most the width, `max_gets` (the command slots
     /// and the operating time left), and `room` events in total (`max_unsettled` minus what is
     /// open), each at most `batch_size`. Empty when there is no room.
-    pub fn plan(&self, room: u64, batch_size: u32, max_gets: u32) -> Vec<u32> {
+    pub(crate) fn plan(&self, room: u64, batch_size: u32, max_gets: u32) -> Vec<u32> {
         if batch_size == 0 || room == 0 {
             return Vec::new();
         }
@@ -144,7 +145,7 @@ impl FetchWidth {
     }
 
     /// Learns from a request that carried `asked` gets of which `full` came back full.
-    pub fn observe(&mut self, asked: usize, full: usize, elapsed: Duration) {
+    pub(crate) fn observe(&mut self, asked: usize, full: usize, elapsed: Duration) {
         if asked == 0 {
             return;
         }
@@ -164,7 +165,7 @@ impl FetchWidth {
 
 /// The wait of an idle portal before its next poll: `poll_interval`, doubled for every empty
 /// poll in a row after the first, up to `max`. The first event resets it.
-pub fn idle_wait(poll_interval: Duration, max: Duration, empty_polls: u32) -> Duration {
+pub(crate) fn idle_wait(poll_interval: Duration, max: Duration, empty_polls: u32) -> Duration {
     let doublings = empty_polls.saturating_sub(1).min(16);
     poll_interval
         .saturating_mul(1u32 << doublings)

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Longer than any round can take while working: the longest rate-limit wait the client accepts
 /// (15 min) plus several request timeouts. A round running longer is stuck.
-pub const STUCK_ROUND: Duration = Duration::from_secs(20 * 60);
+pub(crate) const STUCK_ROUND: Duration = Duration::from_secs(20 * 60);
 /// `READY=1` is sent at the latest this long after start, even if a portal's first round is
 /// still running (a portal down at start must not fail the service's start-up).
 const READY_AT_THE_LATEST: Duration = Duration::from_secs(60);
@@ -26,7 +26,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// How a portal's rounds have gone (settle, sweep, error lane, fetch).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct PollState {
+pub(crate) struct PollState {
     /// Rounds in a row in which the portal answered nothing before failing; 0 after a round
     /// that succeeded (or before the first round has ended).
     pub failures: u32,
@@ -45,7 +45,7 @@ pub struct PollState {
 
 /// One portal's poll loop, as seen from outside.
 #[derive(Default)]
-pub struct LoopState {
+pub(crate) struct LoopState {
     /// Milliseconds since `Liveness::start` when the current round began; 0 when between rounds.
     round_started_ms: AtomicU64,
     first_round_done: AtomicBool,
@@ -67,13 +67,13 @@ pub struct Liveness {
 
 /// A poller's handle on its own [`LoopState`].
 #[derive(Clone)]
-pub struct LoopHandle {
+pub(crate) struct LoopHandle {
     liveness: Arc<Liveness>,
     state: Arc<LoopState>,
 }
 
 impl LoopHandle {
-    pub fn round_started(&self) {
+    pub(crate) fn round_started(&self) {
         let ms = self.liveness.start.elapsed().as_millis() as u64;
         self.state
             .round_started_ms
@@ -81,7 +81,7 @@ impl LoopHandle {
     }
 
     /// A round ended without an error.
-    pub fn round_succeeded(&self) {
+    pub(crate) fn round_succeeded(&self) {
         {
             let mut poll = self.state.poll();
             poll.failures = 0;
@@ -95,7 +95,7 @@ impl LoopHandle {
 
     /// A round failed (a failed round is still a live loop); `failures` counts such rounds in
     /// a row, `fatal` says the error needs an operator.
-    pub fn round_failed(&self, failures: u32, error: &str, fatal: bool) {
+    pub(crate) fn round_failed(&self, failures: u32, error: &str, fatal: bool) {
         {
             let mut poll = self.state.poll();
             poll.failures = failures;
@@ -107,7 +107,7 @@ impl LoopHandle {
     }
 
     /// The poller ended for good: the portal refused the configured mode.
-    pub fn stopped(&self, reason: &str) {
+    pub(crate) fn stopped(&self, reason: &str) {
         {
             let mut poll = self.state.poll();
             poll.stopped = Some(reason.to_string());
@@ -137,7 +137,7 @@ impl Liveness {
         })
     }
 
-    pub fn handle(self: &Arc<Liveness>, portal: &str) -> LoopHandle {
+    pub(crate) fn handle(self: &Arc<Liveness>, portal: &str) -> LoopHandle {
         LoopHandle {
             liveness: self.clone(),
             state: self.loops.get(portal).cloned().unwrap_or_default(),
@@ -145,7 +145,7 @@ impl Liveness {
     }
 
     /// Portals whose current round has run longer than `limit`.
-    pub fn stuck(&self, limit: Duration) -> Vec<(String, Duration)> {
+    pub(crate) fn stuck(&self, limit: Duration) -> Vec<(String, Duration)> {
         let now = self.start.elapsed();
         self.loops
             .iter()
@@ -158,7 +158,7 @@ impl Liveness {
     }
 
     /// Portals whose every round has failed for longer than `limit`, with the last error.
-    pub fn failing(&self, limit: Duration) -> Vec<(String, Duration, String)> {
+    pub(crate) fn failing(&self, limit: Duration) -> Vec<(String, Duration, String)> {
         self.loops
             .iter()
             .filter_map(|(portal, state)| {
@@ -171,14 +171,14 @@ impl Liveness {
     }
 
     /// How every portal's rounds have gone, by name.
-    pub fn poll_states(&self) -> BTreeMap<String, PollState> {
+    pub(crate) fn poll_states(&self) -> BTreeMap<String, PollState> {
         self.loops
             .iter()
             .map(|(portal, state)| (portal.clone(), state.poll().clone()))
             .collect()
     }
 
-    pub fn portals(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn portals(&self) -> impl Iterator<Item = &String> {
         self.loops.keys()
     }
 
@@ -205,7 +205,7 @@ impl Liveness {
 
 /// Sends `READY=1` once recovery ran, then keeps `STATUS=` current and feeds the watchdog
 /// while the poll loops are alive, until shutdown.
-pub async fn notify_systemd(
+pub(crate) async fn notify_systemd(
     notifier: Notifier,
     liveness: Arc<Liveness>,
     tasks: Supervisor,

@@ -18,20 +18,20 @@
 use serde_json::{Value, json};
 
 /// Rows in one page of `event.offline.list` (`IRestService::LIST_LIMIT`).
-pub const PAGE: u64 = 50;
+pub(crate) const PAGE: u64 = 50;
 
 /// One range of `process_id`s strictly between two open reservations of the journal (`None`:
 /// unbounded above).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gap {
-    pub after: String,
-    pub before: Option<String>,
+pub(crate) struct Gap {
+    pub(crate) after: String,
+    pub(crate) before: Option<String>,
 }
 
 impl Gap {
     /// The `event.offline.list` filter of the gap: every reserved row in it (a row with no
     /// reservation has `PROCESS_ID` '' and is never greater than anything).
-    pub fn filter(&self) -> Value {
+    pub(crate) fn filter(&self) -> Value {
         match &self.before {
             Some(before) => json!({">PROCESS_ID": self.after, "<PROCESS_ID": before}),
             None => json!({">PROCESS_ID": self.after}),
@@ -40,7 +40,7 @@ impl Gap {
 
     /// The same gap without its part up to `seen` (inclusive): the rest of a gap whose first
     /// page was read, ordered by `PROCESS_ID`.
-    pub fn after(&self, seen: &str) -> Gap {
+    pub(crate) fn after(&self, seen: &str) -> Gap {
         Gap {
             after: seen.to_string(),
             before: self.before.clone(),
@@ -50,13 +50,13 @@ impl Gap {
 
 /// The order in which the portal compares `process_id`s: its columns use a case-insensitive
 /// collation, and the ids it makes (`Random::getString(32)`) are lower-case letters and digits.
-pub fn collation_key(process_id: &str) -> String {
+pub(crate) fn collation_key(process_id: &str) -> String {
     process_id.to_ascii_lowercase()
 }
 
 /// The gaps around the journal's open reservations, in order: `("", p1)`, `(p1, p2)`, …,
 /// `(pn, ∞)`. Duplicates (under the collation) and empty ids are ignored.
-pub fn gaps(open: &[String]) -> Vec<Gap> {
+pub(crate) fn gaps(open: &[String]) -> Vec<Gap> {
     let mut ids: Vec<String> = open
         .iter()
         .filter(|p| !p.is_empty())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// What to record for one delivery attempt.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Step {
+pub(crate) enum Step {
     Delivered,
     /// Try again after this long.
     RetryAfter {
@@ -23,7 +23,7 @@ pub enum Step {
 /// The pause before attempt `attempts_made + 1`: `initial_backoff * 2^(attempts_made-1)`, capped
 /// at `max_backoff`, then scaled by `jitter` in `[0.8, 1.2)` (pass `rand` in `[0, 1)`), and never
 /// shorter than a sink's hint (e.g. `Retry-After`), which is itself capped at `max_backoff`.
-pub fn backoff(
+pub(crate) fn backoff(
     policy: &RetryPolicy,
     attempts_made: u32,
     hint: Option<Duration>,
@@ -50,7 +50,7 @@ const LATEST_RETRY: chrono::DateTime<chrono::Utc> =
 
 /// When a retry `after` this long from `now` is due: saturating (never past
 /// [`LATEST_RETRY`]), whatever the policy or a sink's hint said.
-pub fn retry_at(
+pub(crate) fn retry_at(
     now: chrono::DateTime<chrono::Utc>,
     after: Duration,
 ) -> chrono::DateTime<chrono::Utc> {
@@ -62,7 +62,12 @@ pub fn retry_at(
 
 /// Turns a sink's answer into the step to record, after `attempts_made` attempts (this one
 /// included). A retryable failure on the last allowed attempt is dead.
-pub fn next_step(policy: &RetryPolicy, attempts_made: u32, result: SinkResult, rand: f64) -> Step {
+pub(crate) fn next_step(
+    policy: &RetryPolicy,
+    attempts_made: u32,
+    result: SinkResult,
+    rand: f64,
+) -> Step {
     match result {
         SinkResult::Delivered => Step::Delivered,
         SinkResult::Dead { error } => Step::Dead { error },

@@ -114,19 +114,14 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config_path: &Path, tokens: &Tokens) -> Running {
-        Running::start_with(
-            config_path,
-            tokens,
-            b24eventd::pipeline::Controls::default(),
-        )
-        .await
+        Running::start_with(config_path, tokens, b24eventd::daemon::Controls::default()).await
     }
 
     /// [`Running::start`] with the daemon's controls (a reload notifier, say).
     pub async fn start_with(
         config_path: &Path,
         tokens: &Tokens,
-        controls: b24eventd::pipeline::Controls,
+        controls: b24eventd::daemon::Controls,
     ) -> Running {
         let config = config::load(config_path).expect("config loads");
         let journal = Journal::open(&config.journal.path, config.journal.synchronous)
@@ -137,7 +132,7 @@ impl Running {
         }
         let shutdown = CancellationToken::new();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(b24eventd::pipeline::run_with(
+        let task = tokio::spawn(b24eventd::daemon::run_with(
             config,
             journal.clone(),
             shutdown.clone(),
