@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod redact;
 pub mod shutdown;
-pub mod simulator;
 pub mod sinks;
 pub mod status_page;
 pub mod supervisor;

@@ -592,10 +592,10 @@ async fn simulate(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let sim = crate::simulator::Simulator::start_on(
-        crate::simulator::SimulatorConfig {
+    let sim = b24eventd_simulator::Simulator::start_on(
+        b24eventd_simulator::SimulatorConfig {
             access_token_ttl: token_ttl,
-            ..crate::simulator::SimulatorConfig::default()
+            ..b24eventd_simulator::SimulatorConfig::default()
         },
         listener,
     )
@@ -605,7 +605,7 @@ async fn simulate(
         sim.bind_offline(event, "");
     }
     let (access, refresh) = sim.issue_tokens();
-    let defaults = crate::simulator::SimulatorConfig::default();
+    let defaults = b24eventd_simulator::SimulatorConfig::default();
     let base = sim.base_url();
     outln!(
         "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"

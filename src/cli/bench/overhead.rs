@@ -8,8 +8,8 @@ use super::Report;
 use super::daemon::{self, Daemon, PortalSection, WorkDir};
 use super::drain::count_lines;
 use super::procfs;
-use crate::simulator::SimulatorConfig;
 use anyhow::bail;
+use b24eventd_simulator::SimulatorConfig;
 use rusqlite::params;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -124,7 +124,7 @@ async fn through_daemon(events: u64, dir: &WorkDir) -> anyhow::Result<(Cost, u64
     ))
 }
 
-fn gets(sim: &crate::simulator::Simulator) -> u64 {
+fn gets(sim: &b24eventd_simulator::Simulator) -> u64 {
     sim.stats()
         .calls_by_method
         .get("event.offline.get")

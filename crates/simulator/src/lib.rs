@@ -16,7 +16,9 @@ mod http;
 mod limits;
 mod methods;
 mod php;
+pub mod php_request;
 mod portal;
+mod query_limit;
 mod queue;
 mod rest;
 
