@@ -28,7 +28,6 @@ macro_rules! out {
 }
 
 mod auth;
-mod bench;
 mod demo;
 mod doctor;
 mod journal;
@@ -78,10 +77,6 @@ enum Command {
     Run,
     /// Run the whole pipeline against the built-in portal simulator (no portal, no config needed)
     Demo(demo::DemoArgs),
-    /// Developer tool: benchmarks of the real binary against simulated portals (see
-    /// docs/BENCHMARKS.md)
-    #[command(hide = true)]
-    Bench(bench::BenchArgs),
     /// Serve the portal simulator (REST + OAuth) so you can try a config without a portal
     Simulate {
         /// Address to listen on
@@ -369,11 +364,6 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(demo::run(args))?;
             Ok(())
         }
-        Command::Bench(args) => {
-            init_logging("warn");
-            runtime()?.block_on(bench::run(args))?;
-            Ok(())
-        }
         Command::Simulate { listen, token_ttl } => {
             init_logging("info");
             runtime()?.block_on(simulate(listen, token_ttl))?;
@@ -473,7 +463,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Logs go to stderr as text; `B24EVENTD_LOG` (or `RUST_LOG`) overrides the default filter.
-fn init_logging(default: &str) {
+/// Public for `b24eventd-bench`, which logs as the daemon's commands do.
+pub fn init_logging(default: &str) {
     init_logging_as(default, config::LogFormat::Text);
 }
 

@@ -2,6 +2,7 @@
 //! batches, events, deliveries and upstream settlement. All SQL of the crate lives in this module;
 //! every call runs on tokio's blocking pool so the async runtime never waits on the disk.
 
+pub mod baseline;
 mod conformance;
 mod inspect;
 pub mod lock;

@@ -5,7 +5,7 @@
 use super::Report;
 use super::daemon::{self, Daemon, PortalSection, WorkDir};
 use super::procfs::Memory;
-use crate::bitrix::Tokens;
+use b24eventd::bitrix::Tokens;
 use b24eventd_simulator::{Simulator, SimulatorConfig};
 use std::time::{Duration, Instant};
 
