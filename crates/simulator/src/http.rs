@@ -63,7 +63,7 @@ async fn not_found() -> Response {
 }
 
 /// Query-string parameters with the body merged over them: JSON when the content type says
-/// so, a PHP form otherwise.
+/// so, a PHP form otherwise (`CRestUtil::getRequestData`; see [`super::php_request`]).
 fn request_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Params {
     let query = Params::from_form(uri.query().unwrap_or(""));
     if body.is_empty() {

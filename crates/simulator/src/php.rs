@@ -1,6 +1,6 @@
 //! PHP-side request parameters as the Bitrix24 REST server sees them: ordered parameter maps
-//! parsed from JSON or PHP form bodies (read as [`php_request`] says), and the coercions it applies (`intval`, `(bool)`,
-//! `strval`, `is_array`, `isset`).
+//! parsed from JSON or PHP form bodies (read as [`php_request`] says), and the coercions it
+//! applies (`intval`, `(bool)`, `strval`, `is_array`, `isset`).
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;

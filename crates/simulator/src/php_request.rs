@@ -42,14 +42,14 @@ const MAX_NESTING: usize = 64;
 
 /// A PHP value as `parse_str` makes it: a string or an array.
 #[derive(Debug, Clone, PartialEq)]
-pub enum PhpValue {
+pub(crate) enum PhpValue {
     String(String),
     Array(PhpArray),
 }
 
 /// A PHP array: entries in insertion order, integer keys kept as their decimal text.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct PhpArray {
+pub(crate) struct PhpArray {
     entries: Vec<(String, PhpValue)>,
     positions: HashMap<String, usize>,
     /// The key `[]` appends at (`nNextFreeElement`); `None` before any integer key.
@@ -143,7 +143,7 @@ pub fn parse_str(query: &str) -> Value {
 }
 
 /// PHP's `parse_str` of `query`, key order kept.
-pub fn parse_str_ordered(query: &str) -> PhpArray {
+pub(crate) fn parse_str_ordered(query: &str) -> PhpArray {
     let mut root = PhpArray::default();
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -158,7 +158,7 @@ pub fn parse_str_ordered(query: &str) -> PhpArray {
 
 /// `urldecode`: `+` is a space, `%XX` the byte it names, any other `%` stays. Bytes that are
 /// not UTF-8 are replaced (JSON cannot carry them).
-pub fn url_decode(text: &str) -> String {
+pub(crate) fn url_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
@@ -269,13 +269,13 @@ fn descend(array: &mut PhpArray, key: Option<String>) -> Option<&mut PhpArray> {
 }
 
 /// Object-valued members of a JSON object and their keys in document order.
-pub type KeyOrders = Vec<(String, Vec<String>)>;
+pub(crate) type KeyOrders = Vec<(String, Vec<String>)>;
 
 /// A JSON body as `Json::decode` reads it, when it is an object: its members, and for each
 /// member that is an object, that object's keys in document order (`serde_json::Map` sorts
 /// keys; PHP arrays keep them in order, and `batch` runs its commands in that order). `None`
 /// for anything else: the real server drops a body it cannot read.
-pub fn json_body(body: &[u8]) -> Option<(Map<String, Value>, KeyOrders)> {
+pub(crate) fn json_body(body: &[u8]) -> Option<(Map<String, Value>, KeyOrders)> {
     let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
