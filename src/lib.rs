@@ -18,7 +18,6 @@ pub mod options;
 pub mod pipeline;
 pub mod redact;
 pub mod shutdown;
-pub mod simulator;
 pub mod sinks;
 pub mod status_page;
 pub mod supervisor;

@@ -5,7 +5,7 @@
 mod common;
 
 use b24eventd::journal::EventFilter;
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::*;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -111,7 +111,7 @@ async fn scrape(client: &reqwest::Client, admin: SocketAddr) -> Vec<Sample> {
 }
 
 /// A config for the shared harness with the admin endpoint on a port the OS picks.
-fn admin_config(dir: &Path, sim: &b24eventd::simulator::Simulator, sinks: &str) -> PathBuf {
+fn admin_config(dir: &Path, sim: &b24eventd_simulator::Simulator, sinks: &str) -> PathBuf {
     let path = write_config(dir, sim, None, "", sinks);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("listen = \"\""));

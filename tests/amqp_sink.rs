@@ -10,8 +10,8 @@ use b24eventd::config;
 use b24eventd::config::Synchronous;
 use b24eventd::envelope::{Envelope, Lane};
 use b24eventd::journal::Journal;
-use b24eventd::simulator::SimulatorConfig;
 use b24eventd::sinks::{self, SinkResult};
+use b24eventd_simulator::SimulatorConfig;
 use common::proxy::{TcpProxy, service_requested};
 use common::*;
 use lapin::options::{

@@ -3,7 +3,7 @@
 mod common;
 
 use b24eventd::journal::Journal;
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use std::io::Write;
 use std::path::Path;
@@ -555,7 +555,7 @@ async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
     .await;
     let (mut child, log) =
         daemon_with_a_batch_journaled(dir.path(), &sim, &tokens, &endpoint.url, "2s").await;
-    sim.set_faults(b24eventd::simulator::Faults {
+    sim.set_faults(b24eventd_simulator::Faults {
         slow: 1.0,
         slow_delay: std::time::Duration::from_secs(60),
         ..Default::default()
@@ -600,7 +600,7 @@ async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
 /// `shutdown_timeout`, once 5 deals were raised and their batch journaled: the child and its log.
 async fn daemon_with_a_batch_journaled(
     dir: &Path,
-    sim: &b24eventd::simulator::Simulator,
+    sim: &b24eventd_simulator::Simulator,
     tokens: &b24eventd::bitrix::Tokens,
     sink_url: &str,
     shutdown_timeout: &str,

@@ -11,7 +11,7 @@ use b24eventd::bitrix::Tokens;
 use b24eventd::config::Synchronous;
 use b24eventd::conformance::{Check, Finding};
 use b24eventd::journal::Journal;
-use b24eventd::simulator::{Simulator, SimulatorConfig};
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use common::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 mod common;
 
 use b24eventd::journal::Journal;
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::daemon::{self, spawn_daemon};
 use common::*;
 use std::collections::BTreeMap;

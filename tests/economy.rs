@@ -4,7 +4,7 @@
 
 mod common;
 
-use b24eventd::simulator::{Faults, LimiterModel, OperatingLimit, SimulatorConfig};
+use b24eventd_simulator::{Faults, LimiterModel, OperatingLimit, SimulatorConfig};
 use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

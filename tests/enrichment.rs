@@ -4,7 +4,7 @@
 
 mod common;
 
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;

@@ -10,7 +10,7 @@
 mod common;
 
 use axum::http::{HeaderMap, StatusCode};
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;

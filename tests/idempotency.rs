@@ -8,7 +8,7 @@ mod common;
 
 use b24eventd::config::Synchronous;
 use b24eventd::journal::{EventFilter, Journal};
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::error_lane::*;
 use common::*;
 use std::collections::BTreeSet;

@@ -6,7 +6,7 @@ mod common;
 use b24eventd::bitrix::Tokens;
 use b24eventd::config;
 use b24eventd::journal::Journal;
-use b24eventd::simulator::{Faults, Simulator, SimulatorConfig};
+use b24eventd_simulator::{Faults, Simulator, SimulatorConfig};
 use common::*;
 use std::fmt::Write as _;
 use std::path::Path;

@@ -9,7 +9,7 @@ mod common;
 
 use b24eventd::config;
 use b24eventd::envelope::Envelope;
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::proxy::{TcpProxy, service_requested};
 use common::*;
 use rumqttc::v5::mqttbytes::QoS;
@@ -320,7 +320,7 @@ fn b24eventd(args: &[&str]) -> Output {
 
 async fn validate_online(
     dir: &std::path::Path,
-    sim: &b24eventd::simulator::Simulator,
+    sim: &b24eventd_simulator::Simulator,
     sinks: &str,
 ) -> Output {
     let config = write_config(dir, sim, None, "", sinks);

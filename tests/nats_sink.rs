@@ -7,7 +7,7 @@ mod common;
 
 use async_nats::jetstream;
 use b24eventd::journal::Journal;
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::daemon::{self, spawn_daemon};
 use common::proxy::{TcpProxy, service_requested};
 use common::*;

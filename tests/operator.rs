@@ -3,7 +3,7 @@
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -131,7 +131,7 @@ struct Setup {
 
 /// A journal with tokens for the simulator, and a config with the sinks `sinks(dir)` gives.
 async fn setup(
-    sim: &b24eventd::simulator::Simulator,
+    sim: &b24eventd_simulator::Simulator,
     tokens: &b24eventd::bitrix::Tokens,
     sinks: impl FnOnce(&Path) -> String,
 ) -> Setup {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -442,7 +442,7 @@ async fn shutdown_is_not_held_up_by_a_long_operating_limit_wait() {
     // A plan whose limit is far below the configured operating_budget: the third get (each
     // takes 122 ms, stored on its own) passes it and the portal bans the method for 300 s.
     let (sim, tokens) = portal(SimulatorConfig {
-        operating_limit: Some(b24eventd::simulator::OperatingLimit {
+        operating_limit: Some(b24eventd_simulator::OperatingLimit {
             budget: Duration::from_millis(200),
             ..Default::default()
         }),

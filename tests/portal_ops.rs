@@ -4,7 +4,7 @@
 mod common;
 
 use b24eventd::bitrix::Tokens;
-use b24eventd::simulator::{Simulator, SimulatorConfig};
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use common::cli::*;
 use common::*;
 use serde_json::Value;

@@ -6,7 +6,7 @@
 mod common;
 
 use b24eventd::journal::Journal;
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::daemon::{self, spawn_daemon};
 use common::proxy::{TcpProxy, service_requested};
 use common::*;

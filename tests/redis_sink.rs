@@ -8,8 +8,8 @@ mod common;
 
 use b24eventd::config::{self, SinkKind};
 use b24eventd::envelope::Envelope;
-use b24eventd::simulator::SimulatorConfig;
 use b24eventd::sinks::SinkResult;
+use b24eventd_simulator::SimulatorConfig;
 use common::proxy::{TcpProxy, service_requested};
 use common::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -276,7 +276,7 @@ fn sink_check(out: &Output) -> serde_json::Value {
     sink["checks"][0].clone()
 }
 
-async fn validate_online(dir: &Path, sim: &b24eventd::simulator::Simulator, sinks: &str) -> Output {
+async fn validate_online(dir: &Path, sim: &b24eventd_simulator::Simulator, sinks: &str) -> Output {
     let config = write_config(dir, sim, None, "", sinks);
     let path = config.to_str().unwrap().to_string();
     tokio::task::spawn_blocking(move || b24eventd(&["-c", &path, "validate", "--online", "--json"]))

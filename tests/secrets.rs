@@ -11,7 +11,7 @@
 
 mod common;
 
-use b24eventd::simulator::{Faults, SimulatorConfig};
+use b24eventd_simulator::{Faults, SimulatorConfig};
 use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use common::*;
 use std::os::unix::fs::PermissionsExt;

@@ -7,7 +7,7 @@
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::*;
 use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;

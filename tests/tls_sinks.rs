@@ -12,7 +12,7 @@
 mod common;
 
 use b24eventd::journal::Journal;
-use b24eventd::simulator::SimulatorConfig;
+use b24eventd_simulator::SimulatorConfig;
 use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use common::*;
 use std::path::Path;

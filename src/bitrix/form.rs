@@ -1,7 +1,9 @@
 //! PHP-style bracket form encoding (`a[b][0]=x`), as PHP's `http_build_query` writes it and
-//! `parse_str` reads it. Used for `batch` sub-commands, which travel as query strings.
+//! `parse_str` reads it. Used for `batch` sub-commands, which travel as query strings. The
+//! tests read what it writes with the portal simulator's own `parse_str`, written from PHP's
+//! rules, so an encoding bug cannot hide behind its own inverse.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::fmt::Write;
 
 /// Encodes a JSON object as a PHP-style query string: nested objects become `key[sub]`, arrays
@@ -89,119 +91,10 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Parses a PHP-style query string into JSON, as PHP's `parse_str` does: `a[b]=1` nests,
-/// `a[]=x` appends, numeric-looking keys under a parent that holds only sequential indexes
-/// become a JSON array. All leaf values are strings (PHP has no types in a query string).
-pub fn decode(query: &str) -> Value {
-    let mut root = Map::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode(raw_key);
-        let value = Value::String(percent_decode(raw_value));
-        let (head, path) = split_key(&key);
-        if head.is_empty() {
-            continue;
-        }
-        insert_path(&mut root, head, &path, value);
-    }
-    // The top level is the map of parameters even when its keys are 0, 1, …: only nested maps
-    // become lists (else `encode` of the result would have no parameters to write).
-    Value::Object(
-        root.into_iter()
-            .map(|(k, v)| (k, arrays_from_sequential_maps(v)))
-            .collect(),
-    )
-}
-
-/// Splits `a[b][]` into `("a", ["b", ""])`. A key with an unbalanced bracket is taken whole,
-/// as PHP does.
-fn split_key(key: &str) -> (&str, Vec<&str>) {
-    let Some(open) = key.find('[') else {
-        return (key, Vec::new());
-    };
-    let head = &key[..open];
-    let mut path = Vec::new();
-    let mut rest = &key[open..];
-    while let Some(stripped) = rest.strip_prefix('[') {
-        match stripped.find(']') {
-            Some(close) => {
-                path.push(&stripped[..close]);
-                rest = &stripped[close + 1..];
-            }
-            None => return (key, Vec::new()),
-        }
-    }
-    (head, path)
-}
-
-fn insert_path(map: &mut Map<String, Value>, key: &str, path: &[&str], value: Value) {
-    if path.is_empty() {
-        map.insert(key.to_string(), value);
-        return;
-    }
-    let child = map
-        .entry(key.to_string())
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !child.is_object() {
-        *child = Value::Object(Map::new());
-    }
-    let child_map = child.as_object_mut().expect("just made an object");
-    let next_key = if path[0].is_empty() {
-        next_index(child_map).to_string()
-    } else {
-        path[0].to_string()
-    };
-    insert_path(child_map, &next_key, &path[1..], value);
-}
-
-fn next_index(map: &Map<String, Value>) -> u64 {
-    map.keys()
-        .filter_map(|k| k.parse::<u64>().ok())
-        .max()
-        .map_or(0, |m| m + 1)
-}
-
-/// Whether PHP would store `key` as an integer key: a canonical decimal ("0", "17"; not "00",
-/// "+1" or "-0"). Other keys stay strings, so "0" and "00" are two different keys.
-fn is_php_int_key(key: &str) -> bool {
-    match key.as_bytes() {
-        [b'0'] => true,
-        [b'1'..=b'9', rest @ ..] => {
-            rest.iter().all(u8::is_ascii_digit) && key.parse::<usize>().is_ok()
-        }
-        _ => false,
-    }
-}
-
-fn arrays_from_sequential_maps(value: Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let sequential = !map.is_empty() && map.keys().all(|k| is_php_int_key(k));
-            let converted: Map<String, Value> = map
-                .into_iter()
-                .map(|(k, v)| (k, arrays_from_sequential_maps(v)))
-                .collect();
-            if sequential {
-                let mut indexed: Vec<(usize, Value)> = converted
-                    .into_iter()
-                    .map(|(k, v)| (k.parse::<usize>().expect("checked numeric"), v))
-                    .collect();
-                indexed.sort_by_key(|(i, _)| *i);
-                if indexed.iter().enumerate().all(|(pos, (i, _))| pos == *i) {
-                    return Value::Array(indexed.into_iter().map(|(_, v)| v).collect());
-                }
-                return Value::Object(
-                    indexed
-                        .into_iter()
-                        .map(|(i, v)| (i.to_string(), v))
-                        .collect(),
-                );
-            }
-            Value::Object(converted)
-        }
-        other => other,
-    }
-}
+/// What the portal's PHP makes of a query string (the simulator's `parse_str`), for the tests
+/// of what the client sends.
+#[cfg(test)]
+pub(crate) use b24eventd_simulator::php_request::parse_str as decode;
 
 #[cfg(test)]
 mod tests {
@@ -234,45 +127,45 @@ mod tests {
     }
 
     #[test]
-    fn decodes_like_php_parse_str() {
-        let v = decode("filter[%3EID]=10&id[]=5&id[]=6&name=a+b&x[0]=p&x[1]=q");
-        assert_eq!(
-            v,
-            json!({"filter": {">ID": "10"}, "id": ["5", "6"], "name": "a b", "x": ["p", "q"]})
-        );
-    }
-
-    #[test]
-    fn decode_keeps_non_sequential_numeric_keys_as_object() {
-        assert_eq!(decode("a[3]=x&a[7]=y"), json!({"a": {"3": "x", "7": "y"}}));
-    }
-
-    #[test]
-    fn decode_tolerates_garbage() {
-        assert_eq!(decode("a[b=1&&=2&%zz=3"), json!({"a[b": "1", "%zz": "3"}));
-        assert_eq!(decode(""), json!({}));
-    }
-
-    #[test]
-    fn round_trip_of_string_leaves() {
+    fn php_reads_back_string_leaves() {
         let original = json!({"cmd": {"get": "event.offline.get?clear=0", "x": "a=b&c"}, "list": ["1", "2"], "e": "ü ~"});
         assert_eq!(decode(&encode(&original)), original);
     }
 
     #[test]
-    fn numeric_top_level_keys_stay_parameters() {
-        // Found by the form_round_trip fuzz target: "0" decoded to a list, which encodes to "".
-        let decoded = decode("0");
-        assert_eq!(decoded, serde_json::json!({"0": ""}));
-        assert_eq!(decode(&encode(&decoded)), decoded);
-        assert_eq!(decode("0=a&1=b"), serde_json::json!({"0": "a", "1": "b"}));
+    fn php_reads_back_the_offline_calls() {
+        let sent = json!({
+            "process_id": "ab12", "message_id": ["m1", "m2"], "filter": {">ID": 10, "EVENT_NAME": "ONCRMDEALUPDATE"},
+            "clear": false, "error": true, "limit": 50, "skip": null, "order": {"TIMESTAMP_X": "ASC"},
+        });
         assert_eq!(
-            decode("a[0]=x&a[1]=y"),
-            serde_json::json!({"a": ["x", "y"]})
+            decode(&encode(&sent)),
+            json!({
+                "process_id": "ab12", "message_id": ["m1", "m2"], "filter": {">ID": "10", "EVENT_NAME": "ONCRMDEALUPDATE"},
+                "clear": "0", "error": "1", "limit": "50", "order": {"TIMESTAMP_X": "ASC"},
+            })
+        );
+    }
+
+    #[test]
+    fn numeric_keys_survive_the_trip() {
+        // Found by the form_round_trip fuzz target: a top-level "0" must stay a parameter.
+        let params = json!({"0": "", "1": "b"});
+        assert_eq!(decode(&encode(&params)), params);
+        assert_eq!(
+            decode(&encode(&json!({"a": ["x", "y"]}))),
+            json!({"a": ["x", "y"]})
         );
         // Found by the fuzzer too: "00" is a string key in PHP, not a second index 0.
-        let decoded = decode("a[]&a[00]");
-        assert_eq!(decoded, serde_json::json!({"a": {"0": "", "00": ""}}));
-        assert_eq!(decode(&encode(&decoded)), decoded);
+        let params = json!({"a": {"0": "", "00": ""}});
+        assert_eq!(decode(&encode(&params)), params);
+        let sparse = json!({"a": {"3": "x", "7": "y"}});
+        assert_eq!(decode(&encode(&sparse)), sparse);
+    }
+
+    #[test]
+    fn reserved_characters_in_keys_and_values_survive_the_trip() {
+        let params = json!({"t": "a&b [x]=y+z%", "f": {"a b.c": "1", ">=ID": "2"}});
+        assert_eq!(decode(&encode(&params)), params);
     }
 }

@@ -1,5 +1,5 @@
 //! The leaky bucket Bitrix24 applies per portal (burst X, drain Y per second): the client uses it
-//! to stay under the limit, the simulator to enforce it. Pure: time is passed in.
+//! to stay under the limit (the simulator enforces its own). Pure: time is passed in.
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,8 @@
 
 use crate::config;
 use crate::journal::Journal;
-use crate::simulator::{Faults, OperatingLimit, Simulator, SimulatorConfig};
 use anyhow::Context;
+use b24eventd_simulator::{Faults, OperatingLimit, Simulator, SimulatorConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

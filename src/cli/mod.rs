@@ -28,7 +28,6 @@ macro_rules! out {
 }
 
 mod auth;
-mod bench;
 mod demo;
 mod doctor;
 mod journal;
@@ -77,10 +76,6 @@ enum Command {
     Run,
     /// Run the whole pipeline against the built-in portal simulator (no portal, no config needed)
     Demo(demo::DemoArgs),
-    /// Developer tool: benchmarks of the real binary against simulated portals (see
-    /// docs/BENCHMARKS.md)
-    #[command(hide = true)]
-    Bench(bench::BenchArgs),
     /// Serve the portal simulator (REST + OAuth) so you can try a config without a portal
     Simulate {
         /// Address to listen on
@@ -368,11 +363,6 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(demo::run(args))?;
             Ok(())
         }
-        Command::Bench(args) => {
-            init_logging("warn");
-            runtime()?.block_on(bench::run(args))?;
-            Ok(())
-        }
         Command::Simulate { listen, token_ttl } => {
             init_logging("info");
             runtime()?.block_on(simulate(listen, token_ttl))?;
@@ -472,7 +462,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Logs go to stderr as text; `B24EVENTD_LOG` (or `RUST_LOG`) overrides the default filter.
-fn init_logging(default: &str) {
+/// Public for `b24eventd-bench`, which logs as the daemon's commands do.
+pub fn init_logging(default: &str) {
     init_logging_as(default, config::LogFormat::Text);
 }
 
@@ -573,10 +564,10 @@ async fn simulate(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let sim = crate::simulator::Simulator::start_on(
-        crate::simulator::SimulatorConfig {
+    let sim = b24eventd_simulator::Simulator::start_on(
+        b24eventd_simulator::SimulatorConfig {
             access_token_ttl: token_ttl,
-            ..crate::simulator::SimulatorConfig::default()
+            ..b24eventd_simulator::SimulatorConfig::default()
         },
         listener,
     )
@@ -586,7 +577,7 @@ async fn simulate(
         sim.bind_offline(event, "");
     }
     let (access, refresh) = sim.issue_tokens();
-    let defaults = crate::simulator::SimulatorConfig::default();
+    let defaults = b24eventd_simulator::SimulatorConfig::default();
     let base = sim.base_url();
     outln!(
         "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"

@@ -18,6 +18,7 @@
 mod backend;
 #[cfg(test)]
 mod boundary;
+pub use sqlite::baseline;
 mod inspect;
 mod settle;
 mod sqlite;

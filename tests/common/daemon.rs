@@ -2,7 +2,7 @@
 //! test), then run a last time to drain the portal and stop on SIGTERM.
 
 use b24eventd::journal::Journal;
-use b24eventd::simulator::Simulator;
+use b24eventd_simulator::Simulator;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 use super::{Endpoint, Running, portal_rows_key, upstream_empty, wait_for, write_config};
 use b24eventd::bitrix::Tokens;
 use b24eventd::journal::Journal;
-use b24eventd::simulator::{SimRow, Simulator};
+use b24eventd_simulator::{SimRow, Simulator};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

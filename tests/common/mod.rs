@@ -11,7 +11,7 @@ pub mod slow_proxy;
 use b24eventd::bitrix::Tokens;
 use b24eventd::config;
 use b24eventd::journal::Journal;
-use b24eventd::simulator::{Simulator, SimulatorConfig};
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

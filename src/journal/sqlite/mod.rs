@@ -4,6 +4,7 @@
 //! this file opens the journal and maps [`JournalBackend`] (which documents each operation)
 //! onto them.
 
+pub mod baseline;
 mod batches;
 mod conformance;
 mod deliveries;

@@ -2,13 +2,15 @@
 //! OAuth with strict refresh rotation, rate and operating limits, injected faults) that behaves
 //! as the `rest` module's code (avshatalov48/bitrix-core-business) does, plus switches that
 //! make it deviate on purpose (`get_limit_clamp`, `clear_ignores_message_id`) for the
-//! conformance probe's tests. Used by the integration tests, by `demo` (in-process) and by
-//! `simulate --listen` (through [`serve`]).
+//! conformance probe's tests. Used by b24eventd's integration tests, by `demo` (in-process), by
+//! `simulate --listen` (through [`serve`]) and by `b24eventd-bench`. It depends on no part of
+//! b24eventd: what it checks the client against is written from the server's side.
 //!
 //! Layout: `queue` holds the pure queue semantics, `methods` the REST methods and `batch`,
 //! `http` the axum transport and faults, `control` the `/_sim/*` endpoints, `portal` the
-//! shared state, `auth` tokens, `limits` the operating budget, `php` PHP-style parameters,
-//! `rest` error bodies and the `time` block.
+//! shared state, `auth` tokens, `limits` the operating budget, `query_limit` the request-rate
+//! bucket, `php_request` how PHP reads a request's parameters, `php` the parameter set and
+//! PHP's coercions, `rest` error bodies and the `time` block.
 
 mod auth;
 mod control;
@@ -16,7 +18,9 @@ mod http;
 mod limits;
 mod methods;
 mod php;
+pub mod php_request;
 mod portal;
+mod query_limit;
 mod queue;
 mod rest;
 

@@ -34,14 +34,12 @@ async fn call(http: &reqwest::Client, sim: &Simulator, method: &str, body: Value
 
 /// POSTs `application/x-www-form-urlencoded` pairs.
 async fn post_form(http: &reqwest::Client, url: &str, pairs: &[(&str, &str)]) -> reqwest::Response {
-    use crate::bitrix::form::percent_encode;
-    let body: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
-        .collect();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
     http.post(url)
         .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(body.join("&"))
+        .body(body)
         .send()
         .await
         .expect("request sent")

@@ -1,16 +1,18 @@
 //! `bench overhead`: the local cost of an event with no portal limits. N events go through the
 //! daemon into a file sink with the journal at `synchronous = FULL` (events per second, daemon
-//! CPU per event); the baseline inserts rows of the same shape into a bare SQLite database (WAL,
-//! `synchronous = FULL`) in transactions of the daemon's batch size, measuring its own thread's
+//! CPU per event); the baseline inserts the same events with bare rusqlite into a database with
+//! the journal's schema (WAL, `synchronous = FULL`; `b24eventd::journal::baseline`), one batch
+//! row and its events per transaction of the daemon's batch size, measuring its own thread's
 //! CPU time.
 
 use super::Report;
 use super::daemon::{self, Daemon, PortalSection, WorkDir};
 use super::drain::count_lines;
 use super::procfs;
-use crate::simulator::SimulatorConfig;
 use anyhow::bail;
-use rusqlite::params;
+use b24eventd::envelope::Envelope;
+use b24eventd::journal::baseline::{BareInserts, BaselineEvent};
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,10 +35,10 @@ poll_interval = idle_poll_max = 200ms; timed from the first emit to an empty ups
 (every event journaled, written, fsynced and cleared); CPU = utime+stime of the process"
         ),
         format!(
-            "baseline: bare rusqlite (bundled SQLite, WAL, synchronous=FULL) inserting rows of the \
-journal's events shape (envelope id, portal, offline id, event, message id, timestamps, data JSON, \
-additional JSON, status) in transactions of {BATCH_SIZE} rows; CPU = the inserting thread's \
-CLOCK_THREAD_CPUTIME_ID"
+            "baseline: bare rusqlite (bundled SQLite, WAL, synchronous=FULL) inserting into the \
+journal's own schema (its migrations, its indexes) one batch row and its events (envelope id, \
+portal, offline id, event, message id, timestamps, data JSON, additional JSON, status) per \
+transaction of {BATCH_SIZE} rows; CPU = the inserting thread's CLOCK_THREAD_CPUTIME_ID"
         ),
     ];
     let dir = WorkDir::create("overhead")?;
@@ -124,7 +126,7 @@ async fn through_daemon(events: u64, dir: &WorkDir) -> anyhow::Result<(Cost, u64
     ))
 }
 
-fn gets(sim: &crate::simulator::Simulator) -> u64 {
+fn gets(sim: &Simulator) -> u64 {
     sim.stats()
         .calls_by_method
         .get("event.offline.get")
@@ -132,50 +134,27 @@ fn gets(sim: &crate::simulator::Simulator) -> u64 {
         .unwrap_or(0)
 }
 
-/// Inserts `events` rows shaped like the journal's events in transactions of `per_txn`.
+/// Inserts `events` rows as fetched batches of `per_txn`, one transaction each, into a
+/// database with the journal's schema ([`BareInserts`]).
 fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Cost> {
-    let mut conn = rusqlite::Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "wal")?;
-    conn.pragma_update(None, "synchronous", "full")?;
-    conn.execute_batch(
-        "CREATE TABLE events (
-            id INTEGER PRIMARY KEY, envelope_id TEXT NOT NULL, portal TEXT NOT NULL,
-            offline_id INTEGER NOT NULL, event TEXT NOT NULL, message_id TEXT NOT NULL,
-            timestamp TEXT NOT NULL, data TEXT NOT NULL, additional TEXT NOT NULL,
-            fetched_at TEXT NOT NULL, status TEXT NOT NULL)",
-    )?;
+    let mut bare = BareInserts::create(path)?;
     let started = Instant::now();
     let cpu_before = procfs::thread_cpu_seconds();
     let mut next = 1u64;
     while next <= events {
-        let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (envelope_id, portal, offline_id, event, message_id, timestamp,
-                                     data, additional, fetched_at, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
-            )?;
-            let fetched_at = chrono::Utc::now().to_rfc3339();
-            for id in next..(next + per_txn).min(events + 1) {
-                let data = serde_json::json!({"FIELDS": {"ID": id.to_string()}});
-                insert.execute(params![
-                    crate::envelope::Envelope::make_id(
-                        "main",
-                        id as i64,
-                        "2026-01-01T00:00:00+03:00"
-                    ),
-                    "main",
-                    id as i64,
-                    daemon::EVENTS[(id % 2) as usize],
-                    format!("{:032x}", u128::from(id) * 0x9e37_79b9_7f4a_7c15),
-                    "2026-01-01T00:00:00+03:00",
-                    data.to_string(),
-                    "{\"user_id\":\"1\"}",
-                    fetched_at,
-                ])?;
-            }
-        }
-        tx.commit()?;
+        let fetched_at = chrono::Utc::now().to_rfc3339();
+        let batch: Vec<BaselineEvent> = (next..(next + per_txn).min(events + 1))
+            .map(|id| BaselineEvent {
+                envelope_id: Envelope::make_id("main", id as i64, TIMESTAMP),
+                offline_id: id as i64,
+                event: daemon::EVENTS[(id % 2) as usize].to_string(),
+                message_id: format!("{:032x}", u128::from(id) * 0x9e37_79b9_7f4a_7c15),
+                timestamp: TIMESTAMP.to_string(),
+                data: serde_json::json!({"FIELDS": {"ID": id.to_string()}}).to_string(),
+                additional: "{\"user_id\":\"1\"}".to_string(),
+            })
+            .collect();
+        bare.insert_batch("main", &format!("bench{next}"), &fetched_at, &batch)?;
         next += per_txn;
     }
     Ok(Cost {
@@ -183,3 +162,6 @@ fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Cost> 
         cpu_seconds: procfs::thread_cpu_seconds() - cpu_before,
     })
 }
+
+/// The `TIMESTAMP_X` of every baseline row.
+const TIMESTAMP: &str = "2026-01-01T00:00:00+03:00";

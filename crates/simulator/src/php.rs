@@ -1,13 +1,11 @@
 //! PHP-side request parameters as the Bitrix24 REST server sees them: ordered parameter maps
-//! parsed from JSON or PHP form bodies, and the coercions it applies (`intval`, `(bool)`,
-//! `strval`, `is_array`, `isset`).
+//! parsed from JSON or PHP form bodies (read as [`php_request`] says), and the coercions it
+//! applies (`intval`, `(bool)`, `strval`, `is_array`, `isset`).
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::fmt;
 
-use crate::bitrix::form;
+use super::php_request::{self, PhpValue};
 
 /// Request parameters with lower-cased top-level names (the server runs
 /// `array_change_key_case`), plus the order in which the client sent the keys of each
@@ -20,26 +18,20 @@ pub struct Params {
 }
 
 impl Params {
-    /// Parses a PHP query string (`parse_str`).
+    /// Parses a PHP query string or form body (`parse_str`).
     pub fn from_form(query: &str) -> Params {
-        let decoded = form::decode(query);
-        let mut params = Params::from_value(decoded);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            let key = form::percent_decode(raw_key);
-            let Some(open) = key.find('[') else { continue };
-            let Some(close) = key[open + 1..].find(']') else {
-                continue;
-            };
-            let head = key[..open].to_lowercase();
-            let sub = &key[open + 1..open + 1 + close];
-            if sub.is_empty() {
-                continue;
+        let mut params = Params::default();
+        for (key, value) in php_request::parse_str_ordered(query).entries() {
+            let key = key.to_lowercase();
+            if let PhpValue::Array(array) = value {
+                let order = params.key_orders.entry(key.clone()).or_default();
+                for (sub, _) in array.entries() {
+                    if !order.iter().any(|k| k == sub) {
+                        order.push(sub.to_string());
+                    }
+                }
             }
-            let order = params.key_orders.entry(head).or_default();
-            if !order.iter().any(|k| k == sub) {
-                order.push(sub.to_string());
-            }
+            params.map.insert(key, value.to_json());
         }
         params
     }
@@ -47,14 +39,12 @@ impl Params {
     /// Parses a JSON body; anything but a JSON object is an empty parameter set, as the real
     /// server silently drops a body `Json::decode` cannot read.
     pub fn from_json(body: &[u8]) -> Params {
-        let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        let Some((map, orders)) = php_request::json_body(body) else {
             return Params::default();
         };
         let mut params = Params::from_value(Value::Object(map));
-        if let Ok(orders) = serde_json::from_slice::<TopLevelKeyOrders>(body) {
-            for (key, order) in orders.0 {
-                params.key_orders.insert(key.to_lowercase(), order);
-            }
+        for (key, order) in orders {
+            params.key_orders.insert(key.to_lowercase(), order);
         }
         params
     }
@@ -240,79 +230,6 @@ pub fn array_values(value: &Value) -> Option<Vec<&Value>> {
         Value::Array(items) => Some(items.iter().collect()),
         Value::Object(map) => Some(map.values().collect()),
         _ => None,
-    }
-}
-
-/// For each top-level key of a JSON object whose value is an object: its keys in document
-/// order.
-struct TopLevelKeyOrders(Vec<(String, Vec<String>)>);
-
-impl<'de> Deserialize<'de> for TopLevelKeyOrders {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TopVisitor;
-        impl<'de> Visitor<'de> for TopVisitor {
-            type Value = TopLevelKeyOrders;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(key) = access.next_key::<String>()? {
-                    let keys: KeysOnly = access.next_value()?;
-                    if !keys.0.is_empty() {
-                        out.push((key, keys.0));
-                    }
-                }
-                Ok(TopLevelKeyOrders(out))
-            }
-        }
-        deserializer.deserialize_map(TopVisitor)
-    }
-}
-
-/// The keys of a JSON object in document order; empty for any other JSON value.
-struct KeysOnly(Vec<String>);
-
-impl<'de> Deserialize<'de> for KeysOnly {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeysVisitor;
-        impl<'de> Visitor<'de> for KeysVisitor {
-            type Value = KeysOnly;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_unit<E>(self) -> Result<KeysOnly, E> {
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<KeysOnly, A::Error> {
-                while access.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(KeysOnly(Vec::new()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<KeysOnly, A::Error> {
-                let mut keys = Vec::new();
-                while let Some(key) = access.next_key::<String>()? {
-                    access.next_value::<IgnoredAny>()?;
-                    keys.push(key);
-                }
-                Ok(KeysOnly(keys))
-            }
-        }
-        deserializer.deserialize_any(KeysVisitor)
     }
 }
 

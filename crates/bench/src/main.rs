@@ -1,10 +1,25 @@
-//! `b24eventd bench`: a developer tool (hidden from the main help) that measures the real
-//! binary against simulated portals served from the bench process and compares every number
-//! with a baseline measured in the same run, because the machine it runs on is shared and
-//! noisy. `drain` (request economy under cloud limits vs the documented safe loop), `overhead`
-//! (local cost per event vs bare SQLite inserts), `latency` (queue to delivery, idle and under
-//! load, vs a bare `event.offline.get` round trip) and `memory` (RSS idle, under a backlog and
-//! with many portals, vs idle with one). Results are recorded in `docs/BENCHMARKS.md`.
+//! `b24eventd-bench`: a developer tool, built beside the `b24eventd` binary but not shipped in
+//! it, that measures the real binary against simulated portals served from the bench process
+//! and compares every number with a baseline measured in the same run, because the machine it
+//! runs on is shared and noisy. `drain` (request economy under cloud limits vs the documented
+//! safe loop), `overhead` (local cost per event vs bare SQLite inserts), `latency` (queue to
+//! delivery, idle and under load, vs a bare `event.offline.get` round trip) and `memory` (RSS
+//! idle, under a backlog and with many portals, vs idle with one). Results are recorded in
+//! `docs/BENCHMARKS.md`.
+
+/// `println!` that returns the write error instead of panicking (so `| head` ends quietly),
+/// scrubbed of every secret the process knows, as the daemon's own commands print.
+macro_rules! outln {
+    () => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout())
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let text = format!($($arg)*);
+        writeln!(std::io::stdout(), "{}", b24eventd::redact::scrub(&text))
+    }};
+}
 
 mod daemon;
 mod drain;
@@ -14,11 +29,17 @@ mod overhead;
 mod procfs;
 mod stats;
 
+use clap::Parser;
 use serde::Serialize;
+use std::process::ExitCode;
 use std::time::Instant;
 
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
+/// Benchmarks of the real b24eventd binary against simulated portals (see docs/BENCHMARKS.md).
+/// The daemon is the `b24eventd` binary beside this one: build both with
+/// `cargo build --release --workspace`.
+#[derive(Parser, Debug)]
+#[command(name = "b24eventd-bench", version)]
+struct BenchArgs {
     /// Which benchmark to run
     #[arg(value_enum)]
     which: Which,
@@ -145,8 +166,50 @@ impl Machine {
     }
 }
 
+fn main() -> ExitCode {
+    let args = match BenchArgs::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    // One TLS crypto provider for the process (reqwest is built without one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    b24eventd::cli::init_logging("warn");
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader of the output went away (`| head`): nothing failed.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            use std::io::Write as _;
+            let text = format!("{error:#}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "b24eventd-bench: {}",
+                b24eventd::redact::scrub(&text)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Runs the chosen benchmarks and prints their reports.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let machine = Machine::describe();
     let events = args.events.unwrap_or(DEFAULT_EVENTS).max(1);
     let chosen = |w: Which| args.which == w || args.which == Which::All;

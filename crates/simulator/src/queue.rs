@@ -845,7 +845,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulator::rest::portal_time;
+    use crate::rest::portal_time;
 
     const T0: i64 = 1_800_000_000;
 

@@ -6,10 +6,10 @@
 
 use super::Report;
 use super::daemon::{self, Daemon, PortalSection, WorkDir};
-use crate::bitrix::client::{ClearTarget, GetRequest};
-use crate::bitrix::{ClientSettings, PortalClient, TokenStore, Tokens};
-use crate::simulator::{OperatingLimit, SimStats, Simulator, SimulatorConfig};
 use anyhow::{Context, bail};
+use b24eventd::bitrix::client::{ClearTarget, GetRequest};
+use b24eventd::bitrix::{ClientSettings, PortalClient, TokenStore, Tokens};
+use b24eventd_simulator::{OperatingLimit, SimStats, Simulator, SimulatorConfig};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -52,7 +52,7 @@ one file sink, journal synchronous=full"
             .to_string(),
     ];
     let dir = WorkDir::create("drain")?;
-    let this = std::env::current_exe().context("cannot find the b24eventd binary")?;
+    let this = daemon::binary()?;
     let daemon = drain_with_daemon(events, &dir, &this).await?;
     let other = match compare_with {
         Some(exe) => {
@@ -158,7 +158,7 @@ impl TokenStore for MemoryStore {
         &'a self,
         _portal: &'a str,
         _tokens: &'a Tokens,
-    ) -> crate::BoxFuture<'a, anyhow::Result<()>> {
+    ) -> b24eventd::BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
     }
 }

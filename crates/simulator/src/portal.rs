@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use super::auth::{Issued, TokenStore};
 use super::limits::Limiter;
+use super::query_limit::QueryLimit;
 use super::queue::Queue;
 use super::rest::iso;
 use super::{Faults, SimRow, SimStats, SimulatorConfig};
-use crate::bitrix::ratelimit::LeakyBucket;
 
 /// Events the portal knows (`events`), by scope.
 const EVENT_CATALOG: &[(&str, &str)] = &[
@@ -85,7 +85,7 @@ pub struct State {
     pub next_entity_id: u64,
     pub tokens: TokenStore,
     pub limiter: Limiter,
-    pub bucket: Option<LeakyBucket>,
+    pub query_limit: Option<QueryLimit>,
     pub faults: Faults,
     pub rng: fastrand::Rng,
     /// Counters; the queue counts are filled in by [`State::stats`].
@@ -103,9 +103,9 @@ impl State {
             next_entity_id: 1,
             tokens: TokenStore::new(config.access_token_ttl.as_secs_f64()),
             limiter: Limiter::new(config.limiter, config.operating_limit),
-            bucket: config
+            query_limit: config
                 .rate_limit
-                .map(|(burst, per_second)| LeakyBucket::new(burst, per_second, Instant::now())),
+                .map(|(burst, per_second)| QueryLimit::new(burst, per_second, Instant::now())),
             faults: Faults::default(),
             rng: fastrand::Rng::with_seed(config.seed),
             counters: SimStats::default(),
@@ -308,7 +308,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulator::rest::portal_time;
+    use crate::rest::portal_time;
     use serde_json::json;
 
     fn state() -> State {

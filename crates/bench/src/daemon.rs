@@ -1,13 +1,14 @@
-//! The daemon under test: the real binary (`current_exe() -c <config> run`) as a child process
+//! The daemon under test: the real binary (`b24eventd -c <config> run`, the `b24eventd` beside
+//! this bench binary) as a child process
 //! against simulators served from the bench process, with its config written and its tokens
 //! seeded into its journal first, so its memory and CPU time in `/proc` are its own.
 
 use super::procfs::{self, Memory};
-use crate::bitrix::Tokens;
-use crate::config::Synchronous;
-use crate::journal::Journal;
-use crate::simulator::{Simulator, SimulatorConfig};
 use anyhow::{Context, bail};
+use b24eventd::bitrix::Tokens;
+use b24eventd::config::Synchronous;
+use b24eventd::journal::Journal;
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,6 +137,21 @@ pub async fn seed_tokens(dir: &Path, tokens: &[(String, Tokens)]) -> anyhow::Res
     Ok(())
 }
 
+/// The `b24eventd` binary of this build: the one in the directory of this bench binary, where
+/// `cargo build --workspace` (or `cargo run -p b24eventd-bench`, after it) puts both.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let bench = std::env::current_exe().context("cannot find the b24eventd-bench binary")?;
+    let daemon = bench.with_file_name("b24eventd");
+    if !daemon.is_file() {
+        bail!(
+            "cannot find the b24eventd binary at {}: build it beside b24eventd-bench with \
+`cargo build --release --workspace`",
+            daemon.display()
+        );
+    }
+    Ok(daemon)
+}
+
 /// The daemon process.
 pub struct Daemon {
     child: Child,
@@ -144,10 +160,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `current_exe() -c <config> run`, logging at `warn,b24eventd=info` to `log`.
+    /// Starts [`binary`]` -c <config> run`, logging at `warn,b24eventd=info` to `log`.
     pub fn spawn(config: &Path, log: &Path) -> anyhow::Result<Daemon> {
-        let exe = std::env::current_exe().context("cannot find the b24eventd binary")?;
-        Daemon::spawn_binary(&exe, config, log)
+        Daemon::spawn_binary(&binary()?, config, log)
     }
 
     /// Like [`Daemon::spawn`] with another build of b24eventd.

@@ -5,8 +5,8 @@
 use super::Report;
 use super::daemon::{self, Daemon, PortalSection, WorkDir};
 use super::procfs::Memory;
-use crate::bitrix::Tokens;
-use crate::simulator::{Simulator, SimulatorConfig};
+use b24eventd::bitrix::Tokens;
+use b24eventd_simulator::{Simulator, SimulatorConfig};
 use std::time::{Duration, Instant};
 
 /// How long the daemon sits before its memory is read as "settled".

@@ -63,7 +63,7 @@ async fn not_found() -> Response {
 }
 
 /// Query-string parameters with the body merged over them: JSON when the content type says
-/// so, a PHP form otherwise.
+/// so, a PHP form otherwise (`CRestUtil::getRequestData`; see [`super::php_request`]).
 fn request_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Params {
     let query = Params::from_form(uri.query().unwrap_or(""));
     if body.is_empty() {
@@ -142,8 +142,8 @@ async fn rest(
     let (reply, delivery) = {
         let mut state = inner.lock();
         state.counters.requests += 1;
-        if let Some(bucket) = state.bucket.as_mut()
-            && bucket.try_acquire(Instant::now()).is_err()
+        if let Some(limit) = state.query_limit.as_mut()
+            && !limit.admit(Instant::now())
         {
             state.counters.rejected_503 += 1;
             tracing::debug!(method = %method, "rate limit: 503");
@@ -378,9 +378,9 @@ async fn authorize(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap
     }
     let code = inner.lock().new_authorization_code();
     let host = host_of(&inner, &headers);
-    let mut location = reqwest::Url::parse(&format!("http://{host}/_sim/authorized"))
-        .unwrap_or_else(|_| {
-            reqwest::Url::parse("http://127.0.0.1/_sim/authorized").expect("static URL")
+    let mut location =
+        url::Url::parse(&format!("http://{host}/_sim/authorized")).unwrap_or_else(|_| {
+            url::Url::parse("http://127.0.0.1/_sim/authorized").expect("static URL")
         });
     location
         .query_pairs_mut()

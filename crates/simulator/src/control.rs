@@ -21,17 +21,60 @@ fn bad_request(description: &str) -> Response {
     )
 }
 
-/// Parses a request body; `EVENT_DATA` to raise may be nested up to
-/// [`crate::json_depth::MAX_DEPTH`] levels.
+/// The deepest JSON a request body may hold: b24eventd's own bound on `EVENT_DATA`
+/// (`json_depth::MAX_DEPTH` there), so data just within it can be raised.
+const MAX_DEPTH: usize = 1000;
+
+/// Parses a request body; `EVENT_DATA` to raise may be nested up to [`MAX_DEPTH`] levels.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     let text = std::str::from_utf8(body).map_err(|error| format!("invalid json body: {error}"))?;
-    crate::json_depth::from_str(text)
+    if deeper_than(text, MAX_DEPTH) {
+        return Err(format!(
+            "invalid json body: JSON nested deeper than {MAX_DEPTH} levels"
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    // Bounded by the check above, which serde_json's own limit (128) would be far below.
+    deserializer.disable_recursion_limit();
+    Value::deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value))
         .and_then(serde_json::from_value)
         .map_err(|error| format!("invalid json body: {error}"))
 }
 
+/// Whether arrays and objects in `text` nest deeper than `limit` (brackets in strings aside).
+fn deeper_than(text: &str, limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut bytes = text.bytes();
+    while let Some(byte) = bytes.next() {
+        match byte {
+            b'"' => {
+                // Skip the string, escapes included.
+                while let Some(byte) = bytes.next() {
+                    match byte {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The most levels `nest` adds: twice the daemon's bound, so data too deep for it can be raised.
-const MAX_NEST: usize = 2 * crate::json_depth::MAX_DEPTH;
+const MAX_NEST: usize = 2 * MAX_DEPTH;
 
 #[derive(Debug, Deserialize)]
 struct EmitRequest {
