@@ -1,6 +1,5 @@
 //! Shared harness for the integration tests: a simulator-backed portal, a generated config, the
 //! real pipeline running in-process, a programmable HTTP sink endpoint, and polling helpers.
-#![allow(dead_code)]
 
 pub mod cli;
 pub mod daemon;
@@ -29,6 +28,12 @@ pub fn init() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Fails a test that needs a local service (such tests are `#[ignore]`d, so it was asked for)
+/// when the service does not answer: names the service, the error and how to start it.
+pub fn service_down(service: &str, start: &str, error: impl std::fmt::Display) -> ! {
+    panic!("{service} does not answer ({error}); this test needs it: start it with `{start}`")
 }
 
 /// A simulator with the demo events bound and a token pair issued.
@@ -242,6 +247,14 @@ pub fn file_entities(path: &Path) -> std::collections::BTreeSet<(String, String)
         .collect()
 }
 
+/// Serves `app` on a loopback port until the test's runtime ends; returns its `/events` URL.
+async fn serve_events(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
 /// What the test HTTP endpoint answers for one envelope.
 pub type Responder = dyn Fn(&serde_json::Value) -> u16 + Send + Sync;
 
@@ -249,7 +262,6 @@ pub type Responder = dyn Fn(&serde_json::Value) -> u16 + Send + Sync;
 pub struct Endpoint {
     pub url: String,
     pub received: Arc<Mutex<Vec<serde_json::Value>>>,
-    pub stop: CancellationToken,
 }
 
 impl Endpoint {
@@ -281,21 +293,8 @@ impl Endpoint {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .unwrap();
-        });
-        Endpoint {
-            url,
-            received,
-            stop,
-        }
+        let url = serve_events(app).await;
+        Endpoint { url, received }
     }
 
     /// How many envelopes were accepted in all, duplicates included.
@@ -337,7 +336,6 @@ pub struct DedupEndpoint {
     pub keys: Arc<Mutex<Vec<String>>>,
     /// The envelopes taken: the first with each key.
     pub accepted: Arc<Mutex<Vec<serde_json::Value>>>,
-    pub stop: CancellationToken,
 }
 
 impl DedupEndpoint {
@@ -370,21 +368,11 @@ impl DedupEndpoint {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .unwrap();
-        });
+        let url = serve_events(app).await;
         DedupEndpoint {
             url,
             keys,
             accepted,
-            stop,
         }
     }
 

@@ -2,10 +2,8 @@
 //! event: an operator holding the journal's write lock, answers that are not what Bitrix24
 //! should send, and a redirect loop in front of the portal.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::*;
 use std::time::{Duration, Instant};
 
 /// `sqlite3 journal.db` with `BEGIN IMMEDIATE` left open for 30 s: the daemon's writes wait

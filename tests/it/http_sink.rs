@@ -7,11 +7,9 @@
 //! The parser, the base64 codec and the signature scheme below are written from PHP's and the
 //! Standard Webhooks spec's rules, not from the sink's code, so a mistake in the sink shows.
 
-mod common;
-
+use crate::support::*;
 use axum::http::{HeaderMap, StatusCode};
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::sync::{Arc, Mutex};

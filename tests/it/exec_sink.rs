@@ -3,10 +3,8 @@
 //! programs printed kept in the journal's attempt records. The daemon binary under systemd's
 //! variables: its programs get no credentials directory, notification socket or watchdog.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -196,7 +194,7 @@ env = {{ ENV_DUMP = "{dump}" }}
     journal.save_tokens("main", &tokens).await.unwrap();
 
     let log = dir.path().join("daemon.log");
-    let mut daemon = common::daemon::spawn_daemon_with_env(
+    let mut daemon = crate::support::daemon::spawn_daemon_with_env(
         &config,
         &log,
         &[
@@ -211,7 +209,7 @@ env = {{ ENV_DUMP = "{dump}" }}
         upstream_empty(&sim) && sim.stats().cleared == 3
     })
     .await;
-    common::daemon::stop_with_sigterm(&mut daemon, &log);
+    crate::support::daemon::stop_with_sigterm(&mut daemon, &log);
 
     let env = std::fs::read_to_string(&dump).unwrap();
     assert_eq!(env.matches("----").count(), 3, "{env}");

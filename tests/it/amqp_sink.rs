@@ -1,19 +1,17 @@
-//! The `amqp` sink against a real RabbitMQ on 127.0.0.1:5672 (guest/guest), run when
-//! `B24TEST_AMQP` is set: 1,000 events read back from the queue exactly once with their
+//! The `amqp` sink against a real RabbitMQ on 127.0.0.1:5672 (guest/guest), ignored unless
+//! asked for (`--include-ignored`): 1,000 events read back from the queue exactly once with their
 //! properties, RabbitMQ cut off mid-run through a TCP proxy without a loss, an unroutable
 //! message not counted delivered, and `validate --online` against the live broker and a closed
 //! port. Every test uses its own exchange and queue, deleted at the end (also on a failure).
 
-mod common;
-
+use crate::support::proxy::TcpProxy;
+use crate::support::*;
 use b24eventd::config;
 use b24eventd::config::Synchronous;
 use b24eventd::envelope::{Envelope, Lane};
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
 use b24eventd::sinks::{self, SinkResult};
-use common::proxy::{TcpProxy, service_requested};
-use common::*;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -25,7 +23,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const SWITCH: &str = "B24TEST_AMQP";
 const BROKER: &str = "127.0.0.1:5672";
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -34,7 +31,11 @@ async fn broker() -> (Connection, Channel) {
     let connection = Connection::connect(URL, ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| {
-            panic!("{SWITCH} is set but RabbitMQ does not answer at {BROKER} (guest/guest): {e}")
+            service_down(
+                &format!("RabbitMQ at {BROKER} (guest/guest)"),
+                "rabbitmq-server -detached",
+                e,
+            )
         });
     let channel = connection.create_channel().await.expect("channel opens");
     (connection, channel)
@@ -198,11 +199,9 @@ fn entities(received: &[Received]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+#[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_sink_delivers_1000_events_exactly_once_with_their_properties() {
-    if !service_requested(SWITCH) {
-        return;
-    }
     init();
     let (connection, channel) = broker().await;
     let (exchange, queue) = (unique("events"), unique("erp"));
@@ -273,11 +272,9 @@ async fn amqp_sink_delivers_1000_events_exactly_once_with_their_properties() {
     assert_eq!(queue_depth(&connection, &queue).await, 0, "drained");
 }
 
+#[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_sink_loses_nothing_when_rabbitmq_is_cut_off_mid_run() {
-    if !service_requested(SWITCH) {
-        return;
-    }
     init();
     let (connection, channel) = broker().await;
     let (exchange, queue) = (unique("events"), unique("erp"));
@@ -375,11 +372,9 @@ async fn build_sink(dir: &Path, sink: &str) -> std::sync::Arc<dyn sinks::Sink> {
     sinks::build(&config.sinks["bus"]).expect("sink builds")
 }
 
+#[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
-    if !service_requested(SWITCH) {
-        return;
-    }
     init();
     let (_connection, channel) = broker().await;
     let (exchange, queue) = (unique("nobody"), unique("late"));
@@ -450,11 +445,9 @@ async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
     );
 }
 
+#[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_publish_to_a_missing_exchange_is_retried_and_the_sink_recovers() {
-    if !service_requested(SWITCH) {
-        return;
-    }
     init();
     let (_connection, channel) = broker().await;
     let (exchange, queue) = (unique("later"), unique("later"));
@@ -519,11 +512,9 @@ fn b24eventd(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+#[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_validate_online_passes_on_rabbitmq_and_fails_on_a_closed_port() {
-    if !service_requested(SWITCH) {
-        return;
-    }
     init();
     let (_connection, channel) = broker().await;
     let exchange = unique("checked");

@@ -2,11 +2,9 @@
 //! events flow and checked against the journal, `/healthz`, `/readyz` when the portal fails and
 //! goes away, and the binary's refusal of an unsafe or unusable `admin.listen`.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::journal::EventFilter;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::*;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,12 +1,10 @@
 //! The operator commands that talk to the portal, on the real binary against the simulator: `auth login|status`, `subscribe`/`unsubscribe`, `doctor` and `validate --online`.
 //! `auth login`, `auth status`, `subscribe`, `unsubscribe`, `doctor`, `validate --online`.
 
-mod common;
-
+use crate::support::cli::*;
+use crate::support::*;
 use b24eventd::bitrix::Tokens;
 use b24eventd::simulator::{Simulator, SimulatorConfig};
-use common::cli::*;
-use common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};

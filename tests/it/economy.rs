@@ -2,10 +2,8 @@
 //! reservations travel in one `batch`, a backlog widens the request, a failed sub-command is
 //! sent again alone, and an idle portal is polled ever more slowly.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::{Faults, LimiterModel, OperatingLimit, SimulatorConfig};
-use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

@@ -82,15 +82,3 @@ impl Drop for TcpProxy {
         self.generation.send_modify(|g| *g += 1);
     }
 }
-
-/// Whether the test that needs a local service was asked for with `switch` (e.g. `B24TEST_NATS=1`).
-/// Asked for, the service must answer: the test then fails loudly instead of skipping.
-pub fn service_requested(switch: &str) -> bool {
-    match std::env::var(switch) {
-        Ok(v) => !v.is_empty() && v != "0",
-        Err(_) => {
-            eprintln!("{switch} is not set: this test needs a local service and does not run");
-            false
-        }
-    }
-}

@@ -1,15 +1,13 @@
-//! The `postgres` sink against a real PostgreSQL (127.0.0.1:5432, database `test`, trust auth,
-//! switch `B24TEST_POSTGRES`): 1,000 events read back with SELECT, a NUL character that jsonb
+//! The `postgres` sink against a real PostgreSQL (127.0.0.1:5432, database `test`, trust auth;
+//! ignored unless asked for): 1,000 events read back with SELECT, a NUL character that jsonb
 //! refuses going dead while its batch neighbours land, a database cut mid-run, SIGKILLs of the
 //! real binary, the healthcheck and `validate --online`.
 
-mod common;
-
+use crate::support::daemon::{self, spawn_daemon};
+use crate::support::proxy::TcpProxy;
+use crate::support::*;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
-use common::daemon::{self, spawn_daemon};
-use common::proxy::{TcpProxy, service_requested};
-use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,7 +27,11 @@ async fn database() -> tokio_postgres::Client {
             Err(e) => last = e.to_string(),
         }
     }
-    panic!("PostgreSQL at {POSTGRES}, database test (B24TEST_POSTGRES is set): {last}")
+    service_down(
+        &format!("PostgreSQL at {POSTGRES}, database test"),
+        "pg_ctlcluster <version> main start",
+        last,
+    )
 }
 
 /// The user the test connects as, for the sink's URL.
@@ -122,11 +124,9 @@ fn journal_duplicates(journal: &Journal) -> usize {
         .unwrap() as usize
 }
 
+#[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
-    if !service_requested("B24TEST_POSTGRES") {
-        return;
-    }
     init();
     let db = database().await;
     let user = user(&db).await;
@@ -204,11 +204,9 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
 /// inserts the later change as a row of its own (a new key, not swallowed by `ON CONFLICT (id)
 /// DO NOTHING`); the unchanged error-lane copy of another event is not offered to the table
 /// again.
+#[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_lane_merge_is_a_row_of_its_own() {
-    if !service_requested("B24TEST_POSTGRES") {
-        return;
-    }
     init();
     let db = database().await;
     let user = user(&db).await;
@@ -261,11 +259,9 @@ async fn an_error_lane_merge_is_a_row_of_its_own() {
         .unwrap();
 }
 
+#[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_cut_mid_run_loses_nothing() {
-    if !service_requested("B24TEST_POSTGRES") {
-        return;
-    }
     init();
     let db = database().await;
     let user = user(&db).await;
@@ -309,11 +305,9 @@ async fn a_database_cut_mid_run_loses_nothing() {
         .unwrap();
 }
 
+#[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_of_the_binary_leave_one_row_per_event() {
-    if !service_requested("B24TEST_POSTGRES") {
-        return;
-    }
     init();
     let db = database().await;
     let user = user(&db).await;
@@ -326,7 +320,7 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
     .await;
     // Replies reach the daemon 150 ms late: a kill then often lands after COMMIT on the server
     // and before the journal recorded the delivery, so the restart redelivers those rows.
-    let slow = common::slow_proxy::start(POSTGRES, Duration::from_millis(150)).await;
+    let slow = crate::support::slow_proxy::start(POSTGRES, Duration::from_millis(150)).await;
     let sinks = pg_sink(&format!("postgres://{user}@{slow}/test"), &table);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
     let journal_path = dir.path().join("journal.db");
@@ -397,11 +391,9 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
         .unwrap();
 }
 
+#[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_and_validate_online() {
-    if !service_requested("B24TEST_POSTGRES") {
-        return;
-    }
     init();
     let db = database().await;
     let user = user(&db).await;

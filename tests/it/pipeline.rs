@@ -1,10 +1,8 @@
 //! The real pipeline, in-process, against the portal simulator: delivery, settlement, token
 //! refresh, rate limits, sink outages, poison events, lost responses and a moved portal.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -4,12 +4,10 @@
 //! (a directory, a FIFO, another program's SQLite database beside its `-wal`, a damaged file)
 //! and against the simulator (a token pair that fails, a bind that fails).
 
-mod common;
-
+use crate::support::cli::*;
+use crate::support::*;
 use b24eventd::bitrix::Tokens;
 use b24eventd::simulator::{Simulator, SimulatorConfig};
-use common::cli::*;
-use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;

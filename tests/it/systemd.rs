@@ -1,10 +1,8 @@
 //! systemd's notification protocol on the real binary: a fake `NOTIFY_SOCKET` (a unix datagram
 //! socket) receives READY, STATUS, WATCHDOG, RELOADING and STOPPING.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -9,11 +9,9 @@
 //! page or `doctor`; a redirect to another host is refused before anything goes there; secret
 //! files must be small regular files; a secret holds no line break or NUL.
 
-mod common;
-
+use crate::support::daemon::{spawn_daemon_with_env, stop_with_sigterm};
+use crate::support::*;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::daemon::{spawn_daemon_with_env, stop_with_sigterm};
-use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;

@@ -4,13 +4,11 @@
 //! new event, a reservation adopted after a lost answer keeps the key of its `TIMESTAMP_X`, and
 //! `dead retry` / `dead purge` leave nothing for the error-lane poll to deliver twice.
 
-mod common;
-
+use crate::support::error_lane::*;
+use crate::support::*;
 use b24eventd::config::Synchronous;
 use b24eventd::journal::{EventFilter, Journal};
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::error_lane::*;
-use common::*;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;

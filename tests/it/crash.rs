@@ -4,12 +4,10 @@
 //! idempotency key is the key of its change (a redelivery after a kill carries the key of the
 //! first delivery), and the duplicates are counted.
 
-mod common;
-
+use crate::support::daemon::{self, spawn_daemon};
+use crate::support::*;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::daemon::{self, spawn_daemon};
-use common::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,13 +1,11 @@
 //! One daemon, many portals: each portal has its own poller, bucket and reservations, so a
 //! portal with a huge, slow backlog does not hold back the others, and every portal drains.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::bitrix::Tokens;
 use b24eventd::config;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::{Faults, Simulator, SimulatorConfig};
-use common::*;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,10 +1,8 @@
 //! The binary as an operator meets it: exit codes, error messages, `auth import`, `demo`.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -622,7 +620,7 @@ async fn daemon_with_a_batch_journaled(
     .unwrap();
     let log = dir.join("daemon.log");
     emit_deals(sim, 1, 5);
-    let child = common::daemon::spawn_daemon(&config, &log);
+    let child = crate::support::daemon::spawn_daemon(&config, &log);
     wait_for(
         "a batch journaled",
         std::time::Duration::from_secs(30),

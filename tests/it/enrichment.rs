@@ -2,10 +2,8 @@
 //! about (read with one `batch` per 50 entities), a deleted entity gives `entity = null` with
 //! `entity_error`, and failing reads are retried without losing or holding back an event.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::{Faults, SimulatorConfig};
-use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,10 +1,8 @@
 //! Alerts on the real pipeline: a backlog above the limit fires one alert envelope to the
 //! configured sink and, once the backlog is gone, one recovery message.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -5,14 +5,12 @@
 //! refusing finding stops `run` with exit 78; the daemon lock keeps the probe and a second `run`
 //! away from a journal the daemon works.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::bitrix::Tokens;
 use b24eventd::config::Synchronous;
 use b24eventd::conformance::{Check, Finding};
 use b24eventd::journal::Journal;
 use b24eventd::simulator::{Simulator, SimulatorConfig};
-use common::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -394,7 +392,7 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     let s = setup(&sim, &tokens, "").await;
     let log = s.dir.join("daemon.log");
-    let mut daemon = common::daemon::spawn_daemon(&s.config, &log);
+    let mut daemon = crate::support::daemon::spawn_daemon(&s.config, &log);
     let _kill = KillOnDrop(daemon.id());
     wait_for("the daemon runs", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
@@ -425,7 +423,7 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
         stderr.contains(&format!("pid {pid}")) && stderr.contains(&lock),
         "{stderr}"
     );
-    common::daemon::stop_with_sigterm(&mut daemon, &log);
+    crate::support::daemon::stop_with_sigterm(&mut daemon, &log);
     // Once the daemon is gone the probe runs.
     let out = probe(&s).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

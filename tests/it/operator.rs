@@ -1,10 +1,8 @@
 //! The operator's commands against the real daemon binary and the portal simulator: `journal
 //! stats|list|show|tail`, `dead list|retry|purge`, `replay`, `prune`, and SIGHUP reload.
 
-mod common;
-
+use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
-use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
