@@ -1,5 +1,5 @@
 //! Commands that never damage a journal, and operator commands that never destroy working
-//! state (the daemon lock is `tests/conformance.rs::the_daemon_lock_keeps_the_probe_and_a_second_run_away`):
+//! state (the daemon lock is `tests/it/conformance.rs::the_daemon_lock_keeps_the_probe_and_a_second_run_away`):
 //! on the real binary, against files that are not the daemon's journal
 //! (a directory, a FIFO, another program's SQLite database beside its `-wal`, a damaged file)
 //! and against the simulator (a token pair that fails, a bind that fails).
