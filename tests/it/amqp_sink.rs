@@ -5,11 +5,9 @@
 //! port. Every test uses its own exchange and queue, deleted at the end (also on a failure).
 
 use crate::support::proxy::TcpProxy;
+use crate::support::sink::{envelope, validate_online};
 use crate::support::*;
-use b24eventd::config;
-use b24eventd::config::Synchronous;
-use b24eventd::envelope::{Envelope, Lane};
-use b24eventd::journal::Journal;
+use b24eventd::envelope::Envelope;
 use b24eventd::simulator::SimulatorConfig;
 use b24eventd::sinks::{self, SinkResult};
 use lapin::options::{
@@ -20,7 +18,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BROKER: &str = "127.0.0.1:5672";
@@ -347,29 +344,10 @@ async fn amqp_sink_loses_nothing_when_rabbitmq_is_cut_off_mid_run() {
     assert_eq!(counts.dead, 0, "{counts:?}");
 }
 
-fn envelope(n: i64) -> Envelope {
-    Envelope {
-        id: Envelope::make_id("main", n, "2026-11-22T10:00:00+03:00"),
-        portal: "main".into(),
-        event: "ONCRMDEALUPDATE".into(),
-        offline_id: n,
-        message_id: format!("{n:032x}"),
-        timestamp: "2026-11-22T10:00:00+03:00".into(),
-        data: serde_json::json!({"FIELDS": {"ID": n.to_string()}}),
-        additional: serde_json::json!({"user_id": 1}),
-        lane: Lane::Normal,
-        attempt: 1,
-        entity: serde_json::Value::Null,
-        entity_error: None,
-    }
-}
-
 /// Builds `[sinks.bus]` from a config file, as the daemon does.
 async fn build_sink(dir: &Path, sink: &str) -> std::sync::Arc<dyn sinks::Sink> {
     let (sim, _tokens) = portal(SimulatorConfig::default()).await;
-    let path = write_config(dir, &sim, None, "", sink);
-    let config = config::load(&path).expect("config loads");
-    sinks::build(&config.sinks["bus"]).expect("sink builds")
+    crate::support::sink::build_sink(dir, &sim, sink, "bus")
 }
 
 #[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
@@ -389,7 +367,12 @@ async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
         &amqp_sink(URL, &exchange, "declare_exchange = \"direct\""),
     )
     .await;
-    let results = mandatory.deliver(&[envelope(1), envelope(2)]).await;
+    let results = mandatory
+        .deliver(&[
+            envelope(1, "ONCRMDEALUPDATE"),
+            envelope(2, "ONCRMDEALUPDATE"),
+        ])
+        .await;
     for result in &results {
         match result {
             SinkResult::Retry { error, .. } => {
@@ -404,7 +387,7 @@ async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
     // Without mandatory the broker drops it and confirms: delivered, and documented so.
     let dropping = build_sink(dir.path(), &amqp_sink(URL, &exchange, "mandatory = false")).await;
     assert_eq!(
-        dropping.deliver(&[envelope(3)]).await,
+        dropping.deliver(&[envelope(3, "ONCRMDEALUPDATE")]).await,
         vec![SinkResult::Delivered]
     );
 
@@ -428,7 +411,12 @@ async fn amqp_unroutable_message_with_mandatory_is_retried_not_delivered() {
         .await
         .unwrap();
     assert_eq!(
-        mandatory.deliver(&[envelope(1), envelope(2)]).await,
+        mandatory
+            .deliver(&[
+                envelope(1, "ONCRMDEALUPDATE"),
+                envelope(2, "ONCRMDEALUPDATE")
+            ])
+            .await,
         vec![SinkResult::Delivered, SinkResult::Delivered]
     );
     let received = drain(&channel, &queue).await;
@@ -457,7 +445,7 @@ async fn amqp_publish_to_a_missing_exchange_is_retried_and_the_sink_recovers() {
     };
     let dir = tempfile::tempdir().unwrap();
     let sink = build_sink(dir.path(), &amqp_sink(URL, &exchange, "")).await;
-    let results = sink.deliver(&[envelope(1)]).await;
+    let results = sink.deliver(&[envelope(1, "ONCRMDEALUPDATE")]).await;
     match &results[0] {
         SinkResult::Retry { error, .. } => {
             assert!(error.contains("NOT_FOUND"), "{error}");
@@ -494,22 +482,10 @@ async fn amqp_publish_to_a_missing_exchange_is_retried_and_the_sink_recovers() {
         .await
         .unwrap();
     assert_eq!(
-        sink.deliver(&[envelope(1)]).await,
+        sink.deliver(&[envelope(1, "ONCRMDEALUPDATE")]).await,
         vec![SinkResult::Delivered]
     );
     assert_eq!(drain(&channel, &queue).await.len(), 1);
-}
-
-/// Runs the real binary.
-fn b24eventd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(args)
-        .env_remove("B24EVENTD_CONFIG")
-        .env_remove("B24EVENTD_LOG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("the binary runs")
 }
 
 #[ignore = "needs RabbitMQ on 127.0.0.1:5672: run with --include-ignored (.ci/run does)"]
@@ -533,18 +509,9 @@ async fn amqp_validate_online_passes_on_rabbitmq_and_fails_on_a_closed_port() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let journal = Journal::open(&dir.path().join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap();
-    journal.save_tokens("main", &tokens).await.unwrap();
-    drop(journal);
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
 
-    let live = write_config(dir.path(), &sim, None, "", &amqp_sink(URL, &exchange, ""));
-    let out = tokio::task::spawn_blocking(move || {
-        b24eventd(&["-c", live.to_str().unwrap(), "validate", "--online"])
-    })
-    .await
-    .unwrap();
+    let out = validate_online(dir.path(), &sim, &amqp_sink(URL, &exchange, ""), &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         out.status.code(),
@@ -558,39 +525,29 @@ async fn amqp_validate_online_passes_on_rabbitmq_and_fails_on_a_closed_port() {
     );
 
     // The exchange is missing and not declared by the sink: a clear failure.
-    let missing = write_config(
+    let out = validate_online(
         dir.path(),
         &sim,
-        None,
-        "",
         &amqp_sink(URL, &unique("missing"), ""),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        b24eventd(&["-c", missing.to_str().unwrap(), "validate", "--online"])
-    })
-    .await
-    .unwrap();
+        &[],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("does not exist"), "{stdout}");
 
     // A wrong password: refused by the broker, said so, the password not echoed.
-    let refused = write_config(
+    let out = validate_online(
         dir.path(),
         &sim,
-        None,
-        "",
         &amqp_sink(
             "amqp://guest:wrong-pw-4711@127.0.0.1:5672/%2f",
             &exchange,
             "",
         ),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        b24eventd(&["-c", refused.to_str().unwrap(), "validate", "--online"])
-    })
-    .await
-    .unwrap();
+        &[],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
@@ -600,26 +557,18 @@ async fn amqp_validate_online_passes_on_rabbitmq_and_fails_on_a_closed_port() {
         "{stdout}{stderr}"
     );
 
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let closed = write_config(
+    let closed_port = free_port();
+    let out = validate_online(
         dir.path(),
         &sim,
-        None,
-        "",
         &amqp_sink(
             &format!("amqp://guest:s3cret-pw@127.0.0.1:{closed_port}/%2f"),
             &exchange,
             "",
         ),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        b24eventd(&["-c", closed.to_str().unwrap(), "validate", "--online"])
-    })
-    .await
-    .unwrap();
+        &[],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");

@@ -238,13 +238,9 @@ async fn auth_import_stores_checks_and_rotates_the_refresh_token() {
         "the token is never printed"
     );
     assert_eq!(sim.stats().token_refreshes, 1);
-    let journal = Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    let stored = journal.load_tokens("main").await.unwrap().unwrap();
+    let stored = crate::support::cli::stored_tokens(dir.path())
+        .await
+        .unwrap();
     assert_ne!(
         stored.refresh_token, tokens.refresh_token,
         "the rotated token is stored"
@@ -344,13 +340,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
     })
     .await;
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
-    let journal = Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    journal.save_tokens("main", &tokens).await.unwrap();
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     emit_deals(&sim, 1, 50);
     let log = dir.path().join("trace.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
@@ -370,10 +360,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         upstream_empty(&sim)
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    crate::support::daemon::signal(child.id(), "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -381,7 +368,9 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         "trace logging happened ({} bytes)",
         text.len()
     );
-    let stored = journal.load_tokens("main").await.unwrap().unwrap();
+    let stored = crate::support::cli::stored_tokens(dir.path())
+        .await
+        .unwrap();
     let secret = SimulatorConfig::default().client_secret;
     for (what, value) in [
         ("client secret", secret.as_str()),
@@ -409,24 +398,15 @@ async fn a_second_sigterm_exits_at_once_with_143() {
     let (mut child, log) =
         daemon_with_a_batch_journaled(dir.path(), &sim, &tokens, &endpoint.url, "10s").await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let pid = child.id().to_string();
-    let kill = |signal: &str| {
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    kill("-TERM");
+    let pid = child.id();
+    crate::support::daemon::signal(pid, "TERM");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the batch in flight"
     );
     let second = std::time::Instant::now();
-    kill("-TERM");
+    crate::support::daemon::signal(pid, "TERM");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
@@ -562,13 +542,7 @@ async fn a_stop_ends_within_shutdown_timeout_and_its_tail_whatever_hangs() {
     tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
     assert_eq!(endpoint.accepted_count(), 5, "delivered before the stop");
     let signalled = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    crate::support::daemon::signal(child.id(), "TERM");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
@@ -602,7 +576,7 @@ async fn daemon_with_a_batch_journaled(
     tokens: &b24eventd::bitrix::Tokens,
     sink_url: &str,
     shutdown_timeout: &str,
-) -> (std::process::Child, std::path::PathBuf) {
+) -> (crate::support::daemon::Daemon, std::path::PathBuf) {
     let config = write_config(dir, sim, None, "", &http_sink(sink_url));
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "shutdown_timeout = \"10s\"",

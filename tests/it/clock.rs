@@ -101,10 +101,7 @@ async fn clock_set_back_an_hour_then_forward_a_day_delays_and_loses_nothing() {
         },
     ))
     .await;
-    let admin = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let admin = format!("127.0.0.1:{}", free_port());
     let config = write_config(
         dir.path(),
         &sim,

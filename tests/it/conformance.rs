@@ -16,23 +16,6 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-/// Runs the binary to its end, off the async runtime (the simulator serves on it meanwhile).
-async fn b24eventd(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-            .args(&args)
-            .env_remove("B24EVENTD_CONFIG")
-            .env_remove("B24EVENTD_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("the binary runs")
-    })
-    .await
-    .unwrap()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -55,18 +38,6 @@ fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
         .iter()
         .find(|f| f["check"] == check)
         .unwrap_or_else(|| panic!("no finding {check} in {report:#}"))
-}
-
-/// SIGKILLs a daemon the test started if the test ends early (a panic drops it still running).
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 struct Setup {
@@ -98,15 +69,18 @@ async fn setup(sim: &Simulator, tokens: &Tokens, extra: &str) -> Setup {
 }
 
 async fn probe(setup: &Setup) -> Output {
-    b24eventd(&[
-        "-c",
-        setup.config.to_str().unwrap(),
-        "doctor",
-        "--conformance",
-        "--portal",
-        "main",
-        "--json",
-    ])
+    crate::support::cli::b24eventd(
+        &[
+            "-c",
+            setup.config.to_str().unwrap(),
+            "doctor",
+            "--conformance",
+            "--portal",
+            "main",
+            "--json",
+        ],
+        None,
+    )
     .await
 }
 
@@ -201,14 +175,17 @@ async fn the_probe_finds_a_faithful_portal_conformant_and_leaves_nothing_behind(
     assert!(stored.iter().all(|f| f.status == "ok"), "{stored:?}");
     drop(journal);
     // The table says the same to a person.
-    let out = b24eventd(&[
-        "-c",
-        s.config.to_str().unwrap(),
-        "doctor",
-        "--conformance",
-        "--portal",
-        "main",
-    ])
+    let out = crate::support::cli::b24eventd(
+        &[
+            "-c",
+            s.config.to_str().unwrap(),
+            "doctor",
+            "--conformance",
+            "--portal",
+            "main",
+        ],
+        None,
+    )
     .await;
     let table = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{table}");
@@ -393,7 +370,6 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     let s = setup(&sim, &tokens, "").await;
     let log = s.dir.join("daemon.log");
     let mut daemon = crate::support::daemon::spawn_daemon(&s.config, &log);
-    let _kill = KillOnDrop(daemon.id());
     wait_for("the daemon runs", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -416,7 +392,8 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
             .iter()
             .all(|h| h["event"] != "ONAPPTEST")
     );
-    let second = b24eventd(&["-c", s.config.to_str().unwrap(), "run"]).await;
+    let second =
+        crate::support::cli::b24eventd(&["-c", s.config.to_str().unwrap(), "run"], None).await;
     let stderr = text(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(

@@ -6,7 +6,6 @@
 
 use crate::support::daemon::{self, spawn_daemon};
 use crate::support::*;
-use b24eventd::journal::Journal;
 use b24eventd::simulator::{Faults, SimulatorConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,15 +60,7 @@ async fn crash_scenario(s: Scenario) {
         &format!("batch_size = {}", s.batch_size),
         &sinks,
     );
-    {
-        let journal = Journal::open(
-            &dir.path().join("journal.db"),
-            b24eventd::config::Synchronous::Full,
-        )
-        .await
-        .unwrap();
-        journal.save_tokens("main", &tokens).await.unwrap();
-    }
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log = dir.path().join("daemon.log");
 
     let emitter = {

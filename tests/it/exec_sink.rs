@@ -185,13 +185,7 @@ env = {{ ENV_DUMP = "{dump}" }}
         .unwrap()
         .replace(&format!("client_secret = \"{secret}\""), "");
     std::fs::write(&config, text).unwrap();
-    let journal = b24eventd::journal::Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    journal.save_tokens("main", &tokens).await.unwrap();
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
 
     let log = dir.path().join("daemon.log");
     let mut daemon = crate::support::daemon::spawn_daemon_with_env(

@@ -6,15 +6,14 @@
 //! for (`--include-ignored`); then a broker that does not answer fails the tests.
 
 use crate::support::proxy::TcpProxy;
+use crate::support::sink::{sink_check, validate_online};
 use crate::support::*;
-use b24eventd::config;
 use b24eventd::envelope::Envelope;
 use b24eventd::simulator::SimulatorConfig;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -297,47 +296,6 @@ async fn a_broker_cut_mid_run_loses_nothing() {
     assert_eq!((counts.delivered, counts.dead), (1000, 0), "{counts:?}");
 }
 
-fn b24eventd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(args)
-        .env_remove("B24EVENTD_CONFIG")
-        .env_remove("B24EVENTD_LOG")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-async fn validate_online(
-    dir: &std::path::Path,
-    sim: &b24eventd::simulator::Simulator,
-    sinks: &str,
-) -> Output {
-    let config = write_config(dir, sim, None, "", sinks);
-    let path = config.to_str().unwrap().to_string();
-    tokio::task::spawn_blocking(move || b24eventd(&["-c", &path, "validate", "--online", "--json"]))
-        .await
-        .unwrap()
-}
-
-fn sink_check(out: &Output) -> serde_json::Value {
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is one JSON document ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let sink = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "bus")
-        .unwrap_or_else(|| panic!("the mqtt sink in {report:#}"))
-        .clone();
-    assert_eq!(sink["type"], "mqtt");
-    sink["checks"][0].clone()
-}
-
 #[ignore = "needs Mosquitto on 127.0.0.1:1883: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_online_connects_and_fails_clearly() {
@@ -346,18 +304,11 @@ async fn validate_online_connects_and_fails_clearly() {
     let subscriber = Subscriber::start(&prefix).await;
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let journal = b24eventd::journal::Journal::open(
-        &dir.path().join("journal.db"),
-        config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    journal.save_tokens("main", &tokens).await.unwrap();
-    drop(journal);
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
 
     let live = mqtt_sink(&format!("mqtt://{}:{}", BROKER.0, BROKER.1), &prefix);
-    let out = validate_online(dir.path(), &sim, &live).await;
-    let check = sink_check(&out);
+    let out = validate_online(dir.path(), &sim, &live, &["--json"]).await;
+    let check = sink_check(&out, "bus", "mqtt");
     assert_eq!(out.status.code(), Some(0), "{check:#}");
     assert_eq!(check["status"], "ok", "{check:#}");
     assert!(
@@ -369,8 +320,8 @@ async fn validate_online_connects_and_fails_clearly() {
     subscriber.stop().await;
 
     let closed = mqtt_sink("mqtt://ops:hunter2@127.0.0.1:1", &prefix);
-    let out = validate_online(dir.path(), &sim, &closed).await;
-    let check = sink_check(&out);
+    let out = validate_online(dir.path(), &sim, &closed, &["--json"]).await;
+    let check = sink_check(&out, "bus", "mqtt");
     assert_eq!(out.status.code(), Some(1), "{check:#}");
     assert_eq!(check["status"], "fail");
     let detail = check["detail"].as_str().unwrap();
@@ -386,6 +337,7 @@ async fn validate_online_connects_and_fails_clearly() {
         dir.path(),
         &sim,
         "[sinks.bus]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopic = \"a/+/{event}\"\n",
+        &["--json"],
     )
     .await;
     assert_eq!(out.status.code(), Some(78));

@@ -3,15 +3,14 @@
 //! real binary with the server dropping the redeliveries by `Nats-Msg-Id`, the healthcheck and
 //! `validate --online`.
 
-use crate::support::daemon::{self, spawn_daemon};
+use crate::support::daemon;
 use crate::support::proxy::TcpProxy;
+use crate::support::sink::*;
 use crate::support::*;
 use async_nats::jetstream;
-use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NATS: &str = "127.0.0.1:4222";
@@ -133,19 +132,6 @@ fn assert_exactly_once(
     by_id
 }
 
-/// The attempts the journal recorded as delivered duplicates (PubAck `duplicate`).
-fn journal_duplicates(journal: &Journal) -> usize {
-    journal
-        .with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT count(*) FROM delivery_attempts WHERE sink = 'bus' AND output LIKE 'duplicate%'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )?)
-        })
-        .unwrap() as usize
-}
-
 #[ignore = "needs nats-server (JetStream) on 127.0.0.1:4222: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_events_are_stored_once_with_their_ids() {
@@ -194,7 +180,7 @@ async fn a_thousand_events_are_stored_once_with_their_ids() {
     assert_eq!(info.config.duplicate_window, Duration::from_secs(600));
     assert_eq!(info.config.storage, jetstream::stream::StorageType::File);
     assert_eq!(
-        journal_duplicates(&journal),
+        journal_duplicates(&journal, "bus"),
         0,
         "no redelivery without faults"
     );
@@ -258,7 +244,7 @@ async fn an_error_lane_merge_is_stored_not_dropped_as_a_duplicate() {
         "the unchanged copy is not published again"
     );
     assert_eq!(
-        journal_duplicates(&merge.journal),
+        journal_duplicates(&merge.journal, "bus"),
         0,
         "no PubAck said duplicate"
     );
@@ -312,7 +298,7 @@ async fn a_broker_cut_mid_run_loses_nothing_and_stores_nothing_twice() {
     assert!(retried > 0, "the cut made deliveries fail and retry");
     eprintln!(
         "nats cut: {retried} retried attempts during the cut, {} duplicates dropped by the server",
-        journal_duplicates(&journal)
+        journal_duplicates(&journal, "bus")
     );
     js.delete_stream(&stream).await.unwrap();
 }
@@ -333,48 +319,15 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
     let sinks = nats_sink(&format!("nats://{slow}"), &stream, &prefix, true);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
     let journal_path = dir.path().join("journal.db");
-    {
-        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
-        journal.save_tokens("main", &tokens).await.unwrap();
-    }
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log = dir.path().join("daemon.log");
 
     // Events keep arriving while the daemon is killed, and acks reach it 150 ms late, so kills
     // land while published batches wait for their acks. Killing continues (up to 30 times) until the journal shows the server dropped a
     // redelivery: a kill between the PubAck and the journal's commit.
     const TOTAL: u64 = 2000;
-    let mut emitted = 0;
-    let mut rng = fastrand::Rng::with_seed(5);
-    let mut kills = 0;
     let started = Instant::now();
-    while kills < 30 {
-        if emitted < TOTAL {
-            emit_deals(&sim, emitted + 1, 200);
-            emitted += 200;
-        }
-        let mut child = spawn_daemon(&config, &log);
-        tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "daemon died on its own; see {}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        kills += 1;
-        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
-        if kills >= 8 && emitted >= TOTAL && journal_duplicates(&journal) > 0 {
-            break;
-        }
-    }
-    while emitted < TOTAL {
-        emit_deals(&sim, emitted + 1, 200);
-        emitted += 200;
-    }
+    let kills = sigkill_until_a_duplicate(&config, &log, &sim, "bus", TOTAL, 5).await;
 
     let journal = daemon::last_run_drains_and_stops(
         &config,
@@ -387,7 +340,7 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
 
     let stored = read_stream(&js, &stream).await;
     assert_exactly_once(&stored, &prefix, 1, TOTAL);
-    let duplicates = journal_duplicates(&journal);
+    let duplicates = journal_duplicates(&journal, "bus");
     eprintln!(
         "nats crash test: {kills} SIGKILLs in {:.1} s, {TOTAL} events stored once each, \
          {duplicates} redeliveries dropped by the server as duplicates (journal)",
@@ -408,22 +361,10 @@ async fn healthcheck_and_validate_online() {
     let (stream, prefix) = unique("B24T_HEALTH");
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    {
-        let journal = Journal::open(
-            &dir.path().join("journal.db"),
-            b24eventd::config::Synchronous::Full,
-        )
-        .await
-        .unwrap();
-        journal.save_tokens("main", &tokens).await.unwrap();
-    }
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let health = |sinks: String| {
-        let config = write_config(dir.path(), &sim, None, "", &sinks);
-        let config = b24eventd::config::load(&config).expect("config loads");
-        async move {
-            let sink = b24eventd::sinks::build(&config.sinks["bus"]).unwrap();
-            sink.health().await
-        }
+        let sink = build_sink(dir.path(), &sim, &sinks, "bus");
+        async move { sink.health().await }
     };
     use b24eventd::sinks::HealthLevel;
 
@@ -481,12 +422,7 @@ async fn healthcheck_and_validate_online() {
         h.detail.contains(&format!("captures {prefix}.*.*")),
         "{h:?}"
     );
-    let config = write_config(dir.path(), &sim, None, "", &sinks);
-    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
-        .env_remove("B24EVENTD_LOG")
-        .output()
-        .unwrap();
+    let out = validate_online(dir.path(), &sim, &sinks, &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -500,10 +436,7 @@ async fn healthcheck_and_validate_online() {
     );
 
     // A closed port: a clear failure that never shows the password.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let closed = nats_sink(
         &format!("nats://user:hunter2@127.0.0.1:{port}"),
         &stream,
@@ -518,49 +451,6 @@ async fn healthcheck_and_validate_online() {
         "{h:?}"
     );
     assert!(!format!("{h:?}").contains("hunter2"), "{h:?}");
-    let config = write_config(dir.path(), &sim, None, "", &closed);
-    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
-        .env_remove("B24EVENTD_LOG")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("cannot connect"), "{text}");
-    assert!(!text.contains("hunter2"), "{text}");
-
-    // A delivery to a closed port is retried, with no password in the error.
-    let config = write_config(dir.path(), &sim, None, "", &closed);
-    let config = b24eventd::config::load(&config).unwrap();
-    let sink = b24eventd::sinks::build(&config.sinks["bus"]).unwrap();
-    let results = sink.deliver(&[sample_envelope()]).await;
-    match &results[0] {
-        b24eventd::sinks::SinkResult::Retry { error, .. } => {
-            assert!(error.contains("cannot connect"), "{error}");
-            assert!(!error.contains("hunter2"), "{error}");
-        }
-        other => panic!("expected retry, got {other:?}"),
-    }
+    a_closed_port_fails_clearly(dir.path(), &sim, &closed, "bus", "hunter2").await;
     js.delete_stream(&stream).await.unwrap();
-}
-
-fn sample_envelope() -> b24eventd::envelope::Envelope {
-    b24eventd::envelope::Envelope {
-        id: b24eventd::envelope::Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
-        portal: "main".into(),
-        event: "ONCRMDEALADD".into(),
-        offline_id: 1,
-        message_id: "m".into(),
-        timestamp: "2026-11-22T10:00:00+03:00".into(),
-        data: serde_json::json!({"FIELDS": {"ID": "1"}}),
-        additional: serde_json::Value::Null,
-        lane: b24eventd::envelope::Lane::Normal,
-        attempt: 1,
-        entity: serde_json::Value::Null,
-        entity_error: None,
-    }
 }

@@ -1,6 +1,7 @@
 //! The operator's commands against the real daemon binary and the portal simulator: `journal
 //! stats|list|show|tail`, `dead list|retry|purge`, `replay`, `prune`, and SIGHUP reload.
 
+use crate::support::daemon::{signal, spawn_daemon, stop_with_sigterm};
 use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
 use serde_json::Value;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_b24eventd"));
@@ -44,38 +45,6 @@ async fn cli_json(config: &Path, args: &[&str]) -> Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
-}
-
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    binary()
-        .arg("-c")
-        .arg(config)
-        .arg("run")
-        .env("B24EVENTD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the daemon starts")
-}
-
-async fn stop_daemon(mut daemon: Child) {
-    signal(&daemon, "TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), daemon.wait())
-        .await
-        .expect("the daemon stops on SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-}
-
-fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("still running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// The journal counts as the daemon's peer would read them (`journal stats --json`).
@@ -166,7 +135,7 @@ async fn journal_dead_and_prune_commands_on_a_live_journal() {
     })
     .await;
     let config = s.config.as_path();
-    let daemon = spawn_daemon(config, &s.log);
+    let mut daemon = spawn_daemon(config, &s.log);
 
     // Deal 7 dies, is reported with event.offline.error, comes back from the error lane (a
     // second journal row with the same envelope id, for erp only: the archive has it), dies
@@ -291,7 +260,7 @@ async fn journal_dead_and_prune_commands_on_a_live_journal() {
         let v: Value = serde_json::from_str(&line).unwrap();
         tailed.push(v["event"].as_str().unwrap().to_string());
     }
-    signal(&tail, "INT");
+    signal(tail.id().expect("still running"), "INT");
     let status = tokio::time::timeout(Duration::from_secs(5), tail.wait())
         .await
         .expect("tail stops on SIGINT")
@@ -327,7 +296,7 @@ async fn journal_dead_and_prune_commands_on_a_live_journal() {
     )
     .await;
     assert!(ids_of(&cli_json(config, &["dead", "list", "--json"]).await).is_empty());
-    stop_daemon(daemon).await;
+    stop_with_sigterm(&mut daemon, &s.log);
 
     // prune: every settled event is older than 0s, and none is pending or dead.
     let before = portal_stat(&stats(config).await, "events");
@@ -348,7 +317,7 @@ async fn replay_of_a_date_range_delivers_exactly_that_range_again() {
     let s = setup(&sim, &tokens, file_sink).await;
     let jsonl = s.dir.path().join("events.jsonl");
     let config = s.config.as_path();
-    let daemon = spawn_daemon(config, &s.log);
+    let mut daemon = spawn_daemon(config, &s.log);
 
     let mut marks = Vec::new();
     for wave in 0..3u64 {
@@ -409,7 +378,7 @@ async fn replay_of_a_date_range_delivers_exactly_that_range_again() {
         shown["events"][0]["upstream"]["state"], "cleared",
         "a replay is local"
     );
-    stop_daemon(daemon).await;
+    stop_with_sigterm(&mut daemon, &s.log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +390,7 @@ async fn sighup_adds_a_sink_without_a_restart_and_ignores_a_bad_config() {
     let config = s.config.as_path();
     let archive = s.dir.path().join("events.jsonl");
     let second = s.dir.path().join("second.jsonl");
-    let daemon = spawn_daemon(config, &s.log);
+    let mut daemon = spawn_daemon(config, &s.log);
 
     emit_deals(&sim, 1, 20);
     wait_until(
@@ -437,7 +406,7 @@ async fn sighup_adds_a_sink_without_a_restart_and_ignores_a_bad_config() {
         base.replace("poll_interval = \"200ms\"", "poll_interval = \"soon\""),
     )
     .unwrap();
-    signal(&daemon, "HUP");
+    signal(daemon.id(), "HUP");
     wait_until(
         "the bad reload is logged",
         Duration::from_secs(10),
@@ -452,7 +421,7 @@ async fn sighup_adds_a_sink_without_a_restart_and_ignores_a_bad_config() {
             second.display()
         );
     std::fs::write(config, with_second).unwrap();
-    signal(&daemon, "HUP");
+    signal(daemon.id(), "HUP");
     wait_until(
         "the reload is logged",
         Duration::from_secs(10),
@@ -507,7 +476,7 @@ async fn sighup_adds_a_sink_without_a_restart_and_ignores_a_bad_config() {
         40,
         "the old sink got no replay"
     );
-    stop_daemon(daemon).await;
+    stop_with_sigterm(&mut daemon, &s.log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,7 +493,7 @@ async fn dead_purge_deletes_settled_dead_events_only() {
     .await;
     let s = setup(&sim, &tokens, |_| http_sink(&endpoint.url)).await;
     let config = s.config.as_path();
-    let daemon = spawn_daemon(config, &s.log);
+    let mut daemon = spawn_daemon(config, &s.log);
     emit_deals(&sim, 1, 5);
     wait_until(
         "deal 2 dead in both lanes, the rest delivered",
@@ -537,7 +506,7 @@ async fn dead_purge_deletes_settled_dead_events_only() {
         },
     )
     .await;
-    stop_daemon(daemon).await;
+    stop_with_sigterm(&mut daemon, &s.log);
 
     let human = cli(config, &["dead", "list"]).await;
     let human = String::from_utf8_lossy(&human.stdout).into_owned();

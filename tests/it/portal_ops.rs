@@ -623,9 +623,7 @@ async fn doctor_fails_each_broken_piece_with_its_fix() {
     })
     .await
     .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed = format!("http://{}/events", listener.local_addr().unwrap());
-    drop(listener);
+    let closed = format!("http://127.0.0.1:{}/events", free_port());
     let sinks = format!(
         "{}\n[sinks.lost]\ntype = \"file\"\npath = \"{}/missing/dir/e.jsonl\"\n",
         http_sink(&closed),

@@ -3,13 +3,12 @@
 //! refuses going dead while its batch neighbours land, a database cut mid-run, SIGKILLs of the
 //! real binary, the healthcheck and `validate --online`.
 
-use crate::support::daemon::{self, spawn_daemon};
+use crate::support::daemon;
 use crate::support::proxy::TcpProxy;
+use crate::support::sink::*;
 use crate::support::*;
-use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const POSTGRES: &str = "127.0.0.1:5432";
@@ -112,18 +111,6 @@ fn assert_all_present(rows: &BTreeMap<String, serde_json::Value>, first: u64, co
     assert_eq!(rows.len(), count as usize, "one row per event");
 }
 
-fn journal_duplicates(journal: &Journal) -> usize {
-    journal
-        .with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT count(*) FROM delivery_attempts WHERE sink = 'db' AND output LIKE 'duplicate%'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )?)
-        })
-        .unwrap() as usize
-}
-
 #[ignore = "needs PostgreSQL on 127.0.0.1:5432: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
@@ -186,7 +173,7 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
         assert!(error.contains("SQLSTATE 22"), "{error}");
     }
     assert_eq!(
-        journal_duplicates(&journal),
+        journal_duplicates(&journal, "db"),
         0,
         "no redelivery without faults"
     );
@@ -253,7 +240,7 @@ async fn an_error_lane_merge_is_a_row_of_its_own() {
         !error_lane::journal_deliveries(&merge.journal, copy1.0).contains_key("db"),
         "the unchanged copy is not offered to the table again"
     );
-    assert_eq!(journal_duplicates(&merge.journal), 0);
+    assert_eq!(journal_duplicates(&merge.journal, "db"), 0);
     db.batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
@@ -298,7 +285,7 @@ async fn a_database_cut_mid_run_loses_nothing() {
     assert!(retried > 0, "the cut made deliveries fail and retry");
     eprintln!(
         "postgres cut: {retried} retried attempts during the cut, {} rows already present on redelivery",
-        journal_duplicates(&journal)
+        journal_duplicates(&journal, "db")
     );
     db.batch_execute(&format!("DROP TABLE {table}"))
         .await
@@ -324,45 +311,12 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
     let sinks = pg_sink(&format!("postgres://{user}@{slow}/test"), &table);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
     let journal_path = dir.path().join("journal.db");
-    {
-        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
-        journal.save_tokens("main", &tokens).await.unwrap();
-    }
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log = dir.path().join("daemon.log");
 
     const TOTAL: u64 = 2000;
-    let mut emitted = 0;
-    let mut rng = fastrand::Rng::with_seed(9);
-    let mut kills = 0;
     let started = Instant::now();
-    while kills < 30 {
-        if emitted < TOTAL {
-            emit_deals(&sim, emitted + 1, 200);
-            emitted += 200;
-        }
-        let mut child = spawn_daemon(&config, &log);
-        tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "daemon died on its own; see {}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        kills += 1;
-        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
-        if kills >= 8 && emitted >= TOTAL && journal_duplicates(&journal) > 0 {
-            break;
-        }
-    }
-    while emitted < TOTAL {
-        emit_deals(&sim, emitted + 1, 200);
-        emitted += 200;
-    }
+    let kills = sigkill_until_a_duplicate(&config, &log, &sim, "db", TOTAL, 9).await;
 
     let journal = daemon::last_run_drains_and_stops(
         &config,
@@ -375,7 +329,7 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
 
     let rows = read_table(&db, &table).await;
     assert_all_present(&rows, 1, TOTAL);
-    let duplicates = journal_duplicates(&journal);
+    let duplicates = journal_duplicates(&journal, "db");
     eprintln!(
         "postgres crash test: {kills} SIGKILLs in {:.1} s, {TOTAL} events in {} rows, \
          {duplicates} redeliveries absorbed by ON CONFLICT DO NOTHING (journal)",
@@ -400,23 +354,11 @@ async fn healthcheck_and_validate_online() {
     let table = unique_table();
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    {
-        let journal = Journal::open(
-            &dir.path().join("journal.db"),
-            b24eventd::config::Synchronous::Full,
-        )
-        .await
-        .unwrap();
-        journal.save_tokens("main", &tokens).await.unwrap();
-    }
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let url = format!("postgres://{user}@{POSTGRES}/test");
     let health = |sinks: String| {
-        let config = write_config(dir.path(), &sim, None, "", &sinks);
-        let config = b24eventd::config::load(&config).expect("config loads");
-        async move {
-            let sink = b24eventd::sinks::build(&config.sinks["db"]).unwrap();
-            sink.health().await
-        }
+        let sink = build_sink(dir.path(), &sim, &sinks, "db");
+        async move { sink.health().await }
     };
     use b24eventd::sinks::HealthLevel;
 
@@ -463,12 +405,7 @@ async fn healthcheck_and_validate_online() {
     let h = health(sinks.clone()).await;
     assert_eq!(h.level, HealthLevel::Ok, "{h:?}");
     assert!(h.detail.contains("INSERT privilege"), "{h:?}");
-    let config = write_config(dir.path(), &sim, None, "", &sinks);
-    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
-        .env_remove("B24EVENTD_LOG")
-        .output()
-        .unwrap();
+    let out = validate_online(dir.path(), &sim, &sinks, &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -503,10 +440,7 @@ async fn healthcheck_and_validate_online() {
     }
 
     // A closed port: a clear failure that never shows the password.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let closed = pg_sink(
         &format!("postgres://{user}:hunter2@127.0.0.1:{port}/test"),
         &table,
@@ -518,51 +452,8 @@ async fn healthcheck_and_validate_online() {
         "{h:?}"
     );
     assert!(!format!("{h:?}").contains("hunter2"), "{h:?}");
-    let config = write_config(dir.path(), &sim, None, "", &closed);
-    let out = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(["-c", config.to_str().unwrap(), "validate", "--online"])
-        .env_remove("B24EVENTD_LOG")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("cannot connect"), "{text}");
-    assert!(!text.contains("hunter2"), "{text}");
-
-    // A delivery to a closed port is retried, with no password in the error.
-    let config = write_config(dir.path(), &sim, None, "", &closed);
-    let config = b24eventd::config::load(&config).unwrap();
-    let sink = b24eventd::sinks::build(&config.sinks["db"]).unwrap();
-    let results = sink.deliver(&[sample_envelope()]).await;
-    match &results[0] {
-        b24eventd::sinks::SinkResult::Retry { error, .. } => {
-            assert!(error.contains("cannot connect"), "{error}");
-            assert!(!error.contains("hunter2"), "{error}");
-        }
-        other => panic!("expected retry, got {other:?}"),
-    }
+    a_closed_port_fails_clearly(dir.path(), &sim, &closed, "db", "hunter2").await;
     db.batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
-}
-
-fn sample_envelope() -> b24eventd::envelope::Envelope {
-    b24eventd::envelope::Envelope {
-        id: b24eventd::envelope::Envelope::make_id("main", 1, "2026-11-22T10:00:00+03:00"),
-        portal: "main".into(),
-        event: "ONCRMDEALADD".into(),
-        offline_id: 1,
-        message_id: "m".into(),
-        timestamp: "2026-11-22T10:00:00+03:00".into(),
-        data: serde_json::json!({"FIELDS": {"ID": "1"}}),
-        additional: serde_json::Value::Null,
-        lane: b24eventd::envelope::Lane::Normal,
-        attempt: 1,
-        entity: serde_json::Value::Null,
-        entity_error: None,
-    }
 }

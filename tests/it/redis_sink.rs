@@ -5,14 +5,13 @@
 //! Ignored unless asked for (`--include-ignored`); then a Redis that does not answer fails them.
 
 use crate::support::proxy::TcpProxy;
+use crate::support::sink::{envelope, sink_check, validate_online};
 use crate::support::*;
 use b24eventd::config::{self, SinkKind};
 use b24eventd::envelope::Envelope;
 use b24eventd::simulator::SimulatorConfig;
 use b24eventd::sinks::SinkResult;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const REDIS: &str = "127.0.0.1:6379";
@@ -243,45 +242,6 @@ async fn a_broker_cut_mid_run_loses_nothing() {
     assert_eq!((counts.delivered, counts.dead), (1000, 0), "{counts:?}");
 }
 
-/// Runs the real binary.
-fn b24eventd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
-        .args(args)
-        .env_remove("B24EVENTD_CONFIG")
-        .env_remove("B24EVENTD_LOG")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-/// The redis sink's healthcheck finding in a `validate --online --json` report.
-fn sink_check(out: &Output) -> serde_json::Value {
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is one JSON document ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let sink = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "stream")
-        .unwrap_or_else(|| panic!("the redis sink in {report:#}"))
-        .clone();
-    assert_eq!(sink["type"], "redis");
-    sink["checks"][0].clone()
-}
-
-async fn validate_online(dir: &Path, sim: &b24eventd::simulator::Simulator, sinks: &str) -> Output {
-    let config = write_config(dir, sim, None, "", sinks);
-    let path = config.to_str().unwrap().to_string();
-    tokio::task::spawn_blocking(move || b24eventd(&["-c", &path, "validate", "--online", "--json"]))
-        .await
-        .unwrap()
-}
-
 #[ignore = "needs Redis on 127.0.0.1:6379: run with --include-ignored (.ci/run does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_online_checks_the_server_and_the_key() {
@@ -290,23 +250,17 @@ async fn validate_online_checks_the_server_and_the_key() {
     let keys = Keys::new("validate");
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let journal = b24eventd::journal::Journal::open(
-        &dir.path().join("journal.db"),
-        config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    journal.save_tokens("main", &tokens).await.unwrap();
-    drop(journal);
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
 
     // The live server, a stream that does not exist yet: ok, and nothing was written.
     let out = validate_online(
         dir.path(),
         &sim,
         &redis_sink(&format!("redis://{REDIS}/"), &keys.0),
+        &["--json"],
     )
     .await;
-    let check = sink_check(&out);
+    let check = sink_check(&out, "stream", "redis");
     assert_eq!(out.status.code(), Some(0), "{check:#}");
     assert_eq!(check["status"], "ok", "{check:#}");
     assert!(
@@ -333,9 +287,10 @@ async fn validate_online_checks_the_server_and_the_key() {
         dir.path(),
         &sim,
         &redis_sink(&format!("redis://{REDIS}/"), &keys.0),
+        &["--json"],
     )
     .await;
-    let check = sink_check(&out);
+    let check = sink_check(&out, "stream", "redis");
     assert_eq!(out.status.code(), Some(1), "{check:#}");
     assert_eq!(check["status"], "fail");
     assert!(
@@ -355,9 +310,10 @@ async fn validate_online_checks_the_server_and_the_key() {
         dir.path(),
         &sim,
         &redis_sink("redis://ops:hunter2@127.0.0.1:1/", &keys.0),
+        &["--json"],
     )
     .await;
-    let check = sink_check(&out);
+    let check = sink_check(&out, "stream", "redis");
     assert_eq!(out.status.code(), Some(1), "{check:#}");
     assert_eq!(check["status"], "fail");
     let detail = check["detail"].as_str().unwrap();
@@ -374,6 +330,7 @@ async fn validate_online_checks_the_server_and_the_key() {
         dir.path(),
         &sim,
         "[sinks.stream]\ntype = \"redis\"\nurl = \"redis://h/\"\nstream = \"s:{deal}\"\n",
+        &["--json"],
     )
     .await;
     assert_eq!(out.status.code(), Some(78));
@@ -465,21 +422,4 @@ async fn an_error_reply_fails_only_its_own_envelope() {
             "main:5:1795330800"
         ]
     );
-}
-
-fn envelope(n: i64, event: &str) -> Envelope {
-    Envelope {
-        id: Envelope::make_id("main", n, "2026-11-22T10:00:00+03:00"),
-        portal: "main".into(),
-        event: event.into(),
-        offline_id: n,
-        message_id: format!("{n:032x}"),
-        timestamp: "2026-11-22T10:00:00+03:00".into(),
-        data: serde_json::json!({"FIELDS": {"ID": n.to_string()}}),
-        additional: serde_json::Value::Null,
-        lane: b24eventd::envelope::Lane::Normal,
-        attempt: 1,
-        entity: serde_json::Value::Null,
-        entity_error: None,
-    }
 }

@@ -392,15 +392,6 @@ fn every_form(secret: &str) -> Vec<String> {
     forms
 }
 
-/// A free loopback port for the daemon's admin endpoint.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `config` with its admin endpoint on `port` and `[portals.main]`'s client secret replaced by
 /// `secret_line` (another key, or nothing).
 fn rewrite_config(config: &Path, port: u16, secret_line: &str) {
@@ -409,17 +400,6 @@ fn rewrite_config(config: &Path, port: u16, secret_line: &str) {
         .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
         .replace("client_secret = \"sim-secret\"", secret_line);
     std::fs::write(config, text).unwrap();
-}
-
-/// Stores `tokens` for portal `main` in the config's journal, as `auth import` would.
-async fn seed_tokens(dir: &Path, tokens: &b24eventd::bitrix::Tokens) {
-    let journal = b24eventd::journal::Journal::open(
-        &dir.join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
-    journal.save_tokens("main", tokens).await.unwrap();
 }
 
 /// GET `path` on the admin endpoint: status and body.
@@ -468,7 +448,7 @@ async fn an_echoing_token_endpoint_leaks_no_form_of_the_client_secret() {
         port,
         &format!("client_secret_file = \"{}\"", secret_file.display()),
     );
-    seed_tokens(dir.path(), &tokens).await;
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     // Every call is refused for its expired token; the refresh meets the echoing endpoint.
     sim.expire_access_tokens();
     sim.set_faults(Faults {
@@ -537,7 +517,7 @@ async fn an_echoing_sink_endpoint_leaks_no_form_of_the_sink_credentials() {
     let config = write_config(dir.path(), &sim, None, "", &sinks);
     let port = free_port();
     rewrite_config(&config, port, "client_secret = \"sim-secret\"");
-    seed_tokens(dir.path(), &tokens).await;
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
 
     let log_path = dir.path().join("daemon.log");
     let mut daemon = spawn_daemon_with_env(&config, &log_path, &[("B24EVENTD_LOG", "trace")]);
@@ -587,7 +567,7 @@ async fn a_redirect_to_another_host_is_refused_and_nothing_goes_there() {
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let port = free_port();
     rewrite_config(&config, port, "client_secret = \"sim-secret\"");
-    seed_tokens(dir.path(), &tokens).await;
+    crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log_path = dir.path().join("daemon.log");
     let mut daemon = spawn_daemon_with_env(&config, &log_path, &[]);
     let readyz = readyz_saying(port, "REDIRECT_REFUSED").await;

@@ -102,14 +102,6 @@ fn make_certificates(dir: &Path) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A server process, killed on drop.
 struct Server(Child, &'static str);
 

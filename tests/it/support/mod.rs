@@ -5,6 +5,7 @@ pub mod cli;
 pub mod daemon;
 pub mod error_lane;
 pub mod proxy;
+pub mod sink;
 pub mod slow_proxy;
 
 use b24eventd::bitrix::Tokens;
@@ -172,6 +173,15 @@ impl Running {
             .expect("pipeline task did not panic")
             .expect("pipeline returned ok");
     }
+}
+
+/// A loopback port nothing listens on (bound once by the system's choice, then let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` every 100 ms until it holds, or panics with `what` after `timeout`.
