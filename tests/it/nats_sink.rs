@@ -323,8 +323,9 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
     let log = dir.path().join("daemon.log");
 
     // Events keep arriving while the daemon is killed, and acks reach it 150 ms late, so kills
-    // land while published batches wait for their acks. Killing continues (up to 30 times) until the journal shows the server dropped a
-    // redelivery: a kill between the PubAck and the journal's commit.
+    // land while published batches wait for their acks. Killing continues (up to 30 times)
+    // until the journal shows the server dropped a redelivery: a kill between the PubAck and
+    // the journal's commit.
     const TOTAL: u64 = 2000;
     let started = Instant::now();
     let kills = sigkill_until_a_duplicate(&config, &log, &sim, "bus", TOTAL, 5).await;

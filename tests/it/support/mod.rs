@@ -33,6 +33,7 @@ pub fn init() {
 
 /// Fails a test that needs a local service (such tests are `#[ignore]`d, so it was asked for)
 /// when the service does not answer: names the service, the error and how to start it.
+#[track_caller]
 pub fn service_down(service: &str, start: &str, error: impl std::fmt::Display) -> ! {
     panic!("{service} does not answer ({error}); this test needs it: start it with `{start}`")
 }
