@@ -1,5 +1,6 @@
 //! The binary as an operator meets it: exit codes, error messages, `auth import`, `demo`.
 
+use crate::support::cli::{stderr, stdout};
 use crate::support::*;
 use b24eventd::journal::Journal;
 use b24eventd::simulator::SimulatorConfig;
@@ -13,14 +14,6 @@ fn b24eventd(args: &[&str]) -> Output {
         .env_remove("B24EVENTD_CONFIG")
         .output()
         .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn write(dir: &Path, text: &str) -> String {

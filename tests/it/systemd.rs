@@ -1,6 +1,7 @@
 //! systemd's notification protocol on the real binary: a fake `NOTIFY_SOCKET` (a unix datagram
 //! socket) receives READY, STATUS, WATCHDOG, RELOADING and STOPPING.
 
+use crate::support::daemon::signal;
 use crate::support::*;
 use b24eventd::simulator::SimulatorConfig;
 use std::os::unix::net::UnixDatagram;
@@ -30,15 +31,6 @@ fn receive_until(
 
 fn count(seen: &[String], prefix: &str) -> usize {
     seen.iter().filter(|m| m.starts_with(prefix)).count()
-}
-
-fn signal(pid: u32, name: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
