@@ -19,7 +19,10 @@ const FORBIDDEN: [&str; 7] = [
 
 /// Where SQL may be, by path prefix under `src/`, and why.
 const ALLOWED: [(&str, &str); 4] = [
-    ("journal/sqlite/", "the SQLite backend (the bench's bare-SQLite baseline included)"),
+    (
+        "journal/sqlite/",
+        "the SQLite backend (the bench's bare-SQLite baseline included)",
+    ),
     ("journal/boundary.rs", "this test's own list"),
     (
         "sinks/postgres.rs",

@@ -6,9 +6,9 @@
 use crate::bitrix::client::{ClearTarget, OfflineCommand, OfflineOutcome};
 use crate::bitrix::{BitrixError, ErrorClass, PortalClient};
 use crate::conformance::ClearBy;
+use crate::journal::SettleAction;
 use crate::journal::{Journal, PendingSettlement};
 use crate::pipeline::economy::MAX_COMMANDS;
-use crate::journal::SettleAction;
 
 /// Sends the pending `event.offline.clear` / `event.offline.error` calls of one portal.
 #[derive(Clone)]
