@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod alerts;
 pub mod bitrix;
+#[cfg(test)]
+mod boundaries;
 pub mod cli;
 pub mod config;
 pub mod conformance;
