@@ -37,7 +37,7 @@ mod subscribe;
 
 use crate::config::{self, ConfigError};
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -192,6 +192,20 @@ enum AuthCommand {
     },
 }
 
+/// The whole command line as clap sees it, with the version naming the journal schema this
+/// build reads and writes (`b24eventd 0.1.0 (journal schema 6)`): the package build generates the
+/// man pages and shell completions from it (`cargo xtask deb`).
+pub fn command() -> clap::Command {
+    static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} (journal schema {})",
+            env!("CARGO_PKG_VERSION"),
+            crate::journal::SCHEMA_VERSION
+        )
+    });
+    Cli::command().version(VERSION.as_str())
+}
+
 /// An error with the exit code it maps to.
 struct Failure {
     code: u8,
@@ -242,7 +256,10 @@ impl From<ConfigError> for Failure {
 
 /// The entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

@@ -29,6 +29,7 @@ pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
+pub(crate) use sqlite::SCHEMA_VERSION;
 pub(crate) use sqlite::lock;
 pub(crate) use sqlite::open::{OpenError, check, damage};
 pub use types::{

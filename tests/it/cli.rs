@@ -600,3 +600,62 @@ async fn daemon_with_a_batch_journaled(
     .await;
     (child, log)
 }
+
+async fn new_journal(path: &Path) {
+    Journal::open(path, b24eventd::config::Synchronous::Full)
+        .await
+        .unwrap();
+}
+
+fn user_version(path: &Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn version_names_the_journal_schema_this_build_writes() {
+    let out = b24eventd(&["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let expected = format!("b24eventd {} (journal schema ", env!("CARGO_PKG_VERSION"));
+    let schema: i64 = text
+        .trim()
+        .strip_prefix(&expected)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no schema version in {text:?}"));
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j.db");
+    new_journal(&journal).await;
+    assert_eq!(schema, user_version(&journal));
+}
+
+#[tokio::test]
+async fn a_journal_from_a_newer_build_is_refused_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &good(dir.path()));
+    let journal = dir.path().join("j.db");
+    new_journal(&journal).await;
+    let newer = user_version(&journal) + 1;
+    rusqlite::Connection::open(&journal)
+        .unwrap()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+    let before = std::fs::read(&journal).unwrap();
+    for args in [&["journal", "stats"][..], &["auth", "status"], &["run"]] {
+        let mut full = vec!["-c", path.as_str()];
+        full.extend_from_slice(args);
+        let out = b24eventd(&full);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("schema version {newer}"))
+                && err.contains("newer than this build supports")
+                && err.contains("upgrade b24eventd"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(&journal).unwrap(), before, "left as it was");
+}

@@ -13,6 +13,7 @@ mod inspect;
 pub mod lock;
 pub(super) mod open;
 mod schema;
+pub(crate) use schema::SCHEMA_VERSION;
 mod settlements;
 mod status;
 #[cfg(test)]

@@ -158,7 +158,7 @@ const MIGRATIONS: &[&str] = &[
 const CHANGE_KEY_VERSION: usize = 5;
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to [`SCHEMA_VERSION`], one transaction per step. A journal written by a
 /// newer build is refused rather than guessed at.
