@@ -205,7 +205,8 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
     let (tokens, _) = try_pair(portal_config, &journal, tokens, &command).await?;
     store(&journal, &portal, &tokens, &command).await?;
     outln!(
-        "stored tokens for portal {portal} (member_id {}, scope {}, access token expires {})",
+        "stored tokens for portal {portal} in {} (member_id {}, scope {}, access token expires {})",
+        journal.path().display(),
         tokens.member_id.as_deref().unwrap_or("unknown"),
         tokens.scope.as_deref().unwrap_or("unknown"),
         tokens
@@ -279,7 +280,11 @@ pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
         portals.push(portal_tokens(name, status, now));
     }
     let report = StatusReport {
-        journal: path.display().to_string(),
+        // Absolute: `./b24eventd.db` says nothing about which directory was meant.
+        journal: std::path::absolute(path)
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string(),
         portals,
     };
     if json {
@@ -315,13 +320,25 @@ pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
             dash(&p.scope),
         ]);
     }
+    outln!("{}", journal_line(&report.journal, journal.is_some()))?;
     out!("{}", table.render())?;
     if report.portals.iter().any(|p| !p.tokens) {
         outln!(
-            "\nportals without tokens: run `b24eventd auth login --portal NAME` (or `auth import`)"
+            "\nportals without tokens: run `b24eventd auth login --portal NAME` (or `auth import`) \
+             with this config, so they land in this journal (the packaged service: \
+             `b24eventd-as-service auth login --portal NAME` as root)"
         )?;
     }
     Ok(())
+}
+
+/// The first line of `auth status`: which journal it read.
+fn journal_line(path: &str, exists: bool) -> String {
+    if exists {
+        format!("journal {path}")
+    } else {
+        format!("journal {path} (not created yet: no tokens stored)")
+    }
 }
 
 fn portal_tokens(
@@ -358,6 +375,18 @@ fn portal_tokens(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names_the_journal_it_read() {
+        assert_eq!(
+            journal_line("/var/lib/b24eventd/journal.db", true),
+            "journal /var/lib/b24eventd/journal.db"
+        );
+        assert_eq!(
+            journal_line("./b24eventd.db", false),
+            "journal ./b24eventd.db (not created yet: no tokens stored)"
+        );
+    }
 
     #[test]
     fn states_are_random_and_url_safe() {

@@ -284,6 +284,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// [`config::JournalConfig::fallback_warning`] for this process's directory.
+fn journal_fallback_warning(config: &config::Config) -> Option<String> {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    config.journal.fallback_warning(&cwd)
+}
+
+/// The journal fallback warning on stderr, for `auth login` and `auth import`.
+fn warn_journal_fallback(config: &config::Config) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match journal_fallback_warning(config) {
+        Some(warning) => writeln!(std::io::stderr(), "b24eventd: warning: {warning}"),
+        None => Ok(()),
+    }
+}
+
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
@@ -368,6 +383,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 config::resolve_sink_secrets(sink)?;
             }
             init_logging_as("info", config.log_format);
+            if let Some(warning) = journal_fallback_warning(&config) {
+                tracing::warn!(journal = %config.journal.path.display(), "{warning}");
+            }
             let journal = config.journal.path.clone();
             runtime()?
                 .block_on(crate::daemon::serve(config))
@@ -418,6 +436,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
+            warn_journal_fallback(&config)?;
             let journal = config.journal.path.clone();
             runtime()?
                 .block_on(auth::import(config, portal, refresh_token, access_token))
@@ -427,6 +446,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Auth(AuthCommand::Login { portal }) => {
             let config = config::load(&config_path)?;
             init_logging("warn");
+            warn_journal_fallback(&config)?;
             let journal = config.journal.path.clone();
             runtime()?
                 .block_on(auth::login(config, portal))

@@ -64,6 +64,27 @@ pub struct JournalConfig {
     /// Cron with seconds (6 fields), e.g. `0 30 3 * * *`.
     pub prune_schedule: String,
     pub synchronous: Synchronous,
+    /// `path` is the `./b24eventd.db` fallback: `[journal] path` unset and no
+    /// `$STATE_DIRECTORY` (not under systemd).
+    pub in_current_directory: bool,
+}
+
+impl JournalConfig {
+    /// The warning of the commands that create a journal (`run`, `auth login`, `auth import`)
+    /// when it falls back to the current directory `cwd`: a service reading another journal
+    /// would find no tokens and no events there.
+    pub fn fallback_warning(&self, cwd: &std::path::Path) -> Option<String> {
+        self.in_current_directory.then(|| {
+            let file = self.path.file_name().map(PathBuf::from).unwrap_or_default();
+            format!(
+                "[journal] path is unset and $STATE_DIRECTORY is not set (not under systemd): using \
+                 {} in the current directory ({}); set [journal] path to the journal the service \
+                 uses (the packaged service: run `b24eventd-as-service` as root instead)",
+                self.path.display(),
+                cwd.join(file).display()
+            )
+        })
+    }
 }
 
 /// SQLite `PRAGMA synchronous` for the journal.

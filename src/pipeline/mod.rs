@@ -110,7 +110,7 @@ pub(crate) fn candidate_client(
     store: Arc<dyn TokenStore>,
 ) -> anyhow::Result<PortalClient> {
     let http = crate::bitrix::client::http_client()?;
-    client_on(portal, tokens, store, Duration::from_secs(30), http)
+    client_on(portal, tokens, store, None, Duration::from_secs(30), http)
 }
 
 /// A portal's client that waits out its limits for up to `max_limit_wait`, on `http`.
@@ -122,13 +122,16 @@ pub(crate) async fn client_with_limit_wait(
 ) -> anyhow::Result<PortalClient> {
     let tokens = journal.load_tokens(&portal.name).await?;
     let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
-    client_on(portal, tokens, store, max_limit_wait, http)
+    // Absolute, so the NO_TOKENS error names the file whatever the reader's directory.
+    let path = std::path::absolute(journal.path()).unwrap_or_else(|_| journal.path().to_path_buf());
+    client_on(portal, tokens, store, Some(path), max_limit_wait, http)
 }
 
 fn client_on(
     portal: &PortalConfig,
     tokens: Option<crate::bitrix::Tokens>,
     store: Arc<dyn TokenStore>,
+    journal: Option<std::path::PathBuf>,
     max_limit_wait: Duration,
     http: reqwest::Client,
 ) -> anyhow::Result<PortalClient> {
@@ -145,6 +148,7 @@ fn client_on(
         per_second,
         request_timeout: portal.request_timeout,
         max_limit_wait,
+        journal,
     };
     PortalClient::with_http(settings, tokens, store, http).map_err(anyhow::Error::from)
 }

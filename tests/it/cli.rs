@@ -659,3 +659,50 @@ async fn a_journal_from_a_newer_build_is_refused_with_exit_78() {
     }
     assert_eq!(std::fs::read(&journal).unwrap(), before, "left as it was");
 }
+
+/// `[journal] path` unset and no $STATE_DIRECTORY: the commands that make a journal say it goes
+/// to the current directory; `auth status` names the journal it read.
+#[test]
+fn the_current_directory_journal_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &good(dir.path())
+            .replace("[journal]\n", "")
+            .replace(&format!("path = \"{}\"\n", dir.path().join("j.db").display()), "")
+            .replace("https://example.bitrix24.com/rest/", "http://127.0.0.1:1/rest/"),
+    );
+    assert!(!std::fs::read_to_string(&config).unwrap().contains("[journal]"));
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+            .args(["-c", &config])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("B24EVENTD_CONFIG")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let warning = format!(
+        "b24eventd: warning: [journal] path is unset and $STATE_DIRECTORY is not set (not under systemd): using ./b24eventd.db in the current directory ({})",
+        dir.path().join("b24eventd.db").display()
+    );
+    let status = run(&["auth", "status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    assert!(!stderr(&status).contains("warning"), "{}", stderr(&status));
+    assert!(
+        stdout(&status).starts_with(&format!(
+            "journal {} (not created yet: no tokens stored)\n",
+            dir.path().join("b24eventd.db").display()
+        )),
+        "{}",
+        stdout(&status)
+    );
+    // The portal is unreachable: the import fails, after the warning.
+    let import = run(&["auth", "import", "--portal", "main", "--refresh-token", "r"]);
+    assert_eq!(import.status.code(), Some(1), "{}", stderr(&import));
+    assert!(stderr(&import).starts_with(&warning), "{}", stderr(&import));
+    let login = run(&["auth", "login", "--portal", "main"]);
+    assert!(stderr(&login).starts_with(&warning), "{}", stderr(&login));
+}

@@ -182,6 +182,7 @@ pub fn baseline_client(
         per_second,
         request_timeout: Duration::from_secs(60),
         max_limit_wait: Duration::from_secs(15 * 60),
+        journal: None,
     };
     Ok(PortalClient::new(
         settings,

@@ -89,8 +89,8 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     install(&tree, "usr/bin/b24eventd", &fs::read(&binary)?, 0o755)?;
     install(
         &tree,
-        "usr/sbin/b24eventd-auth",
-        &read(root, "packaging/deb/b24eventd-auth")?,
+        "usr/sbin/b24eventd-as-service",
+        &read(root, "packaging/deb/b24eventd-as-service")?,
         0o755,
     )?;
     let unit = packaged_unit(&String::from_utf8(read(root, "systemd/b24eventd.service")?)?)?;
@@ -201,7 +201,7 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
 /// /var/lib/private/ (mode 0700, root), which only the running unit can reach ("If DynamicUser=
 /// is used, the logic for ... StateDirectory= is slightly altered", systemd.exec(5),
 /// https://www.freedesktop.org/software/systemd/man/latest/systemd.exec.html#RuntimeDirectory=);
-/// a static user lets `b24eventd-auth` store the first tokens in the journal as the service.
+/// a static user lets `b24eventd-as-service` store the first tokens in the journal as the service.
 /// What DynamicUser= implies (RemoveIPC=, PrivateTmp=, NoNewPrivileges=, RestrictSUIDSGID=,
 /// ProtectSystem=strict) is kept: the unit sets all but RemoveIPC=, added here.
 fn packaged_unit(unit: &str) -> anyhow::Result<String> {
@@ -219,7 +219,7 @@ fn packaged_unit(unit: &str) -> anyhow::Result<String> {
     );
     let body = body.replace("/usr/local/bin/b24eventd", "/usr/bin/b24eventd").replace(
         "DynamicUser=yes\n",
-        "# The package's system user (postinst makes it), so that `b24eventd-auth` can write the\n\
+        "# The package's system user (postinst makes it), so that `b24eventd-as-service` can write the\n\
          # journal as the service does. RemoveIPC= is what DynamicUser=yes implied beyond the rest.\n\
          User=b24eventd\nGroup=b24eventd\nRemoveIPC=yes\n",
     );
@@ -228,11 +228,14 @@ fn packaged_unit(unit: &str) -> anyhow::Result<String> {
          # edit /etc/b24eventd/config.toml, put each portal's client secret in\n\
          # /etc/b24eventd/<portal>.secret (mode 0600, root; add a LoadCredential= line per portal\n\
          # with `systemctl edit b24eventd`), store the first tokens with\n\
-         # `b24eventd-auth login --portal main`, then: systemctl enable --now b24eventd\n\
+         # `b24eventd-as-service auth login --portal main`, then: systemctl enable --now b24eventd\n\
          # Change this unit with `systemctl edit b24eventd` (a drop-in an upgrade keeps).\n{body}"
     ))
 }
 
+/// Depends: glibc at least the version the binary links against, adduser for postinst, and
+/// ca-certificates: HTTPS portals and sinks verify against the system's roots (rustls-native-certs
+/// reads /etc/ssl/certs; without it every HTTPS client fails to build).
 fn control(version: &str, arch: &str, binary: &Path, size_kib: u64) -> anyhow::Result<String> {
     let libc = match glibc_floor(binary)? {
         Some(v) => format!("libc6 (>= {v})"),
@@ -248,7 +251,7 @@ fn control(version: &str, arch: &str, binary: &Path, size_kib: u64) -> anyhow::R
          Architecture: {arch}\n\
          Maintainer: {maintainer}\n\
          Installed-Size: {size_kib}\n\
-         Depends: {libc}, adduser\n\
+         Depends: {libc}, adduser, ca-certificates\n\
          Section: net\n\
          Priority: optional\n\
          Homepage: https://github.com/b24eventd/b24eventd\n\
@@ -259,7 +262,7 @@ fn control(version: &str, arch: &str, binary: &Path, size_kib: u64) -> anyhow::R
          it upstream. Nothing is lost on a crash, an outage or an expired token.\n \
          .\n \
          The service is installed but neither enabled nor started: edit\n \
-         /etc/b24eventd/config.toml, store the first tokens with b24eventd-auth, then\n \
+         /etc/b24eventd/config.toml, store the first tokens with b24eventd-as-service, then\n \
          systemctl enable --now b24eventd.\n"
     ))
 }

@@ -57,6 +57,9 @@ pub struct ClientSettings {
     /// How long `call` keeps waiting out 503/429 limit answers before returning the
     /// Retryable error (zero: return the first one).
     pub max_limit_wait: Duration,
+    /// The journal the portal's tokens are kept in, named by the NO_TOKENS error so the
+    /// operator stores them where this process looks (None: tokens kept elsewhere).
+    pub journal: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ClientSettings {
@@ -72,6 +75,7 @@ impl fmt::Debug for ClientSettings {
             .field("per_second", &self.per_second)
             .field("request_timeout", &self.request_timeout)
             .field("max_limit_wait", &self.max_limit_wait)
+            .field("journal", &self.journal)
             .finish()
     }
 }

@@ -168,6 +168,7 @@ pub(super) fn settings(base: &str) -> ClientSettings {
         per_second: 50.0,
         request_timeout: Duration::from_secs(5),
         max_limit_wait: Duration::from_secs(30),
+        journal: None,
     }
 }
 

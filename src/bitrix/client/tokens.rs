@@ -56,15 +56,11 @@ impl PortalClient {
     }
 
     fn no_tokens(&self, method: &str) -> BitrixError {
-        let portal = self.portal();
         BitrixError::new(
-            portal,
+            self.portal(),
             method,
             codes::NO_TOKENS,
-            format!(
-                "no OAuth tokens are stored for this portal: run `b24eventd auth import --portal \
-                 {portal} --refresh-token T` (or `b24eventd auth login --portal {portal}`)"
-            ),
+            no_tokens_message(self.portal(), self.inner.settings.journal.as_deref()),
             None,
         )
     }
@@ -309,6 +305,23 @@ impl PortalClient {
             out.push(t.refresh_token.clone());
         }
         out
+    }
+}
+
+/// The NO_TOKENS text: which journal was looked in, and how to store tokens in that one (the
+/// packaged service's journal is reached with `b24eventd-as-service`, which runs as the service).
+fn no_tokens_message(portal: &str, journal: Option<&std::path::Path>) -> String {
+    let store = format!(
+        "`b24eventd auth login --portal {portal}` (or `b24eventd auth import --portal {portal} \
+         --refresh-token -`) with the same config and environment; for the packaged systemd \
+         service, `b24eventd-as-service auth login --portal {portal}` as root"
+    );
+    match journal {
+        Some(journal) => format!(
+            "no OAuth tokens are stored for this portal in the journal {}: store them there with {store}",
+            journal.display()
+        ),
+        None => format!("no OAuth tokens are stored for this portal: store them with {store}"),
     }
 }
 
@@ -622,10 +635,24 @@ mod tests {
         );
         assert!(
             err.to_string()
-                .contains("b24eventd auth import --portal main --refresh-token T"),
+                .contains("b24eventd auth import --portal main --refresh-token -"),
             "{err}"
         );
         assert!(log(&srv).is_empty());
+    }
+
+    #[test]
+    fn no_tokens_names_the_journal_it_looked_in() {
+        let text = no_tokens_message("main", Some(std::path::Path::new("/srv/b24/journal.db")));
+        assert!(
+            text.starts_with(
+                "no OAuth tokens are stored for this portal in the journal /srv/b24/journal.db: store them there with `b24eventd auth login --portal main`"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("`b24eventd-as-service auth login --portal main` as root"), "{text}");
+        let text = no_tokens_message("main", None);
+        assert!(!text.contains("journal"), "{text}");
     }
 
     #[tokio::test]

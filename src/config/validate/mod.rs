@@ -217,6 +217,7 @@ impl Validator {
         raw: RawJournal,
         state_directory: Option<&Path>,
     ) -> Result<JournalConfig, ConfigError> {
+        let in_current_directory = raw.path.is_none() && state_directory.is_none();
         let path = match raw.path {
             Some(p) if p.as_os_str().is_empty() => {
                 return Err(self.err("journal.path", "must not be empty"));
@@ -246,6 +247,7 @@ impl Validator {
                 DEFAULT_PRUNE_SCHEDULE,
             )?,
             synchronous,
+            in_current_directory,
         })
     }
 
@@ -412,6 +414,25 @@ mod tests {
             config.journal.path,
             PathBuf::from("/var/lib/b24eventd/journal.db")
         );
+    }
+
+    #[test]
+    fn only_the_current_directory_fallback_warns() {
+        let cwd = Path::new("/home/operator");
+        let fallback = load_str(MINIMAL, &[]).unwrap();
+        assert_eq!(
+            fallback.journal.fallback_warning(cwd).as_deref(),
+            Some(
+                "[journal] path is unset and $STATE_DIRECTORY is not set (not under systemd): using \
+                 ./b24eventd.db in the current directory (/home/operator/b24eventd.db); set [journal] \
+                 path to the journal the service uses (the packaged service: run `b24eventd-as-service` as \
+                 root instead)"
+            )
+        );
+        let systemd = load_str(MINIMAL, &[("STATE_DIRECTORY", "/var/lib/b24eventd")]).unwrap();
+        assert_eq!(systemd.journal.fallback_warning(cwd), None);
+        let set = load_str(&format!("[journal]\npath = \"./j.db\"\n{MINIMAL}"), &[]).unwrap();
+        assert_eq!(set.journal.fallback_warning(cwd), None);
     }
 
     /// One config per duration key, with `VALUE` where the duration goes.
