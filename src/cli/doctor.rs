@@ -161,7 +161,7 @@ async fn examine(config: &Config) -> anyhow::Result<Report> {
     for portal in config.portals.values() {
         portals.push(PortalReport {
             portal: portal.name.clone(),
-            checks: check_portal(portal, journal.as_ref()).await?,
+            checks: check_portal(portal, journal.as_ref(), &config.journal.path).await?,
         });
     }
     let mut sinks = Vec::new();
@@ -198,6 +198,7 @@ async fn examine(config: &Config) -> anyhow::Result<Report> {
 async fn check_portal(
     portal: &PortalConfig,
     journal: Option<&Journal>,
+    journal_path: &std::path::Path,
 ) -> anyhow::Result<Vec<Finding>> {
     let name = &portal.name;
     let mut out = Vec::new();
@@ -211,8 +212,16 @@ async fn check_portal(
     let Some((journal, status)) = stored else {
         out.push(Finding::fail(
             "token",
-            "no OAuth tokens are stored for this portal, so nothing else could be checked",
-            format!("run `b24eventd auth login --portal {name}` (or `b24eventd auth import`)"),
+            format!(
+                "no OAuth tokens are stored for this portal in the journal {}, so nothing else could be checked",
+                std::path::absolute(journal_path)
+                    .unwrap_or_else(|_| journal_path.to_path_buf())
+                    .display()
+            ),
+            format!(
+                "run `b24eventd auth login --portal {name}` (or `b24eventd auth import`) with this \
+                 config; for the packaged service, `b24eventd-as-service auth login --portal {name}`"
+            ),
         ));
         return Ok(out);
     };

@@ -669,10 +669,20 @@ fn the_current_directory_journal_is_announced() {
         dir.path(),
         &good(dir.path())
             .replace("[journal]\n", "")
-            .replace(&format!("path = \"{}\"\n", dir.path().join("j.db").display()), "")
-            .replace("https://example.bitrix24.com/rest/", "http://127.0.0.1:1/rest/"),
+            .replace(
+                &format!("path = \"{}\"\n", dir.path().join("j.db").display()),
+                "",
+            )
+            .replace(
+                "https://example.bitrix24.com/rest/",
+                "http://127.0.0.1:1/rest/",
+            ),
     );
-    assert!(!std::fs::read_to_string(&config).unwrap().contains("[journal]"));
+    assert!(
+        !std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("[journal]")
+    );
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_b24eventd"))
             .args(["-c", &config])

@@ -127,9 +127,8 @@ async fn auth_login_exchanges_a_pasted_code_and_status_shows_no_tokens() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.starts_with(&format!(
-            "stored tokens for portal main (member_id {member_id}, scope crm,"
-        )),
+        text.starts_with("stored tokens for portal main in ")
+            && text.contains(&format!("journal.db (member_id {member_id}, scope crm,")),
         "{text}"
     );
     let shown = stderr(&out);

@@ -45,8 +45,9 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
                 .all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c)),
         "--version {version:?} is not a Debian version (digits first, then [A-Za-z0-9.+~-])"
     );
-    let arch = output(Command::new("dpkg").arg("--print-architecture"))
-        .context("dpkg --print-architecture (the package is built with dpkg-deb: apt-get install dpkg-dev)")?;
+    let arch = output(Command::new("dpkg").arg("--print-architecture")).context(
+        "dpkg --print-architecture (the package is built with dpkg-deb: apt-get install dpkg-dev)",
+    )?;
 
     let target = target_dir(root)?;
     if options.build {
@@ -58,8 +59,12 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
             let key = key.to_string_lossy();
             if key.starts_with("CARGO_PKG_")
                 || key.starts_with("CARGO_MANIFEST_")
-                || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"]
-                    .contains(&key.as_ref())
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&key.as_ref())
             {
                 cargo.env_remove(key.as_ref());
             }
@@ -69,7 +74,10 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
             .args(["build", "--release", "-p", PACKAGE, "--bin", PACKAGE])
             .status()
             .context("cargo build")?;
-        ensure!(status.success(), "cargo build --release -p {PACKAGE} failed");
+        ensure!(
+            status.success(),
+            "cargo build --release -p {PACKAGE} failed"
+        );
     }
     let binary = target.join("release").join(PACKAGE);
     ensure!(
@@ -93,7 +101,10 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
         &read(root, "packaging/deb/b24eventd-as-service")?,
         0o755,
     )?;
-    let unit = packaged_unit(&String::from_utf8(read(root, "systemd/b24eventd.service")?)?)?;
+    let unit = packaged_unit(&String::from_utf8(read(
+        root,
+        "systemd/b24eventd.service",
+    )?)?)?;
     install(
         &tree,
         "lib/systemd/system/b24eventd.service",
@@ -274,7 +285,11 @@ fn glibc_floor(binary: &Path) -> anyhow::Result<Option<String>> {
         eprintln!("objdump (binutils) missing: Depends: libc6 without a version");
         return Ok(None);
     };
-    ensure!(out.status.success(), "objdump -T {} failed", binary.display());
+    ensure!(
+        out.status.success(),
+        "objdump -T {} failed",
+        binary.display()
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let best = text
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
@@ -420,17 +435,29 @@ mod tests {
         let unit = packaged_unit(&repo).unwrap();
         assert!(!unit.contains("/usr/local/bin"), "{unit}");
         assert!(!unit.contains("DynamicUser="), "{unit}");
-        assert!(unit.contains("\nExecStart=/usr/bin/b24eventd --config /etc/b24eventd/config.toml run\n"));
+        assert!(
+            unit.contains(
+                "\nExecStart=/usr/bin/b24eventd --config /etc/b24eventd/config.toml run\n"
+            )
+        );
         assert!(unit.contains("\nUser=b24eventd\nGroup=b24eventd\nRemoveIPC=yes\n"));
         // The sandbox and the credential stay as the repository's unit has them.
-        for line in ["StateDirectory=b24eventd", "ProtectSystem=strict", "PrivateUsers=yes"] {
+        for line in [
+            "StateDirectory=b24eventd",
+            "ProtectSystem=strict",
+            "PrivateUsers=yes",
+        ] {
             assert!(unit.lines().any(|l| l == line), "{line}");
         }
         assert!(
             unit.lines()
                 .any(|l| l == "LoadCredential=main.client_secret:/etc/b24eventd/main.secret")
         );
-        assert!(unit.starts_with("# b24eventd as a systemd service, installed by the b24eventd package."));
+        assert!(
+            unit.starts_with(
+                "# b24eventd as a systemd service, installed by the b24eventd package."
+            )
+        );
     }
 
     #[test]

@@ -650,7 +650,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("`b24eventd-as-service auth login --portal main` as root"), "{text}");
+        assert!(
+            text.contains("`b24eventd-as-service auth login --portal main` as root"),
+            "{text}"
+        );
         let text = no_tokens_message("main", None);
         assert!(!text.contains("journal"), "{text}");
     }
