@@ -46,7 +46,7 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
         "--version {version:?} is not a Debian version (digits first, then [A-Za-z0-9.+~-])"
     );
     let arch = output(Command::new("dpkg").arg("--print-architecture")).context(
-        "dpkg --print-architecture (the package is built with dpkg-deb: apt-get install dpkg-dev)",
+        "dpkg --print-architecture (the package is built with dpkg's dpkg-deb: build on Debian or Ubuntu)",
     )?;
 
     let target = target_dir(root)?;
@@ -434,7 +434,10 @@ mod tests {
         let repo = workspace_unit();
         let unit = packaged_unit(&repo).unwrap();
         assert!(!unit.contains("/usr/local/bin"), "{unit}");
-        assert!(!unit.contains("DynamicUser="), "{unit}");
+        assert!(
+            !unit.lines().any(|l| l.starts_with("DynamicUser=")),
+            "{unit}"
+        );
         assert!(
             unit.contains(
                 "\nExecStart=/usr/bin/b24eventd --config /etc/b24eventd/config.toml run\n"
