@@ -123,7 +123,14 @@ pub fn build(root: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     let man = tree.join("usr/share/man/man1");
     fs::create_dir_all(&man)?;
     clap_mangen::generate_to(cmd.clone(), &man).context("generating the man pages")?;
-    let mut pages = 0;
+    let man8 = tree.join("usr/share/man/man8");
+    fs::create_dir_all(&man8)?;
+    clap_mangen::Man::new(helper_command())
+        .section("8")
+        .generate_to(&man8)
+        .context("generating b24eventd-as-service.8")?;
+    gzip(&man8.join("b24eventd-as-service.8"))?;
+    let mut pages = 1;
     for entry in fs::read_dir(&man)? {
         let path = entry?.path();
         gzip(&path)?;
@@ -247,6 +254,33 @@ fn packaged_unit(unit: &str) -> anyhow::Result<String> {
 /// Depends: glibc at least the version the binary links against, adduser for postinst, and
 /// ca-certificates: HTTPS portals and sinks verify against the system's roots (rustls-native-certs
 /// reads /etc/ssl/certs; without it every HTTPS client fails to build).
+/// The command line of packaging/deb/b24eventd-as-service (a shell script), for its man page.
+fn helper_command() -> clap::Command {
+    clap::Command::new("b24eventd-as-service")
+        .about("Run a b24eventd command as the installed service runs (its user, journal and credentials)")
+        .long_about(
+            "Runs `/usr/bin/b24eventd --config /etc/b24eventd/config.toml COMMAND ...` as the \
+             service user b24eventd, with umask 077, STATE_DIRECTORY=/var/lib/b24eventd (the \
+             unit's StateDirectory=, so the journal is /var/lib/b24eventd/journal.db unless \
+             [journal] path says otherwise) and a CREDENTIALS_DIRECTORY holding the files the \
+             unit's LoadCredential= lines name (the unit and its drop-ins), copied to a private \
+             directory under /run and removed afterwards. Run it as root. Use it to store the \
+             first tokens in the service's own journal before the first start \
+             (`b24eventd-as-service auth login --portal main`), and for doctor, subscribe and \
+             the journal commands. It makes /var/lib/b24eventd when missing, and hands it to the \
+             b24eventd user when another owns it, as the unit does at start.",
+        )
+        .arg(
+            clap::Arg::new("command")
+                .value_name("COMMAND")
+                .num_args(1..)
+                .trailing_var_arg(true)
+                .required(true)
+                .help("A b24eventd command and its arguments, e.g. `auth login --portal main`"),
+        )
+        .after_help("See also: b24eventd(1), b24eventd-auth-login(1), systemd.exec(5).")
+}
+
 fn control(version: &str, arch: &str, binary: &Path, size_kib: u64) -> anyhow::Result<String> {
     let libc = match glibc_floor(binary)? {
         Some(v) => format!("libc6 (>= {v})"),
