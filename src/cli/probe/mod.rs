@@ -64,7 +64,8 @@ pub(super) async fn run(config: &Config, portal_name: &str, json: bool) -> anyho
     let journal = Journal::open_as(path, config.journal.synchronous, Access::Write).await?;
     if journal.token_status(portal_name).await?.is_none() {
         anyhow::bail!(
-            "no OAuth tokens are stored for portal {portal_name}: run `b24eventd auth login --portal {portal_name}` first"
+            "no OAuth tokens are stored for portal {portal_name} in the journal {}: run `b24eventd auth login --portal {portal_name}` with this config first (the packaged service: `b24eventd-as-service auth login --portal {portal_name}`)",
+            path.display()
         );
     }
     let shutdown = CancellationToken::new();
