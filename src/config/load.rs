@@ -6,7 +6,9 @@ use super::CONFIG_ENV;
 use super::raw::RawConfig;
 use super::types::Config;
 use super::validate::validate;
-use crate::options::{ConfigError, ENV_PREFIX, IGNORED_ENV, env_var_name, push_leaf, render_key};
+use crate::options::{
+    ConfigError, ENV_PREFIX, ENV_SOURCE, IGNORED_ENV, env_var_name, push_leaf, render_key,
+};
 use figment::providers::Format;
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -15,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 const LOCAL_CONFIG: &str = "b24eventd.toml";
 const SYSTEM_CONFIG: &str = "/etc/b24eventd/config.toml";
-const ENV_SOURCE: &str = "environment variable";
 
 /// The config file to use when none is given on the command line: `$B24EVENTD_CONFIG`, then
 /// `./b24eventd.toml` if it exists, then `/etc/b24eventd/config.toml`.
@@ -88,11 +89,15 @@ fn load_raw(path: &Path, env: &[(String, String)]) -> Result<RawConfig, ConfigEr
     toml.data()
         .map_err(|e| ConfigError::new(&file, "", toml_syntax_message(&e.to_string())))?;
 
-    Figment::new()
+    let env = EnvOverrides::from_env(env);
+    let env_keys = env.vars.iter().map(|(path, _)| path.clone()).collect();
+    let mut raw = Figment::new()
         .merge(toml)
-        .merge(EnvOverrides::from_env(env))
+        .merge(env)
         .extract::<RawConfig>()
-        .map_err(|e| figment_error(e, &file))
+        .map_err(|e| figment_error(e, &file))?;
+    raw.env_keys = env_keys;
+    Ok(raw)
 }
 
 /// The first line of a toml error ("TOML parse error at line 3, column 9") and its explanation,
