@@ -142,6 +142,16 @@ pub enum JournalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a consistent copy of the journal (tokens included) to a new file with mode 0600;
+    /// safe while the daemon runs. Refuses a PATH that exists
+    Backup {
+        /// The file to create (not overwritten when it exists)
+        #[arg(value_name = "PATH")]
+        path: std::path::PathBuf,
+        /// Print the result as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow new events as they are journaled (Ctrl-C stops)
     Tail {
         #[command(flatten)]
@@ -304,6 +314,22 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Tail { filter, json } => {
             check_names(config, &filter, &journal)?;
             tail(&journal, &filter, json)
+        }
+        JournalCommand::Backup { path, json } => {
+            let bytes = journal.backup_blocking(&path)?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "journal": journal.path(),
+                    "backup": path,
+                    "bytes": bytes,
+                }));
+            }
+            outln!(
+                "journal {} copied to {} ({bytes} bytes, mode 0600; it holds the OAuth tokens)",
+                journal.path().display(),
+                path.display()
+            )?;
+            Ok(())
         }
     }
 }
