@@ -149,11 +149,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the portal's offline bindings of the events listed in `events`
+    /// Remove every offline binding of this application on the portal made with its
+    /// `auth_connector` (also events no longer in `events`); other connectors' stay
     Unsubscribe {
         /// Only this portal (default: every configured portal)
         #[arg(long)]
         portal: Option<String>,
+        /// Remove only the bindings of the events listed in `events`; keep the other ones
+        #[arg(long)]
+        only_configured: bool,
         /// Print what changed as one JSON document
         #[arg(long)]
         json: bool,
@@ -438,12 +442,21 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
-        Command::Unsubscribe { portal, json } => {
+        Command::Unsubscribe {
+            portal,
+            only_configured,
+            json,
+        } => {
             let config = config::load(&config_path)?;
             init_logging("warn");
             let journal = config.journal.path.clone();
             runtime()?
-                .block_on(subscribe::unsubscribe(config, portal, json))
+                .block_on(subscribe::unsubscribe(
+                    config,
+                    portal,
+                    only_configured,
+                    json,
+                ))
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
