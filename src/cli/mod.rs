@@ -638,6 +638,74 @@ async fn simulate(
 mod tests {
     use super::*;
 
+    /// clap's own checks of the definitions, then every argument of every subcommand has help
+    /// text (`--help` explains each flag; an empty `--json` line explains nothing).
+    #[test]
+    fn every_flag_of_every_subcommand_has_help() {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        root.clone().debug_assert();
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                if matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                *seen += 1;
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing, seen);
+            }
+        }
+        let (mut missing, mut seen) = (Vec::new(), 0);
+        walk(&root, "b24eventd", &mut missing, &mut seen);
+        assert!(seen > 50, "walked {seen} arguments");
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    /// Each journal command offers only the filters it uses.
+    #[test]
+    fn filters_are_offered_only_where_they_mean_something() {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        let flags = |path: &[&str]| -> Vec<String> {
+            let mut cmd = &root;
+            for name in path {
+                cmd = cmd.find_subcommand(name).expect(name);
+            }
+            cmd.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        };
+        for (path, absent) in [
+            (&["dead", "list"][..], "status"),
+            (&["dead", "retry"], "status"),
+            (&["dead", "purge"], "status"),
+            (&["journal", "stats"], "limit"),
+            (&["journal", "tail"], "until"),
+        ] {
+            assert!(
+                !flags(path).iter().any(|f| f == absent),
+                "{path:?} offers --{absent}"
+            );
+        }
+        for (path, present) in [
+            (&["journal", "list"][..], "until"),
+            (&["journal", "list"], "limit"),
+            (&["journal", "tail"], "since"),
+            (&["replay"], "status"),
+            (&["unsubscribe"], "only-configured"),
+        ] {
+            assert!(
+                flags(path).iter().any(|f| f == present),
+                "{path:?} lacks --{present}"
+            );
+        }
+    }
+
     #[test]
     fn a_log_filter_that_is_not_one_is_refused_and_reported() {
         let env = |v: &str| Some(("B24EVENTD_LOG", v.to_string()));
