@@ -243,6 +243,9 @@ impl DeadFilter {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.which.is_empty() && self.window.is_empty() && self.limit.limit.is_none()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,10 +266,13 @@ pub enum DeadCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete dead events already settled upstream
+    /// Delete dead events already settled upstream; needs a filter, or --all for every one
     Purge {
         #[command(flatten)]
         filter: DeadFilter,
+        /// Purge every dead event (instead of giving a filter)
+        #[arg(long)]
+        all: bool,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -555,6 +561,13 @@ fn skipped_note(skipped: u64) -> String {
 }
 
 pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
+    if let DeadCommand::Purge { filter, all: false, .. } = &command
+        && filter.is_empty()
+    {
+        bail!(
+            "dead purge deletes dead events for good: give a filter (--portal, --event, --sink, --since, --until, --limit) or --all for every dead event"
+        );
+    }
     let journal = match command {
         DeadCommand::List { .. } => open_to_read(config)?,
         DeadCommand::Retry { .. } | DeadCommand::Purge { .. } => open_to_write(config)?,
@@ -611,7 +624,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        DeadCommand::Purge { filter, json } => {
+        DeadCommand::Purge { filter, json, .. } => {
             check_names(config, &filter.which, &journal)?;
             let done = journal.purge_dead(&filter.filter(None))?;
             if json {

@@ -696,6 +696,7 @@ mod tests {
             (&["journal", "list"][..], "until"),
             (&["journal", "list"], "limit"),
             (&["journal", "tail"], "since"),
+            (&["dead", "purge"], "all"),
             (&["replay"], "status"),
             (&["unsubscribe"], "only-configured"),
         ] {

@@ -530,7 +530,16 @@ async fn dead_purge_deletes_settled_dead_events_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.is_empty(), "nothing on stderr: {err}");
-    let purged = cli_json(config, &["dead", "purge", "--json"]).await;
+    // No filter: refused, nothing deleted, as `replay` refuses without --all.
+    let refused = cli(config, &["dead", "purge"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("give a filter") && err.contains("--all"),
+        "{err}"
+    );
+    assert_eq!(ids_of(&cli_json(config, &["dead", "list", "--json"]).await).len(), 2);
+    let purged = cli_json(config, &["dead", "purge", "--all", "--json"]).await;
     assert_eq!(
         (purged["events"].as_u64(), purged["kept_unsettled"].as_u64()),
         (Some(2), Some(0))
