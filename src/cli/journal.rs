@@ -709,7 +709,7 @@ fn print_stats(stats: &[PortalStats]) -> anyhow::Result<()> {
             p.portal.clone(),
             "(all)".to_string(),
             p.pending.to_string(),
-            String::new(),
+            p.retrying.to_string(),
             p.delivered.to_string(),
             p.dead.to_string(),
             age(p.oldest_pending_fetched_at.as_deref(), now),
