@@ -555,7 +555,7 @@ fn log_filter(
             .map(|e| e.to_string())
     });
     match problem {
-        None => (value, None),
+        None => (quiet_scheduler(value), None),
         Some(problem) => (
             fallback,
             Some(RefusedLogFilter {
@@ -564,6 +564,24 @@ fn log_filter(
                 problem,
             }),
         ),
+    }
+}
+
+/// `filter` with the job scheduler's target held at `warn` when the filter lets INFO or more
+/// through by default (`info`, `debug`, `trace`) and does not name the scheduler itself:
+/// tokio-cron-scheduler logs every tick of its jobs at INFO, which buries what we log there.
+fn quiet_scheduler(filter: String) -> String {
+    const SCHEDULER: &str = "tokio_cron_scheduler";
+    let verbose = filter.split(',').map(str::trim).any(|directive| {
+        matches!(
+            directive.to_ascii_lowercase().as_str(),
+            "info" | "debug" | "trace" | "3" | "4" | "5"
+        )
+    });
+    if verbose && !filter.contains(SCHEDULER) {
+        format!("{filter},{SCHEDULER}=warn")
+    } else {
+        filter
     }
 }
 
@@ -711,15 +729,22 @@ mod tests {
     fn a_log_filter_that_is_not_one_is_refused_and_reported() {
         let env = |v: &str| Some(("B24EVENTD_LOG", v.to_string()));
         for good in [
-            "debug",
             "WARN",
             "warn,b24eventd=debug",
             "b24eventd",
             "b24eventd::pipeline=trace",
-            "info,hyper=off",
-            "3",
+            "debug,tokio_cron_scheduler=info",
         ] {
             assert_eq!(log_filter(env(good), "info"), (good.to_string(), None));
+        }
+        // A filter that lets INFO through keeps the job scheduler's per-tick INFO lines out,
+        // unless it names the scheduler.
+        for (verbose, taken) in [
+            ("debug", "debug,tokio_cron_scheduler=warn"),
+            ("info,hyper=off", "info,hyper=off,tokio_cron_scheduler=warn"),
+            ("3", "3,tokio_cron_scheduler=warn"),
+        ] {
+            assert_eq!(log_filter(env(verbose), "info"), (taken.to_string(), None));
         }
         for (garbage, problem) in [
             ("verbose", "\"verbose\" is neither a level"),
