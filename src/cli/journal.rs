@@ -659,13 +659,13 @@ pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
         return print_json(&done);
     }
     outln!(
-        "pruned {} event{} and {} batch{} settled before {} ({} ago){}",
+        "pruned {} event{} and {} batch{} settled before {} ({}){}",
         done.events,
         super::plural(done.events as usize),
         done.batches,
         if done.batches == 1 { "" } else { "es" },
         cutoff.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S"),
-        humantime::format_duration(age),
+        crate::age::ago(age),
         if args.include_dead {
             ", dead ones included"
         } else {
@@ -732,13 +732,12 @@ fn print_stats(stats: &[PortalStats]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long ago a journal timestamp was, for people (`3m 12s`); `-` for none.
+/// How long ago a journal timestamp was, for people (`12 min ago`); `-` for none.
 fn age(at: Option<&str>, now: DateTime<Utc>) -> String {
-    let Some(at) = at.and_then(|t| DateTime::parse_from_rfc3339(t).ok()) else {
-        return "-".to_string();
-    };
-    let secs = (now - at.with_timezone(&Utc)).num_seconds().max(0) as u64;
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
+    match at.and_then(|t| DateTime::parse_from_rfc3339(t).ok()) {
+        Some(at) => crate::age::ago_at(at.with_timezone(&Utc), now),
+        None => "-".to_string(),
+    }
 }
 
 fn local_time(at: &str) -> String {
