@@ -595,6 +595,7 @@ async fn simulate(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let port = listener.local_addr()?.port();
     let sim = b24eventd_simulator::Simulator::start_on(
         b24eventd_simulator::SimulatorConfig {
             access_token_ttl: token_ttl,
@@ -607,9 +608,15 @@ async fn simulate(
     for event in ["ONCRMDEALADD", "ONCRMDEALUPDATE"] {
         sim.bind_offline(event, "");
     }
-    let (access, refresh) = sim.issue_tokens();
+    let (_, refresh) = sim.issue_tokens();
     let defaults = b24eventd_simulator::SimulatorConfig::default();
     let base = sim.base_url();
+    // The daemon's admin endpoint beside the simulator (the next port), not on the default
+    // 9464 a real daemon on this machine may hold.
+    let admin = std::net::SocketAddr::new(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        port.checked_add(1).unwrap_or(9464),
+    );
     outln!(
         "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"
     )?;
@@ -619,7 +626,7 @@ async fn simulate(
     outln!("[journal]")?;
     outln!("path = \"sim-journal.db\"")?;
     outln!("[admin]")?;
-    outln!("listen = \"\"")?;
+    outln!("listen = \"{admin}\"")?;
     outln!("[portals.sim]")?;
     outln!("client_endpoint = \"{}\"", sim.client_endpoint())?;
     outln!("oauth_token_url = \"{}\"", sim.oauth_token_url())?;
@@ -630,13 +637,16 @@ async fn simulate(
     outln!("type = \"file\"")?;
     outln!("path = \"sim-events.jsonl\"")?;
     outln!()?;
+    // The token goes in on stdin (printf is a shell builtin: it is in no process's argv, so
+    // not in `ps`); the import refreshes it at once, which checks it and stores the new pair.
     outln!(
-        "2. b24eventd -c sim.toml auth import --portal sim --refresh-token {refresh} --access-token {access}"
+        "2. printf '%s\\n' '{refresh}' | b24eventd -c sim.toml auth import --portal sim --refresh-token -"
     )?;
     outln!(
         "   or: b24eventd -c sim.toml auth login --portal sim (the simulator grants at once; paste the address it redirects to)"
     )?;
     outln!("3. b24eventd -c sim.toml run")?;
+    outln!("   status page: http://{admin}/ (also /metrics, /healthz, /readyz)")?;
     outln!(
         "4. raise events: curl -s -XPOST {base}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'"
     )?;
