@@ -561,7 +561,9 @@ fn skipped_note(skipped: u64) -> String {
 }
 
 pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
-    if let DeadCommand::Purge { filter, all: false, .. } = &command
+    if let DeadCommand::Purge {
+        filter, all: false, ..
+    } = &command
         && filter.is_empty()
     {
         bail!(

@@ -549,7 +549,10 @@ mod tests {
                 orphans.push(format!("line {}: {line}", i + 2));
             }
         }
-        assert!(orphans.is_empty(), "descriptions without their key line: {orphans:?}");
+        assert!(
+            orphans.is_empty(),
+            "descriptions without their key line: {orphans:?}"
+        );
         assert!(
             text.matches("timeout = \"10s\"").count() >= 8,
             "every sink type shows its timeout"

@@ -333,7 +333,11 @@ mod tests {
             })
         );
         for s in 11..20 {
-            assert_eq!(h.observe([retry()].iter(), at(s)), None, "no log per attempt");
+            assert_eq!(
+                h.observe([retry()].iter(), at(s)),
+                None,
+                "no log per attempt"
+            );
         }
         let dead = Outcome::Dead {
             error: "http 503".into(),

@@ -656,7 +656,10 @@ impl PostgresSink {
         // (https://www.postgresql.org/docs/current/catalog-pg-class.html).
         let counted: i64 = client
             .query_one(
-                &format!("SELECT count(*) FROM (SELECT 1 FROM {quoted} LIMIT {}) t", EXACT_ROWS + 1),
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {quoted} LIMIT {}) t",
+                    EXACT_ROWS + 1
+                ),
                 &[],
             )
             .await?

@@ -538,7 +538,10 @@ async fn dead_purge_deletes_settled_dead_events_only() {
         err.contains("give a filter") && err.contains("--all"),
         "{err}"
     );
-    assert_eq!(ids_of(&cli_json(config, &["dead", "list", "--json"]).await).len(), 2);
+    assert_eq!(
+        ids_of(&cli_json(config, &["dead", "list", "--json"]).await).len(),
+        2
+    );
     let purged = cli_json(config, &["dead", "purge", "--all", "--json"]).await;
     assert_eq!(
         (purged["events"].as_u64(), purged["kept_unsettled"].as_u64()),
@@ -612,9 +615,16 @@ async fn journal_backup_copies_the_live_journal_into_a_private_file() {
         serde_json::to_value(backup.stats(&all).unwrap()).unwrap(),
         serde_json::to_value(live.stats(&all).unwrap()).unwrap()
     );
-    let stored = backup.load_tokens("main").await.unwrap().expect("tokens in the copy");
+    let stored = backup
+        .load_tokens("main")
+        .await
+        .unwrap()
+        .expect("tokens in the copy");
     assert_eq!(
         Some(stored.refresh_token),
-        live.load_tokens("main").await.unwrap().map(|t| t.refresh_token)
+        live.load_tokens("main")
+            .await
+            .unwrap()
+            .map(|t| t.refresh_token)
     );
 }

@@ -427,7 +427,11 @@ async fn subscribe_binds_what_is_missing_reports_extras_and_prunes_them() {
     );
     let queued_tasks = count(&sim, "ONTASKADD", "");
     sim.emit_change("ONTASKADD", 12);
-    assert_eq!(count(&sim, "ONTASKADD", ""), queued_tasks, "no longer queued");
+    assert_eq!(
+        count(&sim, "ONTASKADD", ""),
+        queued_tasks,
+        "no longer queued"
+    );
     sim.emit_change("ONCRMDEALUPDATE", 13);
     assert_eq!(
         count(&sim, "ONCRMDEALUPDATE", "other"),

@@ -61,16 +61,29 @@ mod tests {
             0o600
         );
         let copy = Connection::open(&to).unwrap();
-        let n: i64 = copy.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = copy
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 3);
-        let id: i64 = copy.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
+        let id: i64 = copy
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(id, 7);
-        let version: i64 = copy.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = copy
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(version, 3);
         drop(copy);
         let before = std::fs::read(&to).unwrap();
         let err = backup(&conn, &to).unwrap_err();
-        assert!(format!("{err:#}").contains("cannot create backup"), "{err:#}");
-        assert_eq!(std::fs::read(&to).unwrap(), before, "an existing file is untouched");
+        assert!(
+            format!("{err:#}").contains("cannot create backup"),
+            "{err:#}"
+        );
+        assert_eq!(
+            std::fs::read(&to).unwrap(),
+            before,
+            "an existing file is untouched"
+        );
     }
 }

@@ -675,7 +675,9 @@ mod tests {
                 error: "http 503".into(),
                 next_attempt_at: Utc::now(),
             };
-            j.record_outcomes("a", vec![(four, retry, None)]).await.unwrap();
+            j.record_outcomes("a", vec![(four, retry, None)])
+                .await
+                .unwrap();
         }
         let retrying = EventFilter {
             status: Some(StatusFilter::Retrying),
