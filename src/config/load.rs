@@ -532,6 +532,38 @@ mod tests {
         assert_eq!(form.domain, "example.bitrix24.com");
     }
 
+    /// A comment that documents a key stands right above that key's line: a prose line after a
+    /// key line and before a table header or a blank line is a key's description whose
+    /// `# key = default` line is missing (the amqp and mqtt examples had "Bound on ..."
+    /// without `# timeout = "10s"`).
+    #[test]
+    fn every_key_description_in_the_example_has_its_key_line() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let bare = |line: &str| line.strip_prefix("# ").unwrap_or(line).to_string();
+        let key = |line: &str| looks_like_key(&bare(line));
+        let table = |line: &str| looks_like_table(&bare(line));
+        let mut orphans = Vec::new();
+        for (i, window) in lines.windows(3).enumerate() {
+            let [before, line, after] = window else {
+                unreachable!()
+            };
+            let prose = line.starts_with('#') && !key(line) && !table(line);
+            if prose && key(before) && (table(after) || after.trim().is_empty()) {
+                orphans.push(format!("line {}: {line}", i + 2));
+            }
+        }
+        assert!(
+            orphans.is_empty(),
+            "descriptions without their key line: {orphans:?}"
+        );
+        assert!(
+            text.matches("timeout = \"10s\"").count() >= 8,
+            "every sink type shows its timeout"
+        );
+    }
+
     /// A commented-out table header such as `[sinks.notify]` (not prose).
     fn looks_like_table(line: &str) -> bool {
         line.strip_prefix('[')
