@@ -117,6 +117,9 @@ pub(crate) struct Snapshot {
 pub(crate) struct Evaluator {
     config: AlertsConfig,
     states: BTreeMap<(&'static str, String), AlertState>,
+    /// Deliveries that went dead while `oldest_pending` fired (how many, up to 5 ids): when it
+    /// resolves, they are why the backlog cleared, and its message says so.
+    dead_while_waiting: (u64, Vec<String>),
 }
 
 impl Evaluator {
@@ -124,6 +127,7 @@ impl Evaluator {
         Evaluator {
             config,
             states: BTreeMap::new(),
+            dead_while_waiting: (0, Vec::new()),
         }
     }
 
@@ -180,7 +184,20 @@ impl Evaluator {
         }
         if let Some(limit) = c.oldest_pending_older_than {
             let age = s.oldest_pending_age.unwrap_or_default();
+            let was_firing = self
+                .states
+                .get(&("oldest_pending", String::new()))
+                .is_some_and(|state| state.firing);
+            if was_firing {
+                let (count, ids) = &mut self.dead_while_waiting;
+                *count += s.new_dead;
+                ids.extend(s.new_dead_ids.iter().take(5 - ids.len().min(5)).cloned());
+            }
             let t = self.observe("oldest_pending", "", now, age > limit, Duration::ZERO);
+            let (dead, dead_ids) = match t {
+                Some(_) => std::mem::take(&mut self.dead_while_waiting),
+                None => (0, Vec::new()),
+            };
             push(&mut alerts, t, || Alert {
                 kind: "oldest_pending",
                 portal: None,
@@ -192,7 +209,7 @@ impl Evaluator {
                         humantime::format_duration(limit)
                     )
                 } else {
-                    "pending deliveries are moving again".to_string()
+                    recovered(limit, dead, &dead_ids)
                 },
                 value: json!(age.as_secs()),
                 threshold: json!(limit.as_secs()),
@@ -252,6 +269,21 @@ impl Evaluator {
     }
 }
 
+/// The text of `oldest_pending` resolving: no delivery waits over `limit` any more, either
+/// because they were delivered or, when `dead` deliveries went dead meanwhile, because they
+/// were given up on, which is no recovery and must not read as one.
+fn recovered(limit: Duration, dead: u64, dead_ids: &[String]) -> String {
+    if dead == 0 {
+        return "pending deliveries are moving again".to_string();
+    }
+    format!(
+        "no pending delivery waits over {} any more, but {dead} deliver{} went dead meanwhile (e.g. {}): the backlog cleared because they were given up on, not delivered; see `b24eventd dead list`",
+        humantime::format_duration(limit),
+        if dead == 1 { "y" } else { "ies" },
+        dead_ids.join(", ")
+    )
+}
+
 fn push(alerts: &mut Vec<Alert>, t: Option<Transition>, make: impl FnOnce() -> Alert) {
     if let Some(t) = t {
         let mut alert = make();
@@ -307,7 +339,8 @@ async fn snapshot(
     if let Some(limit) = config.portal_failing_for {
         s.failing = liveness.failing(limit);
     }
-    if config.on_dead {
+    // Also without `on_dead`: `oldest_pending` says when deliveries went dead.
+    if config.on_dead || config.oldest_pending_older_than.is_some() {
         let (max, count, ids) = journal.dead_attempts_since(*dead_seen).await?;
         if dead_seen.is_some() {
             s.new_dead = count;
@@ -437,6 +470,52 @@ mod tests {
         assert_eq!(envelope.event, ALERT_EVENT);
         assert_eq!(envelope.data["state"], "resolved");
         assert_eq!(envelope.data["portal"], "main");
+    }
+
+    #[test]
+    fn a_backlog_that_cleared_because_deliveries_went_dead_says_so() {
+        let waiting = |age: u64, new_dead: u64| Snapshot {
+            oldest_pending_age: Some(Duration::from_secs(age)),
+            new_dead,
+            new_dead_ids: (0..new_dead).map(|i| format!("main:{i}")).collect(),
+            ..Snapshot::default()
+        };
+        let t0 = Instant::now();
+        let summary = |alerts: Vec<Alert>| {
+            assert_eq!(alerts.len(), 1, "{alerts:?}");
+            assert_eq!(alerts[0].kind, "oldest_pending");
+            alerts[0].summary.clone()
+        };
+        let oldest = |alerts: Vec<Alert>| {
+            alerts
+                .into_iter()
+                .filter(|a| a.kind == "oldest_pending")
+                .collect::<Vec<_>>()
+        };
+        // Delivered: moving again.
+        let mut e = Evaluator::new(config());
+        summary(oldest(e.check(t0, &waiting(3600, 0))));
+        assert_eq!(
+            summary(oldest(e.check(t0, &waiting(0, 0)))),
+            "pending deliveries are moving again"
+        );
+        // Given up on: three went dead while the alert fired (two checks), then it cleared.
+        summary(oldest(e.check(t0, &waiting(3600, 0))));
+        assert!(oldest(e.check(t0, &waiting(3700, 2))).is_empty());
+        let text = summary(oldest(e.check(t0, &waiting(0, 1))));
+        assert!(
+            text.contains("3 deliveries went dead") && text.contains("not delivered"),
+            "{text}"
+        );
+        assert!(!text.contains("moving again"), "{text}");
+        assert!(text.contains("main:0, main:1, main:0"), "{text}");
+        // The next episode starts from zero.
+        summary(oldest(e.check(t0, &waiting(3600, 4))));
+        assert_eq!(
+            summary(oldest(e.check(t0, &waiting(0, 0)))),
+            "pending deliveries are moving again",
+            "dead before the alert fired are not counted"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
 pub mod admin;
+pub mod age;
 pub mod alerts;
 pub mod bitrix;
 #[cfg(test)]

@@ -372,18 +372,22 @@ fn token_finding(
         }
     };
     let age = status.updated_at.map(|at| (now - at).num_days());
+    let renewed = status
+        .updated_at
+        .map(|at| crate::age::ago_at(at, now))
+        .unwrap_or_default();
     match age {
         Some(days) if !refreshed && days >= REFRESH_TOKEN_DAYS => Finding::fail(
             "token",
             format!(
-                "{access}; the refresh token was last renewed {days} days ago and refresh tokens expire after {REFRESH_TOKEN_DAYS} days"
+                "{access}; the refresh token was last renewed {renewed} and refresh tokens expire after {REFRESH_TOKEN_DAYS} days"
             ),
             login,
         ),
         Some(days) if !refreshed && days >= REFRESH_TOKEN_WARN_DAYS => Finding::warn(
             "token",
             format!(
-                "{access}; the refresh token was last renewed {days} days ago and expires {REFRESH_TOKEN_DAYS} days after that"
+                "{access}; the refresh token was last renewed {renewed} and expires {REFRESH_TOKEN_DAYS} days after that"
             ),
             format!(
                 "start the daemon (it renews the pair every hour while it runs), or `b24eventd auth login --portal {portal}`"
@@ -395,8 +399,7 @@ fn token_finding(
                 "{access}; refresh token last renewed {}",
                 match days {
                     0 => "today".to_string(),
-                    1 => "yesterday".to_string(),
-                    n => format!("{n} days ago"),
+                    _ => renewed,
                 }
             ),
         ),

@@ -21,53 +21,68 @@ const DEFAULT_TAIL_LIMIT: u32 = 10;
 /// How often `journal tail` looks for new events.
 const TAIL_POLL: Duration = Duration::from_millis(500);
 
-/// Which events a command is about (every flag narrows).
+/// Which events a command is about, by where they come from and where they go (every flag
+/// narrows). The other filters are their own groups, so each command offers only those that
+/// mean something to it.
 #[derive(Args, Debug, Clone, Default)]
-pub struct FilterArgs {
+pub struct Which {
     /// Only this portal
     #[arg(long, value_name = "NAME")]
     portal: Option<String>,
     /// Only this event name, or a glob such as 'ONCRMDEAL*'
     #[arg(long, value_name = "NAME")]
     event: Option<String>,
-    /// Only events routed to this sink (--status then means the delivery to this sink)
+    /// Only events routed to this sink (with --status: the delivery to this sink)
     #[arg(long, value_name = "NAME")]
     sink: Option<String>,
+}
+
+/// `--status`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StatusArg {
     /// pending, retrying (pending after a failure), delivered or dead
     #[arg(long, value_parser = parse_status, value_name = "STATUS")]
     status: Option<StatusFilter>,
+}
+
+/// `--since` and `--until`: when the events were journaled.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Window {
     /// Journaled at or after: 2026-11-22, '2026-11-22 10:00' (local time), RFC 3339, or an age such as 2h
     #[arg(long, value_parser = parse_when, value_name = "WHEN")]
     since: Option<DateTime<Utc>>,
     /// Journaled before (same forms as --since)
     #[arg(long, value_parser = parse_when, value_name = "WHEN")]
     until: Option<DateTime<Utc>>,
+}
+
+/// `--limit`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LimitArg {
     /// At most this many events (the newest)
     #[arg(long, value_name = "N")]
     limit: Option<u32>,
 }
 
-impl FilterArgs {
-    fn filter(&self, default_limit: Option<u32>) -> EventFilter {
+impl Which {
+    /// The filter of these flags alone; the command sets the other fields it offers.
+    fn filter(&self) -> EventFilter {
         EventFilter {
             portal: self.portal.clone(),
             event: self.event.clone(),
             sink: self.sink.clone(),
-            status: self.status,
-            since: self.since,
-            until: self.until,
-            limit: self.limit.or(default_limit),
+            ..EventFilter::default()
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.portal.is_none()
-            && self.event.is_none()
-            && self.sink.is_none()
-            && self.status.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
-            && self.limit.is_none()
+        self.portal.is_none() && self.event.is_none() && self.sink.is_none()
+    }
+}
+
+impl Window {
+    fn is_empty(&self) -> bool {
+        self.since.is_none() && self.until.is_none()
     }
 }
 
@@ -122,7 +137,11 @@ pub enum JournalCommand {
     /// Per portal and sink: pending, retrying, delivered, dead, oldest pending, unsettled upstream
     Stats {
         #[command(flatten)]
-        filter: FilterArgs,
+        which: Which,
+        #[command(flatten)]
+        status: StatusArg,
+        #[command(flatten)]
+        window: Window,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -130,7 +149,14 @@ pub enum JournalCommand {
     /// Events, newest last (the newest 100 unless --limit)
     List {
         #[command(flatten)]
-        filter: FilterArgs,
+        which: Which,
+        #[command(flatten)]
+        status: StatusArg,
+        #[command(flatten)]
+        window: Window,
+        #[command(flatten)]
+        limit: LimitArg,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
@@ -139,14 +165,34 @@ pub enum JournalCommand {
         /// A journal row (42), an envelope id (main:1234:1721298751), or a portal and offline
         /// ID (main:1234: every row journaled for that ID)
         id: String,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
     /// Follow new events as they are journaled (Ctrl-C stops)
     Tail {
         #[command(flatten)]
-        filter: FilterArgs,
+        which: Which,
+        #[command(flatten)]
+        status: StatusArg,
+        /// Show the recent events journaled at or after this before following (same forms as
+        /// `journal list --since`)
+        #[arg(long, value_parser = parse_when, value_name = "WHEN")]
+        since: Option<DateTime<Utc>>,
+        /// Show this many recent events before following (default 10)
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
         /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a consistent copy of the journal (tokens included) to a new file with mode 0600;
+    /// safe while the daemon runs. Refuses a PATH that exists
+    Backup {
+        /// The file to create (not overwritten when it exists)
+        #[arg(value_name = "PATH")]
+        path: std::path::PathBuf,
+        /// Print the result as one JSON document
         #[arg(long)]
         json: bool,
     },
@@ -157,15 +203,49 @@ pub enum JournalCommand {
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
     #[command(flatten)]
-    filter: FilterArgs,
+    which: Which,
+    #[command(flatten)]
+    status: StatusArg,
+    #[command(flatten)]
+    window: Window,
+    #[command(flatten)]
+    limit: LimitArg,
     /// Replay every journaled event (instead of giving a filter)
     #[arg(long)]
     all: bool,
     /// List what would be replayed, change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Print JSON
     #[arg(long)]
     json: bool,
+}
+
+/// The filters of the `dead` commands (every one is about dead deliveries: no `--status`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DeadFilter {
+    #[command(flatten)]
+    which: Which,
+    #[command(flatten)]
+    window: Window,
+    #[command(flatten)]
+    limit: LimitArg,
+}
+
+impl DeadFilter {
+    fn filter(&self, default_limit: Option<u32>) -> EventFilter {
+        EventFilter {
+            status: Some(StatusFilter::Dead),
+            since: self.window.since,
+            until: self.window.until,
+            limit: self.limit.limit.or(default_limit),
+            ..self.which.filter()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.which.is_empty() && self.window.is_empty() && self.limit.limit.is_none()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,21 +253,27 @@ pub enum DeadCommand {
     /// Events with a dead delivery, with the last error (the newest 100 unless --limit)
     List {
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: DeadFilter,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
     /// Make dead deliveries pending again (after fixing the sink)
     Retry {
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: DeadFilter,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
-    /// Delete dead events already settled upstream
+    /// Delete dead events already settled upstream; needs a filter, or --all for every one
     Purge {
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: DeadFilter,
+        /// Purge every dead event (instead of giving a filter)
+        #[arg(long)]
+        all: bool,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
@@ -201,6 +287,7 @@ pub struct PruneArgs {
     /// Dead events too (kept otherwise, for `dead list`)
     #[arg(long)]
     include_dead: bool,
+    /// Print JSON
     #[arg(long)]
     json: bool,
 }
@@ -227,7 +314,7 @@ fn open_to_write(config: &Config) -> anyhow::Result<Journal> {
 }
 
 /// Checks `--sink`/`--portal` against the config, so a typo is an error and not an empty list.
-fn check_names(config: &Config, filter: &FilterArgs, journal: &Journal) -> anyhow::Result<()> {
+fn check_names(config: &Config, filter: &Which, journal: &Journal) -> anyhow::Result<()> {
     if let Some(portal) = &filter.portal
         && !config.portals.contains_key(portal)
         && journal
@@ -267,18 +354,40 @@ fn names<'a>(names: impl Iterator<Item = &'a String>) -> String {
 pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
     let journal = open_to_read(config)?;
     match command {
-        JournalCommand::Stats { filter, json } => {
-            check_names(config, &filter, &journal)?;
-            let stats = journal.stats(&filter.filter(None))?;
+        JournalCommand::Stats {
+            which,
+            status,
+            window,
+            json,
+        } => {
+            check_names(config, &which, &journal)?;
+            let stats = journal.stats(&EventFilter {
+                status: status.status,
+                since: window.since,
+                until: window.until,
+                ..which.filter()
+            })?;
             if json {
                 return print_json(&serde_json::json!({ "portals": stats }));
             }
             print_stats(&stats)?;
             Ok(())
         }
-        JournalCommand::List { filter, json } => {
-            check_names(config, &filter, &journal)?;
-            let rows = journal.list_events(&filter.filter(Some(DEFAULT_LIST_LIMIT)))?;
+        JournalCommand::List {
+            which,
+            status,
+            window,
+            limit,
+            json,
+        } => {
+            check_names(config, &which, &journal)?;
+            let rows = journal.list_events(&EventFilter {
+                status: status.status,
+                since: window.since,
+                until: window.until,
+                limit: limit.limit.or(Some(DEFAULT_LIST_LIMIT)),
+                ..which.filter()
+            })?;
             if json {
                 return print_json(&serde_json::json!({ "events": rows }));
             }
@@ -301,20 +410,48 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        JournalCommand::Tail { filter, json } => {
-            check_names(config, &filter, &journal)?;
-            tail(&journal, &filter, json)
+        JournalCommand::Tail {
+            which,
+            status,
+            since,
+            limit,
+            json,
+        } => {
+            check_names(config, &which, &journal)?;
+            let filter = EventFilter {
+                status: status.status,
+                since,
+                limit: limit.or(Some(DEFAULT_TAIL_LIMIT)),
+                ..which.filter()
+            };
+            tail(&journal, filter, json)
+        }
+        JournalCommand::Backup { path, json } => {
+            let bytes = journal.backup_blocking(&path)?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "journal": journal.path(),
+                    "backup": path,
+                    "bytes": bytes,
+                }));
+            }
+            outln!(
+                "journal {} copied to {} ({bytes} bytes, mode 0600; it holds the OAuth tokens)",
+                journal.path().display(),
+                path.display()
+            )?;
+            Ok(())
         }
     }
 }
 
-fn tail(journal: &Journal, filter: &FilterArgs, json: bool) -> anyhow::Result<()> {
+/// Prints the newest `filter.limit` matching events, then follows new ones.
+fn tail(journal: &Journal, mut first: EventFilter, json: bool) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())
             .context("cannot install signal handlers")?;
     }
-    let mut first = filter.filter(Some(DEFAULT_TAIL_LIMIT));
     let recent = journal.list_events(&first)?;
     first.limit = None;
     let mut last = recent.last().map(|r| r.row).unwrap_or_else(|| {
@@ -355,7 +492,11 @@ fn tail(journal: &Journal, filter: &FilterArgs, json: bool) -> anyhow::Result<()
 }
 
 pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
-    if args.filter.is_empty() && !args.all {
+    let unfiltered = args.which.is_empty()
+        && args.status.status.is_none()
+        && args.window.is_empty()
+        && args.limit.limit.is_none();
+    if unfiltered && !args.all {
         bail!(
             "replay needs a filter (--portal, --event, --sink, --status, --since, --until, --limit) or --all for the whole journal"
         );
@@ -365,8 +506,8 @@ pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
     } else {
         open_to_write(config)?
     };
-    let to_sink = args.filter.sink.take();
-    check_names(config, &args.filter, &journal)?;
+    let to_sink = args.which.sink.take();
+    check_names(config, &args.which, &journal)?;
     if let Some(sink) = &to_sink
         && !config.sinks.contains_key(sink)
     {
@@ -375,7 +516,13 @@ pub fn replay(config: &Config, mut args: ReplayArgs) -> anyhow::Result<()> {
             names(config.sinks.keys())
         );
     }
-    let filter = args.filter.filter(None);
+    let filter = EventFilter {
+        status: args.status.status,
+        since: args.window.since,
+        until: args.window.until,
+        limit: args.limit.limit,
+        ..args.which.filter()
+    };
     if args.dry_run {
         let rows = journal.list_events(&filter)?;
         if args.json {
@@ -414,16 +561,23 @@ fn skipped_note(skipped: u64) -> String {
 }
 
 pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
+    if let DeadCommand::Purge {
+        filter, all: false, ..
+    } = &command
+        && filter.is_empty()
+    {
+        bail!(
+            "dead purge deletes dead events for good: give a filter (--portal, --event, --sink, --since, --until, --limit) or --all for every dead event"
+        );
+    }
     let journal = match command {
         DeadCommand::List { .. } => open_to_read(config)?,
         DeadCommand::Retry { .. } | DeadCommand::Purge { .. } => open_to_write(config)?,
     };
     match command {
         DeadCommand::List { filter, json } => {
-            check_names(config, &filter, &journal)?;
-            let mut f = filter.filter(Some(DEFAULT_LIST_LIMIT));
-            f.status = Some(StatusFilter::Dead);
-            let rows = journal.list_events(&f)?;
+            check_names(config, &filter.which, &journal)?;
+            let rows = journal.list_events(&filter.filter(Some(DEFAULT_LIST_LIMIT)))?;
             if json {
                 return print_json(&serde_json::json!({ "events": rows }));
             }
@@ -438,7 +592,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             ]);
             for row in &rows {
                 for d in row.deliveries.iter().filter(|d| d.status == "dead") {
-                    if filter.sink.as_ref().is_some_and(|s| *s != d.sink) {
+                    if filter.which.sink.as_ref().is_some_and(|s| *s != d.sink) {
                         continue;
                     }
                     table.row(vec![
@@ -456,7 +610,7 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DeadCommand::Retry { filter, json } => {
-            check_names(config, &filter, &journal)?;
+            check_names(config, &filter.which, &journal)?;
             let known: Vec<String> = config.sinks.keys().cloned().collect();
             let done = journal.retry_dead(&filter.filter(None), &known)?;
             if json {
@@ -472,8 +626,8 @@ pub fn dead(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        DeadCommand::Purge { filter, json } => {
-            check_names(config, &filter, &journal)?;
+        DeadCommand::Purge { filter, json, .. } => {
+            check_names(config, &filter.which, &journal)?;
             let done = journal.purge_dead(&filter.filter(None))?;
             if json {
                 return print_json(&done);
@@ -507,13 +661,13 @@ pub fn prune(config: &Config, args: PruneArgs) -> anyhow::Result<()> {
         return print_json(&done);
     }
     outln!(
-        "pruned {} event{} and {} batch{} settled before {} ({} ago){}",
+        "pruned {} event{} and {} batch{} settled before {} ({}){}",
         done.events,
         super::plural(done.events as usize),
         done.batches,
         if done.batches == 1 { "" } else { "es" },
         cutoff.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S"),
-        humantime::format_duration(age),
+        crate::age::ago(age),
         if args.include_dead {
             ", dead ones included"
         } else {
@@ -557,7 +711,7 @@ fn print_stats(stats: &[PortalStats]) -> anyhow::Result<()> {
             p.portal.clone(),
             "(all)".to_string(),
             p.pending.to_string(),
-            String::new(),
+            p.retrying.to_string(),
             p.delivered.to_string(),
             p.dead.to_string(),
             age(p.oldest_pending_fetched_at.as_deref(), now),
@@ -580,13 +734,12 @@ fn print_stats(stats: &[PortalStats]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long ago a journal timestamp was, for people (`3m 12s`); `-` for none.
+/// How long ago a journal timestamp was, for people (`12 min ago`); `-` for none.
 fn age(at: Option<&str>, now: DateTime<Utc>) -> String {
-    let Some(at) = at.and_then(|t| DateTime::parse_from_rfc3339(t).ok()) else {
-        return "-".to_string();
-    };
-    let secs = (now - at.with_timezone(&Utc)).num_seconds().max(0) as u64;
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
+    match at.and_then(|t| DateTime::parse_from_rfc3339(t).ok()) {
+        Some(at) => crate::age::ago_at(at.with_timezone(&Utc), now),
+        None => "-".to_string(),
+    }
 }
 
 fn local_time(at: &str) -> String {

@@ -149,11 +149,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the portal's offline bindings of the events listed in `events`
+    /// Remove every offline binding of this application on the portal made with its
+    /// `auth_connector` (also events no longer in `events`); other connectors' stay
     Unsubscribe {
         /// Only this portal (default: every configured portal)
         #[arg(long)]
         portal: Option<String>,
+        /// Remove only the bindings of the events listed in `events`; keep the other ones
+        #[arg(long)]
+        only_configured: bool,
         /// Print what changed as one JSON document
         #[arg(long)]
         json: bool,
@@ -475,12 +479,21 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
-        Command::Unsubscribe { portal, json } => {
+        Command::Unsubscribe {
+            portal,
+            only_configured,
+            json,
+        } => {
             let config = config::load(&config_path)?;
             init_logging("warn");
             let journal = config.journal.path.clone();
             runtime()?
-                .block_on(subscribe::unsubscribe(config, portal, json))
+                .block_on(subscribe::unsubscribe(
+                    config,
+                    portal,
+                    only_configured,
+                    json,
+                ))
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }
@@ -579,7 +592,7 @@ fn log_filter(
             .map(|e| e.to_string())
     });
     match problem {
-        None => (value, None),
+        None => (quiet_scheduler(value), None),
         Some(problem) => (
             fallback,
             Some(RefusedLogFilter {
@@ -588,6 +601,24 @@ fn log_filter(
                 problem,
             }),
         ),
+    }
+}
+
+/// `filter` with the job scheduler's target held at `warn` when the filter lets INFO or more
+/// through by default (`info`, `debug`, `trace`) and does not name the scheduler itself:
+/// tokio-cron-scheduler logs every tick of its jobs at INFO, which buries what we log there.
+fn quiet_scheduler(filter: String) -> String {
+    const SCHEDULER: &str = "tokio_cron_scheduler";
+    let verbose = filter.split(',').map(str::trim).any(|directive| {
+        matches!(
+            directive.to_ascii_lowercase().as_str(),
+            "info" | "debug" | "trace" | "3" | "4" | "5"
+        )
+    });
+    if verbose && !filter.contains(SCHEDULER) {
+        format!("{filter},{SCHEDULER}=warn")
+    } else {
+        filter
     }
 }
 
@@ -601,6 +632,7 @@ async fn simulate(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let port = listener.local_addr()?.port();
     let sim = b24eventd_simulator::Simulator::start_on(
         b24eventd_simulator::SimulatorConfig {
             access_token_ttl: token_ttl,
@@ -613,9 +645,15 @@ async fn simulate(
     for event in ["ONCRMDEALADD", "ONCRMDEALUPDATE"] {
         sim.bind_offline(event, "");
     }
-    let (access, refresh) = sim.issue_tokens();
+    let (_, refresh) = sim.issue_tokens();
     let defaults = b24eventd_simulator::SimulatorConfig::default();
     let base = sim.base_url();
+    // The daemon's admin endpoint beside the simulator (the next port), not on the default
+    // 9464 a real daemon on this machine may hold.
+    let admin = std::net::SocketAddr::new(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        port.checked_add(1).unwrap_or(9464),
+    );
     outln!(
         "portal simulator listening on {base} (offline bindings: ONCRMDEALADD, ONCRMDEALUPDATE)"
     )?;
@@ -625,7 +663,7 @@ async fn simulate(
     outln!("[journal]")?;
     outln!("path = \"sim-journal.db\"")?;
     outln!("[admin]")?;
-    outln!("listen = \"\"")?;
+    outln!("listen = \"{admin}\"")?;
     outln!("[portals.sim]")?;
     outln!("client_endpoint = \"{}\"", sim.client_endpoint())?;
     outln!("oauth_token_url = \"{}\"", sim.oauth_token_url())?;
@@ -636,13 +674,16 @@ async fn simulate(
     outln!("type = \"file\"")?;
     outln!("path = \"sim-events.jsonl\"")?;
     outln!()?;
+    // The token goes in on stdin (printf is a shell builtin: it is in no process's argv, so
+    // not in `ps`); the import refreshes it at once, which checks it and stores the new pair.
     outln!(
-        "2. b24eventd -c sim.toml auth import --portal sim --refresh-token {refresh} --access-token {access}"
+        "2. printf '%s\\n' '{refresh}' | b24eventd -c sim.toml auth import --portal sim --refresh-token -"
     )?;
     outln!(
         "   or: b24eventd -c sim.toml auth login --portal sim (the simulator grants at once; paste the address it redirects to)"
     )?;
     outln!("3. b24eventd -c sim.toml run")?;
+    outln!("   status page: http://{admin}/ (also /metrics, /healthz, /readyz)")?;
     outln!(
         "4. raise events: curl -s -XPOST {base}/_sim/emit -d '{{\"event\":\"ONCRMDEALUPDATE\",\"count\":100}}'"
     )?;
@@ -662,19 +703,95 @@ async fn simulate(
 mod tests {
     use super::*;
 
+    /// clap's own checks of the definitions, then every argument of every subcommand has help
+    /// text (`--help` explains each flag; an empty `--json` line explains nothing).
+    #[test]
+    fn every_flag_of_every_subcommand_has_help() {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        root.clone().debug_assert();
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                if matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                *seen += 1;
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing, seen);
+            }
+        }
+        let (mut missing, mut seen) = (Vec::new(), 0);
+        walk(&root, "b24eventd", &mut missing, &mut seen);
+        assert!(seen > 50, "walked {seen} arguments");
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    /// Each journal command offers only the filters it uses.
+    #[test]
+    fn filters_are_offered_only_where_they_mean_something() {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        let flags = |path: &[&str]| -> Vec<String> {
+            let mut cmd = &root;
+            for name in path {
+                cmd = cmd.find_subcommand(name).expect(name);
+            }
+            cmd.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        };
+        for (path, absent) in [
+            (&["dead", "list"][..], "status"),
+            (&["dead", "retry"], "status"),
+            (&["dead", "purge"], "status"),
+            (&["journal", "stats"], "limit"),
+            (&["journal", "tail"], "until"),
+        ] {
+            assert!(
+                !flags(path).iter().any(|f| f == absent),
+                "{path:?} offers --{absent}"
+            );
+        }
+        for (path, present) in [
+            (&["journal", "list"][..], "until"),
+            (&["journal", "list"], "limit"),
+            (&["journal", "tail"], "since"),
+            (&["dead", "purge"], "all"),
+            (&["replay"], "status"),
+            (&["unsubscribe"], "only-configured"),
+        ] {
+            assert!(
+                flags(path).iter().any(|f| f == present),
+                "{path:?} lacks --{present}"
+            );
+        }
+    }
+
     #[test]
     fn a_log_filter_that_is_not_one_is_refused_and_reported() {
         let env = |v: &str| Some(("B24EVENTD_LOG", v.to_string()));
         for good in [
-            "debug",
             "WARN",
             "warn,b24eventd=debug",
             "b24eventd",
             "b24eventd::pipeline=trace",
-            "info,hyper=off",
-            "3",
+            "debug,tokio_cron_scheduler=info",
         ] {
             assert_eq!(log_filter(env(good), "info"), (good.to_string(), None));
+        }
+        // A filter that lets INFO through keeps the job scheduler's per-tick INFO lines out,
+        // unless it names the scheduler.
+        for (verbose, taken) in [
+            ("debug", "debug,tokio_cron_scheduler=warn"),
+            ("info,hyper=off", "info,hyper=off,tokio_cron_scheduler=warn"),
+            ("3", "3,tokio_cron_scheduler=warn"),
+        ] {
+            assert_eq!(log_filter(env(verbose), "info"), (taken.to_string(), None));
         }
         for (garbage, problem) in [
             ("verbose", "\"verbose\" is neither a level"),

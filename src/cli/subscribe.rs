@@ -3,6 +3,14 @@
 //! `offline: 1`) whose `connector_id` is the portal's `auth_connector` (empty when none): the
 //! offline queue is kept per connector, so bindings of another connector feed another queue and
 //! are left alone.
+//!
+//! How the server lists and removes them (bitrix24/b24restdocs api-reference/events/event-get.md
+//! and event-unbind.md; the rest module's `modules/rest/lib/api/event.php`, `\Bitrix\Rest\Api\Event`,
+//! as in avshatalov48/bitrix-core-business): `Event::eventGet` lists the bindings of the calling
+//! application only (`=APP_ID`), an offline one as `{event, connector_id, offline: 1}` (an empty
+//! `connector_id` for none); `Event::eventUnbind` with `event_type=offline` deletes the
+//! application's offline bindings of `event` whose `CONNECTOR_ID` is the request's
+//! `auth_connector` ('' without one) and answers `{count}`.
 
 use super::report::{self, Table};
 use crate::bitrix::{BindOutcome, BitrixError, ErrorClass, EventHandler, PortalClient};
@@ -190,23 +198,35 @@ async fn subscribe_portal(
     run.errors
 }
 
-/// Removes one portal's offline bindings of its `events` (ours only; extras stay).
+/// The events `unsubscribe` unbinds, in order: those in `events` (also when not bound, to show
+/// them as such), then every other offline binding of ours, unless `only_configured`.
+fn to_unbind(bound: &BTreeSet<String>, events: &[String], only_configured: bool) -> Vec<String> {
+    let mut list: Vec<String> = events.to_vec();
+    if !only_configured {
+        list.extend(extras(bound, events));
+    }
+    list
+}
+
+/// Removes one portal's offline bindings of our connector: every one (`event.get` lists them),
+/// or with `only_configured` those of its `events` only (the other ones stay).
 async fn unsubscribe_portal(
     client: &PortalClient,
     portal: &PortalConfig,
+    only_configured: bool,
     rows: &mut Vec<Row>,
 ) -> Vec<BitrixError> {
     let mut run = PortalRun::new(portal, rows);
     let Some(bound) = run.bound(client).await else {
         return run.errors;
     };
-    for event in &portal.events {
+    for event in to_unbind(&bound, &portal.events, only_configured) {
         let answer = if bound.contains(&event.to_uppercase()) {
-            client.event_unbind_offline(event).await.map(unbind_action)
+            client.event_unbind_offline(&event).await.map(unbind_action)
         } else {
             Ok(Action::NotBound)
         };
-        if !run.record(event, answer) {
+        if !run.record(&event, answer) {
             return run.errors;
         }
     }
@@ -231,10 +251,11 @@ pub(super) async fn subscribe(
     finish("subscribe", &rows, errors, json)
 }
 
-/// `unsubscribe [--portal P]`.
+/// `unsubscribe [--portal P] [--only-configured]`.
 pub(super) async fn unsubscribe(
     config: Config,
     portal: Option<String>,
+    only_configured: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let portals = report::portals(&config, portal.as_deref())?;
@@ -243,7 +264,7 @@ pub(super) async fn unsubscribe(
     let mut errors = Vec::new();
     for portal in portals {
         let client = crate::pipeline::operator_client(portal, &journal).await?;
-        errors.extend(unsubscribe_portal(&client, portal, &mut rows).await);
+        errors.extend(unsubscribe_portal(&client, portal, only_configured, &mut rows).await);
     }
     finish("unsubscribe", &rows, errors, json)
 }
@@ -338,6 +359,27 @@ mod tests {
         assert_eq!(
             extras(&bound, &["ONCRMDEALADD".to_string()]),
             vec!["ONTASKADD".to_string()]
+        );
+    }
+
+    #[test]
+    fn unsubscribe_takes_every_binding_of_ours_unless_only_configured() {
+        let handlers = [
+            handler("ONCRMDEALADD", true, ""),
+            handler("ONTASKADD", true, ""),
+            handler("ONCRMLEADADD", true, "erp-sync"),
+            handler("ONCRMCONTACTADD", false, ""),
+        ];
+        let bound = ours(&handlers, "");
+        let events = ["ONCRMDEALADD".to_string(), "ONCRMDEALUPDATE".to_string()];
+        assert_eq!(
+            to_unbind(&bound, &events, false),
+            ["ONCRMDEALADD", "ONCRMDEALUPDATE", "ONTASKADD"],
+            "the configured ones, then every other offline binding of our connector"
+        );
+        assert_eq!(
+            to_unbind(&bound, &events, true),
+            ["ONCRMDEALADD", "ONCRMDEALUPDATE"]
         );
     }
 

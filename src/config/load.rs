@@ -6,7 +6,9 @@ use super::CONFIG_ENV;
 use super::raw::RawConfig;
 use super::types::Config;
 use super::validate::validate;
-use crate::options::{ConfigError, ENV_PREFIX, IGNORED_ENV, env_var_name, push_leaf, render_key};
+use crate::options::{
+    ConfigError, ENV_PREFIX, ENV_SOURCE, IGNORED_ENV, env_var_name, push_leaf, render_key,
+};
 use figment::providers::Format;
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -15,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 const LOCAL_CONFIG: &str = "b24eventd.toml";
 const SYSTEM_CONFIG: &str = "/etc/b24eventd/config.toml";
-const ENV_SOURCE: &str = "environment variable";
 
 /// The config file to use when none is given on the command line: `$B24EVENTD_CONFIG`, then
 /// `./b24eventd.toml` if it exists, then `/etc/b24eventd/config.toml`.
@@ -88,11 +89,15 @@ fn load_raw(path: &Path, env: &[(String, String)]) -> Result<RawConfig, ConfigEr
     toml.data()
         .map_err(|e| ConfigError::new(&file, "", toml_syntax_message(&e.to_string())))?;
 
-    Figment::new()
+    let env = EnvOverrides::from_env(env);
+    let env_keys = env.vars.iter().map(|(path, _)| path.clone()).collect();
+    let mut raw = Figment::new()
         .merge(toml)
-        .merge(EnvOverrides::from_env(env))
+        .merge(env)
         .extract::<RawConfig>()
-        .map_err(|e| figment_error(e, &file))
+        .map_err(|e| figment_error(e, &file))?;
+    raw.env_keys = env_keys;
+    Ok(raw)
 }
 
 /// The first line of a toml error ("TOML parse error at line 3, column 9") and its explanation,
@@ -525,6 +530,38 @@ mod tests {
         };
         assert_eq!(form.event_handler_id, 975);
         assert_eq!(form.domain, "example.bitrix24.com");
+    }
+
+    /// A comment that documents a key stands right above that key's line: a prose line after a
+    /// key line and before a table header or a blank line is a key's description whose
+    /// `# key = default` line is missing (the amqp and mqtt examples had "Bound on ..."
+    /// without `# timeout = "10s"`).
+    #[test]
+    fn every_key_description_in_the_example_has_its_key_line() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let bare = |line: &str| line.strip_prefix("# ").unwrap_or(line).to_string();
+        let key = |line: &str| looks_like_key(&bare(line));
+        let table = |line: &str| looks_like_table(&bare(line));
+        let mut orphans = Vec::new();
+        for (i, window) in lines.windows(3).enumerate() {
+            let [before, line, after] = window else {
+                unreachable!()
+            };
+            let prose = line.starts_with('#') && !key(line) && !table(line);
+            if prose && key(before) && (table(after) || after.trim().is_empty()) {
+                orphans.push(format!("line {}: {line}", i + 2));
+            }
+        }
+        assert!(
+            orphans.is_empty(),
+            "descriptions without their key line: {orphans:?}"
+        );
+        assert!(
+            text.matches("timeout = \"10s\"").count() >= 8,
+            "every sink type shows its timeout"
+        );
     }
 
     /// A commented-out table header such as `[sinks.notify]` (not prose).

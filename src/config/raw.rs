@@ -1,7 +1,7 @@
 //! The raw configuration: what figment deserializes from TOML and the environment, before
 //! defaults and checks.
 
-use crate::options::{RedactedValues, Secret, redact_url};
+use crate::options::Secret;
 use figment::value::Value;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -28,6 +28,10 @@ pub(crate) struct RawConfig {
     /// `$STATE_DIRECTORY` as seen by [`load`]; the default journal directory. Not a config key.
     #[serde(skip)]
     pub(crate) state_directory: Option<PathBuf>,
+    /// The key paths (`["sinks", "erp", "url"]`) a `B24EVENTD_*` variable set, so that errors
+    /// found after loading name the variable. Not a config key.
+    #[serde(skip)]
+    pub(crate) env_keys: Vec<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,9 +104,10 @@ pub(crate) struct RawRateLimit {
     pub(crate) operating_budget: Option<Duration>,
 }
 
-/// The keys of `[sinks.NAME]`: the common ones and those of the `file`, `http` and `exec` types by
-/// name (which ones are allowed is checked per `type`); every other key lands in `options`, which
-/// the broker and database sink types read into their own typed config ([`SinkOptions`]).
+/// The keys of `[sinks.NAME]`: those every sink has by name; the others land in `options`,
+/// which the sink type's own module reads into its typed config ([`SinkOptions`]).
+///
+/// [`SinkOptions`]: crate::options::SinkOptions
 #[derive(Clone, Default, Deserialize)]
 pub(crate) struct RawSink {
     #[serde(rename = "type")]
@@ -113,79 +118,9 @@ pub(crate) struct RawSink {
     pub(crate) timeout: Option<Duration>,
     pub(crate) concurrency: Option<usize>,
     pub(crate) retry: Option<RawRetry>,
-    pub(crate) path: Option<PathBuf>,
-    pub(crate) url: Option<String>,
-    pub(crate) format: Option<String>,
-    pub(crate) headers: Option<BTreeMap<String, String>>,
-    pub(crate) signing_secret: Option<Secret>,
-    pub(crate) signing_secret_file: Option<PathBuf>,
-    pub(crate) retry_on: Option<Vec<i64>>,
-    pub(crate) dead_on: Option<Vec<i64>>,
-    pub(crate) bitrix_domain: Option<String>,
-    pub(crate) bitrix_member_id: Option<String>,
-    pub(crate) application_token: Option<Secret>,
-    pub(crate) application_token_file: Option<PathBuf>,
-    pub(crate) event_handler_id: Option<u64>,
-    pub(crate) command: Option<Vec<String>>,
-    pub(crate) permanent_exit_codes: Option<Vec<i32>>,
-    pub(crate) env: Option<BTreeMap<String, String>>,
-    pub(crate) working_dir: Option<PathBuf>,
-    /// Keys not named above, for the sink types that define their own ([`SinkOptions`]).
+    /// Every other key, for the sink type's module.
     #[serde(flatten)]
     pub(crate) options: BTreeMap<String, Value>,
-}
-
-impl RawSink {
-    /// The `file`/`http`/`exec` keys that are set, `url` excepted (most sink types have one).
-    pub(super) fn named_type_keys(&self) -> Vec<&'static str> {
-        [
-            ("path", self.path.is_some()),
-            ("format", self.format.is_some()),
-            ("headers", self.headers.is_some()),
-            ("signing_secret", self.signing_secret.is_some()),
-            ("signing_secret_file", self.signing_secret_file.is_some()),
-            ("retry_on", self.retry_on.is_some()),
-            ("dead_on", self.dead_on.is_some()),
-            ("bitrix_domain", self.bitrix_domain.is_some()),
-            ("bitrix_member_id", self.bitrix_member_id.is_some()),
-            ("application_token", self.application_token.is_some()),
-            (
-                "application_token_file",
-                self.application_token_file.is_some(),
-            ),
-            ("event_handler_id", self.event_handler_id.is_some()),
-            ("command", self.command.is_some()),
-            ("permanent_exit_codes", self.permanent_exit_codes.is_some()),
-            ("env", self.env.is_some()),
-            ("working_dir", self.working_dir.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(key, set)| set.then_some(key))
-        .collect()
-    }
-}
-
-impl RawSink {
-    /// The `http`-only keys and whether each is set (`url` excepted), for refusing them on
-    /// `file` and `exec` sinks.
-    pub(super) fn http_only_keys(&self) -> [(&'static str, bool); 11] {
-        [
-            ("format", self.format.is_some()),
-            ("headers", self.headers.is_some()),
-            ("signing_secret", self.signing_secret.is_some()),
-            ("signing_secret_file", self.signing_secret_file.is_some()),
-            ("retry_on", self.retry_on.is_some()),
-            ("dead_on", self.dead_on.is_some()),
-            ("bitrix_domain", self.bitrix_domain.is_some()),
-            ("bitrix_member_id", self.bitrix_member_id.is_some()),
-            ("application_token", self.application_token.is_some()),
-            (
-                "application_token_file",
-                self.application_token_file.is_some(),
-            ),
-            ("event_handler_id", self.event_handler_id.is_some()),
-        ]
-    }
 }
 
 impl fmt::Debug for RawSink {
@@ -197,24 +132,7 @@ impl fmt::Debug for RawSink {
             .field("timeout", &self.timeout)
             .field("concurrency", &self.concurrency)
             .field("retry", &self.retry)
-            .field("path", &self.path)
-            .field("url", &self.url.as_deref().map(redact_url))
-            .field("format", &self.format)
-            .field("headers", &self.headers.as_ref().map(RedactedValues))
-            .field("signing_secret", &self.signing_secret)
-            .field("signing_secret_file", &self.signing_secret_file)
-            .field("retry_on", &self.retry_on)
-            .field("dead_on", &self.dead_on)
-            .field("bitrix_domain", &self.bitrix_domain)
-            .field("bitrix_member_id", &self.bitrix_member_id)
-            .field("application_token", &self.application_token)
-            .field("application_token_file", &self.application_token_file)
-            .field("event_handler_id", &self.event_handler_id)
-            .field("command", &self.command)
-            .field("permanent_exit_codes", &self.permanent_exit_codes)
-            .field("env", &self.env.as_ref().map(RedactedValues))
-            .field("working_dir", &self.working_dir)
-            // Option values may be credentials (a password in a URL): keys only.
+            // Option values may be credentials (a password in a URL, a header): keys only.
             .field("options", &self.options.keys().collect::<Vec<_>>())
             .finish()
     }

@@ -112,4 +112,47 @@ mod tests {
             vec!["portals.main"]
         );
     }
+
+    /// Every key a reload cannot apply is in the runbook's and the README's restart list
+    /// (docs/OPERATIONS.md "Changing the configuration", README "SIGHUP").
+    #[test]
+    fn the_documented_restart_list_is_the_codes() {
+        let sinks = "[sinks.keep]\ntype = \"file\"\npath = \"/tmp/a.jsonl\"\n";
+        let running = load_str(&format!("{}{sinks}", portal("")), &[]).unwrap();
+        let everything = format!(
+            "shutdown_timeout = \"7s\"\nlog_format = \"json\"\n{}{sinks}\
+             [journal]\nretention = \"7d\"\n[admin]\nlisten = \"\"\n[alerts]\nsink = \"keep\"\n",
+            portal("batch_size = 10")
+        );
+        let reloaded = load_str(&everything, &[]).unwrap();
+        let keys = changes_needing_restart(&running, &reloaded);
+        assert_eq!(
+            keys,
+            [
+                "journal",
+                "admin",
+                "shutdown_timeout",
+                "log_format",
+                "alerts",
+                "portals.main"
+            ]
+        );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for doc in ["docs/OPERATIONS.md", "README.md"] {
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
+            let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let list = flat
+                .split(". ")
+                .find(|sentence| sentence.starts_with("Changes to `[journal]`"))
+                .unwrap_or_else(|| panic!("{doc} has no restart list"));
+            for key in &keys {
+                let spelled = match key.as_str() {
+                    "journal" | "admin" | "alerts" => format!("`[{key}]`"),
+                    k if k.starts_with("portals.") => "`[portals.*]`".to_string(),
+                    k => format!("`{k}`"),
+                };
+                assert!(list.contains(&spelled), "{doc}: {list:?} lacks {spelled}");
+            }
+        }
+    }
 }

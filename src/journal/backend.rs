@@ -263,6 +263,11 @@ pub trait JournalBackend: std::any::Any + Send + Sync {
     /// transactions, so the daemon never waits long.
     fn prune_blocking(&self, cutoff: DateTime<Utc>, include_dead: bool) -> anyhow::Result<Pruned>;
 
+    /// Writes a consistent copy of the journal, taken while the daemon may be writing, into
+    /// `to`, a file that must not exist yet, created with mode 0600 (the copy holds the OAuth
+    /// tokens); returns its size in bytes (`journal backup`). The copy opens as a journal.
+    fn backup_blocking(&self, to: &Path) -> anyhow::Result<u64>;
+
     /// [`JournalBackend::prune_blocking`] off the async runtime (the daemon's prune job).
     fn prune(
         &self,

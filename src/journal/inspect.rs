@@ -54,6 +54,8 @@ pub struct EventRow {
     pub portal: String,
     pub event: String,
     pub lane: String,
+    /// `pending`, `retrying` (pending, and a delivery of it failed at least once; what
+    /// `--status retrying` selects), `delivered` or `dead`.
     pub status: String,
     pub upstream: String,
     pub fetched_at: String,
@@ -65,6 +67,7 @@ pub struct EventRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryBrief {
     pub sink: String,
+    /// `pending`, `retrying` (pending after a failed attempt), `delivered` or `dead`.
     pub status: String,
     pub attempts: u32,
     pub last_error: Option<String>,
@@ -76,6 +79,8 @@ pub struct PortalStats {
     pub portal: String,
     pub events: u64,
     pub pending: u64,
+    /// Pending events a delivery of which failed at least once (counted in `pending` too).
+    pub retrying: u64,
     pub delivered: u64,
     pub dead: u64,
     /// Reserved upstream, or waiting for our clear/error call.
@@ -89,7 +94,7 @@ pub struct PortalStats {
 pub struct SinkStats {
     pub sink: String,
     pub pending: u64,
-    /// Pending after at least one failed attempt.
+    /// Pending after at least one failed attempt (counted in `pending` too).
     pub retrying: u64,
     pub delivered: u64,
     pub dead: u64,

@@ -1,5 +1,11 @@
 //! The dispatcher of one sink: takes due deliveries from the journal, hands them to the sink,
 //! turns the answers into retry/dead/delivered with the retry schedule, and records them.
+//!
+//! **Logs.** A retry of one delivery is logged at DEBUG (an outage makes thousands); what an
+//! operator needs at INFO/WARN is the sink's state changing: one WARN when its deliveries start
+//! failing (a batch without a single delivery), one INFO when it delivers again, saying for how
+//! long and how many attempts failed ([`SinkHealth`]). A delivery going dead stays a WARN each:
+//! it is final.
 
 use super::Wakers;
 use super::retry::{Step, next_step};
@@ -43,12 +49,31 @@ impl Dispatcher {
         // recorded before anything new is delivered, so a failing journal does not turn into
         // the same batch delivered again and again.
         let mut unrecorded: Option<Answered> = None;
+        let mut health = SinkHealth::default();
         while !self.stop.is_cancelled() {
             let step = match unrecorded.take() {
                 Some(answered) => self.record(answered).await.map(|()| 1),
                 None => match self.deliver_due().await {
                     Ok(None) => Ok(0),
                     Ok(Some(answered)) => {
+                        let outcomes = answered.outcomes.iter().map(|(_, o, _)| o);
+                        match health.observe(outcomes, std::time::Instant::now()) {
+                            Some(Change::Failing { error }) => tracing::warn!(
+                                sink = %name,
+                                error = %error,
+                                "sink failing: its deliveries are retried on the retry schedule (each retry is logged at debug)"
+                            ),
+                            Some(Change::Recovered {
+                                failed_attempts,
+                                after,
+                            }) => tracing::info!(
+                                sink = %name,
+                                failed_attempts,
+                                failing_for = %humantime::format_duration(Duration::from_secs(after.as_secs())),
+                                "sink delivers again"
+                            ),
+                            None => {}
+                        }
                         let count = answered.outcomes.len();
                         self.record(answered).await.map(|()| count)
                     }
@@ -162,7 +187,7 @@ impl Dispatcher {
                         Outcome::Delivered
                     }
                     Step::RetryAfter { error, after } => {
-                        tracing::info!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, retry_in = ?after, error = %error, "delivery failed, will retry");
+                        tracing::debug!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, retry_in = ?after, error = %error, "delivery failed, will retry");
                         Outcome::Retry {
                             error,
                             next_attempt_at: super::retry::retry_at(now, after),
@@ -214,5 +239,123 @@ impl Dispatcher {
             self.wakers.wake_portal(&portal);
         }
         Ok(())
+    }
+}
+
+/// A sink's state as its logs tell it: delivering, or failing since a batch came back without a
+/// single delivery. Pure; fed the outcomes of each batch.
+#[derive(Debug, Default)]
+struct SinkHealth {
+    /// Since when, and how many attempts failed since.
+    failing: Option<(std::time::Instant, u64)>,
+}
+
+/// A change of [`SinkHealth`], logged once.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// A batch came back without a delivery; `error` is its first failure.
+    Failing { error: String },
+    /// Delivering again after `failed_attempts` failed attempts over `after`.
+    Recovered {
+        failed_attempts: u64,
+        after: Duration,
+    },
+}
+
+impl SinkHealth {
+    fn observe<'a>(
+        &mut self,
+        outcomes: impl Iterator<Item = &'a Outcome>,
+        now: std::time::Instant,
+    ) -> Option<Change> {
+        let (mut delivered, mut failed, mut first_error) = (0u64, 0u64, None);
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Delivered => delivered += 1,
+                Outcome::Retry { error, .. } | Outcome::Dead { error } => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| error.clone());
+                }
+            }
+        }
+        match &mut self.failing {
+            None if delivered == 0 && failed > 0 => {
+                self.failing = Some((now, failed));
+                Some(Change::Failing {
+                    error: first_error.unwrap_or_default(),
+                })
+            }
+            None => None,
+            Some((_, count)) if delivered == 0 => {
+                *count += failed;
+                None
+            }
+            Some((since, count)) => {
+                let change = Change::Recovered {
+                    failed_attempts: *count + failed,
+                    after: now.saturating_duration_since(*since),
+                };
+                self.failing = None;
+                Some(change)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry() -> Outcome {
+        Outcome::Retry {
+            error: "http 503".into(),
+            next_attempt_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_sink_logs_when_it_starts_failing_and_when_it_delivers_again_not_per_attempt() {
+        let mut h = SinkHealth::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Delivering, and a batch where one event fails while others go through: no change.
+        assert_eq!(h.observe([Outcome::Delivered].iter(), at(0)), None);
+        assert_eq!(
+            h.observe([Outcome::Delivered, retry()].iter(), at(1)),
+            None,
+            "one event's failure is not the sink failing"
+        );
+        // A batch without a delivery: failing, once.
+        assert_eq!(
+            h.observe([retry(), retry()].iter(), at(10)),
+            Some(Change::Failing {
+                error: "http 503".into()
+            })
+        );
+        for s in 11..20 {
+            assert_eq!(
+                h.observe([retry()].iter(), at(s)),
+                None,
+                "no log per attempt"
+            );
+        }
+        let dead = Outcome::Dead {
+            error: "http 503".into(),
+        };
+        assert_eq!(h.observe([dead].iter(), at(25)), None);
+        // Delivers again: once, with how long and how many failed.
+        assert_eq!(
+            h.observe([retry(), Outcome::Delivered].iter(), at(70)),
+            Some(Change::Recovered {
+                failed_attempts: 2 + 9 + 1 + 1,
+                after: Duration::from_secs(60),
+            })
+        );
+        assert_eq!(h.observe([Outcome::Delivered].iter(), at(71)), None);
+        // A later outage is a new episode.
+        assert!(matches!(
+            h.observe([retry()].iter(), at(100)),
+            Some(Change::Failing { .. })
+        ));
     }
 }

@@ -146,7 +146,7 @@ struct Raw {
     max_message_size: Option<String>,
 }
 
-/// Reads and checks the keys of an `amqp` sink (registered in [`super::OPTION_TYPES`]).
+/// Reads and checks the keys of an `amqp` sink (registered in [`super::SINK_TYPES`]).
 pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
     let raw: Raw = options.parse()?;
     check_url(options, &raw.url)?;
@@ -1068,7 +1068,7 @@ mod tests {
         assert_err(
             &format!("{base}routing_key = 5"),
             "routing_key",
-            "invalid value",
+            "invalid type: found an integer, expected a string",
         );
         assert_err(
             &format!("{base}declare_exchange = \"fan\""),
@@ -1114,7 +1114,7 @@ mod tests {
         assert_err(
             &format!("{base}mandatory = \"yes\""),
             "mandatory",
-            "invalid value",
+            "invalid type: found a string, expected a boolean",
         );
         assert_err(
             &format!("{base}max_message_size = \"big\""),

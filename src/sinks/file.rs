@@ -7,10 +7,10 @@
 //! the sink and its health check write nothing: `doctor` may run beside a daemon that is
 //! appending to the same file, possibly as another user.
 
-use super::SinkConfig;
-use super::{Health, Sink, SinkResult};
+use super::{Health, Sink, SinkConfig, SinkKind, SinkResult};
 use crate::BoxFuture;
 use crate::envelope::Envelope;
+use crate::options::{ConfigError, SinkOptions};
 use anyhow::{Context, bail};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -26,6 +26,23 @@ pub struct FileSinkConfig {
 }
 
 impl super::SinkTypeConfig for FileSinkConfig {}
+
+/// The keys of a `file` sink as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    path: Option<PathBuf>,
+}
+
+/// Reads and checks the keys of a `file` sink (registered in [`super::SINK_TYPES`]).
+pub(crate) fn parse_config(options: &SinkOptions) -> Result<SinkKind, ConfigError> {
+    let raw: Raw = options.parse()?;
+    match raw.path {
+        None => Err(options.err("path", "missing required key")),
+        Some(path) if path.as_os_str().is_empty() => Err(options.err("path", "must not be empty")),
+        Some(path) => Ok(SinkKind::File(FileSinkConfig { path })),
+    }
+}
 
 /// The most envelopes one `deliver` call takes.
 const MAX_BATCH: usize = 500;

@@ -159,8 +159,8 @@ pub(crate) fn scrub<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
         .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"))
 }
 
-/// Reads the typed config of a sink type that defines its own keys from `[sinks.NAME]`.
-pub(crate) type OptionParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
+/// Reads a sink type's typed config from the type-specific keys of a `[sinks.NAME]`.
+pub(crate) type ConfigParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
 /// What every sink type's typed config provides besides its keys.
 pub(crate) trait SinkTypeConfig {
@@ -186,11 +186,12 @@ pub(crate) fn register_url_credentials(url: &str) {
     }
 }
 
-/// The registry of sink types, one line each: `Variant(module::Config) = "type" => module::Sink`,
-/// plus `, keys: module::parse_config` for a type whose module reads its own keys. It makes
-/// [`SinkKind`] (a variant per type), [`SinkKind::type_name`], [`OPTION_TYPES`] and [`build`].
+/// The registry of sink types, one line each: `Variant(module::Config) = "type" =>
+/// module::Sink, module::parse_config;`. It makes [`SinkKind`] (a variant per type),
+/// [`SinkKind::type_name`], [`SINK_TYPES`] (each type's config parser) and [`build`]. Adding a
+/// sink type is one module (its typed config, its parser, its `Sink`) and one line here.
 macro_rules! sink_types {
-    ($($variant:ident($config:ty) = $name:literal => $sink:ty $(, keys: $parse:path)?;)*) => {
+    ($($variant:ident($config:ty) = $name:literal => $sink:ty, $parse:path;)*) => {
         /// The type-specific part of a sink: one variant per registered type.
         #[derive(Debug, Clone, PartialEq)]
         pub enum SinkKind {
@@ -213,9 +214,8 @@ macro_rules! sink_types {
             }
         }
 
-        /// The sink types whose keys their own module defines (everything but `file`, `http`
-        /// and `exec`, whose keys `config::RawSink` names): the `type` and its config parser.
-        pub(crate) const OPTION_TYPES: &[(&str, OptionParser)] = &[$($(($name, $parse),)?)*];
+        /// Every sink `type`, in registry order, with the parser of its keys.
+        pub(crate) const SINK_TYPES: &[(&str, ConfigParser)] = &[$(($name, $parse),)*];
 
         /// Builds the sink a `[sinks.NAME]` describes. Fails when the sink cannot work at all (a
         /// file sink's directory is missing, an http client cannot be built, an exec sink's
@@ -229,28 +229,42 @@ macro_rules! sink_types {
 }
 
 sink_types! {
-    File(file::FileSinkConfig) = "file" => file::FileSink;
-    Http(http::HttpSinkConfig) = "http" => http::HttpSink;
-    Exec(exec::ExecSinkConfig) = "exec" => exec::ExecSink;
-    Redis(redis::RedisSinkConfig) = "redis" => redis::RedisSink, keys: redis::parse_config;
-    Nats(nats::NatsSinkConfig) = "nats" => nats::NatsSink, keys: nats::parse_config;
-    Amqp(amqp::AmqpSinkConfig) = "amqp" => amqp::AmqpSink, keys: amqp::parse_config;
-    Postgres(postgres::PostgresSinkConfig) = "postgres" => postgres::PostgresSink, keys: postgres::parse_config;
-    Mqtt(mqtt::MqttSinkConfig) = "mqtt" => mqtt::MqttSink, keys: mqtt::parse_config;
+    File(file::FileSinkConfig) = "file" => file::FileSink, file::parse_config;
+    Http(http::HttpSinkConfig) = "http" => http::HttpSink, http::parse_config;
+    Exec(exec::ExecSinkConfig) = "exec" => exec::ExecSink, exec::parse_config;
+    Redis(redis::RedisSinkConfig) = "redis" => redis::RedisSink, redis::parse_config;
+    Nats(nats::NatsSinkConfig) = "nats" => nats::NatsSink, nats::parse_config;
+    Amqp(amqp::AmqpSinkConfig) = "amqp" => amqp::AmqpSink, amqp::parse_config;
+    Postgres(postgres::PostgresSinkConfig) = "postgres" => postgres::PostgresSink, postgres::parse_config;
+    Mqtt(mqtt::MqttSinkConfig) = "mqtt" => mqtt::MqttSink, mqtt::parse_config;
 }
 
-/// The entry of [`OPTION_TYPES`] for `kind`.
-pub(crate) fn option_type(kind: &str) -> Option<(&'static str, OptionParser)> {
-    OPTION_TYPES.iter().copied().find(|(name, _)| *name == kind)
+/// The entry of [`SINK_TYPES`] for `kind`.
+pub(crate) fn sink_type(kind: &str) -> Option<(&'static str, ConfigParser)> {
+    SINK_TYPES.iter().copied().find(|(name, _)| *name == kind)
 }
 
 /// The typed config of a `[sinks.NAME]` of type `kind` holding the TOML `keys`, as the type's
-/// own parser reads it when `config` hands the keys over (from the file `c.toml`).
+/// own parser reads it when `config` hands the keys over (from the file `c.toml`, with one
+/// portal `main` at `https://main.bitrix24.com/rest/`).
 #[cfg(test)]
 pub(crate) fn parse_test_config(
     name: &str,
     kind: &str,
     keys: &str,
+) -> Result<SinkKind, ConfigError> {
+    parse_test_config_routed(name, kind, keys, &["main"], &[])
+}
+
+/// [`parse_test_config`] with the portals `portals` configured (portal `P` at
+/// `https://P.bitrix24.com/rest/`) and `routed` named by the sink's `portals` key.
+#[cfg(test)]
+pub(crate) fn parse_test_config_routed(
+    name: &str,
+    kind: &str,
+    keys: &str,
+    portals: &[&str],
+    routed: &[&str],
 ) -> Result<SinkKind, ConfigError> {
     use figment::Provider;
     use figment::providers::Format;
@@ -258,6 +272,15 @@ pub(crate) fn parse_test_config(
         .data()
         .expect("valid TOML");
     let values = data.into_values().next().unwrap_or_default();
-    let (kind, parse) = option_type(kind).expect("a sink type with its own keys");
-    parse(&SinkOptions::new("c.toml", name, kind, values))
+    let (kind, parse) = sink_type(kind).expect("a registered sink type");
+    let portals = portals
+        .iter()
+        .map(|p| crate::options::PortalRef {
+            name: p.to_string(),
+            client_endpoint: format!("https://{p}.bitrix24.com/rest/"),
+            oauth_token_url: "https://oauth.bitrix.info/oauth/token/".to_string(),
+        })
+        .collect();
+    let routed = routed.iter().map(|p| p.to_string()).collect();
+    parse(&SinkOptions::new("c.toml", name, kind, values).with_portals(portals, routed))
 }

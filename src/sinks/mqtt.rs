@@ -835,7 +835,7 @@ mod tests {
         assert_err(
             "url = \"mqtt://h\"\nretain = \"yes\"",
             "sinks.bus.retain",
-            "invalid value",
+            "invalid type: found a string, expected a boolean",
         );
         assert_err(
             "url = \"mqtt://h\"\nqos = 2",

@@ -650,18 +650,50 @@ impl PostgresSink {
                 format!("GRANT INSERT ON {quoted} TO the sink's user"),
             ));
         }
-        let rows: i64 = client
+        // An exact count up to EXACT_ROWS (reading at most that many rows), else the planner's
+        // estimate. pg_class.reltuples alone is -1 (PostgreSQL 14 and later) or 0 until the
+        // table is first vacuumed or analyzed, so a table with rows read as "about 0"
+        // (https://www.postgresql.org/docs/current/catalog-pg-class.html).
+        let counted: i64 = client
             .query_one(
-                "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::text::regclass",
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {quoted} LIMIT {}) t",
+                    EXACT_ROWS + 1
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        let estimate: f32 = client
+            .query_one(
+                "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass",
                 &[&quoted],
             )
             .await?
             .get(0);
         Ok(Health::ok(format!(
-            "{}: table {} has the expected columns, a unique id and INSERT privilege (about {rows} rows)",
+            "{}: table {} has the expected columns, a unique id and INSERT privilege ({})",
             self.shown_url(),
-            table.shown()
+            table.shown(),
+            rows_text(counted, f64::from(estimate))
         )))
+    }
+}
+
+/// Rows the health check counts exactly; above, it reports the planner's estimate.
+const EXACT_ROWS: i64 = 10_000;
+
+/// The table's size as the health check says it: `counted` rows read with a limit of
+/// [`EXACT_ROWS`] + 1 is exact up to that bound; above it, `estimate` (`pg_class.reltuples`) is
+/// shown as one ("about N rows") when it is above the bound, else only the bound is known.
+fn rows_text(counted: i64, estimate: f64) -> String {
+    if counted <= EXACT_ROWS {
+        return format!("{counted} row{}", if counted == 1 { "" } else { "s" });
+    }
+    if estimate > EXACT_ROWS as f64 {
+        format!("about {} rows", estimate.round() as i64)
+    } else {
+        format!("more than {EXACT_ROWS} rows")
     }
 }
 
@@ -777,6 +809,17 @@ impl Sink for PostgresSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_row_count_is_exact_up_to_the_bound_and_about_only_for_an_estimate() {
+        // Before ANALYZE reltuples is -1 (or 0): the count says what is there.
+        assert_eq!(rows_text(140, -1.0), "140 rows");
+        assert_eq!(rows_text(1, 0.0), "1 row");
+        assert_eq!(rows_text(0, -1.0), "0 rows");
+        assert_eq!(rows_text(EXACT_ROWS, 3.0), "10000 rows");
+        assert_eq!(rows_text(EXACT_ROWS + 1, 2_500_000.4), "about 2500000 rows");
+        assert_eq!(rows_text(EXACT_ROWS + 1, -1.0), "more than 10000 rows");
+    }
 
     /// Loads a config with one portal and `[sinks.db]` holding `keys`.
     fn load(keys: &str) -> Result<SinkKind, ConfigError> {

@@ -553,7 +553,7 @@ mod tests {
         assert_err(
             "url = \"redis://h\"\nmaxlen = \"lots\"",
             "sinks.stream.maxlen",
-            "invalid value",
+            "invalid type: found a string, expected u64",
         );
         assert_err(
             "url = \"redis://h\"\nsubject = \"x\"",

@@ -716,3 +716,75 @@ fn the_current_directory_journal_is_announced() {
     let login = run(&["auth", "login", "--portal", "main"]);
     assert!(stderr(&login).starts_with(&warning), "{}", stderr(&login));
 }
+
+/// `simulate` prints a config with an admin endpoint and an `auth import` line that passes the
+/// token on stdin (never in a process's argv); both work as printed.
+#[test]
+fn simulate_prints_a_config_with_an_admin_endpoint_and_an_import_from_stdin() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env_remove("B24EVENTD_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("3. ");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    let config: String = text
+        .split_once("1. save this as sim.toml:")
+        .and_then(|(_, rest)| rest.split_once("\n2. "))
+        .map(|(config, _)| config.trim().to_string())
+        .unwrap_or_else(|| panic!("no config printed:\n{text}"));
+    let import = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("2. "))
+        .unwrap_or_else(|| panic!("no import line:\n{text}"));
+    assert!(
+        config.contains("[admin]\nlisten = \"127.0.0.1:") && !config.contains("listen = \"\""),
+        "{config}"
+    );
+    assert!(
+        import.contains("--refresh-token -") && !import.contains("--access-token"),
+        "the token goes in on stdin: {import}"
+    );
+    std::fs::write(dir.path().join("sim.toml"), &config).unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_b24eventd")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-c", import])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("B24EVENTD_CONFIG")
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(out.status.code(), Some(0), "{import}: {}", stderr(&out));
+    assert!(
+        stdout(&out).contains("stored tokens for portal sim"),
+        "{}",
+        stdout(&out)
+    );
+    let validated = Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+        .args(["-c", "sim.toml", "validate"])
+        .current_dir(dir.path())
+        .env_remove("B24EVENTD_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(validated.status.code(), Some(0), "{}", stderr(&validated));
+}

@@ -343,7 +343,13 @@ async fn dead_purge_keeps_errored_events_until_the_error_lane_poll_re_read_them(
     running.stop().await;
 
     let purge = |json: bool| {
-        let mut args = vec!["--config", config.to_str().unwrap(), "dead", "purge"];
+        let mut args = vec![
+            "--config",
+            config.to_str().unwrap(),
+            "dead",
+            "purge",
+            "--all",
+        ];
         if json {
             args.push("--json");
         }

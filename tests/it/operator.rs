@@ -530,7 +530,19 @@ async fn dead_purge_deletes_settled_dead_events_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.is_empty(), "nothing on stderr: {err}");
-    let purged = cli_json(config, &["dead", "purge", "--json"]).await;
+    // No filter: refused, nothing deleted, as `replay` refuses without --all.
+    let refused = cli(config, &["dead", "purge"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("give a filter") && err.contains("--all"),
+        "{err}"
+    );
+    assert_eq!(
+        ids_of(&cli_json(config, &["dead", "list", "--json"]).await).len(),
+        2
+    );
+    let purged = cli_json(config, &["dead", "purge", "--all", "--json"]).await;
     assert_eq!(
         (purged["events"].as_u64(), purged["kept_unsettled"].as_u64()),
         (Some(2), Some(0))
@@ -540,5 +552,79 @@ async fn dead_purge_deletes_settled_dead_events_only() {
     assert_eq!(
         (portal_stat(&st, "events"), portal_stat(&st, "delivered")),
         (4, 4)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_backup_copies_the_live_journal_into_a_private_file() {
+    use b24eventd::journal::{Access, EventFilter, Journal};
+    use std::os::unix::fs::PermissionsExt;
+    init();
+    let (sim, tokens) = portal(SimulatorConfig::default()).await;
+    let s = setup(&sim, &tokens, file_sink).await;
+    let config = s.config.as_path();
+    let mut daemon = spawn_daemon(config, &s.log);
+    emit_deals(&sim, 1, 20);
+    wait_until("20 events delivered", Duration::from_secs(30), async || {
+        let st = stats(config).await;
+        upstream_empty(&sim)
+            && portal_stat(&st, "delivered") == 20
+            && portal_stat(&st, "upstream_unsettled") == 0
+    })
+    .await;
+
+    // Taken while the daemon runs (and holds the journal).
+    let copy = s.dir.path().join("backup.db");
+    let done = cli_json(
+        config,
+        &["journal", "backup", copy.to_str().unwrap(), "--json"],
+    )
+    .await;
+    assert_eq!(
+        done["bytes"].as_u64(),
+        Some(std::fs::metadata(&copy).unwrap().len())
+    );
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the copy holds the tokens"
+    );
+    // An existing file is never overwritten.
+    let before = std::fs::read(&copy).unwrap();
+    let again = cli(config, &["journal", "backup", copy.to_str().unwrap()]).await;
+    assert_eq!(again.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("cannot create backup"), "{err}");
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    stop_with_sigterm(&mut daemon, &s.log);
+
+    let loaded = b24eventd::config::load(config).unwrap();
+    let live = Journal::open_blocking_as(
+        &loaded.journal.path,
+        loaded.journal.synchronous,
+        Access::Read,
+    )
+    .unwrap();
+    let backup = Journal::open_blocking_as(&copy, loaded.journal.synchronous, Access::Read)
+        .expect("the copy opens as a journal");
+    let all = EventFilter::default();
+    let rows = |j: &Journal| serde_json::to_value(j.list_events(&all).unwrap()).unwrap();
+    assert_eq!(rows(&backup).as_array().map(Vec::len), Some(20));
+    assert_eq!(rows(&backup), rows(&live));
+    assert_eq!(
+        serde_json::to_value(backup.stats(&all).unwrap()).unwrap(),
+        serde_json::to_value(live.stats(&all).unwrap()).unwrap()
+    );
+    let stored = backup
+        .load_tokens("main")
+        .await
+        .unwrap()
+        .expect("tokens in the copy");
+    assert_eq!(
+        Some(stored.refresh_token),
+        live.load_tokens("main")
+            .await
+            .unwrap()
+            .map(|t| t.refresh_token)
     );
 }

@@ -349,8 +349,15 @@ async fn subscribe_binds_what_is_missing_reports_extras_and_prunes_them() {
     sim.emit_change("ONTASKADD", 8);
     assert!(queued_connectors(&sim, "ONTASKADD").is_empty());
 
-    // unsubscribe removes our bindings of `events`, and only ours.
-    let out = b24eventd(&["-c", config, "unsubscribe", "--json"], None).await;
+    // A binding of ours outside `events` (bound again by hand).
+    sim.bind_offline("ONTASKADD", "");
+
+    // unsubscribe --only-configured removes our bindings of `events`, and only ours.
+    let out = b24eventd(
+        &["-c", config, "unsubscribe", "--only-configured", "--json"],
+        None,
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rows = json(&out);
     let actions: Vec<&str> = rows["bindings"]
@@ -386,6 +393,49 @@ async fn subscribe_binds_what_is_missing_reports_extras_and_prunes_them() {
         count(&sim, "ONCRMDEALUPDATE", "other"),
         others_before + 1,
         "the other connector's binding is untouched"
+    );
+    sim.emit_change("ONTASKADD", 11);
+    assert_eq!(
+        queued_connectors(&sim, "ONTASKADD"),
+        vec![String::new()],
+        "--only-configured kept the binding outside `events`"
+    );
+
+    // Without it: every offline binding of our connector that event.get lists.
+    let out = b24eventd(&["-c", config, "unsubscribe", "--json"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = json(&out);
+    let actions: Vec<(String, String)> = rows["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap().to_string(),
+                r["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("ONCRMDEALADD".to_string(), "not bound".to_string()),
+            ("ONCRMDEALUPDATE".to_string(), "not bound".to_string()),
+            ("ONTASKADD".to_string(), "unbound".to_string()),
+        ]
+    );
+    let queued_tasks = count(&sim, "ONTASKADD", "");
+    sim.emit_change("ONTASKADD", 12);
+    assert_eq!(
+        count(&sim, "ONTASKADD", ""),
+        queued_tasks,
+        "no longer queued"
+    );
+    sim.emit_change("ONCRMDEALUPDATE", 13);
+    assert_eq!(
+        count(&sim, "ONCRMDEALUPDATE", "other"),
+        others_before + 2,
+        "the other connector's binding is still untouched"
     );
     let out = b24eventd(&["-c", config, "unsubscribe", "--json"], None).await;
     let rows = json(&out);

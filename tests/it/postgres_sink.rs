@@ -405,6 +405,20 @@ async fn healthcheck_and_validate_online() {
     let h = health(sinks.clone()).await;
     assert_eq!(h.level, HealthLevel::Ok, "{h:?}");
     assert!(h.detail.contains("INSERT privilege"), "{h:?}");
+    assert!(h.detail.contains("(0 rows)"), "{h:?}");
+    // 140 rows, never analyzed (reltuples is still -1 or 0): counted, not estimated.
+    db.batch_execute(&format!(
+        "INSERT INTO {table} (id, portal, event, offline_id, message_id, \"timestamp\", payload)
+         SELECT 'main:' || i, 'main', 'ONCRMDEALADD', i, md5(i::text), now(), '{{}}'::jsonb
+         FROM generate_series(1, 140) i"
+    ))
+    .await
+    .unwrap();
+    let h = health(sinks.clone()).await;
+    assert!(
+        h.detail.contains("(140 rows)") && !h.detail.contains("about"),
+        "{h:?}"
+    );
     let out = validate_online(dir.path(), &sim, &sinks, &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(

@@ -682,6 +682,10 @@ fn event_bind(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output, R
     Ok(Output::of(json!(true)))
 }
 
+/// `Event::eventUnbind` (modules/rest/lib/api/event.php): deletes the application's bindings of
+/// `event` and `handler`; with `event_type=offline` those whose `CONNECTOR_ID` is the request's
+/// `auth_connector` ('' without one), whatever their user, else filtered by `auth_type` (the
+/// caller's own user unless an administrator). Answers `{"count": N}`.
 fn event_unbind(state: &mut State, ctx: &Ctx, params: &Params) -> Result<Output, RestError> {
     let p = bind_params(ctx, params, false)?;
     let auth_type = params.get("auth_type").map(php::intval);
@@ -730,6 +734,10 @@ fn event_test(state: &mut State, ctx: &Ctx, params: &Params) -> Value {
     json!(1)
 }
 
+/// `Event::eventGet` (modules/rest/lib/api/event.php): the calling application's bindings in
+/// the order they were made, only the caller's own for a user who is not an administrator; an
+/// online one as `{event, handler, auth_type, offline: 0}`, an offline one as `{event,
+/// connector_id, offline: 1}` (`connector_id` '' for none).
 fn event_get(state: &State, ctx: &Ctx) -> Value {
     let items: Vec<Value> = state
         .bindings

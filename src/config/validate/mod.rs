@@ -1,13 +1,13 @@
 //! Validation (pure, no I/O): a `RawConfig` into a typed `Config`, or one `ConfigError` naming
-//! the file and the key. Portals, sinks and http sinks have a file each.
+//! the file and the key. Portals and the keys every sink has have a file each; a sink type's own
+//! keys are read by its module in `sinks`.
 
-mod http_sink;
 mod portal;
 mod sink;
 
 use super::raw::{RawAdmin, RawAlerts, RawConfig, RawJournal};
 use super::types::{AdminConfig, AlertsConfig, Config, JournalConfig, LogFormat, Synchronous};
-use crate::options::{ConfigError, duration_problem, parse_bytes, redact_url};
+use crate::options::{ConfigError, duration_problem, parse_bytes, parse_http_url};
 use crate::sinks::SinkConfig;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 pub(crate) fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
     let v = Validator {
         file: source.display().to_string(),
+        env_keys: raw.env_keys,
     };
 
     let journal = v.journal(raw.journal, raw.state_directory.as_deref())?;
@@ -102,26 +103,6 @@ fn lowercase_first(s: &str) -> String {
     }
 }
 
-/// `host[:port]` of a URL (the port only when it is not the scheme's default).
-fn host_of(url: &str) -> Option<String> {
-    let url = reqwest::Url::parse(url).ok()?;
-    let host = url.host_str()?;
-    Some(match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    })
-}
-
-/// A host name (with an optional port) and nothing else.
-fn valid_domain(domain: &str) -> bool {
-    !domain.is_empty()
-        && !domain.contains(['/', '@', '?', '#', ' '])
-        && reqwest::Url::parse(&format!("https://{domain}/"))
-            .ok()
-            .and_then(|url| host_of(url.as_str()))
-            .is_some_and(|parsed| parsed.eq_ignore_ascii_case(domain))
-}
-
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -131,6 +112,8 @@ fn valid_name(name: &str) -> bool {
 
 struct Validator {
     file: String,
+    /// The key paths a `B24EVENTD_*` variable set (see [`RawConfig::env_keys`]).
+    env_keys: Vec<Vec<String>>,
 }
 
 impl Validator {
@@ -198,18 +181,18 @@ impl Validator {
     }
 
     fn http_url(&self, key: &str, value: &str) -> Result<reqwest::Url, ConfigError> {
-        let url = reqwest::Url::parse(value)
-            .map_err(|e| self.err(key, format!("invalid URL {:?}: {e}", redact_url(value))))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
-            return Err(self.err(
-                key,
-                format!(
-                    "must be an http:// or https:// URL, got {:?}",
-                    redact_url(value)
-                ),
-            ));
-        }
-        Ok(url)
+        parse_http_url(value).map_err(|problem| self.err(key, problem))
+    }
+
+    /// The key paths below `prefix` that a `B24EVENTD_*` variable set, without the prefix.
+    fn env_keys_below(&self, prefix: &[&str]) -> Vec<Vec<String>> {
+        self.env_keys
+            .iter()
+            .filter(|path| {
+                path.len() > prefix.len() && path.iter().zip(prefix).all(|(a, b)| a == b)
+            })
+            .map(|path| path[prefix.len()..].to_vec())
+            .collect()
     }
 
     fn journal(
@@ -710,7 +693,10 @@ mod tests {
                 "s".to_string(),
                 RawSink {
                     kind: Some("file".into()),
-                    path: Some("/tmp/x".into()),
+                    options: BTreeMap::from([(
+                        "path".to_string(),
+                        figment::value::Value::from("/tmp/x"),
+                    )]),
                     ..RawSink::default()
                 },
             )]),

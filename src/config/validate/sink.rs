@@ -1,14 +1,11 @@
-//! `[sinks.NAME]`: the keys every sink has (route, timeout, concurrency, retry), the `type`
-//! registry, and the `file` and `exec` keys.
+//! `[sinks.NAME]`: the keys every sink has (route, timeout, concurrency, retry) and the `type`,
+//! whose module in `sinks` reads the other keys.
 
 use super::{Validator, valid_name};
 use crate::config::raw::RawSink;
 use crate::config::types::PortalConfig;
-use crate::options::{ConfigError, SinkOptions};
-use crate::sinks::exec::{EXEC_EVENT_ENV, ExecSinkConfig};
-use crate::sinks::file::FileSinkConfig;
+use crate::options::{ConfigError, PortalRef, SinkOptions};
 use crate::sinks::{RetryPolicy, SinkConfig, SinkKind};
-use figment::value::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,9 +19,9 @@ pub(super) const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// Every sink `type`, quoted, for error messages.
 fn sink_types() -> String {
-    ["file", "http", "exec"]
-        .into_iter()
-        .chain(crate::sinks::OPTION_TYPES.iter().map(|(kind, _)| *kind))
+    crate::sinks::SINK_TYPES
+        .iter()
+        .map(|(kind, _)| kind)
         .map(|kind| format!("{kind:?}"))
         .collect::<Vec<_>>()
         .join(", ")
@@ -90,7 +87,6 @@ impl Validator {
         portals: &BTreeMap<String, PortalConfig>,
     ) -> Result<SinkConfig, ConfigError> {
         let k = |key: &str| format!("sinks.{name}.{key}");
-        let named_type_keys = raw.named_type_keys();
         let options = std::mem::take(&mut raw.options);
         if !valid_name(name) {
             return Err(self.err(
@@ -181,81 +177,33 @@ impl Validator {
             ));
         }
 
-        let kind = match raw.kind.as_deref() {
-            None => {
-                return Err(self.err(
-                    k("type"),
-                    format!("missing required key; supported types: {}", sink_types()),
-                ));
-            }
-            Some("file") => {
-                self.no_options(name, "file", &options)?;
-                self.not_for_type(
-                    name,
-                    "file",
-                    &[
-                        ("url", raw.url.is_some()),
-                        ("command", raw.command.is_some()),
-                        ("permanent_exit_codes", raw.permanent_exit_codes.is_some()),
-                        ("env", raw.env.is_some()),
-                        ("working_dir", raw.working_dir.is_some()),
-                    ],
-                )?;
-                self.not_for_type(name, "file", &raw.http_only_keys())?;
-                let path = match raw.path {
-                    None => return Err(self.err(k("path"), "missing required key")),
-                    Some(p) if p.as_os_str().is_empty() => {
-                        return Err(self.err(k("path"), "must not be empty"));
-                    }
-                    Some(p) => p,
-                };
-                SinkKind::File(FileSinkConfig { path })
-            }
-            Some("http") => {
-                self.no_options(name, "http", &options)?;
-                self.not_for_type(
-                    name,
-                    "http",
-                    &[
-                        ("path", raw.path.is_some()),
-                        ("command", raw.command.is_some()),
-                        ("permanent_exit_codes", raw.permanent_exit_codes.is_some()),
-                        ("env", raw.env.is_some()),
-                        ("working_dir", raw.working_dir.is_some()),
-                    ],
-                )?;
-                SinkKind::Http(self.http_sink(name, &mut raw, &routed_portals, portals)?)
-            }
-            Some("exec") => {
-                self.no_options(name, "exec", &options)?;
-                self.not_for_type(
-                    name,
-                    "exec",
-                    &[("path", raw.path.is_some()), ("url", raw.url.is_some())],
-                )?;
-                self.not_for_type(name, "exec", &raw.http_only_keys())?;
-                SinkKind::Exec(self.exec_sink(
-                    name,
-                    raw.command,
-                    raw.permanent_exit_codes,
-                    raw.env,
-                    raw.working_dir,
-                )?)
-            }
-            Some(other) => {
-                let Some((kind, parse)) = crate::sinks::option_type(other) else {
-                    return Err(self.err(
-                        k("type"),
-                        format!(
-                            "unknown sink type {other:?}; supported types: {}",
-                            sink_types()
-                        ),
-                    ));
-                };
-                let options = self.options(name, kind, &named_type_keys, raw.url, options)?;
-                parse(&options)?
-            }
+        let Some(kind) = raw.kind.as_deref() else {
+            return Err(self.err(
+                k("type"),
+                format!("missing required key; supported types: {}", sink_types()),
+            ));
         };
+        let Some((kind, parse)) = crate::sinks::sink_type(kind) else {
+            return Err(self.err(
+                k("type"),
+                format!(
+                    "unknown sink type {kind:?}; supported types: {}",
+                    sink_types()
+                ),
+            ));
+        };
+        let portal_refs = portals
+            .values()
+            .map(|portal| PortalRef {
+                name: portal.name.clone(),
+                client_endpoint: portal.client_endpoint.clone(),
+                oauth_token_url: portal.oauth_token_url.clone(),
+            })
+            .collect();
+        let options = SinkOptions::new(&self.file, name, kind, options.into_iter().collect())
+            .with_env_keys(self.env_keys_below(&["sinks", name]))
+            .with_portals(portal_refs, routed_portals.clone());
+        let kind = parse(&options)?;
 
         Ok(SinkConfig {
             name: name.to_string(),
@@ -273,156 +221,6 @@ impl Validator {
             kind,
         })
     }
-
-    /// The `exec`-only keys of `[sinks.NAME]`.
-    fn exec_sink(
-        &self,
-        name: &str,
-        command: Option<Vec<String>>,
-        permanent_exit_codes: Option<Vec<i32>>,
-        env: Option<BTreeMap<String, String>>,
-        working_dir: Option<PathBuf>,
-    ) -> Result<ExecSinkConfig, ConfigError> {
-        let k = |key: &str| format!("sinks.{name}.{key}");
-        let example =
-            "e.g. [\"/usr/local/bin/on-deal\", \"--verbose\"] (argv: never run through a shell)";
-        let command = match command {
-            None => {
-                return Err(self.err(
-                    k("command"),
-                    format!("missing required key: the program and its arguments, {example}"),
-                ));
-            }
-            Some(argv) if argv.is_empty() => {
-                return Err(self.err(
-                    k("command"),
-                    format!("must not be empty: give the program and its arguments, {example}"),
-                ));
-            }
-            Some(argv) => argv,
-        };
-        if command[0].trim().is_empty() {
-            return Err(self.err(
-                format!("{}[0]", k("command")),
-                "must not be empty: the program to run",
-            ));
-        }
-        if let Some(i) = command.iter().position(|arg| arg.contains('\0')) {
-            return Err(self.err(
-                format!("{}[{i}]", k("command")),
-                "must not contain a NUL character",
-            ));
-        }
-
-        let permanent_exit_codes = permanent_exit_codes.unwrap_or_default();
-        for (i, code) in permanent_exit_codes.iter().enumerate() {
-            let key = format!("{}[{i}]", k("permanent_exit_codes"));
-            if *code == 0 {
-                return Err(self.err(key, "0 means delivered and cannot be a permanent failure"));
-            }
-            if !(1..=255).contains(code) {
-                return Err(self.err(
-                    key,
-                    format!("must be an exit code between 1 and 255, got {code}"),
-                ));
-            }
-        }
-
-        let env = env.unwrap_or_default();
-        for (var, value) in &env {
-            let key = format!("{}.{var}", k("env"));
-            if var.is_empty() || var.contains(['=', '\0']) {
-                return Err(self.err(
-                    key,
-                    "invalid variable name (empty, or contains '=' or a NUL character)",
-                ));
-            }
-            if EXEC_EVENT_ENV.contains(&var.as_str()) {
-                return Err(self.err(
-                    key,
-                    "this variable is set by the sink for every event and cannot be configured",
-                ));
-            }
-            if value.contains('\0') {
-                return Err(self.err(key, "the value must not contain a NUL character"));
-            }
-        }
-
-        if working_dir
-            .as_ref()
-            .is_some_and(|dir| dir.as_os_str().is_empty())
-        {
-            return Err(self.err(
-                k("working_dir"),
-                "must not be empty (leave the key out instead)",
-            ));
-        }
-
-        Ok(ExecSinkConfig {
-            command,
-            permanent_exit_codes,
-            env,
-            working_dir,
-        })
-    }
-
-    /// Refuses keys that no `file`, `http` or `exec` sink has.
-    fn no_options(
-        &self,
-        sink: &str,
-        kind: &str,
-        options: &BTreeMap<String, Value>,
-    ) -> Result<(), ConfigError> {
-        match options.keys().next() {
-            Some(key) => Err(self.err(
-                format!("sinks.{sink}.{key}"),
-                format!("not a key of a {kind:?} sink"),
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// The options of a sink type that defines its own keys: refuses the `file`/`http`/`exec`
-    /// keys `RawSink` names (all but `url`) and hands `url` and the rest to the sink module.
-    fn options(
-        &self,
-        sink: &str,
-        kind: &'static str,
-        named_type_keys: &[&'static str],
-        url: Option<String>,
-        mut options: BTreeMap<String, Value>,
-    ) -> Result<SinkOptions, ConfigError> {
-        if let Some(key) = named_type_keys.first() {
-            return Err(self.err(
-                format!("sinks.{sink}.{key}"),
-                format!("not a key of a {kind:?} sink"),
-            ));
-        }
-        if let Some(url) = url {
-            options.insert("url".to_string(), Value::from(url));
-        }
-        Ok(SinkOptions::new(
-            &self.file,
-            sink,
-            kind,
-            options.into_iter().collect(),
-        ))
-    }
-
-    fn not_for_type(
-        &self,
-        sink: &str,
-        kind: &str,
-        present: &[(&str, bool)],
-    ) -> Result<(), ConfigError> {
-        match present.iter().find(|(_, is_set)| *is_set) {
-            Some((key, _)) => Err(self.err(
-                format!("sinks.{sink}.{key}"),
-                format!("not a key of a {kind:?} sink"),
-            )),
-            None => Ok(()),
-        }
-    }
 }
 #[cfg(test)]
 mod tests {
@@ -438,7 +236,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.key, "sinks.erp.stream");
-        assert_eq!(err.message, "not a key of a \"file\" sink");
+        assert!(
+            err.message
+                .starts_with("not a key of a \"file\" sink; its keys: path;"),
+            "{err}"
+        );
         let err = load_str(&sink("type = \"kafka\""), &[]).unwrap_err();
         assert_eq!(err.key, "sinks.erp.type");
         assert!(
@@ -764,17 +566,59 @@ mod tests {
     }
 
     #[test]
-    fn a_sink_type_with_its_own_keys_refuses_the_named_ones() {
-        let v = Validator {
-            file: "c.toml".into(),
-        };
-        let url = Some("redis://:hunter2@127.0.0.1/".to_string());
-        let err = v
-            .options("q", "redis", &["path"], url, BTreeMap::new())
-            .unwrap_err();
-        assert_eq!(
-            (err.key.as_str(), err.message.as_str()),
-            ("sinks.q.path", "not a key of a \"redis\" sink")
+    fn the_type_chooses_the_module_that_reads_the_other_keys() {
+        let err = assert_err(
+            &sink("type = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1/\"\npath = \"/tmp/x\""),
+            "sinks.erp.path",
+            "not a key of a \"redis\" sink; its keys: url, stream, maxlen",
         );
+        assert!(
+            err.message.ends_with(
+                "every sink also has: type, events, portals, timeout, concurrency, retry"
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_err(
+            &sink("type = \"file\"\npath = \"/tmp/x\"\ncommand = [\"/bin/x\"]"),
+            "sinks.erp.command",
+            "not a key of a \"file\" sink; its keys: path;",
+        );
+    }
+
+    #[test]
+    fn a_type_key_set_by_the_environment_is_named_by_its_variable() {
+        let err = load_str(
+            &http_toml(""),
+            &[("B24EVENTD_SINKS__ERP__RETRY_ON", "[409, 600]")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.file.as_str(), err.key.as_str()),
+            (
+                "environment variable B24EVENTD_SINKS__ERP__RETRY_ON",
+                "sinks.erp.retry_on[1]"
+            )
+        );
+        assert!(err.message.contains("got 600"), "{err}");
+        let err = load_str(
+            &http_toml(""),
+            &[("B24EVENTD_SINKS__ERP__HEADERS__X-A", "a\u{1}b")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.file,
+            "environment variable B24EVENTD_SINKS__ERP__HEADERS__X-A"
+        );
+        assert_eq!(err.key, "sinks.erp.headers.x-a");
+
+        // An environment variable sets the secret; a bad one is named without its value.
+        let err = load_str(
+            &http_toml(""),
+            &[("B24EVENTD_SINKS__ERP__SIGNING_SECRET", "whsec_12345")],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "sinks.erp.signing_secret");
+        assert!(!err.to_string().contains("12345"), "{err}");
     }
 }

@@ -142,16 +142,31 @@ pub(super) fn list_events(
     for row in &mut rows {
         row.deliveries = deliveries
             .query_map([row.row], |r| {
+                let status: String = r.get(1)?;
+                let attempts: u32 = r.get(2)?;
                 Ok(DeliveryBrief {
                     sink: r.get(0)?,
-                    status: r.get(1)?,
-                    attempts: r.get(2)?,
+                    status: retrying_label(status, attempts),
+                    attempts,
                     last_error: r.get(3)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
+        if row.status == "pending" && row.deliveries.iter().any(|d| d.status == "retrying") {
+            row.status = "retrying".to_string();
+        }
     }
     Ok(rows)
+}
+
+/// A delivery's status as the commands show it: `retrying` for a pending one that failed
+/// before (the journal stores `pending` with its attempt count), as `--status retrying` selects.
+fn retrying_label(status: String, attempts: u32) -> String {
+    if status == "pending" && attempts > 0 {
+        "retrying".to_string()
+    } else {
+        status
+    }
 }
 
 pub(super) fn stats(conn: &Connection, filter: &EventFilter) -> anyhow::Result<Vec<PortalStats>> {
@@ -160,7 +175,9 @@ pub(super) fn stats(conn: &Connection, filter: &EventFilter) -> anyhow::Result<V
         "SELECT e.portal, COUNT(*), COALESCE(SUM(e.status = 'pending'), 0),
                 COALESCE(SUM(e.status = 'delivered'), 0), COALESCE(SUM(e.status = 'dead'), 0),
                 COALESCE(SUM(e.upstream IN ('reserved', 'clear_pending', 'error_pending')), 0),
-                MIN(CASE WHEN e.status = 'pending' THEN e.fetched_at END)
+                MIN(CASE WHEN e.status = 'pending' THEN e.fetched_at END),
+                COALESCE(SUM(e.status = 'pending' AND EXISTS (SELECT 1 FROM deliveries r
+                    WHERE r.event_id = e.id AND r.status = 'pending' AND r.attempts > 0)), 0)
          FROM events e WHERE {} GROUP BY e.portal ORDER BY e.portal",
         clause.sql
     );
@@ -171,6 +188,7 @@ pub(super) fn stats(conn: &Connection, filter: &EventFilter) -> anyhow::Result<V
                 portal: r.get(0)?,
                 events: count(r, 1)?,
                 pending: count(r, 2)?,
+                retrying: count(r, 7)?,
                 delivered: count(r, 3)?,
                 dead: count(r, 4)?,
                 upstream_unsettled: count(r, 5)?,
@@ -314,11 +332,13 @@ fn event_detail(conn: &Connection, row: i64) -> anyhow::Result<Option<EventDetai
             })
         })?
         .collect::<Result<_, _>>()?;
-    // The attempt the next delivery would carry (the largest pending one, else the last made).
+    // The envelope as the sinks last received it: `attempt` is the most attempts any delivery
+    // has made, the number the ATTEMPTS column shows (1 before the first one: what it will
+    // carry). The next attempt's number is not shown here: the NEXT ATTEMPT column says when.
     detail.envelope.attempt = detail
         .deliveries
         .iter()
-        .map(|d| d.attempts + u32::from(d.status == "pending"))
+        .map(|d| d.attempts)
         .max()
         .unwrap_or(1)
         .max(1);
@@ -641,6 +661,42 @@ mod tests {
             (4, 1, 2, 1)
         );
         assert_eq!(stats[0].upstream_unsettled, 1, "event 4 is still reserved");
+    }
+
+    #[tokio::test]
+    async fn a_pending_event_that_failed_is_shown_and_counted_as_retrying() {
+        let (_d, j) = journal().await;
+        let four = j.list_events(&EventFilter::default()).unwrap()[3].row;
+        let show = |j: &Journal| j.show_event(&four.to_string()).unwrap().remove(0);
+        // Before its first attempt the envelope says what it will carry.
+        assert_eq!(show(&j).envelope.attempt, 1);
+        for _ in 0..5 {
+            let retry = Outcome::Retry {
+                error: "http 503".into(),
+                next_attempt_at: Utc::now(),
+            };
+            j.record_outcomes("a", vec![(four, retry, None)])
+                .await
+                .unwrap();
+        }
+        let retrying = EventFilter {
+            status: Some(StatusFilter::Retrying),
+            ..EventFilter::default()
+        };
+        let rows = j.list_events(&retrying).unwrap();
+        assert_eq!(ids(&rows), keys(&[4]));
+        assert_eq!(rows[0].status, "retrying", "labelled as the filter selects");
+        assert_eq!(rows[0].deliveries[0].status, "retrying");
+        let delivered = j.list_events(&EventFilter::default()).unwrap();
+        assert_eq!(delivered[0].status, "delivered");
+        let stats = j.stats(&EventFilter::default()).unwrap();
+        assert_eq!((stats[0].pending, stats[0].retrying), (1, 1));
+        assert_eq!(stats[0].sinks[0].retrying, 1);
+        // The envelope's attempt agrees with the ATTEMPTS the delivery shows: 5 made.
+        let detail = show(&j);
+        assert_eq!(detail.deliveries[0].attempts, 5);
+        assert_eq!(detail.envelope.attempt, 5);
+        assert_eq!(detail.attempts.len(), 5);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! this file opens the journal and maps [`JournalBackend`] (which documents each operation)
 //! onto them.
 
+mod backup;
 pub mod baseline;
 mod batches;
 mod conformance;
@@ -432,6 +433,10 @@ impl JournalBackend for SqliteJournal {
 
     fn prune_blocking(&self, cutoff: DateTime<Utc>, include_dead: bool) -> anyhow::Result<Pruned> {
         self.with_conn(|conn| inspect::prune(conn, cutoff, include_dead))
+    }
+
+    fn backup_blocking(&self, to: &Path) -> anyhow::Result<u64> {
+        self.with_conn(|conn| backup::backup(conn, to))
     }
 
     fn prune(

@@ -12,13 +12,12 @@ use super::SinkConfig;
 use super::{Health, HealthLevel, Sink, SinkResult};
 use crate::BoxFuture;
 use crate::envelope::Envelope;
-use crate::options::{IGNORED_ENV, RedactedValues};
+use crate::options::IGNORED_ENV;
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use rustix::process::{Pid, Signal};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -29,35 +28,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
-/// Environment variables an exec sink sets itself for every event; `env` cannot set them.
-pub const EXEC_EVENT_ENV: [&str; 4] = ["B24_EVENT_ID", "B24_EVENT", "B24_PORTAL", "B24_ATTEMPT"];
+mod config;
 
-/// `type = "exec"`: run a program per event with the envelope on stdin.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ExecSinkConfig {
-    /// argv as configured: the program (a path, or a name looked up on `PATH` when the sink is
-    /// built) and its arguments. Never run through a shell.
-    pub command: Vec<String>,
-    /// Exit codes that make the event dead for this sink at once (never 0).
-    pub permanent_exit_codes: Vec<i32>,
-    /// Extra environment variables; values may be credentials, so `Debug` hides them.
-    pub env: BTreeMap<String, String>,
-    /// The program's working directory; default: the daemon's.
-    pub working_dir: Option<PathBuf>,
-}
-
-impl super::SinkTypeConfig for ExecSinkConfig {}
-
-impl fmt::Debug for ExecSinkConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExecSinkConfig")
-            .field("command", &self.command)
-            .field("permanent_exit_codes", &self.permanent_exit_codes)
-            .field("env", &RedactedValues(&self.env))
-            .field("working_dir", &self.working_dir)
-            .finish()
-    }
-}
+pub(crate) use config::parse_config;
+pub use config::{EXEC_EVENT_ENV, ExecSinkConfig};
 
 /// How much of stdout and of stderr is kept for the attempt record.
 const OUTPUT_KEEP_BYTES: usize = 4096;

@@ -10,93 +10,24 @@
 //! configured header values or the application token.
 
 use super::SinkConfig;
-use super::bitrix_form::BitrixFormConfig;
 use super::standard_webhooks::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SigningKey};
 use super::{Health, Sink, SinkResult, bitrix_form};
 use crate::BoxFuture;
 use crate::envelope::Envelope;
 use crate::options::{
-    ConfigError, RedactedValues, Secret, SecretKeys, SecretSource, credentials_directory,
-    read_secret, redact_url,
+    ConfigError, Secret, SecretKeys, credentials_directory, read_secret, redact_url,
 };
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-/// `type = "http"`: POST each envelope.
-#[derive(Clone, PartialEq, Eq)]
-pub struct HttpSinkConfig {
-    /// May carry userinfo; print it with [`redact_url`].
-    pub url: String,
-    pub format: HttpFormat,
-    /// Extra request headers; values may be credentials (`Authorization`), so `Debug` hides them.
-    pub headers: BTreeMap<String, String>,
-    /// `signing_secret` / `signing_secret_file`: Standard Webhooks signing when set (an inline
-    /// secret is already checked to be well-formed; a file is read by [`resolve_http_secrets`]).
-    pub signing_secret: Option<SecretSource>,
-    /// `retry_on` / `dead_on`.
-    pub statuses: StatusOverrides,
-}
+mod config;
 
-impl super::SinkTypeConfig for HttpSinkConfig {
-    fn register_credentials(&self) {
-        super::register_url_credentials(&self.url);
-        for (name, value) in &self.headers {
-            if crate::redact::is_credential_header(name) {
-                crate::redact::register(value);
-                // `Bearer TOKEN`, `Basic CREDENTIALS`: the credential on its own too.
-                if let Some((_, credential)) = value.trim().split_once(' ') {
-                    crate::redact::register(credential.trim());
-                }
-            }
-        }
-    }
-}
-
-impl fmt::Debug for HttpSinkConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpSinkConfig")
-            .field("url", &redact_url(&self.url))
-            .field("format", &self.format)
-            .field("headers", &RedactedValues(&self.headers))
-            .field("signing_secret", &self.signing_secret)
-            .field("statuses", &self.statuses)
-            .finish()
-    }
-}
-
-/// `retry_on` / `dead_on` of an http sink: status codes whose default class (2xx delivered;
-/// 408, 429, 5xx retried; anything else dead) is overridden. Never both for one code; no 2xx in
-/// `dead_on`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatusOverrides {
-    pub retry_on: Vec<u16>,
-    pub dead_on: Vec<u16>,
-}
-
-/// The body an http sink posts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HttpFormat {
-    /// The envelope as one JSON object.
-    Json,
-    /// The form-encoded body a Bitrix24 outbound webhook would have posted.
-    BitrixForm(BitrixFormConfig),
-}
-
-impl HttpFormat {
-    /// The `format` as written in the config.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            HttpFormat::Json => "json",
-            HttpFormat::BitrixForm(_) => "bitrix-form",
-        }
-    }
-}
+pub(crate) use config::parse_config;
+pub use config::{HttpFormat, HttpSinkConfig, StatusOverrides};
 
 /// The secrets an http sink needs, read and checked.
 #[derive(Debug, Clone, Default)]
