@@ -961,13 +961,8 @@ mod tests {
 
     #[track_caller]
     fn assert_err(keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(keys).expect_err("config should be rejected");
-        assert_eq!(err.key, format!("sinks.bus.{key}"), "wrong key in {err}");
-        assert!(
-            err.message.contains(needle),
-            "message {:?} should contain {needle:?}",
-            err.message
-        );
+        let key = format!("sinks.bus.{key}");
+        let err = crate::sinks::assert_config_err("bus", "amqp", keys, &key, needle);
         assert!(!err.message.contains("hunter2"), "{err}");
         err
     }

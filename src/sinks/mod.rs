@@ -159,6 +159,20 @@ pub(crate) fn scrub<S: AsRef<str>>(text: &str, secrets: &[S]) -> String {
         .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"))
 }
 
+/// The results of a [`Sink::deliver_with_output`] without the output: [`Sink::deliver`] of a
+/// sink whose delivery keeps output.
+pub(crate) fn without_output<'a>(
+    delivery: BoxFuture<'a, Vec<(SinkResult, Option<String>)>>,
+) -> BoxFuture<'a, Vec<SinkResult>> {
+    Box::pin(async move {
+        delivery
+            .await
+            .into_iter()
+            .map(|(result, _)| result)
+            .collect()
+    })
+}
+
 /// Reads a sink type's typed config from the type-specific keys of a `[sinks.NAME]`.
 pub(crate) type ConfigParser = fn(&SinkOptions) -> Result<SinkKind, ConfigError>;
 
@@ -254,6 +268,27 @@ pub(crate) fn parse_test_config(
     keys: &str,
 ) -> Result<SinkKind, ConfigError> {
     parse_test_config_routed(name, kind, keys, &["main"], &[])
+}
+
+/// Asserts that the TOML `keys` of `[sinks.NAME]` of type `kind` are refused with an error about
+/// `key` (in full, `sinks.NAME.…`) whose message contains `needle`; returns the error.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_config_err(
+    name: &str,
+    kind: &str,
+    keys: &str,
+    key: &str,
+    needle: &str,
+) -> ConfigError {
+    let err = parse_test_config(name, kind, keys).expect_err("keys should be rejected");
+    assert_eq!(err.key, key, "wrong key in {err}");
+    assert!(
+        err.message.contains(needle),
+        "message {:?} should contain {needle:?}",
+        err.message
+    );
+    err
 }
 
 /// [`parse_test_config`] with the portals `portals` configured (portal `P` at

@@ -750,15 +750,9 @@ mod tests {
         }
     }
 
+    #[track_caller]
     fn assert_err(sink_keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = load(sink_keys).expect_err("config should be rejected");
-        assert_eq!(err.key, key, "wrong key in {err}");
-        assert!(
-            err.message.contains(needle),
-            "{:?} lacks {needle:?}",
-            err.message
-        );
-        err
+        crate::sinks::assert_config_err("bus", "mqtt", sink_keys, key, needle)
     }
 
     #[test]

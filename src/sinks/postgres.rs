@@ -753,13 +753,7 @@ impl Sink for PostgresSink {
     }
 
     fn deliver<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<SinkResult>> {
-        Box::pin(async move {
-            self.deliver_with_output(batch)
-                .await
-                .into_iter()
-                .map(|(result, _)| result)
-                .collect()
-        })
+        super::without_output(self.deliver_with_output(batch))
     }
 
     fn deliver_with_output<'a>(

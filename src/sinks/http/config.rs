@@ -408,14 +408,7 @@ mod tests {
 
     #[track_caller]
     fn assert_err(keys: &str, key: &str, needle: &str) -> ConfigError {
-        let err = parse_test_config("erp", "http", keys).expect_err("keys should be rejected");
-        assert_eq!(err.key, key, "wrong key in {err}");
-        assert!(
-            err.message.contains(needle),
-            "message {:?} should contain {needle:?}",
-            err.message
-        );
-        err
+        crate::sinks::assert_config_err("erp", "http", keys, key, needle)
     }
 
     #[test]
