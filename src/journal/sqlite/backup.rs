@@ -20,7 +20,13 @@ pub(super) fn backup(conn: &Connection, to: &Path) -> anyhow::Result<u64> {
         .create_new(true)
         .mode(0o600)
         .open(to)
-        .with_context(|| format!("cannot create backup {}", to.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                "cannot create backup {}: the file exists; a backup never overwrites, give a new path",
+                to.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("cannot create backup {}", to.display())),
+        })?;
     // The umask may have taken bits away, never added any; set the mode anyway in case the
     // file system ignores the one given at creation.
     std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -77,7 +83,7 @@ mod tests {
         let before = std::fs::read(&to).unwrap();
         let err = backup(&conn, &to).unwrap_err();
         assert!(
-            format!("{err:#}").contains("cannot create backup"),
+            format!("{err:#}").contains("the file exists; a backup never overwrites"),
             "{err:#}"
         );
         assert_eq!(
