@@ -190,7 +190,7 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
     if let Some(named) = &tokens.client_endpoint
         && !oauth::domain_matches(
             &portal_config.client_endpoint,
-            host_of(named).as_deref().unwrap_or(named),
+            crate::options::host_of(named).as_deref().unwrap_or(named),
         )
     {
         tracing::warn!(
@@ -215,16 +215,6 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
             .unwrap_or_else(|| "at an unknown time".to_string()),
     )?;
     Ok(())
-}
-
-/// The host (and port) of a URL, for comparing a token answer's `client_endpoint`.
-fn host_of(url: &str) -> Option<String> {
-    let parsed = reqwest::Url::parse(url).ok()?;
-    let host = parsed.host_str()?;
-    Some(match parsed.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    })
 }
 
 /// An unguessable `state` for the authorization request, so a stale or foreign redirect is
