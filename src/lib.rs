@@ -18,6 +18,7 @@ pub mod journal;
 pub mod json_depth;
 pub mod metrics;
 pub mod options;
+pub(crate) mod pg;
 pub mod pipeline;
 pub mod redact;
 pub mod shutdown;

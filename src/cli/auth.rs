@@ -35,12 +35,7 @@ pub(super) async fn import(
         anyhow::bail!("the refresh token is empty");
     }
     // The first tokens of a new installation make the journal.
-    let journal = Journal::open_as(
-        &config.journal.path,
-        config.journal.synchronous,
-        Access::Create,
-    )
-    .await?;
+    let journal = Journal::open_configured(&config.journal, Access::Create).await?;
     let candidate = Tokens::from_pair(access_token.unwrap_or_default(), refresh_token);
     let command = format!("auth import --portal {portal}");
     let (tokens, rotated) = try_pair(portal_config, &journal, candidate, &command).await?;
@@ -125,12 +120,7 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
     let portal_config = report::portal(&config, &portal)?;
     // Everything that can fail without the operator is checked before the browser round trip:
     // the code it yields lives 30 seconds.
-    let journal = Journal::open_as(
-        &config.journal.path,
-        config.journal.synchronous,
-        Access::Create,
-    )
-    .await?;
+    let journal = Journal::open_configured(&config.journal, Access::Create).await?;
     let client = crate::pipeline::operator_client(portal_config, &journal).await?;
     let state = random_state();
     let url = oauth::authorize_url(
@@ -253,13 +243,8 @@ struct StatusReport {
 
 /// `auth status`: per configured portal, what the journal holds about its tokens.
 pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
-    let path = &config.journal.path;
     // A command that only looks must not create the journal.
-    let journal = if path.exists() {
-        Some(Journal::open_as(path, config.journal.synchronous, Access::Read).await?)
-    } else {
-        None
-    };
+    let journal = Journal::open_existing(&config.journal).await?;
     let now = Utc::now();
     let mut portals = Vec::new();
     for name in config.portals.keys() {
@@ -270,11 +255,7 @@ pub(super) async fn status(config: Config, json: bool) -> anyhow::Result<()> {
         portals.push(portal_tokens(name, status, now));
     }
     let report = StatusReport {
-        // Absolute: `./b24eventd.db` says nothing about which directory was meant.
-        journal: std::path::absolute(path)
-            .unwrap_or_else(|_| path.clone())
-            .display()
-            .to_string(),
+        journal: config.journal.location(),
         portals,
     };
     if json {

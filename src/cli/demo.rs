@@ -64,7 +64,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::write(&config_path, demo_config(&sim, &receiver.url, &args.dir))
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = config::load(&config_path)?;
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    let journal = Journal::open_configured(&config.journal, crate::journal::Access::Create).await?;
     let (access, refresh) = sim.issue_tokens();
     journal
         .save_tokens("demo", &crate::bitrix::Tokens::from_pair(access, refresh))

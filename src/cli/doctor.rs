@@ -143,25 +143,13 @@ pub(super) async fn run(config: &Config, json: bool, command: &str) -> anyhow::R
 }
 
 async fn examine(config: &Config) -> anyhow::Result<Report> {
-    let path = &config.journal.path;
     // Looking must not create a journal: without one there are no tokens to check.
-    let journal = if path.exists() {
-        Some(
-            Journal::open_as(
-                path,
-                config.journal.synchronous,
-                crate::journal::Access::Read,
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
+    let journal = Journal::open_existing(&config.journal).await?;
     let mut portals = Vec::new();
     for portal in config.portals.values() {
         portals.push(PortalReport {
             portal: portal.name.clone(),
-            checks: check_portal(portal, journal.as_ref(), &config.journal.path).await?,
+            checks: check_portal(portal, journal.as_ref(), &config.journal.location()).await?,
         });
     }
     let mut sinks = Vec::new();
@@ -198,7 +186,7 @@ async fn examine(config: &Config) -> anyhow::Result<Report> {
 async fn check_portal(
     portal: &PortalConfig,
     journal: Option<&Journal>,
-    journal_path: &std::path::Path,
+    journal_location: &str,
 ) -> anyhow::Result<Vec<Finding>> {
     let name = &portal.name;
     let mut out = Vec::new();
@@ -213,10 +201,7 @@ async fn check_portal(
         out.push(Finding::fail(
             "token",
             format!(
-                "no OAuth tokens are stored for this portal in the journal {}, so nothing else could be checked",
-                std::path::absolute(journal_path)
-                    .unwrap_or_else(|_| journal_path.to_path_buf())
-                    .display()
+                "no OAuth tokens are stored for this portal in the journal {journal_location}, so nothing else could be checked"
             ),
             format!(
                 "run `b24eventd auth login --portal {name}` (or `b24eventd auth import`) with this \

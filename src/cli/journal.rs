@@ -296,21 +296,13 @@ pub struct PruneArgs {
 /// be the daemon's (a typo in the path should not create an empty one, nor migrate a file of
 /// another program).
 fn open_to_read(config: &Config) -> anyhow::Result<Journal> {
-    Journal::open_blocking_as(
-        &config.journal.path,
-        config.journal.synchronous,
-        Access::Read,
-    )
+    Journal::open_configured_blocking(&config.journal, Access::Read)
 }
 
 /// Opens the journal of a command that changes it: read-write, but it must exist already and be
 /// the daemon's.
 fn open_to_write(config: &Config) -> anyhow::Result<Journal> {
-    Journal::open_blocking_as(
-        &config.journal.path,
-        config.journal.synchronous,
-        Access::Write,
-    )
+    Journal::open_configured_blocking(&config.journal, Access::Write)
 }
 
 /// Checks `--sink`/`--portal` against the config, so a typo is an error and not an empty list.

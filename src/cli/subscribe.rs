@@ -272,12 +272,7 @@ pub(super) async fn unsubscribe(
 /// The journal, for the stored tokens only: read-only, and it must exist (without one there are
 /// no tokens to bind with). A refresh made here is stored all the same (`Journal::save_tokens`).
 async fn open_journal(config: &Config) -> anyhow::Result<Journal> {
-    Journal::open_as(
-        &config.journal.path,
-        config.journal.synchronous,
-        crate::journal::Access::Read,
-    )
-    .await
+    Journal::open_configured(&config.journal, crate::journal::Access::Read).await
 }
 
 /// Prints what changed, then reports the errors (if any) as the command's failure.

@@ -64,10 +64,13 @@ pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, Co
 }
 
 /// Registers the credentials a loaded config names with [`crate::redact`], so no log line or
-/// output shows them: the userinfo of sink URLs (with the `Basic` credentials an HTTP client
+/// output shows them: the userinfo of sink URLs and of the journal's URL (with the `Basic` credentials an HTTP client
 /// makes of it) and the values of http sink headers that carry credentials. Inline secrets
-/// register themselves as [`Secret`]s.
+/// register themselves as [`Secret`]s. The journal's PostgreSQL URL likewise.
 fn register_credentials(config: &Config) {
+    if let Some(pg) = &config.journal.postgres {
+        crate::sinks::register_url_credentials(&pg.url);
+    }
     for sink in config.sinks.values() {
         sink.kind.register_credentials();
     }

@@ -28,5 +28,5 @@ pub use reload::{SinkChanges, changes_needing_restart, sink_changes};
 pub use secrets::{resolve_secret, resolve_sink_secrets};
 pub use types::{
     AdminConfig, AlertsConfig, Config, EnrichRule, JournalConfig, LogFormat, Mode, PortalConfig,
-    RateLimit, Synchronous,
+    PostgresJournalConfig, RateLimit, Synchronous,
 };

@@ -38,6 +38,9 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawJournal {
     pub(crate) path: Option<PathBuf>,
+    pub(crate) url: Option<String>,
+    pub(crate) schema: Option<String>,
+    pub(crate) max_connections: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     pub(crate) retention: Option<Duration>,
     pub(crate) prune_schedule: Option<String>,

@@ -57,8 +57,11 @@ pub struct AlertsConfig {
 /// `[journal]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JournalConfig {
-    /// Default: `$STATE_DIRECTORY/journal.db`, else `./b24eventd.db`.
+    /// The SQLite journal's file (unused when `postgres` is set). Default:
+    /// `$STATE_DIRECTORY/journal.db`, else `./b24eventd.db`.
     pub path: PathBuf,
+    /// `[journal] url`: the journal is in PostgreSQL, not in the file at `path`.
+    pub postgres: Option<PostgresJournalConfig>,
     /// Settled events older than this are pruned.
     pub retention: Duration,
     /// Cron with seconds (6 fields), e.g. `0 30 3 * * *`.
@@ -70,6 +73,19 @@ pub struct JournalConfig {
 }
 
 impl JournalConfig {
+    /// Where the journal is, for messages: the file's absolute path (`./b24eventd.db` says
+    /// nothing about which directory was meant), or the URL (without its password) and the
+    /// schema.
+    pub fn location(&self) -> String {
+        match &self.postgres {
+            Some(pg) => pg.location(),
+            None => std::path::absolute(&self.path)
+                .unwrap_or_else(|_| self.path.clone())
+                .display()
+                .to_string(),
+        }
+    }
+
     /// The warning of the commands that create a journal (`run`, `auth login`, `auth import`)
     /// when it falls back to the current directory `cwd`: a service reading another journal
     /// would find no tokens and no events there.
@@ -84,6 +100,35 @@ impl JournalConfig {
                 cwd.join(file).display()
             )
         })
+    }
+}
+
+/// `[journal] url`, `schema`, `max_connections`: the journal in PostgreSQL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresJournalConfig {
+    /// `postgres://user:password@host:5432/database?sslmode=...`; print it with
+    /// [`PostgresJournalConfig::location`].
+    pub url: String,
+    /// The schema holding the journal's tables (created at the first start).
+    pub schema: String,
+    /// The most connections this process opens to PostgreSQL.
+    pub max_connections: usize,
+}
+
+impl PostgresJournalConfig {
+    /// The URL without its password, and the schema: `postgres://user@host:5432/db#schema`.
+    pub fn location(&self) -> String {
+        format!("{}#{}", crate::options::redact_url(&self.url), self.schema)
+    }
+}
+
+impl std::fmt::Debug for PostgresJournalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresJournalConfig")
+            .field("url", &crate::options::redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .finish()
     }
 }
 

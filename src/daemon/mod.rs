@@ -83,12 +83,11 @@ const DAEMON_LIMIT_WAIT: Duration = Duration::from_secs(15 * 60);
 /// `b24eventd run`: takes the daemon lock, opens the journal, installs the signal handlers
 /// (SIGTERM/SIGINT stop, SIGHUP reloads) and runs until a signal, with systemd notifications.
 pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
-    // Nothing, not even the lock file, is made beside a path that is not a journal of ours.
-    crate::journal::check(&config.journal.path, crate::journal::Access::Create)?;
     // Held until the daemon exits: a second `run` or a conformance probe on this journal is
-    // refused while it lives.
-    let _lock = crate::journal::lock::DaemonLock::acquire(&config.journal.path)?;
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous).await?;
+    // refused while it lives. Nothing, not even the lock file, is made beside a path that is
+    // not a journal of ours.
+    let (journal, _lock) =
+        Journal::open_alone(&config.journal, crate::journal::Access::Create).await?;
     let shutdown = CancellationToken::new();
     let reload = Arc::new(Notify::new());
     crate::shutdown::watch_signals(shutdown.clone(), Some(reload.clone()))

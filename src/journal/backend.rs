@@ -268,6 +268,18 @@ pub trait JournalBackend: std::any::Any + Send + Sync {
     /// tokens); returns its size in bytes (`journal backup`). The copy opens as a journal.
     fn backup_blocking(&self, to: &Path) -> anyhow::Result<u64>;
 
+    /// For tests that must see a row the interface does not show: the rows of a `SELECT`, each
+    /// an object of column name to value (integers and text as JSON numbers and strings, times
+    /// as each backend writes them). Blocking. Nothing in `src/` outside `journal/` calls it (the
+    /// boundary test checks).
+    #[doc(hidden)]
+    fn sql_rows(&self, sql: &str) -> anyhow::Result<Vec<serde_json::Value>>;
+
+    /// For tests that must set up a state the interface cannot make (an old row, a broken
+    /// one): runs one statement and returns the rows it changed. Blocking.
+    #[doc(hidden)]
+    fn sql_execute(&self, sql: &str) -> anyhow::Result<u64>;
+
     /// [`JournalBackend::prune_blocking`] off the async runtime (the daemon's prune job).
     fn prune(
         &self,

@@ -20,6 +20,7 @@ mod backend;
 mod boundary;
 pub use sqlite::baseline;
 mod inspect;
+mod postgres;
 mod settle;
 mod sqlite;
 mod types;
@@ -40,10 +41,19 @@ pub use types::{
 pub(crate) use types::{HISTORY_MINUTES, timestamp};
 
 use crate::bitrix::{TokenStore, Tokens};
-use crate::config::Synchronous;
+use crate::config::{JournalConfig, Synchronous};
+use postgres::PgJournal;
 use sqlite::SqliteJournal;
 use std::path::Path;
 use std::sync::Arc;
+
+/// Held while a daemon or the conformance probe works a journal's portals: a second one is
+/// refused. SQLite: `flock` on the file beside the journal; PostgreSQL: a session advisory
+/// lock. Both are released when the holder ends, however it ends.
+pub(crate) enum InstanceLock {
+    File(#[allow(dead_code)] lock::DaemonLock),
+    Postgres(#[allow(dead_code)] postgres::InstanceLock),
+}
 
 /// A handle to the open journal; cheap to clone. Every operation is a [`JournalBackend`]
 /// method, reached through `Deref`.
@@ -78,6 +88,74 @@ impl Journal {
         Ok(Journal {
             backend: Arc::new(backend),
         })
+    }
+
+    /// Opens the journal the config names, as `access` allows: the SQLite file at `path`, or
+    /// the PostgreSQL schema at `url`. Blocking; see [`Journal::open_configured`].
+    pub fn open_configured_blocking(
+        config: &JournalConfig,
+        access: Access,
+    ) -> anyhow::Result<Journal> {
+        let backend: Arc<dyn JournalBackend> = match &config.postgres {
+            Some(pg) => Arc::new(PgJournal::connect(pg, access)?),
+            None => Arc::new(SqliteJournal::open(
+                &config.path,
+                config.synchronous,
+                access,
+            )?),
+        };
+        Ok(Journal { backend })
+    }
+
+    /// [`Journal::open_configured_blocking`] off the async runtime.
+    pub async fn open_configured(
+        config: &JournalConfig,
+        access: Access,
+    ) -> anyhow::Result<Journal> {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Journal::open_configured_blocking(&config, access))
+            .await?
+    }
+
+    /// [`Journal::open_configured`] for a command that only looks and must not create a
+    /// journal: `None` when there is none yet.
+    pub async fn open_existing(config: &JournalConfig) -> anyhow::Result<Option<Journal>> {
+        if config.postgres.is_none() && !config.path.exists() {
+            return Ok(None);
+        }
+        match Journal::open_configured(config, Access::Read).await {
+            Ok(journal) => Ok(Some(journal)),
+            Err(e) if e.chain().any(|c| c.is::<postgres::NoJournal>()) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the journal for `run` or the conformance probe, which work the portals and so
+    /// must be alone on the journal: checks the file first (SQLite: nothing is made beside a
+    /// path that is not a journal of ours), takes the instance lock, then opens. The lock is
+    /// held until the returned [`InstanceLock`] is dropped.
+    pub(crate) async fn open_alone(
+        config: &JournalConfig,
+        access: Access,
+    ) -> anyhow::Result<(Journal, InstanceLock)> {
+        match &config.postgres {
+            None => {
+                check(&config.path, access)?;
+                let lock = lock::DaemonLock::acquire(&config.path)?;
+                let journal = Journal::open_configured(config, access).await?;
+                Ok((journal, InstanceLock::File(lock)))
+            }
+            Some(pg) => {
+                let pg = pg.clone();
+                let backend =
+                    tokio::task::spawn_blocking(move || PgJournal::connect(&pg, access)).await??;
+                let lock = backend.lock_instance().await?;
+                let journal = Journal {
+                    backend: Arc::new(backend),
+                };
+                Ok((journal, InstanceLock::Postgres(lock)))
+            }
+        }
     }
 
     /// Opens and migrates the journal off the async runtime ([`Access::Create`]).

@@ -26,7 +26,6 @@ use crate::conformance::{
 };
 use crate::journal::Access;
 use crate::journal::Journal;
-use crate::journal::lock::DaemonLock;
 use chrono::{DateTime, SecondsFormat, Utc};
 use document::{Document, render};
 use serde_json::{Value, json};
@@ -50,22 +49,20 @@ const EVENT: &str = "ONAPPTEST";
 /// probe could not finish.
 pub(super) async fn run(config: &Config, portal_name: &str, json: bool) -> anyhow::Result<()> {
     let portal = report::portal(config, portal_name)?;
-    let path = &config.journal.path;
-    if !path.exists() {
+    let location = config.journal.location();
+    if config.journal.postgres.is_none() && !config.journal.path.exists() {
         anyhow::bail!(
-            "no journal at {}: no tokens are stored for portal {portal_name}; run `b24eventd auth login --portal {portal_name}` first",
-            path.display()
+            "no journal at {location}: no tokens are stored for portal {portal_name}; run `b24eventd auth login --portal {portal_name}` first"
         );
     }
-    // Nothing (not even the lock file) is made beside a file that is not the daemon's journal.
-    crate::journal::check(path, Access::Write)?;
-    let _lock =
-        DaemonLock::acquire(path).map_err(|e| anyhow::anyhow!("conformance probe refused: {e}"))?;
-    let journal = Journal::open_as(path, config.journal.synchronous, Access::Write).await?;
+    // Nothing (not even the lock file) is made beside a file that is not the daemon's journal;
+    // a running daemon's lock refuses the probe.
+    let (journal, _lock) = Journal::open_alone(&config.journal, Access::Write)
+        .await
+        .map_err(|e| e.context("conformance probe refused"))?;
     if journal.token_status(portal_name).await?.is_none() {
         anyhow::bail!(
-            "no OAuth tokens are stored for portal {portal_name} in the journal {}: run `b24eventd auth login --portal {portal_name}` with this config first (the packaged service: `b24eventd-as-service auth login --portal {portal_name}`)",
-            path.display()
+            "no OAuth tokens are stored for portal {portal_name} in the journal {location}: run `b24eventd auth login --portal {portal_name}` with this config first (the packaged service: `b24eventd-as-service auth login --portal {portal_name}`)"
         );
     }
     let shutdown = CancellationToken::new();

@@ -6,7 +6,9 @@ mod portal;
 mod sink;
 
 use super::raw::{RawAdmin, RawAlerts, RawConfig, RawJournal};
-use super::types::{AdminConfig, AlertsConfig, Config, JournalConfig, LogFormat, Synchronous};
+use super::types::{
+    AdminConfig, AlertsConfig, Config, JournalConfig, LogFormat, PostgresJournalConfig, Synchronous,
+};
 use crate::options::{ConfigError, duration_problem, parse_bytes, parse_http_url};
 use crate::sinks::SinkConfig;
 use std::collections::BTreeMap;
@@ -17,6 +19,8 @@ use std::time::Duration;
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_JOURNAL_FILE: &str = "journal.db";
 const DEFAULT_JOURNAL_FALLBACK: &str = "./b24eventd.db";
+const DEFAULT_JOURNAL_SCHEMA: &str = "b24eventd";
+const DEFAULT_JOURNAL_CONNECTIONS: u64 = 8;
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_PRUNE_SCHEDULE: &str = "0 30 3 * * *";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
@@ -200,7 +204,9 @@ impl Validator {
         raw: RawJournal,
         state_directory: Option<&Path>,
     ) -> Result<JournalConfig, ConfigError> {
-        let in_current_directory = raw.path.is_none() && state_directory.is_none();
+        let postgres = self.postgres_journal(&raw)?;
+        let in_current_directory =
+            postgres.is_none() && raw.path.is_none() && state_directory.is_none();
         let path = match raw.path {
             Some(p) if p.as_os_str().is_empty() => {
                 return Err(self.err("journal.path", "must not be empty"));
@@ -223,6 +229,7 @@ impl Validator {
         };
         Ok(JournalConfig {
             path,
+            postgres,
             retention: self.duration("journal.retention", raw.retention, DEFAULT_RETENTION)?,
             prune_schedule: self.schedule(
                 "journal.prune_schedule",
@@ -232,6 +239,70 @@ impl Validator {
             synchronous,
             in_current_directory,
         })
+    }
+
+    /// `url`, `schema` and `max_connections`: the journal in PostgreSQL. `path` and
+    /// `synchronous` are SQLite's and refused beside `url`, as `schema` and `max_connections`
+    /// are without it.
+    fn postgres_journal(
+        &self,
+        raw: &RawJournal,
+    ) -> Result<Option<PostgresJournalConfig>, ConfigError> {
+        let Some(url) = &raw.url else {
+            for (key, set) in [
+                ("journal.schema", raw.schema.is_some()),
+                ("journal.max_connections", raw.max_connections.is_some()),
+            ] {
+                if set {
+                    return Err(self.err(
+                        key,
+                        "applies to a journal in PostgreSQL; set journal.url too, or remove it",
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        for (key, set) in [
+            ("journal.path", raw.path.is_some()),
+            ("journal.synchronous", raw.synchronous.is_some()),
+        ] {
+            if set {
+                return Err(self.err(
+                    key,
+                    "applies to a SQLite journal, and journal.url puts the journal in PostgreSQL; remove one of the two",
+                ));
+            }
+        }
+        crate::pg::connect_config(url).map_err(|m| self.err("journal.url", m))?;
+        let schema = raw
+            .schema
+            .clone()
+            .unwrap_or_else(|| DEFAULT_JOURNAL_SCHEMA.to_string());
+        let plain = schema.len() <= 63
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain {
+            return Err(self.err(
+                "journal.schema",
+                format!(
+                    "{schema:?} is not a plain schema name: use lowercase letters, digits and _, starting with a letter or _, at most 63"
+                ),
+            ));
+        }
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_JOURNAL_CONNECTIONS);
+        if !(2..=1000).contains(&max_connections) {
+            return Err(self.err(
+                "journal.max_connections",
+                format!("{max_connections} is out of range: use 2 to 1000"),
+            ));
+        }
+        Ok(Some(PostgresJournalConfig {
+            url: url.clone(),
+            schema,
+            max_connections: max_connections as usize,
+        }))
     }
 
     fn alerts(

@@ -439,6 +439,39 @@ impl JournalBackend for SqliteJournal {
         self.with_conn(|conn| backup::backup(conn, to))
     }
 
+    fn sql_rows(&self, sql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        use rusqlite::types::ValueRef;
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(sql)?;
+            let names: Vec<String> = stmt
+                .column_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let mut object = serde_json::Map::new();
+                for (i, name) in names.iter().enumerate() {
+                    let value = match row.get_ref(i)? {
+                        ValueRef::Null => serde_json::Value::Null,
+                        ValueRef::Integer(n) => n.into(),
+                        ValueRef::Real(f) => f.into(),
+                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                        ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned().into(),
+                    };
+                    object.insert(name.clone(), value);
+                }
+                out.push(serde_json::Value::Object(object));
+            }
+            Ok(out)
+        })
+    }
+
+    fn sql_execute(&self, sql: &str) -> anyhow::Result<u64> {
+        self.with_conn(|conn| Ok(conn.execute(sql, [])? as u64))
+    }
+
     fn prune(
         &self,
         cutoff: DateTime<Utc>,

@@ -1,0 +1,590 @@
+//! The PostgreSQL backend: the journal in one schema of a PostgreSQL database, shared by every
+//! instance configured with the same `[journal] url` and `schema`. Connections come from a
+//! bounded pool (`deadpool-postgres`) that replaces a broken connection on the next call, so
+//! the journal recovers by itself after a server restart. The pool and the driver's
+//! connection tasks run on a small runtime of the journal's own, so the same handle serves the
+//! daemon (async) and the operator commands (blocking, without a runtime of their own). The SQL
+//! lives in one file per concern, as in the SQLite backend; this file connects, migrates and
+//! maps [`JournalBackend`] (which documents each operation) onto them.
+
+mod batches;
+mod conformance;
+mod deliveries;
+mod enrichment;
+mod inspect;
+mod schema;
+mod settlements;
+mod status;
+mod tokens;
+
+pub(crate) use schema::SCHEMA_VERSION;
+
+use super::backend::JournalBackend;
+use super::inspect::{EventDetail, EventFilter, EventRow, PortalStats, Pruned, Requeued};
+use super::types::{
+    Access, DueDelivery, Enriched, JournalCounts, NewBatch, OpenBatch, Outcome, PendingEnrichment,
+    PendingSettlement, RecordedBatch, SettleAction, StatusData, StoredFinding, TokenStatus,
+};
+use crate::BoxFuture;
+use crate::bitrix::Tokens;
+use crate::config::PostgresJournalConfig;
+use crate::pg::{Tls, connect_config, tls_connector};
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A pooled connection, as the SQL functions take it.
+pub(super) type Conn = deadpool_postgres::Client;
+
+/// How long a call waits for a free connection of the pool, or for a new one to connect.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PostgreSQL journal; cheap to clone.
+#[derive(Clone)]
+pub(super) struct PgJournal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: deadpool_postgres::Pool,
+    /// The runtime the pool's connections live on; shut down (without waiting) on drop.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    /// The URL without its password, and the schema: `postgres://user@host:5432/db#schema`.
+    location: PathBuf,
+    schema: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(runtime) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl PgJournal {
+    /// Connects, and as `access` allows: [`Access::Create`] and [`Access::Write`] create the
+    /// schema if missing and migrate it; [`Access::Read`] needs the journal at this build's
+    /// schema version. Blocking (it waits on the journal's own runtime).
+    pub(super) fn connect(
+        config: &PostgresJournalConfig,
+        access: Access,
+    ) -> anyhow::Result<PgJournal> {
+        let location = PathBuf::from(format!(
+            "{}#{}",
+            crate::options::redact_url(&config.url),
+            config.schema
+        ));
+        let (mut pg, tls) =
+            connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
+        pg.connect_timeout(CONNECT_TIMEOUT);
+        // Every pooled connection works in the journal's schema.
+        pg.options(format!("-c search_path={}", config.schema));
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Tls::Off => {
+                deadpool_postgres::Manager::from_config(pg, tokio_postgres::NoTls, manager_config)
+            }
+            Tls::Prefer | Tls::Require => deadpool_postgres::Manager::from_config(
+                pg,
+                tls_connector()
+                    .map_err(|e| anyhow::anyhow!("journal {}: {e}", location.display()))?,
+                manager_config,
+            ),
+        };
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(config.max_connections)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .context("cannot build the journal's connection pool")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("journal-pg")
+            .enable_all()
+            .build()
+            .context("cannot start the journal's runtime")?;
+        let journal = PgJournal {
+            inner: Arc::new(Inner {
+                pool,
+                handle: runtime.handle().clone(),
+                runtime: Mutex::new(Some(runtime)),
+                location,
+                schema: config.schema.clone(),
+            }),
+        };
+        let schema = config.schema.clone();
+        let location_text = journal.inner.location.display().to_string();
+        journal
+            .block(journal.run(move |mut conn| async move {
+                match access {
+                    Access::Create | Access::Write => {
+                        schema::migrate(&mut conn, &schema).await
+                    }
+                    Access::Read => {
+                        let version = schema::version(&conn, &schema).await?;
+                        if version == 0 {
+                            return Err(NoJournal { location: location_text }.into());
+                        }
+                        if version != SCHEMA_VERSION {
+                            anyhow::bail!(
+                                "journal schema version {version} is not this build's ({SCHEMA_VERSION}): {}",
+                                if version > SCHEMA_VERSION {
+                                    "upgrade b24eventd"
+                                } else {
+                                    "start the daemon once to migrate it"
+                                }
+                            );
+                        }
+                        Ok(())
+                    }
+                }
+            }))
+            .with_context(|| format!("cannot open journal {}", journal.inner.location.display()))?;
+        Ok(journal)
+    }
+
+    /// Runs `f` with a pooled connection on the journal's runtime.
+    fn run<R, F, Fut>(&self, f: F) -> BoxFuture<'static, anyhow::Result<R>>
+    where
+        F: FnOnce(Conn) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+        R: Send + 'static,
+    {
+        let pool = self.inner.pool.clone();
+        let handle = self.inner.handle.clone();
+        let location = self.inner.location.clone();
+        Box::pin(async move {
+            handle
+                .spawn(async move {
+                    let conn = pool.get().await.map_err(|e| {
+                        anyhow::anyhow!(
+                            "journal {}: no connection: {}",
+                            location.display(),
+                            describe_pool_error(&e)
+                        )
+                    })?;
+                    f(conn).await
+                })
+                .await
+                .context("journal task ended")?
+        })
+    }
+
+    /// Waits for `call` on the calling thread: the operator commands, which have no runtime.
+    fn block<R: Send + 'static>(
+        &self,
+        call: BoxFuture<'static, anyhow::Result<R>>,
+    ) -> anyhow::Result<R> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(call.await);
+        });
+        rx.recv().context("journal task ended")?
+    }
+}
+
+/// The session advisory lock one daemon holds on a PostgreSQL journal (see [`InstanceLock`]).
+const INSTANCE_LOCK: i64 = 0x6232_3464_6165_6d6e; // "b24daemn"
+
+/// No journal in the configured schema yet (a command that only looks finds nothing).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "there is no journal in {location} yet: start `b24eventd run`, or run `b24eventd auth login`, to create it"
+)]
+pub(crate) struct NoJournal {
+    location: String,
+}
+
+/// Held while a daemon (or the conformance probe) works on a PostgreSQL journal: a session
+/// advisory lock on a connection of its own, taken out of the pool. PostgreSQL releases it when
+/// that connection ends, however the holder ends (SIGKILL, a lost network included).
+pub(crate) struct InstanceLock {
+    _conn: deadpool_postgres::ClientWrapper,
+}
+
+impl PgJournal {
+    /// Takes the instance lock without waiting; refused while another process holds it.
+    pub(super) async fn lock_instance(&self) -> anyhow::Result<InstanceLock> {
+        let location = self.inner.location.display().to_string();
+        self.run(move |conn| async move {
+            let conn = deadpool_postgres::Object::take(conn);
+            let taken: bool = conn
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK])
+                .await?
+                .get(0);
+            if !taken {
+                let holder: Option<String> = conn
+                    .query_opt(
+                        "SELECT a.application_name || ' at ' || COALESCE(a.client_addr::text, 'the local socket') || ', pid ' || a.pid
+                         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                         WHERE l.locktype = 'advisory' AND l.granted
+                           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                         LIMIT 1",
+                        &[&INSTANCE_LOCK],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|row| row.get(0));
+                anyhow::bail!(
+                    "journal {location} is in use by another b24eventd process ({}): stop it first",
+                    holder.as_deref().unwrap_or("holder unknown")
+                );
+            }
+            Ok(InstanceLock { _conn: conn })
+        })
+        .await
+    }
+}
+
+/// The pool's error without the connection string.
+fn describe_pool_error(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(e),
+        deadpool_postgres::PoolError::Timeout(_) => "timed out".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A driver error with the server's message when there is one.
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// `ident` as a double-quoted SQL identifier.
+pub(super) fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+impl JournalBackend for PgJournal {
+    fn path(&self) -> &Path {
+        &self.inner.location
+    }
+
+    /// The tables and indexes of the journal's schema.
+    fn size_bytes(&self) -> std::io::Result<u64> {
+        let schema = self.inner.schema.clone();
+        self.block(self.run(move |conn| async move {
+            let row = conn
+                .query_one(
+                    "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relkind IN ('r', 'm')",
+                    &[&schema],
+                )
+                .await?;
+            Ok(row.get::<_, i64>(0).max(0) as u64)
+        }))
+        .map_err(std::io::Error::other)
+    }
+
+    fn ping(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        self.run(|conn| async move {
+            conn.query_one("SELECT 1", &[]).await?;
+            Ok(())
+        })
+    }
+
+    fn load_tokens<'a>(&'a self, portal: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Tokens>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { tokens::load_tokens(&conn, &portal).await })
+    }
+
+    fn save_tokens<'a>(
+        &'a self,
+        portal: &'a str,
+        tokens: &'a Tokens,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        let portal = portal.to_string();
+        let tokens = tokens.clone();
+        self.run(
+            move |mut conn| async move { tokens::save_tokens(&mut conn, &portal, &tokens).await },
+        )
+    }
+
+    fn token_status<'a>(
+        &'a self,
+        portal: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<TokenStatus>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { tokens::token_status(&conn, &portal).await })
+    }
+
+    fn record_batches(
+        &self,
+        batches: Vec<NewBatch>,
+    ) -> BoxFuture<'_, anyhow::Result<Vec<RecordedBatch>>> {
+        self.run(move |mut conn| async move { batches::record_batches(&mut conn, &batches).await })
+    }
+
+    fn open_batches<'a>(
+        &'a self,
+        portal: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<OpenBatch>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { batches::open_batches(&conn, &portal).await })
+    }
+
+    fn known_process_ids<'a>(
+        &'a self,
+        portal: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<HashMap<String, bool>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { batches::known_process_ids(&conn, &portal).await })
+    }
+
+    fn unsettled_count<'a>(&'a self, portal: &'a str) -> BoxFuture<'a, anyhow::Result<u64>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { batches::unsettled_count(&conn, &portal).await })
+    }
+
+    fn undelivered_count<'a>(&'a self, portal: &'a str) -> BoxFuture<'a, anyhow::Result<u64>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { batches::undelivered_count(&conn, &portal).await })
+    }
+
+    fn due_deliveries<'a>(
+        &'a self,
+        sink: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<DueDelivery>>> {
+        let sink = sink.to_string();
+        self.run(move |conn| async move {
+            deliveries::due_deliveries(&conn, &sink, Utc::now(), limit).await
+        })
+    }
+
+    fn bring_forward<'a>(
+        &'a self,
+        sink: &'a str,
+        latest: DateTime<Utc>,
+    ) -> BoxFuture<'a, anyhow::Result<usize>> {
+        let sink = sink.to_string();
+        self.run(move |conn| async move { deliveries::bring_forward(&conn, &sink, latest).await })
+    }
+
+    fn next_due<'a>(
+        &'a self,
+        sink: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<DateTime<Utc>>>> {
+        let sink = sink.to_string();
+        self.run(move |conn| async move { deliveries::next_due(&conn, &sink).await })
+    }
+
+    fn record_outcomes<'a>(
+        &'a self,
+        sink: &'a str,
+        outcomes: Vec<(i64, Outcome, Option<String>)>,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<String>>> {
+        let sink = sink.to_string();
+        self.run(move |mut conn| async move {
+            deliveries::record_outcomes(&mut conn, &sink, &outcomes).await
+        })
+    }
+
+    fn drop_deliveries_to_unknown_sinks(
+        &self,
+        known: Vec<String>,
+    ) -> BoxFuture<'_, anyhow::Result<Vec<(String, u64)>>> {
+        self.run(
+            move |mut conn| async move { deliveries::drop_unknown_sinks(&mut conn, &known).await },
+        )
+    }
+
+    fn pending_settlements<'a>(
+        &'a self,
+        portal: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PendingSettlement>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { settlements::pending_settlements(&conn, &portal).await })
+    }
+
+    fn mark_settled_groups(
+        &self,
+        groups: Vec<(Vec<i64>, SettleAction)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        self.run(move |mut conn| async move { settlements::mark_settled(&mut conn, &groups).await })
+    }
+
+    fn pending_enrichment<'a>(
+        &'a self,
+        portal: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PendingEnrichment>>> {
+        let portal = portal.to_string();
+        self.run(
+            move |conn| async move { enrichment::pending_enrichment(&conn, &portal, limit).await },
+        )
+    }
+
+    fn record_enrichment(&self, results: Vec<Enriched>) -> BoxFuture<'_, anyhow::Result<()>> {
+        self.run(
+            move |mut conn| async move { enrichment::record_enrichment(&mut conn, &results).await },
+        )
+    }
+
+    fn replace_conformance<'a>(
+        &'a self,
+        portal: &'a str,
+        findings: Vec<StoredFinding>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        let portal = portal.to_string();
+        self.run(move |mut conn| async move {
+            conformance::replace_conformance(&mut conn, &portal, &findings).await
+        })
+    }
+
+    fn conformance<'a>(
+        &'a self,
+        portal: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<StoredFinding>>> {
+        let portal = portal.to_string();
+        self.run(move |conn| async move { conformance::conformance(&conn, &portal).await })
+    }
+
+    fn events_since_row(
+        &self,
+        after: Option<i64>,
+    ) -> BoxFuture<'_, anyhow::Result<(i64, BTreeMap<String, u64>)>> {
+        self.run(move |conn| async move { status::events_since_row(&conn, after).await })
+    }
+
+    fn dead_attempts_since(
+        &self,
+        after: Option<i64>,
+    ) -> BoxFuture<'_, anyhow::Result<(i64, u64, Vec<String>)>> {
+        self.run(move |conn| async move { status::dead_attempts_since(&conn, after).await })
+    }
+
+    fn oldest_pending_fetched_at(&self) -> BoxFuture<'_, anyhow::Result<Option<DateTime<Utc>>>> {
+        self.run(|conn| async move { status::oldest_pending_fetched_at(&conn).await })
+    }
+
+    fn counts(&self) -> BoxFuture<'_, anyhow::Result<JournalCounts>> {
+        self.run(|conn| async move { status::counts(&conn).await })
+    }
+
+    fn counts_blocking(&self) -> anyhow::Result<JournalCounts> {
+        self.block(self.run(|conn| async move { status::counts(&conn).await }))
+    }
+
+    fn status_data(
+        &self,
+        portals: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'_, anyhow::Result<StatusData>> {
+        self.run(move |conn| async move { status::status_data(&conn, &portals, now).await })
+    }
+
+    fn list_events(&self, filter: &EventFilter) -> anyhow::Result<Vec<EventRow>> {
+        let filter = filter.clone();
+        self.block(
+            self.run(move |conn| async move { inspect::list_events(&conn, &filter, None).await }),
+        )
+    }
+
+    fn events_after(&self, filter: &EventFilter, after: i64) -> anyhow::Result<Vec<EventRow>> {
+        let filter = filter.clone();
+        self.block(self.run(move |conn| async move {
+            inspect::list_events(&conn, &filter, Some(after)).await
+        }))
+    }
+
+    fn stats(&self, filter: &EventFilter) -> anyhow::Result<Vec<PortalStats>> {
+        let filter = filter.clone();
+        self.block(self.run(move |conn| async move { inspect::stats(&conn, &filter).await }))
+    }
+
+    fn show_event(&self, id: &str) -> anyhow::Result<Vec<EventDetail>> {
+        let id = id.to_string();
+        self.block(self.run(move |conn| async move { inspect::show_event(&conn, &id).await }))
+    }
+
+    fn replay(
+        &self,
+        filter: &EventFilter,
+        only_sink: Option<&str>,
+        known_sinks: &[String],
+    ) -> anyhow::Result<Requeued> {
+        let filter = filter.clone();
+        let only_sink = only_sink.map(str::to_string);
+        let known_sinks = known_sinks.to_vec();
+        self.block(self.run(move |mut conn| async move {
+            inspect::replay(&mut conn, &filter, only_sink.as_deref(), &known_sinks).await
+        }))
+    }
+
+    fn retry_dead(&self, filter: &EventFilter, known_sinks: &[String]) -> anyhow::Result<Requeued> {
+        let filter = filter.clone();
+        let known_sinks = known_sinks.to_vec();
+        self.block(self.run(move |mut conn| async move {
+            inspect::retry_dead(&mut conn, &filter, &known_sinks).await
+        }))
+    }
+
+    fn purge_dead(&self, filter: &EventFilter) -> anyhow::Result<Pruned> {
+        let filter = filter.clone();
+        self.block(
+            self.run(move |mut conn| async move { inspect::purge_dead(&mut conn, &filter).await }),
+        )
+    }
+
+    fn prune_blocking(&self, cutoff: DateTime<Utc>, include_dead: bool) -> anyhow::Result<Pruned> {
+        self.block(self.run(move |mut conn| async move {
+            inspect::prune(&mut conn, cutoff, include_dead).await
+        }))
+    }
+
+    /// A PostgreSQL journal is copied with the database's own tools, which also keep what
+    /// arrives while they run.
+    fn backup_blocking(&self, _to: &Path) -> anyhow::Result<u64> {
+        anyhow::bail!(
+            "journal backup copies a SQLite journal; journal {} is in PostgreSQL: back it up with `pg_dump --schema={}` (or the database's own backups)",
+            self.inner.location.display(),
+            self.inner.schema
+        )
+    }
+
+    /// Through `json_agg`, so every column type reads as JSON (`timestamptz` as ISO 8601).
+    fn sql_rows(&self, sql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let sql = format!("SELECT COALESCE(json_agg(q), '[]')::text FROM ({sql}) q");
+        let text: String = self.block(
+            self.run(move |conn| async move { Ok(conn.query_one(&sql, &[]).await?.get(0)) }),
+        )?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn sql_execute(&self, sql: &str) -> anyhow::Result<u64> {
+        let sql = sql.to_string();
+        self.block(self.run(move |conn| async move { Ok(conn.execute(&sql, &[]).await?) }))
+    }
+
+    fn prune(
+        &self,
+        cutoff: DateTime<Utc>,
+        include_dead: bool,
+    ) -> BoxFuture<'_, anyhow::Result<Pruned>> {
+        self.run(
+            move |mut conn| async move { inspect::prune(&mut conn, cutoff, include_dead).await },
+        )
+    }
+}
