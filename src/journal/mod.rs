@@ -23,6 +23,8 @@ mod inspect;
 mod postgres;
 mod settle;
 mod sqlite;
+#[doc(hidden)]
+pub mod test_support;
 mod types;
 
 pub use backend::JournalBackend;

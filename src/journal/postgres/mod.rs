@@ -588,3 +588,116 @@ impl JournalBackend for PgJournal {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use crate::journal::test_support::{POSTGRES_VAR, postgres_url, unique_schema};
+
+    fn config() -> PostgresJournalConfig {
+        let url = postgres_url().unwrap_or_else(|| {
+            panic!("this test needs PostgreSQL: set {POSTGRES_VAR} to a postgres:// URL")
+        });
+        PostgresJournalConfig {
+            url,
+            schema: unique_schema(),
+            max_connections: 2,
+        }
+    }
+
+    fn drop_schema(journal: &PgJournal, schema: &str) {
+        journal
+            .sql_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set B24TEST_POSTGRES"]
+    fn a_new_schema_is_created_migrated_once_and_read_back() {
+        let config = config();
+        let missing = PgJournal::connect(&config, Access::Read).err().unwrap();
+        assert!(
+            missing.chain().any(|c| c.is::<NoJournal>()),
+            "a command that only looks finds no journal: {missing:#}"
+        );
+        let journal = PgJournal::connect(&config, Access::Create).unwrap();
+        let again = PgJournal::connect(&config, Access::Write).unwrap();
+        let history = journal
+            .sql_rows("SELECT version FROM schema_history ORDER BY version")
+            .unwrap();
+        assert_eq!(history.len() as i64, SCHEMA_VERSION, "{history:?}");
+        PgJournal::connect(&config, Access::Read).unwrap();
+        let path = journal.path().display().to_string();
+        assert!(path.ends_with(&format!("#{}", config.schema)), "{path}");
+        assert!(journal.size_bytes().unwrap() > 0);
+        drop(again);
+        drop_schema(&journal, &config.schema);
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set B24TEST_POSTGRES"]
+    fn a_newer_schema_is_refused() {
+        let config = config();
+        let journal = PgJournal::connect(&config, Access::Create).unwrap();
+        journal
+            .sql_execute(&format!(
+                "INSERT INTO schema_history (version) VALUES ({})",
+                SCHEMA_VERSION + 1
+            ))
+            .unwrap();
+        for access in [Access::Create, Access::Read] {
+            let e = PgJournal::connect(&config, access).err().unwrap();
+            assert!(format!("{e:#}").contains("upgrade b24eventd"), "{e:#}");
+        }
+        drop_schema(&journal, &config.schema);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: set B24TEST_POSTGRES"]
+    async fn one_instance_holds_the_lock_until_it_ends() {
+        let config = config();
+        let journal = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Create))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let held = journal.lock_instance().await.unwrap();
+        let other = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Write))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let refused = other.lock_instance().await.err().unwrap().to_string();
+        assert!(
+            refused.contains("in use by another b24eventd process"),
+            "{refused}"
+        );
+        drop(held);
+        // The lock's connection closes on its runtime: taken again within a few seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match other.lock_instance().await {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the lock was not released: {e:#}"),
+            }
+        }
+        let journal = Journal {
+            backend: Arc::new(journal),
+        };
+        journal.ping().await.unwrap();
+        let backend: &dyn std::any::Any = &*journal.backend;
+        let pg = backend.downcast_ref::<PgJournal>().unwrap().clone();
+        tokio::task::spawn_blocking(move || drop_schema(&pg, &config.schema))
+            .await
+            .unwrap();
+    }
+}
