@@ -74,9 +74,10 @@ impl Drop for Inner {
 }
 
 impl PgJournal {
-    /// Connects, and as `access` allows: [`Access::Create`] and [`Access::Write`] create the
-    /// schema if missing and migrate it; [`Access::Read`] needs the journal at this build's
-    /// schema version. Blocking (it waits on the journal's own runtime).
+    /// Connects, and as `access` allows: [`Access::Create`] creates the schema if missing and
+    /// migrates it; [`Access::Write`] migrates an existing journal; [`Access::Read`] needs the
+    /// journal at this build's schema version. A missing journal is a [`NoJournal`]. Blocking
+    /// (it waits on the journal's own runtime).
     pub(super) fn connect(
         config: &PostgresJournalConfig,
         access: Access,
@@ -133,7 +134,13 @@ impl PgJournal {
         journal
             .block(journal.run(move |mut conn| async move {
                 match access {
-                    Access::Create | Access::Write => {
+                    Access::Create => schema::migrate(&mut conn, &schema).await,
+                    // A command that changes the journal needs one: a typo in the schema must
+                    // not make an empty journal.
+                    Access::Write => {
+                        if schema::version(&conn, &schema).await? == 0 {
+                            return Err(NoJournal { location: location_text }.into());
+                        }
                         schema::migrate(&mut conn, &schema).await
                     }
                     Access::Read => {
@@ -231,7 +238,7 @@ impl PgJournal {
             if !taken {
                 let holder: Option<String> = conn
                     .query_opt(
-                        "SELECT a.application_name || ' at ' || COALESCE(a.client_addr::text, 'the local socket') || ', pid ' || a.pid
+                        "SELECT a.application_name || ', connected from ' || COALESCE(host(a.client_addr), 'the local socket')
                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                          WHERE l.locktype = 'advisory' AND l.granted
                            AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
@@ -247,10 +254,25 @@ impl PgJournal {
                     holder.as_deref().unwrap_or("holder unknown")
                 );
             }
+            // Named for whoever finds the lock held: this process and its host.
+            conn.query_one(
+                "SELECT set_config('application_name', $1, false)",
+                &[&instance_name()],
+            )
+            .await?;
             Ok(InstanceLock { _conn: conn })
         })
         .await
     }
+}
+
+/// How this process names itself to PostgreSQL on the lock's connection:
+/// `b24eventd pid 1234 on host`.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown host".into());
+    format!("b24eventd pid {} on {host}", std::process::id())
 }
 
 /// The pool's error without the connection string.
