@@ -104,6 +104,19 @@ const MIGRATIONS: &[&str] = &[
         checked_at  timestamptz NOT NULL,
         PRIMARY KEY (portal, check_name)
     );
+    CREATE VIEW event_overview AS
+        SELECT e.id, e.envelope_id, e.portal, e.event, e.offline_id, e.lane, e.status, e.upstream,
+               e.fetched_at, e.settled_at, b.process_id,
+               (SELECT string_agg(d.sink || '=' || d.status, ' ' ORDER BY d.sink)
+                FROM deliveries d WHERE d.event_id = e.id) AS sinks
+        FROM events e JOIN batches b ON b.id = e.batch_id;
+    CREATE VIEW backlog AS
+        SELECT portal,
+               COUNT(*) FILTER (WHERE upstream IN ('reserved', 'clear_pending', 'error_pending')) AS unsettled,
+               COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+               COUNT(*) FILTER (WHERE status = 'dead') AS dead,
+               MIN(fetched_at) FILTER (WHERE status = 'pending') AS oldest_pending_fetched_at
+        FROM events GROUP BY portal;
     CREATE VIEW v_pending AS
         SELECT e.id, e.envelope_id, e.portal, e.event, d.sink, d.attempts, d.next_attempt_at,
                d.last_error, e.fetched_at
