@@ -12,6 +12,10 @@ use std::time::Duration;
 /// The variable that puts the tests' journals in PostgreSQL.
 pub const POSTGRES_VAR: &str = "B24TEST_POSTGRES";
 
+/// The database of the tests that only PostgreSQL can run (ignored unless asked for) when
+/// `B24TEST_POSTGRES` is not set: the local server `.ci/run` makes sure of.
+pub const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 /// Drops a test journal's PostgreSQL schema when the test ends (nothing for SQLite, whose file
 /// goes with the test's directory).
 pub struct DropSchema(Option<(Journal, String)>);

@@ -10,7 +10,8 @@ use tokio_postgres::Client;
 
 /// Each entry migrates from version `i` to `i + 1`. Append only: never edit a shipped migration.
 const MIGRATIONS: &[&str] = &[
-    // 0 -> 1: the journal as the SQLite journal's schema 6 holds it
+    // 0 -> 1: the journal as the SQLite journal's schema 6 holds it, and the instances and
+    // portal leases of several daemons sharing it (docs/CLUSTER.md)
     r#"
     CREATE TABLE portals (
         name            text PRIMARY KEY,
@@ -104,6 +105,25 @@ const MIGRATIONS: &[&str] = &[
         checked_at  timestamptz NOT NULL,
         PRIMARY KEY (portal, check_name)
     );
+    CREATE TABLE instances (
+        id           text PRIMARY KEY,
+        host         text NOT NULL,
+        pid          integer NOT NULL,
+        version      text NOT NULL,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+        expires_at   timestamptz NOT NULL
+    );
+    CREATE TABLE portal_leases (
+        portal      text PRIMARY KEY,
+        owner       text,
+        epoch       bigint NOT NULL DEFAULT 0,
+        acquired_at timestamptz,
+        expires_at  timestamptz,
+        sweep_after timestamptz,
+        handovers   bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX portal_leases_owner ON portal_leases (owner);
     CREATE VIEW event_overview AS
         SELECT e.id, e.envelope_id, e.portal, e.event, e.offline_id, e.lane, e.status, e.upstream,
                e.fetched_at, e.settled_at, b.process_id,
