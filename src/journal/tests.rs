@@ -677,3 +677,352 @@ mod lattice_properties {
         }
     }
 }
+
+#[tokio::test]
+async fn reservations_of_one_call_see_each_other_and_land_together_or_not_at_all() {
+    let (_d, j) = test_journal();
+    // The normal-lane row and an unchanged error-lane copy of it in one call: the copy keeps
+    // the key and, both sinks having it pending, is cleared at once. An offline ID twice in
+    // one reservation is journaled once.
+    let recorded = j
+        .record_batches(vec![
+            batch("p1", Lane::Normal, vec![event(1, &["a", "b"])]),
+            batch("e1", Lane::Error, vec![event(1, &["a", "b"])]),
+            batch("p2", Lane::Normal, vec![event(2, &["a"]), event(2, &["a"])]),
+        ])
+        .await
+        .unwrap();
+    let summary: Vec<(usize, usize, usize, usize)> = recorded
+        .iter()
+        .map(|r| {
+            (
+                r.inserted,
+                r.known_unsettled,
+                r.known_changes,
+                r.known_changes_done,
+            )
+        })
+        .collect();
+    assert_eq!(summary, [(1, 0, 0, 0), (1, 0, 1, 1), (1, 1, 0, 0)]);
+    let rows = event_rows(&j);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].1, rows[1].1, "one key per change");
+    assert_eq!(
+        (rows[1].2.as_str(), rows[1].3.as_str()),
+        ("delivered", "clear_pending")
+    );
+    assert!(deliveries_of(&j, rows[1].0).is_empty());
+    assert!(
+        rows[0].0 < rows[1].0 && rows[1].0 < rows[2].0,
+        "rows in call order"
+    );
+
+    // A call that fails half-way (a sink routed twice) leaves nothing behind.
+    let failed = j
+        .record_batches(vec![
+            batch("p3", Lane::Normal, vec![event(3, &["a"])]),
+            batch("p4", Lane::Normal, vec![event(4, &["a", "a"])]),
+        ])
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(event_rows(&j).len(), 3, "rolled back");
+    let known = j.known_process_ids("main").await.unwrap();
+    assert!(
+        !known.contains_key("p3") && !known.contains_key("p4"),
+        "{known:?}"
+    );
+}
+
+#[tokio::test]
+async fn fetch_delete_batches_settle_at_once_and_a_redrawn_process_id_is_a_new_reservation() {
+    let (_d, j) = test_journal();
+    let mut deleted = batch("fd1", Lane::Normal, vec![event(1, &["a"]), event(2, &[])]);
+    deleted.deleted_upstream = true;
+    let r = j.record_batch(deleted).await.unwrap();
+    assert_eq!(r.inserted, 2);
+    let rows = event_rows(&j);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.2.as_str(), r.3.as_str()))
+            .collect::<Vec<_>>(),
+        [("pending", "cleared"), ("delivered", "cleared")]
+    );
+    assert!(j.open_batches("main").await.unwrap().is_empty());
+    assert_eq!(j.unsettled_count("main").await.unwrap(), 0);
+    assert_eq!(j.undelivered_count("main").await.unwrap(), 1);
+    assert!(j.pending_settlements("main").await.unwrap().is_empty());
+    let settled = j
+        .sql_rows("SELECT COUNT(*) AS n FROM events WHERE settled_at IS NULL")
+        .unwrap();
+    assert_eq!(int(&settled[0], "n"), 0);
+    // Delivering it settles nothing upstream: it was never reserved.
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    let portals = j
+        .record_outcomes("a", vec![(due[0].event_id, Outcome::Delivered, None)])
+        .await
+        .unwrap();
+    assert!(portals.is_empty());
+    assert_eq!(j.undelivered_count("main").await.unwrap(), 0);
+
+    // The portal draws a settled batch's process_id again for a new reservation.
+    j.record_batch(batch("fd1", Lane::Normal, vec![event(5, &["a"])]))
+        .await
+        .unwrap();
+    let known = j.known_process_ids("main").await.unwrap();
+    assert_eq!(known.get("fd1"), Some(&false));
+    let old = format!("fd1#{}", r.batch_id);
+    assert_eq!(known.get(&old), Some(&true), "{known:?}");
+    let open = j.open_batches("main").await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(
+        (open[0].process_id.as_str(), open[0].lane),
+        ("fd1", Lane::Normal)
+    );
+    assert_ne!(open[0].batch_id, r.batch_id);
+    // Read again (not new): the rows are known.
+    let mut again = batch("fd1", Lane::Normal, vec![event(5, &["a"])]);
+    again.new_reservation = false;
+    let r = j.record_batch(again).await.unwrap();
+    assert_eq!((r.inserted, r.known_unsettled), (0, 1));
+}
+
+#[tokio::test]
+async fn a_settled_event_read_again_under_its_reservation_is_reported_for_a_repeated_settle() {
+    let (_d, j) = test_journal();
+    let r = j
+        .record_batch(batch(
+            "p1",
+            Lane::Normal,
+            vec![event(1, &[]), event(2, &["a"])],
+        ))
+        .await
+        .unwrap();
+    let pending = j.pending_settlements("main").await.unwrap();
+    j.mark_settled(vec![pending[0].events[0].0], SettleAction::Clear)
+        .await
+        .unwrap();
+    assert_eq!(
+        j.open_batches("main").await.unwrap().len(),
+        1,
+        "event 2 is open"
+    );
+    let mut again = batch("p1", Lane::Normal, vec![event(1, &[]), event(2, &["a"])]);
+    again.new_reservation = false;
+    let again = j.record_batch(again).await.unwrap();
+    assert_eq!(again.batch_id, r.batch_id);
+    assert_eq!(again.known_settled, [(1, format!("{:032x}", 1))]);
+    assert_eq!(again.known_unsettled, 1);
+}
+
+#[tokio::test]
+async fn enrichment_holds_the_deliveries_until_the_entity_is_stored() {
+    let (_d, j) = test_journal();
+    let mut wanted = event(1, &["a"]);
+    wanted.enrich = true;
+    let mut unrouted = event(2, &[]);
+    unrouted.enrich = true;
+    let mut gone = event(3, &["a"]);
+    gone.enrich = true;
+    j.record_batch(batch("p1", Lane::Normal, vec![wanted, unrouted, gone]))
+        .await
+        .unwrap();
+    assert!(j.due_deliveries("a", 10).await.unwrap().is_empty());
+    assert_eq!(j.next_due("a").await.unwrap(), None);
+    let pending = j.pending_enrichment("main", 10).await.unwrap();
+    assert_eq!(pending.len(), 2, "an event no sink wants is not enriched");
+    assert_eq!(pending[0].event, "ONCRMDEALUPDATE");
+    assert_eq!(pending[0].data["FIELDS"]["ID"], "1");
+    assert_eq!(j.pending_enrichment("main", 1).await.unwrap().len(), 1);
+    j.record_enrichment(vec![
+        crate::journal::Enriched {
+            event_id: pending[0].event_id,
+            entity: json!({"ID": "1", "TITLE": "deal"}),
+            error: None,
+        },
+        crate::journal::Enriched {
+            event_id: pending[1].event_id,
+            entity: Value::Null,
+            error: Some("not found".into()),
+        },
+    ])
+    .await
+    .unwrap();
+    assert!(j.pending_enrichment("main", 10).await.unwrap().is_empty());
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].envelope.entity["TITLE"], "deal");
+    assert_eq!(due[0].envelope.entity_error, None);
+    assert_eq!(due[1].envelope.entity, Value::Null);
+    assert_eq!(due[1].envelope.entity_error.as_deref(), Some("not found"));
+}
+
+#[tokio::test]
+async fn the_reports_count_the_last_hour_the_backlogs_and_the_new_dead() {
+    let (_d, j) = test_journal();
+    let events: Vec<NewEvent> = (1..=6).map(|i| event(i, &["a"])).collect();
+    j.record_batch(batch("p1", Lane::Normal, events))
+        .await
+        .unwrap();
+    // The first two rows were journaled two hours ago: outside the hour.
+    let old = (Utc::now() - chrono::Duration::hours(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    j.sql_execute(&format!(
+        "UPDATE events SET fetched_at = '{old}' WHERE offline_id IN (1, 2)"
+    ))
+    .unwrap();
+    let (max_row, none) = j.events_since_row(None).await.unwrap();
+    assert!(none.is_empty());
+    let first_row = max_row - 5;
+    let (_, since) = j.events_since_row(Some(first_row)).await.unwrap();
+    assert_eq!(since, BTreeMap::from([("main".to_string(), 5)]));
+    let (attempt_row, n, _) = j.dead_attempts_since(None).await.unwrap();
+    assert_eq!((attempt_row, n), (0, 0));
+
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    let dead = Outcome::Dead {
+        error: "http 400".into(),
+    };
+    let retry = Outcome::Retry {
+        error: "503".into(),
+        next_attempt_at: Utc::now() + chrono::Duration::seconds(60),
+    };
+    j.record_outcomes(
+        "a",
+        vec![
+            (due[0].event_id, Outcome::Delivered, Some("200".into())),
+            (due[1].event_id, dead, None),
+            (due[2].event_id, retry, None),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, n, ids) = j.dead_attempts_since(Some(attempt_row)).await.unwrap();
+    assert_eq!((n, ids), (1, vec!["main:2:1795330800".to_string()]));
+    let oldest = j.oldest_pending_fetched_at().await.unwrap().unwrap();
+    assert!(
+        oldest > Utc::now() - chrono::Duration::minutes(5),
+        "{oldest}"
+    );
+
+    let now = Utc::now();
+    let status = j
+        .status_data(vec!["idle".into(), "main".into()], now)
+        .await
+        .unwrap();
+    let portals: Vec<(&str, u64, u64, u64, u64)> = status
+        .portals
+        .iter()
+        .map(|p| {
+            (
+                p.portal.as_str(),
+                p.fetched_per_minute.iter().sum(),
+                p.delivered_per_minute.iter().sum(),
+                p.unsettled,
+                p.pending,
+            )
+        })
+        .collect();
+    assert_eq!(portals, [("idle", 0, 0, 0, 0), ("main", 4, 1, 6, 4)]);
+    let main = &status.portals[1];
+    assert_eq!(
+        main.fetched_per_minute[crate::journal::HISTORY_MINUTES - 1],
+        4
+    );
+    let sinks: Vec<(&str, u64, u64, u64, u64)> = status
+        .sinks
+        .iter()
+        .map(|s| (s.sink.as_str(), s.delivered, s.retried, s.dead, s.pending))
+        .collect();
+    assert_eq!(sinks, [("a", 1, 1, 1, 4)]);
+    assert_eq!(status.last_dead.len(), 1);
+    assert_eq!(status.last_dead[0].id, "main:2:1795330800");
+    assert_eq!(status.last_dead[0].error.as_deref(), Some("http 400"));
+    assert!(
+        DateTime::parse_from_rfc3339(&status.last_dead[0].at).is_ok(),
+        "{}",
+        status.last_dead[0].at
+    );
+
+    let c = j.counts().await.unwrap();
+    assert_eq!(
+        (
+            c.events,
+            c.delivered,
+            c.dead,
+            c.pending,
+            c.unsettled_upstream,
+            c.batches,
+            c.delivery_attempts,
+            c.retried_attempts
+        ),
+        (6, 1, 1, 4, 6, 1, 3, 1)
+    );
+    assert_eq!(j.counts_blocking().unwrap().events, 6);
+}
+
+#[tokio::test]
+async fn a_delivery_recorded_twice_counts_as_a_duplicate() {
+    let (_d, j) = test_journal();
+    j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
+        .await
+        .unwrap();
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    j.record_outcomes("a", vec![(due[0].event_id, Outcome::Delivered, None)])
+        .await
+        .unwrap();
+    // A replay makes it pending again; delivered again, it is a duplicate.
+    j.sql_execute("UPDATE deliveries SET status = 'pending'")
+        .unwrap();
+    let portals = j
+        .record_outcomes(
+            "a",
+            vec![
+                (due[0].event_id, Outcome::Delivered, None),
+                (due[0].event_id, Outcome::Delivered, None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(portals.is_empty(), "settle work was already there");
+    let c = j.counts().await.unwrap();
+    assert_eq!((c.delivery_attempts, c.duplicate_deliveries), (2, 1));
+}
+
+/// Two dispatchers finishing the last deliveries of the same events at the same moment: every
+/// event is settled once both have committed, whichever commits first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sinks_finishing_the_same_events_at_once_settle_them() {
+    let (_d, j) = test_journal();
+    for round in 0..5 {
+        let pid = format!("p{round}");
+        let events: Vec<NewEvent> = (1..=40)
+            .map(|i| event(round * 100 + i, &["a", "b"]))
+            .collect();
+        j.record_batch(batch(&pid, Lane::Normal, events))
+            .await
+            .unwrap();
+        let a = j.due_deliveries("a", 100).await.unwrap();
+        let b = j.due_deliveries("b", 100).await.unwrap();
+        let delivered =
+            |due: &[crate::journal::DueDelivery]| -> Vec<(i64, Outcome, Option<String>)> {
+                due.iter()
+                    .map(|d| (d.event_id, Outcome::Delivered, None))
+                    .collect()
+            };
+        let (ra, rb) = tokio::join!(
+            j.record_outcomes("a", delivered(&a)),
+            j.record_outcomes("b", delivered(&b))
+        );
+        let portals = [ra.unwrap(), rb.unwrap()].concat();
+        assert!(portals.contains(&"main".to_string()));
+        let settle: usize = j
+            .pending_settlements("main")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|p| p.process_id == pid)
+            .map(|p| p.events.len())
+            .sum();
+        assert_eq!(settle, 40, "round {round}");
+    }
+}

@@ -3,10 +3,12 @@
 //!
 //! Outcomes are written a call at a time (one `UPDATE ... FROM unnest(...)`, one `INSERT`), and
 //! the lattice is applied to the events they finished under a row lock on each event, taken in
-//! id order: two dispatchers finishing the last two deliveries of one event at once each wait
-//! for the other's commit, so the second sees both deliveries final and settles the event
+//! id order: of two dispatchers finishing the last two deliveries of one event at once, the
+//! second waits for the first's commit, so it sees both deliveries final and settles the event
 //! (without the lock each would see the other's delivery still pending, and the event would
-//! never settle).
+//! never settle). The lock is `FOR NO KEY UPDATE`: `FOR UPDATE` would also wait for the key
+//! share lock each transaction's `delivery_attempts` rows take on their event (the foreign
+//! key), and two dispatchers would deadlock.
 
 use super::Conn;
 use super::batches::lane_from_sql;
@@ -250,7 +252,7 @@ async fn settle_if_final(tx: &Transaction<'_>, events: &[i64]) -> anyhow::Result
     ids.sort_unstable();
     ids.dedup();
     let lock = tx
-        .prepare_cached("SELECT id FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .prepare_cached("SELECT id FROM events WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .await?;
     tx.query(&lock, &[&ids]).await?;
     let read = tx

@@ -46,7 +46,7 @@ pub(super) async fn record_enrichment(conn: &mut Conn, results: &[Enriched]) -> 
                         AS u(id, entity, error, ord)
                    ORDER BY id, ord) u
              WHERE e.id = u.id AND e.id IN (SELECT id FROM events WHERE id = ANY($1)
-                                            AND enrichment IS NOT NULL ORDER BY id FOR UPDATE)",
+                                            AND enrichment IS NOT NULL ORDER BY id FOR NO KEY UPDATE)",
         )
         .await?;
     conn.execute(&update, &[&ids, &entities, &errors]).await?;

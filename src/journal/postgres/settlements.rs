@@ -55,7 +55,7 @@ pub(super) async fn mark_settled(
         .prepare_cached(
             "UPDATE events SET upstream = $2, settled_at = $3
              WHERE id IN (SELECT id FROM events WHERE id = ANY($1) AND upstream = $4
-                          ORDER BY id FOR UPDATE)
+                          ORDER BY id FOR NO KEY UPDATE)
              RETURNING batch_id",
         )
         .await?;
