@@ -234,7 +234,8 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
     Ok(recorded)
 }
 
-/// The batch row of `batch`, inserted if new: `(id, whether it was inserted now)`.
+/// The batch row of `batch`, inserted if new: `(id, whether it was inserted now)`. Either way
+/// the row is this transaction's until it commits.
 async fn batch_row(
     tx: &Transaction<'_>,
     batch: &NewBatch,
@@ -261,8 +262,12 @@ async fn batch_row(
     if let Some(row) = inserted {
         return Ok((row.get(0), true));
     }
+    // Locked to the commit: a settle closing this batch meanwhile waits, then sees the rows
+    // added here (see `settlements::mark_settled`).
     let select = tx
-        .prepare_cached("SELECT id FROM batches WHERE portal = $1 AND process_id = $2")
+        .prepare_cached(
+            "SELECT id FROM batches WHERE portal = $1 AND process_id = $2 FOR NO KEY UPDATE",
+        )
         .await?;
     let row = tx
         .query_one(&select, &[&batch.portal, &batch.process_id])

@@ -59,6 +59,12 @@ pub(super) async fn mark_settled(
              RETURNING batch_id",
         )
         .await?;
+    // A batch is closed only once no row of it is left to settle. Its row is locked first, so
+    // that a `record_batches` adding rows to it commits before the check (a new statement, so a
+    // new snapshot) looks: the check never misses rows journaled meanwhile.
+    let lock_batches = tx
+        .prepare_cached("SELECT id FROM batches WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .await?;
     let close = tx
         .prepare_cached(
             "UPDATE batches b SET settled_at = $2
@@ -81,6 +87,7 @@ pub(super) async fn mark_settled(
         batches.sort_unstable();
         batches.dedup();
         if !batches.is_empty() {
+            tx.query(&lock_batches, &[&batches]).await?;
             tx.execute(&close, &[&batches, &at]).await?;
         }
     }
