@@ -25,6 +25,8 @@ mod settle;
 mod sqlite;
 #[doc(hidden)]
 pub mod test_support;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use backend::JournalBackend;
