@@ -20,6 +20,8 @@ mod backend;
 mod boundary;
 pub use sqlite::baseline;
 mod inspect;
+#[cfg(test)]
+mod inspect_tests;
 mod postgres;
 mod settle;
 mod sqlite;
