@@ -20,6 +20,9 @@ mod backend;
 mod boundary;
 pub use sqlite::baseline;
 mod inspect;
+#[cfg(test)]
+mod inspect_tests;
+mod migrate;
 mod postgres;
 mod settle;
 mod sqlite;
@@ -34,6 +37,7 @@ pub use inspect::{
     AttemptDetail, BatchInfo, DeliveryBrief, DeliveryDetail, EventDetail, EventFilter, EventRow,
     PortalStats, Pruned, Requeued, SinkStats, StatusFilter, UpstreamInfo,
 };
+pub use migrate::{Migrated, TableCounts, sqlite_to_postgres};
 pub(crate) use sqlite::SCHEMA_VERSION;
 pub(crate) use sqlite::lock;
 pub(crate) use sqlite::open::{OpenError, check, damage};

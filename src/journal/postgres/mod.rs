@@ -11,6 +11,7 @@ mod batches;
 mod conformance;
 mod deliveries;
 mod enrichment;
+pub(super) mod import;
 mod inspect;
 pub(crate) mod lease;
 mod schema;

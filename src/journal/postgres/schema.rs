@@ -6,7 +6,7 @@
 //! duplicates: an envelope must carry what Bitrix24 sent). Everything lives in the configured
 //! schema (`[journal] schema`, default `b24eventd`), which the first start creates.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// Each entry migrates from version `i` to `i + 1`. Append only: never edit a shipped migration.
 const MIGRATIONS: &[&str] = &[
@@ -164,7 +164,7 @@ pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The advisory lock key that serialises migrations between instances starting together
 /// (`pg_advisory_xact_lock`; any 64-bit value no other application of the database uses).
-const MIGRATION_LOCK: i64 = 0x6232_3465_7665_6e74; // "b24event"
+pub(super) const MIGRATION_LOCK: i64 = 0x6232_3465_7665_6e74; // "b24event"
 
 /// The version of the journal in `schema`: 0 when the schema or its history table is missing.
 pub(super) async fn version(client: &Client, schema: &str) -> anyhow::Result<i64> {
@@ -187,8 +187,16 @@ pub(super) async fn version(client: &Client, schema: &str) -> anyhow::Result<i64
 /// step, under an advisory lock so that instances starting together migrate once. A journal
 /// written by a newer build is refused rather than guessed at.
 pub(super) async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result<()> {
-    let quoted = super::quote_ident(schema);
     let tx = client.transaction().await?;
+    migrate_in(&tx, schema).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// [`migrate`] inside the caller's transaction (`journal migrate` creates the schema and fills
+/// it in one): nothing is kept unless the caller commits.
+pub(super) async fn migrate_in(tx: &Transaction<'_>, schema: &str) -> anyhow::Result<()> {
+    let quoted = super::quote_ident(schema);
     tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(&format!(
@@ -213,7 +221,7 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result
         );
     }
     // One transaction for every step: the advisory lock is held to the end, and a failed step
-    // leaves the journal at the version it had.
+    // leaves the journal at the version it had (the caller's transaction rolls back).
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         tx.batch_execute(&format!("SET LOCAL search_path TO {quoted};\n{sql}"))
             .await?;
@@ -224,6 +232,5 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result
         .await?;
         tracing::info!(from = version, to = version + 1, "journal schema migrated");
     }
-    tx.commit().await?;
     Ok(())
 }

@@ -10,6 +10,7 @@ mod batches;
 mod conformance;
 mod deliveries;
 mod enrichment;
+pub(super) mod export;
 mod inspect;
 pub mod lock;
 pub(super) mod open;
