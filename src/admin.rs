@@ -393,6 +393,12 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             ),
         });
     }
+    if let Some(reason) = state.metrics.lease_not_ready() {
+        not_ready.push(NotReady {
+            component: "cluster".to_string(),
+            reason,
+        });
+    }
     for (portal, poll) in state.liveness.poll_states() {
         if let Some(reason) = portal_not_ready(&poll) {
             not_ready.push(NotReady {

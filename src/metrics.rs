@@ -35,6 +35,19 @@ struct PortalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandoverLabels {
+    kind: String,
+}
+
+/// Since when the lease renewals have been failing, and the lease TTL (`/readyz`).
+type LeaseFailing = Arc<std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: String,
 }
@@ -88,6 +101,10 @@ pub struct Metrics {
     clock_steps: Family<DirectionLabels, Counter>,
     task_restarts: Family<TaskLabels, Counter>,
     admin_refused: Counter,
+    portals_owned: Gauge,
+    lease_renewals: Family<OutcomeLabels, Counter>,
+    lease_handovers: Family<HandoverLabels, Counter>,
+    lease_failing: LeaseFailing,
 }
 
 fn latency_histogram() -> Histogram {
@@ -156,6 +173,24 @@ impl Metrics {
             "Connections to the admin endpoint closed as soon as they were accepted: all of its 64 connections had a request in flight (an idle one gives its place to a new connection instead)",
             admin_refused.clone(),
         );
+        let portals_owned = Gauge::default();
+        registry.register(
+            "portals_owned",
+            "Portals whose lease this instance holds (several instances sharing a PostgreSQL journal; every configured portal otherwise stays 0)",
+            portals_owned.clone(),
+        );
+        let lease_renewals = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "lease_renewals",
+            "Heartbeats renewing every lease this instance holds, by outcome (ok, failed)",
+            lease_renewals.clone(),
+        );
+        let lease_handovers = Family::<HandoverLabels, Counter>::default();
+        registry.register(
+            "lease_handovers",
+            "Portal leases by kind of change: acquired, released (rebalance or stop), lost (taken by another instance, or not renewed in time)",
+            lease_handovers.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { clients }));
         Metrics {
             registry: Arc::new(registry),
@@ -168,7 +203,54 @@ impl Metrics {
             clock_steps,
             task_restarts,
             admin_refused,
+            portals_owned,
+            lease_renewals,
+            lease_handovers,
+            lease_failing: LeaseFailing::default(),
         }
+    }
+
+    /// How many portal leases this instance holds.
+    pub fn portals_owned(&self, count: usize) {
+        self.portals_owned.set(count as i64);
+    }
+
+    /// A lease heartbeat went through (`ok`) or failed; `ttl` is the lease TTL.
+    pub fn lease_renewal(&self, ok: bool, ttl: Duration) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.lease_renewals
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+        let mut failing = self.lease_failing.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            *failing = None;
+        } else if failing.is_none() {
+            *failing = Some((tokio::time::Instant::now(), ttl));
+        }
+    }
+
+    /// `count` leases changed: `acquired`, `released` or `lost`.
+    pub fn handover(&self, kind: &str, count: u64) {
+        self.lease_handovers
+            .get_or_create(&HandoverLabels { kind: kind.into() })
+            .inc_by(count);
+    }
+
+    /// Why this instance is not ready as a cluster member: its lease renewals have been
+    /// failing for more than half the TTL.
+    pub fn lease_not_ready(&self) -> Option<String> {
+        let failing = *self.lease_failing.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, ttl) = failing?;
+        let for_ = since.elapsed();
+        (for_ > ttl / 2).then(|| {
+            format!(
+                "lease renewals have been failing for {} s (lease TTL {} s): this instance's portals stop by themselves at their deadline",
+                for_.as_secs(),
+                ttl.as_secs()
+            )
+        })
     }
 
     /// The supervisor started `task` again after it died.

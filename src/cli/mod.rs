@@ -28,6 +28,7 @@ macro_rules! out {
 }
 
 mod auth;
+mod cluster;
 mod demo;
 mod doctor;
 mod journal;
@@ -127,6 +128,9 @@ enum Command {
     /// Inspect the journal (safe while the daemon runs)
     #[command(subcommand)]
     Journal(journal::JournalCommand),
+    /// The instances sharing a PostgreSQL journal and the portal leases they hold
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Deliver journaled events again, by the journal filters; --sink S sends to S only (also
     /// events S never had). Same envelope id, so sinks can deduplicate. A running daemon picks
     /// them up within seconds; otherwise the next `run` does.
@@ -159,6 +163,17 @@ enum Command {
         #[arg(long)]
         only_configured: bool,
         /// Print what changed as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Every instance (id, host, pid, version, last heartbeat, live or not) and every portal's
+    /// lease (owner, epoch, time left, handovers); on SQLite, says the journal is not shared
+    Status {
+        /// Print the report as one JSON document
         #[arg(long)]
         json: bool,
     },
@@ -454,6 +469,15 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let journal = config.journal.path.clone();
             runtime()?
                 .block_on(auth::login(config, portal))
+                .map_err(|e| journal_failure(&journal, e))?;
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Status { json }) => {
+            let config = config::load(&config_path)?;
+            init_logging("warn");
+            let journal = config.journal.path.clone();
+            runtime()?
+                .block_on(cluster::status(config, json))
                 .map_err(|e| journal_failure(&journal, e))?;
             Ok(())
         }

@@ -27,6 +27,6 @@ pub use load::{default_config_path, load, load_with_env};
 pub use reload::{SinkChanges, changes_needing_restart, sink_changes};
 pub use secrets::{resolve_secret, resolve_sink_secrets};
 pub use types::{
-    AdminConfig, AlertsConfig, Config, EnrichRule, JournalConfig, LogFormat, Mode, PortalConfig,
-    PostgresJournalConfig, RateLimit, Synchronous,
+    AdminConfig, AlertsConfig, Config, DEFAULT_LEASE_TTL, EnrichRule, JournalConfig, LogFormat,
+    Mode, PortalConfig, PostgresJournalConfig, RateLimit, Synchronous,
 };

@@ -45,6 +45,8 @@ pub(crate) struct RawJournal {
     pub(crate) retention: Option<Duration>,
     pub(crate) prune_schedule: Option<String>,
     pub(crate) synchronous: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) lease_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -70,7 +70,14 @@ pub struct JournalConfig {
     /// `path` is the `./b24eventd.db` fallback: `[journal] path` unset and no
     /// `$STATE_DIRECTORY` (not under systemd).
     pub in_current_directory: bool,
+    /// `[journal] lease_ttl` (PostgreSQL): how long a portal's lease lasts without renewal;
+    /// renewed every third of it. Unused on SQLite.
+    pub lease_ttl: Duration,
 }
+
+/// `[journal] lease_ttl` when not set: 30 s, or three times the longest portal
+/// `request_timeout` when that is longer (an upstream call must fit in the lease time left).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 
 impl JournalConfig {
     /// Where the journal is, for messages: the file's absolute path (`./b24eventd.db` says

@@ -55,8 +55,9 @@ mod tasks;
 
 use crate::admin::AdminState;
 use crate::bitrix::PortalClient;
+use crate::cluster::lease_task::{LeaseSettings, LeaseTask};
 use crate::config::Config;
-use crate::journal::Journal;
+use crate::journal::{InstanceIdentity, Journal};
 use crate::metrics::Metrics;
 use crate::pipeline::liveness::Liveness;
 use crate::pipeline::poller::{Schedules, Shared};
@@ -87,7 +88,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     // refused while it lives. Nothing, not even the lock file, is made beside a path that is
     // not a journal of ours.
     let (journal, _lock) =
-        Journal::open_alone(&config.journal, crate::journal::Access::Create).await?;
+        Journal::open_for_daemon(&config.journal, crate::journal::Access::Create).await?;
     let shutdown = CancellationToken::new();
     let reload = Arc::new(Notify::new());
     crate::shutdown::watch_signals(shutdown.clone(), Some(reload.clone()))
@@ -158,6 +159,8 @@ struct Daemon {
     dispatchers: Dispatchers,
     scheduler: Schedules,
     pollers: Pollers,
+    /// Several instances share the journal: the leases of the portals this one works.
+    lease_task: Option<LeaseTask>,
     helpers: Helpers,
     admin: AdminEndpoint,
 }
@@ -207,7 +210,7 @@ impl Daemon {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         };
-        let pollers = Pollers::start(
+        let pollers = Pollers::new(
             &config,
             &clients,
             shared,
@@ -216,6 +219,29 @@ impl Daemon {
             conformance,
             &supervisor,
         );
+        // PostgreSQL: the portals this instance works come and go with their leases.
+        // SQLite: this daemon works them all.
+        let identity = InstanceIdentity::this_process();
+        let lease_task = match journal.join_cluster(&identity) {
+            Some(cluster) => {
+                tracing::info!(instance = %identity.id, lease_ttl = ?config.journal.lease_ttl, "sharing the portals with the other instances of this journal");
+                Some(LeaseTask::start(
+                    LeaseSettings {
+                        me: identity,
+                        cluster,
+                        portals: config.portals.keys().cloned().collect(),
+                        ttl: config.journal.lease_ttl,
+                    },
+                    pollers.work(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ))
+            }
+            None => {
+                pollers.start_all();
+                None
+            }
+        };
         let helpers = Helpers::start(
             HelperInputs {
                 config: &config,
@@ -242,6 +268,7 @@ impl Daemon {
             dispatchers,
             scheduler,
             pollers,
+            lease_task,
             helpers,
             admin,
         };
@@ -317,6 +344,10 @@ impl Daemon {
             );
         }
         let settle_took = settle_started.elapsed();
+        if let Some(lease_task) = self.lease_task.take() {
+            // Every portal's work has stopped: hand the portals over at once.
+            lease_task.leave(end).await;
+        }
         self.admin.stop(end).await;
         tracing::info!(
             took = ?stop_started.elapsed(),

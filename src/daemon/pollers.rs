@@ -1,31 +1,84 @@
-//! The poller of every portal: started under supervision, their ends collected (a portal that
+//! The poller of every portal this instance works: started under supervision (all of them at
+//! start alone, or as the lease task takes and gives up portals in a cluster, each with its own
+//! cancellation token, a child of the shutdown token), their ends collected (a portal that
 //! refused its mode), stopped within the shared deadline, and their final settle.
 
+use crate::BoxFuture;
 use crate::bitrix::PortalClient;
-use crate::config::Config;
+use crate::cluster::lease_task::PortalWork;
+use crate::config::{Config, PortalConfig};
 use crate::conformance::PortalConformance;
-use crate::pipeline::liveness::Liveness;
-use crate::pipeline::poller::{ConfigMismatch, Poller, Schedules, Settler, Shared};
+use crate::pipeline::lease_clock::LeaseClock;
+use crate::pipeline::liveness::{Liveness, LoopHandle};
+use crate::pipeline::poller::{ConfigMismatch, Poller, Schedules, Settler, Shared, Triggers};
 use crate::supervisor::Supervisor;
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use tokio::task::{JoinError, JoinSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How a poller ended: `None` when the supervisor gave up on it, `Some(Some(_))` when its
+/// portal refused the configured mode.
+type Ended = Option<Option<ConfigMismatch>>;
 
 /// The running pollers and what the daemon keeps of them.
 pub(super) struct Pollers {
-    tasks: JoinSet<Option<Option<ConfigMismatch>>>,
-    /// Each portal's settler, for the final settle at shutdown.
-    settlers: Vec<Settler>,
-    /// The portals that refused their configured mode.
+    work: Arc<PortalPollers>,
+    ended: UnboundedReceiver<Ended>,
+    refusals: Refusals,
+}
+
+/// The portals that refused their configured mode, out of how many.
+struct Refusals {
     refused: Vec<ConfigMismatch>,
     portals: usize,
 }
 
+impl Refusals {
+    /// Notes how a poller ended.
+    fn ended(&mut self, done: Ended) {
+        if let Some(Some(mismatch)) = done {
+            self.refused.push(mismatch);
+        }
+    }
+
+    /// Every portal refused its configured mode (the first refusal), when there are portals.
+    fn all_refused(&self) -> Option<&ConfigMismatch> {
+        (self.portals > 0 && self.refused.len() == self.portals).then(|| &self.refused[0])
+    }
+}
+
+/// What a portal's poller is made of, kept to start it again when its lease comes back.
+struct Parts {
+    config: PortalConfig,
+    client: PortalClient,
+    triggers: Triggers,
+    liveness: LoopHandle,
+    conformance: PortalConformance,
+}
+
+struct RunningPoller {
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    settler: Settler,
+}
+
+/// The pollers as the lease task starts and stops them ([`PortalWork`]).
+pub(super) struct PortalPollers {
+    parts: BTreeMap<String, Parts>,
+    running: Mutex<BTreeMap<String, RunningPoller>>,
+    shared: Shared,
+    supervisor: Supervisor,
+    ended: UnboundedSender<Ended>,
+}
+
 impl Pollers {
-    /// One supervised poller per portal, with its client, its schedules' triggers and what
-    /// the last conformance probe found.
-    pub(super) fn start(
+    /// Every portal's poller ready to start, with its client, its schedules' triggers and
+    /// what the last conformance probe found; none runs yet (see [`Pollers::start_all`]).
+    pub(super) fn new(
         config: &Config,
         clients: &[PortalClient],
         shared: Shared,
@@ -34,84 +87,180 @@ impl Pollers {
         mut conformance: BTreeMap<String, PortalConformance>,
         supervisor: &Supervisor,
     ) -> Pollers {
-        let mut tasks = JoinSet::new();
-        let mut settlers = Vec::new();
-        for (portal, client) in config.portals.values().zip(clients.iter()) {
-            let poller = Poller::new(
-                portal.clone(),
-                client.clone(),
-                shared.clone(),
-                scheduler.triggers(&portal.name),
-                liveness.handle(&portal.name),
-                conformance.remove(&portal.name).unwrap_or_default(),
-            );
-            settlers.push(poller.settler());
-            // A restarted poller starts as at a daemon start: it re-reads its open reservations
-            // and sweeps for orphans, so the round that died loses nothing.
-            tasks.spawn(supervisor.supervise(
-                format!("poller/{}", portal.name),
-                shared.shutdown.clone(),
-                move || {
-                    let poller = poller.clone();
-                    async move { Ok(poller.run().await) }
-                },
-            ));
-        }
+        let parts = config
+            .portals
+            .values()
+            .zip(clients.iter())
+            .map(|(portal, client)| {
+                (
+                    portal.name.clone(),
+                    Parts {
+                        config: portal.clone(),
+                        client: client.clone(),
+                        triggers: scheduler.triggers(&portal.name),
+                        liveness: liveness.handle(&portal.name),
+                        conformance: conformance.remove(&portal.name).unwrap_or_default(),
+                    },
+                )
+            })
+            .collect();
+        let (ended_tx, ended) = unbounded_channel();
         Pollers {
-            tasks,
-            settlers,
-            refused: Vec::new(),
-            portals: config.portals.len(),
+            work: Arc::new(PortalPollers {
+                parts,
+                running: Mutex::new(BTreeMap::new()),
+                shared,
+                supervisor: supervisor.clone(),
+                ended: ended_tx,
+            }),
+            ended,
+            refusals: Refusals {
+                refused: Vec::new(),
+                portals: config.portals.len(),
+            },
         }
+    }
+
+    /// Starts every portal's poller, with no lease limit: this daemon has the journal to
+    /// itself.
+    pub(super) fn start_all(&self) {
+        for portal in self.work.parts.keys() {
+            self.work.start(portal, LeaseClock::unlimited());
+        }
+    }
+
+    /// The pollers, for the lease task to start and stop.
+    pub(super) fn work(&self) -> Arc<PortalPollers> {
+        self.work.clone()
     }
 
     /// Waits for the next poller to end (pending forever while none runs).
-    pub(super) async fn next_ended(
-        &mut self,
-    ) -> Option<Result<Option<Option<ConfigMismatch>>, JoinError>> {
-        if self.tasks.is_empty() {
-            return std::future::pending().await;
-        }
-        self.tasks.join_next().await
+    pub(super) async fn next_ended(&mut self) -> Option<Ended> {
+        self.ended.recv().await
     }
 
     /// Notes how a poller ended.
-    pub(super) fn ended(&mut self, done: Result<Option<Option<ConfigMismatch>>, JoinError>) {
-        match done {
-            Ok(Some(Some(mismatch))) => self.refused.push(mismatch),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "poller task failed"),
-        }
+    pub(super) fn ended(&mut self, done: Ended) {
+        self.refusals.ended(done);
     }
 
     /// Every portal refused its configured mode (the first refusal), when there are portals.
     pub(super) fn all_refused(&self) -> Option<&ConfigMismatch> {
-        (self.portals > 0 && self.refused.len() == self.portals).then(|| &self.refused[0])
+        self.refusals.all_refused()
     }
 
     /// Waits for every poller's last round until `deadline`; how many were still calling
     /// their portal then (aborted), if any.
     pub(super) async fn join(&mut self, deadline: Instant) -> Option<usize> {
-        let stopped = tokio::time::timeout_at(deadline, async {
-            while let Some(done) = self.tasks.join_next().await {
-                self.ended(done);
+        let tasks: Vec<JoinHandle<()>> = self
+            .work
+            .running()
+            .values_mut()
+            .filter_map(|r| {
+                r.stop.cancel();
+                r.task.take()
+            })
+            .collect();
+        let mut abandoned = 0;
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                abandoned += 1;
             }
-        })
-        .await
-        .is_ok();
-        if stopped {
-            return None;
         }
-        let abandoned = self.tasks.len();
-        self.tasks.abort_all();
-        Some(abandoned)
+        while let Ok(done) = self.ended.try_recv() {
+            self.ended(done);
+        }
+        (abandoned > 0).then_some(abandoned)
     }
 
-    /// Sends every portal's due settle calls (the final settle), logging failures.
+    /// Sends the due settle calls of every portal still worked (the final settle), logging
+    /// failures.
     pub(super) async fn settle_all(&self) {
-        for settler in &self.settlers {
+        let settlers: Vec<Settler> = self
+            .work
+            .running()
+            .values()
+            .map(|r| r.settler.clone())
+            .collect();
+        for settler in settlers {
             settler.settle_all().await;
         }
+    }
+}
+
+impl PortalPollers {
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPoller>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl PortalWork for PortalPollers {
+    fn start(&self, portal: &str, clock: LeaseClock) {
+        let Some(parts) = self.parts.get(portal) else {
+            return;
+        };
+        let stop = self.shared.shutdown.child_token();
+        let shared = Shared {
+            shutdown: stop.clone(),
+            ..self.shared.clone()
+        };
+        let poller = Poller::new(
+            parts.config.clone(),
+            parts.client.clone(),
+            shared,
+            parts.triggers.clone(),
+            parts.liveness.clone(),
+            parts.conformance.clone(),
+            clock,
+        );
+        let settler = poller.settler();
+        // A restarted poller starts as at a daemon start: it re-reads its open reservations
+        // and sweeps for orphans, so the round that died loses nothing. So does a poller
+        // started when its lease comes (back) to this instance.
+        let run = self
+            .supervisor
+            .supervise(format!("poller/{portal}"), stop.clone(), move || {
+                let poller = poller.clone();
+                async move { Ok(poller.run().await) }
+            });
+        let ended = self.ended.clone();
+        let task = tokio::spawn(async move {
+            let _ = ended.send(run.await);
+        });
+        let previous = self.running().insert(
+            portal.to_string(),
+            RunningPoller {
+                stop,
+                task: Some(task),
+                settler,
+            },
+        );
+        if let Some(previous) = previous {
+            previous.stop.cancel();
+        }
+    }
+
+    fn stop<'a>(&'a self, portal: &'a str, within: Duration) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(running) = self.running().remove(portal) else {
+                return;
+            };
+            running.stop.cancel();
+            if let Some(mut task) = running.task
+                && tokio::time::timeout(within, &mut task).await.is_err()
+            {
+                task.abort();
+                tracing::warn!(%portal, "portal work did not stop in time: abandoned; its next owner resumes what it reserved");
+            }
+            // The settle calls run only while the lease clock allows them.
+            if tokio::time::timeout(within, running.settler.settle_all())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%portal, "final settle did not finish in time: the next owner sends it");
+            }
+        })
     }
 }
 
@@ -119,20 +268,18 @@ impl Pollers {
 mod tests {
     use super::*;
 
-    fn pollers(portals: usize) -> Pollers {
-        Pollers {
-            tasks: JoinSet::new(),
-            settlers: Vec::new(),
+    fn pollers(portals: usize) -> Refusals {
+        Refusals {
             refused: Vec::new(),
             portals,
         }
     }
 
-    fn refused(portal: &str) -> Result<Option<Option<ConfigMismatch>>, JoinError> {
-        Ok(Some(Some(ConfigMismatch {
+    fn refused(portal: &str) -> Ended {
+        Some(Some(ConfigMismatch {
             portal: portal.to_string(),
             message: format!("{portal}: WRONG_LICENSE"),
-        })))
+        }))
     }
 
     #[test]
@@ -141,8 +288,8 @@ mod tests {
         pollers.ended(refused("b"));
         assert!(pollers.all_refused().is_none());
         // Finished at shutdown, or given up by the supervisor: not a refusal.
-        pollers.ended(Ok(Some(None)));
-        pollers.ended(Ok(None));
+        pollers.ended(Some(None));
+        pollers.ended(None);
         assert!(pollers.all_refused().is_none());
         pollers.ended(refused("a"));
         let first = pollers.all_refused().expect("every portal refused");
@@ -153,28 +300,5 @@ mod tests {
     #[test]
     fn a_daemon_without_portals_never_counts_as_all_refused() {
         assert!(pollers(0).all_refused().is_none());
-    }
-
-    #[tokio::test]
-    async fn joining_no_pollers_ends_at_once_with_none_abandoned() {
-        let mut pollers = pollers(0);
-        assert_eq!(pollers.join(Instant::now()).await, None);
-    }
-
-    #[tokio::test]
-    async fn a_poller_still_running_at_the_deadline_is_abandoned_and_counted() {
-        let mut pollers = pollers(1);
-        pollers
-            .tasks
-            .spawn(async { std::future::pending::<Option<Option<ConfigMismatch>>>().await });
-        pollers.tasks.spawn(async { Some(None) });
-        let deadline = Instant::now() + std::time::Duration::from_millis(50);
-        assert_eq!(pollers.join(deadline).await, Some(1));
-        let aborted = pollers
-            .tasks
-            .join_next()
-            .await
-            .expect("the abandoned poller");
-        assert!(aborted.expect_err("aborted").is_cancelled());
     }
 }

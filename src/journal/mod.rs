@@ -52,6 +52,7 @@ use crate::bitrix::{TokenStore, Tokens};
 use crate::config::{JournalConfig, Synchronous};
 pub use postgres::LeaseTable;
 use postgres::PgJournal;
+pub use postgres::fence::{Fence, Fenced};
 pub use postgres::lease::{HeldLease, InstanceIdentity, InstanceRow, LeaseRow};
 use sqlite::SqliteJournal;
 use std::path::Path;
@@ -63,6 +64,14 @@ use std::sync::Arc;
 pub(crate) enum InstanceLock {
     File(#[allow(dead_code)] lock::DaemonLock),
     Postgres(#[allow(dead_code)] postgres::InstanceLock),
+}
+
+/// What a clustered daemon holds of the shared journal: the fence it keeps current and the
+/// lease table it renews, takes and releases through.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    pub fence: Arc<Fence>,
+    pub leases: LeaseTable,
 }
 
 /// A handle to the open journal; cheap to clone. Every operation is a [`JournalBackend`]
@@ -136,6 +145,18 @@ impl Journal {
             .map(PgJournal::lease_table)
     }
 
+    /// Joins the cluster of instances sharing this journal as `me`: installs the fence every
+    /// write for a portal is checked against from now on (and the dispatchers see only the
+    /// portals it holds), and returns it with the lease table. `None` on SQLite, which one
+    /// daemon has to itself. The operator commands never join: their writes are not fenced.
+    pub fn join_cluster(&self, me: &InstanceIdentity) -> Option<ClusterHandle> {
+        let backend: &dyn std::any::Any = &*self.backend;
+        backend.downcast_ref::<PgJournal>().map(|pg| ClusterHandle {
+            fence: pg.join_cluster(&me.id),
+            leases: pg.lease_table(),
+        })
+    }
+
     /// [`Journal::open_configured`] for a command that only looks and must not create a
     /// journal: `None` when there is none yet.
     pub async fn open_existing(config: &JournalConfig) -> anyhow::Result<Option<Journal>> {
@@ -168,13 +189,34 @@ impl Journal {
                 let pg = pg.clone();
                 let backend =
                     tokio::task::spawn_blocking(move || PgJournal::connect(&pg, access)).await??;
-                let lock = backend.lock_instance().await?;
+                let lock = backend.lock_instance(false).await?;
                 let journal = Journal {
                     backend: Arc::new(backend),
                 };
                 Ok((journal, InstanceLock::Postgres(lock)))
             }
         }
+    }
+
+    /// Opens the journal for `run`. SQLite: as [`Journal::open_alone`] (one daemon per
+    /// journal). PostgreSQL: several daemons share the journal (their portals divided by the
+    /// lease table), so each takes the instance lock *shared*: they do not exclude each
+    /// other, but they exclude the conformance probe, which takes it exclusively.
+    pub(crate) async fn open_for_daemon(
+        config: &JournalConfig,
+        access: Access,
+    ) -> anyhow::Result<(Journal, InstanceLock)> {
+        let Some(pg) = &config.postgres else {
+            return Journal::open_alone(config, access).await;
+        };
+        let pg = pg.clone();
+        let backend =
+            tokio::task::spawn_blocking(move || PgJournal::connect(&pg, access)).await??;
+        let lock = backend.lock_instance(true).await?;
+        let journal = Journal {
+            backend: Arc::new(backend),
+        };
+        Ok((journal, InstanceLock::Postgres(lock)))
     }
 
     /// Opens and migrates the journal off the async runtime ([`Access::Create`]).

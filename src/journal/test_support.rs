@@ -55,6 +55,7 @@ pub fn test_journal_config(dir: &std::path::Path) -> JournalConfig {
         prune_schedule: "0 30 3 * * *".into(),
         synchronous: Synchronous::Full,
         in_current_directory: false,
+        lease_ttl: crate::config::DEFAULT_LEASE_TTL,
     }
 }
 

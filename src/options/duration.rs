@@ -47,6 +47,12 @@ pub(crate) const DURATION_RANGES: &[DurationRange] = &[
         "100 years keeps everything",
     ),
     range(
+        "journal.lease_ttl",
+        Duration::from_secs(1),
+        HOUR,
+        "an owner gone for an hour leaves its portals unserved for an hour",
+    ),
+    range(
         "alerts.check_interval",
         NONZERO,
         DAY,

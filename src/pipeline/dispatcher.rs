@@ -10,7 +10,7 @@
 use super::Wakers;
 use super::retry::{Step, next_step};
 use crate::config::RetryPolicy;
-use crate::journal::{Journal, Outcome};
+use crate::journal::{Fenced, Journal, Outcome};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::sinks::Sink;
 use std::sync::Arc;
@@ -229,7 +229,15 @@ impl Dispatcher {
             .await
         {
             Ok(portals) => portals,
-            Err(e) => return Err((e, Some(answered))),
+            Err(e) => {
+                if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                    // The portal's lease moved to another instance while this batch was out:
+                    // its new owner delivers these events again (a duplicate, never a loss).
+                    tracing::info!(sink = %name, portal = %fenced.portal, deliveries = answered.outcomes.len(), "outcomes not journaled: the portal's lease moved to another instance, which redelivers them");
+                    return Ok(());
+                }
+                return Err((e, Some(answered)));
+            }
         };
         // Counted once journaled, so the counters never run ahead of the journal.
         for (portal, outcome, latency) in answered.counted {

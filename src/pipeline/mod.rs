@@ -8,6 +8,7 @@ pub(crate) mod backoff;
 pub(crate) mod clock;
 pub(crate) mod dispatcher;
 pub(crate) mod economy;
+pub(crate) mod lease_clock;
 pub mod liveness;
 pub(crate) mod orphans;
 pub(crate) mod poller;

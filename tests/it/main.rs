@@ -11,6 +11,7 @@ mod alerts;
 mod amqp_sink;
 mod cli;
 mod clock;
+mod cluster;
 mod conformance;
 mod crash;
 mod disk_full;

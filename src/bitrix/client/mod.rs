@@ -178,6 +178,11 @@ impl PortalClient {
         })
     }
 
+    /// The timeout of one HTTP request to this portal.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.inner.settings.request_timeout
+    }
+
     pub(crate) fn portal(&self) -> &str {
         &self.inner.settings.portal
     }

@@ -7,7 +7,8 @@ mod sink;
 
 use super::raw::{RawAdmin, RawAlerts, RawConfig, RawJournal};
 use super::types::{
-    AdminConfig, AlertsConfig, Config, JournalConfig, LogFormat, PostgresJournalConfig, Synchronous,
+    AdminConfig, AlertsConfig, Config, DEFAULT_LEASE_TTL, JournalConfig, LogFormat, PortalConfig,
+    PostgresJournalConfig, Synchronous,
 };
 use crate::options::{ConfigError, duration_problem, parse_bytes, parse_http_url};
 use crate::sinks::SinkConfig;
@@ -32,7 +33,8 @@ pub(crate) fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigEr
         env_keys: raw.env_keys,
     };
 
-    let journal = v.journal(raw.journal, raw.state_directory.as_deref())?;
+    let lease_ttl = raw.journal.lease_ttl;
+    let mut journal = v.journal(raw.journal, raw.state_directory.as_deref())?;
     let admin = v.admin(raw.admin)?;
     let log_format = match raw.log_format.as_deref() {
         None | Some("text") => LogFormat::Text,
@@ -56,6 +58,8 @@ pub(crate) fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigEr
         let portal = v.portal(&name, portal)?;
         portals.insert(name, portal);
     }
+
+    journal.lease_ttl = v.lease_ttl(lease_ttl, &journal, &portals)?;
 
     if raw.sinks.is_empty() {
         return Err(v.err("sinks", "at least one sink is required ([sinks.NAME])"));
@@ -238,7 +242,45 @@ impl Validator {
             )?,
             synchronous,
             in_current_directory,
+            lease_ttl: DEFAULT_LEASE_TTL,
         })
+    }
+
+    /// `journal.lease_ttl`: PostgreSQL only. An upstream call runs only while more lease time
+    /// is left than its `request_timeout`, and the time left falls to about 57% of the TTL
+    /// before each renewal, so the TTL must be at least twice the longest `request_timeout`.
+    fn lease_ttl(
+        &self,
+        raw: Option<Duration>,
+        journal: &JournalConfig,
+        portals: &BTreeMap<String, PortalConfig>,
+    ) -> Result<Duration, ConfigError> {
+        let longest = portals
+            .values()
+            .map(|p| p.request_timeout)
+            .max()
+            .unwrap_or_default();
+        let Some(ttl) = raw else {
+            return Ok(DEFAULT_LEASE_TTL.max(longest.saturating_mul(3)));
+        };
+        if journal.postgres.is_none() {
+            return Err(self.err(
+                "journal.lease_ttl",
+                "applies to a journal in PostgreSQL (several instances); set journal.url too, or remove it",
+            ));
+        }
+        let ttl = self.duration("journal.lease_ttl", Some(ttl), DEFAULT_LEASE_TTL)?;
+        if ttl < longest.saturating_mul(2) {
+            return Err(self.err(
+                "journal.lease_ttl",
+                format!(
+                    "{} is shorter than twice the longest portal request_timeout ({}): upstream calls would never have lease time for their timeout; raise lease_ttl or lower request_timeout",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(longest)
+                ),
+            ));
+        }
+        Ok(ttl)
     }
 
     /// `url`, `schema` and `max_connections`: the journal in PostgreSQL. `path` and
@@ -576,6 +618,10 @@ mod tests {
                 with("[journal]\nretention = \"VALUE\""),
             ),
             (
+                "journal.lease_ttl",
+                with("[journal]\nurl = \"postgres://db/events\"\nlease_ttl = \"VALUE\""),
+            ),
+            (
                 "alerts.check_interval",
                 with("[alerts]\nsink = \"archive\"\ncheck_interval = \"VALUE\""),
             ),
@@ -632,6 +678,36 @@ mod tests {
                 format!("{MINIMAL}\n{mqtt}keep_alive = \"VALUE\"\n"),
             ),
         ]
+    }
+
+    #[test]
+    fn the_lease_ttl_is_postgresql_only_and_leaves_room_for_an_upstream_call() {
+        let pg = "[journal]\nurl = \"postgres://db/events\"";
+        // Unset: 30 s, or three request timeouts (60 s by default) when that is longer.
+        let default = load_str(&format!("{pg}\n{MINIMAL}"), &[]).unwrap();
+        assert_eq!(default.journal.lease_ttl, Duration::from_secs(180));
+        let short = load_str(
+            &format!("{pg}\n{MINIMAL}").replace(
+                "[portals.main]\n",
+                "[portals.main]\nrequest_timeout = \"5s\"\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(short.journal.lease_ttl, DEFAULT_LEASE_TTL);
+        let set = load_str(&format!("{pg}\nlease_ttl = \"2m\"\n{MINIMAL}"), &[]).unwrap();
+        assert_eq!(set.journal.lease_ttl, Duration::from_secs(120));
+        let err = assert_err(
+            &format!("{pg}\nlease_ttl = \"90s\"\n{MINIMAL}"),
+            "journal.lease_ttl",
+            "twice the longest portal request_timeout",
+        );
+        assert!(err.message.contains("1m"), "{err}");
+        assert_err(
+            &format!("[journal]\nlease_ttl = \"5m\"\n{MINIMAL}"),
+            "journal.lease_ttl",
+            "applies to a journal in PostgreSQL",
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! and its events and deliveries are written with one `INSERT ... SELECT FROM unnest(...)` each.
 
 use super::Conn;
+use super::fence::{Fence, check};
 use super::tokens::ensure_portal;
 use crate::envelope::{Envelope, Lane};
 use crate::journal::types::{NewBatch, NewEvent, OpenBatch, RecordedBatch};
@@ -21,9 +22,12 @@ pub(super) fn lane_from_sql(s: &str) -> Lane {
 
 pub(super) async fn record_batches(
     conn: &mut Conn,
+    fence: Option<&Fence>,
     batches: &[NewBatch],
 ) -> anyhow::Result<Vec<RecordedBatch>> {
     let tx = conn.transaction().await?;
+    let portals: Vec<String> = batches.iter().map(|b| b.portal.clone()).collect();
+    check(&tx, fence, &portals).await?;
     let mut recorded = Vec::with_capacity(batches.len());
     for batch in batches {
         recorded.push(record_batch_in(&tx, batch).await?);

@@ -1,14 +1,17 @@
 //! The last conformance probe's findings per portal (`conformance`).
 
 use super::Conn;
+use super::fence::{Fence, check};
 use crate::journal::types::StoredFinding;
 
 pub(super) async fn replace_conformance(
     conn: &mut Conn,
+    fence: Option<&Fence>,
     portal: &str,
     findings: &[StoredFinding],
 ) -> anyhow::Result<()> {
     let tx = conn.transaction().await?;
+    check(&tx, fence, &[portal.to_string()]).await?;
     tx.execute("DELETE FROM conformance WHERE portal = $1", &[&portal])
         .await?;
     let insert = tx

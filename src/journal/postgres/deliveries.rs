@@ -12,6 +12,7 @@
 
 use super::Conn;
 use super::batches::lane_from_sql;
+use super::fence::{Fence, check_events};
 use crate::envelope::Envelope;
 use crate::journal::settle::{self, DeliveryState, SettleAction};
 use crate::journal::types::{DueDelivery, Outcome};
@@ -54,6 +55,7 @@ pub(super) fn envelope_at(r: &Row, first: usize, attempt: u32) -> Envelope {
 pub(super) async fn due_deliveries(
     conn: &Conn,
     sink: &str,
+    portals: Option<&[String]>,
     now: DateTime<Utc>,
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
@@ -62,7 +64,7 @@ pub(super) async fn due_deliveries(
             "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
              FROM deliveries d JOIN events e ON e.id = d.event_id
              WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
-               AND e.enrichment IS NULL
+               AND e.enrichment IS NULL AND ($4::text[] IS NULL OR e.portal = ANY($4))
              ORDER BY d.next_attempt_at, d.event_id
              LIMIT $3"
         ))
@@ -70,7 +72,12 @@ pub(super) async fn due_deliveries(
     let rows = conn
         .query(
             &stmt,
-            &[&sink, &now, &(limit.min(i64::MAX as usize) as i64)],
+            &[
+                &sink,
+                &now,
+                &(limit.min(i64::MAX as usize) as i64),
+                &portals,
+            ],
         )
         .await?;
     Ok(rows
@@ -90,33 +97,46 @@ pub(super) async fn due_deliveries(
 pub(super) async fn bring_forward(
     conn: &Conn,
     sink: &str,
+    portals: Option<&[String]>,
     latest: DateTime<Utc>,
 ) -> anyhow::Result<usize> {
     let stmt = conn
         .prepare_cached(
             "UPDATE deliveries SET next_attempt_at = $3
-             WHERE sink = $1 AND status = 'pending' AND next_attempt_at > $2",
+             WHERE sink = $1 AND status = 'pending' AND next_attempt_at > $2
+               AND ($4::text[] IS NULL
+                    OR event_id IN (SELECT id FROM events WHERE portal = ANY($4)))",
         )
         .await?;
-    Ok(conn.execute(&stmt, &[&sink, &latest, &Utc::now()]).await? as usize)
+    Ok(conn
+        .execute(&stmt, &[&sink, &latest, &Utc::now(), &portals])
+        .await? as usize)
 }
 
-pub(super) async fn next_due(conn: &Conn, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+pub(super) async fn next_due(
+    conn: &Conn,
+    sink: &str,
+    portals: Option<&[String]>,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
     let stmt = conn
         .prepare_cached(
             "SELECT MIN(d.next_attempt_at) FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.sink = $1 AND d.status = 'pending' AND e.enrichment IS NULL",
+             WHERE d.sink = $1 AND d.status = 'pending' AND e.enrichment IS NULL
+               AND ($2::text[] IS NULL OR e.portal = ANY($2))",
         )
         .await?;
-    Ok(conn.query_one(&stmt, &[&sink]).await?.get(0))
+    Ok(conn.query_one(&stmt, &[&sink, &portals]).await?.get(0))
 }
 
 pub(super) async fn record_outcomes(
     conn: &mut Conn,
+    fence: Option<&Fence>,
     sink: &str,
     outcomes: &[(i64, Outcome, Option<String>)],
 ) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction().await?;
+    let events: Vec<i64> = outcomes.iter().map(|(id, _, _)| *id).collect();
+    check_events(&tx, fence, &events).await?;
     let at = Utc::now();
     let update = tx
         .prepare_cached(
@@ -319,14 +339,17 @@ async fn settle_if_final(tx: &Transaction<'_>, events: &[i64]) -> anyhow::Result
 /// many deliveries were dropped.
 pub(super) async fn drop_unknown_sinks(
     conn: &mut Conn,
+    portals: Option<&[String]>,
     known: &[String],
 ) -> anyhow::Result<Vec<(String, u64)>> {
     let tx = conn.transaction().await?;
     let rows = tx
         .query(
             "DELETE FROM deliveries WHERE status = 'pending' AND NOT (sink = ANY($1))
+               AND ($2::text[] IS NULL
+                    OR event_id IN (SELECT id FROM events WHERE portal = ANY($2)))
              RETURNING event_id, sink",
-            &[&known],
+            &[&known, &portals],
         )
         .await?;
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();

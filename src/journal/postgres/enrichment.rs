@@ -2,6 +2,7 @@
 //! their deliveries).
 
 use super::Conn;
+use super::fence::{Fence, check_events};
 use crate::journal::types::{Enriched, PendingEnrichment};
 use serde_json::Value;
 
@@ -29,16 +30,22 @@ pub(super) async fn pending_enrichment(
         .collect())
 }
 
-pub(super) async fn record_enrichment(conn: &mut Conn, results: &[Enriched]) -> anyhow::Result<()> {
+pub(super) async fn record_enrichment(
+    conn: &mut Conn,
+    fence: Option<&Fence>,
+    results: &[Enriched],
+) -> anyhow::Result<()> {
     if results.is_empty() {
         return Ok(());
     }
     let ids: Vec<i64> = results.iter().map(|r| r.event_id).collect();
     let entities: Vec<String> = results.iter().map(|r| r.entity.to_string()).collect();
     let errors: Vec<Option<&str>> = results.iter().map(|r| r.error.as_deref()).collect();
-    // One statement, so one transaction. It locks the rows in id order, as the other writers of
-    // `events` do. An event named twice keeps its first result, which released it.
-    let update = conn
+    // One statement after the fence's check. It locks the rows in id order, as the other
+    // writers of `events` do. An event named twice keeps its first result, which released it.
+    let tx = conn.transaction().await?;
+    check_events(&tx, fence, &ids).await?;
+    let update = tx
         .prepare_cached(
             "UPDATE events e SET entity = u.entity, entity_error = u.error, enrichment = NULL
              FROM (SELECT DISTINCT ON (id) id, entity, error
@@ -49,6 +56,7 @@ pub(super) async fn record_enrichment(conn: &mut Conn, results: &[Enriched]) -> 
                                             AND enrichment IS NOT NULL ORDER BY id FOR NO KEY UPDATE)",
         )
         .await?;
-    conn.execute(&update, &[&ids, &entities, &errors]).await?;
+    tx.execute(&update, &[&ids, &entities, &errors]).await?;
+    tx.commit().await?;
     Ok(())
 }

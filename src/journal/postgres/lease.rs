@@ -79,9 +79,14 @@ pub(super) async fn heartbeat(
     .await?;
     let rows = tx
         .query(
+            // Locked in name order, as the fenced writes lock them `FOR SHARE`: the renewal
+            // waits for this instance's writes in flight, never in a cycle with them.
             "UPDATE portal_leases
              SET expires_at = now() + make_interval(secs => $2)
-             WHERE owner = $1 AND expires_at > now()
+             WHERE portal IN (SELECT portal FROM portal_leases
+                              WHERE owner = $1 AND expires_at > now()
+                              ORDER BY portal FOR NO KEY UPDATE)
+               AND owner = $1 AND expires_at > now()
              RETURNING portal, epoch, $2::float8,
                        GREATEST(EXTRACT(EPOCH FROM sweep_after - now())::float8, 0)",
             &[&me.id, &ttl],
@@ -167,7 +172,10 @@ fn lease_row(r: &tokio_postgres::Row) -> LeaseRow {
 
 /// Takes those of `portals` whose lease is free or has run out, each with a new epoch and the
 /// orphan sweep held back by `grace`; returns the ones taken (another instance may have been
-/// faster for the rest).
+/// faster for the rest). A row a write of the former owner still holds `FOR SHARE` (see
+/// `fence`) is skipped, not waited for: it is taken at a later tick, after that write ended,
+/// so the write never loses to the acquisition and the lease task never stalls on it (a
+/// paused writer's transaction ends at the connection's `idle_in_transaction_session_timeout`).
 pub(super) async fn acquire(
     conn: &Conn,
     me: &str,
@@ -182,7 +190,11 @@ pub(super) async fn acquire(
                  owner = $2, epoch = epoch + 1, acquired_at = now(),
                  expires_at = now() + make_interval(secs => $3),
                  sweep_after = now() + make_interval(secs => $4)
-             WHERE portal = ANY($1) AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now())
+             WHERE portal IN (SELECT portal FROM portal_leases
+                              WHERE portal = ANY($1)
+                                AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now())
+                              ORDER BY portal FOR NO KEY UPDATE SKIP LOCKED)
+               AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now())
              RETURNING portal, epoch, $3::float8, $4::float8",
             &[&portals, &me, &ttl.as_secs_f64(), &grace.as_secs_f64()],
         )
@@ -218,6 +230,23 @@ pub(super) async fn release(conn: &Conn, me: &str, portals: &[String]) -> anyhow
     Ok(released)
 }
 
+/// Ends the leases of instance `dead` and removes it: an instance on this host whose process
+/// no longer exists (it crashed; systemd restarted it), whose portals need not wait out their
+/// TTL. Returns the leases freed.
+pub(super) async fn reap(conn: &Conn, dead: &str) -> anyhow::Result<u64> {
+    let freed = conn
+        .execute(
+            "UPDATE portal_leases SET owner = NULL, expires_at = now()
+             WHERE portal IN (SELECT portal FROM portal_leases WHERE owner = $1
+                              ORDER BY portal FOR NO KEY UPDATE)",
+            &[&dead],
+        )
+        .await?;
+    conn.execute("DELETE FROM instances WHERE id = $1", &[&dead])
+        .await?;
+    Ok(freed)
+}
+
 /// Removes instance `me` after a graceful stop (its leases released first).
 pub(super) async fn retire(conn: &Conn, me: &str) -> anyhow::Result<()> {
     conn.execute("DELETE FROM instances WHERE id = $1", &[&me])
@@ -229,14 +258,36 @@ pub(super) async fn retire(conn: &Conn, me: &str) -> anyhow::Result<()> {
 /// Who this process is to the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceIdentity {
-    /// `host-pid-random`: unique even when a pid is reused.
+    /// `host-pid-boot-random`: unique even when a pid is reused; `boot` is the start of the
+    /// kernel's boot id, so an instance of an earlier boot is never taken for one of this boot.
     pub id: String,
     pub host: String,
     pub pid: u32,
     pub version: String,
 }
 
+/// The first 8 characters of this machine's boot id (`0` when unknown).
+fn boot_tag() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().chars().take(8).collect())
+        .unwrap_or_else(|_| "0".into())
+}
+
 impl InstanceIdentity {
+    /// Whether `other` ran on this machine since its last boot (same host name and boot id),
+    /// so that its pid can be looked up here.
+    pub fn same_boot(&self, other: &InstanceRow) -> bool {
+        let tag = |id: &str, host: &str, pid: i64| {
+            id.strip_prefix(&format!("{host}-{pid}-"))
+                .and_then(|rest| rest.split('-').next())
+                .map(str::to_string)
+        };
+        other.host == self.host
+            && tag(&other.id, &other.host, i64::from(other.pid)).is_some()
+            && tag(&other.id, &other.host, i64::from(other.pid))
+                == tag(&self.id, &self.host, i64::from(self.pid))
+    }
+
     /// This process.
     pub fn this_process() -> InstanceIdentity {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -244,7 +295,7 @@ impl InstanceIdentity {
             .unwrap_or_else(|_| "unknown-host".into());
         let pid = std::process::id();
         InstanceIdentity {
-            id: format!("{host}-{pid}-{:04x}", fastrand::u16(..)),
+            id: format!("{host}-{pid}-{}-{:04x}", boot_tag(), fastrand::u16(..)),
             host,
             pid,
             version: env!("CARGO_PKG_VERSION").to_string(),

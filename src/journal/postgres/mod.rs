@@ -11,6 +11,7 @@ mod batches;
 mod conformance;
 mod deliveries;
 mod enrichment;
+pub(crate) mod fence;
 pub(super) mod import;
 mod inspect;
 pub(crate) mod lease;
@@ -45,6 +46,9 @@ pub(super) type Conn = deadpool_postgres::Client;
 /// How long a call waits for a free connection of the pool, or for a new one to connect.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server lets a journal connection sit in an open transaction without a
+/// statement before it ends the session (see `connect`).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
 /// The PostgreSQL journal; cheap to clone.
 #[derive(Clone)]
@@ -60,6 +64,9 @@ struct Inner {
     /// The URL without its password, and the schema: `postgres://user@host:5432/db#schema`.
     location: PathBuf,
     schema: String,
+    /// Set once when the daemon joins a cluster: every write for a portal is then checked
+    /// against the portal's lease, and the dispatchers see only the portals held.
+    fence: std::sync::OnceLock<Arc<fence::Fence>>,
 }
 
 impl Drop for Inner {
@@ -93,7 +100,15 @@ impl PgJournal {
             connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
         pg.connect_timeout(CONNECT_TIMEOUT);
         // Every pooled connection works in the journal's schema.
-        pg.options(format!("-c search_path={}", config.schema));
+        // A transaction left open by a paused process (SIGSTOP, a VM frozen) would hold its
+        // row locks, a fenced write's lease rows among them, for as long as the pause: the
+        // server ends such a session instead. No journal transaction waits on its client
+        // between statements for anywhere near that long.
+        pg.options(format!(
+            "-c search_path={} -c idle_in_transaction_session_timeout={}",
+            config.schema,
+            IDLE_IN_TRANSACTION.as_millis()
+        ));
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
@@ -129,6 +144,7 @@ impl PgJournal {
                 runtime: Mutex::new(Some(runtime)),
                 location,
                 schema: config.schema.clone(),
+                fence: std::sync::OnceLock::new(),
             }),
         };
         let schema = config.schema.clone();
@@ -228,15 +244,19 @@ pub(crate) struct InstanceLock {
 }
 
 impl PgJournal {
-    /// Takes the instance lock without waiting; refused while another process holds it.
-    pub(super) async fn lock_instance(&self) -> anyhow::Result<InstanceLock> {
+    /// Takes the instance lock without waiting: `shared` (the daemons of a cluster, which
+    /// only exclude the conformance probe) or exclusive (the probe); refused while another
+    /// process holds it in a mode that conflicts.
+    pub(super) async fn lock_instance(&self, shared: bool) -> anyhow::Result<InstanceLock> {
         let location = self.inner.location.display().to_string();
         self.run(move |conn| async move {
             let conn = deadpool_postgres::Object::take(conn);
-            let taken: bool = conn
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK])
-                .await?
-                .get(0);
+            let take = if shared {
+                "SELECT pg_try_advisory_lock_shared($1)"
+            } else {
+                "SELECT pg_try_advisory_lock($1)"
+            };
+            let taken: bool = conn.query_one(take, &[&INSTANCE_LOCK]).await?.get(0);
             if !taken {
                 let holder: Option<String> = conn
                     .query_opt(
@@ -331,6 +351,14 @@ impl LeaseTable {
             .await
     }
 
+    /// Frees the leases of instance `dead` (its process is gone) and removes it.
+    pub async fn reap(&self, dead: &str) -> anyhow::Result<u64> {
+        let dead = dead.to_string();
+        self.journal
+            .run(move |conn| async move { lease::reap(&conn, &dead).await })
+            .await
+    }
+
     /// Removes `me` after a graceful stop.
     pub async fn retire(&self, me: &str) -> anyhow::Result<()> {
         let me = me.to_string();
@@ -353,6 +381,23 @@ impl LeaseTable {
 }
 
 impl PgJournal {
+    /// Installs the fence of instance `me` (once; a second call activates the first fence
+    /// again, holding nothing).
+    pub(super) fn join_cluster(&self, me: &str) -> Arc<fence::Fence> {
+        let fence = self
+            .inner
+            .fence
+            .get_or_init(|| Arc::new(fence::Fence::new(me)))
+            .clone();
+        fence.activate();
+        fence
+    }
+
+    /// The fence, while this process runs clustered.
+    fn fence(&self) -> Option<Arc<fence::Fence>> {
+        self.inner.fence.get().filter(|f| f.active()).cloned()
+    }
+
     pub(super) fn lease_table(&self) -> LeaseTable {
         LeaseTable {
             journal: self.clone(),
@@ -423,9 +468,10 @@ impl JournalBackend for PgJournal {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         let portal = portal.to_string();
         let tokens = tokens.clone();
-        self.run(
-            move |mut conn| async move { tokens::save_tokens(&mut conn, &portal, &tokens).await },
-        )
+        let fence = self.fence();
+        self.run(move |mut conn| async move {
+            tokens::save_tokens(&mut conn, fence.as_deref(), &portal, &tokens).await
+        })
     }
 
     fn token_status<'a>(
@@ -440,7 +486,10 @@ impl JournalBackend for PgJournal {
         &self,
         batches: Vec<NewBatch>,
     ) -> BoxFuture<'_, anyhow::Result<Vec<RecordedBatch>>> {
-        self.run(move |mut conn| async move { batches::record_batches(&mut conn, &batches).await })
+        let fence = self.fence();
+        self.run(move |mut conn| async move {
+            batches::record_batches(&mut conn, fence.as_deref(), &batches).await
+        })
     }
 
     fn open_batches<'a>(
@@ -475,8 +524,9 @@ impl JournalBackend for PgJournal {
         limit: usize,
     ) -> BoxFuture<'a, anyhow::Result<Vec<DueDelivery>>> {
         let sink = sink.to_string();
+        let portals = fence::visible(self.fence().as_deref());
         self.run(move |conn| async move {
-            deliveries::due_deliveries(&conn, &sink, Utc::now(), limit).await
+            deliveries::due_deliveries(&conn, &sink, portals.as_deref(), Utc::now(), limit).await
         })
     }
 
@@ -486,7 +536,10 @@ impl JournalBackend for PgJournal {
         latest: DateTime<Utc>,
     ) -> BoxFuture<'a, anyhow::Result<usize>> {
         let sink = sink.to_string();
-        self.run(move |conn| async move { deliveries::bring_forward(&conn, &sink, latest).await })
+        let portals = fence::visible(self.fence().as_deref());
+        self.run(move |conn| async move {
+            deliveries::bring_forward(&conn, &sink, portals.as_deref(), latest).await
+        })
     }
 
     fn next_due<'a>(
@@ -494,7 +547,10 @@ impl JournalBackend for PgJournal {
         sink: &'a str,
     ) -> BoxFuture<'a, anyhow::Result<Option<DateTime<Utc>>>> {
         let sink = sink.to_string();
-        self.run(move |conn| async move { deliveries::next_due(&conn, &sink).await })
+        let portals = fence::visible(self.fence().as_deref());
+        self.run(
+            move |conn| async move { deliveries::next_due(&conn, &sink, portals.as_deref()).await },
+        )
     }
 
     fn record_outcomes<'a>(
@@ -503,8 +559,9 @@ impl JournalBackend for PgJournal {
         outcomes: Vec<(i64, Outcome, Option<String>)>,
     ) -> BoxFuture<'a, anyhow::Result<Vec<String>>> {
         let sink = sink.to_string();
+        let fence = self.fence();
         self.run(move |mut conn| async move {
-            deliveries::record_outcomes(&mut conn, &sink, &outcomes).await
+            deliveries::record_outcomes(&mut conn, fence.as_deref(), &sink, &outcomes).await
         })
     }
 
@@ -512,9 +569,10 @@ impl JournalBackend for PgJournal {
         &self,
         known: Vec<String>,
     ) -> BoxFuture<'_, anyhow::Result<Vec<(String, u64)>>> {
-        self.run(
-            move |mut conn| async move { deliveries::drop_unknown_sinks(&mut conn, &known).await },
-        )
+        let portals = fence::visible(self.fence().as_deref());
+        self.run(move |mut conn| async move {
+            deliveries::drop_unknown_sinks(&mut conn, portals.as_deref(), &known).await
+        })
     }
 
     fn pending_settlements<'a>(
@@ -529,7 +587,10 @@ impl JournalBackend for PgJournal {
         &self,
         groups: Vec<(Vec<i64>, SettleAction)>,
     ) -> BoxFuture<'_, anyhow::Result<()>> {
-        self.run(move |mut conn| async move { settlements::mark_settled(&mut conn, &groups).await })
+        let fence = self.fence();
+        self.run(move |mut conn| async move {
+            settlements::mark_settled(&mut conn, fence.as_deref(), &groups).await
+        })
     }
 
     fn pending_enrichment<'a>(
@@ -544,9 +605,10 @@ impl JournalBackend for PgJournal {
     }
 
     fn record_enrichment(&self, results: Vec<Enriched>) -> BoxFuture<'_, anyhow::Result<()>> {
-        self.run(
-            move |mut conn| async move { enrichment::record_enrichment(&mut conn, &results).await },
-        )
+        let fence = self.fence();
+        self.run(move |mut conn| async move {
+            enrichment::record_enrichment(&mut conn, fence.as_deref(), &results).await
+        })
     }
 
     fn replace_conformance<'a>(
@@ -555,8 +617,9 @@ impl JournalBackend for PgJournal {
         findings: Vec<StoredFinding>,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         let portal = portal.to_string();
+        let fence = self.fence();
         self.run(move |mut conn| async move {
-            conformance::replace_conformance(&mut conn, &portal, &findings).await
+            conformance::replace_conformance(&mut conn, fence.as_deref(), &portal, &findings).await
         })
     }
 
@@ -770,7 +833,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        let held = journal.lock_instance().await.unwrap();
+        let held = journal.lock_instance(false).await.unwrap();
         let other = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Write))
@@ -778,7 +841,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        let refused = other.lock_instance().await.err().unwrap().to_string();
+        let refused = other.lock_instance(false).await.err().unwrap().to_string();
         assert!(
             refused.contains("in use by another b24eventd process"),
             "{refused}"
@@ -787,7 +850,7 @@ mod tests {
         // The lock's connection closes on its runtime: taken again within a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match other.lock_instance().await {
+            match other.lock_instance(false).await {
                 Ok(_) => break,
                 Err(e) if std::time::Instant::now() < deadline => {
                     let _ = e;

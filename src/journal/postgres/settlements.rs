@@ -3,6 +3,7 @@
 
 use super::Conn;
 use super::batches::lane_from_sql;
+use super::fence::{Fence, check_events};
 use crate::journal::types::{PendingSettlement, SettleAction};
 use chrono::Utc;
 use std::collections::BTreeMap;
@@ -45,9 +46,15 @@ pub(super) async fn pending_settlements(
 
 pub(super) async fn mark_settled(
     conn: &mut Conn,
+    fence: Option<&Fence>,
     groups: &[(Vec<i64>, SettleAction)],
 ) -> anyhow::Result<()> {
     let tx = conn.transaction().await?;
+    let events: Vec<i64> = groups
+        .iter()
+        .flat_map(|(ids, _)| ids.iter().copied())
+        .collect();
+    check_events(&tx, fence, &events).await?;
     let at = Utc::now();
     // The events are locked in id order, as `deliveries::settle_if_final` locks them, so the
     // two never wait for each other in a cycle.

@@ -1,6 +1,7 @@
 //! Portals and their OAuth tokens (`portals`, `tokens`).
 
 use super::Conn;
+use super::fence::{Fence, check};
 use crate::bitrix::Tokens;
 use crate::journal::types::TokenStatus;
 use chrono::Utc;
@@ -36,8 +37,15 @@ pub(super) async fn ensure_portal(client: &Transaction<'_>, portal: &str) -> any
     Ok(())
 }
 
-pub(super) async fn save_tokens(conn: &mut Conn, portal: &str, t: &Tokens) -> anyhow::Result<()> {
+/// Fenced: in a cluster only the portal's owner stores its tokens.
+pub(super) async fn save_tokens(
+    conn: &mut Conn,
+    fence: Option<&Fence>,
+    portal: &str,
+    t: &Tokens,
+) -> anyhow::Result<()> {
     let tx = conn.transaction().await?;
+    check(&tx, fence, &[portal.to_string()]).await?;
     ensure_portal(&tx, portal).await?;
     let upsert = tx
         .prepare_cached(

@@ -15,6 +15,7 @@ pub(crate) use schedules::{Schedules, Trigger, Triggers};
 pub(crate) use settler::Settler;
 
 use super::economy::{Budget, Budgets};
+use super::lease_clock::LeaseClock;
 use super::liveness::LoopHandle;
 use super::{SharedRoutes, Wakers};
 use crate::bitrix::{BitrixError, PortalClient};
@@ -59,6 +60,8 @@ pub(crate) struct Poller {
     settler: Settler,
     liveness: LoopHandle,
     conformance: PortalConformance,
+    /// How long this instance may still act on the portal upstream (unlimited alone).
+    lease: LeaseClock,
 }
 
 /// What every poller shares with the rest of the pipeline.
@@ -79,6 +82,7 @@ impl Poller {
         triggers: Triggers,
         liveness: LoopHandle,
         conformance: PortalConformance,
+        lease: LeaseClock,
     ) -> Poller {
         let mut config = config;
         config.batch_size = conformance.batch_size(config.batch_size);
@@ -94,6 +98,7 @@ impl Poller {
             client.clone(),
             journal.clone(),
             conformance.clear_by(),
+            lease.clone(),
         );
         Poller {
             config,
@@ -107,7 +112,13 @@ impl Poller {
             settler,
             liveness,
             conformance,
+            lease,
         }
+    }
+
+    /// Whether an upstream call (at most `request_timeout`) ends while the lease lasts.
+    fn lease_allows_call(&self) -> bool {
+        self.lease.allows(self.config.request_timeout)
     }
 
     /// What the last conformance probe found on this portal (`batch_size` and the settle

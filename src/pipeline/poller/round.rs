@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 /// Backoff after a fatal (operator-needed) error: the portal keeps trying at this pace.
 const FATAL_RETRY: Duration = Duration::from_secs(300);
+/// How long a poller waits for its lease's renewal when too little lease time is left.
+const LEASE_WAIT: Duration = Duration::from_millis(500);
 /// How long a poller round may go on after shutdown was requested.
 const STEP_GRACE: Duration = Duration::from_secs(10);
 
@@ -230,6 +232,11 @@ impl Poller {
     /// One round: recover, settle and fetch. Returns how long to wait before the next round
     /// (`None`: go on at once).
     async fn step(&self, state: &mut RoundState) -> anyhow::Result<Option<Duration>> {
+        if !self.lease_allows_call() {
+            // Clustered, and the lease may run out before a call would end: no upstream call
+            // until it is renewed (or this portal's work is stopped).
+            return Ok(Some(LEASE_WAIT));
+        }
         if !state.resumed {
             if self.reserving() {
                 let resumed = self.resume_open_batches().await;
@@ -243,7 +250,9 @@ impl Poller {
             state.backoff.track(Operation::Settle, settled)?;
         }
         if self.triggers.orphan_sweep.take() && self.reserving() {
-            if !state.backoff.due(Operation::Sweep) {
+            if !state.backoff.due(Operation::Sweep) || !self.lease.sweep_due() {
+                // Backing off, or a new owner's grace: the former owner's calls may still be
+                // in flight, and what they reserve is theirs to journal until the grace ends.
                 self.triggers.orphan_sweep.set_quietly();
             } else if let Err(e) = state
                 .backoff
@@ -269,7 +278,7 @@ impl Poller {
                 self.exchange(Fetch::No, state).await?;
             }
             loop {
-                if self.shutdown.is_cancelled() {
+                if self.shutdown.is_cancelled() || !self.lease_allows_call() {
                     return Ok(None);
                 }
                 let Some(limit) = self.fetch_limit().await? else {
@@ -357,6 +366,9 @@ impl Poller {
         state: &mut RoundState,
     ) -> anyhow::Result<Option<Fetched>> {
         loop {
+            if !self.lease_allows_call() {
+                return Ok(None);
+            }
             let now = self.client.portal_now();
             let budgets = self.budgets();
             let packed = Packed::choose(

@@ -9,6 +9,7 @@ use crate::conformance::ClearBy;
 use crate::journal::SettleAction;
 use crate::journal::{Journal, PendingSettlement};
 use crate::pipeline::economy::MAX_COMMANDS;
+use crate::pipeline::lease_clock::LeaseClock;
 
 /// Sends the pending `event.offline.clear` / `event.offline.error` calls of one portal.
 #[derive(Clone)]
@@ -18,6 +19,8 @@ pub(crate) struct Settler {
     journal: Journal,
     /// How `event.offline.clear` addresses rows on this portal (the conformance findings).
     clear_by: ClearBy,
+    /// No settle call is sent unless it ends while the portal's lease lasts.
+    lease: LeaseClock,
 }
 
 impl Settler {
@@ -26,12 +29,14 @@ impl Settler {
         client: PortalClient,
         journal: Journal,
         clear_by: ClearBy,
+        lease: LeaseClock,
     ) -> Settler {
         Settler {
             portal,
             client,
             journal,
             clear_by,
+            lease,
         }
     }
 
@@ -51,6 +56,12 @@ impl Settler {
     /// Sends one settle call on its own and marks its events settled. Returns false when the
     /// portal rejected it (logged; it stays pending); other failures are errors.
     pub(super) async fn send(&self, group: &PendingSettlement) -> anyhow::Result<bool> {
+        if !self.lease.allows(self.client.request_timeout()) {
+            anyhow::bail!(
+                "portal {}: too little lease time left for a settle call: left to the lease's next holder",
+                self.portal
+            );
+        }
         let sent = match self.command(group) {
             OfflineCommand::Clear { process_id, target } => {
                 self.client.offline_clear(&process_id, &target).await

@@ -1,0 +1,358 @@
+//! The lease task of a clustered daemon. Every `lease_ttl / 3`:
+//!
+//! 1. **renew**: one heartbeat renews every lease this instance holds (one statement whatever
+//!    their number); each renewed portal's [`LeaseClock`] runs until the instant the renewal
+//!    was *sent* plus the time granted, less a margin (so never past the database's expiry);
+//!    a portal the renewal no longer returns (taken by another instance) is lost: its work
+//!    stops;
+//! 2. **self-fence**: a portal whose clock ran out without renewal (the database unreachable,
+//!    this process paused) stops its work by itself; the journal refuses its writes anyway
+//!    (the fence), and its clock stopped its upstream calls before that;
+//! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
+//! 4. **release** the portals above this instance's share: their work stops first (its last
+//!    round and final settle done), then the lease is given up, so the next owner can start
+//!    at once;
+//! 5. **acquire** the share's missing portals: each is fenced under its new epoch, then its work
+//!    starts; the orphan sweep waits for the grace (the former owner's calls are over by then).
+//!
+//! At the daemon's stop the task keeps renewing (the drain still writes) until the daemon calls
+//! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
+//! instances take the portals at their next tick.
+
+use super::plan::{self, LeaseSeen};
+use crate::BoxFuture;
+use crate::journal::{ClusterHandle, InstanceIdentity};
+use crate::metrics::Metrics;
+use crate::pipeline::lease_clock::LeaseClock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Starts and stops the work on one portal (the daemon's pollers).
+pub(crate) trait PortalWork: Send + Sync {
+    /// Starts working `portal` for as long as `clock` allows.
+    fn start(&self, portal: &str, clock: LeaseClock);
+    /// Stops working `portal` and waits for its last round, then its final settle, each for
+    /// `within` at most (what is abandoned is resumed by the next owner).
+    fn stop<'a>(&'a self, portal: &'a str, within: Duration) -> BoxFuture<'a, ()>;
+}
+
+/// What the lease task needs.
+pub(crate) struct LeaseSettings {
+    pub(crate) me: InstanceIdentity,
+    pub(crate) cluster: ClusterHandle,
+    /// Every configured portal.
+    pub(crate) portals: Vec<String>,
+    pub(crate) ttl: Duration,
+}
+
+/// A held lease: its epoch and its clock.
+struct Held {
+    epoch: i64,
+    clock: LeaseClock,
+}
+
+/// The running lease task.
+pub(crate) struct LeaseTask {
+    leave: CancellationToken,
+    /// Aborted when the task is dropped without [`LeaseTask::leave`] (a daemon start that
+    /// failed half-way): its leases then expire.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for LeaseTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl LeaseTask {
+    /// Starts the task. After `shutdown` it only renews (nothing is taken or given up) until
+    /// [`LeaseTask::leave`].
+    pub(crate) fn start(
+        settings: LeaseSettings,
+        work: Arc<dyn PortalWork>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> LeaseTask {
+        let leave = CancellationToken::new();
+        let mut state = State {
+            margin: settings.ttl / 10,
+            grace: settings.ttl / 3,
+            settings,
+            work,
+            metrics,
+            held: BTreeMap::new(),
+        };
+        let task = {
+            let leave = leave.clone();
+            tokio::spawn(async move {
+                let every = state.settings.ttl / 3;
+                loop {
+                    state.tick(!shutdown.is_cancelled()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = leave.cancelled() => break,
+                    }
+                }
+                state.leave().await;
+            })
+        };
+        LeaseTask {
+            leave,
+            task: Some(task),
+        }
+    }
+
+    /// Releases every lease and retires this instance (the daemon's work has stopped); waits
+    /// until `deadline` at most.
+    pub(crate) async fn leave(mut self, deadline: Instant) {
+        self.leave.cancel();
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            tracing::warn!(
+                "releasing the portal leases did not finish in time: they expire by themselves"
+            );
+        }
+    }
+}
+
+/// Whether a process with this pid exists on this machine (`/proc`). A reused pid reads as
+/// existing: the dead instance's leases then run out by themselves.
+fn process_exists(pid: i32) -> bool {
+    pid <= 0 || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+struct State {
+    settings: LeaseSettings,
+    work: Arc<dyn PortalWork>,
+    metrics: Metrics,
+    held: BTreeMap<String, Held>,
+    /// Taken off every lease's local deadline (clock rates differ a little).
+    margin: Duration,
+    /// How long a new owner waits before its first orphan sweep.
+    grace: Duration,
+}
+
+impl State {
+    fn me(&self) -> &str {
+        &self.settings.me.id
+    }
+
+    /// One round; `plan`: give up and take leases too (not after the daemon's stop began).
+    async fn tick(&mut self, plan: bool) {
+        let renewed = self.renew().await;
+        self.self_fence().await;
+        if renewed && plan {
+            if let Err(e) = self.rebalance().await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "portal leases: planning failed; trying again at the next tick"
+                );
+            }
+        }
+        self.metrics.portals_owned(self.held.len());
+    }
+
+    /// Step 1; whether the renewal went through.
+    async fn renew(&mut self) -> bool {
+        let sent = Instant::now();
+        let (me, ttl) = (&self.settings.me, self.settings.ttl);
+        let renewed = match self
+            .settings
+            .cluster
+            .leases
+            .heartbeat(me, ttl, &self.settings.portals)
+            .await
+        {
+            Ok(renewed) => renewed,
+            Err(e) => {
+                self.metrics.lease_renewal(false, ttl);
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    portals = self.held.len(),
+                    "portal leases: renewal failed; each portal's work stops by itself at its lease's deadline"
+                );
+                return false;
+            }
+        };
+        self.metrics.lease_renewal(true, ttl);
+        let mut lost = Vec::new();
+        for (portal, held) in &self.held {
+            match renewed.get(portal) {
+                Some(lease) if lease.epoch == held.epoch => {
+                    held.clock
+                        .renew(sent + lease.left.saturating_sub(self.margin));
+                }
+                _ => lost.push(portal.clone()),
+            }
+        }
+        for portal in &lost {
+            tracing::warn!(%portal, "portal lease lost to another instance: stopping its work");
+        }
+        self.drop_portals(&lost, true).await;
+        self.metrics.handover("lost", lost.len() as u64);
+        true
+    }
+
+    /// Step 2.
+    async fn self_fence(&mut self) {
+        let due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.clock.left().is_zero())
+            .map(|(portal, _)| portal.clone())
+            .collect();
+        for portal in &due {
+            tracing::warn!(%portal, "portal lease not renewed before its deadline: stopping its work (self-fencing)");
+        }
+        self.drop_portals(&due, true).await;
+        self.metrics.handover("lost", due.len() as u64);
+    }
+
+    /// Steps 3 to 5.
+    async fn rebalance(&mut self) -> anyhow::Result<()> {
+        let leases = &self.settings.cluster.leases;
+        let (mut instances, mut rows) = leases.view(&self.settings.portals).await?;
+        let me = &self.settings.me;
+        let crashed: Vec<String> = instances
+            .iter()
+            .filter(|i| me.same_boot(i) && i.pid as u32 != me.pid && !process_exists(i.pid))
+            .map(|i| i.id.clone())
+            .collect();
+        if !crashed.is_empty() {
+            for dead in &crashed {
+                let freed = leases.reap(dead).await?;
+                tracing::warn!(instance = %dead, portals = freed, "an instance on this host is gone without releasing its leases (crashed): its portals are freed now");
+            }
+            (instances, rows) = leases.view(&self.settings.portals).await?;
+        }
+        let live: BTreeSet<String> = instances.into_iter().map(|i| i.id).collect();
+        let portals: BTreeSet<String> = self.settings.portals.iter().cloned().collect();
+        let seen: BTreeMap<String, LeaseSeen> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.portal.clone(),
+                    LeaseSeen {
+                        owner: row.owner.clone(),
+                        expired: row.expired(),
+                    },
+                )
+            })
+            .collect();
+        let wanted = plan::plan(self.me(), &live, &portals, &seen);
+        let release: Vec<String> = wanted
+            .release
+            .into_iter()
+            .filter(|p| self.held.contains_key(p))
+            .collect();
+        if !release.is_empty() {
+            self.drop_portals(&release, false).await;
+            let me = self.me().to_string();
+            self.settings.cluster.leases.release(&me, &release).await?;
+            self.metrics.handover("released", release.len() as u64);
+            tracing::info!(portals = release.len(), first = %release[0], "portal leases released to rebalance");
+        }
+        if wanted.acquire.is_empty() {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        let me = self.me().to_string();
+        let taken = self
+            .settings
+            .cluster
+            .leases
+            .acquire(&me, &wanted.acquire, self.settings.ttl, self.grace)
+            .await?;
+        for (portal, lease) in &taken {
+            self.settings.cluster.fence.hold(portal, lease.epoch);
+            let clock = LeaseClock::held(
+                sent + lease.left.saturating_sub(self.margin),
+                Instant::now() + lease.sweep_in,
+            );
+            self.held.insert(
+                portal.clone(),
+                Held {
+                    epoch: lease.epoch,
+                    clock: clock.clone(),
+                },
+            );
+            self.work.start(portal, clock);
+        }
+        if !taken.is_empty() {
+            self.metrics.handover("acquired", taken.len() as u64);
+            tracing::info!(
+                portals = taken.len(),
+                owned = self.held.len(),
+                "portal leases acquired: their work starts (orphan sweep after the grace)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the work on `portals` and their writes, all at once, each bounded by a quarter of
+    /// the TTL (the renewals of the other leases wait meanwhile). `lost`: the leases may be
+    /// gone, so no upstream call is made any more (their clocks end first); otherwise (a
+    /// release) the work finishes its round and final settle under the lease, then the clocks
+    /// end.
+    async fn drop_portals(&mut self, portals: &[String], lost: bool) {
+        let dropped: Vec<(String, Held)> = portals
+            .iter()
+            .filter_map(|p| self.held.remove(p).map(|held| (p.clone(), held)))
+            .collect();
+        if lost {
+            for (_, held) in &dropped {
+                held.clock.end();
+            }
+        }
+        let within = self.settings.ttl / 4;
+        futures_util::future::join_all(
+            dropped
+                .iter()
+                .map(|(portal, _)| self.work.stop(portal, within)),
+        )
+        .await;
+        for (portal, held) in &dropped {
+            held.clock.end();
+            self.settings.cluster.fence.forget(portal);
+        }
+    }
+
+    /// The graceful stop: every lease released, the instance retired.
+    async fn leave(&mut self) {
+        let portals: Vec<String> = self.held.keys().cloned().collect();
+        self.drop_portals(&portals, false).await;
+        let me = self.me().to_string();
+        let leases = &self.settings.cluster.leases;
+        match leases.release(&me, &portals).await {
+            Ok(released) => {
+                self.metrics.handover("released", released);
+                tracing::info!(
+                    portals = released,
+                    "portal leases released: the other instances take them now"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "portal leases could not be released: they expire by themselves"
+            ),
+        }
+        if let Err(e) = leases.retire(&me).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not retire this instance: its heartbeat expires by itself"
+            );
+        }
+        self.settings.cluster.fence.deactivate();
+        self.metrics.portals_owned(0);
+    }
+}
