@@ -151,13 +151,14 @@ impl State {
     async fn tick(&mut self, plan: bool) {
         let renewed = self.renew().await;
         self.self_fence().await;
-        if renewed && plan {
-            if let Err(e) = self.rebalance().await {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "portal leases: planning failed; trying again at the next tick"
-                );
-            }
+        if renewed
+            && plan
+            && let Err(e) = self.rebalance().await
+        {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "portal leases: planning failed; trying again at the next tick"
+            );
         }
         self.metrics.portals_owned(self.held.len());
     }

@@ -526,6 +526,7 @@ mod tests {
             "url = \"postgres://b24eventd:PASSWORD",
             "schema = ",
             "max_connections = ",
+            "lease_ttl = ",
         ]));
         let config =
             load_with_env(f.path(), &[]).unwrap_or_else(|e| panic!("uncommented example: {e}"));

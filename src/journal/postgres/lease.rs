@@ -170,8 +170,10 @@ fn lease_row(r: &tokio_postgres::Row) -> LeaseRow {
     }
 }
 
-/// Takes those of `portals` whose lease is free or has run out, each with a new epoch and the
-/// orphan sweep held back by `grace`; returns the ones taken (another instance may have been
+/// Takes those of `portals` whose lease is free or has run out, each with a new epoch; the
+/// orphan sweep is held back by `grace` where the lease ran out under an owner (whose last
+/// calls may still be ending), not where it was free (never taken, released after its owner's
+/// work stopped, or freed after its owner's process was found gone); returns the ones taken (another instance may have been
 /// faster for the rest). A row a write of the former owner still holds `FOR SHARE` (see
 /// `fence`) is skipped, not waited for: it is taken at a later tick, after that write ended,
 /// so the write never loses to the acquisition and the lease task never stalls on it (a
@@ -189,13 +191,14 @@ pub(super) async fn acquire(
              SET handovers = handovers + CASE WHEN owner IS DISTINCT FROM $2 AND epoch > 0 THEN 1 ELSE 0 END,
                  owner = $2, epoch = epoch + 1, acquired_at = now(),
                  expires_at = now() + make_interval(secs => $3),
-                 sweep_after = now() + make_interval(secs => $4)
+                 sweep_after = now() + make_interval(secs => CASE WHEN owner IS NULL THEN 0::float8 ELSE $4::float8 END)
              WHERE portal IN (SELECT portal FROM portal_leases
                               WHERE portal = ANY($1)
                                 AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now())
                               ORDER BY portal FOR NO KEY UPDATE SKIP LOCKED)
                AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now())
-             RETURNING portal, epoch, $3::float8, $4::float8",
+             RETURNING portal, epoch, $3::float8,
+                       GREATEST(EXTRACT(EPOCH FROM sweep_after - now())::float8, 0)",
             &[&portals, &me, &ttl.as_secs_f64(), &grace.as_secs_f64()],
         )
         .await?;
@@ -356,7 +359,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(taken.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert!(taken.values().all(|l| l.epoch == 1 && l.sweep_in == grace));
+        assert!(
+            taken
+                .values()
+                .all(|l| l.epoch == 1 && l.sweep_in == Duration::ZERO),
+            "a free lease needs no grace: {taken:?}"
+        );
         // A live lease is not taken again, by anyone.
         let raced = table
             .acquire("two", &portals(&["a", "c"]), ttl, grace)
@@ -378,6 +386,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(moved["b"].epoch, 2);
+        assert_eq!(
+            moved["b"].sweep_in, grace,
+            "taken over from a lapsed owner: the grace"
+        );
         let renewed = table.heartbeat(&one, ttl, &all).await.unwrap();
         assert_eq!(renewed.keys().collect::<Vec<_>>(), ["a"]);
 
