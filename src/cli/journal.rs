@@ -1,6 +1,6 @@
-//! The journal commands: `journal stats|list|show|tail`, `replay`, `dead list|retry|purge` and
-//! `prune`. They run beside the daemon (WAL readers; writes are short transactions) and go
-//! through `journal::` for every query.
+//! The journal commands: `journal stats|list|show|tail|backup|migrate`, `replay`, `dead
+//! list|retry|purge` and `prune`. They run beside the daemon (WAL readers; writes are short
+//! transactions; `migrate` alone needs it stopped) and go through `journal::` for every query.
 
 use super::report::{Table, print_json};
 use crate::config::Config;
@@ -186,6 +186,21 @@ pub enum JournalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy this SQLite journal into PostgreSQL (the daemon stopped): every table, ids kept, in
+    /// one transaction; refuses a schema that holds anything. The file is left untouched
+    Migrate {
+        /// The PostgreSQL database to copy into: postgres://user:password@host:5432/database
+        /// (add ?sslmode=require for TLS)
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The schema to create the journal in; it must be absent or empty
+        #[arg(long, value_name = "NAME", default_value = crate::config::DEFAULT_JOURNAL_SCHEMA,
+              value_parser = parse_schema)]
+        schema: String,
+        /// Print the result as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a consistent copy of the journal (tokens included) to a new file with mode 0600;
     /// safe while the daemon runs. Refuses a PATH that exists
     Backup {
@@ -344,6 +359,9 @@ fn names<'a>(names: impl Iterator<Item = &'a String>) -> String {
 }
 
 pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
+    if let JournalCommand::Migrate { to, schema, json } = command {
+        return migrate(config, to, schema, json);
+    }
     let journal = open_to_read(config)?;
     match command {
         JournalCommand::Stats {
@@ -418,6 +436,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             };
             tail(&journal, filter, json)
         }
+        JournalCommand::Migrate { .. } => unreachable!("handled before the journal is opened"),
         JournalCommand::Backup { path, json } => {
             let bytes = journal.backup_blocking(&path)?;
             if json {
@@ -435,6 +454,82 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_schema(s: &str) -> Result<String, String> {
+    crate::config::check_schema_name(s).map(|()| s.to_string())
+}
+
+/// `journal migrate`: copies the config's SQLite journal into PostgreSQL and says how to switch.
+fn migrate(config: &Config, to: String, schema: String, json: bool) -> anyhow::Result<()> {
+    if let Some(pg) = &config.journal.postgres {
+        bail!(
+            "the config's journal is in PostgreSQL already ({}); journal migrate copies a SQLite \
+             journal: run it with the config that names the file ([journal] path)",
+            pg.location()
+        );
+    }
+    crate::pg::connect_config(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let target = crate::config::PostgresJournalConfig {
+        url: to,
+        schema,
+        max_connections: 2,
+    };
+    let done = crate::journal::sqlite_to_postgres(&config.journal.path, &target)?;
+    let url = without_password(&target.url);
+    let default_schema = target.schema == crate::config::DEFAULT_JOURNAL_SCHEMA;
+    if json {
+        return print_json(&serde_json::json!({
+            "source": done.source,
+            "target": done.target,
+            "copied": done.copied,
+            "journal": {
+                "url": url,
+                "schema": target.schema,
+            },
+        }));
+    }
+    outln!(
+        "copied journal {} into {}:",
+        done.source.display(),
+        done.target
+    )?;
+    for (table, rows) in done.copied.by_table() {
+        outln!("  {table:<18} {rows:>10}")?;
+    }
+    outln!(
+        "\nThe SQLite journal is left untouched; keep it until the daemon runs well on PostgreSQL.\n\
+         To switch, replace `path` (and `synchronous`, if set) in the config's [journal] with:\n"
+    )?;
+    outln!("[journal]")?;
+    outln!("url = {}", toml_string(&url))?;
+    if !default_schema {
+        outln!("schema = {}", toml_string(&target.schema))?;
+    }
+    if url != target.url {
+        outln!(
+            "\nwith the password put back into url, or given in the service's environment \
+             instead (B24EVENTD_JOURNAL__URL=postgres://user:password@...)."
+        )?;
+    }
+    outln!("\nThen start the daemon.")?;
+    Ok(())
+}
+
+/// `url` without its password (the user stays: it says which role to give the password of).
+fn without_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => crate::options::redact_url(url),
+    }
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
 }
 
 /// Prints the newest `filter.limit` matching events, then follows new ones.
