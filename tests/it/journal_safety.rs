@@ -64,6 +64,13 @@ const LOCAL: &[&[&str]] = &[
     &["dead", "purge", "--all"],
     &["replay", "--all"],
     &["journal", "backup", "copy.db"],
+    // Refused on the file before the database (nothing listens on port 9) is tried.
+    &[
+        "journal",
+        "migrate",
+        "--to",
+        "postgres://postgres@127.0.0.1:9/test",
+    ],
     &["prune"],
     &["auth", "status"],
     &["doctor"],
