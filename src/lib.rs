@@ -10,6 +10,7 @@ pub mod bitrix;
 #[cfg(test)]
 mod boundaries;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod conformance;
 pub mod daemon;

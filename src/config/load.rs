@@ -502,9 +502,34 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let f = write_config(&uncommented);
+        // `[journal]` offers SQLite's keys and PostgreSQL's, which exclude each other: each set
+        // is checked on its own.
+        let without = |keys: &[&str]| -> String {
+            uncommented
+                .lines()
+                .filter(|line| !keys.iter().any(|k| line.starts_with(k)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let f = write_config(&without(&[
+            "path = \"/var/lib/b24eventd/journal.db\"",
+            "synchronous = ",
+        ]));
+        let on_postgres = load_with_env(f.path(), &[])
+            .unwrap_or_else(|e| panic!("uncommented example, PostgreSQL journal: {e}"));
+        let pg = on_postgres
+            .journal
+            .postgres
+            .expect("the journal in PostgreSQL");
+        assert_eq!((pg.schema.as_str(), pg.max_connections), ("b24eventd", 8));
+        let f = write_config(&without(&[
+            "url = \"postgres://b24eventd:PASSWORD",
+            "schema = ",
+            "max_connections = ",
+        ]));
         let config =
             load_with_env(f.path(), &[]).unwrap_or_else(|e| panic!("uncommented example: {e}"));
+        assert!(config.journal.postgres.is_none());
         assert!(config.portals["main"].auth_connector.is_some());
         assert_eq!(config.portals["main"].enrich.len(), 2);
         assert_eq!(

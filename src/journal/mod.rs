@@ -28,6 +28,8 @@ mod settle;
 mod sqlite;
 #[doc(hidden)]
 pub mod test_support;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use backend::JournalBackend;
@@ -48,7 +50,9 @@ pub(crate) use types::{HISTORY_MINUTES, timestamp};
 
 use crate::bitrix::{TokenStore, Tokens};
 use crate::config::{JournalConfig, Synchronous};
+pub use postgres::LeaseTable;
 use postgres::PgJournal;
+pub use postgres::lease::{HeldLease, InstanceIdentity, InstanceRow, LeaseRow};
 use sqlite::SqliteJournal;
 use std::path::Path;
 use std::sync::Arc;
@@ -121,6 +125,15 @@ impl Journal {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Journal::open_configured_blocking(&config, access))
             .await?
+    }
+
+    /// The portal leases of a journal several instances share (PostgreSQL); `None` for a
+    /// SQLite journal, which one daemon has to itself.
+    pub fn lease_table(&self) -> Option<LeaseTable> {
+        let backend: &dyn std::any::Any = &*self.backend;
+        backend
+            .downcast_ref::<PgJournal>()
+            .map(PgJournal::lease_table)
     }
 
     /// [`Journal::open_configured`] for a command that only looks and must not create a

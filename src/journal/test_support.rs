@@ -2,13 +2,19 @@
 //! holds a `postgres://` URL, a schema of its own in that database (dropped afterwards), so
 //! one test runs against either backend.
 
-use super::{Access, Journal};
+#[cfg(test)]
+use super::Access;
+use super::Journal;
 use crate::config::{JournalConfig, PostgresJournalConfig, Synchronous};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The variable that puts the tests' journals in PostgreSQL.
 pub const POSTGRES_VAR: &str = "B24TEST_POSTGRES";
+
+/// The database of the tests that only PostgreSQL can run (ignored unless asked for) when
+/// `B24TEST_POSTGRES` is not set: the local server `.ci/run` makes sure of.
+pub const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// Drops a test journal's PostgreSQL schema when the test ends (nothing for SQLite, whose file
 /// goes with the test's directory).
@@ -34,14 +40,15 @@ impl Drop for DropSchema {
     }
 }
 
-/// The `[journal]` config of a new test journal in `dir`: `dir/journal.db`, or a new schema in
-/// the PostgreSQL database `B24TEST_POSTGRES` names.
+/// The `[journal]` config of the test journal of `dir`: `dir/journal.db`, or a schema of its
+/// own in the PostgreSQL database `B24TEST_POSTGRES` names (the same one on every call for the
+/// same `dir`: its name is kept in `dir/journal.pg-schema`).
 pub fn test_journal_config(dir: &std::path::Path) -> JournalConfig {
     JournalConfig {
         path: dir.join("journal.db"),
         postgres: postgres_url().map(|url| PostgresJournalConfig {
             url,
-            schema: unique_schema(),
+            schema: schema_of(dir),
             max_connections: 4,
         }),
         retention: Duration::from_secs(30 * 86400),
@@ -54,6 +61,26 @@ pub fn test_journal_config(dir: &std::path::Path) -> JournalConfig {
 /// The URL of `B24TEST_POSTGRES`, when set and not empty.
 pub fn postgres_url() -> Option<String> {
     std::env::var(POSTGRES_VAR).ok().filter(|v| !v.is_empty())
+}
+
+/// The `[journal]` table of the test journal of `dir`, as config text (without the header).
+pub fn test_journal_toml(dir: &std::path::Path) -> String {
+    let config = test_journal_config(dir);
+    match &config.postgres {
+        Some(pg) => format!("url = \"{}\"\nschema = \"{}\"\n", pg.url, pg.schema),
+        None => format!("path = \"{}\"\n", config.path.display()),
+    }
+}
+
+/// The schema of `dir`'s test journal: made up on the first call, then read back.
+fn schema_of(dir: &std::path::Path) -> String {
+    let file = dir.join("journal.pg-schema");
+    if let Ok(name) = std::fs::read_to_string(&file) {
+        return name.trim().to_string();
+    }
+    let name = unique_schema();
+    std::fs::write(&file, &name).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+    name
 }
 
 /// A schema name no other test of any process uses.

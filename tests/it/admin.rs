@@ -794,12 +794,7 @@ async fn a_supervised_task_that_panics_is_restarted_counted_and_not_ready_meanwh
     use b24eventd::supervisor::{Policy, Supervisor};
     init();
     let dir = tempfile::tempdir().unwrap();
-    let journal = b24eventd::journal::Journal::open(
-        &dir.path().join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap();
+    let journal = open_journal(dir.path()).await;
     let metrics = b24eventd::metrics::Metrics::new(Vec::new());
     let policy = Policy {
         backoff: Duration::from_secs(2),

@@ -576,15 +576,11 @@ async fn daemon_with_a_batch_journaled(
         &format!("shutdown_timeout = \"{shutdown_timeout}\""),
     );
     std::fs::write(&config, text).unwrap();
-    Journal::open(
-        &dir.join("journal.db"),
-        b24eventd::config::Synchronous::Full,
-    )
-    .await
-    .unwrap()
-    .save_tokens("main", tokens)
-    .await
-    .unwrap();
+    crate::support::open_journal(dir)
+        .await
+        .save_tokens("main", tokens)
+        .await
+        .unwrap();
     let log = dir.join("daemon.log");
     emit_deals(sim, 1, 5);
     let child = crate::support::daemon::spawn_daemon(&config, &log);

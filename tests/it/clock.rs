@@ -11,7 +11,6 @@
 
 use crate::support::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use crate::support::*;
-use b24eventd::journal::Journal;
 use b24eventd_simulator::{OperatingLimit, SimulatorConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,10 +112,8 @@ async fn clock_set_back_an_hour_then_forward_a_day_delays_and_loses_nothing() {
         .unwrap()
         .replace("listen = \"\"", &format!("listen = \"{admin}\""));
     std::fs::write(&config, text).unwrap();
-    let journal_path = dir.path().join("journal.db");
-    Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
+    open_journal(dir.path())
         .await
-        .unwrap()
         .save_tokens("main", &tokens)
         .await
         .unwrap();
@@ -245,9 +242,7 @@ async fn clock_set_back_an_hour_then_forward_a_day_delays_and_loses_nothing() {
     stop_with_sigterm(&mut child, &log);
 
     let stats = sim.stats();
-    let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-        .await
-        .unwrap();
+    let journal = open_journal(dir.path()).await;
     let counts = journal.counts_blocking().unwrap();
     let lines: usize = file_ids(&dir.path().join("events.jsonl")).values().sum();
     eprintln!(

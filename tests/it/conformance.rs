@@ -7,9 +7,7 @@
 
 use crate::support::*;
 use b24eventd::bitrix::Tokens;
-use b24eventd::config::Synchronous;
 use b24eventd::conformance::{Check, Finding};
-use b24eventd::journal::Journal;
 use b24eventd_simulator::{Simulator, SimulatorConfig};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -44,7 +42,6 @@ struct Setup {
     _dir: tempfile::TempDir,
     dir: PathBuf,
     config: PathBuf,
-    journal: PathBuf,
 }
 
 /// A config for portal `main` on `sim` (with `extra` in `[portals.main]`) and a journal holding
@@ -53,10 +50,8 @@ async fn setup(sim: &Simulator, tokens: &Tokens, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let config = write_config(&path, sim, None, extra, &file_sink(&path));
-    let journal = path.join("journal.db");
-    Journal::open(&journal, Synchronous::Full)
+    open_journal(&path)
         .await
-        .unwrap()
         .save_tokens("main", tokens)
         .await
         .unwrap();
@@ -64,7 +59,6 @@ async fn setup(sim: &Simulator, tokens: &Tokens, extra: &str) -> Setup {
         _dir: dir,
         dir: path,
         config,
-        journal,
     }
 }
 
@@ -169,7 +163,7 @@ async fn the_probe_finds_a_faithful_portal_conformant_and_leaves_nothing_behind(
         .collect();
     assert_eq!(now, daemons_row, "the daemon's row is as it was");
     assert_nothing_left(&sim).await;
-    let journal = Journal::open(&s.journal, Synchronous::Full).await.unwrap();
+    let journal = open_journal(&s.dir).await;
     let stored = journal.conformance("main").await.unwrap();
     assert_eq!(stored.len(), Check::ALL.len());
     assert!(stored.iter().all(|f| f.status == "ok"), "{stored:?}");
@@ -236,16 +230,10 @@ async fn a_limit_clamp_is_found_and_the_daemon_caps_batch_size_and_drains() {
             == 0
     })
     .await;
-    let largest_batch: i64 = running
-        .journal
-        .with_conn(|c| {
-            Ok(c.query_row(
-                "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM events GROUP BY batch_id)",
-                [],
-                |r| r.get(0),
-            )?)
-        })
-        .unwrap();
+    let largest_batch: i64 = sql_count(
+        &running.journal,
+        "SELECT MAX(c) AS n FROM (SELECT COUNT(*) AS c FROM events GROUP BY batch_id) per_batch",
+    );
     running.stop().await;
     assert!(largest_batch <= 50, "a reservation of {largest_batch}");
     assert_eq!(
@@ -312,7 +300,7 @@ async fn a_refusing_finding_stops_run_with_78_naming_it() {
     let at = chrono::DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
         .unwrap()
         .with_timezone(&chrono::Utc);
-    let journal = Journal::open(&s.journal, Synchronous::Full).await.unwrap();
+    let journal = open_journal(&s.dir).await;
     journal
         .replace_conformance(
             "main",
@@ -377,7 +365,12 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     })
     .await;
     let pid = daemon.id().to_string();
-    let lock = format!("{}.lock", s.journal.display());
+    // SQLite: the lock file beside the journal; PostgreSQL: the lock's session names the holder.
+    let lock = if b24eventd::journal::test_support::postgres_url().is_some() {
+        String::new()
+    } else {
+        format!("{}.lock", s.dir.join("journal.db").display())
+    };
     let probe_out = probe(&s).await;
     let stderr = text(&probe_out.stderr);
     assert_eq!(probe_out.status.code(), Some(1), "{stderr}");
@@ -458,15 +451,13 @@ async fn an_ignored_process_id_filter_is_found_and_the_sweep_reads_the_whole_que
     );
     let running = Running::start(&s.config, &tokens).await;
     let adopted = || -> Vec<String> {
-        running
-            .journal
-            .with_conn(|c| {
-                let mut stmt =
-                    c.prepare("SELECT process_id FROM batches WHERE origin = 'adopted'")?;
-                let rows = stmt.query_map([], |r| r.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
-            })
-            .unwrap()
+        sql_rows(
+            &running.journal,
+            "SELECT process_id FROM batches WHERE origin = 'adopted'",
+        )
+        .iter()
+        .map(|r| sql_text(r, "process_id").unwrap())
+        .collect()
     };
     wait_for("the orphan adopted", Duration::from_secs(30), || {
         !adopted().is_empty()

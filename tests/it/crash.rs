@@ -101,7 +101,7 @@ async fn crash_scenario(s: Scenario) {
         &config,
         &log,
         &sim,
-        &dir.path().join("journal.db"),
+        dir.path(),
         Duration::from_secs(240),
     )
     .await;

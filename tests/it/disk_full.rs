@@ -58,7 +58,7 @@ async fn a_full_journal_disk_stops_fetching_and_recovers_when_space_returns() {
     let _mounted = Mounted(&journal_dir);
 
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    let config = write_sqlite_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let text = std::fs::read_to_string(&config).unwrap().replace(
         &format!("path = \"{}/journal.db\"", dir.path().display()),
         &format!("path = \"{}/journal.db\"", journal_dir.display()),

@@ -84,34 +84,31 @@ async fn exec_sink_delivers_each_event_and_a_permanent_exit_code_ends_dead() {
         "exit 0 and exit 3 are never retried"
     );
 
-    let (delivered, dead, attempts) = journal
-        .with_conn(|conn| {
-            let ids = |status: &str| -> rusqlite::Result<BTreeSet<String>> {
-                conn.prepare("SELECT envelope_id FROM events WHERE status = ?1")?
-                    .query_map([status], |r| r.get(0))?
-                    .collect()
-            };
-            let delivered = ids("delivered")?;
-            let dead = ids("dead")?;
-            let attempts = conn
-                .prepare(
-                    "SELECT e.envelope_id, e.lane, a.outcome, a.error, a.output
-                     FROM delivery_attempts a JOIN events e ON e.id = a.event_id
-                     WHERE a.sink = 'notify' ORDER BY a.id",
-                )?
-                .query_map([], |r| {
-                    Ok(Attempt {
-                        envelope_id: r.get(0)?,
-                        lane: r.get(1)?,
-                        outcome: r.get(2)?,
-                        error: r.get(3)?,
-                        output: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((delivered, dead, attempts))
-        })
-        .unwrap();
+    let ids = |status: &str| -> BTreeSet<String> {
+        sql_rows(
+            &journal,
+            &format!("SELECT envelope_id FROM events WHERE status = '{status}'"),
+        )
+        .iter()
+        .map(|r| sql_text(r, "envelope_id").unwrap())
+        .collect()
+    };
+    let (delivered, dead) = (ids("delivered"), ids("dead"));
+    let attempts: Vec<Attempt> = sql_rows(
+        &journal,
+        "SELECT e.envelope_id, e.lane, a.outcome, a.error, a.output
+         FROM delivery_attempts a JOIN events e ON e.id = a.event_id
+         WHERE a.sink = 'notify' ORDER BY a.id",
+    )
+    .iter()
+    .map(|r| Attempt {
+        envelope_id: sql_text(r, "envelope_id").unwrap(),
+        lane: sql_text(r, "lane").unwrap(),
+        outcome: sql_text(r, "outcome").unwrap(),
+        error: sql_text(r, "error"),
+        output: sql_text(r, "output"),
+    })
+    .collect();
 
     // The hook saw every event but deal 13, each once, with its id in B24_EVENT_ID.
     let lines = std::fs::read_to_string(dir.path().join("ids.txt")).unwrap();

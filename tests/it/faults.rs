@@ -6,8 +6,9 @@ use crate::support::*;
 use b24eventd_simulator::{Faults, SimulatorConfig};
 use std::time::{Duration, Instant};
 
-/// `sqlite3 journal.db` with `BEGIN IMMEDIATE` left open for 30 s: the daemon's writes wait
-/// (busy timeout), readers go on, and once the lock is released everything flows again.
+/// `sqlite3 journal.db` with `BEGIN IMMEDIATE` left open for 30 s (on PostgreSQL: `LOCK TABLE
+/// events IN EXCLUSIVE MODE` in an open transaction): the daemon's writes wait, readers go on,
+/// and once the lock is released everything flows again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_holding_the_write_lock_for_30_s_makes_the_daemon_wait_then_resume() {
     init();
@@ -23,14 +24,38 @@ async fn an_operator_holding_the_write_lock_for_30_s_makes_the_daemon_wait_then_
     )
     .await;
 
-    let journal_path = dir.path().join("journal.db");
+    let journal_config = b24eventd::journal::test_support::test_journal_config(dir.path());
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(journal_path).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked_tx.send(()).unwrap();
-        std::thread::sleep(Duration::from_secs(30));
-        conn.execute_batch("COMMIT").unwrap();
+    let holder = std::thread::spawn(move || match &journal_config.postgres {
+        None => {
+            let conn = rusqlite::Connection::open(&journal_config.path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(30));
+            conn.execute_batch("COMMIT").unwrap();
+        }
+        Some(pg) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; LOCK TABLE \"{}\".events IN EXCLUSIVE MODE",
+                        pg.schema
+                    ))
+                    .await
+                    .unwrap();
+                locked_tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                client.batch_execute("COMMIT").await.unwrap();
+            });
+        }
     });
     locked_rx.recv().unwrap();
     let locked_at = Instant::now();

@@ -405,14 +405,16 @@ async fn bitrix_form_bodies_are_what_bitrix24_posts_and_are_signed() {
     running.stop().await;
 
     // The event time of every journaled event, by envelope id.
-    let timestamps: BTreeMap<String, String> = journal
-        .with_conn(|conn| {
-            conn.prepare("SELECT envelope_id, timestamp FROM events")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(Into::into)
-        })
-        .unwrap();
+    let timestamps: BTreeMap<String, String> =
+        sql_rows(&journal, "SELECT envelope_id, timestamp FROM events")
+            .iter()
+            .map(|r| {
+                (
+                    sql_text(r, "envelope_id").unwrap(),
+                    sql_text(r, "timestamp").unwrap(),
+                )
+            })
+            .collect();
     assert_eq!(timestamps.len(), 200);
 
     let requests = log.lock().unwrap();
@@ -520,17 +522,21 @@ async fn retry_on_and_dead_on_change_outcomes() {
     running.stop().await;
     assert_eq!(journal.counts().await.unwrap().errored, 5);
 
-    let outcomes: Vec<(String, String, String, Option<String>)> = journal
-        .with_conn(|conn| {
-            conn.prepare(
-                "SELECT e.envelope_id, e.lane, a.outcome, a.error
-                 FROM delivery_attempts a JOIN events e ON e.id = a.event_id ORDER BY a.id",
-            )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(Into::into)
-        })
-        .unwrap();
+    let outcomes: Vec<(String, String, String, Option<String>)> = sql_rows(
+        &journal,
+        "SELECT e.envelope_id, e.lane, a.outcome, a.error
+         FROM delivery_attempts a JOIN events e ON e.id = a.event_id ORDER BY a.id",
+    )
+    .iter()
+    .map(|r| {
+        (
+            sql_text(r, "envelope_id").unwrap(),
+            sql_text(r, "lane").unwrap(),
+            sql_text(r, "outcome").unwrap(),
+            sql_text(r, "error"),
+        )
+    })
+    .collect();
     let requests = log.lock().unwrap();
     let per_deal = attempts.lock().unwrap().clone();
     for deal in 1..=5 {

@@ -6,11 +6,9 @@
 
 use crate::support::error_lane::*;
 use crate::support::*;
-use b24eventd::config::Synchronous;
-use b24eventd::journal::{EventFilter, Journal};
+use b24eventd::journal::EventFilter;
 use b24eventd_simulator::{Faults, SimulatorConfig};
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -93,13 +91,6 @@ async fn an_error_lane_merge_reaches_a_deduplicating_consumer_under_a_new_key() 
         "a later change goes to every sink"
     );
     assert_eq!(copy2.5, "cleared");
-}
-
-/// The journal at `dir`, opened beside (or after) a run.
-async fn open_journal(dir: &Path) -> Journal {
-    Journal::open(&dir.join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap()
 }
 
 /// Event A (offline ID 1) is delivered and cleared; the table is empty, MySQL re-seeds its
@@ -200,17 +191,14 @@ async fn an_adopted_reservation_carries_the_key_of_its_timestamp() {
     running.stop().await;
 
     assert_eq!(sim.stats().dropped_after_commit, 1);
-    let adopted: BTreeSet<String> = journal
-        .with_conn(|conn| {
-            Ok(conn
-                .prepare(
-                    "SELECT e.envelope_id FROM events e JOIN batches b ON b.id = e.batch_id
-                     WHERE b.origin = 'adopted'",
-                )?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?)
-        })
-        .unwrap();
+    let adopted: BTreeSet<String> = sql_rows(
+        &journal,
+        "SELECT e.envelope_id FROM events e JOIN batches b ON b.id = e.batch_id
+         WHERE b.origin = 'adopted'",
+    )
+    .iter()
+    .map(|r| sql_text(r, "envelope_id").unwrap())
+    .collect();
     assert_eq!(adopted, expected, "the adopted events carry these keys");
     assert_eq!(journal.counts_blocking().unwrap().events, 5);
     let received: BTreeSet<String> = consumer.keys_received().into_iter().collect();

@@ -18,7 +18,7 @@ fn path(p: &Path) -> &str {
 
 /// A config whose journal is `journal` (the simulator is never reached by these commands).
 fn config_at(dir: &Path, sim: &Simulator, journal: &Path) -> PathBuf {
-    let config = write_config(dir, sim, None, "", &file_sink(dir));
+    let config = write_sqlite_config(dir, sim, None, "", &file_sink(dir));
     let text = std::fs::read_to_string(&config).unwrap().replace(
         &format!("{}/journal.db", dir.display()),
         &journal.display().to_string(),
@@ -217,9 +217,14 @@ async fn a_damaged_journal_exits_78_naming_the_file_and_what_to_do() {
     init();
     let dir = tempfile::tempdir().unwrap();
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
-    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
-    store_tokens(dir.path(), &tokens).await;
+    let config = write_sqlite_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let journal = dir.path().join("journal.db");
+    b24eventd::journal::Journal::open(&journal, b24eventd::config::Synchronous::Full)
+        .await
+        .unwrap()
+        .save_tokens("main", &tokens)
+        .await
+        .unwrap();
     // Checkpointed (the test's connection closed), then the first page overwritten.
     let mut bytes = std::fs::read(&journal).unwrap();
     assert!(bytes.starts_with(b"SQLite format 3\0"));
@@ -249,14 +254,24 @@ async fn commands_that_need_a_journal_never_create_one() {
     let dir = tempfile::tempdir().unwrap();
     let (sim, _) = portal(SimulatorConfig::default()).await;
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
-    let journal = dir.path().join("journal.db");
+    let journal_config = b24eventd::journal::test_support::test_journal_config(dir.path());
+    let missing = match &journal_config.postgres {
+        Some(_) => format!("there is no journal in {} yet", journal_config.location()),
+        None => format!("journal {} does not exist", journal_config.path.display()),
+    };
     for args in LOCAL.iter().filter(|a| a[0] != "run") {
         let out = command(&config, args).await;
-        assert!(!journal.exists(), "{args:?} created the journal");
+        assert!(
+            b24eventd::journal::Journal::open_existing(&journal_config)
+                .await
+                .unwrap()
+                .is_none(),
+            "{args:?} created the journal"
+        );
         if !matches!(args[0], "auth" | "doctor") {
             assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
             assert!(
-                stderr(&out).contains(&format!("journal {} does not exist", journal.display())),
+                stderr(&out).contains(&missing),
                 "{args:?}: {}",
                 stderr(&out)
             );

@@ -40,8 +40,8 @@ async fn start(
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
     let mut text = format!(
-        "shutdown_timeout = \"10s\"\n[journal]\npath = \"{}/journal.db\"\n[admin]\nlisten = \"\"\n",
-        dir.display()
+        "shutdown_timeout = \"10s\"\n[journal]\n{}[admin]\nlisten = \"\"\n",
+        b24eventd::journal::test_support::test_journal_toml(dir)
     );
     for (name, sim, _) in portals {
         text.push_str(&portal_table(name, sim));
@@ -50,7 +50,7 @@ async fn start(
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
     let config = config::load(&path).expect("config loads");
-    let journal = Journal::open(&config.journal.path, config.journal.synchronous)
+    let journal = Journal::open_configured(&config.journal, b24eventd::journal::Access::Create)
         .await
         .unwrap();
     for (name, _, tokens) in portals {

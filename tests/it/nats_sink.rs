@@ -318,7 +318,6 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
     let slow = crate::support::slow_proxy::start(NATS, Duration::from_millis(150)).await;
     let sinks = nats_sink(&format!("nats://{slow}"), &stream, &prefix, true);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
-    let journal_path = dir.path().join("journal.db");
     crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log = dir.path().join("daemon.log");
 
@@ -334,7 +333,7 @@ async fn sigkills_of_the_binary_store_every_event_once_by_server_dedupe() {
         &config,
         &log,
         &sim,
-        &journal_path,
+        dir.path(),
         Duration::from_secs(120),
     )
     .await;

@@ -105,10 +105,12 @@ async fn setup(
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), sim, None, "", &sinks(dir.path()));
     let loaded = b24eventd::config::load(&config).unwrap();
-    let journal =
-        b24eventd::journal::Journal::open(&loaded.journal.path, loaded.journal.synchronous)
-            .await
-            .unwrap();
+    let journal = b24eventd::journal::Journal::open_configured(
+        &loaded.journal,
+        b24eventd::journal::Access::Create,
+    )
+    .await
+    .unwrap();
     journal.save_tokens("main", tokens).await.unwrap();
     drop(journal);
     let log = dir.path().join("daemon.log");
@@ -575,6 +577,16 @@ async fn journal_backup_copies_the_live_journal_into_a_private_file() {
 
     // Taken while the daemon runs (and holds the journal).
     let copy = s.dir.path().join("backup.db");
+    if b24eventd::journal::test_support::postgres_url().is_some() {
+        // A PostgreSQL journal is backed up with the database's tools; nothing is written.
+        let refused = cli(config, &["journal", "backup", copy.to_str().unwrap()]).await;
+        assert_eq!(refused.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("pg_dump --schema="), "{err}");
+        assert!(!copy.exists());
+        stop_with_sigterm(&mut daemon, &s.log);
+        return;
+    }
     let done = cli_json(
         config,
         &["journal", "backup", copy.to_str().unwrap(), "--json"],
@@ -599,12 +611,7 @@ async fn journal_backup_copies_the_live_journal_into_a_private_file() {
     stop_with_sigterm(&mut daemon, &s.log);
 
     let loaded = b24eventd::config::load(config).unwrap();
-    let live = Journal::open_blocking_as(
-        &loaded.journal.path,
-        loaded.journal.synchronous,
-        Access::Read,
-    )
-    .unwrap();
+    let live = Journal::open_configured_blocking(&loaded.journal, Access::Read).unwrap();
     let backup = Journal::open_blocking_as(&copy, loaded.journal.synchronous, Access::Read)
         .expect("the copy opens as a journal");
     let all = EventFilter::default();

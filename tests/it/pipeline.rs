@@ -2,6 +2,7 @@
 //! refresh, rate limits, sink outages, poison events, lost responses and a moved portal.
 
 use crate::support::*;
+use b24eventd::journal::Journal;
 use b24eventd_simulator::{Faults, SimulatorConfig};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -207,6 +208,7 @@ async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
     )
     .await;
     let counts = running.journal.counts().await.unwrap();
+    let journal = running.journal.clone();
     running.stop().await;
 
     let ids = endpoint.accepted_ids();
@@ -216,7 +218,7 @@ async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
         "dead in the normal lane and again in the error lane"
     );
     assert_eq!(counts.errored, 1, "reported with event.offline.error once");
-    let dead: Vec<(String, String, String)> = running_dead(&dir.path().join("journal.db"));
+    let dead: Vec<(String, String, String)> = running_dead(&journal);
     assert_eq!(dead.len(), 2);
     assert!(
         dead.iter().all(|(_, _, err)| err.contains("422")),
@@ -226,18 +228,21 @@ async fn a_poison_event_ends_dead_and_reported_while_the_rest_flow() {
     assert_eq!(dead[1].1, "error");
 }
 
-fn running_dead(journal: &std::path::Path) -> Vec<(String, String, String)> {
-    let conn = rusqlite::Connection::open(journal).unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT e.envelope_id, e.lane, d.last_error FROM events e JOIN deliveries d ON d.event_id = e.id
-             WHERE e.status = 'dead' ORDER BY e.id",
+fn running_dead(journal: &Journal) -> Vec<(String, String, String)> {
+    sql_rows(
+        journal,
+        "SELECT e.envelope_id, e.lane, d.last_error FROM events e JOIN deliveries d ON d.event_id = e.id
+         WHERE e.status = 'dead' ORDER BY e.id",
+    )
+    .iter()
+    .map(|r| {
+        (
+            sql_text(r, "envelope_id").unwrap(),
+            sql_text(r, "lane").unwrap(),
+            sql_text(r, "last_error").unwrap_or_default(),
         )
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    })
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,7 +128,10 @@ async fn auth_login_exchanges_a_pasted_code_and_status_shows_no_tokens() {
     let text = stdout(&out);
     assert!(
         text.starts_with("stored tokens for portal main in ")
-            && text.contains(&format!("journal.db (member_id {member_id}, scope crm,")),
+            && text.contains(&format!(
+                "{} (member_id {member_id}, scope crm,",
+                b24eventd::journal::test_support::test_journal_config(dir.path()).location()
+            )),
         "{text}"
     );
     let shown = stderr(&out);

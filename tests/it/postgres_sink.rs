@@ -152,17 +152,19 @@ async fn a_thousand_events_become_rows_and_a_nul_character_goes_dead_alone() {
     assert_eq!(sample["lane"], "normal");
     assert_eq!(sample.as_object().unwrap().len(), 11);
 
-    let dead: Vec<(String, String)> = journal
-        .with_conn(|conn| {
-            Ok(conn
-                .prepare(
-                    "SELECT e.data, a.error FROM delivery_attempts a JOIN events e ON e.id = a.event_id
-                     WHERE a.sink = 'db' AND a.outcome = 'dead'",
-                )?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .unwrap();
+    let dead: Vec<(String, String)> = sql_rows(
+        &journal,
+        "SELECT e.data, a.error FROM delivery_attempts a JOIN events e ON e.id = a.event_id
+         WHERE a.sink = 'db' AND a.outcome = 'dead'",
+    )
+    .iter()
+    .map(|r| {
+        (
+            sql_text(r, "data").unwrap_or_default(),
+            sql_text(r, "error").unwrap_or_default(),
+        )
+    })
+    .collect();
     assert_eq!(
         dead.len(),
         2,
@@ -310,7 +312,6 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
     let slow = crate::support::slow_proxy::start(POSTGRES, Duration::from_millis(150)).await;
     let sinks = pg_sink(&format!("postgres://{user}@{slow}/test"), &table);
     let config = write_config(dir.path(), &sim, None, "batch_size = 50", &sinks);
-    let journal_path = dir.path().join("journal.db");
     crate::support::cli::store_tokens(dir.path(), &tokens).await;
     let log = dir.path().join("daemon.log");
 
@@ -322,7 +323,7 @@ async fn sigkills_of_the_binary_leave_one_row_per_event() {
         &config,
         &log,
         &sim,
-        &journal_path,
+        dir.path(),
         Duration::from_secs(120),
     )
     .await;

@@ -315,28 +315,29 @@ env = {{ HOOK_SECRET = "{EXEC_ENV_VALUE}" }}
     assert_clean("the file sink", &jsonl, &secrets);
 
     // The journal: secrets only in the tokens table; the files are 0600.
-    let db = rusqlite::Connection::open(dir.path().join("journal.db")).unwrap();
-    let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'tokens'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let journal = open_journal(dir.path()).await;
+    let postgres = b24eventd::journal::test_support::postgres_url().is_some();
+    let tables: Vec<String> = sql_rows(
+        &journal,
+        if postgres {
+            "SELECT table_name::text AS name FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name <> 'tokens'"
+        } else {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'tokens'"
+        },
+    )
+    .iter()
+    .map(|r| sql_text(r, "name").unwrap())
+    .collect();
     assert!(tables.contains(&"events".to_string()));
     for table in tables {
-        let mut stmt = db.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
-        let columns = stmt.column_count();
-        let mut rows = stmt.query([]).unwrap();
-        let mut dump = String::new();
-        while let Some(row) = rows.next().unwrap() {
-            for i in 0..columns {
-                if let Ok(Some(text)) = row.get::<_, Option<String>>(i) {
-                    dump.push_str(&text);
-                    dump.push('\n');
-                }
-            }
-        }
+        // Every text value as stored (not JSON-escaped, which could hide a quote or a backslash).
+        let dump: String = sql_rows(&journal, &format!("SELECT * FROM \"{table}\""))
+            .iter()
+            .flat_map(|row| row.values())
+            .filter_map(|value| value.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_clean(&format!("journal table {table}"), &dump, &secrets);
     }
     for file in ["journal.db", "journal.db-wal", "journal.db-shm"] {
@@ -349,7 +350,7 @@ env = {{ HOOK_SECRET = "{EXEC_ENV_VALUE}" }}
             );
         }
     }
-    assert!(dir.path().join("journal.db").exists());
+    assert!(postgres || dir.path().join("journal.db").exists());
 }
 
 /// A client secret with characters that every encoding writes differently: a query (`%20`), a

@@ -40,10 +40,12 @@ async fn a_fake_notify_socket_sees_ready_status_watchdog_reloading_and_stopping(
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let loaded = b24eventd::config::load(&config).unwrap();
-    let journal =
-        b24eventd::journal::Journal::open(&loaded.journal.path, loaded.journal.synchronous)
-            .await
-            .unwrap();
+    let journal = b24eventd::journal::Journal::open_configured(
+        &loaded.journal,
+        b24eventd::journal::Access::Create,
+    )
+    .await
+    .unwrap();
     journal.save_tokens("main", &tokens).await.unwrap();
     emit_deals(&sim, 1, 30);
 
@@ -151,10 +153,12 @@ async fn a_closed_stderr_pipe_does_not_stop_the_daemon() {
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let loaded = b24eventd::config::load(&config).unwrap();
-    let journal =
-        b24eventd::journal::Journal::open(&loaded.journal.path, loaded.journal.synchronous)
-            .await
-            .unwrap();
+    let journal = b24eventd::journal::Journal::open_configured(
+        &loaded.journal,
+        b24eventd::journal::Access::Create,
+    )
+    .await
+    .unwrap();
     journal.save_tokens("main", &tokens).await.unwrap();
 
     let socket_path = dir.path().join("notify");

@@ -11,7 +11,6 @@
 
 use crate::support::daemon::{spawn_daemon_with_env, stop_with_sigterm};
 use crate::support::*;
-use b24eventd::journal::Journal;
 use b24eventd_simulator::SimulatorConfig;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -250,9 +249,8 @@ max_attempts = 1000
 "#
     );
     let config = write_config(d, &sim, None, "", &sinks);
-    Journal::open(&d.join("journal.db"), b24eventd::config::Synchronous::Full)
+    open_journal(d)
         .await
-        .unwrap()
         .save_tokens("main", &tokens)
         .await
         .unwrap();

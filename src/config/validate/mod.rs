@@ -476,6 +476,79 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_journal_takes_url_schema_and_connections_and_refuses_sqlite_keys() {
+        let with = |journal: &str| load_str(&format!("[journal]\n{journal}\n{MINIMAL}"), &[]);
+        let pg = with("url = \"postgres://b24:s3cret@db.internal:5432/events?sslmode=require\"")
+            .unwrap()
+            .journal;
+        let on = pg.postgres.as_ref().expect("a PostgreSQL journal");
+        assert_eq!((on.schema.as_str(), on.max_connections), ("b24eventd", 8));
+        assert_eq!(
+            pg.location(),
+            "postgres://db.internal:5432/events?sslmode=require#b24eventd"
+        );
+        assert!(!format!("{pg:?}").contains("s3cret"), "{pg:?}");
+        assert_eq!(pg.fallback_warning(Path::new("/home/operator")), None);
+        let custom =
+            with("url = \"postgres://db/events\"\nschema = \"b24_prod\"\nmax_connections = 20")
+                .unwrap()
+                .journal
+                .postgres
+                .unwrap();
+        assert_eq!(
+            (custom.schema.as_str(), custom.max_connections),
+            ("b24_prod", 20)
+        );
+
+        for (journal, key, says) in [
+            (
+                "url = \"postgres://db/e\"\npath = \"/var/j.db\"",
+                "journal.path",
+                "applies to a SQLite journal",
+            ),
+            (
+                "url = \"postgres://db/e\"\nsynchronous = \"full\"",
+                "journal.synchronous",
+                "applies to a SQLite journal",
+            ),
+            ("schema = \"x\"", "journal.schema", "set journal.url too"),
+            (
+                "max_connections = 4",
+                "journal.max_connections",
+                "set journal.url too",
+            ),
+            (
+                "url = \"mysql://db/e\"",
+                "journal.url",
+                "unsupported scheme",
+            ),
+            (
+                "url = \"postgres://db\"",
+                "journal.url",
+                "names no database",
+            ),
+            (
+                "url = \"postgres://db/e\"\nschema = \"Public\"",
+                "journal.schema",
+                "not a plain schema name",
+            ),
+            (
+                "url = \"postgres://db/e\"\nschema = \"a;drop\"",
+                "journal.schema",
+                "not a plain schema name",
+            ),
+            (
+                "url = \"postgres://db/e\"\nmax_connections = 1",
+                "journal.max_connections",
+                "use 2 to 1000",
+            ),
+        ] {
+            let e = with(journal).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{journal}: {e}");
+        }
+    }
+
+    #[test]
     fn only_the_current_directory_fallback_warns() {
         let cwd = Path::new("/home/operator");
         let fallback = load_str(MINIMAL, &[]).unwrap();

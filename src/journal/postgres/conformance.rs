@@ -8,9 +8,55 @@ pub(super) async fn replace_conformance(
     portal: &str,
     findings: &[StoredFinding],
 ) -> anyhow::Result<()> {
-    todo!()
+    let tx = conn.transaction().await?;
+    tx.execute("DELETE FROM conformance WHERE portal = $1", &[&portal])
+        .await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO conformance (portal, check_name, status, observed, value, run_id, checked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (portal, check_name) DO UPDATE SET status = excluded.status,
+                observed = excluded.observed, value = excluded.value,
+                run_id = excluded.run_id, checked_at = excluded.checked_at",
+        )
+        .await?;
+    for f in findings {
+        tx.execute(
+            &insert,
+            &[
+                &portal,
+                &f.check,
+                &f.status,
+                &f.observed,
+                &f.value,
+                &f.run_id,
+                &f.checked_at,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 pub(super) async fn conformance(conn: &Conn, portal: &str) -> anyhow::Result<Vec<StoredFinding>> {
-    todo!()
+    let stmt = conn
+        .prepare_cached(
+            "SELECT check_name, status, observed, value, run_id, checked_at
+             FROM conformance WHERE portal = $1 ORDER BY check_name",
+        )
+        .await?;
+    Ok(conn
+        .query(&stmt, &[&portal])
+        .await?
+        .iter()
+        .map(|r| StoredFinding {
+            check: r.get(0),
+            status: r.get(1),
+            observed: r.get(2),
+            value: r.get(3),
+            run_id: r.get(4),
+            checked_at: r.get(5),
+        })
+        .collect())
 }

@@ -1,16 +1,54 @@
-//! Enrichment: events waiting for their entity, and storing what was read.
+//! Enrichment: events waiting for their entity, and storing what was read (which releases
+//! their deliveries).
 
 use super::Conn;
 use crate::journal::types::{Enriched, PendingEnrichment};
+use serde_json::Value;
 
 pub(super) async fn pending_enrichment(
     conn: &Conn,
     portal: &str,
     limit: usize,
 ) -> anyhow::Result<Vec<PendingEnrichment>> {
-    todo!()
+    let stmt = conn
+        .prepare_cached(
+            "SELECT id, event, data FROM events
+             WHERE portal = $1 AND enrichment IS NOT NULL ORDER BY id LIMIT $2",
+        )
+        .await?;
+    let limit = limit.min(i64::MAX as usize) as i64;
+    Ok(conn
+        .query(&stmt, &[&portal, &limit])
+        .await?
+        .iter()
+        .map(|r| PendingEnrichment {
+            event_id: r.get(0),
+            event: r.get(1),
+            data: crate::json_depth::from_str(r.get(2)).unwrap_or(Value::Null),
+        })
+        .collect())
 }
 
 pub(super) async fn record_enrichment(conn: &mut Conn, results: &[Enriched]) -> anyhow::Result<()> {
-    todo!()
+    if results.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = results.iter().map(|r| r.event_id).collect();
+    let entities: Vec<String> = results.iter().map(|r| r.entity.to_string()).collect();
+    let errors: Vec<Option<&str>> = results.iter().map(|r| r.error.as_deref()).collect();
+    // One statement, so one transaction. It locks the rows in id order, as the other writers of
+    // `events` do. An event named twice keeps its first result, which released it.
+    let update = conn
+        .prepare_cached(
+            "UPDATE events e SET entity = u.entity, entity_error = u.error, enrichment = NULL
+             FROM (SELECT DISTINCT ON (id) id, entity, error
+                   FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
+                        AS u(id, entity, error, ord)
+                   ORDER BY id, ord) u
+             WHERE e.id = u.id AND e.id IN (SELECT id FROM events WHERE id = ANY($1)
+                                            AND enrichment IS NOT NULL ORDER BY id FOR NO KEY UPDATE)",
+        )
+        .await?;
+    conn.execute(&update, &[&ids, &entities, &errors]).await?;
+    Ok(())
 }

@@ -10,7 +10,8 @@ use tokio_postgres::{Client, Transaction};
 
 /// Each entry migrates from version `i` to `i + 1`. Append only: never edit a shipped migration.
 const MIGRATIONS: &[&str] = &[
-    // 0 -> 1: the journal as the SQLite journal's schema 6 holds it
+    // 0 -> 1: the journal as the SQLite journal's schema 6 holds it, and the instances and
+    // portal leases of several daemons sharing it (docs/CLUSTER.md)
     r#"
     CREATE TABLE portals (
         name            text PRIMARY KEY,
@@ -104,6 +105,38 @@ const MIGRATIONS: &[&str] = &[
         checked_at  timestamptz NOT NULL,
         PRIMARY KEY (portal, check_name)
     );
+    CREATE TABLE instances (
+        id           text PRIMARY KEY,
+        host         text NOT NULL,
+        pid          integer NOT NULL,
+        version      text NOT NULL,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+        expires_at   timestamptz NOT NULL
+    );
+    CREATE TABLE portal_leases (
+        portal      text PRIMARY KEY,
+        owner       text,
+        epoch       bigint NOT NULL DEFAULT 0,
+        acquired_at timestamptz,
+        expires_at  timestamptz,
+        sweep_after timestamptz,
+        handovers   bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX portal_leases_owner ON portal_leases (owner);
+    CREATE VIEW event_overview AS
+        SELECT e.id, e.envelope_id, e.portal, e.event, e.offline_id, e.lane, e.status, e.upstream,
+               e.fetched_at, e.settled_at, b.process_id,
+               (SELECT string_agg(d.sink || '=' || d.status, ' ' ORDER BY d.sink)
+                FROM deliveries d WHERE d.event_id = e.id) AS sinks
+        FROM events e JOIN batches b ON b.id = e.batch_id;
+    CREATE VIEW backlog AS
+        SELECT portal,
+               COUNT(*) FILTER (WHERE upstream IN ('reserved', 'clear_pending', 'error_pending')) AS unsettled,
+               COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+               COUNT(*) FILTER (WHERE status = 'dead') AS dead,
+               MIN(fetched_at) FILTER (WHERE status = 'pending') AS oldest_pending_fetched_at
+        FROM events GROUP BY portal;
     CREATE VIEW v_pending AS
         SELECT e.id, e.envelope_id, e.portal, e.event, d.sink, d.attempts, d.next_attempt_at,
                d.last_error, e.fetched_at

@@ -2,8 +2,6 @@
 //! meanwhile), and the token pair stored in a test's journal.
 
 use b24eventd::bitrix::Tokens;
-use b24eventd::config::Synchronous;
-use b24eventd::journal::Journal;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -51,15 +49,11 @@ pub fn stderr(o: &Output) -> String {
 }
 
 pub async fn store_tokens(dir: &Path, tokens: &Tokens) {
-    let journal = Journal::open(&dir.join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap();
+    let journal = super::open_journal(dir).await;
     journal.save_tokens("main", tokens).await.unwrap();
 }
 
 pub async fn stored_tokens(dir: &Path) -> Option<Tokens> {
-    let journal = Journal::open(&dir.join("journal.db"), Synchronous::Full)
-        .await
-        .unwrap();
+    let journal = super::open_journal(dir).await;
     journal.load_tokens("main").await.unwrap()
 }

@@ -66,7 +66,7 @@ pub async fn last_run_drains_and_stops(
     config: &Path,
     log: &Path,
     sim: &Simulator,
-    journal_path: &Path,
+    journal_dir: &Path,
     drain_timeout: Duration,
 ) -> Journal {
     let runs_logged = || {
@@ -85,9 +85,7 @@ pub async fn last_run_drains_and_stops(
         super::upstream_empty(sim)
     })
     .await;
-    let journal = Journal::open(journal_path, b24eventd::config::Synchronous::Full)
-        .await
-        .unwrap();
+    let journal = super::open_journal(journal_dir).await;
     super::wait_for(
         "the journal has nothing unsettled",
         Duration::from_secs(120),

@@ -40,50 +40,49 @@ pub type EventLine = (i64, i64, String, String, String, String);
 
 /// Every event row of the journal, by row.
 pub fn journal_events(journal: &Journal) -> Vec<EventLine> {
-    journal
-        .with_conn(|conn| {
-            Ok(conn
-                .prepare(
-                    "SELECT id, offline_id, envelope_id, lane, status, upstream FROM events ORDER BY id",
-                )?
-                .query_map([], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })?
-                .collect::<Result<_, _>>()?)
-        })
-        .unwrap()
+    super::sql_rows(
+        journal,
+        "SELECT id, offline_id, envelope_id, lane, status, upstream FROM events ORDER BY id",
+    )
+    .iter()
+    .map(|r| {
+        let text = |c| super::sql_text(r, c).unwrap_or_default();
+        (
+            super::sql_int(r, "id"),
+            super::sql_int(r, "offline_id"),
+            text("envelope_id"),
+            text("lane"),
+            text("status"),
+            text("upstream"),
+        )
+    })
+    .collect()
 }
 
 /// The deliveries of an event row: sink → status.
 pub fn journal_deliveries(journal: &Journal, row: i64) -> BTreeMap<String, String> {
-    journal
-        .with_conn(|conn| {
-            Ok(conn
-                .prepare("SELECT sink, status FROM deliveries WHERE event_id = ?1")?
-                .query_map([row], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?)
-        })
-        .unwrap()
+    super::sql_rows(
+        journal,
+        &format!("SELECT sink, status FROM deliveries WHERE event_id = {row}"),
+    )
+    .iter()
+    .map(|r| {
+        (
+            super::sql_text(r, "sink").unwrap_or_default(),
+            super::sql_text(r, "status").unwrap_or_default(),
+        )
+    })
+    .collect()
 }
 
 /// How many deliveries to `sink` the journal has as delivered.
 pub fn delivered_to(journal: &Journal, sink: &str) -> i64 {
-    journal
-        .with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT COUNT(*) FROM deliveries WHERE sink = ?1 AND status = 'delivered'",
-                [sink],
-                |r| r.get(0),
-            )?)
-        })
-        .unwrap()
+    super::sql_count(
+        journal,
+        &format!(
+            "SELECT COUNT(*) AS n FROM deliveries WHERE sink = '{sink}' AND status = 'delivered'"
+        ),
+    )
 }
 
 /// Waits until the portal holds nothing and the journal has nothing unsettled.

@@ -59,12 +59,36 @@ pub fn write_config(
     portal_extra: &str,
     sinks: &str,
 ) -> PathBuf {
+    let journal = b24eventd::journal::test_support::test_journal_toml(dir);
+    write_config_with_journal(dir, &journal, sim, endpoint, portal_extra, sinks)
+}
+
+/// [`write_config`] with the journal in `dir/journal.db` whatever `B24TEST_POSTGRES` says: for
+/// the tests of what only a SQLite journal has (its file, its locks, its disk).
+pub fn write_sqlite_config(
+    dir: &Path,
+    sim: &Simulator,
+    endpoint: Option<&str>,
+    portal_extra: &str,
+    sinks: &str,
+) -> PathBuf {
+    let journal = format!("path = \"{}/journal.db\"\n", dir.display());
+    write_config_with_journal(dir, &journal, sim, endpoint, portal_extra, sinks)
+}
+
+fn write_config_with_journal(
+    dir: &Path,
+    journal: &str,
+    sim: &Simulator,
+    endpoint: Option<&str>,
+    portal_extra: &str,
+    sinks: &str,
+) -> PathBuf {
     let defaults = SimulatorConfig::default();
     let text = format!(
         r#"shutdown_timeout = "10s"
 [journal]
-path = "{dir}/journal.db"
-
+{journal}
 [admin]
 listen = ""
 
@@ -79,7 +103,6 @@ poll_interval = "200ms"
 
 {sinks}
 "#,
-        dir = dir.display(),
         endpoint = endpoint
             .map(str::to_string)
             .unwrap_or_else(|| sim.client_endpoint()),
@@ -110,6 +133,55 @@ pub fn http_sink(url: &str) -> String {
     )
 }
 
+/// The journal of the test in `dir` (the one [`write_config`] names): `dir/journal.db`, or with
+/// `B24TEST_POSTGRES` set, the test's own schema in that PostgreSQL database.
+pub async fn open_journal(dir: &Path) -> Journal {
+    let config = b24eventd::journal::test_support::test_journal_config(dir);
+    Journal::open_configured(&config, b24eventd::journal::Access::Create)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the test journal {}: {e:#}", config.location()))
+}
+
+/// The rows of a `SELECT` on the journal, on either backend (`Journal::sql_rows`): each a map of
+/// column name to value. Name every computed column (`COUNT(*) AS n`): the backends name them
+/// differently.
+pub fn sql_rows(journal: &Journal, sql: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    journal
+        .sql_rows(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e:#}"))
+        .into_iter()
+        .map(|row| match row {
+            serde_json::Value::Object(map) => map,
+            other => panic!("{sql}: a row that is not an object: {other}"),
+        })
+        .collect()
+}
+
+/// The integer column `n` of the one row a `SELECT … AS n` returns.
+pub fn sql_count(journal: &Journal, sql: &str) -> i64 {
+    let rows = sql_rows(journal, sql);
+    assert_eq!(rows.len(), 1, "{sql}: one row");
+    rows[0]["n"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{sql}: n is not an integer: {:?}", rows[0]))
+}
+
+/// A text column of a row from [`sql_rows`] (`None` for NULL).
+pub fn sql_text(row: &serde_json::Map<String, serde_json::Value>, column: &str) -> Option<String> {
+    match row.get(column) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Null) => None,
+        other => panic!("column {column} is not text: {other:?} in {row:?}"),
+    }
+}
+
+/// An integer column of a row from [`sql_rows`].
+pub fn sql_int(row: &serde_json::Map<String, serde_json::Value>, column: &str) -> i64 {
+    row.get(column)
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or_else(|| panic!("column {column} is not an integer in {row:?}"))
+}
+
 /// The pipeline running in-process on a config file.
 pub struct Running {
     pub journal: Journal,
@@ -131,7 +203,7 @@ impl Running {
         controls: b24eventd::daemon::Controls,
     ) -> Running {
         let config = config::load(config_path).expect("config loads");
-        let journal = Journal::open(&config.journal.path, config.journal.synchronous)
+        let journal = Journal::open_configured(&config.journal, b24eventd::journal::Access::Create)
             .await
             .unwrap();
         if journal.load_tokens("main").await.unwrap().is_none() {

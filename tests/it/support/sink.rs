@@ -104,15 +104,12 @@ pub async fn a_closed_port_fails_clearly(
 /// The attempts at `sink` the journal recorded as delivered duplicates (the server said it had
 /// the message already).
 pub fn journal_duplicates(journal: &Journal, sink: &str) -> usize {
-    journal
-        .with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT count(*) FROM delivery_attempts WHERE sink = ?1 AND output LIKE 'duplicate%'",
-                [sink],
-                |r| r.get::<_, i64>(0),
-            )?)
-        })
-        .unwrap() as usize
+    super::sql_count(
+        journal,
+        &format!(
+            "SELECT COUNT(*) AS n FROM delivery_attempts WHERE sink = '{sink}' AND output LIKE 'duplicate%'"
+        ),
+    ) as usize
 }
 
 /// SIGKILLs the real binary on `config` at random moments (300 to 1,200 ms after each start,
@@ -129,7 +126,7 @@ pub async fn sigkill_until_a_duplicate(
     total: u64,
     seed: u64,
 ) -> u32 {
-    let journal_path = config.with_file_name("journal.db");
+    let dir = config.parent().expect("the config's directory");
     let mut emitted = 0;
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut kills = 0;
@@ -148,9 +145,7 @@ pub async fn sigkill_until_a_duplicate(
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        let journal = Journal::open(&journal_path, b24eventd::config::Synchronous::Full)
-            .await
-            .unwrap();
+        let journal = super::open_journal(dir).await;
         if kills >= 8 && emitted >= total && journal_duplicates(&journal, sink) > 0 {
             break;
         }
