@@ -162,4 +162,53 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
     assert!(err.contains("already holds a journal"), "{err}");
     assert!(err.contains("20 events"), "{err}");
     assert_eq!(shown(&pg), in_file);
+
+    // The daemon carries on from the copy: the same tokens, new rows after the copied ones.
+    assert_eq!(
+        pg.load_tokens("main").await.unwrap(),
+        sqlite.load_tokens("main").await.unwrap()
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let file_line = format!("path = \"{}/journal.db\"", dir.path().display());
+    assert!(text.contains(&file_line), "{text}");
+    let pg_config_path = dir.path().join("config-pg.toml");
+    std::fs::write(
+        &pg_config_path,
+        text.replace(
+            &file_line,
+            &format!("url = \"{url}\"\nschema = \"{schema}\""),
+        ),
+    )
+    .unwrap();
+    let mut daemon = spawn_daemon(&pg_config_path, &log);
+    emit_deals(&sim, 21, 10);
+    wait_for(
+        "30 events delivered from PostgreSQL",
+        Duration::from_secs(30),
+        || {
+            let stats = pg.stats(&EventFilter::default()).unwrap();
+            upstream_empty(&sim)
+                && stats
+                    .first()
+                    .is_some_and(|p| p.delivered == 30 && p.upstream_unsettled == 0)
+        },
+    )
+    .await;
+    stop_with_sigterm(&mut daemon, &log);
+    let rows: Vec<i64> = pg
+        .list_events(&EventFilter::default())
+        .unwrap()
+        .iter()
+        .map(|r| r.row)
+        .collect();
+    let copied_max = in_file["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["row"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(rows.len(), 30);
+    assert!(rows[20..].iter().all(|&r| r > copied_max), "{rows:?}");
+    assert_eq!(file_ids(&dir.path().join("events.jsonl")).len(), 30);
 }
