@@ -470,6 +470,12 @@ fn migrate(config: &Config, to: String, schema: String, json: bool) -> anyhow::R
         );
     }
     crate::pg::connect_config(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    // Whatever prints a message from here on never shows the password. (Only a password: a
+    // URL without one names a role, which is no secret, and scrubbing it would blank the
+    // `url =` line this command prints.)
+    if reqwest::Url::parse(&to).is_ok_and(|u| u.password().is_some()) {
+        crate::sinks::register_url_credentials(&to);
+    }
     let target = crate::config::PostgresJournalConfig {
         url: to,
         schema,

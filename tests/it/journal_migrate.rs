@@ -6,7 +6,9 @@
 use crate::support::daemon::{spawn_daemon, stop_with_sigterm};
 use crate::support::*;
 use b24eventd::config::{JournalConfig, PostgresJournalConfig};
-use b24eventd::journal::test_support::{DropSchema, test_journal_config, unique_schema};
+use b24eventd::journal::test_support::{
+    DEFAULT_TEST_URL, DropSchema, postgres_url, test_journal_config, unique_schema,
+};
 use b24eventd::journal::{Access, EventFilter, Journal};
 use b24eventd_simulator::SimulatorConfig;
 use std::path::Path;
@@ -15,10 +17,7 @@ use std::time::Duration;
 
 /// The database the test copies into.
 fn database_url() -> String {
-    std::env::var("B24TEST_POSTGRES")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string())
 }
 
 /// Fails the test, naming the service, when the database does not answer.
@@ -69,7 +68,8 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
     require_database(&url).await;
     let (sim, tokens) = portal(SimulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
+    // The source is a SQLite journal whatever B24TEST_POSTGRES says.
+    let config = write_sqlite_config(dir.path(), &sim, None, "", &file_sink(dir.path()));
     let loaded = b24eventd::config::load(&config).unwrap();
     {
         let journal = Journal::open(&loaded.journal.path, loaded.journal.synchronous)
