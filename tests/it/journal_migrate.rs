@@ -160,7 +160,7 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
     assert_eq!(again.status.code(), Some(1));
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("already holds a journal"), "{err}");
-    assert!(err.contains("20 events"), "{err}");
+    assert!(err.contains("events: 20"), "{err}");
     assert_eq!(shown(&pg), in_file);
 
     // The daemon carries on from the copy: the same tokens, new rows after the copied ones.
@@ -186,6 +186,12 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
         "30 events delivered from PostgreSQL",
         Duration::from_secs(30),
         || {
+            if let Ok(Some(status)) = daemon.try_wait() {
+                panic!(
+                    "the daemon on the copied journal ended ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             let stats = pg.stats(&EventFilter::default()).unwrap();
             upstream_empty(&sim)
                 && stats

@@ -4,7 +4,7 @@
 //! only when the row counts equal the source's. Runs on a small runtime of its own, fed from
 //! the blocking caller through a bounded channel.
 
-use super::{describe, quote_ident, schema};
+use super::{CONNECT_TIMEOUT, describe, quote_ident, schema};
 use crate::config::PostgresJournalConfig;
 use crate::journal::migrate::{Rows, TableCounts};
 use crate::pg::{Tls, connect_config, start, tls_connector};
@@ -90,7 +90,8 @@ impl Importer {
 
 async fn connect(config: &PostgresJournalConfig) -> anyhow::Result<Client> {
     let location = config.location();
-    let (pg, tls) = connect_config(&config.url).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let (mut pg, tls) = connect_config(&config.url).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    pg.connect_timeout(CONNECT_TIMEOUT);
     let client = match tls {
         Tls::Off => start(&pg, tokio_postgres::NoTls).await,
         Tls::Prefer | Tls::Require => {
@@ -101,7 +102,14 @@ async fn connect(config: &PostgresJournalConfig) -> anyhow::Result<Client> {
             .await
         }
     };
-    client.map_err(|e| anyhow::anyhow!("cannot connect to {location}: {}", describe(&e)))
+    client.map_err(|e| {
+        // The server's message, else the driver's with its cause (an I/O error, a timeout).
+        let why = match e.as_db_error() {
+            Some(_) => describe(&e),
+            None => format!("{:#}", anyhow::Error::new(e)),
+        };
+        anyhow::anyhow!("cannot connect to {location}: {why}")
+    })
 }
 
 /// The import task: everything in one transaction, committed only after `Done` and the check.
@@ -191,7 +199,7 @@ async fn refuse_unless_empty(
             names.push("...");
         }
         anyhow::bail!(
-            "schema {schema} of {location} is not empty and holds no journal of ours ({}): choose another --schema",
+            "{location} is not empty and holds no journal of ours ({}): choose another --schema",
             names.join(", ")
         );
     }
@@ -213,11 +221,11 @@ async fn refuse_unless_empty(
         .by_table()
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(table, n)| format!("{n} {table}"))
+        .map(|(table, n)| format!("{table}: {n}"))
         .collect();
     if !found.is_empty() {
         anyhow::bail!(
-            "schema {schema} of {location} already holds a journal ({}): migrate into an empty schema (--schema NAME), or drop this one first",
+            "{location} already holds a journal ({}): migrate into an empty schema (--schema NAME), or drop this one first",
             found.join(", ")
         );
     }
@@ -702,7 +710,8 @@ mod tests {
         let _drop = crate::journal::test_support::DropSchema::new(&config, &pg);
         let again = sqlite_to_postgres(&path, &target).unwrap_err().to_string();
         assert!(
-            again.contains("already holds a journal (1 portals, 1 tokens, 1 batches, 5 events"),
+            again
+                .contains("already holds a journal (portals: 1, tokens: 1, batches: 1, events: 5,"),
             "{again}"
         );
         assert_eq!(pg.list_events(&EventFilter::default()).unwrap().len(), 5);
