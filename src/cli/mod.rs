@@ -31,6 +31,7 @@ mod auth;
 mod demo;
 mod doctor;
 mod journal;
+mod journal_migrate;
 mod probe;
 mod report;
 mod subscribe;
