@@ -408,7 +408,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Show { id, json } => {
             let details = journal.show_event(&id)?;
             if details.is_empty() {
-                bail!("no event {id} in the journal {}", journal.path().display());
+                bail!("no event {id} in the journal {}", journal.location());
             }
             if json {
                 return print_json(&serde_json::json!({ "events": details }));
@@ -442,14 +442,14 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             let bytes = journal.backup_blocking(&path)?;
             if json {
                 return print_json(&serde_json::json!({
-                    "journal": journal.path(),
+                    "journal": journal.location(),
                     "backup": path,
                     "bytes": bytes,
                 }));
             }
             outln!(
                 "journal {} copied to {} ({bytes} bytes, mode 0600; it holds the OAuth tokens)",
-                journal.path().display(),
+                journal.location(),
                 path.display()
             )?;
             Ok(())

@@ -123,8 +123,8 @@ async fn import(
     let tx = client.transaction().await?;
     let quoted = quote_ident(&config.schema);
     tx.query_one(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&schema::MIGRATION_LOCK],
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&schema::MIGRATION_LOCK, &config.schema],
     )
     .await?;
     refuse_unless_empty(&tx, &config.schema, &location).await?;

@@ -92,8 +92,12 @@ impl PgJournal {
         let (mut pg, tls) =
             connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
         pg.connect_timeout(CONNECT_TIMEOUT);
-        // Every pooled connection works in the journal's schema.
-        pg.options(format!("-c search_path={}", config.schema));
+        // Every pooled connection works in the journal's schema, and keeps the server's notices
+        // below warnings (`CREATE SCHEMA IF NOT EXISTS` and the like) out of the log.
+        pg.options(format!(
+            "-c search_path={} -c client_min_messages=warning",
+            config.schema
+        ));
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
@@ -209,7 +213,9 @@ impl PgJournal {
 }
 
 /// The session advisory lock one daemon holds on a PostgreSQL journal (see [`InstanceLock`]).
-const INSTANCE_LOCK: i64 = 0x6232_3464_6165_6d6e; // "b24daemn"
+/// Two keys: this class, and the schema's `hashtext`, so journals in other schemas of the same
+/// database have locks of their own.
+const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
 
 /// No journal in the configured schema yet (a command that only looks finds nothing).
 #[derive(Debug, thiserror::Error)]
@@ -231,10 +237,14 @@ impl PgJournal {
     /// Takes the instance lock without waiting; refused while another process holds it.
     pub(super) async fn lock_instance(&self) -> anyhow::Result<InstanceLock> {
         let location = self.inner.location.display().to_string();
+        let schema = self.inner.schema.clone();
         self.run(move |conn| async move {
             let conn = deadpool_postgres::Object::take(conn);
             let taken: bool = conn
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK])
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&INSTANCE_LOCK, &schema],
+                )
                 .await?
                 .get(0);
             if !taken {
@@ -242,10 +252,10 @@ impl PgJournal {
                     .query_opt(
                         "SELECT a.application_name || ', connected from ' || COALESCE(host(a.client_addr), 'the local socket')
                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                         WHERE l.locktype = 'advisory' AND l.granted
-                           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.classid = $1::oid AND l.objid = hashtext($2)::oid
                          LIMIT 1",
-                        &[&INSTANCE_LOCK],
+                        &[&INSTANCE_LOCK, &schema],
                     )
                     .await
                     .ok()
@@ -385,6 +395,10 @@ pub(super) fn quote_ident(ident: &str) -> String {
 impl JournalBackend for PgJournal {
     fn path(&self) -> &Path {
         &self.inner.location
+    }
+
+    fn location(&self) -> String {
+        self.inner.location.display().to_string()
     }
 
     /// The tables and indexes of the journal's schema.
