@@ -21,12 +21,8 @@ pub(super) fn migrate(
         );
     }
     crate::pg::connect_config(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-    // Whatever prints a message from here on never shows the password. (Only a password: a
-    // URL without one names a role, which is no secret, and scrubbing it would blank the
-    // `url =` line this command prints.)
-    if reqwest::Url::parse(&to).is_ok_and(|u| u.password().is_some()) {
-        crate::sinks::register_url_credentials(&to);
-    }
+    // Whatever prints a message from here on never shows the password.
+    crate::sinks::register_url_password(&to);
     let target = crate::config::PostgresJournalConfig {
         url: to,
         schema,
