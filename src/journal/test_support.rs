@@ -2,7 +2,9 @@
 //! holds a `postgres://` URL, a schema of its own in that database (dropped afterwards), so
 //! one test runs against either backend.
 
-use super::{Access, Journal};
+#[cfg(test)]
+use super::Access;
+use super::Journal;
 use crate::config::{JournalConfig, PostgresJournalConfig, Synchronous};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -48,8 +48,8 @@ pub(super) async fn record_batches(
 enum Fate {
     /// The journal has it under this reservation, with this upstream state.
     Known(String),
-    /// New: the `i`-th row inserted.
-    New(usize),
+    /// New to the journal: inserted.
+    New,
     /// The same offline ID appeared earlier in the batch: the `i`-th row inserted.
     Again(usize),
 }
@@ -109,7 +109,7 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
             fates.push(Fate::Again(i));
         } else {
             row_of.insert(e.offline_id, rows.len());
-            fates.push(Fate::New(rows.len()));
+            fates.push(Fate::New);
             rows.push(NewRow {
                 event: e,
                 change: Envelope::change_key(&e.timestamp),
@@ -195,7 +195,7 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
     }
     for (e, fate) in batch.events.iter().zip(&fates) {
         let upstream = match fate {
-            Fate::New(_) => {
+            Fate::New => {
                 recorded.inserted += 1;
                 continue;
             }
