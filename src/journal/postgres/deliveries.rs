@@ -57,14 +57,19 @@ pub(super) async fn due_deliveries(
     now: DateTime<Utc>,
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
+    // The due deliveries are chosen first and only they are joined to their events (the
+    // events waiting for enrichment are few, and found by their partial index).
     let stmt = conn
         .prepare_cached(&format!(
             "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
-               AND e.enrichment IS NULL
-             ORDER BY d.next_attempt_at, d.event_id
-             LIMIT $3"
+             FROM (SELECT event_id, attempts, next_attempt_at FROM deliveries p
+                   WHERE sink = $1 AND status = 'pending' AND next_attempt_at <= $2
+                     AND NOT EXISTS (SELECT 1 FROM events w
+                                     WHERE w.id = p.event_id AND w.enrichment IS NOT NULL)
+                   ORDER BY next_attempt_at, event_id
+                   LIMIT $3) d
+             JOIN events e ON e.id = d.event_id
+             ORDER BY d.next_attempt_at, d.event_id"
         ))
         .await?;
     let rows = conn
@@ -258,10 +263,8 @@ async fn settle_if_final(tx: &Transaction<'_>, events: &[i64]) -> anyhow::Result
     let read = tx
         .prepare_cached(
             "SELECT e.id, e.lane, e.portal, e.upstream,
-                    COALESCE(array_agg(d.status) FILTER (WHERE d.status IS NOT NULL), '{}')
-             FROM events e LEFT JOIN deliveries d ON d.event_id = e.id
-             WHERE e.id = ANY($1)
-             GROUP BY e.id",
+                    ARRAY(SELECT d.status FROM deliveries d WHERE d.event_id = e.id)
+             FROM events e WHERE e.id = ANY($1)",
         )
         .await?;
     let mut portal_of: HashMap<i64, String> = HashMap::new();
