@@ -1026,3 +1026,54 @@ async fn two_sinks_finishing_the_same_events_at_once_settle_them() {
         assert_eq!(settle, 40, "round {round}");
     }
 }
+
+#[tokio::test]
+async fn errors_with_nul_characters_are_recorded() {
+    let (_d, j) = test_journal();
+    let mut enriched = event(1, &["a"]);
+    enriched.enrich = true;
+    j.record_batch(batch("p1", Lane::Normal, vec![enriched, event(2, &["a"])]))
+        .await
+        .unwrap();
+    let pending = j.pending_enrichment("main", 10).await.unwrap();
+    j.record_enrichment(vec![crate::journal::Enriched {
+        event_id: pending[0].event_id,
+        entity: Value::Null,
+        error: Some("gone\0".into()),
+    }])
+    .await
+    .unwrap();
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    assert!(
+        due[0]
+            .envelope
+            .entity_error
+            .as_deref()
+            .unwrap()
+            .starts_with("gone")
+    );
+    let outcomes = vec![
+        (
+            due[0].event_id,
+            Outcome::Dead {
+                error: "body \0 with a nul".into(),
+            },
+            Some("out\0put".into()),
+        ),
+        (
+            due[1].event_id,
+            Outcome::Retry {
+                error: "\0".into(),
+                next_attempt_at: Utc::now(),
+            },
+            None,
+        ),
+    ];
+    j.record_outcomes("a", outcomes).await.unwrap();
+    let (_, n, _) = j.dead_attempts_since(Some(0)).await.unwrap();
+    assert_eq!(n, 1);
+    let errors = j
+        .sql_rows("SELECT error FROM delivery_attempts ORDER BY id")
+        .unwrap();
+    assert!(text(&errors[0], "error").starts_with("body "), "{errors:?}");
+}

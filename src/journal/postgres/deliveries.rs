@@ -18,8 +18,20 @@ use crate::journal::types::{DueDelivery, Outcome};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio_postgres::Row;
+
+/// `text` as PostgreSQL can store it: without NUL characters, which a `text` value cannot hold
+/// (SQLite keeps them). For what arrives from outside and is only read by people: a sink's
+/// error or output, why an entity could not be read.
+pub(super) fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
 
 /// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
 pub(super) const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
@@ -159,15 +171,15 @@ pub(super) async fn record_outcomes(
         let mut event_ids = Vec::with_capacity(round.len());
         let mut statuses = Vec::with_capacity(round.len());
         let mut next_at = Vec::with_capacity(round.len());
-        let mut errors: Vec<Option<&str>> = Vec::with_capacity(round.len());
+        let mut errors: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(round.len());
         for (event_id, outcome, _) in round {
             let (status, next, error) = match outcome {
                 Outcome::Delivered => ("delivered", at, None),
                 Outcome::Retry {
                     error,
                     next_attempt_at,
-                } => ("pending", *next_attempt_at, Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", at, Some(error.as_str())),
+                } => ("pending", *next_attempt_at, Some(storable(error))),
+                Outcome::Dead { error } => ("dead", at, Some(storable(error))),
             };
             event_ids.push(*event_id);
             statuses.push(status);
@@ -191,14 +203,14 @@ pub(super) async fn record_outcomes(
             };
             let (label, error) = match outcome {
                 Outcome::Delivered => ("delivered", None),
-                Outcome::Retry { error, .. } => ("retry", Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", Some(error.as_str())),
+                Outcome::Retry { error, .. } => ("retry", Some(storable(error))),
+                Outcome::Dead { error } => ("dead", Some(storable(error))),
             };
             log.event_ids.push(*event_id);
             log.attempts.push(*attempt);
             log.outcomes.push(label);
             log.errors.push(error);
-            log.outputs.push(output.as_deref());
+            log.outputs.push(output.as_deref().map(storable));
             if label != "retry" {
                 finished.push(*event_id);
             }
@@ -230,8 +242,8 @@ struct AttemptColumns<'a> {
     event_ids: Vec<i64>,
     attempts: Vec<i64>,
     outcomes: Vec<&'a str>,
-    errors: Vec<Option<&'a str>>,
-    outputs: Vec<Option<&'a str>>,
+    errors: Vec<Option<Cow<'a, str>>>,
+    outputs: Vec<Option<Cow<'a, str>>>,
 }
 
 fn state_from_sql(s: &str) -> DeliveryState {
