@@ -199,8 +199,10 @@ impl PgJournal {
     }
 }
 
-/// The session advisory lock one daemon holds on a PostgreSQL journal (see [`InstanceLock`]).
-const INSTANCE_LOCK: i64 = 0x6232_3464_6165_6d6e; // "b24daemn"
+/// The first key of the session advisory lock one daemon holds on a PostgreSQL journal (see
+/// [`InstanceLock`]); the second is `hashtext(schema)`, so journals in other schemas of the same
+/// database (advisory locks are per database) are not locked with it.
+const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
 
 /// No journal in the configured schema yet (a command that only looks finds nothing).
 #[derive(Debug, thiserror::Error)]
@@ -222,10 +224,14 @@ impl PgJournal {
     /// Takes the instance lock without waiting; refused while another process holds it.
     pub(super) async fn lock_instance(&self) -> anyhow::Result<InstanceLock> {
         let location = self.inner.location.display().to_string();
+        let schema = self.inner.schema.clone();
         self.run(move |conn| async move {
             let conn = deadpool_postgres::Object::take(conn);
             let taken: bool = conn
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK])
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&INSTANCE_LOCK, &schema],
+                )
                 .await?
                 .get(0);
             if !taken {
@@ -233,10 +239,11 @@ impl PgJournal {
                     .query_opt(
                         "SELECT a.application_name || ' at ' || COALESCE(a.client_addr::text, 'the local socket') || ', pid ' || a.pid
                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                         WHERE l.locktype = 'advisory' AND l.granted
-                           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND l.classid = $1::int4::oid AND l.objid = hashtext($2::text)::oid
                          LIMIT 1",
-                        &[&INSTANCE_LOCK],
+                        &[&INSTANCE_LOCK, &schema],
                     )
                     .await
                     .ok()
@@ -674,9 +681,25 @@ mod tests {
         };
         let refused = other.lock_instance().await.err().unwrap().to_string();
         assert!(
-            refused.contains("in use by another b24eventd process"),
+            refused.contains("in use by another b24eventd process") && refused.contains(", pid "),
             "{refused}"
         );
+        // A journal in another schema of the same database has a lock of its own.
+        let elsewhere_config = PostgresJournalConfig {
+            schema: unique_schema(),
+            ..config.clone()
+        };
+        let elsewhere = {
+            let config = elsewhere_config.clone();
+            tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Create))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        drop(elsewhere.lock_instance().await.unwrap());
+        tokio::task::spawn_blocking(move || drop_schema(&elsewhere, &elsewhere_config.schema))
+            .await
+            .unwrap();
         drop(held);
         // The lock's connection closes on its runtime: taken again within a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
