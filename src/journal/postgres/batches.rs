@@ -7,8 +7,8 @@
 //! (a `LATERAL` index lookup per event, by portal and offline ID), and its events and
 //! deliveries are written with one `INSERT ... SELECT FROM unnest(...)` each.
 
-use super::Conn;
 use super::tokens::ensure_portal;
+use super::{Conn, now};
 use crate::envelope::{Envelope, Lane};
 use crate::journal::types::{NewBatch, NewEvent, OpenBatch, RecordedBatch};
 use chrono::{DateTime, Utc};
@@ -66,7 +66,7 @@ struct NewRow<'a> {
 
 async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Result<RecordedBatch> {
     ensure_portal(tx, &batch.portal).await?;
-    let fetched_at = Utc::now();
+    let fetched_at = now();
     if batch.new_reservation {
         let rename = tx
             .prepare_cached(

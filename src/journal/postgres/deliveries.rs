@@ -10,8 +10,8 @@
 //! share lock each transaction's `delivery_attempts` rows take on their event (the foreign
 //! key), and two dispatchers would deadlock.
 
-use super::Conn;
 use super::batches::lane_from_sql;
+use super::{Conn, millis, now};
 use crate::envelope::Envelope;
 use crate::journal::settle::{self, DeliveryState, SettleAction};
 use crate::journal::types::{DueDelivery, Outcome};
@@ -87,7 +87,7 @@ pub(super) async fn due_deliveries(
     let rows = conn
         .query(
             &stmt,
-            &[&sink, &now, &(limit.min(i64::MAX as usize) as i64)],
+            &[&sink, &millis(now), &(limit.min(i64::MAX as usize) as i64)],
         )
         .await?;
     Ok(rows
@@ -115,7 +115,9 @@ pub(super) async fn bring_forward(
              WHERE sink = $1 AND status = 'pending' AND next_attempt_at > $2",
         )
         .await?;
-    Ok(conn.execute(&stmt, &[&sink, &latest, &Utc::now()]).await? as usize)
+    Ok(conn
+        .execute(&stmt, &[&sink, &millis(latest), &now()])
+        .await? as usize)
 }
 
 pub(super) async fn next_due(conn: &Conn, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
@@ -134,7 +136,7 @@ pub(super) async fn record_outcomes(
     outcomes: &[(i64, Outcome, Option<String>)],
 ) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction().await?;
-    let at = Utc::now();
+    let at = now();
     let update = tx
         .prepare_cached(
             "UPDATE deliveries d SET status = u.status, attempts = d.attempts + 1,
@@ -178,7 +180,7 @@ pub(super) async fn record_outcomes(
                 Outcome::Retry {
                     error,
                     next_attempt_at,
-                } => ("pending", *next_attempt_at, Some(storable(error))),
+                } => ("pending", millis(*next_attempt_at), Some(storable(error))),
                 Outcome::Dead { error } => ("dead", at, Some(storable(error))),
             };
             event_ids.push(*event_id);

@@ -277,6 +277,20 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// `t` to the millisecond, as every time is stored: the SQLite journal keeps times as text with
+/// milliseconds, and orders and compares them so (two retries due in the same millisecond are
+/// due together, by row); PostgreSQL's microseconds would order them otherwise.
+pub(super) fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::Timelike;
+    t.with_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(t)
+}
+
+/// The time now, to the millisecond ([`millis`]).
+pub(super) fn now() -> DateTime<Utc> {
+    millis(Utc::now())
+}
+
 /// `ident` as a double-quoted SQL identifier.
 pub(super) fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
