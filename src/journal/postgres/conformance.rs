@@ -1,6 +1,6 @@
 //! The last conformance probe's findings per portal (`conformance`).
 
-use super::Conn;
+use super::{Conn, millis};
 use crate::journal::types::StoredFinding;
 
 pub(super) async fn replace_conformance(
@@ -30,7 +30,7 @@ pub(super) async fn replace_conformance(
                 &f.observed,
                 &f.value,
                 &f.run_id,
-                &f.checked_at,
+                &millis(f.checked_at),
             ],
         )
         .await?;

@@ -10,16 +10,28 @@
 //! share lock each transaction's `delivery_attempts` rows take on their event (the foreign
 //! key), and two dispatchers would deadlock.
 
-use super::Conn;
 use super::batches::lane_from_sql;
+use super::{Conn, millis, now};
 use crate::envelope::Envelope;
 use crate::journal::settle::{self, DeliveryState, SettleAction};
 use crate::journal::types::{DueDelivery, Outcome};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio_postgres::Row;
+
+/// `text` as PostgreSQL can store it: without NUL characters, which a `text` value cannot hold
+/// (SQLite keeps them). For what arrives from outside and is only read by people: a sink's
+/// error or output, why an entity could not be read.
+pub(super) fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
 
 /// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
 pub(super) const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
@@ -57,20 +69,25 @@ pub(super) async fn due_deliveries(
     now: DateTime<Utc>,
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
+    // The due deliveries are chosen first and only they are joined to their events (the
+    // events waiting for enrichment are few, and found by their partial index).
     let stmt = conn
         .prepare_cached(&format!(
             "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
-               AND e.enrichment IS NULL
-             ORDER BY d.next_attempt_at, d.event_id
-             LIMIT $3"
+             FROM (SELECT event_id, attempts, next_attempt_at FROM deliveries p
+                   WHERE sink = $1 AND status = 'pending' AND next_attempt_at <= $2
+                     AND NOT EXISTS (SELECT 1 FROM events w
+                                     WHERE w.id = p.event_id AND w.enrichment IS NOT NULL)
+                   ORDER BY next_attempt_at, event_id
+                   LIMIT $3) d
+             JOIN events e ON e.id = d.event_id
+             ORDER BY d.next_attempt_at, d.event_id"
         ))
         .await?;
     let rows = conn
         .query(
             &stmt,
-            &[&sink, &now, &(limit.min(i64::MAX as usize) as i64)],
+            &[&sink, &millis(now), &(limit.min(i64::MAX as usize) as i64)],
         )
         .await?;
     Ok(rows
@@ -98,7 +115,9 @@ pub(super) async fn bring_forward(
              WHERE sink = $1 AND status = 'pending' AND next_attempt_at > $2",
         )
         .await?;
-    Ok(conn.execute(&stmt, &[&sink, &latest, &Utc::now()]).await? as usize)
+    Ok(conn
+        .execute(&stmt, &[&sink, &millis(latest), &now()])
+        .await? as usize)
 }
 
 pub(super) async fn next_due(conn: &Conn, sink: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
@@ -117,7 +136,7 @@ pub(super) async fn record_outcomes(
     outcomes: &[(i64, Outcome, Option<String>)],
 ) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction().await?;
-    let at = Utc::now();
+    let at = now();
     let update = tx
         .prepare_cached(
             "UPDATE deliveries d SET status = u.status, attempts = d.attempts + 1,
@@ -154,15 +173,15 @@ pub(super) async fn record_outcomes(
         let mut event_ids = Vec::with_capacity(round.len());
         let mut statuses = Vec::with_capacity(round.len());
         let mut next_at = Vec::with_capacity(round.len());
-        let mut errors: Vec<Option<&str>> = Vec::with_capacity(round.len());
+        let mut errors: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(round.len());
         for (event_id, outcome, _) in round {
             let (status, next, error) = match outcome {
                 Outcome::Delivered => ("delivered", at, None),
                 Outcome::Retry {
                     error,
                     next_attempt_at,
-                } => ("pending", *next_attempt_at, Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", at, Some(error.as_str())),
+                } => ("pending", millis(*next_attempt_at), Some(storable(error))),
+                Outcome::Dead { error } => ("dead", at, Some(storable(error))),
             };
             event_ids.push(*event_id);
             statuses.push(status);
@@ -186,14 +205,14 @@ pub(super) async fn record_outcomes(
             };
             let (label, error) = match outcome {
                 Outcome::Delivered => ("delivered", None),
-                Outcome::Retry { error, .. } => ("retry", Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", Some(error.as_str())),
+                Outcome::Retry { error, .. } => ("retry", Some(storable(error))),
+                Outcome::Dead { error } => ("dead", Some(storable(error))),
             };
             log.event_ids.push(*event_id);
             log.attempts.push(*attempt);
             log.outcomes.push(label);
             log.errors.push(error);
-            log.outputs.push(output.as_deref());
+            log.outputs.push(output.as_deref().map(storable));
             if label != "retry" {
                 finished.push(*event_id);
             }
@@ -225,8 +244,8 @@ struct AttemptColumns<'a> {
     event_ids: Vec<i64>,
     attempts: Vec<i64>,
     outcomes: Vec<&'a str>,
-    errors: Vec<Option<&'a str>>,
-    outputs: Vec<Option<&'a str>>,
+    errors: Vec<Option<Cow<'a, str>>>,
+    outputs: Vec<Option<Cow<'a, str>>>,
 }
 
 fn state_from_sql(s: &str) -> DeliveryState {
@@ -258,10 +277,8 @@ async fn settle_if_final(tx: &Transaction<'_>, events: &[i64]) -> anyhow::Result
     let read = tx
         .prepare_cached(
             "SELECT e.id, e.lane, e.portal, e.upstream,
-                    COALESCE(array_agg(d.status) FILTER (WHERE d.status IS NOT NULL), '{}')
-             FROM events e LEFT JOIN deliveries d ON d.event_id = e.id
-             WHERE e.id = ANY($1)
-             GROUP BY e.id",
+                    ARRAY(SELECT d.status FROM deliveries d WHERE d.event_id = e.id)
+             FROM events e WHERE e.id = ANY($1)",
         )
         .await?;
     let mut portal_of: HashMap<i64, String> = HashMap::new();

@@ -212,9 +212,9 @@ impl PgJournal {
     }
 }
 
-/// The session advisory lock one daemon holds on a PostgreSQL journal (see [`InstanceLock`]).
-/// Two keys: this class, and the schema's `hashtext`, so journals in other schemas of the same
-/// database have locks of their own.
+/// The first key of the session advisory lock one daemon holds on a PostgreSQL journal (see
+/// [`InstanceLock`]); the second is `hashtext(schema)`, so journals in other schemas of the same
+/// database (advisory locks are per database) are not locked with it.
 const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
 
 /// No journal in the configured schema yet (a command that only looks finds nothing).
@@ -253,7 +253,8 @@ impl PgJournal {
                         "SELECT a.application_name || ', connected from ' || COALESCE(host(a.client_addr), 'the local socket')
                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                           AND l.classid = $1::oid AND l.objid = hashtext($2)::oid
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND l.classid = $1::int4::oid AND l.objid = hashtext($2::text)::oid
                          LIMIT 1",
                         &[&INSTANCE_LOCK, &schema],
                     )
@@ -385,6 +386,20 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => e.to_string(),
     }
+}
+
+/// `t` to the millisecond, as every time is stored: the SQLite journal keeps times as text with
+/// milliseconds, and orders and compares them so (two retries due in the same millisecond are
+/// due together, by row); PostgreSQL's microseconds would order them otherwise.
+pub(super) fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::Timelike;
+    t.with_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(t)
+}
+
+/// The time now, to the millisecond ([`millis`]).
+pub(super) fn now() -> DateTime<Utc> {
+    millis(Utc::now())
 }
 
 /// `ident` as a double-quoted SQL identifier.
@@ -794,9 +809,25 @@ mod tests {
         };
         let refused = other.lock_instance().await.err().unwrap().to_string();
         assert!(
-            refused.contains("in use by another b24eventd process"),
+            refused.contains("in use by another b24eventd process") && refused.contains(", pid "),
             "{refused}"
         );
+        // A journal in another schema of the same database has a lock of its own.
+        let elsewhere_config = PostgresJournalConfig {
+            schema: unique_schema(),
+            ..config.clone()
+        };
+        let elsewhere = {
+            let config = elsewhere_config.clone();
+            tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Create))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        drop(elsewhere.lock_instance().await.unwrap());
+        tokio::task::spawn_blocking(move || drop_schema(&elsewhere, &elsewhere_config.schema))
+            .await
+            .unwrap();
         drop(held);
         // The lock's connection closes on its runtime: taken again within a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -1,9 +1,8 @@
 //! Portals and their OAuth tokens (`portals`, `tokens`).
 
-use super::Conn;
+use super::{Conn, millis, now};
 use crate::bitrix::Tokens;
 use crate::journal::types::TokenStatus;
-use chrono::Utc;
 use deadpool_postgres::Transaction;
 
 pub(super) async fn load_tokens(conn: &Conn, portal: &str) -> anyhow::Result<Option<Tokens>> {
@@ -32,7 +31,7 @@ pub(super) async fn ensure_portal(client: &Transaction<'_>, portal: &str) -> any
             "INSERT INTO portals (name, first_seen_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .await?;
-    client.execute(&stmt, &[&portal, &Utc::now()]).await?;
+    client.execute(&stmt, &[&portal, &now()]).await?;
     Ok(())
 }
 
@@ -56,12 +55,12 @@ pub(super) async fn save_tokens(conn: &mut Conn, portal: &str, t: &Tokens) -> an
             &portal,
             &t.access_token,
             &t.refresh_token,
-            &t.expires_at,
+            &t.expires_at.map(millis),
             &t.scope,
             &t.member_id,
             &t.client_endpoint,
             &t.user_id,
-            &Utc::now(),
+            &now(),
         ],
     )
     .await?;
