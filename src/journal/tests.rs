@@ -1368,3 +1368,30 @@ mod same_results_on_both_backends {
         }
     }
 }
+
+/// A portal string with a NUL in it (PostgreSQL's `text` cannot hold one) is journaled all the
+/// same: SQLite keeps it, PostgreSQL stores U+FFFD, and neither stops the portal's journaling.
+#[tokio::test]
+async fn an_event_with_a_nul_in_its_strings_is_journaled() {
+    let (_d, j) = test_journal();
+    let mut hostile = event(1, &["a"]);
+    hostile.event = "ONCRM\0DEALUPDATE".into();
+    hostile.message_id = "m\0".into();
+    hostile.data = json!({"FIELDS": {"ID": "1\u{0}"}});
+    let recorded = j
+        .record_batch(batch("p1", Lane::Normal, vec![hostile]))
+        .await
+        .expect("journaled");
+    assert_eq!(recorded.inserted, 1);
+    let due = j.due_deliveries("a", 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let name = &due[0].envelope.event;
+    assert!(
+        name == "ONCRM\0DEALUPDATE" || name == "ONCRM\u{fffd}DEALUPDATE",
+        "{name:?}"
+    );
+    assert_eq!(
+        due[0].envelope.data["FIELDS"]["ID"], "1\u{0}",
+        "JSON keeps it escaped"
+    );
+}

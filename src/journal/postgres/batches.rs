@@ -7,6 +7,7 @@
 //! (a `LATERAL` index lookup per event, by portal and offline ID), and its events and
 //! deliveries are written with one `INSERT ... SELECT FROM unnest(...)` each.
 
+use super::deliveries::storable;
 use super::tokens::ensure_portal;
 use super::{Conn, now};
 use crate::envelope::{Envelope, Lane};
@@ -293,9 +294,11 @@ async fn insert_rows(
     let column = |f: &dyn Fn(&NewRow<'_>) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let envelope_ids = column(&|r| r.envelope_id.clone());
     let offline_ids: Vec<i64> = rows.iter().map(|r| r.event.offline_id).collect();
-    let events = column(&|r| r.event.event.clone());
-    let message_ids = column(&|r| r.event.message_id.clone());
-    let timestamps = column(&|r| r.event.timestamp.clone());
+    // A portal's strings with a NUL in them (which `text` cannot hold) would stop the portal's
+    // journaling for good: stored with U+FFFD instead.
+    let events = column(&|r| storable(&r.event.event).into_owned());
+    let message_ids = column(&|r| storable(&r.event.message_id).into_owned());
+    let timestamps = column(&|r| storable(&r.event.timestamp).into_owned());
     let data = column(&|r| r.event.data.to_string());
     let additional = column(&|r| r.event.additional.to_string());
     let statuses: Vec<&str> = rows
