@@ -82,7 +82,7 @@ const MIGRATIONS: &[&str] = &[
         replays         bigint NOT NULL DEFAULT 0,
         PRIMARY KEY (event_id, sink)
     );
-    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at, event_id) WHERE status = 'pending';
     CREATE TABLE delivery_attempts (
         id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         event_id    bigint NOT NULL REFERENCES events(id) ON DELETE CASCADE,
