@@ -1097,8 +1097,8 @@ mod same_results_on_both_backends {
     ];
 
     /// One reservation: portal, process id, error lane, new reservation, deleted upstream, and
-    /// its events as (offline ID, timestamp, sinks as bits).
-    type Reservation = (usize, u8, bool, bool, bool, Vec<(i64, usize, u8)>);
+    /// its events as (offline ID, timestamp, sinks as bits, waits for enrichment).
+    type Reservation = (usize, u8, bool, bool, bool, Vec<(i64, usize, u8, bool)>);
 
     #[derive(Debug, Clone)]
     enum Step {
@@ -1107,6 +1107,10 @@ mod same_results_on_both_backends {
         Attempt(usize, u8, usize),
         Settle,
         DeadRetry,
+        /// Up to this many events of each portal get their entity.
+        Enrich(usize),
+        /// Sink `b` is removed from the configuration.
+        DropSinkB,
     }
 
     fn reservation() -> impl Strategy<Value = Reservation> {
@@ -1116,7 +1120,10 @@ mod same_results_on_both_backends {
             any::<bool>(),
             any::<bool>(),
             prop::bool::weighted(0.1),
-            proptest::collection::vec((1i64..6, 0usize..3, 0u8..4), 0..5),
+            proptest::collection::vec(
+                (1i64..6, 0usize..3, 0u8..4, prop::bool::weighted(0.2)),
+                0..5,
+            ),
         )
     }
 
@@ -1126,6 +1133,8 @@ mod same_results_on_both_backends {
             3 => (0usize..2, 0u8..3, 1usize..6).prop_map(|(s, k, n)| Step::Attempt(s, k, n)),
             2 => Just(Step::Settle),
             1 => Just(Step::DeadRetry),
+            1 => (1usize..4).prop_map(Step::Enrich),
+            1 => Just(Step::DropSinkB),
         ]
     }
 
@@ -1142,7 +1151,7 @@ mod same_results_on_both_backends {
             origin: BatchOrigin::Fetched,
             events: events
                 .iter()
-                .map(|(id, ts, bits)| NewEvent {
+                .map(|(id, ts, bits, enrich)| NewEvent {
                     offline_id: *id,
                     event: "ONCRMDEALUPDATE".into(),
                     message_id: format!("{id:032x}"),
@@ -1155,7 +1164,7 @@ mod same_results_on_both_backends {
                         .filter(|(s, _)| bits & (1 << s) != 0)
                         .map(|(_, name)| name.to_string())
                         .collect(),
-                    enrich: false,
+                    enrich: *enrich,
                 })
                 .collect(),
             deleted_upstream: *deleted_upstream,
@@ -1257,7 +1266,15 @@ mod same_results_on_both_backends {
                     let due_b = pg.due_deliveries(sink, *how_many).await.unwrap();
                     let ids = |due: &[crate::journal::DueDelivery]| {
                         due.iter()
-                            .map(|d| (d.event_id, d.attempts, d.envelope.id.clone()))
+                            .map(|d| {
+                                (
+                                    d.event_id,
+                                    d.attempts,
+                                    d.envelope.id.clone(),
+                                    d.envelope.entity.clone(),
+                                    d.envelope.entity_error.clone(),
+                                )
+                            })
                             .collect::<Vec<_>>()
                     };
                     prop_assert_eq!(ids(&due_a), ids(&due_b), "step {}", n);
@@ -1295,6 +1312,39 @@ mod same_results_on_both_backends {
                         .collect();
                     sqlite.mark_settled_groups(groups.clone()).await.unwrap();
                     pg.mark_settled_groups(groups).await.unwrap();
+                }
+                Step::Enrich(limit) => {
+                    for portal in PORTALS {
+                        let a = sqlite.pending_enrichment(portal, *limit).await.unwrap();
+                        let b = pg.pending_enrichment(portal, *limit).await.unwrap();
+                        let ids = |p: &[crate::journal::PendingEnrichment]| {
+                            p.iter()
+                                .map(|e| (e.event_id, e.event.clone(), e.data.clone()))
+                                .collect::<Vec<_>>()
+                        };
+                        prop_assert_eq!(ids(&a), ids(&b), "step {}", n);
+                        let found: Vec<crate::journal::Enriched> = a
+                            .iter()
+                            .map(|e| crate::journal::Enriched {
+                                event_id: e.event_id,
+                                entity: json!({"read": e.event_id}),
+                                error: (e.event_id % 2 == 0).then(|| "gone".to_string()),
+                            })
+                            .collect();
+                        sqlite.record_enrichment(found.clone()).await.unwrap();
+                        pg.record_enrichment(found).await.unwrap();
+                    }
+                }
+                Step::DropSinkB => {
+                    let a = sqlite
+                        .drop_deliveries_to_unknown_sinks(vec!["a".into()])
+                        .await
+                        .unwrap();
+                    let b = pg
+                        .drop_deliveries_to_unknown_sinks(vec!["a".into()])
+                        .await
+                        .unwrap();
+                    prop_assert_eq!(a, b, "step {}", n);
                 }
                 Step::DeadRetry => {
                     for j in [sqlite, pg] {
