@@ -809,7 +809,8 @@ mod tests {
         };
         let refused = other.lock_instance().await.err().unwrap().to_string();
         assert!(
-            refused.contains("in use by another b24eventd process") && refused.contains(", pid "),
+            refused.contains("in use by another b24eventd process")
+                && refused.contains(&format!("b24eventd pid {} on ", std::process::id())),
             "{refused}"
         );
         // A journal in another schema of the same database has a lock of its own.
