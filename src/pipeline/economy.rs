@@ -249,7 +249,10 @@ mod tests {
 
     #[test]
     fn plan_respects_room_max_gets_and_batch_size() {
-        let w = FetchWidth { width: 40 };
+        let w = FetchWidth {
+            width: 40,
+            ..FetchWidth::default()
+        };
         assert_eq!(w.plan(120, 50, 50), vec![50, 50, 20]);
         assert_eq!(w.plan(0, 50, 50), Vec::<u32>::new());
         assert_eq!(w.plan(10_000, 50, 3).len(), 3);
@@ -341,12 +344,18 @@ mod tests {
         }
         assert_eq!(w.width(), 4 * MAX_GETS);
         assert_eq!(w.plan(1_000_000, 50, u32::MAX).len(), 160);
-        assert_eq!(FetchWidth::for_requests(1000), FetchWidth::for_requests(MAX_PIPELINE));
+        assert_eq!(
+            FetchWidth::for_requests(1000),
+            FetchWidth::for_requests(MAX_PIPELINE)
+        );
     }
 
     #[test]
     fn a_slow_request_halves_the_width() {
-        let mut w = FetchWidth { width: 16 };
+        let mut w = FetchWidth {
+            width: 16,
+            ..FetchWidth::default()
+        };
         w.observe(16, 16, Duration::from_secs(20));
         assert_eq!(w.width(), 16); // doubled to 32, then halved
         w.observe(16, 16, Duration::from_secs(20));

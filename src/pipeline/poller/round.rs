@@ -433,9 +433,7 @@ impl Poller {
             } else {
                 Operation::Fetch
             };
-            let fetched = self
-                .wave(groups, &limits, requests, &mut state.width)
-                .await;
+            let fetched = self.wave(groups, &limits, requests, &mut state.width).await;
             let fetched = state.backoff.track(operation, fetched)?;
             if settles {
                 state.backoff.succeeded(Operation::Settle);
@@ -448,15 +446,17 @@ impl Poller {
     }
 
     /// One wave: the settle calls and gets spread over up to `requests` combined requests sent
-    /// at once ([`split_wave`]). Each request's reservations are journaled (in one transaction)
-    /// as its answer comes, before its settled events are marked; the wave ends when every
-    /// request has, so no answered reservation waits on another request's failure. Bitrix24
-    /// allows gets side by side: "several parallel requests to /rest/event.offline.get are
-    /// permitted (subject to rate limits), and each will receive a different set of records"
-    /// (bitrix24/b24restdocs `api-reference/events/event-offline-get.md`); the server reserves
-    /// with one `UPDATE … SET PROCESS_ID = <new id> WHERE PROCESS_ID = '' … LIMIT n`
-    /// (`Bitrix\Rest\EventOfflineTable::markEvents`), so two gets never share a row. The width
-    /// learns from the whole wave; the first failure is returned after every request ended.
+    /// at once ([`split_wave`]). When every request has answered (or failed), the reservations
+    /// of all of them are journaled in one transaction, then the settle calls the portal
+    /// confirmed are marked in another: two commits a wave, whatever its width. A request that
+    /// failed is retried in a later round (its settle calls stay pending; a lost answer may
+    /// have reserved batches, which the orphan sweep adopts); the first failure is returned
+    /// once the others' reservations are journaled. Bitrix24 allows gets side by side:
+    /// "several parallel requests to /rest/event.offline.get are permitted (subject to rate
+    /// limits), and each will receive a different set of records" (bitrix24/b24restdocs
+    /// `api-reference/events/event-offline-get.md`); the server reserves with one
+    /// `UPDATE … SET PROCESS_ID = <new id> WHERE PROCESS_ID = '' … LIMIT n`
+    /// (`Bitrix\Rest\EventOfflineTable::markEvents`), so two gets never share a row.
     async fn wave(
         &self,
         groups: Vec<PendingSettlement>,
@@ -469,7 +469,8 @@ impl Poller {
             futures_util::future::join_all(parts.iter().map(|(g, l)| self.combined(g, l))).await;
         let mut wave = Combined::default();
         let mut failed = None;
-        for answer in answers {
+        let mut settled = Vec::new();
+        for ((groups, _), answer) in parts.into_iter().zip(answers) {
             match answer {
                 Ok(c) => {
                     wave.asked += c.asked;
@@ -479,12 +480,35 @@ impl Poller {
                     if wave.get_error.is_none() {
                         wave.get_error = c.get_error;
                     }
+                    wave.reservations.extend(c.reservations);
+                    // Paired per request: a short answer leaves the rest of its calls pending.
+                    settled.extend(groups.into_iter().zip(c.settle_outcomes));
                 }
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
             }
         }
+
+        // Reservations first: journaled before anything else happens.
+        let reserved = wave.reservations.len();
+        if reserved > 0 {
+            let pids: Vec<String> = wave.reservations.iter().map(|(p, _)| p.clone()).collect();
+            let reservations = std::mem::take(&mut wave.reservations);
+            if let Err(e) = self
+                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
+                .await
+            {
+                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
+                self.triggers.orphan_sweep.set_quietly();
+                return Err(e);
+            }
+            tracing::info!(portal = %self.portal(), reservations = reserved, events = wave.events, process_ids = ?pids, "reserved and journaled");
+        }
+        let (groups, outcomes): (Vec<PendingSettlement>, Vec<OfflineOutcome>) =
+            settled.into_iter().unzip();
+        self.settler.record_outcomes(&groups, outcomes).await?;
+
         width.observe(wave.asked, wave.full, wave.elapsed);
         if let Some(e) = failed {
             return Err(e);
@@ -514,10 +538,8 @@ impl Poller {
         }))
     }
 
-    /// One combined request: settle calls, then gets, in one `batch`. The reservations are
-    /// journaled in one transaction before the settled events are marked. A failed sub-command
-    /// is retried alone in a later round; a lost answer may have reserved batches, which the
-    /// orphan sweep adopts.
+    /// One combined request: settle calls, then gets, in one `batch`; nothing is journaled
+    /// here (the wave does it).
     async fn combined(
         &self,
         groups: &[PendingSettlement],
@@ -548,7 +570,6 @@ impl Poller {
         let mut outcomes = outcomes.into_iter();
         let settle_outcomes: Vec<OfflineOutcome> = outcomes.by_ref().take(groups.len()).collect();
 
-        // Reservations first: journaled before anything else happens.
         let mut reservations = Vec::new();
         let mut get_error = None;
         let (mut full, mut events) = (0, 0);
@@ -580,45 +601,35 @@ impl Poller {
                 OfflineOutcome::Settled => {}
             }
         }
-        let reserved = reservations.len();
-        if reserved > 0 {
-            let pids: Vec<String> = reservations.iter().map(|(p, _)| p.clone()).collect();
-            if let Err(e) = self
-                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
-                .await
-            {
-                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
-                self.triggers.orphan_sweep.set_quietly();
-                return Err(e);
-            }
-            tracing::info!(portal = %self.portal(), reservations = reserved, events, process_ids = ?pids, "reserved and journaled");
-        }
-
-        self.settler.record_outcomes(groups, settle_outcomes).await?;
-
         Ok(Combined {
             asked: limits.len(),
             full,
             events,
             elapsed,
             get_error,
+            reservations,
+            settle_outcomes,
         })
     }
 }
 
-/// What one combined request (or a whole wave) fetched.
+/// What one combined request (or a whole wave) answered, before it is journaled.
 #[derive(Default)]
 struct Combined {
     /// Gets sent.
     asked: usize,
     /// Gets that came back full.
     full: usize,
-    /// Events reserved and journaled.
+    /// Events reserved.
     events: usize,
     /// How long the request took (a wave: its slowest).
     elapsed: Duration,
     /// The first get that failed.
     get_error: Option<anyhow::Error>,
+    /// The reservations made, by `process_id`.
+    reservations: Vec<(String, Vec<crate::bitrix::OfflineEvent>)>,
+    /// The outcomes of the settle calls, in the order of the request's settle groups.
+    settle_outcomes: Vec<OfflineOutcome>,
 }
 
 /// Spreads a wave's settle calls and gets over at most `requests` requests, round robin (the
