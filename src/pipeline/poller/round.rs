@@ -456,7 +456,8 @@ impl Poller {
     /// limits), and each will receive a different set of records" (bitrix24/b24restdocs
     /// `api-reference/events/event-offline-get.md`); the server reserves with one
     /// `UPDATE … SET PROCESS_ID = <new id> WHERE PROCESS_ID = '' … LIMIT n`
-    /// (`Bitrix\Rest\EventOfflineTable::markEvents`), so two gets never share a row.
+    /// (`Bitrix\Rest\EventOfflineTable::markEvents` in `modules/rest/lib/eventoffline.php`,
+    /// the statement from `EventOfflineQuery::getMarkQuery`), so two gets never share a row.
     async fn wave(
         &self,
         groups: Vec<PendingSettlement>,
