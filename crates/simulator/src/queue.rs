@@ -676,7 +676,7 @@ impl Queue {
 
     /// The first `limit` rows `keep` holds in `order`: what `sorted` gives, cut to `limit`,
     /// without sorting (or looking past the `limit`th row) when the order is the table's own.
-    /// A backlog of 100,000 rows would otherwise cost every get a sort of all of them.
+    /// (A get without `order` is ordered by `TIMESTAMP_X`, as on the server, and still sorts.)
     fn first<'a>(
         &'a self,
         keep: impl Fn(&Row) -> bool,
