@@ -336,7 +336,7 @@ impl Metrics {
                 })
                 .set(i64::try_from(unsettled).unwrap_or(i64::MAX));
         }
-        let path = journal.path().display().to_string();
+        let path = journal.location();
         let size = journal
             .size_bytes()
             .map_err(|e| anyhow::anyhow!("journal {path}: cannot read its size: {e}"))?;

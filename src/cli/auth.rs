@@ -42,7 +42,7 @@ pub(super) async fn import(
     store(&journal, &portal, &tokens, &command).await?;
     outln!(
         "stored tokens for portal {portal} in {}{}",
-        journal.path().display(),
+        journal.location(),
         if rotated {
             " (refresh token checked and rotated)"
         } else {
@@ -108,7 +108,7 @@ async fn store(
     journal.save_tokens(portal, tokens).await.with_context(|| {
         format!(
             "{command}: the new tokens worked but could not be stored in {} (the stored tokens were left unchanged)",
-            journal.path().display()
+            journal.location()
         )
     })
 }
@@ -196,7 +196,7 @@ pub(super) async fn login(config: Config, portal: String) -> anyhow::Result<()> 
     store(&journal, &portal, &tokens, &command).await?;
     outln!(
         "stored tokens for portal {portal} in {} (member_id {}, scope {}, access token expires {})",
-        journal.path().display(),
+        journal.location(),
         tokens.member_id.as_deref().unwrap_or("unknown"),
         tokens.scope.as_deref().unwrap_or("unknown"),
         tokens

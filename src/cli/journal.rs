@@ -1,5 +1,6 @@
-//! The journal commands: `journal stats|list|show|tail`, `replay`, `dead list|retry|purge` and
-//! `prune`. They run beside the daemon (WAL readers; writes are short transactions) and go
+//! The journal commands: `journal stats|list|show|tail|backup|migrate`, `replay`, `dead
+//! list|retry|purge` and `prune`. They run beside the daemon (WAL readers; writes are short
+//! transactions; `migrate` alone needs it stopped, and prints through `journal_migrate`) and go
 //! through `journal::` for every query.
 
 use super::report::{Table, print_json};
@@ -186,6 +187,21 @@ pub enum JournalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy this SQLite journal into PostgreSQL (the daemon stopped): every table, ids kept, in
+    /// one transaction; refuses a schema that holds anything. The file is left untouched
+    Migrate {
+        /// The PostgreSQL database to copy into: postgres://user:password@host:5432/database
+        /// (add ?sslmode=require for TLS)
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The schema to create the journal in; it must be absent or empty
+        #[arg(long, value_name = "NAME", default_value = crate::config::DEFAULT_JOURNAL_SCHEMA,
+              value_parser = parse_schema)]
+        schema: String,
+        /// Print the result as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a consistent copy of the journal (tokens included) to a new file with mode 0600;
     /// safe while the daemon runs. Refuses a PATH that exists
     Backup {
@@ -344,6 +360,9 @@ fn names<'a>(names: impl Iterator<Item = &'a String>) -> String {
 }
 
 pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
+    if let JournalCommand::Migrate { to, schema, json } = command {
+        return super::journal_migrate::migrate(config, to, schema, json);
+    }
     let journal = open_to_read(config)?;
     match command {
         JournalCommand::Stats {
@@ -389,7 +408,7 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Show { id, json } => {
             let details = journal.show_event(&id)?;
             if details.is_empty() {
-                bail!("no event {id} in the journal {}", journal.path().display());
+                bail!("no event {id} in the journal {}", journal.location());
             }
             if json {
                 return print_json(&serde_json::json!({ "events": details }));
@@ -418,23 +437,28 @@ pub fn journal(config: &Config, command: JournalCommand) -> anyhow::Result<()> {
             };
             tail(&journal, filter, json)
         }
+        JournalCommand::Migrate { .. } => unreachable!("handled before the journal is opened"),
         JournalCommand::Backup { path, json } => {
             let bytes = journal.backup_blocking(&path)?;
             if json {
                 return print_json(&serde_json::json!({
-                    "journal": journal.path(),
+                    "journal": journal.location(),
                     "backup": path,
                     "bytes": bytes,
                 }));
             }
             outln!(
                 "journal {} copied to {} ({bytes} bytes, mode 0600; it holds the OAuth tokens)",
-                journal.path().display(),
+                journal.location(),
                 path.display()
             )?;
             Ok(())
         }
     }
+}
+
+fn parse_schema(s: &str) -> Result<String, String> {
+    crate::config::check_schema_name(s).map(|()| s.to_string())
 }
 
 /// Prints the newest `filter.limit` matching events, then follows new ones.

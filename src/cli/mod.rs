@@ -32,6 +32,7 @@ mod cluster;
 mod demo;
 mod doctor;
 mod journal;
+mod journal_migrate;
 mod probe;
 mod report;
 mod subscribe;

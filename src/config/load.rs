@@ -69,7 +69,7 @@ pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, Co
 /// register themselves as [`Secret`]s. The journal's PostgreSQL URL likewise.
 fn register_credentials(config: &Config) {
     if let Some(pg) = &config.journal.postgres {
-        crate::sinks::register_url_credentials(&pg.url);
+        crate::sinks::register_url_password(&pg.url);
     }
     for sink in config.sinks.values() {
         sink.kind.register_credentials();

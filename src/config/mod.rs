@@ -30,3 +30,4 @@ pub use types::{
     AdminConfig, AlertsConfig, Config, DEFAULT_LEASE_TTL, EnrichRule, JournalConfig, LogFormat,
     Mode, PortalConfig, PostgresJournalConfig, RateLimit, Synchronous,
 };
+pub(crate) use validate::{DEFAULT_JOURNAL_SCHEMA, check_schema_name};

@@ -139,7 +139,7 @@ pub async fn run_with(
     tracing::info!(
         portals = daemon.config.portals.len(),
         sinks = daemon.config.sinks.len(),
-        journal = %journal.path().display(),
+        journal = %journal.location(),
         "b24eventd running"
     );
     let gave_up = daemon.run_until_stopped().await;

@@ -24,8 +24,19 @@ use std::path::Path;
 pub trait JournalBackend: std::any::Any + Send + Sync {
     // ---- where it is and whether it answers ------------------------------------------------
 
-    /// Where the journal is, for messages and metric labels.
+    /// Where the journal is: the SQLite file (for a PostgreSQL journal, its location as a path:
+    /// use [`JournalBackend::location`] in messages).
     fn path(&self) -> &Path;
+
+    /// Where the journal is, for messages: the SQLite file's absolute path (`./b24eventd.db`
+    /// says nothing about which directory was meant), or a PostgreSQL journal's URL without
+    /// its password and the schema (`postgres://user@host:5432/db#schema`).
+    fn location(&self) -> String {
+        std::path::absolute(self.path())
+            .unwrap_or_else(|_| self.path().to_path_buf())
+            .display()
+            .to_string()
+    }
 
     /// Bytes the journal takes on disk (for SQLite: the file and its write-ahead log).
     fn size_bytes(&self) -> std::io::Result<u64>;

@@ -6,6 +6,12 @@
 //! *width* — starts at one and doubles while every get comes back full (a backlog), drops to what
 //! the last answer showed when the queue runs dry, and halves when a request was slow.
 //!
+//! Where the client's bucket refills several requests a second (a portal that limits nothing,
+//! with `rate_limit` opened), a poller sends a *wave* of up to [`MAX_PIPELINE`] combined
+//! requests at once ([`pipeline`]), the width then counting the gets of the whole wave: the
+//! portal's server time per call is what bounds such a drain, and requests side by side
+//! overlap it.
+//!
 //! The portal limits each method's operating time (420 s per 10 minutes on the cloud, `batch`
 //! itself included at half weight; passing it bans the method for 5 minutes). What a method has
 //! used is what the portal says in `time.operating`, plus what the calls of the answered request
@@ -108,19 +114,50 @@ pub(crate) struct Budgets {
     pub(crate) batch: Budget,
 }
 
-/// The adaptive number of `get` commands per request.
+/// The most requests a wave sends at once.
+pub(crate) const MAX_PIPELINE: usize = 16;
+
+/// How many requests one wave of a poller may send at once: as many as the client's bucket
+/// refills in a second (`per_second`, its share applied) and holds (`burst`, its share
+/// applied), at least one and at most [`MAX_PIPELINE`]. With the cloud's bucket (2 per second,
+/// the default share 0.5) that is one: a wave is one combined request, as the request economy
+/// wants where the bucket is what limits. On a portal that limits nothing (a self-hosted one
+/// with its limiter off, where an operator opens `rate_limit`) the portal's server time is what
+/// bounds a drain, and requests that run side by side overlap it.
+pub(crate) fn pipeline(per_second: f64, burst: f64) -> usize {
+    let fits = per_second.min(burst).floor();
+    if fits >= MAX_PIPELINE as f64 {
+        MAX_PIPELINE
+    } else if fits >= 1.0 {
+        fits as usize
+    } else {
+        1
+    }
+}
+
+/// The adaptive number of `get` commands per wave.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FetchWidth {
     width: u32,
+    /// [`MAX_GETS`] for each request of a wave.
+    cap: u32,
 }
 
 impl Default for FetchWidth {
     fn default() -> Self {
-        FetchWidth { width: 1 }
+        FetchWidth::for_requests(1)
     }
 }
 
 impl FetchWidth {
+    /// The width of a poller whose waves send up to `requests` requests at once.
+    pub(crate) fn for_requests(requests: usize) -> FetchWidth {
+        FetchWidth {
+            width: 1,
+            cap: MAX_GETS.saturating_mul(requests.clamp(1, MAX_PIPELINE) as u32),
+        }
+    }
+
     #[cfg(test)]
     fn width(&self) -> u32 {
         self.width
@@ -133,7 +170,7 @@ impl FetchWidth {
         if batch_size == 0 || room == 0 {
             return Vec::new();
         }
-        let count = self.width.min(max_gets).min(MAX_GETS);
+        let count = self.width.min(max_gets).min(self.cap);
         let mut left = room;
         let mut limits = Vec::new();
         while left > 0 && (limits.len() as u32) < count {
@@ -152,10 +189,10 @@ impl FetchWidth {
         let asked = asked as u32;
         let full = full as u32;
         self.width = if full >= asked {
-            (self.width.max(asked) * 2).min(MAX_GETS)
+            (self.width.max(asked) * 2).min(self.cap)
         } else {
             // The queue ran dry within this request: as many as were full, plus one.
-            (full + 1).clamp(1, MAX_GETS)
+            (full + 1).clamp(1, self.cap)
         };
         if elapsed > SLOW_REQUEST {
             self.width = (self.width / 2).max(1);
@@ -212,7 +249,10 @@ mod tests {
 
     #[test]
     fn plan_respects_room_max_gets_and_batch_size() {
-        let w = FetchWidth { width: 40 };
+        let w = FetchWidth {
+            width: 40,
+            ..FetchWidth::default()
+        };
         assert_eq!(w.plan(120, 50, 50), vec![50, 50, 20]);
         assert_eq!(w.plan(0, 50, 50), Vec::<u32>::new());
         assert_eq!(w.plan(10_000, 50, 3).len(), 3);
@@ -284,8 +324,38 @@ mod tests {
     }
 
     #[test]
+    fn a_wave_is_one_request_unless_the_bucket_refills_more_in_a_second() {
+        // The cloud's bucket at the default share: 25 burst, 1 per second.
+        assert_eq!(pipeline(1.0, 25.0), 1);
+        assert_eq!(pipeline(0.5, 25.0), 1);
+        // Enterprise at the default share: 2.5 per second.
+        assert_eq!(pipeline(2.5, 125.0), 2);
+        // A bucket that holds less than it refills: what it holds.
+        assert_eq!(pipeline(100.0, 3.0), 3);
+        assert_eq!(pipeline(1e6, 1e6), MAX_PIPELINE);
+    }
+
+    #[test]
+    fn a_wave_of_several_requests_grows_to_40_gets_per_request() {
+        let mut w = FetchWidth::for_requests(4);
+        for _ in 0..10 {
+            let asked = w.width();
+            w.observe(asked as usize, asked as usize, FAST);
+        }
+        assert_eq!(w.width(), 4 * MAX_GETS);
+        assert_eq!(w.plan(1_000_000, 50, u32::MAX).len(), 160);
+        assert_eq!(
+            FetchWidth::for_requests(1000),
+            FetchWidth::for_requests(MAX_PIPELINE)
+        );
+    }
+
+    #[test]
     fn a_slow_request_halves_the_width() {
-        let mut w = FetchWidth { width: 16 };
+        let mut w = FetchWidth {
+            width: 16,
+            ..FetchWidth::default()
+        };
         w.observe(16, 16, Duration::from_secs(20));
         assert_eq!(w.width(), 16); // doubled to 32, then halved
         w.observe(16, 16, Duration::from_secs(20));

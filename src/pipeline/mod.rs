@@ -124,7 +124,7 @@ pub(crate) async fn client_with_limit_wait(
     let tokens = journal.load_tokens(&portal.name).await?;
     let store: Arc<dyn TokenStore> = Arc::new(journal.clone());
     // Absolute, so the NO_TOKENS error names the file whatever the reader's directory.
-    let path = std::path::absolute(journal.path()).unwrap_or_else(|_| journal.path().to_path_buf());
+    let path = std::path::PathBuf::from(journal.location());
     client_on(portal, tokens, store, Some(path), max_limit_wait, http)
 }
 

@@ -200,6 +200,21 @@ pub(crate) fn register_url_credentials(url: &str) {
     }
 }
 
+/// The password of a `postgres://` URL with [`crate::redact`], as written and decoded, and the
+/// `user:password` credentials made of it. The user alone is a role name, not a secret (and
+/// `postgres`, the usual one, would blank out every mention of PostgreSQL's URLs).
+pub(crate) fn register_url_password(url: &str) {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return;
+    };
+    let decode = |text: &str| crate::bitrix::form::percent_decode(&text.replace('+', "%2B"));
+    if let Some(password) = parsed.password() {
+        crate::redact::register(password);
+        crate::redact::register(&decode(password));
+        crate::redact::register_credentials(&decode(parsed.username()), &decode(password));
+    }
+}
+
 /// The registry of sink types, one line each: `Variant(module::Config) = "type" =>
 /// module::Sink, module::parse_config;`. It makes [`SinkKind`] (a variant per type),
 /// [`SinkKind::type_name`], [`SINK_TYPES`] (each type's config parser) and [`build`]. Adding a

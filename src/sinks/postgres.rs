@@ -48,7 +48,7 @@ pub struct PostgresSinkConfig {
 
 impl super::SinkTypeConfig for PostgresSinkConfig {
     fn register_credentials(&self) {
-        super::register_url_credentials(&self.url);
+        super::register_url_password(&self.url);
     }
 }
 

@@ -21,6 +21,7 @@ mod exec_sink;
 mod faults;
 mod http_sink;
 mod idempotency;
+mod journal_migrate;
 mod journal_safety;
 mod many_portals;
 mod mqtt_sink;

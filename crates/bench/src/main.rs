@@ -4,7 +4,9 @@
 //! runs on is shared and noisy. `drain` (request economy under cloud limits vs the documented
 //! safe loop), `overhead` (local cost per event vs bare SQLite inserts), `latency` (queue to
 //! delivery, idle and under load, vs a bare `event.offline.get` round trip) and `memory` (RSS
-//! idle, under a backlog and with many portals, vs idle with one). Results are recorded in
+//! idle, under a backlog and with many portals, vs idle with one) and `backlog` (a 100,000-event
+//! backlog on a portal without limits: events per second and CPU per event vs bare SQLite
+//! inserts, the journal's own speed). Results are recorded in
 //! `docs/BENCHMARKS.md`.
 
 /// `println!` that returns the write error instead of panicking (so `| head` ends quietly),
@@ -21,6 +23,7 @@ macro_rules! outln {
     }};
 }
 
+mod backlog;
 mod daemon;
 mod drain;
 mod latency;
@@ -43,7 +46,8 @@ struct BenchArgs {
     /// Which benchmark to run
     #[arg(value_enum)]
     which: Which,
-    /// Events queued for drain and overhead (default 20000); the memory backlog is 5 times this
+    /// Events queued for drain and overhead (default 20000); the memory and backlog backlogs
+    /// are 5 times this
     #[arg(long, value_name = "N")]
     events: Option<u64>,
     /// Portals (one simulator each) for the many-portal memory measurement
@@ -52,8 +56,8 @@ struct BenchArgs {
     /// Print one JSON document instead of tables
     #[arg(long)]
     json: bool,
-    /// drain: also drain the same queue with another build of b24eventd (e.g. the previous
-    /// release), against the same simulator
+    /// drain, backlog: also drain the same queue with another build of b24eventd (e.g. the
+    /// previous release), against the same simulator
     #[arg(long, value_name = "BINARY")]
     compare_with: Option<std::path::PathBuf>,
 }
@@ -64,6 +68,7 @@ enum Which {
     Overhead,
     Latency,
     Memory,
+    Backlog,
     All,
 }
 
@@ -217,11 +222,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_machine(&machine)?;
     }
     let mut reports = Vec::new();
-    let steps: [(Which, &str); 4] = [
+    let steps: [(Which, &str); 5] = [
         (Which::Drain, "drain"),
         (Which::Overhead, "overhead"),
         (Which::Latency, "latency"),
         (Which::Memory, "memory"),
+        (Which::Backlog, "backlog"),
     ];
     for (which, name) in steps {
         if !chosen(which) {
@@ -234,6 +240,9 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Which::Overhead => overhead::run(events).await?,
             Which::Latency => latency::run().await?,
             Which::Memory => memory::run(events * BACKLOG_FACTOR, args.portals).await?,
+            Which::Backlog => {
+                backlog::run(events * BACKLOG_FACTOR, args.compare_with.as_deref()).await?
+            }
             Which::All => unreachable!("`all` is expanded above"),
         };
         report.seconds = started.elapsed().as_secs_f64();

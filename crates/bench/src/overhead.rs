@@ -17,12 +17,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The daemon's `batch_size` (its default): rows per reservation and per baseline transaction.
-const BATCH_SIZE: u64 = 50;
+pub const BATCH_SIZE: u64 = 50;
 
 /// Wall and CPU time of one way of storing the events.
-struct Cost {
-    seconds: f64,
-    cpu_seconds: f64,
+pub struct Cost {
+    pub seconds: f64,
+    pub cpu_seconds: f64,
 }
 
 pub async fn run(events: u64) -> anyhow::Result<Report> {
@@ -136,7 +136,7 @@ fn gets(sim: &Simulator) -> u64 {
 
 /// Inserts `events` rows as fetched batches of `per_txn`, one transaction each, into a
 /// database with the journal's schema ([`BareInserts`]).
-fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Cost> {
+pub fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Cost> {
     let mut bare = BareInserts::create(path)?;
     let started = Instant::now();
     let cpu_before = procfs::thread_cpu_seconds();

@@ -7,7 +7,7 @@
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::{Value, json};
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::php::{self, Params};
 use super::rest::{RestError, iso, portal_now};
@@ -363,6 +363,14 @@ impl Order {
         Ok(Order(keys))
     }
 
+    /// True when rows come in `ID` ascending order, the table's own: nothing to sort (`ID`
+    /// is unique, so whatever follows an `ID ASC` key never decides).
+    fn is_by_id(&self) -> bool {
+        self.0
+            .first()
+            .is_none_or(|(field, desc)| *field == Field::Id && !desc)
+    }
+
     fn compare(&self, a: &Row, b: &Row) -> Ordering {
         for (field, desc) in &self.0 {
             let o = field.compare(a, b);
@@ -593,6 +601,9 @@ fn merge_key(message_id: &str, connector: &str) -> (String, String) {
 pub struct Queue {
     rows: BTreeMap<i64, Row>,
     unreserved: HashMap<(String, String), i64>,
+    /// The IDs of the reserved rows by `PROCESS_ID` (ASCII-lowercased, as the column compares):
+    /// a clear looks at its reservation's rows, not at the whole table.
+    reserved: HashMap<String, BTreeSet<i64>>,
     last_id: i64,
 }
 
@@ -663,6 +674,23 @@ impl Queue {
         rows
     }
 
+    /// The first `limit` rows `keep` holds in `order`: what `sorted` gives, cut to `limit`,
+    /// without sorting (or looking past the `limit`th row) when the order is the table's own.
+    /// (A get without `order` is ordered by `TIMESTAMP_X`, as on the server, and still sorts.)
+    fn first<'a>(
+        &'a self,
+        keep: impl Fn(&Row) -> bool,
+        order: &Order,
+        limit: usize,
+    ) -> Vec<&'a Row> {
+        if order.is_by_id() {
+            return self.rows.values().filter(|r| keep(r)).take(limit).collect();
+        }
+        let mut rows = self.sorted(keep, order);
+        rows.truncate(limit);
+        rows
+    }
+
     fn delete_where(&mut self, pred: impl Fn(&Row) -> bool) -> usize {
         let doomed: Vec<i64> = self
             .rows
@@ -670,15 +698,31 @@ impl Queue {
             .filter(|r| pred(r))
             .map(|r| r.id)
             .collect();
-        for id in &doomed {
-            if let Some(row) = self.rows.remove(id)
-                && row.process_id.is_empty()
-            {
-                self.unreserved
-                    .remove(&merge_key(&row.message_id, &row.connector_id));
+        self.delete_ids(&doomed)
+    }
+
+    fn delete_ids(&mut self, doomed: &[i64]) -> usize {
+        for id in doomed {
+            if let Some(row) = self.rows.remove(id) {
+                if row.process_id.is_empty() {
+                    self.unreserved
+                        .remove(&merge_key(&row.message_id, &row.connector_id));
+                } else {
+                    self.unindex_reserved(&row.process_id, row.id);
+                }
             }
         }
         doomed.len()
+    }
+
+    fn unindex_reserved(&mut self, process_id: &str, id: i64) {
+        let key = process_id.to_ascii_lowercase();
+        if let Some(ids) = self.reserved.get_mut(&key) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.reserved.remove(&key);
+            }
+        }
     }
 
     /// Sets a row's `PROCESS_ID`, keeping the index of unreserved rows.
@@ -687,12 +731,19 @@ impl Queue {
             return;
         };
         let key = merge_key(&row.message_id, &row.connector_id);
-        if row.process_id.is_empty() {
+        let previous = std::mem::replace(&mut row.process_id, process_id.to_string());
+        if previous.is_empty() {
             self.unreserved.remove(&key);
+        } else {
+            self.unindex_reserved(&previous, id);
         }
-        row.process_id = process_id.to_string();
         if process_id.is_empty() {
             self.unreserved.insert(key, id);
+        } else {
+            self.reserved
+                .entry(process_id.to_ascii_lowercase())
+                .or_default()
+                .insert(id);
         }
     }
 
@@ -713,12 +764,12 @@ impl Queue {
         };
         if fresh {
             let marked: Vec<i64> = self
-                .sorted(
+                .first(
                     |r| in_lane(r) && r.process_id.is_empty() && req.filter.matches(r),
                     &req.order,
+                    req.limit,
                 )
                 .into_iter()
-                .take(req.limit)
                 .map(|r| r.id)
                 .collect();
             for id in marked {
@@ -726,12 +777,12 @@ impl Queue {
             }
         }
         let events: Vec<Row> = self
-            .sorted(
+            .first(
                 |r| in_lane(r) && sql_eq(&r.process_id, &process_id) && req.filter.matches(r),
                 &req.order,
+                req.limit,
             )
             .into_iter()
-            .take(req.limit)
             .cloned()
             .collect();
         let deleted = if req.clear && !events.is_empty() {
@@ -755,7 +806,7 @@ impl Queue {
     /// `eventOfflineClear`: deletes the process's rows of this connector (all, or those
     /// listed). Returns the number of rows deleted (the API answers `true` regardless).
     pub fn clear(&mut self, req: &ClearRequest, connector: &str) -> usize {
-        self.delete_where(|r| {
+        let doomed = |r: &Row| {
             sql_eq(&r.process_id, &req.process_id)
                 && sql_eq(&r.connector_id, connector)
                 && match &req.selector {
@@ -763,7 +814,21 @@ impl Queue {
                     ClearSelector::MessageIds(ids) => ids.iter().any(|m| sql_eq(m, &r.message_id)),
                     ClearSelector::Ids(ids) => ids.contains(&r.id),
                 }
-        })
+        };
+        if req.process_id.is_empty() {
+            // `PROCESS_ID = ''`: the unreserved rows, which the index does not hold.
+            return self.delete_where(doomed);
+        }
+        let ids: Vec<i64> = self
+            .reserved
+            .get(&req.process_id.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.rows.get(id))
+            .filter(|r| doomed(r))
+            .map(|r| r.id)
+            .collect();
+        self.delete_ids(&ids)
     }
 
     /// `EventOfflineTable::cleanProcessAgent` (daily on the portal): deletes every reserved row

@@ -20,11 +20,28 @@ use std::time::Duration;
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_JOURNAL_FILE: &str = "journal.db";
 const DEFAULT_JOURNAL_FALLBACK: &str = "./b24eventd.db";
-const DEFAULT_JOURNAL_SCHEMA: &str = "b24eventd";
+pub(crate) const DEFAULT_JOURNAL_SCHEMA: &str = "b24eventd";
 const DEFAULT_JOURNAL_CONNECTIONS: u64 = 8;
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_PRUNE_SCHEDULE: &str = "0 30 3 * * *";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+
+/// Checks that `schema` is a plain PostgreSQL schema name (`[journal] schema`, `journal migrate
+/// --schema`): used unquoted in SQL and in the config, it must need no quoting.
+pub(crate) fn check_schema_name(schema: &str) -> Result<(), String> {
+    let plain = schema.len() <= 63
+        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "{schema:?} is not a plain schema name: use lowercase letters, digits and _, starting with a letter or _, at most 63"
+        ))
+    }
+}
 
 /// Checks a [`RawConfig`] and fills in defaults. Pure: reads no files and no environment.
 pub(crate) fn validate(raw: RawConfig, source: &Path) -> Result<Config, ConfigError> {
@@ -320,19 +337,7 @@ impl Validator {
             .schema
             .clone()
             .unwrap_or_else(|| DEFAULT_JOURNAL_SCHEMA.to_string());
-        let plain = schema.len() <= 63
-            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !plain {
-            return Err(self.err(
-                "journal.schema",
-                format!(
-                    "{schema:?} is not a plain schema name: use lowercase letters, digits and _, starting with a letter or _, at most 63"
-                ),
-            ));
-        }
+        check_schema_name(&schema).map_err(|m| self.err("journal.schema", m))?;
         let max_connections = raw.max_connections.unwrap_or(DEFAULT_JOURNAL_CONNECTIONS);
         if !(2..=1000).contains(&max_connections) {
             return Err(self.err(

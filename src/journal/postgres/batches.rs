@@ -3,12 +3,14 @@
 //! (`batches`, `events`, `deliveries`).
 //!
 //! A batch costs a fixed number of round trips whatever its size: its known rows, the first
-//! rows of its changes and (error lane) the sinks that have them are read with one query each,
-//! and its events and deliveries are written with one `INSERT ... SELECT FROM unnest(...)` each.
+//! rows of its changes and (error lane) the sinks that have them are read with one query each
+//! (a `LATERAL` index lookup per event, by portal and offline ID), and its events and
+//! deliveries are written with one `INSERT ... SELECT FROM unnest(...)` each.
 
-use super::Conn;
+use super::deliveries::storable;
 use super::fence::{Fence, check};
 use super::tokens::ensure_portal;
+use super::{Conn, now};
 use crate::envelope::{Envelope, Lane};
 use crate::journal::types::{NewBatch, NewEvent, OpenBatch, RecordedBatch};
 use chrono::{DateTime, Utc};
@@ -52,8 +54,8 @@ pub(super) async fn record_batches(
 enum Fate {
     /// The journal has it under this reservation, with this upstream state.
     Known(String),
-    /// New: the `i`-th row inserted.
-    New(usize),
+    /// New to the journal: inserted.
+    New,
     /// The same offline ID appeared earlier in the batch: the `i`-th row inserted.
     Again(usize),
 }
@@ -69,7 +71,7 @@ struct NewRow<'a> {
 
 async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Result<RecordedBatch> {
     ensure_portal(tx, &batch.portal).await?;
-    let fetched_at = Utc::now();
+    let fetched_at = now();
     if batch.new_reservation {
         let rename = tx
             .prepare_cached(
@@ -113,7 +115,7 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
             fates.push(Fate::Again(i));
         } else {
             row_of.insert(e.offline_id, rows.len());
-            fates.push(Fate::New(rows.len()));
+            fates.push(Fate::New);
             rows.push(NewRow {
                 event: e,
                 change: Envelope::change_key(&e.timestamp),
@@ -132,11 +134,12 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
     if !rows.is_empty() {
         let first_of_change = tx
             .prepare_cached(
-                "SELECT DISTINCT ON (offline_id, change_key) offline_id, change_key, envelope_id
-                 FROM events
-                 WHERE portal = $1
-                   AND (offline_id, change_key) IN (SELECT * FROM unnest($2::bigint[], $3::text[]))
-                 ORDER BY offline_id, change_key, id",
+                "SELECT u.offline_id, u.change_key, f.envelope_id
+                 FROM unnest($2::bigint[], $3::text[]) AS u(offline_id, change_key)
+                 CROSS JOIN LATERAL (
+                     SELECT envelope_id FROM events
+                     WHERE portal = $1 AND offline_id = u.offline_id AND change_key = u.change_key
+                     ORDER BY id LIMIT 1) f",
             )
             .await?;
         for row in tx
@@ -158,11 +161,12 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
         let changes: Vec<&str> = copies.iter().map(|r| r.change.as_str()).collect();
         let sinks_with_change = tx
             .prepare_cached(
-                "SELECT DISTINCT e.offline_id, e.change_key, d.sink
-                 FROM deliveries d JOIN events e ON e.id = d.event_id
-                 WHERE e.portal = $1
-                   AND (e.offline_id, e.change_key) IN (SELECT * FROM unnest($2::bigint[], $3::text[]))
-                   AND d.status IN ('delivered', 'pending')",
+                "SELECT DISTINCT u.offline_id, u.change_key, s.sink
+                 FROM unnest($2::bigint[], $3::text[]) AS u(offline_id, change_key)
+                 CROSS JOIN LATERAL (
+                     SELECT d.sink FROM events e JOIN deliveries d ON d.event_id = e.id
+                     WHERE e.portal = $1 AND e.offline_id = u.offline_id
+                       AND e.change_key = u.change_key AND d.status IN ('delivered', 'pending')) s",
             )
             .await?;
         for row in tx
@@ -199,7 +203,7 @@ async fn record_batch_in(tx: &Transaction<'_>, batch: &NewBatch) -> anyhow::Resu
     }
     for (e, fate) in batch.events.iter().zip(&fates) {
         let upstream = match fate {
-            Fate::New(_) => {
+            Fate::New => {
                 recorded.inserted += 1;
                 continue;
             }
@@ -294,9 +298,11 @@ async fn insert_rows(
     let column = |f: &dyn Fn(&NewRow<'_>) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let envelope_ids = column(&|r| r.envelope_id.clone());
     let offline_ids: Vec<i64> = rows.iter().map(|r| r.event.offline_id).collect();
-    let events = column(&|r| r.event.event.clone());
-    let message_ids = column(&|r| r.event.message_id.clone());
-    let timestamps = column(&|r| r.event.timestamp.clone());
+    // A portal's strings with a NUL in them (which `text` cannot hold) would stop the portal's
+    // journaling for good: stored with U+FFFD instead.
+    let events = column(&|r| storable(&r.event.event).into_owned());
+    let message_ids = column(&|r| storable(&r.event.message_id).into_owned());
+    let timestamps = column(&|r| storable(&r.event.timestamp).into_owned());
     let data = column(&|r| r.event.data.to_string());
     let additional = column(&|r| r.event.additional.to_string());
     let statuses: Vec<&str> = rows

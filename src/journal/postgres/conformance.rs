@@ -1,7 +1,7 @@
 //! The last conformance probe's findings per portal (`conformance`).
 
-use super::Conn;
 use super::fence::{Fence, check};
+use super::{Conn, millis};
 use crate::journal::types::StoredFinding;
 
 pub(super) async fn replace_conformance(
@@ -33,7 +33,7 @@ pub(super) async fn replace_conformance(
                 &f.observed,
                 &f.value,
                 &f.run_id,
-                &f.checked_at,
+                &millis(f.checked_at),
             ],
         )
         .await?;

@@ -10,17 +10,29 @@
 //! share lock each transaction's `delivery_attempts` rows take on their event (the foreign
 //! key), and two dispatchers would deadlock.
 
-use super::Conn;
 use super::batches::lane_from_sql;
 use super::fence::{Fence, check_events};
+use super::{Conn, millis, now};
 use crate::envelope::Envelope;
 use crate::journal::settle::{self, DeliveryState, SettleAction};
 use crate::journal::types::{DueDelivery, Outcome};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio_postgres::Row;
+
+/// `text` as PostgreSQL can store it: without NUL characters, which a `text` value cannot hold
+/// (SQLite keeps them). For what arrives from outside and is only read by people: a sink's
+/// error or output, why an entity could not be read.
+pub(super) fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
 
 /// The columns of `events e` that make an envelope, in the order [`envelope_at`] reads them.
 pub(super) const ENVELOPE_COLUMNS: &str = "e.envelope_id, e.portal, e.event, e.offline_id, e.message_id, \
@@ -59,14 +71,20 @@ pub(super) async fn due_deliveries(
     now: DateTime<Utc>,
     limit: usize,
 ) -> anyhow::Result<Vec<DueDelivery>> {
+    // The due deliveries are chosen first and only they are joined to their events (the
+    // events waiting for enrichment are few, and found by their partial index).
     let stmt = conn
         .prepare_cached(&format!(
             "SELECT d.event_id, d.attempts, {ENVELOPE_COLUMNS}, e.fetched_at
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
-               AND e.enrichment IS NULL AND ($4::text[] IS NULL OR e.portal = ANY($4))
-             ORDER BY d.next_attempt_at, d.event_id
-             LIMIT $3"
+             FROM (SELECT event_id, attempts, next_attempt_at FROM deliveries p
+                   WHERE sink = $1 AND status = 'pending' AND next_attempt_at <= $2
+                     AND EXISTS (SELECT 1 FROM events w
+                                 WHERE w.id = p.event_id AND w.enrichment IS NULL
+                                   AND ($4::text[] IS NULL OR w.portal = ANY($4)))
+                   ORDER BY next_attempt_at, event_id
+                   LIMIT $3) d
+             JOIN events e ON e.id = d.event_id
+             ORDER BY d.next_attempt_at, d.event_id"
         ))
         .await?;
     let rows = conn
@@ -74,7 +92,7 @@ pub(super) async fn due_deliveries(
             &stmt,
             &[
                 &sink,
-                &now,
+                &millis(now),
                 &(limit.min(i64::MAX as usize) as i64),
                 &portals,
             ],
@@ -109,7 +127,7 @@ pub(super) async fn bring_forward(
         )
         .await?;
     Ok(conn
-        .execute(&stmt, &[&sink, &latest, &Utc::now(), &portals])
+        .execute(&stmt, &[&sink, &millis(latest), &now(), &portals])
         .await? as usize)
 }
 
@@ -137,7 +155,7 @@ pub(super) async fn record_outcomes(
     let tx = conn.transaction().await?;
     let events: Vec<i64> = outcomes.iter().map(|(id, _, _)| *id).collect();
     check_events(&tx, fence, &events).await?;
-    let at = Utc::now();
+    let at = now();
     let update = tx
         .prepare_cached(
             "UPDATE deliveries d SET status = u.status, attempts = d.attempts + 1,
@@ -174,15 +192,15 @@ pub(super) async fn record_outcomes(
         let mut event_ids = Vec::with_capacity(round.len());
         let mut statuses = Vec::with_capacity(round.len());
         let mut next_at = Vec::with_capacity(round.len());
-        let mut errors: Vec<Option<&str>> = Vec::with_capacity(round.len());
+        let mut errors: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(round.len());
         for (event_id, outcome, _) in round {
             let (status, next, error) = match outcome {
                 Outcome::Delivered => ("delivered", at, None),
                 Outcome::Retry {
                     error,
                     next_attempt_at,
-                } => ("pending", *next_attempt_at, Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", at, Some(error.as_str())),
+                } => ("pending", millis(*next_attempt_at), Some(storable(error))),
+                Outcome::Dead { error } => ("dead", at, Some(storable(error))),
             };
             event_ids.push(*event_id);
             statuses.push(status);
@@ -206,14 +224,14 @@ pub(super) async fn record_outcomes(
             };
             let (label, error) = match outcome {
                 Outcome::Delivered => ("delivered", None),
-                Outcome::Retry { error, .. } => ("retry", Some(error.as_str())),
-                Outcome::Dead { error } => ("dead", Some(error.as_str())),
+                Outcome::Retry { error, .. } => ("retry", Some(storable(error))),
+                Outcome::Dead { error } => ("dead", Some(storable(error))),
             };
             log.event_ids.push(*event_id);
             log.attempts.push(*attempt);
             log.outcomes.push(label);
             log.errors.push(error);
-            log.outputs.push(output.as_deref());
+            log.outputs.push(output.as_deref().map(storable));
             if label != "retry" {
                 finished.push(*event_id);
             }
@@ -245,8 +263,8 @@ struct AttemptColumns<'a> {
     event_ids: Vec<i64>,
     attempts: Vec<i64>,
     outcomes: Vec<&'a str>,
-    errors: Vec<Option<&'a str>>,
-    outputs: Vec<Option<&'a str>>,
+    errors: Vec<Option<Cow<'a, str>>>,
+    outputs: Vec<Option<Cow<'a, str>>>,
 }
 
 fn state_from_sql(s: &str) -> DeliveryState {
@@ -278,10 +296,8 @@ async fn settle_if_final(tx: &Transaction<'_>, events: &[i64]) -> anyhow::Result
     let read = tx
         .prepare_cached(
             "SELECT e.id, e.lane, e.portal, e.upstream,
-                    COALESCE(array_agg(d.status) FILTER (WHERE d.status IS NOT NULL), '{}')
-             FROM events e LEFT JOIN deliveries d ON d.event_id = e.id
-             WHERE e.id = ANY($1)
-             GROUP BY e.id",
+                    ARRAY(SELECT d.status FROM deliveries d WHERE d.event_id = e.id)
+             FROM events e WHERE e.id = ANY($1)",
         )
         .await?;
     let mut portal_of: HashMap<i64, String> = HashMap::new();

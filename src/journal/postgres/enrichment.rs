@@ -2,9 +2,11 @@
 //! their deliveries).
 
 use super::Conn;
+use super::deliveries::storable;
 use super::fence::{Fence, check_events};
 use crate::journal::types::{Enriched, PendingEnrichment};
 use serde_json::Value;
+use std::borrow::Cow;
 
 pub(super) async fn pending_enrichment(
     conn: &Conn,
@@ -40,7 +42,10 @@ pub(super) async fn record_enrichment(
     }
     let ids: Vec<i64> = results.iter().map(|r| r.event_id).collect();
     let entities: Vec<String> = results.iter().map(|r| r.entity.to_string()).collect();
-    let errors: Vec<Option<&str>> = results.iter().map(|r| r.error.as_deref()).collect();
+    let errors: Vec<Option<Cow<'_, str>>> = results
+        .iter()
+        .map(|r| r.error.as_deref().map(storable))
+        .collect();
     // One statement after the fence's check. It locks the rows in id order, as the other
     // writers of `events` do. An event named twice keeps its first result, which released it.
     let tx = conn.transaction().await?;

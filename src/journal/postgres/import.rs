@@ -4,7 +4,7 @@
 //! only when the row counts equal the source's. Runs on a small runtime of its own, fed from
 //! the blocking caller through a bounded channel.
 
-use super::{describe, quote_ident, schema};
+use super::{CONNECT_TIMEOUT, describe, quote_ident, schema};
 use crate::config::PostgresJournalConfig;
 use crate::journal::migrate::{Rows, TableCounts};
 use crate::pg::{Tls, connect_config, start, tls_connector};
@@ -90,7 +90,8 @@ impl Importer {
 
 async fn connect(config: &PostgresJournalConfig) -> anyhow::Result<Client> {
     let location = config.location();
-    let (pg, tls) = connect_config(&config.url).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let (mut pg, tls) = connect_config(&config.url).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    pg.connect_timeout(CONNECT_TIMEOUT);
     let client = match tls {
         Tls::Off => start(&pg, tokio_postgres::NoTls).await,
         Tls::Prefer | Tls::Require => {
@@ -101,7 +102,14 @@ async fn connect(config: &PostgresJournalConfig) -> anyhow::Result<Client> {
             .await
         }
     };
-    client.map_err(|e| anyhow::anyhow!("cannot connect to {location}: {}", describe(&e)))
+    client.map_err(|e| {
+        // The server's message, else the driver's with its cause (an I/O error, a timeout).
+        let why = match e.as_db_error() {
+            Some(_) => describe(&e),
+            None => format!("{:#}", anyhow::Error::new(e)),
+        };
+        anyhow::anyhow!("cannot connect to {location}: {why}")
+    })
 }
 
 /// The import task: everything in one transaction, committed only after `Done` and the check.
@@ -115,8 +123,8 @@ async fn import(
     let tx = client.transaction().await?;
     let quoted = quote_ident(&config.schema);
     tx.query_one(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&schema::MIGRATION_LOCK],
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&schema::MIGRATION_LOCK, &config.schema],
     )
     .await?;
     refuse_unless_empty(&tx, &config.schema, &location).await?;
@@ -191,7 +199,7 @@ async fn refuse_unless_empty(
             names.push("...");
         }
         anyhow::bail!(
-            "schema {schema} of {location} is not empty and holds no journal of ours ({}): choose another --schema",
+            "{location} is not empty and holds no journal of ours ({}): choose another --schema",
             names.join(", ")
         );
     }
@@ -213,11 +221,11 @@ async fn refuse_unless_empty(
         .by_table()
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(table, n)| format!("{n} {table}"))
+        .map(|(table, n)| format!("{table}: {n}"))
         .collect();
     if !found.is_empty() {
         anyhow::bail!(
-            "schema {schema} of {location} already holds a journal ({}): migrate into an empty schema (--schema NAME), or drop this one first",
+            "{location} already holds a journal ({}): migrate into an empty schema (--schema NAME), or drop this one first",
             found.join(", ")
         );
     }
@@ -247,11 +255,52 @@ async fn counts(tx: &Transaction<'_>) -> anyhow::Result<TableCounts> {
     })
 }
 
+/// A value as PostgreSQL can hold it: text without NUL characters, which `text` refuses and
+/// SQLite keeps (an exec sink's output may carry them); each becomes U+FFFD, as a decoder
+/// marks what it could not read. Other values go as they are.
+trait PgValue {
+    fn pg_value(self) -> Self;
+}
+
+impl PgValue for String {
+    fn pg_value(self) -> String {
+        if self.contains('\0') {
+            self.replace('\0', "\u{FFFD}")
+        } else {
+            self
+        }
+    }
+}
+
+impl<T: PgValue> PgValue for Option<T> {
+    fn pg_value(self) -> Option<T> {
+        self.map(T::pg_value)
+    }
+}
+
+macro_rules! as_is {
+    ($($t:ty),*) => {
+        $(impl PgValue for $t {
+            fn pg_value(self) -> $t {
+                self
+            }
+        })*
+    };
+}
+as_is!(i64, chrono::DateTime<chrono::Utc>);
+
+fn pg_value<T: PgValue>(value: T) -> T {
+    value.pg_value()
+}
+
 /// Inserts one chunk with one statement: each column as an array, `unnest`ed into rows.
 async fn insert(tx: &Transaction<'_>, rows: Rows) -> Result<u64, String> {
     macro_rules! column {
         ($rows:expr, $field:ident) => {
-            $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+            $rows
+                .iter()
+                .map(|r| pg_value(r.$field.clone()))
+                .collect::<Vec<_>>()
         };
     }
     let done = match rows {
@@ -507,7 +556,7 @@ mod tests {
                         5 => return None,
                         _ => Outcome::Delivered,
                     };
-                    Some((d.event_id, outcome, Some("out".to_string())))
+                    Some((d.event_id, outcome, Some("out\0put".to_string())))
                 })
                 .collect();
             journal.record_outcomes("b", outcomes).await.unwrap();
@@ -581,11 +630,14 @@ mod tests {
             ),
             (1, 1, 1, 5, 10, 9, 1)
         );
-        assert_eq!(
-            shown(&pg),
-            shown(&sqlite),
-            "the same rows, ids, times and texts"
-        );
+        // The same rows, ids, times and texts; a NUL, which PostgreSQL text cannot hold,
+        // becomes U+FFFD.
+        let nul_marked = |v: serde_json::Value| -> serde_json::Value {
+            serde_json::from_str(&v.to_string().replace("\\u0000", "\u{FFFD}")).unwrap()
+        };
+        let in_pg = shown(&pg);
+        assert!(in_pg.to_string().contains("out\u{FFFD}put"));
+        assert_eq!(in_pg, nul_marked(shown(&sqlite)));
         assert_eq!(
             pg.sql_rows(TOKENS).unwrap(),
             sqlite.sql_rows(TOKENS).unwrap()
@@ -639,7 +691,7 @@ mod tests {
             }
             v
         };
-        assert_eq!(strip(pg_shown), strip(sqlite_shown));
+        assert_eq!(strip(pg_shown), strip(nul_marked(sqlite_shown)));
     }
 
     #[test]
@@ -658,7 +710,8 @@ mod tests {
         let _drop = crate::journal::test_support::DropSchema::new(&config, &pg);
         let again = sqlite_to_postgres(&path, &target).unwrap_err().to_string();
         assert!(
-            again.contains("already holds a journal (1 portals, 1 tokens, 1 batches, 5 events"),
+            again
+                .contains("already holds a journal (portals: 1, tokens: 1, batches: 1, events: 5,"),
             "{again}"
         );
         assert_eq!(pg.list_events(&EventFilter::default()).unwrap().len(), 5);

@@ -99,13 +99,14 @@ impl PgJournal {
         let (mut pg, tls) =
             connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
         pg.connect_timeout(CONNECT_TIMEOUT);
-        // Every pooled connection works in the journal's schema.
-        // A transaction left open by a paused process (SIGSTOP, a VM frozen) would hold its
-        // row locks, a fenced write's lease rows among them, for as long as the pause: the
-        // server ends such a session instead. No journal transaction waits on its client
-        // between statements for anywhere near that long.
+        // Every pooled connection works in the journal's schema, and keeps the server's notices
+        // below warnings (`CREATE SCHEMA IF NOT EXISTS` and the like) out of the log. A
+        // transaction left open by a paused process (SIGSTOP, a VM frozen) would hold its row
+        // locks, a fenced write's lease rows among them, for as long as the pause: the server
+        // ends such a session instead. No journal transaction waits on its client between
+        // statements for anywhere near that long.
         pg.options(format!(
-            "-c search_path={} -c idle_in_transaction_session_timeout={}",
+            "-c search_path={} -c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
             config.schema,
             IDLE_IN_TRANSACTION.as_millis()
         ));
@@ -224,8 +225,10 @@ impl PgJournal {
     }
 }
 
-/// The session advisory lock one daemon holds on a PostgreSQL journal (see [`InstanceLock`]).
-const INSTANCE_LOCK: i64 = 0x6232_3464_6165_6d6e; // "b24daemn"
+/// The first key of the session advisory lock one daemon holds on a PostgreSQL journal (see
+/// [`InstanceLock`]); the second is `hashtext(schema)`, so journals in other schemas of the same
+/// database (advisory locks are per database) are not locked with it.
+const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
 
 /// No journal in the configured schema yet (a command that only looks finds nothing).
 #[derive(Debug, thiserror::Error)]
@@ -249,23 +252,28 @@ impl PgJournal {
     /// process holds it in a mode that conflicts.
     pub(super) async fn lock_instance(&self, shared: bool) -> anyhow::Result<InstanceLock> {
         let location = self.inner.location.display().to_string();
+        let schema = self.inner.schema.clone();
         self.run(move |conn| async move {
             let conn = deadpool_postgres::Object::take(conn);
             let take = if shared {
-                "SELECT pg_try_advisory_lock_shared($1)"
+                "SELECT pg_try_advisory_lock_shared($1, hashtext($2))"
             } else {
-                "SELECT pg_try_advisory_lock($1)"
+                "SELECT pg_try_advisory_lock($1, hashtext($2))"
             };
-            let taken: bool = conn.query_one(take, &[&INSTANCE_LOCK]).await?.get(0);
+            let taken: bool = conn
+                .query_one(take, &[&INSTANCE_LOCK, &schema])
+                .await?
+                .get(0);
             if !taken {
                 let holder: Option<String> = conn
                     .query_opt(
                         "SELECT a.application_name || ', connected from ' || COALESCE(host(a.client_addr), 'the local socket')
                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                         WHERE l.locktype = 'advisory' AND l.granted
-                           AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND l.classid = $1::int4::oid AND l.objid = hashtext($2::text)::oid
                          LIMIT 1",
-                        &[&INSTANCE_LOCK],
+                        &[&INSTANCE_LOCK, &schema],
                     )
                     .await
                     .ok()
@@ -422,6 +430,20 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// `t` to the millisecond, as every time is stored: the SQLite journal keeps times as text with
+/// milliseconds, and orders and compares them so (two retries due in the same millisecond are
+/// due together, by row); PostgreSQL's microseconds would order them otherwise.
+pub(super) fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::Timelike;
+    t.with_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(t)
+}
+
+/// The time now, to the millisecond ([`millis`]).
+pub(super) fn now() -> DateTime<Utc> {
+    millis(Utc::now())
+}
+
 /// `ident` as a double-quoted SQL identifier.
 pub(super) fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -430,6 +452,10 @@ pub(super) fn quote_ident(ident: &str) -> String {
 impl JournalBackend for PgJournal {
     fn path(&self) -> &Path {
         &self.inner.location
+    }
+
+    fn location(&self) -> String {
+        self.inner.location.display().to_string()
     }
 
     /// The tables and indexes of the journal's schema.
@@ -843,9 +869,26 @@ mod tests {
         };
         let refused = other.lock_instance(false).await.err().unwrap().to_string();
         assert!(
-            refused.contains("in use by another b24eventd process"),
+            refused.contains("in use by another b24eventd process")
+                && refused.contains(&format!("b24eventd pid {} on ", std::process::id())),
             "{refused}"
         );
+        // A journal in another schema of the same database has a lock of its own.
+        let elsewhere_config = PostgresJournalConfig {
+            schema: unique_schema(),
+            ..config.clone()
+        };
+        let elsewhere = {
+            let config = elsewhere_config.clone();
+            tokio::task::spawn_blocking(move || PgJournal::connect(&config, Access::Create))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        drop(elsewhere.lock_instance(false).await.unwrap());
+        tokio::task::spawn_blocking(move || drop_schema(&elsewhere, &elsewhere_config.schema))
+            .await
+            .unwrap();
         drop(held);
         // The lock's connection closes on its runtime: taken again within a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -82,7 +82,7 @@ const MIGRATIONS: &[&str] = &[
         replays         bigint NOT NULL DEFAULT 0,
         PRIMARY KEY (event_id, sink)
     );
-    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at, event_id) WHERE status = 'pending';
     CREATE TABLE delivery_attempts (
         id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         event_id    bigint NOT NULL REFERENCES events(id) ON DELETE CASCADE,
@@ -162,9 +162,10 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// The advisory lock key that serialises migrations between instances starting together
-/// (`pg_advisory_xact_lock`; any 64-bit value no other application of the database uses).
-pub(super) const MIGRATION_LOCK: i64 = 0x6232_3465_7665_6e74; // "b24event"
+/// The advisory lock that serialises migrations between instances starting together
+/// (`pg_advisory_xact_lock`): this class, with the schema's `hashtext` as the second key, so
+/// journals in other schemas migrate on their own.
+pub(super) const MIGRATION_LOCK: i32 = 0x6232_346d; // "b24m"
 
 /// The version of the journal in `schema`: 0 when the schema or its history table is missing.
 pub(super) async fn version(client: &Client, schema: &str) -> anyhow::Result<i64> {
@@ -197,8 +198,11 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result
 /// it in one): nothing is kept unless the caller commits.
 pub(super) async fn migrate_in(tx: &Transaction<'_>, schema: &str) -> anyhow::Result<()> {
     let quoted = super::quote_ident(schema);
-    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    tx.query_one(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&MIGRATION_LOCK, &schema],
+    )
+    .await?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {quoted};
          CREATE TABLE IF NOT EXISTS {quoted}.schema_history (

@@ -1,11 +1,10 @@
 //! Upstream settlement: events waiting for `event.offline.clear` / `event.offline.error`, and
 //! marking them settled (closing the reservations with nothing left to settle).
 
-use super::Conn;
 use super::batches::lane_from_sql;
 use super::fence::{Fence, check_events};
+use super::{Conn, now};
 use crate::journal::types::{PendingSettlement, SettleAction};
-use chrono::Utc;
 use std::collections::BTreeMap;
 
 pub(super) async fn pending_settlements(
@@ -55,7 +54,7 @@ pub(super) async fn mark_settled(
         .flat_map(|(ids, _)| ids.iter().copied())
         .collect();
     check_events(&tx, fence, &events).await?;
-    let at = Utc::now();
+    let at = now();
     // The events are locked in id order, as `deliveries::settle_if_final` locks them, so the
     // two never wait for each other in a cycle.
     let update = tx

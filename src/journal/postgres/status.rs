@@ -4,7 +4,7 @@
 //! are appended in time order, so the first row of the hour is found by a binary search over
 //! the primary key (one recursive query), and the hour is counted from there by the server.
 
-use super::Conn;
+use super::{Conn, millis};
 use crate::journal::timestamp;
 use crate::journal::types::{
     DeadAttempt, HISTORY_MINUTES, JournalCounts, PortalStatus, SinkStatus, StatusData,
@@ -161,7 +161,7 @@ pub(super) async fn status_data(
     portals: &[String],
     now: DateTime<Utc>,
 ) -> anyhow::Result<StatusData> {
-    let start = now - ChronoDuration::minutes(HISTORY_MINUTES as i64);
+    let start = millis(now - ChronoDuration::minutes(HISTORY_MINUTES as i64));
     let mut by_portal: BTreeMap<String, PortalStatus> = BTreeMap::new();
     // Configured portals show even without events; journaled ones even if no longer configured.
     let portal_entry = |by_portal: &mut BTreeMap<String, PortalStatus>, portal: &str| {

@@ -1,10 +1,9 @@
 //! Portals and their OAuth tokens (`portals`, `tokens`).
 
-use super::Conn;
 use super::fence::{Fence, check};
+use super::{Conn, millis, now};
 use crate::bitrix::Tokens;
 use crate::journal::types::TokenStatus;
-use chrono::Utc;
 use deadpool_postgres::Transaction;
 
 pub(super) async fn load_tokens(conn: &Conn, portal: &str) -> anyhow::Result<Option<Tokens>> {
@@ -33,7 +32,7 @@ pub(super) async fn ensure_portal(client: &Transaction<'_>, portal: &str) -> any
             "INSERT INTO portals (name, first_seen_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .await?;
-    client.execute(&stmt, &[&portal, &Utc::now()]).await?;
+    client.execute(&stmt, &[&portal, &now()]).await?;
     Ok(())
 }
 
@@ -64,12 +63,12 @@ pub(super) async fn save_tokens(
             &portal,
             &t.access_token,
             &t.refresh_token,
-            &t.expires_at,
+            &t.expires_at.map(millis),
             &t.scope,
             &t.member_id,
             &t.client_endpoint,
             &t.user_id,
-            &Utc::now(),
+            &now(),
         ],
     )
     .await?;

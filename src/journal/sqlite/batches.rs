@@ -50,15 +50,27 @@ fn record_batch_in(
             tracing::warn!(portal = %batch.portal, process_id = %batch.process_id, "the portal handed out the process_id of a settled batch again: journaled as a new reservation; the settled batch keeps its history as <process_id>#<batch id>");
         }
     }
-    tx.execute(
-        "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![batch.portal, batch.process_id, batch.lane.as_str(), batch.origin.as_str(), fetched_at],
-    )?;
-    let batch_id: i64 = tx.query_row(
-        "SELECT id FROM batches WHERE portal = ?1 AND process_id = ?2",
-        params![batch.portal, batch.process_id],
-        |r| r.get(0),
-    )?;
+    // A batch row made here holds no events yet: nothing of it needs looking up (the usual
+    // case, a fresh reservation). A known one (a re-read, an adoption) is looked up per event.
+    let inserted: Option<i64> = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO batches (portal, process_id, lane, origin, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             RETURNING id",
+        )?
+        .query_row(
+            params![batch.portal, batch.process_id, batch.lane.as_str(), batch.origin.as_str(), fetched_at],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let fresh = inserted.is_some();
+    let batch_id: i64 = match inserted {
+        Some(id) => id,
+        None => tx.query_row(
+            "SELECT id FROM batches WHERE portal = ?1 AND process_id = ?2",
+            params![batch.portal, batch.process_id],
+            |r| r.get(0),
+        )?,
+    };
     let mut recorded = RecordedBatch {
         batch_id,
         ..RecordedBatch::default()
@@ -88,12 +100,18 @@ fn record_batch_in(
         let mut insert_delivery = tx.prepare_cached(
             "INSERT INTO deliveries (event_id, sink, status, attempts, next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3)",
         )?;
+        // The offline IDs inserted into a fresh batch so far: only a repeated one (an answer
+        // listing a row twice) is looked up.
+        let mut seen = std::collections::HashSet::new();
         for e in &batch.events {
-            let known: Option<(i64, String)> = find
-                .query_row(params![batch_id, e.offline_id], |r| {
+            let known: Option<(i64, String)> = if fresh && seen.insert(e.offline_id) {
+                None
+            } else {
+                find.query_row(params![batch_id, e.offline_id], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
-                .optional()?;
+                .optional()?
+            };
             if let Some((_, upstream)) = known {
                 if upstream == "cleared" || upstream == "errored" {
                     recorded

@@ -135,13 +135,26 @@ fn settle_if_final(
     tx: &rusqlite::Transaction<'_>,
     event_id: i64,
 ) -> anyhow::Result<Option<String>> {
-    let (lane, portal, upstream): (String, String, String) = tx
-        .prepare_cached("SELECT lane, portal, upstream FROM events WHERE id = ?1")?
-        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    let deliveries: Vec<DeliveryState> = tx
-        .prepare_cached("SELECT status FROM deliveries WHERE event_id = ?1")?
-        .query_map([event_id], |r| Ok(state_from_sql(&r.get::<_, String>(0)?)))?
-        .collect::<Result<_, _>>()?;
+    // The event and its deliveries in one statement (one row per delivery; a single row with
+    // no status when none is left).
+    let mut event: Option<(String, String, String)> = None;
+    let mut deliveries: Vec<DeliveryState> = Vec::new();
+    {
+        let mut select = tx.prepare_cached(
+            "SELECT e.lane, e.portal, e.upstream, d.status
+             FROM events e LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ?1",
+        )?;
+        let mut rows = select.query([event_id])?;
+        while let Some(r) = rows.next()? {
+            if event.is_none() {
+                event = Some((r.get(0)?, r.get(1)?, r.get(2)?));
+            }
+            if let Some(status) = r.get::<_, Option<String>>(3)? {
+                deliveries.push(state_from_sql(&status));
+            }
+        }
+    }
+    let (lane, portal, upstream) = event.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
     let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) else {
         return Ok(None);
     };

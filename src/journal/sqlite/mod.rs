@@ -444,11 +444,7 @@ impl JournalBackend for SqliteJournal {
         use rusqlite::types::ValueRef;
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(sql)?;
-            let names: Vec<String> = stmt
-                .column_names()
-                .into_iter()
-                .map(str::to_string)
-                .collect();
+            let names: Vec<String> = stmt.column_names().map(str::to_string).collect();
             let mut rows = stmt.query([])?;
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {

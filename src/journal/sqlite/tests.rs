@@ -1,6 +1,6 @@
 //! Tests only the SQLite journal has: its file (mode 0600, the write-ahead log in its size)
 //! and its migration from older schema versions. Everything else is tested on either backend
-//! in `journal/tests.rs`.
+//! in `journal/tests/`.
 
 use super::schema::{self, SCHEMA_VERSION};
 use crate::config::Synchronous;

@@ -149,6 +149,16 @@ impl Poller {
         }
     }
 
+    /// How many combined requests one wave may send at once ([`super::economy::pipeline`]):
+    /// what the client's bucket (`rate_limit`, its share applied) refills in a second.
+    fn pipeline(&self) -> usize {
+        let rate = &self.config.rate_limit;
+        super::economy::pipeline(
+            rate.per_second * rate.share,
+            f64::from(rate.burst) * rate.share,
+        )
+    }
+
     /// The operating time of every method a combined request may use.
     fn budgets(&self) -> Budgets {
         Budgets {

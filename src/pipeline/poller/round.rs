@@ -11,7 +11,7 @@ use crate::bitrix::{BitrixError, ErrorClass};
 use crate::envelope::Lane;
 use crate::journal::{BatchOrigin, PendingSettlement};
 use crate::pipeline::backoff::{Backoff, Operation};
-use crate::pipeline::economy::{self, FetchWidth, MAX_COMMANDS};
+use crate::pipeline::economy::{self, FetchWidth};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -119,7 +119,7 @@ impl Poller {
         let mut state = RoundState {
             resumed: false,
             next_fetch: Instant::now(),
-            width: FetchWidth::default(),
+            width: FetchWidth::for_requests(self.pipeline()),
             empty_polls: 0,
             settles_held_until: None,
             backoff: Backoff::default(),
@@ -371,11 +371,15 @@ impl Poller {
             }
             let now = self.client.portal_now();
             let budgets = self.budgets();
+            // Each request of a wave is a `batch` call: no more of them than its time pays for.
+            let batches = budgets.batch.affordable(now);
+            let requests = self.pipeline().min(batches as usize).max(1);
             let packed = Packed::choose(
                 self.journal.pending_settlements(self.portal()).await?,
                 budgets.clear.affordable(now),
                 budgets.error.affordable(now),
-                budgets.batch.affordable(now) > 0,
+                batches > 0,
+                requests,
             );
             // Held back for the time limit: come back when it allows (the fetch may wait longer).
             state.settles_held_until = packed.held_back.then(|| {
@@ -399,6 +403,7 @@ impl Poller {
                     );
                 }
             }
+            let capacity = packed.capacity;
             let mut groups = packed.groups;
             match (groups.len(), limits.len()) {
                 (0, 0) => return Ok(None),
@@ -427,19 +432,20 @@ impl Poller {
                 portal = %self.portal(),
                 settles = groups.len(),
                 gets = limits.len(),
+                requests,
                 get_used = ?budgets.get.time.used(),
                 get_call = ?budgets.get.time.call,
                 batch_used = ?budgets.batch.time.used(),
                 "combined request"
             );
-            let more_settles = groups.len() == MAX_COMMANDS;
+            let more_settles = groups.len() == capacity;
             let settles = !groups.is_empty();
             let operation = if limits.is_empty() {
                 Operation::Settle
             } else {
                 Operation::Fetch
             };
-            let fetched = self.combined(groups, &limits, &mut state.width).await;
+            let fetched = self.wave(groups, &limits, requests, &mut state.width).await;
             let fetched = state.backoff.track(operation, fetched)?;
             if settles {
                 state.backoff.succeeded(Operation::Settle);
@@ -451,16 +457,107 @@ impl Poller {
         }
     }
 
-    /// One combined request: settle calls, then gets, in one `batch`. The reservations are
-    /// journaled in one transaction before the settled events are marked. A failed sub-command
-    /// is retried alone in a later round; a lost answer may have reserved batches, which the
-    /// orphan sweep adopts.
-    async fn combined(
+    /// One wave: the settle calls and gets spread over up to `requests` combined requests sent
+    /// at once ([`split_wave`]). When every request has answered (or failed), the reservations
+    /// of all of them are journaled in one transaction, then the settle calls the portal
+    /// confirmed are marked in another: two commits a wave, whatever its width. A request that
+    /// failed is retried in a later round (its settle calls stay pending; a lost answer may
+    /// have reserved batches, which the orphan sweep adopts); the first failure is returned
+    /// once the others' reservations are journaled. Bitrix24 allows gets side by side:
+    /// "several parallel requests to /rest/event.offline.get are permitted (subject to rate
+    /// limits), and each will receive a different set of records" (bitrix24/b24restdocs
+    /// `api-reference/events/event-offline-get.md`); the server reserves with one
+    /// `UPDATE … SET PROCESS_ID = <new id> WHERE PROCESS_ID = '' … LIMIT n`
+    /// (`Bitrix\Rest\EventOfflineTable::markEvents` in `modules/rest/lib/eventoffline.php`,
+    /// the statement from `EventOfflineQuery::getMarkQuery`), so two gets never share a row.
+    async fn wave(
         &self,
         groups: Vec<PendingSettlement>,
         limits: &[u32],
+        requests: usize,
         width: &mut FetchWidth,
     ) -> anyhow::Result<Option<Fetched>> {
+        let parts = split_wave(groups, limits, requests);
+        let answers =
+            futures_util::future::join_all(parts.iter().map(|(g, l)| self.combined(g, l))).await;
+        let mut wave = Combined::default();
+        let mut failed = None;
+        let mut settled = Vec::new();
+        for ((groups, _), answer) in parts.into_iter().zip(answers) {
+            match answer {
+                Ok(c) => {
+                    wave.asked += c.asked;
+                    wave.full += c.full;
+                    wave.events += c.events;
+                    wave.elapsed = wave.elapsed.max(c.elapsed);
+                    if wave.get_error.is_none() {
+                        wave.get_error = c.get_error;
+                    }
+                    wave.reservations.extend(c.reservations);
+                    // Paired per request: a short answer leaves the rest of its calls pending.
+                    settled.extend(groups.into_iter().zip(c.settle_outcomes));
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+
+        // Reservations first: journaled before anything else happens.
+        let reserved = wave.reservations.len();
+        if reserved > 0 {
+            let pids: Vec<String> = wave.reservations.iter().map(|(p, _)| p.clone()).collect();
+            let reservations = std::mem::take(&mut wave.reservations);
+            if let Err(e) = self
+                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
+                .await
+            {
+                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
+                self.triggers.orphan_sweep.set_quietly();
+                return Err(e);
+            }
+            tracing::info!(portal = %self.portal(), reservations = reserved, events = wave.events, process_ids = ?pids, "reserved and journaled");
+        }
+        let (groups, outcomes): (Vec<PendingSettlement>, Vec<OfflineOutcome>) =
+            settled.into_iter().unzip();
+        self.settler.record_outcomes(&groups, outcomes).await?;
+
+        width.observe(wave.asked, wave.full, wave.elapsed);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if wave.asked == 0 {
+            return Ok(None);
+        }
+        if let Some(e) = wave.get_error {
+            if let Some(b) = e.downcast_ref::<BitrixError>()
+                && b.is_code("OPERATION_TIME_LIMIT")
+            {
+                // A sub-command's 429 carries no time block: wait for the window the last
+                // answer described, else a minute.
+                let wait = self
+                    .client
+                    .operating_wait("event.offline.get", b.retry_after);
+                return Ok(Some(Fetched::Paused(wait)));
+            }
+            return Err(e);
+        }
+        Ok(Some(if wave.full == wave.asked {
+            Fetched::Full
+        } else {
+            Fetched::Partial {
+                events: wave.events,
+            }
+        }))
+    }
+
+    /// One combined request: settle calls, then gets, in one `batch`; nothing is journaled
+    /// here (the wave does it).
+    async fn combined(
+        &self,
+        groups: &[PendingSettlement],
+        limits: &[u32],
+    ) -> anyhow::Result<Combined> {
         let mut commands: Vec<OfflineCommand> =
             groups.iter().map(|g| self.settler.command(g)).collect();
         commands.extend(limits.iter().map(|&limit| {
@@ -486,7 +583,6 @@ impl Poller {
         let mut outcomes = outcomes.into_iter();
         let settle_outcomes: Vec<OfflineOutcome> = outcomes.by_ref().take(groups.len()).collect();
 
-        // Reservations first: journaled before anything else happens.
         let mut reservations = Vec::new();
         let mut get_error = None;
         let (mut full, mut events) = (0, 0);
@@ -518,47 +614,56 @@ impl Poller {
                 OfflineOutcome::Settled => {}
             }
         }
-        let reserved = reservations.len();
-        if reserved > 0 {
-            let pids: Vec<String> = reservations.iter().map(|(p, _)| p.clone()).collect();
-            if let Err(e) = self
-                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
-                .await
-            {
-                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
-                self.triggers.orphan_sweep.set_quietly();
-                return Err(e);
-            }
-            tracing::info!(portal = %self.portal(), reservations = reserved, events, process_ids = ?pids, "reserved and journaled");
-        }
-
-        self.settler
-            .record_outcomes(&groups, settle_outcomes)
-            .await?;
-
-        if limits.is_empty() {
-            return Ok(None);
-        }
-        width.observe(limits.len(), full, elapsed);
-        if let Some(e) = get_error {
-            if let Some(b) = e.downcast_ref::<BitrixError>()
-                && b.is_code("OPERATION_TIME_LIMIT")
-            {
-                // A sub-command's 429 carries no time block: wait for the window the last
-                // answer described, else a minute.
-                let wait = self
-                    .client
-                    .operating_wait("event.offline.get", b.retry_after);
-                return Ok(Some(Fetched::Paused(wait)));
-            }
-            return Err(e);
-        }
-        Ok(Some(if full == limits.len() {
-            Fetched::Full
-        } else {
-            Fetched::Partial { events }
-        }))
+        Ok(Combined {
+            asked: limits.len(),
+            full,
+            events,
+            elapsed,
+            get_error,
+            reservations,
+            settle_outcomes,
+        })
     }
+}
+
+/// What one combined request (or a whole wave) answered, before it is journaled.
+#[derive(Default)]
+struct Combined {
+    /// Gets sent.
+    asked: usize,
+    /// Gets that came back full.
+    full: usize,
+    /// Events reserved.
+    events: usize,
+    /// How long the request took (a wave: its slowest).
+    elapsed: Duration,
+    /// The first get that failed.
+    get_error: Option<anyhow::Error>,
+    /// The reservations made, by `process_id`.
+    reservations: Vec<(String, Vec<crate::bitrix::OfflineEvent>)>,
+    /// The outcomes of the settle calls, in the order of the request's settle groups.
+    settle_outcomes: Vec<OfflineOutcome>,
+}
+
+/// Spreads a wave's settle calls and gets over at most `requests` requests, round robin (the
+/// settle calls first, each request's settles before its gets), so the requests take about
+/// the same server time; none is empty.
+fn split_wave(
+    groups: Vec<PendingSettlement>,
+    limits: &[u32],
+    requests: usize,
+) -> Vec<(Vec<PendingSettlement>, Vec<u32>)> {
+    let n = requests.min(groups.len() + limits.len()).max(1);
+    let mut parts: Vec<(Vec<PendingSettlement>, Vec<u32>)> =
+        (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+    let settles = groups.len();
+    for (i, group) in groups.into_iter().enumerate() {
+        parts[i % n].0.push(group);
+    }
+    for (i, &limit) in limits.iter().enumerate() {
+        parts[(settles + i) % n].1.push(limit);
+    }
+    parts
 }
 
 #[cfg(test)]
@@ -620,6 +725,44 @@ mod tests {
             NextFetch::After(Duration::from_secs(2))
         );
         assert_eq!(empty, 2, "only fetches that answered count as empty");
+    }
+
+    fn settles(n: usize) -> Vec<PendingSettlement> {
+        (0..n)
+            .map(|i| PendingSettlement {
+                batch_id: i as i64,
+                process_id: format!("p{i}"),
+                lane: Lane::Normal,
+                action: crate::journal::SettleAction::Clear,
+                events: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_wave_spreads_its_calls_evenly_and_sends_no_empty_request() {
+        let parts = split_wave(settles(3), &[50, 50, 50, 50, 20], 4);
+        let shape: Vec<(Vec<&str>, Vec<u32>)> = parts
+            .iter()
+            .map(|(g, l)| (g.iter().map(|g| g.process_id.as_str()).collect(), l.clone()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (vec!["p0"], vec![50]),
+                (vec!["p1"], vec![50]),
+                (vec!["p2"], vec![50]),
+                (vec![], vec![50, 20]),
+            ]
+        );
+        // Fewer calls than requests: one request per call.
+        assert_eq!(split_wave(settles(1), &[50], 16).len(), 2);
+        // One request: everything in it, settles first.
+        let one = split_wave(settles(2), &[50, 50], 1);
+        assert_eq!((one.len(), one[0].0.len(), one[0].1.len()), (1, 2, 2));
+        // At most 50 calls per request when the wave holds 50 per request.
+        let full = split_wave(settles(70), &[50; 30], 2);
+        assert!(full.iter().all(|(g, l)| g.len() + l.len() == 50));
     }
 
     #[test]

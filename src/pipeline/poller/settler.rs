@@ -214,17 +214,22 @@ pub(super) struct Packed {
     pub(super) held_back: bool,
     /// `batch` has time left: the calls (and gets) may go in one `batch`.
     pub(super) batched: bool,
+    /// Command slots of the wave: [`MAX_COMMANDS`] per request it may send at once.
+    pub(super) capacity: usize,
 }
 
 impl Packed {
-    /// Chooses the settle calls of one request from the `pending` ones, in order: no more of
-    /// each method than its operating time left pays for (`clears`, `errors`), one call alone
-    /// when `batch` has no time left (`batched` false), at most [`MAX_COMMANDS`].
+    /// Chooses the settle calls of one wave of `requests` concurrent requests (one request
+    /// unless the client's bucket refills faster, see `Poller::pipeline`) from the `pending`
+    /// ones, in order: no more of each method than its operating time left pays for (`clears`,
+    /// `errors`), one call alone when `batch` has no time left (`batched` false), at most
+    /// [`MAX_COMMANDS`] per request.
     pub(super) fn choose(
         mut pending: Vec<PendingSettlement>,
         mut clears: u32,
         mut errors: u32,
         batched: bool,
+        requests: usize,
     ) -> Packed {
         let wanted = pending.len();
         pending.retain(|g| {
@@ -237,15 +242,18 @@ impl Packed {
             take
         });
         let held_back = pending.len() < wanted;
-        if !batched {
-            // No time left for `batch` itself: one call per request.
-            pending.truncate(1);
-        }
-        pending.truncate(MAX_COMMANDS);
+        let capacity = if batched {
+            MAX_COMMANDS * requests.max(1)
+        } else {
+            // No time left for `batch` itself: one call, in one request.
+            1
+        };
+        pending.truncate(capacity);
         Packed {
             groups: pending,
             held_back,
             batched,
+            capacity,
         }
     }
 
@@ -262,11 +270,11 @@ impl Packed {
             Fetch::No => false,
         };
         let settles = self.groups.len();
-        if !fetch || settles >= MAX_COMMANDS || !(self.batched || settles == 0) {
+        if !fetch || settles >= self.capacity || !(self.batched || settles == 0) {
             return None;
         }
         Some(if self.batched {
-            (MAX_COMMANDS - settles) as u32
+            (self.capacity - settles) as u32
         } else {
             1
         })
@@ -350,38 +358,48 @@ mod tests {
 
     #[test]
     fn each_method_gets_no_more_calls_than_its_time_pays_for() {
-        let packed = Packed::choose(groups(&[Clear, Error, Clear, Clear, Error]), 2, 1, true);
+        let packed = Packed::choose(groups(&[Clear, Error, Clear, Clear, Error]), 2, 1, true, 1);
         assert_eq!(process_ids(&packed), ["p0", "p1", "p2"]);
         assert!(packed.held_back);
-        let packed = Packed::choose(groups(&[Clear, Error]), 5, 5, true);
+        let packed = Packed::choose(groups(&[Clear, Error]), 5, 5, true, 1);
         assert_eq!(process_ids(&packed), ["p0", "p1"]);
         assert!(!packed.held_back);
     }
 
     #[test]
     fn without_time_for_batch_one_call_goes_alone_and_carries_no_get() {
-        let packed = Packed::choose(groups(&[Clear, Clear]), 5, 5, false);
+        let packed = Packed::choose(groups(&[Clear, Clear]), 5, 5, false, 4);
         assert_eq!(process_ids(&packed), ["p0"]);
         assert!(!packed.held_back, "held back by batch, not by its method");
         assert_eq!(packed.get_slots(Fetch::Due), None);
-        let nothing = Packed::choose(Vec::new(), 5, 5, false);
+        let nothing = Packed::choose(Vec::new(), 5, 5, false, 4);
         assert_eq!(nothing.get_slots(Fetch::Due), Some(1), "a lone get goes");
     }
 
     #[test]
     fn a_request_takes_at_most_50_calls_and_gets_fill_the_slots_left() {
-        let packed = Packed::choose(groups(&[Clear; 60]), 100, 0, true);
+        let packed = Packed::choose(groups(&[Clear; 60]), 100, 0, true, 1);
         assert_eq!(packed.groups.len(), MAX_COMMANDS);
         assert_eq!(packed.get_slots(Fetch::Due), None);
-        let packed = Packed::choose(groups(&[Clear; 3]), 100, 0, true);
+        let packed = Packed::choose(groups(&[Clear; 3]), 100, 0, true, 1);
         assert_eq!(packed.get_slots(Fetch::Due), Some(47));
         assert_eq!(packed.get_slots(Fetch::WithSettles), Some(47));
         assert_eq!(packed.get_slots(Fetch::No), None);
     }
 
     #[test]
+    fn a_wave_of_several_requests_takes_50_calls_per_request() {
+        let packed = Packed::choose(groups(&[Clear; 160]), 200, 0, true, 3);
+        assert_eq!(packed.groups.len(), 3 * MAX_COMMANDS);
+        assert_eq!(packed.get_slots(Fetch::Due), None);
+        let packed = Packed::choose(groups(&[Clear; 60]), 200, 0, true, 2);
+        assert_eq!(packed.groups.len(), 60);
+        assert_eq!(packed.get_slots(Fetch::Due), Some(40));
+    }
+
+    #[test]
     fn gets_ride_along_before_the_fetch_is_due_only_with_settle_calls() {
-        let none = Packed::choose(Vec::new(), 5, 5, true);
+        let none = Packed::choose(Vec::new(), 5, 5, true, 1);
         assert_eq!(none.get_slots(Fetch::WithSettles), None);
         assert_eq!(none.get_slots(Fetch::Due), Some(50));
     }
