@@ -111,6 +111,25 @@ pub struct TestJournalGuard {
 pub fn test_journal() -> (TestJournalGuard, Journal) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config = test_journal_config(dir.path());
+    open_test_journal(dir, config)
+}
+
+/// A new journal in PostgreSQL whatever `B24TEST_POSTGRES` says, for the tests only PostgreSQL
+/// can run (ignored unless asked for): its URL, else [`DEFAULT_TEST_URL`].
+#[cfg(test)]
+pub fn test_journal_on_postgres() -> (TestJournalGuard, Journal) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut config = test_journal_config(dir.path());
+    config.postgres = Some(PostgresJournalConfig {
+        url: postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string()),
+        schema: unique_schema(),
+        max_connections: 4,
+    });
+    open_test_journal(dir, config)
+}
+
+#[cfg(test)]
+fn open_test_journal(dir: tempfile::TempDir, config: JournalConfig) -> (TestJournalGuard, Journal) {
     let journal = Journal::open_configured_blocking(&config, Access::Create).unwrap_or_else(|e| {
         panic!(
             "cannot open the test journal {} ({POSTGRES_VAR} chooses PostgreSQL): {e:#}",

@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::config::Synchronous;
-use crate::journal::test_support::{POSTGRES_VAR, postgres_url};
+use crate::journal::test_support::test_journal_on_postgres;
 use proptest::prelude::*;
 
 const SINKS: [&str; 2] = ["a", "b"];
@@ -315,21 +315,17 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    #[ignore = "needs PostgreSQL: set B24TEST_POSTGRES"]
+    #[ignore = "needs PostgreSQL (B24TEST_POSTGRES, else 127.0.0.1:5432/test)"]
     fn a_history_gives_the_same_results_on_sqlite_and_postgresql(
         steps in proptest::collection::vec(step(), 1..25)
     ) {
-        assert!(
-            postgres_url().is_some(),
-            "this test needs PostgreSQL: set {POSTGRES_VAR} to a postgres:// URL"
-        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Journal::open_blocking(&dir.path().join("j.db"), Synchronous::Normal).unwrap();
-        let (_pg_guard, pg) = test_journal();
+        let (_pg_guard, pg) = test_journal_on_postgres();
         runtime.block_on(play(&steps, &sqlite, &pg))?;
     }
 }
