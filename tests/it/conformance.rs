@@ -389,8 +389,7 @@ async fn the_daemon_lock_keeps_the_probe_and_a_second_run_away() {
     // of a cluster (docs/CLUSTER.md; tests/it/cluster.rs), so only the probe is refused here.
     if b24eventd::journal::test_support::postgres_url().is_none() {
         let second =
-            crate::support::cli::b24eventd(&["-c", s.config.to_str().unwrap(), "run"], None)
-                .await;
+            crate::support::cli::b24eventd(&["-c", s.config.to_str().unwrap(), "run"], None).await;
         let stderr = text(&second.stderr);
         assert_eq!(second.status.code(), Some(1), "{stderr}");
         assert!(
