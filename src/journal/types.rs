@@ -268,3 +268,20 @@ pub struct DeadAttempt {
     pub sink: String,
     pub error: Option<String>,
 }
+
+/// Logs, once a transaction journaling `batches` has committed, the error-lane copies of changes
+/// the journal already held (every backend reports them alike).
+pub(super) fn log_known_changes(batches: &[NewBatch], recorded: &[RecordedBatch]) {
+    for (batch, r) in batches.iter().zip(recorded) {
+        if r.known_changes > 0 {
+            tracing::info!(
+                portal = %batch.portal,
+                process_id = %batch.process_id,
+                copies = r.known_changes,
+                deliveries = r.known_change_deliveries,
+                cleared_at_once = r.known_changes_done,
+                "error-lane copies of changes already journaled: they go only to the sinks that have not had them"
+            );
+        }
+    }
+}

@@ -19,18 +19,7 @@ pub(super) fn record_batches(
         .map(|batch| record_batch_in(&tx, batch))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tx.commit()?;
-    for (batch, r) in batches.iter().zip(&recorded) {
-        if r.known_changes > 0 {
-            tracing::info!(
-                portal = %batch.portal,
-                process_id = %batch.process_id,
-                copies = r.known_changes,
-                deliveries = r.known_change_deliveries,
-                cleared_at_once = r.known_changes_done,
-                "error-lane copies of changes already journaled: they go only to the sinks that have not had them"
-            );
-        }
-    }
+    crate::journal::types::log_known_changes(batches, &recorded);
     Ok(recorded)
 }
 
