@@ -25,15 +25,41 @@ pub struct Cluster {
     pub sink: DedupEndpoint,
 }
 
+/// What [`cluster_with`] may set differently from [`cluster`].
+pub struct Options {
+    /// Every portal's `poll_interval`.
+    pub poll_interval: &'static str,
+    /// Every portal's `orphan_sweep_schedule`.
+    pub orphan_sweep_schedule: &'static str,
+    /// Appended to the shared `[journal]` table (e.g. `max_connections = 4`).
+    pub journal_extra: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            poll_interval: "200ms",
+            orphan_sweep_schedule: "*/2 * * * * *",
+            journal_extra: "",
+        }
+    }
+}
+
 /// `count` simulated portals, a deduplicating HTTP consumer, and a config every instance shares:
 /// the journal in a schema of its own, `lease_ttl` = [`TTL`], `request_timeout` = 1 s.
 pub async fn cluster(dir: &Path, count: usize) -> Cluster {
+    cluster_with(dir, count, &Options::default()).await
+}
+
+/// [`cluster`] with `options`.
+pub async fn cluster_with(dir: &Path, count: usize, options: &Options) -> Cluster {
     init();
     let url = postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string());
     let schema = unique_schema();
     let sink = DedupEndpoint::start().await;
     let mut text = format!(
-        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"3s\"\n[admin]\nlisten = \"\"\n"
+        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"3s\"\n{}[admin]\nlisten = \"\"\n",
+        options.journal_extra
     );
     let mut portals = Vec::new();
     let mut tokens: Vec<(String, Tokens)> = Vec::new();
@@ -43,11 +69,13 @@ pub async fn cluster(dir: &Path, count: usize) -> Cluster {
         let name = format!("p{n:02}");
         write!(
             text,
-            "\n[portals.{name}]\nclient_endpoint = \"{}\"\noauth_token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nevents = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]\npoll_interval = \"200ms\"\nrequest_timeout = \"1s\"\norphan_sweep_schedule = \"*/2 * * * * *\"\n",
+            "\n[portals.{name}]\nclient_endpoint = \"{}\"\noauth_token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nevents = [\"ONCRMDEALADD\", \"ONCRMDEALUPDATE\"]\npoll_interval = \"{}\"\nrequest_timeout = \"1s\"\norphan_sweep_schedule = \"{}\"\n",
             sim.client_endpoint(),
             sim.oauth_token_url(),
             defaults.client_id,
             defaults.client_secret,
+            options.poll_interval,
+            options.orphan_sweep_schedule,
         )
         .unwrap();
         tokens.push((name.clone(), pair));
@@ -155,4 +183,73 @@ impl Cluster {
 pub fn spawn(dir: &Path, config: &Path, n: usize) -> (Daemon, PathBuf) {
     let log = dir.join(format!("daemon{n}.log"));
     (spawn_daemon(config, &log), log)
+}
+
+impl Cluster {
+    /// The pid of every live instance, by instance id.
+    pub fn live_instances(&self) -> BTreeMap<String, u32> {
+        sql_rows(
+            &self.journal,
+            "SELECT id, pid FROM instances WHERE expires_at > now() ORDER BY id",
+        )
+        .iter()
+        .map(|row| (sql_text(row, "id").unwrap(), sql_int(row, "pid") as u32))
+        .collect()
+    }
+
+    /// The id of the live instance whose process is `pid`, once it has registered.
+    pub fn instance_of(&self, pid: u32) -> Option<String> {
+        self.live_instances()
+            .into_iter()
+            .find(|(_, p)| *p == pid)
+            .map(|(id, _)| id)
+    }
+
+    /// The TCP port of the journal's PostgreSQL server (5432 unless the URL names one).
+    pub fn journal_port(&self) -> u16 {
+        let url = postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string());
+        let authority = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, rest)| rest)
+            .split(['/', '?'])
+            .next()
+            .unwrap_or_default();
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        host.rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or(5432)
+    }
+}
+
+/// The established TCP connections process `pid` has open to `port` (its sockets in `/proc`
+/// matched with the kernel's TCP table); 0 when the process is gone.
+pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: std::collections::BTreeSet<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let remote = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9
+                && fields[2].ends_with(&remote)
+                && fields[3] == "01"
+                && inodes.contains(fields[9])
+        })
+        .count()
 }
