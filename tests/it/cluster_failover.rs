@@ -58,6 +58,26 @@ fn journal_connections_bounded(connections: usize) {
     );
 }
 
+/// What the daemons logged of leases lost by surprise: a portal's lease lost to another
+/// instance, or not renewed before its deadline (self-fencing), summed over every log in `dir`.
+fn leases_lost(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_name()?.to_str()?.to_string();
+            (name.starts_with("daemon") && name.ends_with(".log"))
+                .then(|| std::fs::read_to_string(&path).unwrap_or_default())
+        })
+        .map(|log| {
+            log.matches("portal lease lost to another instance").count()
+                + log
+                    .matches("portal lease not renewed before its deadline")
+                    .count()
+        })
+        .sum()
+}
+
 /// Starts `INSTANCES` daemons (logs `daemon0.log`…) and waits until the portals are balanced.
 async fn start_all(dir: &Path, c: &Cluster) -> Vec<(Daemon, PathBuf)> {
     let daemons: Vec<(Daemon, PathBuf)> =
@@ -137,6 +157,11 @@ async fn two_hundred_portals_survive_a_sigkill_of_the_busiest_owner_mid_drain() 
         "the killed instance's portals owned again after {taken_over:?}, more than the TTL plus the grace ({bound:?})"
     );
     assert!(c.balanced(INSTANCES - 1), "100 each: {:?}", c.owners());
+    assert_eq!(
+        leases_lost(dir.path()),
+        0,
+        "the surviving instances kept every lease they held"
+    );
 
     c.drained(Duration::from_secs(120)).await;
     let drained_after = emitted.elapsed();
@@ -310,6 +335,11 @@ async fn a_rolling_restart_under_load_leaves_no_portal_unowned_longer_than_the_t
         rounds * PORTALS as u64,
         gap.as_secs_f64(),
         TTL.as_secs(),
+    );
+    assert_eq!(
+        leases_lost(dir.path()),
+        0,
+        "a rolling restart hands every portal over gracefully: no lease lost or run out"
     );
     for (portal, gap) in &longest {
         assert!(
