@@ -58,9 +58,8 @@ fn journal_connections_bounded(connections: usize) {
     );
 }
 
-/// What the daemons logged of leases lost by surprise: a portal's lease lost to another
-/// instance, or not renewed before its deadline (self-fencing), summed over every log in `dir`.
-fn leases_lost(dir: &Path) -> usize {
+/// Every daemon log in `dir`, concatenated.
+fn daemon_logs(dir: &Path) -> String {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|entry| {
@@ -69,11 +68,33 @@ fn leases_lost(dir: &Path) -> usize {
             (name.starts_with("daemon") && name.ends_with(".log"))
                 .then(|| std::fs::read_to_string(&path).unwrap_or_default())
         })
-        .map(|log| {
-            log.matches("portal lease lost to another instance").count()
-                + log
-                    .matches("portal lease not renewed before its deadline")
-                    .count()
+        .collect()
+}
+
+/// What the daemons logged of leases lost by surprise: a portal's lease lost to another
+/// instance, or not renewed before its deadline (self-fencing).
+fn leases_lost(dir: &Path) -> usize {
+    let logs = daemon_logs(dir);
+    logs.matches("portal lease lost to another instance")
+        .count()
+        + logs
+            .matches("portal lease not renewed before its deadline")
+            .count()
+}
+
+/// The delivery outcomes the daemons could not journal because the portal's lease had moved
+/// (its new owner delivers those events again): each one a duplicate the consumer sees.
+fn outcomes_fenced(dir: &Path) -> usize {
+    daemon_logs(dir)
+        .lines()
+        .filter(|line| line.contains("outcomes not journaled"))
+        .filter_map(|line| {
+            let count = line.split("deliveries=").nth(1)?;
+            count
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<usize>()
+                .ok()
         })
         .sum()
 }
@@ -168,13 +189,14 @@ async fn two_hundred_portals_survive_a_sigkill_of_the_busiest_owner_mid_drain() 
     let duplicates = c.every_event_delivered(EVENTS);
     let (_, connections) = sampler.finish();
     eprintln!(
-        "SIGKILL of the owner of {} portals ({left_upstream} of their events still upstream), {:.1} s after {total} events were emitted: owned again after {:.2} s (bound: TTL {} s + grace {:.1} s); all {total} delivered {:.1} s after the emission, {duplicates} duplicates; at most {connections} journal connections for {INSTANCES} instances (pool {POOL} + lock each)",
+        "SIGKILL of the owner of {} portals ({left_upstream} of their events still upstream), {:.1} s after {total} events were emitted: owned again after {:.2} s (bound: TTL {} s + grace {:.1} s); all {total} delivered {:.1} s after the emission, {duplicates} duplicates ({} outcomes refused by the fence); at most {connections} journal connections for {INSTANCES} instances (pool {POOL} + lock each)",
         its_portals.len(),
         killed_at.duration_since(emitted).as_secs_f64(),
         taken_over.as_secs_f64(),
         TTL.as_secs(),
         (TTL / 3).as_secs_f64(),
         drained_after.as_secs_f64(),
+        outcomes_fenced(dir.path()),
     );
     journal_connections_bounded(connections);
     for (mut daemon, log) in daemons {
@@ -330,11 +352,12 @@ async fn a_rolling_restart_under_load_leaves_no_portal_unowned_longer_than_the_t
     c.drained(Duration::from_secs(120)).await;
     let duplicates = c.every_event_delivered(rounds);
     eprintln!(
-        "rolling restart of {INSTANCES} instances over {PORTALS} portals in {:.1} s under load ({} events, {rounds} per portal): longest span without a live owner {:.2} s ({worst}; TTL {} s); {duplicates} duplicates; at most {connections} journal connections",
+        "rolling restart of {INSTANCES} instances over {PORTALS} portals in {:.1} s under load ({} events, {rounds} per portal): longest span without a live owner {:.2} s ({worst}; TTL {} s); {duplicates} duplicates ({} outcomes refused by the fence); at most {connections} journal connections",
         rolled.as_secs_f64(),
         rounds * PORTALS as u64,
         gap.as_secs_f64(),
         TTL.as_secs(),
+        outcomes_fenced(dir.path()),
     );
     assert_eq!(
         leases_lost(dir.path()),
