@@ -41,6 +41,25 @@ struct Answered {
     counted: Vec<(String, DeliveryOutcome, Option<Duration>)>,
 }
 
+impl Answered {
+    /// Takes out the outcomes of `portal` (its lease moved: the journal refuses them, its new
+    /// owner delivers those events again); returns how many. A batch mixes the portals this
+    /// instance owns, and the others' outcomes are still to be journaled: dropping them too
+    /// would have this instance deliver them again.
+    fn drop_portal(&mut self, portal: &str) -> usize {
+        // `outcomes` and `counted` are built side by side, one entry per envelope.
+        let keep: Vec<bool> = self.counted.iter().map(|(p, _, _)| p != portal).collect();
+        let before = self.outcomes.len();
+        let mut flags = keep.iter();
+        self.outcomes
+            .retain(|_| flags.next().copied().unwrap_or(true));
+        let mut flags = keep.iter();
+        self.counted
+            .retain(|_| flags.next().copied().unwrap_or(true));
+        before - self.outcomes.len()
+    }
+}
+
 impl Dispatcher {
     pub(crate) async fn run(self) {
         let name = self.sink.name().to_string();
@@ -221,22 +240,32 @@ impl Dispatcher {
 
     /// Journals a batch's outcomes (handing them back when the journal fails), then counts them
     /// and wakes the portals that have settle work.
-    async fn record(&self, answered: Answered) -> Result<(), (anyhow::Error, Option<Answered>)> {
+    async fn record(
+        &self,
+        mut answered: Answered,
+    ) -> Result<(), (anyhow::Error, Option<Answered>)> {
         let name = self.sink.name();
-        let portals = match self
-            .journal
-            .record_outcomes(name, answered.outcomes.clone())
-            .await
-        {
-            Ok(portals) => portals,
-            Err(e) => {
-                if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+        let portals = loop {
+            match self
+                .journal
+                .record_outcomes(name, answered.outcomes.clone())
+                .await
+            {
+                Ok(portals) => break portals,
+                Err(e) => {
+                    let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) else {
+                        return Err((e, Some(answered)));
+                    };
                     // The portal's lease moved to another instance while this batch was out:
                     // its new owner delivers these events again (a duplicate, never a loss).
-                    tracing::info!(sink = %name, portal = %fenced.portal, deliveries = answered.outcomes.len(), "outcomes not journaled: the portal's lease moved to another instance, which redelivers them");
-                    return Ok(());
+                    // The rest of the batch is journaled without them (each round takes out
+                    // one portal, so this ends).
+                    let dropped = answered.drop_portal(&fenced.portal);
+                    tracing::info!(sink = %name, portal = %fenced.portal, deliveries = dropped, "outcomes not journaled: the portal's lease moved to another instance, which redelivers them");
+                    if dropped == 0 || answered.outcomes.is_empty() {
+                        return Ok(());
+                    }
                 }
-                return Err((e, Some(answered)));
             }
         };
         // Counted once journaled, so the counters never run ahead of the journal.
@@ -313,6 +342,35 @@ impl SinkHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fenced_portal_takes_only_its_own_outcomes_out_of_a_batch() {
+        let mut answered = Answered {
+            outcomes: vec![
+                (1, Outcome::Delivered, None),
+                (2, retry(), Some("out".into())),
+                (3, Outcome::Delivered, None),
+                (4, Outcome::Delivered, None),
+            ],
+            counted: ["a", "moved", "b", "moved"]
+                .iter()
+                .map(|p| (p.to_string(), DeliveryOutcome::Delivered, None))
+                .collect(),
+        };
+        assert_eq!(answered.drop_portal("moved"), 2);
+        let ids: Vec<i64> = answered.outcomes.iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(ids, [1, 3], "the other portals' outcomes kept, in order");
+        let portals: Vec<&str> = answered
+            .counted
+            .iter()
+            .map(|(p, _, _)| p.as_str())
+            .collect();
+        assert_eq!(portals, ["a", "b"], "each outcome still beside its portal");
+        assert_eq!(answered.drop_portal("unknown"), 0);
+        assert_eq!(answered.drop_portal("a"), 1);
+        assert_eq!(answered.drop_portal("b"), 1);
+        assert!(answered.outcomes.is_empty() && answered.counted.is_empty());
+    }
 
     fn retry() -> Outcome {
         Outcome::Retry {
