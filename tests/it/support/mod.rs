@@ -2,6 +2,7 @@
 //! real pipeline running in-process, a programmable HTTP sink endpoint, and polling helpers.
 
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod error_lane;
 pub mod proxy;
