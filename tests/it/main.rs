@@ -12,6 +12,7 @@ mod amqp_sink;
 mod cli;
 mod clock;
 mod cluster;
+mod cluster_faults;
 mod conformance;
 mod crash;
 mod disk_full;

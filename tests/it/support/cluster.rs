@@ -28,8 +28,13 @@ pub struct Cluster {
 /// `count` simulated portals, a deduplicating HTTP consumer, and a config every instance shares:
 /// the journal in a schema of its own, `lease_ttl` = [`TTL`], `request_timeout` = 1 s.
 pub async fn cluster(dir: &Path, count: usize) -> Cluster {
-    init();
     let url = postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string());
+    cluster_on(dir, count, &url).await
+}
+
+/// [`cluster`] with the journal on the server at `url`.
+pub async fn cluster_on(dir: &Path, count: usize, url: &str) -> Cluster {
+    init();
     let schema = unique_schema();
     let sink = DedupEndpoint::start().await;
     let mut text = format!(
