@@ -79,6 +79,45 @@ fn id_of(c: &Cluster, pid: u32) -> String {
     sql_text(&rows[0], "id").unwrap()
 }
 
+/// The database's clock now, as SQL text.
+fn db_now(c: &Cluster) -> String {
+    sql_text(&sql_rows(&c.journal, "SELECT now()::text AS t")[0], "t").unwrap()
+}
+
+/// Every one of `n` instances heartbeated since `since` (the database's clock) and the portals
+/// are balanced between them, every lease renewed or taken since then.
+fn back_to_work(c: &Cluster, n: usize, since: &str) -> bool {
+    let beating = sql_rows(
+        &c.journal,
+        &format!("SELECT id FROM instances WHERE heartbeat_at > '{since}'"),
+    )
+    .len();
+    let stale = sql_rows(
+        &c.journal,
+        &format!(
+            "SELECT portal FROM portal_leases WHERE expires_at <= '{since}'::timestamptz + interval '{} seconds'",
+            TTL.as_secs()
+        ),
+    )
+    .len();
+    beating == n && stale == 0 && c.balanced(n)
+}
+
+/// The line of `log` that says what the stop waited for.
+fn stop_summary(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("stop waited for"))
+        .map(|l| {
+            l.split_once("INFO")
+                .map_or(l, |(_, rest)| rest)
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
 /// The first time `log` says `message` for `portal`.
 fn logged_at(log: &Path, message: &str, portal: &str) -> Option<DateTime<Utc>> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -234,9 +273,10 @@ async fn a_blackholed_instance_self_fences_its_portals_move_and_it_rejoins_when_
     .await;
     proxy.lift();
     eprintln!(
-        "SIGTERM while blackholed: exited {code:?} after {:.1} s (shutdown_timeout {} s)",
+        "SIGTERM while blackholed: exited {code:?} after {:.1} s (shutdown_timeout {} s); {}",
         took.as_secs_f64(),
-        SHUTDOWN_TIMEOUT.as_secs()
+        SHUTDOWN_TIMEOUT.as_secs(),
+        stop_summary(&cut_log)
     );
     assert_eq!(
         code,
@@ -284,10 +324,11 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
         || answers(&c),
     )
     .await;
+    let restarted = db_now(&c);
     wait_for(
         "every instance working its share again after the restart",
         Duration::from_secs(30),
-        || c.balanced(3),
+        || back_to_work(&c, 3, &restarted),
     )
     .await;
     let recovered_restart = started.elapsed();
@@ -308,10 +349,11 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
         || answers(&c),
     )
     .await;
+    let started_again = db_now(&c);
     wait_for(
         "every instance working its share again after the stop",
         Duration::from_secs(30),
-        || c.balanced(3),
+        || back_to_work(&c, 3, &started_again),
     )
     .await;
     let recovered_stop = stopped.elapsed();
