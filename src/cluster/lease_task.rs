@@ -4,10 +4,13 @@
 //!    their number); each renewed portal's [`LeaseClock`] runs until the instant the renewal
 //!    was *sent* plus the time granted, less a margin (so never past the database's expiry);
 //!    a portal the renewal no longer returns (taken by another instance) is lost: its work
-//!    stops;
+//!    stops; a lease it returns that is not held here (an acquisition or renewal whose answer
+//!    came after its deadline here) is released at once, or every heartbeat would renew it
+//!    with nobody working the portal;
 //! 2. **self-fence**: a portal whose clock ran out without renewal (the database unreachable,
 //!    this process paused) stops its work by itself; the journal refuses its writes anyway
-//!    (the fence), and its clock stopped its upstream calls before that;
+//!    (the fence), and its clock stopped its upstream calls before that. The task wakes when
+//!    the first held clock runs out, if that comes before the next tick;
 //! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
@@ -15,13 +18,17 @@
 //! 5. **acquire** the share's missing portals: each is fenced under its new epoch, then its work
 //!    starts; the orphan sweep waits for the grace (the former owner's calls are over by then).
 //!
+//! Every statement of steps 1, 3, 4 and 5 is given up after a tick's interval, or when the
+//! first held clock runs out if sooner: a journal that stopped answering (a blackholed route)
+//! never keeps the task from self-fencing.
+//!
 //! At the daemon's stop the task keeps renewing (the drain still writes) until the daemon calls
 //! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
 //! instances take the portals at their next tick.
 
 use super::plan::{self, LeaseSeen};
 use crate::BoxFuture;
-use crate::journal::{ClusterHandle, InstanceIdentity};
+use crate::journal::{ClusterHandle, HeldLease, InstanceIdentity};
 use crate::metrics::Metrics;
 use crate::pipeline::lease_clock::LeaseClock;
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,8 +102,11 @@ impl LeaseTask {
                 let every = state.settings.ttl / 3;
                 loop {
                     state.tick(!shutdown.is_cancelled()).await;
+                    // At the next tick, or when the first held lease's clock runs out without
+                    // a renewal, whichever comes first: its work stops then, not a tick later.
+                    let wait = next_wait(every, state.earliest_left());
                     tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = leave.cancelled() => break,
                     }
                 }
@@ -125,6 +135,44 @@ impl LeaseTask {
     }
 }
 
+/// How long the lease task waits before its next tick: a tick's interval, less if a held lease's
+/// clock runs out sooner (`earliest_left`).
+fn next_wait(every: Duration, earliest_left: Option<Duration>) -> Duration {
+    earliest_left.map_or(every, |left| left.min(every))
+}
+
+/// What a heartbeat's answer means for the leases held here (by epoch).
+#[derive(Debug, Default, PartialEq)]
+struct Renewal {
+    /// Held and renewed under the same epoch: their clocks run on.
+    renewed: Vec<(String, HeldLease)>,
+    /// Held here but not renewed (taken by another instance, or under another epoch).
+    lost: Vec<String>,
+    /// Renewed in the journal but not held here: a lease whose acquisition or renewal got
+    /// its answer too late (timed out here, committed there), or kept after this instance
+    /// stopped its work (self-fenced while the lease still ran). Nobody works those portals and
+    /// every heartbeat would renew them for ever: they are released at once.
+    strays: Vec<String>,
+}
+
+fn sort_renewal(held: &BTreeMap<String, i64>, answer: &BTreeMap<String, HeldLease>) -> Renewal {
+    let mut renewal = Renewal::default();
+    for (portal, epoch) in held {
+        match answer.get(portal) {
+            Some(lease) if lease.epoch == *epoch => {
+                renewal.renewed.push((portal.clone(), *lease));
+            }
+            _ => renewal.lost.push(portal.clone()),
+        }
+    }
+    renewal.strays = answer
+        .iter()
+        .filter(|(portal, lease)| held.get(*portal) != Some(&lease.epoch))
+        .map(|(portal, _)| portal.clone())
+        .collect();
+    renewal
+}
+
 /// Whether a process with this pid exists on this machine (`/proc`). A reused pid reads as
 /// existing: the dead instance's leases then run out by themselves.
 fn process_exists(pid: i32) -> bool {
@@ -147,6 +195,29 @@ impl State {
         &self.settings.me.id
     }
 
+    /// How long the first held lease's clock runs yet (`None`: nothing held).
+    fn earliest_left(&self) -> Option<Duration> {
+        self.held.values().map(|held| held.clock.left()).min()
+    }
+
+    /// `call` (one statement on the journal) within a tick's interval, and never past the
+    /// first held lease's clock: a journal that stopped answering (a blackholed network) must
+    /// not keep the task from self-fencing, and an answer after that deadline is of no use.
+    async fn within<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let budget = next_wait(self.settings.ttl / 3, self.earliest_left());
+        tokio::time::timeout(budget, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "portal leases: the journal did not answer the {what} within {budget:?}"
+                ))
+            })
+    }
+
     /// One round; `plan`: give up and take leases too (not after the daemon's stop began).
     async fn tick(&mut self, plan: bool) {
         let renewed = self.renew().await;
@@ -167,14 +238,13 @@ impl State {
     async fn renew(&mut self) -> bool {
         let sent = Instant::now();
         let (me, ttl) = (&self.settings.me, self.settings.ttl);
-        let renewed = match self
+        let heartbeat = self
             .settings
             .cluster
             .leases
-            .heartbeat(me, ttl, &self.settings.portals)
-            .await
-        {
-            Ok(renewed) => renewed,
+            .heartbeat(me, ttl, &self.settings.portals);
+        let answer = match self.within("renewal", heartbeat).await {
+            Ok(answer) => answer,
             Err(e) => {
                 self.metrics.lease_renewal(false, ttl);
                 tracing::warn!(
@@ -186,14 +256,20 @@ impl State {
             }
         };
         self.metrics.lease_renewal(true, ttl);
-        let mut lost = Vec::new();
-        for (portal, held) in &self.held {
-            match renewed.get(portal) {
-                Some(lease) if lease.epoch == held.epoch => {
-                    held.clock
-                        .renew(sent + lease.left.saturating_sub(self.margin));
-                }
-                _ => lost.push(portal.clone()),
+        let epochs = self
+            .held
+            .iter()
+            .map(|(portal, held)| (portal.clone(), held.epoch))
+            .collect();
+        let Renewal {
+            renewed,
+            lost,
+            strays,
+        } = sort_renewal(&epochs, &answer);
+        for (portal, lease) in &renewed {
+            if let Some(held) = self.held.get(portal) {
+                held.clock
+                    .renew(sent + lease.left.saturating_sub(self.margin));
             }
         }
         for portal in &lost {
@@ -201,6 +277,21 @@ impl State {
         }
         self.drop_portals(&lost, true).await;
         self.metrics.handover("lost", lost.len() as u64);
+        if !strays.is_empty() {
+            let me = self.me().to_string();
+            let release = self.settings.cluster.leases.release(&me, &strays);
+            match self.within("release", release).await {
+                Ok(released) => tracing::warn!(
+                    portals = released,
+                    first = %strays[0],
+                    "portal leases held in the journal but not worked here (an answer came too late): released"
+                ),
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "portal leases held in the journal but not worked here could not be released: trying again at the next tick"
+                ),
+            }
+        }
         true
     }
 
@@ -222,7 +313,9 @@ impl State {
     /// Steps 3 to 5.
     async fn rebalance(&mut self) -> anyhow::Result<()> {
         let leases = &self.settings.cluster.leases;
-        let (mut instances, mut rows) = leases.view(&self.settings.portals).await?;
+        let (mut instances, mut rows) = self
+            .within("view", leases.view(&self.settings.portals))
+            .await?;
         let me = &self.settings.me;
         let crashed: Vec<String> = instances
             .iter()
@@ -231,10 +324,12 @@ impl State {
             .collect();
         if !crashed.is_empty() {
             for dead in &crashed {
-                let freed = leases.reap(dead).await?;
+                let freed = self.within("reap", leases.reap(dead)).await?;
                 tracing::warn!(instance = %dead, portals = freed, "an instance on this host is gone without releasing its leases (crashed): its portals are freed now");
             }
-            (instances, rows) = leases.view(&self.settings.portals).await?;
+            (instances, rows) = self
+                .within("view", leases.view(&self.settings.portals))
+                .await?;
         }
         let live: BTreeSet<String> = instances.into_iter().map(|i| i.id).collect();
         let portals: BTreeSet<String> = self.settings.portals.iter().cloned().collect();
@@ -259,7 +354,8 @@ impl State {
         if !release.is_empty() {
             self.drop_portals(&release, false).await;
             let me = self.me().to_string();
-            self.settings.cluster.leases.release(&me, &release).await?;
+            let released = self.settings.cluster.leases.release(&me, &release);
+            self.within("release", released).await?;
             self.metrics.handover("released", release.len() as u64);
             tracing::info!(portals = release.len(), first = %release[0], "portal leases released to rebalance");
         }
@@ -268,12 +364,13 @@ impl State {
         }
         let sent = Instant::now();
         let me = self.me().to_string();
-        let taken = self
-            .settings
-            .cluster
-            .leases
-            .acquire(&me, &wanted.acquire, self.settings.ttl, self.grace)
-            .await?;
+        let acquire = self.settings.cluster.leases.acquire(
+            &me,
+            &wanted.acquire,
+            self.settings.ttl,
+            self.grace,
+        );
+        let taken = self.within("acquisition", acquire).await?;
         for (portal, lease) in &taken {
             self.settings.cluster.fence.hold(portal, lease.epoch);
             let clock = LeaseClock::held(
@@ -355,5 +452,51 @@ impl State {
         }
         self.settings.cluster.fence.deactivate();
         self.metrics.portals_owned(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(epoch: i64) -> HeldLease {
+        HeldLease {
+            epoch,
+            left: Duration::from_secs(30),
+            sweep_in: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_same_epochs_loses_the_rest_and_finds_the_strays() {
+        let held: BTreeMap<String, i64> = [("a", 1), ("b", 4), ("c", 2)]
+            .into_iter()
+            .map(|(p, e)| (p.to_string(), e))
+            .collect();
+        // a renewed; b renewed under another epoch (retaken in between: lost here, and a stray
+        // in the journal); c not renewed (taken by another instance); d renewed but never held
+        // here (an acquisition whose answer came too late).
+        let answer: BTreeMap<String, HeldLease> = [("a", 1), ("b", 5), ("d", 3)]
+            .into_iter()
+            .map(|(p, e)| (p.to_string(), lease(e)))
+            .collect();
+        let renewal = sort_renewal(&held, &answer);
+        assert_eq!(renewal.renewed, vec![("a".to_string(), lease(1))]);
+        assert_eq!(renewal.lost, ["b", "c"]);
+        assert_eq!(renewal.strays, ["b", "d"]);
+        let nothing = sort_renewal(&BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(nothing, Renewal::default());
+    }
+
+    #[test]
+    fn the_task_wakes_when_the_first_clock_runs_out_if_that_is_before_the_next_tick() {
+        let every = Duration::from_secs(10);
+        assert_eq!(next_wait(every, None), every);
+        assert_eq!(next_wait(every, Some(Duration::from_secs(25))), every);
+        assert_eq!(
+            next_wait(every, Some(Duration::from_secs(4))),
+            Duration::from_secs(4)
+        );
+        assert_eq!(next_wait(every, Some(Duration::ZERO)), Duration::ZERO);
     }
 }

@@ -222,7 +222,7 @@ impl Daemon {
         // PostgreSQL: the portals this instance works come and go with their leases.
         // SQLite: this daemon works them all.
         let identity = InstanceIdentity::this_process();
-        let lease_task = match journal.join_cluster(&identity) {
+        let lease_task = match journal.join_cluster(&identity, config.journal.lease_ttl) {
             Some(cluster) => {
                 tracing::info!(instance = %identity.id, lease_ttl = ?config.journal.lease_ttl, "sharing the portals with the other instances of this journal");
                 Some(LeaseTask::start(

@@ -149,10 +149,17 @@ impl Journal {
     /// write for a portal is checked against from now on (and the dispatchers see only the
     /// portals it holds), and returns it with the lease table. `None` on SQLite, which one
     /// daemon has to itself. The operator commands never join: their writes are not fenced.
-    pub fn join_cluster(&self, me: &InstanceIdentity) -> Option<ClusterHandle> {
+    /// From now on every journal operation but the prune is abandoned, with an error naming
+    /// the journal, when it has not ended within `lease_ttl` (10 s at least): a server or a
+    /// network that stopped answering must not hang the daemon.
+    pub fn join_cluster(
+        &self,
+        me: &InstanceIdentity,
+        lease_ttl: std::time::Duration,
+    ) -> Option<ClusterHandle> {
         let backend: &dyn std::any::Any = &*self.backend;
         backend.downcast_ref::<PgJournal>().map(|pg| ClusterHandle {
-            fence: pg.join_cluster(&me.id),
+            fence: pg.join_cluster(&me.id, lease_ttl),
             leases: pg.lease_table(),
         })
     }

@@ -13,6 +13,7 @@ mod cli;
 mod clock;
 mod cluster;
 mod cluster_failover;
+mod cluster_faults;
 mod conformance;
 mod crash;
 mod disk_full;

@@ -262,7 +262,7 @@ mod tests {
     async fn a_write_under_a_stale_epoch_is_refused_and_leaves_nothing() {
         let (pg, schema) = journal().await;
         let table = pg.lease_table();
-        let fence = pg.join_cluster("one");
+        let fence = pg.join_cluster("one", TTL);
         let journal = Journal {
             backend: Arc::new(pg.clone()),
         };
@@ -340,7 +340,7 @@ mod tests {
     async fn a_paused_writer_delays_an_acquisition_instead_of_losing_to_it() {
         let (pg, schema) = journal().await;
         let table = pg.lease_table();
-        let fence = pg.join_cluster("one");
+        let fence = pg.join_cluster("one", TTL);
         let main = vec!["main".to_string()];
         let one = crate::journal::InstanceIdentity {
             id: "one".into(),

@@ -46,6 +46,17 @@ pub(super) type Conn = deadpool_postgres::Client;
 /// How long a call waits for a free connection of the pool, or for a new one to connect.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest deadline of a daemon's journal operation (see [`operation_deadline`]).
+const MIN_OPERATION_DEADLINE: Duration = Duration::from_secs(10);
+/// The kernel's limits on a journal connection whose peer stopped answering (a network cut
+/// where no reset comes back): an idle connection is probed after `KEEPALIVE_IDLE`, then every
+/// `KEEPALIVE_INTERVAL`, and closed after `KEEPALIVE_RETRIES` unanswered probes; data unacknowledged
+/// for `TCP_USER_TIMEOUT` closes it too. Without them a dead connection lingers for hours (Linux's
+/// defaults: keepalives after 2 h, retransmissions for about 15 min).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the server lets a journal connection sit in an open transaction without a
 /// statement before it ends the session (see `connect`).
 const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
@@ -67,6 +78,10 @@ struct Inner {
     /// Set once when the daemon joins a cluster: every write for a portal is then checked
     /// against the portal's lease, and the dispatchers see only the portals held.
     fence: std::sync::OnceLock<Arc<fence::Fence>>,
+    /// Set when the daemon joins a cluster: how long one operation (a connection from the pool
+    /// and its statements) may take before it is abandoned (see [`operation_deadline`]). The
+    /// operator commands have none: a prune or an import may rightly take long.
+    deadline: std::sync::OnceLock<Duration>,
 }
 
 impl Drop for Inner {
@@ -98,7 +113,12 @@ impl PgJournal {
         ));
         let (mut pg, tls) =
             connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
-        pg.connect_timeout(CONNECT_TIMEOUT);
+        pg.connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         // Every pooled connection works in the journal's schema, and keeps the server's notices
         // below warnings (`CREATE SCHEMA IF NOT EXISTS` and the like) out of the log. A
         // transaction left open by a paused process (SIGSTOP, a VM frozen) would hold its row
@@ -146,6 +166,7 @@ impl PgJournal {
                 location,
                 schema: config.schema.clone(),
                 fence: std::sync::OnceLock::new(),
+                deadline: std::sync::OnceLock::new(),
             }),
         };
         let schema = config.schema.clone();
@@ -185,8 +206,26 @@ impl PgJournal {
         Ok(journal)
     }
 
-    /// Runs `f` with a pooled connection on the journal's runtime.
+    /// Runs `f` with a pooled connection on the journal's runtime, within the operation
+    /// deadline when one is set. An operation past its deadline is dropped with its connection,
+    /// and every idle connection is closed with it: a server or network that stopped answering
+    /// (a blackholed route) leaves every open connection hanging, and the next call should
+    /// connect anew rather than queue behind one of them.
     fn run<R, F, Fut>(&self, f: F) -> BoxFuture<'static, anyhow::Result<R>>
+    where
+        F: FnOnce(Conn) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run_within(self.inner.deadline.get().copied(), f)
+    }
+
+    /// [`PgJournal::run`] within `deadline` (`None`: none).
+    fn run_within<R, F, Fut>(
+        &self,
+        deadline: Option<Duration>,
+        f: F,
+    ) -> BoxFuture<'static, anyhow::Result<R>>
     where
         F: FnOnce(Conn) -> Fut + Send + 'static,
         Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
@@ -198,14 +237,38 @@ impl PgJournal {
         Box::pin(async move {
             handle
                 .spawn(async move {
-                    let conn = pool.get().await.map_err(|e| {
-                        anyhow::anyhow!(
-                            "journal {}: no connection: {}",
-                            location.display(),
-                            describe_pool_error(&e)
-                        )
-                    })?;
-                    f(conn).await
+                    let operation = {
+                        let (pool, location) = (pool.clone(), location.clone());
+                        async move {
+                            let conn = pool.get().await.map_err(|e| {
+                                anyhow::anyhow!(
+                                    "journal {}: no connection: {}",
+                                    location.display(),
+                                    describe_pool_error(&e)
+                                )
+                            })?;
+                            f(conn).await
+                        }
+                    };
+                    let Some(deadline) = deadline else {
+                        return operation.await;
+                    };
+                    // The operation (and its connection, back to the pool) is dropped at the
+                    // end of this statement, before the pool is emptied below.
+                    let outcome = tokio::time::timeout(deadline, operation).await;
+                    outcome.unwrap_or_else(|_| {
+                        let closed = pool.retain(|_, _| false).removed.len();
+                        tracing::warn!(
+                            journal = %location.display(),
+                            deadline = ?deadline,
+                            closed,
+                            "journal operation abandoned at its deadline: idle connections closed"
+                        );
+                        Err(anyhow::anyhow!(
+                            "journal {}: no answer within {deadline:?} (the server, or the network to it, is down or overloaded)",
+                            location.display()
+                        ))
+                    })
                 })
                 .await
                 .context("journal task ended")?
@@ -390,8 +453,10 @@ impl LeaseTable {
 
 impl PgJournal {
     /// Installs the fence of instance `me` (once; a second call activates the first fence
-    /// again, holding nothing).
-    pub(super) fn join_cluster(&self, me: &str) -> Arc<fence::Fence> {
+    /// again, holding nothing) and the deadline of every operation from now on
+    /// ([`operation_deadline`] of `lease_ttl`).
+    pub(super) fn join_cluster(&self, me: &str, lease_ttl: Duration) -> Arc<fence::Fence> {
+        let _ = self.inner.deadline.set(operation_deadline(lease_ttl));
         let fence = self
             .inner
             .fence
@@ -411,6 +476,14 @@ impl PgJournal {
             journal: self.clone(),
         }
     }
+}
+
+/// How long one journal operation of a daemon may take: the lease TTL, 10 s at least. A write
+/// for a portal that has not ended within a lease's lifetime is of no use any more (the lease
+/// has moved, or its clock has stopped the portal's work), and a connection that gave no answer
+/// for that long is taken as lost; a few seconds is too short for a loaded server.
+pub(crate) fn operation_deadline(lease_ttl: Duration) -> Duration {
+    lease_ttl.max(MIN_OPERATION_DEADLINE)
 }
 
 /// The pool's error without the connection string.
@@ -779,9 +852,11 @@ impl JournalBackend for PgJournal {
         cutoff: DateTime<Utc>,
         include_dead: bool,
     ) -> BoxFuture<'_, anyhow::Result<Pruned>> {
-        self.run(
-            move |mut conn| async move { inspect::prune(&mut conn, cutoff, include_dead).await },
-        )
+        // Without the operation deadline: pruning a large journal may rightly take long (a
+        // lost connection still ends at the kernel's limits, see `TCP_USER_TIMEOUT`).
+        self.run_within(None, move |mut conn| async move {
+            inspect::prune(&mut conn, cutoff, include_dead).await
+        })
     }
 }
 

@@ -53,8 +53,17 @@ pub async fn cluster(dir: &Path, count: usize) -> Cluster {
 
 /// [`cluster`] with `options`.
 pub async fn cluster_with(dir: &Path, count: usize, options: &Options) -> Cluster {
-    init();
     let url = postgres_url().unwrap_or_else(|| DEFAULT_TEST_URL.to_string());
+    cluster_at(dir, count, options, &url).await
+}
+
+/// [`cluster`] with the journal on the server at `url`.
+pub async fn cluster_on(dir: &Path, count: usize, url: &str) -> Cluster {
+    cluster_at(dir, count, &Options::default(), url).await
+}
+
+async fn cluster_at(dir: &Path, count: usize, options: &Options, url: &str) -> Cluster {
+    init();
     let schema = unique_schema();
     let sink = DedupEndpoint::start().await;
     let mut text = format!(

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cluster;
 pub mod daemon;
 pub mod error_lane;
+pub mod private_postgres;
 pub mod proxy;
 pub mod sink;
 pub mod slow_proxy;

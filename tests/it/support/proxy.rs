@@ -1,10 +1,12 @@
-//! A TCP proxy between the daemon and a real broker, so a test can cut the broker off mid-run
-//! (every open connection dropped, new ones refused) and bring it back, without touching the
-//! shared service itself.
+//! A TCP proxy between the daemon and a real service, so a test can cut the service off mid-run
+//! (every open connection dropped, new ones refused) or blackhole it (every connection stays
+//! open, new ones are accepted, and nothing passes either way: a route that silently drops
+//! packets), and bring it back, without touching the shared service itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -13,6 +15,8 @@ pub struct TcpProxy {
     cut: Arc<AtomicBool>,
     /// Bumped on every cut: copy tasks of older generations end, dropping both sides.
     generation: watch::Sender<u64>,
+    /// While true, nothing is forwarded and new connections wait silently.
+    blackholed: watch::Sender<bool>,
     accept_task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,9 +28,11 @@ impl TcpProxy {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
+        let (blackholed, _) = watch::channel(false);
         let accept_task = {
             let cut = cut.clone();
             let generation = generation.clone();
+            let blackholed = blackholed.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -37,14 +43,27 @@ impl TcpProxy {
                         continue;
                     }
                     let mut cut_seen = generation.subscribe();
+                    let hole = blackholed.subscribe();
                     let upstream = upstream.clone();
                     tokio::spawn(async move {
-                        let Ok(server) = TcpStream::connect(&upstream).await else {
-                            return;
+                        let forward = async {
+                            // Accepted, but silent while blackholed: the server is reached
+                            // only once the hole lifts.
+                            if hole.clone().wait_for(|h| !*h).await.is_err() {
+                                return;
+                            }
+                            let Ok(server) = TcpStream::connect(&upstream).await else {
+                                return;
+                            };
+                            let (client_read, client_write) = client.into_split();
+                            let (server_read, server_write) = server.into_split();
+                            tokio::join!(
+                                pump(client_read, server_write, hole.clone()),
+                                pump(server_read, client_write, hole.clone()),
+                            );
                         };
-                        let (mut client, mut server) = (client, server);
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = forward => {}
                             _ = cut_seen.changed() => {}
                         }
                     });
@@ -55,6 +74,7 @@ impl TcpProxy {
             addr,
             cut,
             generation,
+            blackholed,
             accept_task,
         }
     }
@@ -74,6 +94,43 @@ impl TcpProxy {
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+
+    /// From now on nothing passes, either way, on any connection (a close neither), and new
+    /// connections are accepted but never answered, until [`TcpProxy::lift`]. What was sent
+    /// meanwhile is held, and delivered when the hole lifts, as a network that heals does.
+    pub fn blackhole(&self) {
+        self.blackholed.send_replace(true);
+    }
+
+    /// Ends the blackhole: what was held is delivered, and traffic flows again.
+    pub fn lift(&self) {
+        self.blackholed.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to` while the hole is closed; what is read while it is open (bytes or the
+/// end of the stream) is held until it closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut hole: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buf).await;
+        if hole.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for TcpProxy {
