@@ -67,7 +67,11 @@ pub(crate) fn connect_config(url: &str) -> Result<(tokio_postgres::Config, Tls),
         Tls::Prefer => SslMode::Prefer,
         Tls::Require => SslMode::Require,
     });
-    config.application_name("b24eventd");
+    // The URL's `application_name` names the connections (e.g. one name per instance of a
+    // cluster, to tell them apart in `pg_stat_activity`); "b24eventd" otherwise.
+    if config.get_application_name().is_none() {
+        config.application_name("b24eventd");
+    }
     Ok((config, tls))
 }
 
@@ -100,4 +104,21 @@ pub(crate) fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect
         .map_err(|e| format!("cannot set up TLS: {e}"))?
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_named_b24eventd_unless_the_url_names_them() {
+        let (config, tls) = connect_config("postgres://u@h:5432/db").unwrap();
+        assert_eq!(config.get_application_name(), Some("b24eventd"));
+        assert_eq!(tls, Tls::Off);
+        let (config, tls) =
+            connect_config("postgres://u@h:5432/db?sslmode=require&application_name=node-2")
+                .unwrap();
+        assert_eq!(config.get_application_name(), Some("node-2"));
+        assert_eq!(tls, Tls::Require);
+    }
 }

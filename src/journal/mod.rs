@@ -52,6 +52,8 @@ use crate::bitrix::{TokenStore, Tokens};
 use crate::config::{JournalConfig, Synchronous};
 pub use postgres::LeaseTable;
 use postgres::PgJournal;
+#[doc(hidden)]
+pub use postgres::deliveries::due_deliveries_sql;
 pub use postgres::fence::{Fence, Fenced};
 pub use postgres::lease::{HeldLease, InstanceIdentity, InstanceRow, LeaseRow};
 use sqlite::SqliteJournal;

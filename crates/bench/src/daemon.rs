@@ -101,11 +101,24 @@ pub fn write_config(
     portals: &[PortalSection<'_>],
     sinks: &str,
 ) -> anyhow::Result<PathBuf> {
-    let defaults = SimulatorConfig::default();
-    let mut text = format!(
-        "shutdown_timeout = \"10s\"\n[journal]\npath = \"{}\"\nsynchronous = \"full\"\n\n[admin]\nlisten = \"\"\n\n",
+    let journal = format!(
+        "[journal]\npath = \"{}\"\nsynchronous = \"full\"\n",
         dir.join("journal.db").display()
     );
+    write_config_with(dir, "config.toml", &journal, portals, sinks)
+}
+
+/// Writes `name` in `dir` with the given `[journal]` section (and whatever follows it in
+/// that table), no admin endpoint, the given portals and sinks.
+pub fn write_config_with(
+    dir: &Path,
+    name: &str,
+    journal: &str,
+    portals: &[PortalSection<'_>],
+    sinks: &str,
+) -> anyhow::Result<PathBuf> {
+    let defaults = SimulatorConfig::default();
+    let mut text = format!("shutdown_timeout = \"10s\"\n{journal}\n[admin]\nlisten = \"\"\n\n");
     for p in portals {
         write!(
             text,
@@ -122,7 +135,7 @@ client_id = \"{client_id}\"\nclient_secret = \"{secret}\"\nevents = [\"{e0}\", \
         )?;
     }
     text.push_str(sinks);
-    let path = dir.join("config.toml");
+    let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
@@ -205,6 +218,11 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Whether the daemon has logged that it runs.
+    pub fn is_running(&self) -> bool {
+        self.log_text().contains(RUNNING_LINE)
     }
 
     /// Fails with the end of the daemon's log when it has exited.

@@ -6,7 +6,10 @@
 //! delivery, idle and under load, vs a bare `event.offline.get` round trip) and `memory` (RSS
 //! idle, under a backlog and with many portals, vs idle with one) and `backlog` (a 100,000-event
 //! backlog on a portal without limits: events per second and CPU per event vs bare SQLite
-//! inserts, the journal's own speed). Results are recorded in
+//! inserts, the journal's own speed, with the journal on SQLite and on PostgreSQL) and `cluster`
+//! (three daemons sharing a PostgreSQL journal and 10,000 portals: time to own and balance them,
+//! drain, memory, connections, lease renewals, and the dispatcher's owned-portal query). Results
+//! are recorded in
 //! `docs/BENCHMARKS.md`.
 
 /// `println!` that returns the write error instead of panicking (so `| head` ends quietly),
@@ -24,11 +27,14 @@ macro_rules! outln {
 }
 
 mod backlog;
+mod cluster;
 mod daemon;
 mod drain;
+mod dueq;
 mod latency;
 mod memory;
 mod overhead;
+mod pg;
 mod procfs;
 mod stats;
 
@@ -50,9 +56,17 @@ struct BenchArgs {
     /// are 5 times this
     #[arg(long, value_name = "N")]
     events: Option<u64>,
-    /// Portals (one simulator each) for the many-portal memory measurement
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    portals: u32,
+    /// Portals (one simulator each) for the many-portal memory measurement (default 1000), or
+    /// shared by the cluster's three instances (default 10000)
+    #[arg(long, value_name = "N")]
+    portals: Option<u32>,
+    /// backlog, cluster: the PostgreSQL server for the journal (a fresh schema per run,
+    /// dropped after); the server's CPU is read from /proc when it runs on this machine
+    #[arg(long, value_name = "URL", default_value = pg::DEFAULT_URL)]
+    postgres: String,
+    /// backlog: drain with the SQLite journal only
+    #[arg(long)]
+    no_postgres: bool,
     /// Print one JSON document instead of tables
     #[arg(long)]
     json: bool,
@@ -69,6 +83,7 @@ enum Which {
     Latency,
     Memory,
     Backlog,
+    Cluster,
     All,
 }
 
@@ -222,13 +237,15 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_machine(&machine)?;
     }
     let mut reports = Vec::new();
-    let steps: [(Which, &str); 5] = [
+    let steps: [(Which, &str); 6] = [
         (Which::Drain, "drain"),
         (Which::Overhead, "overhead"),
         (Which::Latency, "latency"),
         (Which::Memory, "memory"),
         (Which::Backlog, "backlog"),
+        (Which::Cluster, "cluster"),
     ];
+    let postgres = (!args.no_postgres).then_some(args.postgres.as_str());
     for (which, name) in steps {
         if !chosen(which) {
             continue;
@@ -239,10 +256,18 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Which::Drain => drain::run(events, args.compare_with.as_deref()).await?,
             Which::Overhead => overhead::run(events).await?,
             Which::Latency => latency::run().await?,
-            Which::Memory => memory::run(events * BACKLOG_FACTOR, args.portals).await?,
-            Which::Backlog => {
-                backlog::run(events * BACKLOG_FACTOR, args.compare_with.as_deref()).await?
+            Which::Memory => {
+                memory::run(events * BACKLOG_FACTOR, args.portals.unwrap_or(1000)).await?
             }
+            Which::Backlog => {
+                backlog::run(
+                    events * BACKLOG_FACTOR,
+                    args.compare_with.as_deref(),
+                    postgres,
+                )
+                .await?
+            }
+            Which::Cluster => cluster::run(args.portals.unwrap_or(10_000), &args.postgres).await?,
             Which::All => unreachable!("`all` is expanded above"),
         };
         report.seconds = started.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@ mod auth;
 mod control;
 mod http;
 mod limits;
+mod many;
 mod methods;
 mod php;
 pub mod php_request;
@@ -303,15 +304,28 @@ pub struct SimRow {
 pub(crate) struct Inner {
     config: SimulatorConfig,
     base_url: String,
+    /// The path prefix this portal is served under (`/p/NAME` when many share a listener,
+    /// see [`Simulator::start_many`]; empty otherwise).
+    prefix: String,
     state: Mutex<State>,
     shutdown: CancellationToken,
 }
 
 impl Inner {
     fn new(config: SimulatorConfig, addr: SocketAddr, shutdown: CancellationToken) -> Inner {
+        Inner::with_prefix(config, addr, String::new(), shutdown)
+    }
+
+    fn with_prefix(
+        config: SimulatorConfig,
+        addr: SocketAddr,
+        prefix: String,
+        shutdown: CancellationToken,
+    ) -> Inner {
         let state = Mutex::new(State::new(&config));
         Inner {
-            base_url: base_url_of(addr),
+            base_url: format!("{}{prefix}", base_url_of(addr)),
+            prefix,
             config,
             state,
             shutdown,
@@ -393,7 +407,47 @@ impl Simulator {
         Ok(Simulator { inner })
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// Serves one simulated portal per name, all on `listener`, each under a path prefix of
+    /// its own (`/p/NAME`: its [`Simulator::base_url`] is `http://127.0.0.1:PORT/p/NAME`), so
+    /// that thousands of portals need neither a port nor a listening descriptor each. Each has
+    /// its own state, as if started alone with `config`; [`Simulator::shutdown`] on any of
+    /// them stops the listener, and so all of them.
+    pub async fn start_many(
+        config: SimulatorConfig,
+        names: &[String],
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Vec<Simulator>> {
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let inners: Vec<Arc<Inner>> = names
+            .iter()
+            .map(|name| {
+                many::check_name(name)?;
+                Ok(Arc::new(Inner::with_prefix(
+                    config.clone(),
+                    addr,
+                    format!("{}{name}", many::PREFIX),
+                    shutdown.clone(),
+                )))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let app = many::router(names.iter().cloned().zip(inners.iter().cloned()));
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%addr, %error, "portal simulators stopped with an error");
+            }
+        });
+        tracing::debug!(%addr, portals = names.len(), "portal simulators started");
+        Ok(inners
+            .into_iter()
+            .map(|inner| Simulator { inner })
+            .collect())
+    }
+
+    /// `http://127.0.0.1:PORT` (with `/p/NAME` under [`Simulator::start_many`]).
     pub fn base_url(&self) -> String {
         self.inner.base_url.clone()
     }

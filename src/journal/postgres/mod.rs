@@ -9,7 +9,7 @@
 
 mod batches;
 mod conformance;
-mod deliveries;
+pub(crate) mod deliveries;
 mod enrichment;
 pub(crate) mod fence;
 pub(super) mod import;

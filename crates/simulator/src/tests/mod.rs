@@ -3,6 +3,7 @@
 
 mod control;
 mod limits;
+mod many;
 mod rest;
 
 use super::*;
