@@ -127,6 +127,10 @@ pub(super) fn record_outcomes(
     Ok(portals)
 }
 
+/// An event and its deliveries, one row per delivery (see [`settle_if_final`]).
+pub(super) const SETTLE_SELECT: &str = "SELECT e.lane, e.portal, e.upstream, d.status
+     FROM events e LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ?1";
+
 /// Applies the settle lattice to one event: when every delivery is final it becomes
 /// `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/`error_pending`.
 /// Returns its portal when there is new settle work. An event settled upstream before (a
@@ -140,10 +144,7 @@ fn settle_if_final(
     let mut event: Option<(String, String, String)> = None;
     let mut deliveries: Vec<DeliveryState> = Vec::new();
     {
-        let mut select = tx.prepare_cached(
-            "SELECT e.lane, e.portal, e.upstream, d.status
-             FROM events e LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ?1",
-        )?;
+        let mut select = tx.prepare_cached(SETTLE_SELECT)?;
         let mut rows = select.query([event_id])?;
         while let Some(r) = rows.next()? {
             if event.is_none() {
