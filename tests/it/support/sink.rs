@@ -113,9 +113,11 @@ pub fn journal_duplicates(journal: &Journal, sink: &str) -> usize {
 }
 
 /// SIGKILLs the real binary on `config` at random moments (300 to 1,200 ms after each start,
-/// seeded by `seed`) while `total` events arrive 200 per start, until at least 8 kills are
+/// seeded by `seed`) while `total` events arrive 100 per start, until at least 8 kills are
 /// done, every event is emitted and the journal shows a redelivery to `sink` the server took as
-/// a duplicate (a kill between its ack and the journal's commit); at most 30 kills. The journal
+/// a duplicate (a kill between its ack and the journal's commit); at most 40 kills. (A start
+/// with nothing left to deliver cannot land such a kill: the smaller the share per start, the
+/// more starts have deliveries in flight, and the faster the journal, the more that matters.) The journal
 /// is the one beside `config`, as [`write_config`] puts it. Emits what is left after the last
 /// kill; returns the number of kills.
 pub async fn sigkill_until_a_duplicate(
@@ -130,10 +132,11 @@ pub async fn sigkill_until_a_duplicate(
     let mut emitted = 0;
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut kills = 0;
-    while kills < 30 {
+    while kills < 40 {
         if emitted < total {
-            emit_deals(sim, emitted + 1, 200);
-            emitted += 200;
+            let count = PER_START.min(total - emitted);
+            emit_deals(sim, emitted + 1, count);
+            emitted += count;
         }
         let mut child = daemon::spawn_daemon(config, log);
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
@@ -150,9 +153,11 @@ pub async fn sigkill_until_a_duplicate(
             break;
         }
     }
-    while emitted < total {
-        emit_deals(sim, emitted + 1, 200);
-        emitted += 200;
+    if emitted < total {
+        emit_deals(sim, emitted + 1, total - emitted);
     }
     kills
 }
+
+/// How many events [`sigkill_until_a_duplicate`] emits before each start.
+const PER_START: u64 = 100;
