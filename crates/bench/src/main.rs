@@ -31,6 +31,7 @@ mod cluster;
 mod daemon;
 mod drain;
 mod dueq;
+mod journal;
 mod latency;
 mod memory;
 mod overhead;
@@ -84,6 +85,7 @@ enum Which {
     Memory,
     Backlog,
     Cluster,
+    Journal,
     All,
 }
 
@@ -237,13 +239,14 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_machine(&machine)?;
     }
     let mut reports = Vec::new();
-    let steps: [(Which, &str); 6] = [
+    let steps: [(Which, &str); 7] = [
         (Which::Drain, "drain"),
         (Which::Overhead, "overhead"),
         (Which::Latency, "latency"),
         (Which::Memory, "memory"),
         (Which::Backlog, "backlog"),
         (Which::Cluster, "cluster"),
+        (Which::Journal, "journal"),
     ];
     let postgres = (!args.no_postgres).then_some(args.postgres.as_str());
     for (which, name) in steps {
@@ -268,6 +271,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .await?
             }
             Which::Cluster => cluster::run(args.portals.unwrap_or(10_000), &args.postgres).await?,
+            Which::Journal => journal::run(events * BACKLOG_FACTOR).await?,
             Which::All => unreachable!("`all` is expanded above"),
         };
         report.seconds = started.elapsed().as_secs_f64();

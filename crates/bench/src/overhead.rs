@@ -164,4 +164,4 @@ pub fn bare_inserts(path: &Path, events: u64, per_txn: u64) -> anyhow::Result<Co
 }
 
 /// The `TIMESTAMP_X` of every baseline row.
-const TIMESTAMP: &str = "2026-01-01T00:00:00+03:00";
+pub const TIMESTAMP: &str = "2026-01-01T00:00:00+03:00";

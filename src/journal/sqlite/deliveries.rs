@@ -79,7 +79,39 @@ pub(super) fn record_outcomes(
 ) -> anyhow::Result<Vec<String>> {
     let tx = conn.transaction()?;
     let at = now();
-    let mut portals = Vec::new();
+    // The events with a delivery made final here: the settle lattice runs on them at the end.
+    let mut made_final: Vec<i64> = Vec::new();
+    // A delivery with nothing to keep but its success, the usual outcome, is journaled with the
+    // others of its batch in one statement each (its attempt row, its delivery row): SQLite's
+    // per-statement work is paid per batch, not per event.
+    let plain: Vec<i64> = outcomes
+        .iter()
+        .filter(|(_, outcome, output)| matches!(outcome, Outcome::Delivered) && output.is_none())
+        .map(|(event_id, _, _)| *event_id)
+        .collect();
+    if !plain.is_empty() {
+        let ids = super::id_list(&plain);
+        // Only a delivery still pending gets an attempt (one already final, e.g. settled by an
+        // earlier run, records nothing), numbered as the update below counts it.
+        tx.prepare_cached(
+            "INSERT INTO delivery_attempts (event_id, sink, attempt, at, outcome)
+             SELECT d.event_id, d.sink, d.attempts + 1, ?3, 'delivered' FROM deliveries d
+             WHERE d.sink = ?2 AND d.status = 'pending'
+               AND d.event_id IN (SELECT value FROM json_each(?1))",
+        )?
+        .execute(params![ids, sink, at])?;
+        let mut update = tx.prepare_cached(
+            "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,
+                    next_attempt_at = ?3, last_error = NULL, delivered_at = ?3
+             WHERE sink = ?2 AND status = 'pending'
+               AND event_id IN (SELECT value FROM json_each(?1))
+             RETURNING event_id",
+        )?;
+        let updated = update.query_map(params![ids, sink, at], |r| r.get::<_, i64>(0))?;
+        for event_id in updated {
+            made_final.push(event_id?);
+        }
+    }
     {
         let mut update = tx.prepare_cached(
             "UPDATE deliveries SET status = ?3, attempts = attempts + 1, next_attempt_at = ?4, last_error = ?5,
@@ -92,6 +124,7 @@ pub(super) fn record_outcomes(
         )?;
         for (event_id, outcome, output) in outcomes {
             let (status, next_at, error, label) = match outcome {
+                Outcome::Delivered if output.is_none() => continue, // journaled above
                 Outcome::Delivered => ("delivered", at.clone(), None, "delivered"),
                 Outcome::Retry {
                     error,
@@ -113,67 +146,104 @@ pub(super) fn record_outcomes(
                 continue; // already final (e.g. settled by an earlier run): nothing to record
             };
             log_attempt.execute(params![event_id, sink, attempt, at, label, error, output])?;
-            if status == "pending" {
-                continue;
-            }
-            if let Some(portal) = settle_if_final(&tx, *event_id)?
-                && !portals.contains(&portal)
-            {
-                portals.push(portal);
+            if status != "pending" {
+                made_final.push(*event_id);
             }
         }
     }
+    let portals = settle_if_final(&tx, &made_final)?;
     tx.commit()?;
     Ok(portals)
 }
 
-/// An event and its deliveries, one row per delivery (see [`settle_if_final`]).
-pub(super) const SETTLE_SELECT: &str = "SELECT e.lane, e.portal, e.upstream, d.status
-     FROM events e LEFT JOIN deliveries d ON d.event_id = e.id WHERE e.id = ?1";
+/// Events and their deliveries, one row per delivery (one row with no status for an event with
+/// none left), for a JSON array of event ids (see [`settle_if_final`]).
+pub(super) const SETTLE_SELECT: &str = "SELECT e.id, e.lane, e.portal, e.upstream, d.status
+     FROM events e LEFT JOIN deliveries d ON d.event_id = e.id
+     WHERE e.id IN (SELECT value FROM json_each(?1)) ORDER BY e.id";
 
-/// Applies the settle lattice to one event: when every delivery is final it becomes
-/// `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/`error_pending`.
-/// Returns its portal when there is new settle work. An event settled upstream before (a
-/// replay, a dead retry, fetch-delete mode) only gets its status.
+/// Applies the settle lattice to each of `event_ids`: an event whose deliveries are all final
+/// becomes `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/
+/// `error_pending`. Returns the portals with new settle work. An event settled upstream before
+/// (a replay, a dead retry, fetch-delete mode) only gets its status. One read and one update
+/// per kind of change, whatever the number of events.
 fn settle_if_final(
     tx: &rusqlite::Transaction<'_>,
-    event_id: i64,
-) -> anyhow::Result<Option<String>> {
-    // The event and its deliveries in one statement (one row per delivery; a single row with
-    // no status when none is left).
-    let mut event: Option<(String, String, String)> = None;
-    let mut deliveries: Vec<DeliveryState> = Vec::new();
+    event_ids: &[i64],
+) -> anyhow::Result<Vec<String>> {
+    if event_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    struct Seen {
+        id: i64,
+        lane: String,
+        portal: String,
+        upstream: String,
+        deliveries: Vec<DeliveryState>,
+    }
+    let mut seen: Vec<Seen> = Vec::with_capacity(event_ids.len());
     {
         let mut select = tx.prepare_cached(SETTLE_SELECT)?;
-        let mut rows = select.query([event_id])?;
+        let mut rows = select.query([super::id_list(event_ids)])?;
         while let Some(r) = rows.next()? {
-            if event.is_none() {
-                event = Some((r.get(0)?, r.get(1)?, r.get(2)?));
+            let id: i64 = r.get(0)?;
+            if seen.last().is_none_or(|s| s.id != id) {
+                seen.push(Seen {
+                    id,
+                    lane: r.get(1)?,
+                    portal: r.get(2)?,
+                    upstream: r.get(3)?,
+                    deliveries: Vec::new(),
+                });
             }
-            if let Some(status) = r.get::<_, Option<String>>(3)? {
-                deliveries.push(state_from_sql(&status));
+            if let Some(status) = r.get::<_, Option<String>>(4)?
+                && let Some(event) = seen.last_mut()
+            {
+                event.deliveries.push(state_from_sql(&status));
             }
         }
     }
-    let (lane, portal, upstream) = event.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-    let Some(decision) = settle::decide(lane_from_sql(&lane), &deliveries) else {
-        return Ok(None);
-    };
-    let status = if decision.dead { "dead" } else { "delivered" };
-    if upstream != "reserved" {
-        tx.prepare_cached("UPDATE events SET status = ?2 WHERE id = ?1")?
-            .execute(params![event_id, status])?;
-        return Ok(None);
+    // (status, upstream it moves to: `None` when it stays) -> the events that change so.
+    let mut changes: BTreeMap<(&str, Option<&str>), Vec<i64>> = BTreeMap::new();
+    let mut portals: Vec<String> = Vec::new();
+    for event in &seen {
+        let Some(decision) = settle::decide(lane_from_sql(&event.lane), &event.deliveries) else {
+            continue;
+        };
+        let status = if decision.dead { "dead" } else { "delivered" };
+        if event.upstream != "reserved" {
+            changes.entry((status, None)).or_default().push(event.id);
+            continue;
+        }
+        let upstream = match decision.action {
+            SettleAction::Clear => "clear_pending",
+            SettleAction::Error => "error_pending",
+        };
+        changes
+            .entry((status, Some(upstream)))
+            .or_default()
+            .push(event.id);
+        if !portals.contains(&event.portal) {
+            portals.push(event.portal.clone());
+        }
     }
-    let upstream = match decision.action {
-        SettleAction::Clear => "clear_pending",
-        SettleAction::Error => "error_pending",
-    };
-    tx.prepare_cached(
-        "UPDATE events SET status = ?2, upstream = ?3 WHERE id = ?1 AND upstream = 'reserved'",
-    )?
-    .execute(params![event_id, status, upstream])?;
-    Ok(Some(portal))
+    for ((status, upstream), ids) in changes {
+        let ids = super::id_list(&ids);
+        match upstream {
+            None => tx
+                .prepare_cached(
+                    "UPDATE events SET status = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
+                )?
+                .execute(params![ids, status])?,
+            Some(upstream) => tx
+                .prepare_cached(
+                    "UPDATE events SET status = ?2, upstream = ?3
+                     WHERE id IN (SELECT value FROM json_each(?1)) AND upstream = 'reserved'",
+                )?
+                .execute(params![ids, status, upstream])?,
+        };
+    }
+    Ok(portals)
 }
 
 /// Deletes pending deliveries to sinks no longer configured (an operator removed or renamed
@@ -203,8 +273,10 @@ pub(super) fn drop_unknown_sinks(
             "DELETE FROM deliveries WHERE event_id = ?1 AND sink = ?2 AND status = 'pending'",
             params![event_id, sink],
         )?;
-        settle_if_final(&tx, *event_id)?;
     }
+    let mut event_ids: Vec<i64> = events.iter().map(|(event_id, _)| *event_id).collect();
+    event_ids.dedup();
+    settle_if_final(&tx, &event_ids)?;
     tx.commit()?;
     Ok(dropped.into_iter().collect())
 }

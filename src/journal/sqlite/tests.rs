@@ -168,7 +168,7 @@ async fn per_event_statements_are_not_re_prepared_for_each_binding() {
             .prepare_cached(super::deliveries::SETTLE_SELECT)
             .unwrap();
         rows += select
-            .query_map([id], |r| r.get::<_, String>(3))
+            .query_map([format!("[{id}]")], |r| r.get::<_, String>(4))
             .unwrap()
             .count();
         assert_eq!(
