@@ -384,6 +384,12 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             ),
         }),
     }
+    if let Some(reason) = state.journal.instance_lock_problem() {
+        not_ready.push(NotReady {
+            component: "journal".to_string(),
+            reason,
+        });
+    }
     for dead in state.tasks.dead() {
         not_ready.push(NotReady {
             component: format!("task {}", dead.task),

@@ -43,10 +43,15 @@
 //! 3. the dispatchers finish the batch in hand until the deadline, then are aborted (those
 //!    deliveries are retried at the next start);
 //! 4. every portal sends its due settle calls, within what is left plus `STOP_TAIL`, less
-//!    `AUX_STOP`;
+//!    `AUX_STOP`; clustered, the leases are then released and the instance retired;
 //! 5. the admin endpoint stops, by `shutdown_timeout` + `STOP_TAIL` at the latest.
 //!
-//! The process thus ends within `shutdown_timeout` + `STOP_TAIL` whatever is in flight.
+//! The process thus ends within `shutdown_timeout` + `STOP_TAIL` whatever is in flight. Steps 4
+//! and 5 first ask the journal a trivial query: when it gives no answer within `JOURNAL_CHECK`
+//! (a blackholed route, a server down), nothing of step 4 could be recorded, so it is skipped
+//! (the due settle calls are sent at the next start, the leases expire by themselves) and the
+//! admin endpoint gets `AUX_STOP`: the stop then ends within `shutdown_timeout` + `AUX_STOP` +
+//! `JOURNAL_CHECK` + `AUX_STOP` (6 s; about 2 s in practice, the helpers stop at once).
 
 mod dispatchers;
 mod pollers;
@@ -78,6 +83,9 @@ use tokio_util::sync::CancellationToken;
 /// How long a stop may go on after `shutdown_timeout`: the due settle calls, then the cron
 /// scheduler and the admin endpoint.
 const STOP_TAIL: Duration = Duration::from_secs(10);
+/// How long the stop waits for the journal to answer a trivial query before the final settle
+/// and the lease release, which are skipped when it does not (see [`journal_answers`]).
+const JOURNAL_CHECK: Duration = Duration::from_secs(2);
 /// How long the daemon's clients wait out a portal's rate and operating limits.
 const DAEMON_LIMIT_WAIT: Duration = Duration::from_secs(15 * 60);
 
@@ -180,6 +188,7 @@ pub async fn run_with(
 struct Daemon {
     /// The running configuration (a reload swaps its sinks).
     config: Config,
+    journal: Journal,
     shutdown: CancellationToken,
     reload: Arc<Notify>,
     notifier: Notifier,
@@ -289,6 +298,7 @@ impl Daemon {
         };
         let daemon = Daemon {
             config,
+            journal: journal.clone(),
             shutdown,
             reload: reload.unwrap_or_default(),
             notifier,
@@ -364,21 +374,35 @@ impl Daemon {
         }
         let deliveries_took = stop_started.elapsed().saturating_sub(pollers_took);
         let settle_started = Instant::now();
-        let settle_by = end.checked_sub(AUX_STOP).unwrap_or(end);
-        if tokio::time::timeout_at(settle_by, self.pollers.settle_all())
-            .await
-            .is_err()
-        {
+        if journal_answers(&self.journal).await {
+            let settle_by = end.checked_sub(AUX_STOP).unwrap_or(end);
+            if tokio::time::timeout_at(settle_by, self.pollers.settle_all())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "shutdown deadline reached while settling: pending settle calls are resent on the next start"
+                );
+            }
+            if let Some(lease_task) = self.lease_task.take() {
+                // Every portal's work has stopped: hand the portals over at once.
+                lease_task.leave(end).await;
+            }
+            self.admin.stop(end).await;
+        } else {
+            // Each settle call and the lease release would wait the journal's operation
+            // deadline for nothing: none of them can be recorded.
             tracing::warn!(
-                "shutdown deadline reached while settling: pending settle calls are resent on the next start"
+                journal = %self.journal.location(),
+                waited = ?JOURNAL_CHECK,
+                "stopping without the final settle and the lease release: the journal does not answer; the due settle calls are sent at the next start and the leases expire by themselves"
             );
+            // Dropped: its task is aborted, its leases run out (the others take the portals
+            // then).
+            self.lease_task.take();
+            self.admin.stop(end.min(Instant::now() + AUX_STOP)).await;
         }
         let settle_took = settle_started.elapsed();
-        if let Some(lease_task) = self.lease_task.take() {
-            // Every portal's work has stopped: hand the portals over at once.
-            lease_task.leave(end).await;
-        }
-        self.admin.stop(end).await;
         tracing::info!(
             took = ?stop_started.elapsed(),
             pollers = ?pollers_took,
@@ -400,6 +424,17 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Whether the journal answers a trivial query within [`JOURNAL_CHECK`]. The final settle and
+/// the lease release need it: against a journal that does not answer (a blackholed route, a
+/// server down) each of their statements would wait for the journal's operation deadline (10 s
+/// at least), and the stop would run to the end of its tail for nothing.
+async fn journal_answers(journal: &Journal) -> bool {
+    matches!(
+        tokio::time::timeout(JOURNAL_CHECK, journal.ping()).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Every configured sink, built (build errors name the sink: "sink erp: ...").

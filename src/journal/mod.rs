@@ -147,6 +147,17 @@ impl Journal {
             .map(PgJournal::lease_table)
     }
 
+    /// Why this process does not hold the journal's instance lock now although it took it: a
+    /// PostgreSQL journal's lock ends with its connection (a server restart), and is taken
+    /// again as soon as the server answers; `None` while it is held, and on SQLite (a `flock`
+    /// is not lost).
+    pub fn instance_lock_problem(&self) -> Option<String> {
+        let backend: &dyn std::any::Any = &*self.backend;
+        backend
+            .downcast_ref::<PgJournal>()
+            .and_then(PgJournal::instance_lock_problem)
+    }
+
     /// Joins the cluster of instances sharing this journal as `me`: installs the fence every
     /// write for a portal is checked against from now on (and the dispatchers see only the
     /// portals it holds), and returns it with the lease table. `None` on SQLite, which one

@@ -1,10 +1,12 @@
 //! Connectivity faults between the instances of a cluster and their PostgreSQL journal, on the
 //! real binary: one instance's route to the server blackholed (it self-fences before its leases
 //! can run out, the others take its portals, it rejoins when the route heals, and a stop while
-//! blackholed ends in bounded time), and the server itself restarted and stopped mid-drain (every
-//! instance recovers, every event is delivered). Ignored like the other cluster tests: the first
-//! needs PostgreSQL (`B24TEST_POSTGRES`, else the local server CI runs), the second a server of
-//! its own (initdb and pg_ctl installed); each fails loudly without.
+//! blackholed ends in bounded time), the server itself restarted and stopped mid-drain (every
+//! instance recovers and holds its instance lock again, every event is delivered), and a start
+//! against a server that accepts and never answers (given up after `connect_timeout`). Ignored
+//! like the other cluster tests: the first and the last need PostgreSQL (`B24TEST_POSTGRES`,
+//! else the local server CI runs), the second a server of its own (initdb and pg_ctl
+//! installed); each fails loudly without.
 
 use crate::support::cluster::{Cluster, TTL, cluster, cluster_on, spawn};
 use crate::support::daemon::{Daemon, signal, spawn_daemon, stop_with_sigterm};
@@ -16,9 +18,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The cluster harness's `shutdown_timeout`, and how much longer the daemon's stop may go on.
+/// The cluster harness's `shutdown_timeout`, and how much longer the daemon's stop may go on
+/// when the journal does not answer: the daemon's `JOURNAL_CHECK` (the final settle and the
+/// lease release are skipped after it), plus the process's own start and end on a busy machine.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_TAIL: Duration = Duration::from_secs(10);
+const SILENT_JOURNAL_TAIL: Duration = Duration::from_secs(2);
+const SLACK: Duration = Duration::from_secs(2);
 
 /// The journal URL of `config` (the first `url =`, in `[journal]`).
 fn journal_url(config: &Path) -> String {
@@ -101,6 +106,18 @@ fn back_to_work(c: &Cluster, n: usize, since: &str) -> bool {
     )
     .len();
     beating == n && stale == 0 && c.balanced(n)
+}
+
+/// How many processes hold the journal's instance lock shared (a session advisory lock keyed
+/// `0x62323464` and `hashtext(schema)`, one per running daemon).
+fn instance_lock_holders(c: &Cluster) -> usize {
+    sql_rows(
+        &c.journal,
+        "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock'
+           AND objsubid = 2 AND classid = 1647457380::oid AND objid = hashtext(current_schema())::oid
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .len()
 }
 
 /// The line of `log` that says what the stop waited for.
@@ -230,9 +247,12 @@ async fn a_blackholed_instance_self_fences_its_portals_move_and_it_rejoins_when_
         "the blackholed instance's journal operations abandoned at their deadline",
         Duration::from_secs(20),
         || {
-            std::fs::read_to_string(&cut_log)
-                .unwrap_or_default()
-                .contains("journal operation abandoned at its deadline")
+            // An operation on a pooled connection ends at the deadline (the journal logs
+            // that itself); one that needed a new connection may end at the connection's
+            // timeout instead, as long.
+            let log = std::fs::read_to_string(&cut_log).unwrap_or_default();
+            log.contains("journal operation abandoned at its deadline")
+                || log.contains("(connect_timeout)")
         },
     )
     .await;
@@ -270,7 +290,7 @@ async fn a_blackholed_instance_self_fences_its_portals_move_and_it_rejoins_when_
     let (code, took) = stop_within(
         &mut cut,
         &cut_log,
-        SHUTDOWN_TIMEOUT + STOP_TAIL + Duration::from_secs(5),
+        SHUTDOWN_TIMEOUT + SILENT_JOURNAL_TAIL + SLACK,
     )
     .await;
     proxy.lift();
@@ -285,6 +305,12 @@ async fn a_blackholed_instance_self_fences_its_portals_move_and_it_rejoins_when_
         Some(0),
         "a stop while blackholed exits 0; log:\n{}",
         std::fs::read_to_string(&cut_log).unwrap()
+    );
+    assert!(
+        std::fs::read_to_string(&cut_log).unwrap().contains(
+            "stopping without the final settle and the lease release: the journal does not answer"
+        ),
+        "the silent journal was noticed before the settle"
     );
     wait_for("the two others own every portal", TTL * 5, || c.balanced(2)).await;
     c.drained(Duration::from_secs(60)).await;
@@ -309,6 +335,12 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
         || c.balanced(3),
     )
     .await;
+    wait_for(
+        "every instance holding the instance lock",
+        Duration::from_secs(5),
+        || instance_lock_holders(&c) == 3,
+    )
+    .await;
     // The test's own connections break with the server too: wait until it answers again.
     let answers = |c: &Cluster| c.journal.sql_rows("SELECT 1").is_ok();
 
@@ -327,6 +359,15 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
     )
     .await;
     let restarted = db_now(&c);
+    // The restart ended every session and with them every instance lock: each daemon takes
+    // its lock again, so the conformance probe stays kept out.
+    wait_for(
+        "every instance holding the instance lock again after the restart",
+        Duration::from_secs(5),
+        || instance_lock_holders(&c) == 3,
+    )
+    .await;
+    let relocked_restart = started.elapsed();
     wait_for(
         "every instance working its share again after the restart",
         Duration::from_secs(30),
@@ -353,6 +394,13 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
     .await;
     let started_again = db_now(&c);
     wait_for(
+        "every instance holding the instance lock again after the stop",
+        Duration::from_secs(5),
+        || instance_lock_holders(&c) == 3,
+    )
+    .await;
+    let relocked_stop = stopped.elapsed();
+    wait_for(
         "every instance working its share again after the stop",
         Duration::from_secs(30),
         || back_to_work(&c, 3, &started_again),
@@ -369,14 +417,79 @@ async fn every_instance_recovers_from_a_server_restart_and_a_stop_mid_drain() {
         );
     }
     eprintln!(
-        "server restart (fast, {:.1} s) mid-drain: every instance back to its share {:.1} s after it began; server stopped for {:.1} s: back {:.1} s after the stop began; {} events delivered, {duplicates} duplicates",
+        "server restart (fast, {:.1} s) mid-drain: every instance back to its share {:.1} s after it began, every instance lock held again after {:.1} s; server stopped for {:.1} s: back {:.1} s after the stop began, locks held again after {:.1} s; {} events delivered, {duplicates} duplicates",
         restart_took.as_secs_f64(),
         recovered_restart.as_secs_f64(),
+        relocked_restart.as_secs_f64(),
         down_for.as_secs_f64(),
         recovered_stop.as_secs_f64(),
+        relocked_stop.as_secs_f64(),
         6 * (EVENTS + 100)
     );
     for (mut daemon, log) in daemons.drain(..) {
         stop_with_sigterm(&mut daemon, &log);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (B24TEST_POSTGRES, else 127.0.0.1:5432/test)"]
+async fn a_daemon_started_against_a_silent_server_exits_naming_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 1).await;
+    // The server's address accepts connections and never answers (a blackholed route).
+    let url = journal_url(&c.config);
+    let (upstream, _) = reroute(&url, None);
+    let proxy = TcpProxy::start(&upstream).await;
+    proxy.blackhole();
+    let (_, proxied) = reroute(&url, Some(proxy.addr()));
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    let separator = if proxied.contains('?') { '&' } else { '?' };
+    let silent = format!(
+        "{proxied}{separator}connect_timeout={}",
+        CONNECT_TIMEOUT.as_secs()
+    );
+    let config = dir.path().join("config-silent.toml");
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(&config, text.replacen(&url, &silent, 1)).unwrap();
+    let log = dir.path().join("daemon.log");
+    let started = Instant::now();
+    let mut daemon = spawn_daemon(&config, &log);
+    // Given up after connect_timeout; the rest is the process starting and ending.
+    let bound = CONNECT_TIMEOUT + Duration::from_secs(3);
+    let code = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            started.elapsed() < bound,
+            "the daemon still waits for the silent server {bound:?} after its start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let error = text
+        .lines()
+        .find(|l| l.starts_with("b24eventd: "))
+        .unwrap_or_else(|| panic!("no error printed; log:\n{text}"));
+    eprintln!("start against a silent server: exit {code:?} after {took:?}: {error}");
+    assert!(
+        matches!(code, Some(code) if code != 0),
+        "exit {code:?}; log:\n{text}"
+    );
+    // Lowercase, naming the journal (once) and what it waited for.
+    assert!(
+        error.starts_with("b24eventd: cannot open journal postgres")
+            && error.matches(&proxy.addr().to_string()).count() == 1
+            && error.contains(&format!(
+                "no connection: the server did not answer within {CONNECT_TIMEOUT:?} (connect_timeout)"
+            )),
+        "{error}"
+    );
+    assert!(
+        took >= CONNECT_TIMEOUT,
+        "given up after {took:?}, before connect_timeout"
+    );
+    c.drop_schema();
 }

@@ -14,12 +14,14 @@ mod enrichment;
 pub(crate) mod fence;
 pub(super) mod import;
 mod inspect;
+mod instance_lock;
 pub(crate) mod lease;
 mod schema;
 mod settlements;
 mod status;
 mod tokens;
 
+pub(crate) use instance_lock::InstanceLock;
 pub(crate) use schema::SCHEMA_VERSION;
 
 use super::backend::JournalBackend;
@@ -43,8 +45,11 @@ use std::time::Duration;
 /// A pooled connection, as the SQL functions take it.
 pub(super) type Conn = deadpool_postgres::Client;
 
-/// How long a call waits for a free connection of the pool, or for a new one to connect.
+/// How long a call waits for a free connection of the pool.
 const POOL_WAIT: Duration = Duration::from_secs(30);
+/// How long a new connection may take, from the TCP connect to the end of the start-up
+/// handshake, unless the journal URL sets `connect_timeout` (seconds): a server that accepts
+/// and never answers (a blackholed route) is given up after it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest deadline of a daemon's journal operation (see [`operation_deadline`]).
 const MIN_OPERATION_DEADLINE: Duration = Duration::from_secs(10);
@@ -82,6 +87,10 @@ struct Inner {
     /// and its statements) may take before it is abandoned (see [`operation_deadline`]). The
     /// operator commands have none: a prune or an import may rightly take long.
     deadline: std::sync::OnceLock<Duration>,
+    /// Whether the instance lock, when this handle took it, is held (its watch task sets it).
+    lock_health: Arc<instance_lock::LockHealth>,
+    /// How long a new connection may take (see [`CONNECT_TIMEOUT`]), for the errors.
+    connect_timeout: Duration,
 }
 
 impl Drop for Inner {
@@ -113,7 +122,14 @@ impl PgJournal {
         ));
         let (mut pg, tls) =
             connect_config(&config.url).map_err(|e| anyhow::anyhow!("journal url: {e}"))?;
-        pg.connect_timeout(CONNECT_TIMEOUT)
+        // The driver bounds only the TCP connect with it; the pool's create timeout bounds the
+        // handshake too.
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .filter(|t| !t.is_zero())
+            .unwrap_or(CONNECT_TIMEOUT);
+        pg.connect_timeout(connect_timeout)
             .keepalives(true)
             .keepalives_idle(KEEPALIVE_IDLE)
             .keepalives_interval(KEEPALIVE_INTERVAL)
@@ -148,8 +164,8 @@ impl PgJournal {
             .max_size(config.max_connections)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
             .build()
             .context("cannot build the journal's connection pool")?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -167,6 +183,8 @@ impl PgJournal {
                 schema: config.schema.clone(),
                 fence: std::sync::OnceLock::new(),
                 deadline: std::sync::OnceLock::new(),
+                lock_health: Arc::default(),
+                connect_timeout,
             }),
         };
         let schema = config.schema.clone();
@@ -202,7 +220,15 @@ impl PgJournal {
                     }
                 }
             }))
-            .with_context(|| format!("cannot open journal {}", journal.inner.location.display()))?;
+            .map_err(|e| {
+                // A pool error names the journal already: said once.
+                let named = format!("journal {}: ", journal.inner.location.display());
+                if e.to_string().starts_with(&named) {
+                    anyhow::anyhow!("cannot open {e:#}")
+                } else {
+                    e.context(format!("cannot open {}", named.trim_end_matches(": ")))
+                }
+            })?;
         Ok(journal)
     }
 
@@ -234,6 +260,7 @@ impl PgJournal {
         let pool = self.inner.pool.clone();
         let handle = self.inner.handle.clone();
         let location = self.inner.location.clone();
+        let connect_timeout = self.inner.connect_timeout;
         Box::pin(async move {
             handle
                 .spawn(async move {
@@ -244,7 +271,7 @@ impl PgJournal {
                                 anyhow::anyhow!(
                                     "journal {}: no connection: {}",
                                     location.display(),
-                                    describe_pool_error(&e)
+                                    describe_pool_error(&e, connect_timeout)
                                 )
                             })?;
                             f(conn).await
@@ -288,11 +315,6 @@ impl PgJournal {
     }
 }
 
-/// The first key of the session advisory lock one daemon holds on a PostgreSQL journal (see
-/// [`InstanceLock`]); the second is `hashtext(schema)`, so journals in other schemas of the same
-/// database (advisory locks are per database) are not locked with it.
-const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
-
 /// No journal in the configured schema yet (a command that only looks finds nothing).
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -300,72 +322,6 @@ const INSTANCE_LOCK: i32 = 0x6232_3464; // "b24d"
 )]
 pub(crate) struct NoJournal {
     location: String,
-}
-
-/// Held while a daemon (or the conformance probe) works on a PostgreSQL journal: a session
-/// advisory lock on a connection of its own, taken out of the pool. PostgreSQL releases it when
-/// that connection ends, however the holder ends (SIGKILL, a lost network included).
-pub(crate) struct InstanceLock {
-    _conn: deadpool_postgres::ClientWrapper,
-}
-
-impl PgJournal {
-    /// Takes the instance lock without waiting: `shared` (the daemons of a cluster, which
-    /// only exclude the conformance probe) or exclusive (the probe); refused while another
-    /// process holds it in a mode that conflicts.
-    pub(super) async fn lock_instance(&self, shared: bool) -> anyhow::Result<InstanceLock> {
-        let location = self.inner.location.display().to_string();
-        let schema = self.inner.schema.clone();
-        self.run(move |conn| async move {
-            let conn = deadpool_postgres::Object::take(conn);
-            let take = if shared {
-                "SELECT pg_try_advisory_lock_shared($1, hashtext($2))"
-            } else {
-                "SELECT pg_try_advisory_lock($1, hashtext($2))"
-            };
-            let taken: bool = conn
-                .query_one(take, &[&INSTANCE_LOCK, &schema])
-                .await?
-                .get(0);
-            if !taken {
-                let holder: Option<String> = conn
-                    .query_opt(
-                        "SELECT a.application_name || ', connected from ' || COALESCE(host(a.client_addr), 'the local socket')
-                         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                           AND l.classid = $1::int4::oid AND l.objid = hashtext($2::text)::oid
-                         LIMIT 1",
-                        &[&INSTANCE_LOCK, &schema],
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|row| row.get(0));
-                anyhow::bail!(
-                    "journal {location} is in use by another b24eventd process ({}): stop it first",
-                    holder.as_deref().unwrap_or("holder unknown")
-                );
-            }
-            // Named for whoever finds the lock held: this process and its host.
-            conn.query_one(
-                "SELECT set_config('application_name', $1, false)",
-                &[&instance_name()],
-            )
-            .await?;
-            Ok(InstanceLock { _conn: conn })
-        })
-        .await
-    }
-}
-
-/// How this process names itself to PostgreSQL on the lock's connection:
-/// `b24eventd pid 1234 on host`.
-fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown host".into());
-    format!("b24eventd pid {} on {host}", std::process::id())
 }
 
 /// The lease table of a shared journal, for the instance's lease task and `cluster status`.
@@ -487,10 +443,17 @@ pub(crate) fn operation_deadline(lease_ttl: Duration) -> Duration {
 }
 
 /// The pool's error without the connection string.
-fn describe_pool_error(e: &deadpool_postgres::PoolError) -> String {
+/// `connect_timeout` is how long a new connection may take.
+fn describe_pool_error(e: &deadpool_postgres::PoolError, connect_timeout: Duration) -> String {
+    use deadpool_postgres::{PoolError, TimeoutType};
     match e {
-        deadpool_postgres::PoolError::Backend(e) => describe(e),
-        deadpool_postgres::PoolError::Timeout(_) => "timed out".into(),
+        PoolError::Backend(e) => describe(e),
+        PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => format!(
+            "the server did not answer within {connect_timeout:?} (connect_timeout): it is down or overloaded, or the network to it drops packets"
+        ),
+        PoolError::Timeout(TimeoutType::Wait) => {
+            format!("every connection of the pool stayed busy for {POOL_WAIT:?}")
+        }
         other => other.to_string(),
     }
 }
