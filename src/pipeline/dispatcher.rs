@@ -185,7 +185,12 @@ impl Dispatcher {
         if due.is_empty() {
             return Ok(None);
         }
-        let envelopes: Vec<_> = due.iter().map(|d| d.envelope.clone()).collect();
+        // The envelopes move to the sink's batch (no copy of their payloads); what is left of
+        // each due delivery is its row, attempts and fetch time, in the same order.
+        let (due, envelopes): (Vec<_>, Vec<_>) = due
+            .into_iter()
+            .map(|d| ((d.event_id, d.attempts, d.fetched_at), d.envelope))
+            .unzip();
         let results = self.sink.deliver_with_output(&envelopes).await;
         if results.len() != envelopes.len() {
             anyhow::bail!(
@@ -197,42 +202,44 @@ impl Dispatcher {
         let now = chrono::Utc::now();
         let outcomes: Vec<(i64, Outcome, Option<String>)> = due
             .iter()
+            .zip(&envelopes)
             .zip(results)
-            .map(|(d, (result, output))| {
-                let attempts = d.attempts + 1;
+            .map(|((&(event_id, attempts, _), envelope), (result, output))| {
+                let attempts = attempts + 1;
                 let outcome = match next_step(&self.policy, attempts, result, fastrand::f64()) {
                     Step::Delivered => {
-                        tracing::debug!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, "delivered");
+                        tracing::debug!(portal = %envelope.portal, event_id = %envelope.id, sink = %name, attempt = attempts, "delivered");
                         Outcome::Delivered
                     }
                     Step::RetryAfter { error, after } => {
-                        tracing::debug!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, retry_in = ?after, error = %error, "delivery failed, will retry");
+                        tracing::debug!(portal = %envelope.portal, event_id = %envelope.id, sink = %name, attempt = attempts, retry_in = ?after, error = %error, "delivery failed, will retry");
                         Outcome::Retry {
                             error,
                             next_attempt_at: super::retry::retry_at(now, after),
                         }
                     }
                     Step::Dead { error } => {
-                        tracing::warn!(portal = %d.envelope.portal, event_id = %d.envelope.id, sink = %name, attempt = attempts, error = %error, "delivery dead");
+                        tracing::warn!(portal = %envelope.portal, event_id = %envelope.id, sink = %name, attempt = attempts, error = %error, "delivery dead");
                         Outcome::Dead { error }
                     }
                 };
-                (d.event_id, outcome, output)
+                (event_id, outcome, output)
             })
             .collect();
         let counted = due
             .iter()
+            .zip(&envelopes)
             .zip(&outcomes)
-            .map(|(d, (_, outcome, _))| {
+            .map(|((&(_, _, fetched_at), envelope), (_, outcome, _))| {
                 let (outcome, latency) = match outcome {
                     Outcome::Delivered => (
                         DeliveryOutcome::Delivered,
-                        d.fetched_at.and_then(|at| (now - at).to_std().ok()),
+                        fetched_at.and_then(|at| (now - at).to_std().ok()),
                     ),
                     Outcome::Retry { .. } => (DeliveryOutcome::Retry, None),
                     Outcome::Dead { .. } => (DeliveryOutcome::Dead, None),
                 };
-                (d.envelope.portal.clone(), outcome, latency)
+                (envelope.portal.clone(), outcome, latency)
             })
             .collect();
         Ok(Some(Answered { outcomes, counted }))

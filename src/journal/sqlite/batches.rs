@@ -176,11 +176,10 @@ fn record_batch_in(
             "UPDATE events SET settled_at = ?2 WHERE batch_id = ?1 AND settled_at IS NULL",
             params![batch_id, fetched_at],
         )?;
-    } else if recorded.inserted > 0 {
-        tx.execute(
-            "UPDATE batches SET settled_at = NULL WHERE id = ?1",
-            [batch_id],
-        )?;
+    } else if recorded.inserted > 0 && !fresh {
+        // A known reservation with rows new to it is open again (a fresh one is open already).
+        tx.prepare_cached("UPDATE batches SET settled_at = NULL WHERE id = ?1")?
+            .execute([batch_id])?;
     }
     Ok(recorded)
 }

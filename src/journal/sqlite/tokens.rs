@@ -30,10 +30,8 @@ pub(super) fn load_tokens(conn: &Connection, portal: &str) -> anyhow::Result<Opt
 }
 
 pub(super) fn ensure_portal(conn: &Connection, portal: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT OR IGNORE INTO portals (name, first_seen_at) VALUES (?1, ?2)",
-        params![portal, now()],
-    )?;
+    conn.prepare_cached("INSERT OR IGNORE INTO portals (name, first_seen_at) VALUES (?1, ?2)")?
+        .execute(params![portal, now()])?;
     Ok(())
 }
 
