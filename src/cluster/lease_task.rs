@@ -12,6 +12,11 @@
 //!    (the fence), and its clock stopped its upstream calls before that. The task wakes when
 //!    the first held clock runs out, if that comes before the next tick;
 //! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
+//!    for one renewal period after its first heartbeat registered it, the instance is
+//!    *discovering* ([`plan::Phase`]): it takes nothing yet, so that instances started at about
+//!    the same time have registered and each takes its share, instead of the first one taking
+//!    every portal and handing most of them back (a lone instance owns every portal at its
+//!    second tick);
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
 //!    at once;
@@ -26,7 +31,7 @@
 //! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
 //! instances take the portals at their next tick.
 
-use super::plan::{self, LeaseSeen};
+use super::plan::{self, LeaseSeen, Phase};
 use crate::BoxFuture;
 use crate::journal::{ClusterHandle, HeldLease, InstanceIdentity};
 use crate::metrics::Metrics;
@@ -95,6 +100,7 @@ impl LeaseTask {
             work,
             metrics,
             held: BTreeMap::new(),
+            registered_at: None,
         };
         let task = {
             let leave = leave.clone();
@@ -139,6 +145,16 @@ impl LeaseTask {
 /// clock runs out sooner (`earliest_left`).
 fn next_wait(every: Duration, earliest_left: Option<Duration>) -> Duration {
     earliest_left.map_or(every, |left| left.min(every))
+}
+
+/// The phase of an instance whose first heartbeat was sent at `registered_at` (`None`: not
+/// registered yet), at `now`: discovering until one renewal period (`window`) has passed, so
+/// that the instances that register within it are counted before anything is taken.
+fn phase(registered_at: Option<Instant>, now: Instant, window: Duration) -> Phase {
+    match registered_at {
+        Some(at) if now.saturating_duration_since(at) >= window => Phase::Working,
+        _ => Phase::Discovering,
+    }
 }
 
 /// What a heartbeat's answer means for the leases held here (by epoch).
@@ -188,6 +204,8 @@ struct State {
     margin: Duration,
     /// How long a new owner waits before its first orphan sweep.
     grace: Duration,
+    /// When the heartbeat that registered this instance was sent (its discovery window starts).
+    registered_at: Option<Instant>,
 }
 
 impl State {
@@ -256,6 +274,13 @@ impl State {
             }
         };
         self.metrics.lease_renewal(true, ttl);
+        if self.registered_at.is_none() {
+            self.registered_at = Some(sent);
+            tracing::info!(
+                window = ?ttl / 3,
+                "registered with the other instances: taking a share once the instances started with this one have registered too"
+            );
+        }
         let epochs = self
             .held
             .iter()
@@ -345,7 +370,8 @@ impl State {
                 )
             })
             .collect();
-        let wanted = plan::plan(self.me(), &live, &portals, &seen);
+        let phase = phase(self.registered_at, Instant::now(), self.settings.ttl / 3);
+        let wanted = plan::plan(self.me(), phase, &live, &portals, &seen);
         let release: Vec<String> = wanted
             .release
             .into_iter()
@@ -486,6 +512,25 @@ mod tests {
         assert_eq!(renewal.strays, ["b", "d"]);
         let nothing = sort_renewal(&BTreeMap::new(), &BTreeMap::new());
         assert_eq!(nothing, Renewal::default());
+    }
+
+    #[test]
+    fn an_instance_takes_nothing_until_a_renewal_period_after_its_registration() {
+        let window = Duration::from_secs(10);
+        let at = Instant::now();
+        assert_eq!(
+            phase(None, at, window),
+            Phase::Discovering,
+            "not registered"
+        );
+        assert_eq!(phase(Some(at), at, window), Phase::Discovering);
+        assert_eq!(
+            phase(Some(at), at + window - Duration::from_millis(1), window),
+            Phase::Discovering
+        );
+        // The next tick starts a whole interval after the registering one ended: past it.
+        assert_eq!(phase(Some(at), at + window, window), Phase::Working);
+        assert_eq!(phase(Some(at), at + 3 * window, window), Phase::Working);
     }
 
     #[test]
