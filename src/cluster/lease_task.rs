@@ -13,10 +13,11 @@
 //!    the first held clock runs out, if that comes before the next tick;
 //! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
 //!    for one renewal period after its first heartbeat registered it, the instance is
-//!    *discovering* ([`plan::Phase`]): it takes nothing yet, so that instances started at about
-//!    the same time have registered and each takes its share, instead of the first one taking
-//!    every portal and handing most of them back (a lone instance owns every portal at its
-//!    second tick);
+//!    *discovering* ([`plan::Phase`], [`Discovery`]): it takes nothing yet, so that instances
+//!    started at about the same time have registered and each takes its share, instead of the
+//!    first one taking every portal and handing most of them back. Another instance seen to
+//!    register meanwhile extends the window by a period, up to the TTL in all; a lone instance
+//!    owns every portal at its second tick;
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
 //!    at once;
@@ -100,7 +101,8 @@ impl LeaseTask {
             work,
             metrics,
             held: BTreeMap::new(),
-            registered_at: None,
+            discovery: Discovery::default(),
+            discovering_until: None,
         };
         let task = {
             let leave = leave.clone();
@@ -110,7 +112,8 @@ impl LeaseTask {
                     state.tick(!shutdown.is_cancelled()).await;
                     // At the next tick, or when the first held lease's clock runs out without
                     // a renewal, whichever comes first: its work stops then, not a tick later.
-                    let wait = next_wait(every, state.earliest_left());
+                    // Or when the discovery window ends, if sooner.
+                    let wait = next_wait(every, state.earliest_left()).min(state.discovery_left());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = leave.cancelled() => break,
@@ -147,13 +150,51 @@ fn next_wait(every: Duration, earliest_left: Option<Duration>) -> Duration {
     earliest_left.map_or(every, |left| left.min(every))
 }
 
-/// The phase of an instance whose first heartbeat was sent at `registered_at` (`None`: not
-/// registered yet), at `now`: discovering until one renewal period (`window`) has passed, so
-/// that the instances that register within it are counted before anything is taken.
-fn phase(registered_at: Option<Instant>, now: Instant, window: Duration) -> Phase {
-    match registered_at {
-        Some(at) if now.saturating_duration_since(at) >= window => Phase::Working,
-        _ => Phase::Discovering,
+/// A new instance's discovery window: it takes nothing until one renewal period (`window`) has
+/// passed since it registered *and* since the youngest live instance registered, and at
+/// most until `cap` (the lease TTL) has passed since it registered. Instances that start one
+/// after the other a few seconds apart (a slow start with many portals) thus all wait for the
+/// last of them and each takes its share once; a lone instance waits one period. Once over,
+/// the window never opens again: a later newcomer joins working instances.
+#[derive(Debug, Default)]
+struct Discovery {
+    /// When the heartbeat that registered this instance was sent.
+    registered_at: Option<Instant>,
+    over: bool,
+}
+
+impl Discovery {
+    /// The first successful heartbeat, sent at `sent`, registered this instance; whether it
+    /// was the first.
+    fn registered(&mut self, sent: Instant) -> bool {
+        let first = self.registered_at.is_none();
+        self.registered_at.get_or_insert(sent);
+        first
+    }
+
+    /// When the window ends, at `now`, the youngest live instance having registered `youngest`
+    /// ago (the database's clock); `None`: it is over, take the share.
+    fn until(
+        &mut self,
+        youngest: Option<Duration>,
+        now: Instant,
+        window: Duration,
+        cap: Duration,
+    ) -> Option<Instant> {
+        if self.over {
+            return None;
+        }
+        let Some(at) = self.registered_at else {
+            return Some(now + window);
+        };
+        let mut end = at + window;
+        // Registered before this clock's origin: long ago, no reason to wait.
+        if let Some(newest) = youngest.and_then(|age| now.checked_sub(age)) {
+            end = end.max(newest + window);
+        }
+        let end = end.min(at + cap);
+        self.over = now >= end;
+        (!self.over).then_some(end)
     }
 }
 
@@ -204,13 +245,24 @@ struct State {
     margin: Duration,
     /// How long a new owner waits before its first orphan sweep.
     grace: Duration,
-    /// When the heartbeat that registered this instance was sent (its discovery window starts).
-    registered_at: Option<Instant>,
+    /// Whether this instance may take portals yet.
+    discovery: Discovery,
+    /// The end of the discovery window, while it lasts: the task wakes then.
+    discovering_until: Option<Instant>,
 }
 
 impl State {
     fn me(&self) -> &str {
         &self.settings.me.id
+    }
+
+    /// How long the discovery window lasts yet; a tick's interval once it is over, or when its
+    /// end passed without a plan (a failed renewal: no hurry then).
+    fn discovery_left(&self) -> Duration {
+        let now = Instant::now();
+        self.discovering_until
+            .filter(|end| *end > now)
+            .map_or(self.settings.ttl / 3, |end| end - now)
     }
 
     /// How long the first held lease's clock runs yet (`None`: nothing held).
@@ -274,8 +326,7 @@ impl State {
             }
         };
         self.metrics.lease_renewal(true, ttl);
-        if self.registered_at.is_none() {
-            self.registered_at = Some(sent);
+        if self.discovery.registered(sent) {
             tracing::info!(
                 window = ?ttl / 3,
                 "registered with the other instances: taking a share once the instances started with this one have registered too"
@@ -356,6 +407,13 @@ impl State {
                 .within("view", leases.view(&self.settings.portals))
                 .await?;
         }
+        // How long ago the youngest live instance registered (this one included: the
+        // database's clock, which the other instances' registrations are on too): a
+        // discovering instance waits a renewal period after that one.
+        let youngest = instances
+            .iter()
+            .map(|i| Duration::from_secs_f64(i.registered_ago.max(0.0)))
+            .min();
         let live: BTreeSet<String> = instances.into_iter().map(|i| i.id).collect();
         let portals: BTreeSet<String> = self.settings.portals.iter().cloned().collect();
         let seen: BTreeMap<String, LeaseSeen> = rows
@@ -370,7 +428,13 @@ impl State {
                 )
             })
             .collect();
-        let phase = phase(self.registered_at, Instant::now(), self.settings.ttl / 3);
+        let ttl = self.settings.ttl;
+        self.discovering_until = self.discovery.until(youngest, Instant::now(), ttl / 3, ttl);
+        let phase = if self.discovering_until.is_some() {
+            Phase::Discovering
+        } else {
+            Phase::Working
+        };
         let wanted = plan::plan(self.me(), phase, &live, &portals, &seen);
         let release: Vec<String> = wanted
             .release
@@ -515,22 +579,42 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_takes_nothing_until_a_renewal_period_after_its_registration() {
-        let window = Duration::from_secs(10);
+    fn a_lone_instance_takes_nothing_until_a_renewal_period_after_its_registration() {
+        let (window, cap) = (Duration::from_secs(10), Duration::from_secs(30));
         let at = Instant::now();
-        assert_eq!(
-            phase(None, at, window),
-            Phase::Discovering,
-            "not registered"
-        );
-        assert_eq!(phase(Some(at), at, window), Phase::Discovering);
-        assert_eq!(
-            phase(Some(at), at + window - Duration::from_millis(1), window),
-            Phase::Discovering
-        );
-        // The next tick starts a whole interval after the registering one ended: past it.
-        assert_eq!(phase(Some(at), at + window, window), Phase::Working);
-        assert_eq!(phase(Some(at), at + 3 * window, window), Phase::Working);
+        let mut d = Discovery::default();
+        assert!(d.until(None, at, window, cap).is_some(), "not registered");
+        assert!(d.registered(at));
+        assert!(!d.registered(at + window), "registered once");
+        assert_eq!(d.until(None, at, window, cap), Some(at + window));
+        let just_before = at + window - Duration::from_millis(1);
+        assert_eq!(d.until(None, just_before, window, cap), Some(at + window));
+        // The next tick starts a whole interval after the registering one was sent: over.
+        assert_eq!(d.until(None, at + window, window, cap), None);
+        // And it stays over: a later newcomer joins a working instance.
+        let fresh = Some(Duration::ZERO);
+        assert_eq!(d.until(fresh, at + 2 * window, window, cap), None);
+    }
+
+    #[test]
+    fn a_younger_instance_extends_the_window_to_a_period_after_its_registration_up_to_the_ttl() {
+        let (window, cap) = (Duration::from_secs(10), Duration::from_secs(30));
+        let at = Instant::now();
+        let s = |n: u64| at + Duration::from_secs(n);
+        let ago = |n: u64| Some(Duration::from_secs(n));
+        let mut d = Discovery::default();
+        d.registered(at);
+        // An older one does not delay it.
+        assert_eq!(d.until(ago(60), s(0), window, cap), Some(s(10)));
+        // One that registered 3 s after it, seen at its tick at 10 s: until 13 s, not 20 s.
+        assert_eq!(d.until(ago(7), s(10), window, cap), Some(s(13)));
+        assert_eq!(d.until(ago(10), s(13), window, cap), None);
+
+        // A newcomer every few seconds would keep it waiting: the TTL ends the window.
+        let mut d = Discovery::default();
+        d.registered(at);
+        assert_eq!(d.until(ago(1), s(25), window, cap), Some(s(30)));
+        assert_eq!(d.until(ago(1), s(30), window, cap), None);
     }
 
     #[test]

@@ -13,11 +13,12 @@
 //! first to register would see itself alone, take every portal, and then hand two thirds back:
 //! each of those moved twice, their work started and stopped for nothing, while the others
 //! waited for them. So a new instance is first [`Phase::Discovering`]: registered (the others
-//! already count it and leave its share free) but taking nothing, for one renewal period
-//! (`lease_ttl / 3`, see `super::lease_task`); every instance that registers within that
-//! period is counted when it plans its first acquisition. A lone instance therefore owns every
-//! portal one renewal period after it registered; an instance that registers later than that
-//! joins like any newcomer (the others release its share, once).
+//! already count it and leave its share free) but taking nothing, until one renewal period
+//! (`lease_ttl / 3`) has passed since it registered and since the youngest other instance
+//! registered, at most `lease_ttl` in all (`super::lease_task`, `Discovery`): every instance
+//! of a start is counted when the first one plans its first acquisition. A lone instance owns
+//! every portal one renewal period after it registered; an instance that registers once the
+//! others are working joins like any newcomer (the others release its share, once).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -89,14 +90,27 @@ pub fn plan(
     if free.is_empty() || phase == Phase::Discovering {
         return plan;
     }
-    // Instances taking at the same moment start at different places in the free list, so they
-    // mostly try different rows; the database decides the races.
+    // Each instance prefers its own block of the portals in name order (the first `share(0)`
+    // for the first instance, the next `share(1)` for the second…): instances that take at the
+    // same moment from a table with every portal free (a start) try disjoint rows, so nobody
+    // loses a race and waits a tick for the rest. Beyond its block (a join, a leave), it starts
+    // at a different place in the free list from the others, so they mostly try different
+    // rows; the database decides the races.
+    let block_start: usize = (0..index)
+        .map(|i| share(portals.len(), instances.len(), i))
+        .sum();
+    let block: BTreeSet<&String> = portals.iter().skip(block_start).take(target).collect();
     let start = index * free.len() / instances.len();
-    plan.acquire = free
+    let others = free
         .iter()
         .cycle()
         .skip(start)
         .take(free.len())
+        .filter(|p| !block.contains(*p));
+    plan.acquire = free
+        .iter()
+        .filter(|p| block.contains(*p))
+        .chain(others)
         .take(target - owned.len())
         .map(|p| p.to_string())
         .collect();
@@ -349,6 +363,22 @@ mod tests {
         }
         let moves = settle_counting(&all, &portals, &mut leases, moves);
         (leases, moves)
+    }
+
+    #[test]
+    fn instances_planning_at_once_on_a_free_table_try_disjoint_portals() {
+        let instances = names("i", 3);
+        for count in [1, 2, 3, 60, 200, 10_001] {
+            let portals = names("p", count);
+            let mut tried = BTreeSet::new();
+            for me in &instances {
+                let p = plan(me, Phase::Working, &instances, &portals, &BTreeMap::new());
+                for portal in p.acquire {
+                    assert!(tried.insert(portal), "{count} portals: tried twice");
+                }
+            }
+            assert_eq!(tried, portals, "{count} portals: each tried once");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Start-up of a cluster on the real binary: three daemons started together on one PostgreSQL
 //! journal each take their share from the start (no portal taken twice, no instance ever above
-//! its share), and a lone daemon owns every portal one renewal period after it registered (its
-//! discovery window). They need PostgreSQL (`B24TEST_POSTGRES`, else the local server CI runs),
+//! its share, none taken before a renewal period after the last registration), and a lone
+//! daemon owns every portal one renewal period after it registered (its discovery window). They need PostgreSQL (`B24TEST_POSTGRES`, else the local server CI runs),
 //! so they are ignored unless asked for, and fail loudly when it is down.
 
 use crate::support::cluster::{Cluster, Options, cluster_with, spawn};
@@ -70,9 +70,14 @@ async fn three_instances_started_together_each_take_their_share_and_no_portal_mo
         &c,
         "SELECT (EXTRACT(EPOCH FROM max(started_at) - min(started_at)) * 1000)::bigint AS n FROM instances",
     );
+    let gap = millis(
+        &c,
+        "SELECT (EXTRACT(EPOCH FROM max(gap)) * 1000)::bigint AS n FROM
+           (SELECT started_at - lag(started_at) OVER (ORDER BY started_at) AS gap FROM instances) g",
+    );
     assert!(
-        spread < window.as_millis() as i64,
-        "the premise: the three registered within the discovery window ({window:?}), not {spread} ms apart"
+        gap < window.as_millis() as i64,
+        "the premise: each registered within the discovery window ({window:?}) of the one before, not {gap} ms after"
     );
     assert!(
         most <= SHARE,
@@ -90,15 +95,25 @@ async fn three_instances_started_together_each_take_their_share_and_no_portal_mo
         first >= window.as_millis() as i64 - 50,
         "a lease taken {first} ms after its owner registered, within the discovery window"
     );
-    // Everyone's second tick: one renewal period after the last registration, plus how long a
-    // tick takes on a loaded machine.
+    // Everyone takes its share one renewal period after the last registration (plus how long
+    // a tick takes on a loaded machine), and not before.
     let late = millis(
         &c,
         "SELECT (EXTRACT(EPOCH FROM (SELECT max(acquired_at) FROM portal_leases)
                                   - (SELECT max(started_at) FROM instances)) * 1000)::bigint AS n",
     );
+    let window_ms = window.as_millis() as i64;
+    let earliest = millis(
+        &c,
+        "SELECT (EXTRACT(EPOCH FROM (SELECT min(acquired_at) FROM portal_leases)
+                                  - (SELECT max(started_at) FROM instances)) * 1000)::bigint AS n",
+    );
     assert!(
-        late <= (window + Duration::from_secs(2)).as_millis() as i64,
+        earliest >= window_ms - 50,
+        "a lease taken {earliest} ms after the last instance registered: within its window"
+    );
+    assert!(
+        late <= window_ms + 2_000,
         "the last lease taken {late} ms after the last instance registered (window {window:?})"
     );
     let logs: String = daemons
