@@ -15,9 +15,10 @@
 //!    for one renewal period after its first heartbeat registered it, the instance is
 //!    *discovering* ([`plan::Phase`], [`Discovery`]): it takes nothing yet, so that instances
 //!    started at about the same time have registered and each takes its share, instead of the
-//!    first one taking every portal and handing most of them back. Another instance seen to
-//!    register meanwhile extends the window by a period, up to the TTL in all; a lone instance
-//!    owns every portal at its second tick;
+//!    first one taking every portal and handing most of them back. Another instance that
+//!    registers meanwhile extends the window to a period after its registration (the
+//!    database's clock), up to the TTL in all; the task wakes when the window ends. A lone
+//!    instance owns every portal at its second tick;
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
 //!    at once;
