@@ -9,7 +9,7 @@ use crate::journal::types::{DueDelivery, Outcome};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub(super) fn due_deliveries(
     conn: &Connection,
@@ -151,7 +151,14 @@ pub(super) fn record_outcomes(
             }
         }
     }
-    let portals = settle_if_final(&tx, &made_final)?;
+    // In the order of the outcomes, as the portals with settle work are returned.
+    let made_final: std::collections::HashSet<i64> = made_final.into_iter().collect();
+    let in_order: Vec<i64> = outcomes
+        .iter()
+        .map(|(event_id, _, _)| *event_id)
+        .filter(|event_id| made_final.contains(event_id))
+        .collect();
+    let portals = settle_if_final(&tx, &in_order)?;
     tx.commit()?;
     Ok(portals)
 }
@@ -164,7 +171,8 @@ pub(super) const SETTLE_SELECT: &str = "SELECT e.id, e.lane, e.portal, e.upstrea
 
 /// Applies the settle lattice to each of `event_ids`: an event whose deliveries are all final
 /// becomes `delivered`/`dead`, and if it is still `reserved` upstream, `clear_pending`/
-/// `error_pending`. Returns the portals with new settle work. An event settled upstream before
+/// `error_pending`. Returns the portals with new settle work, in the order of `event_ids`
+/// (as every backend does). An event settled upstream before
 /// (a replay, a dead retry, fetch-delete mode) only gets its status. One read and one update
 /// per kind of change, whatever the number of events.
 fn settle_if_final(
@@ -205,7 +213,7 @@ fn settle_if_final(
     }
     // (status, upstream it moves to: `None` when it stays) -> the events that change so.
     let mut changes: BTreeMap<(&str, Option<&str>), Vec<i64>> = BTreeMap::new();
-    let mut portals: Vec<String> = Vec::new();
+    let mut settle_work: HashMap<i64, &str> = HashMap::new();
     for event in &seen {
         let Some(decision) = settle::decide(lane_from_sql(&event.lane), &event.deliveries) else {
             continue;
@@ -223,8 +231,14 @@ fn settle_if_final(
             .entry((status, Some(upstream)))
             .or_default()
             .push(event.id);
-        if !portals.contains(&event.portal) {
-            portals.push(event.portal.clone());
+        settle_work.insert(event.id, &event.portal);
+    }
+    let mut portals: Vec<String> = Vec::new();
+    for id in event_ids {
+        if let Some(portal) = settle_work.get(id)
+            && !portals.iter().any(|p| p == portal)
+        {
+            portals.push(portal.to_string());
         }
     }
     for ((status, upstream), ids) in changes {
