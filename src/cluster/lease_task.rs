@@ -600,16 +600,6 @@ mod tests {
     }
 
     #[test]
-    fn the_discovery_window_is_a_renewal_period_but_never_long() {
-        let secs = Duration::from_secs;
-        // The default TTL (three 60 s request timeouts): 5 s, not a minute.
-        assert_eq!(discovery_window(secs(180)), (secs(5), secs(15)));
-        assert_eq!(discovery_window(secs(30)), (secs(5), secs(15)));
-        assert_eq!(discovery_window(secs(15)), (secs(5), secs(15)));
-        assert_eq!(discovery_window(secs(6)), (secs(2), secs(6)));
-    }
-
-    #[test]
     fn a_lone_instance_takes_nothing_until_a_renewal_period_after_its_registration() {
         let (window, cap) = (Duration::from_secs(10), Duration::from_secs(30));
         let at = Instant::now();
