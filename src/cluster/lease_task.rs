@@ -12,14 +12,6 @@
 //!    (the fence), and its clock stopped its upstream calls before that. The task wakes when
 //!    the first held clock runs out, if that comes before the next tick;
 //! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
-//!    for one discovery window (a renewal period, at most 5 s) after its first heartbeat
-//!    registered it, the instance is
-//!    *discovering* ([`plan::Phase`], [`Discovery`]): it takes nothing yet, so that instances
-//!    started at about the same time have registered and each takes its share, instead of the
-//!    first one taking every portal and handing most of them back. Another instance that
-//!    registers meanwhile extends the window to a window after its registration (the
-//!    database's clock), up to the TTL (at most 15 s) in all; the task wakes when the window
-//!    ends. A lone instance owns every portal one window after it registered;
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
 //!    at once;
@@ -34,7 +26,7 @@
 //! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
 //! instances take the portals at their next tick.
 
-use super::plan::{self, LeaseSeen, Phase};
+use super::plan::{self, LeaseSeen};
 use crate::BoxFuture;
 use crate::journal::{ClusterHandle, HeldLease, InstanceIdentity};
 use crate::metrics::Metrics;
@@ -103,8 +95,6 @@ impl LeaseTask {
             work,
             metrics,
             held: BTreeMap::new(),
-            discovery: Discovery::default(),
-            discovering_until: None,
         };
         let task = {
             let leave = leave.clone();
@@ -114,8 +104,7 @@ impl LeaseTask {
                     state.tick(!shutdown.is_cancelled()).await;
                     // At the next tick, or when the first held lease's clock runs out without
                     // a renewal, whichever comes first: its work stops then, not a tick later.
-                    // Or when the discovery window ends, if sooner.
-                    let wait = next_wait(every, state.earliest_left()).min(state.discovery_left());
+                    let wait = next_wait(every, state.earliest_left());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = leave.cancelled() => break,
@@ -150,72 +139,6 @@ impl LeaseTask {
 /// clock runs out sooner (`earliest_left`).
 fn next_wait(every: Duration, earliest_left: Option<Duration>) -> Duration {
     earliest_left.map_or(every, |left| left.min(every))
-}
-
-/// The longest discovery window. Instances that one deployment starts together register
-/// within seconds of each other; a lone instance, or one restarted alone, should not stand
-/// idle longer than this (with the default TTL of 180 s a renewal period is a minute). An
-/// instance that registers later is a join: the others hand it its share, each portal once.
-const DISCOVERY_WINDOW_MAX: Duration = Duration::from_secs(5);
-/// The longest newcomers can extend a window, in all.
-const DISCOVERY_TOTAL_MAX: Duration = Duration::from_secs(15);
-
-/// The discovery window at lease TTL `ttl` (one renewal period, at most
-/// [`DISCOVERY_WINDOW_MAX`]) and how far newcomers may extend it in all (the TTL, at most
-/// [`DISCOVERY_TOTAL_MAX`]).
-fn discovery_window(ttl: Duration) -> (Duration, Duration) {
-    (
-        (ttl / 3).min(DISCOVERY_WINDOW_MAX),
-        ttl.min(DISCOVERY_TOTAL_MAX),
-    )
-}
-
-/// A new instance's discovery window: it takes nothing until one renewal period (`window`) has
-/// passed since it registered *and* since the youngest live instance registered, and at
-/// most until `cap` (the lease TTL) has passed since it registered. Instances that start one
-/// after the other a few seconds apart (a slow start with many portals) thus all wait for the
-/// last of them and each takes its share once; a lone instance waits one period. Once over,
-/// the window never opens again: a later newcomer joins working instances.
-#[derive(Debug, Default)]
-struct Discovery {
-    /// When the heartbeat that registered this instance was sent.
-    registered_at: Option<Instant>,
-    over: bool,
-}
-
-impl Discovery {
-    /// The first successful heartbeat, sent at `sent`, registered this instance; whether it
-    /// was the first.
-    fn registered(&mut self, sent: Instant) -> bool {
-        let first = self.registered_at.is_none();
-        self.registered_at.get_or_insert(sent);
-        first
-    }
-
-    /// When the window ends, at `now`, the youngest live instance having registered `youngest`
-    /// ago (the database's clock); `None`: it is over, take the share.
-    fn until(
-        &mut self,
-        youngest: Option<Duration>,
-        now: Instant,
-        window: Duration,
-        cap: Duration,
-    ) -> Option<Instant> {
-        if self.over {
-            return None;
-        }
-        let Some(at) = self.registered_at else {
-            return Some(now + window);
-        };
-        let mut end = at + window;
-        // Registered before this clock's origin: long ago, no reason to wait.
-        if let Some(newest) = youngest.and_then(|age| now.checked_sub(age)) {
-            end = end.max(newest + window);
-        }
-        let end = end.min(at + cap);
-        self.over = now >= end;
-        (!self.over).then_some(end)
-    }
 }
 
 /// What a heartbeat's answer means for the leases held here (by epoch).
@@ -265,24 +188,11 @@ struct State {
     margin: Duration,
     /// How long a new owner waits before its first orphan sweep.
     grace: Duration,
-    /// Whether this instance may take portals yet.
-    discovery: Discovery,
-    /// The end of the discovery window, while it lasts: the task wakes then.
-    discovering_until: Option<Instant>,
 }
 
 impl State {
     fn me(&self) -> &str {
         &self.settings.me.id
-    }
-
-    /// How long the discovery window lasts yet; a tick's interval once it is over, or when its
-    /// end passed without a plan (a failed renewal: no hurry then).
-    fn discovery_left(&self) -> Duration {
-        let now = Instant::now();
-        self.discovering_until
-            .filter(|end| *end > now)
-            .map_or(self.settings.ttl / 3, |end| end - now)
     }
 
     /// How long the first held lease's clock runs yet (`None`: nothing held).
@@ -346,12 +256,6 @@ impl State {
             }
         };
         self.metrics.lease_renewal(true, ttl);
-        if self.discovery.registered(sent) {
-            tracing::info!(
-                window = ?discovery_window(ttl).0,
-                "registered with the other instances: taking a share once the instances started with this one have registered too"
-            );
-        }
         let epochs = self
             .held
             .iter()
@@ -427,13 +331,6 @@ impl State {
                 .within("view", leases.view(&self.settings.portals))
                 .await?;
         }
-        // How long ago the youngest live instance registered (this one included: the
-        // database's clock, which the other instances' registrations are on too): a
-        // discovering instance waits a discovery window after that one.
-        let youngest = instances
-            .iter()
-            .map(|i| Duration::from_secs_f64(i.registered_ago.max(0.0)))
-            .min();
         let live: BTreeSet<String> = instances.into_iter().map(|i| i.id).collect();
         let portals: BTreeSet<String> = self.settings.portals.iter().cloned().collect();
         let seen: BTreeMap<String, LeaseSeen> = rows
@@ -448,15 +345,7 @@ impl State {
                 )
             })
             .collect();
-        let ttl = self.settings.ttl;
-        let (window, cap) = discovery_window(ttl);
-        self.discovering_until = self.discovery.until(youngest, Instant::now(), window, cap);
-        let phase = if self.discovering_until.is_some() {
-            Phase::Discovering
-        } else {
-            Phase::Working
-        };
-        let wanted = plan::plan(self.me(), phase, &live, &portals, &seen);
+        let wanted = plan::plan(self.me(), &live, &portals, &seen);
         let release: Vec<String> = wanted
             .release
             .into_iter()
@@ -597,45 +486,6 @@ mod tests {
         assert_eq!(renewal.strays, ["b", "d"]);
         let nothing = sort_renewal(&BTreeMap::new(), &BTreeMap::new());
         assert_eq!(nothing, Renewal::default());
-    }
-
-    #[test]
-    fn a_lone_instance_takes_nothing_until_a_renewal_period_after_its_registration() {
-        let (window, cap) = (Duration::from_secs(10), Duration::from_secs(30));
-        let at = Instant::now();
-        let mut d = Discovery::default();
-        assert!(d.until(None, at, window, cap).is_some(), "not registered");
-        assert!(d.registered(at));
-        assert!(!d.registered(at + window), "registered once");
-        assert_eq!(d.until(None, at, window, cap), Some(at + window));
-        let just_before = at + window - Duration::from_millis(1);
-        assert_eq!(d.until(None, just_before, window, cap), Some(at + window));
-        // The next tick starts a whole interval after the registering one was sent: over.
-        assert_eq!(d.until(None, at + window, window, cap), None);
-        // And it stays over: a later newcomer joins a working instance.
-        let fresh = Some(Duration::ZERO);
-        assert_eq!(d.until(fresh, at + 2 * window, window, cap), None);
-    }
-
-    #[test]
-    fn a_younger_instance_extends_the_window_to_a_period_after_its_registration_up_to_the_ttl() {
-        let (window, cap) = (Duration::from_secs(10), Duration::from_secs(30));
-        let at = Instant::now();
-        let s = |n: u64| at + Duration::from_secs(n);
-        let ago = |n: u64| Some(Duration::from_secs(n));
-        let mut d = Discovery::default();
-        d.registered(at);
-        // An older one does not delay it.
-        assert_eq!(d.until(ago(60), s(0), window, cap), Some(s(10)));
-        // One that registered 3 s after it, seen at its tick at 10 s: until 13 s, not 20 s.
-        assert_eq!(d.until(ago(7), s(10), window, cap), Some(s(13)));
-        assert_eq!(d.until(ago(10), s(13), window, cap), None);
-
-        // A newcomer every few seconds would keep it waiting: the TTL ends the window.
-        let mut d = Discovery::default();
-        d.registered(at);
-        assert_eq!(d.until(ago(1), s(25), window, cap), Some(s(30)));
-        assert_eq!(d.until(ago(1), s(30), window, cap), None);
     }
 
     #[test]

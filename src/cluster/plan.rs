@@ -7,18 +7,6 @@
 //! expired leases. Nobody takes a lease a live instance holds, so when an instance joins or
 //! leaves, each portal that has to move moves once: from an instance above its new share to one
 //! below it.
-//!
-//! That holds only if every instance counts the others before it takes anything. Instances
-//! started together (two or three units under systemd) register a few seconds apart, and the
-//! first to register would see itself alone, take every portal, and then hand two thirds back:
-//! each of those moved twice, their work started and stopped for nothing, while the others
-//! waited for them. So a new instance is first [`Phase::Discovering`]: registered (the others
-//! already count it and leave its share free) but taking nothing, until one discovery window
-//! (`lease_ttl / 3`, at most 5 s) has passed since it registered and since the youngest other
-//! instance registered, at most `lease_ttl` (at most 15 s) in all (`super::lease_task`, `Discovery`): every instance
-//! of a start is counted when the first one plans its first acquisition. A lone instance owns
-//! every portal one window after it registered; an instance that registers once the
-//! others are working joins like any newcomer (the others release its share, once).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,17 +28,6 @@ pub struct Plan {
     pub release: Vec<String>,
 }
 
-/// Where an instance is in its life, for what it may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Registered less than a renewal period ago: instances started at about the same time may
-    /// not have registered yet, so the share it would compute now may be too large. It takes
-    /// nothing (and holds nothing to give up).
-    Discovering,
-    /// Past its discovery window: it takes and gives up whatever its share says.
-    Working,
-}
-
 /// How many of `portals` the instance at `index` of `instances` (sorted) should own.
 pub fn share(portals: usize, instances: usize, index: usize) -> usize {
     if instances == 0 {
@@ -59,11 +36,10 @@ pub fn share(portals: usize, instances: usize, index: usize) -> usize {
     portals / instances + usize::from(index < portals % instances)
 }
 
-/// The plan of instance `me` in `phase`, given the live instances (`me` counts as live), the
-/// configured portals and the leases it sees (a portal without a row is free).
+/// The plan of instance `me`, given the live instances (`me` counts as live), the configured
+/// portals and the leases it sees (a portal without a row is free).
 pub fn plan(
     me: &str,
-    phase: Phase,
     live: &BTreeSet<String>,
     portals: &BTreeSet<String>,
     leases: &BTreeMap<String, LeaseSeen>,
@@ -87,30 +63,17 @@ pub fn plan(
         return plan;
     }
     let free: Vec<&String> = portals.iter().filter(|p| held_by(p).is_none()).collect();
-    if free.is_empty() || phase == Phase::Discovering {
+    if free.is_empty() {
         return plan;
     }
-    // Each instance prefers its own block of the portals in name order (the first `share(0)`
-    // for the first instance, the next `share(1)` for the second…): instances that take at the
-    // same moment from a table with every portal free (a start) try disjoint rows, so nobody
-    // loses a race and waits a tick for the rest. Beyond its block (a join, a leave), it starts
-    // at a different place in the free list from the others, so they mostly try different
-    // rows; the database decides the races.
-    let block_start: usize = (0..index)
-        .map(|i| share(portals.len(), instances.len(), i))
-        .sum();
-    let block: BTreeSet<&String> = portals.iter().skip(block_start).take(target).collect();
+    // Instances taking at the same moment start at different places in the free list, so they
+    // mostly try different rows; the database decides the races.
     let start = index * free.len() / instances.len();
-    let others = free
+    plan.acquire = free
         .iter()
         .cycle()
         .skip(start)
         .take(free.len())
-        .filter(|p| !block.contains(*p));
-    plan.acquire = free
-        .iter()
-        .filter(|p| block.contains(*p))
-        .chain(others)
         .take(target - owned.len())
         .map(|p| p.to_string())
         .collect();
@@ -125,68 +88,44 @@ mod tests {
         (0..n).map(|i| format!("{prefix}{i:05}")).collect()
     }
 
-    /// Carries out `me`'s plan in `phase` as the database would (an acquisition succeeds when
-    /// the row is still free); counts each acquisition in `moves`; whether anything changed.
-    fn step(
-        me: &str,
-        phase: Phase,
+    /// Runs every instance's plan in turn (acquisitions succeed when the row is still free)
+    /// until nothing changes; returns the leases and how often each portal changed hands.
+    fn settle(
         instances: &BTreeSet<String>,
         portals: &BTreeSet<String>,
         leases: &mut BTreeMap<String, LeaseSeen>,
-        moves: &mut BTreeMap<String, usize>,
-    ) -> bool {
-        let p = plan(me, phase, instances, portals, leases);
-        let mut changed = false;
-        for portal in &p.release {
-            leases.remove(portal);
-            changed = true;
-        }
-        for portal in &p.acquire {
-            let free = leases.get(portal).is_none_or(|l| {
-                l.expired || l.owner.as_ref().is_none_or(|o| !instances.contains(o))
-            });
-            if free {
-                leases.insert(
-                    portal.clone(),
-                    LeaseSeen {
-                        owner: Some(me.to_string()),
-                        expired: false,
-                    },
-                );
-                *moves.entry(portal.clone()).or_insert(0) += 1;
-                changed = true;
-            }
-        }
-        changed
-    }
-
-    /// Runs every instance's plan in turn, each past its discovery window, until nothing
-    /// changes; returns how often each portal was taken, `moves` included.
-    fn settle_counting(
-        instances: &BTreeSet<String>,
-        portals: &BTreeSet<String>,
-        leases: &mut BTreeMap<String, LeaseSeen>,
-        mut moves: BTreeMap<String, usize>,
     ) -> BTreeMap<String, usize> {
+        let mut moves = BTreeMap::new();
         for _ in 0..20 {
             let mut changed = false;
             for me in instances {
-                changed |= step(me, Phase::Working, instances, portals, leases, &mut moves);
+                let p = plan(me, instances, portals, leases);
+                for portal in &p.release {
+                    leases.remove(portal);
+                    changed = true;
+                }
+                for portal in &p.acquire {
+                    let free = leases.get(portal).is_none_or(|l| {
+                        l.expired || l.owner.as_ref().is_none_or(|o| !instances.contains(o))
+                    });
+                    if free {
+                        leases.insert(
+                            portal.clone(),
+                            LeaseSeen {
+                                owner: Some(me.clone()),
+                                expired: false,
+                            },
+                        );
+                        *moves.entry(portal.clone()).or_insert(0) += 1;
+                        changed = true;
+                    }
+                }
             }
             if !changed {
                 return moves;
             }
         }
         panic!("the plans did not settle in 20 rounds");
-    }
-
-    /// [`settle_counting`] from no move yet: how often each portal changed hands.
-    fn settle(
-        instances: &BTreeSet<String>,
-        portals: &BTreeSet<String>,
-        leases: &mut BTreeMap<String, LeaseSeen>,
-    ) -> BTreeMap<String, usize> {
-        settle_counting(instances, portals, leases, BTreeMap::new())
     }
 
     fn counts(leases: &BTreeMap<String, LeaseSeen>) -> BTreeMap<String, usize> {
@@ -282,12 +221,12 @@ mod tests {
                 )
             })
             .collect();
-        let p = plan("i00000", Phase::Working, &instances, &portals, &leases);
+        let p = plan("i00000", &instances, &portals, &leases);
         assert_eq!(p.release, ["p00002", "p00003"]);
         assert!(p.acquire.is_empty());
         // The other one waits until they are free: it never takes a live instance's lease.
         assert_eq!(
-            plan("i00001", Phase::Working, &instances, &portals, &leases),
+            plan("i00001", &instances, &portals, &leases),
             Plan::default()
         );
     }
@@ -295,113 +234,7 @@ mod tests {
     #[test]
     fn an_instance_alone_owns_everything_and_a_lone_new_start_is_live_too() {
         let portals = names("p", 3);
-        let p = plan(
-            "me",
-            Phase::Working,
-            &BTreeSet::new(),
-            &portals,
-            &BTreeMap::new(),
-        );
+        let p = plan("me", &BTreeSet::new(), &portals, &BTreeMap::new());
         assert_eq!(p.acquire.len(), 3);
-    }
-
-    #[test]
-    fn a_discovering_instance_takes_nothing_even_alone_with_every_portal_free() {
-        let portals = names("p", 3);
-        let alone = plan(
-            "me",
-            Phase::Discovering,
-            &BTreeSet::new(),
-            &portals,
-            &BTreeMap::new(),
-        );
-        assert_eq!(alone, Plan::default());
-        // Nor a dead instance's expired leases: those wait for the window's end too.
-        let expired: BTreeMap<String, LeaseSeen> = portals
-            .iter()
-            .map(|p| {
-                let seen = LeaseSeen {
-                    owner: Some("gone".into()),
-                    expired: true,
-                };
-                (p.clone(), seen)
-            })
-            .collect();
-        let live = names("i", 2);
-        assert_eq!(
-            plan("i00000", Phase::Discovering, &live, &portals, &expired),
-            Plan::default()
-        );
-        assert_eq!(
-            plan("i00000", Phase::Working, &live, &portals, &expired)
-                .acquire
-                .len(),
-            2
-        );
-    }
-
-    /// Three instances started together register one after the other, the first alone for a
-    /// while: `first_phase` is what the first one's plan at its registration is.
-    fn start_three_together(
-        first_phase: Phase,
-    ) -> (BTreeMap<String, LeaseSeen>, BTreeMap<String, usize>) {
-        let portals = names("p", 10_000);
-        let all = names("i", 3);
-        let mut leases = BTreeMap::new();
-        let mut moves = BTreeMap::new();
-        // The last by id registers first (its index is the one that changes most as the others
-        // come), then the two others, each planning at once in its discovery window.
-        let mut live = BTreeSet::new();
-        for (n, me) in all.iter().rev().enumerate() {
-            live.insert(me.clone());
-            let phase = if n == 0 {
-                first_phase
-            } else {
-                Phase::Discovering
-            };
-            step(me, phase, &live, &portals, &mut leases, &mut moves);
-        }
-        let moves = settle_counting(&all, &portals, &mut leases, moves);
-        (leases, moves)
-    }
-
-    #[test]
-    fn instances_planning_at_once_on_a_free_table_try_disjoint_portals() {
-        let instances = names("i", 3);
-        for count in [1, 2, 3, 60, 200, 10_001] {
-            let portals = names("p", count);
-            let mut tried = BTreeSet::new();
-            for me in &instances {
-                let p = plan(me, Phase::Working, &instances, &portals, &BTreeMap::new());
-                for portal in p.acquire {
-                    assert!(tried.insert(portal), "{count} portals: tried twice");
-                }
-            }
-            assert_eq!(tried, portals, "{count} portals: each tried once");
-        }
-    }
-
-    #[test]
-    fn instances_registering_within_the_window_each_take_their_share_and_each_portal_once() {
-        let (leases, moves) = start_three_together(Phase::Discovering);
-        assert_eq!(leases.len(), 10_000, "every portal owned");
-        assert_eq!(moves.len(), 10_000);
-        assert!(moves.values().all(|n| *n == 1), "taken once each");
-        assert_eq!(
-            counts(&leases).values().copied().collect::<Vec<_>>(),
-            [3334, 3333, 3333]
-        );
-    }
-
-    #[test]
-    fn without_the_window_the_first_instance_takes_everything_and_two_thirds_move_twice() {
-        // What the window prevents: the first one sees itself alone and takes all 10,000, and
-        // the others wait for it to hand their shares back.
-        let (leases, moves) = start_three_together(Phase::Working);
-        assert_eq!(
-            counts(&leases).values().copied().collect::<Vec<_>>(),
-            [3334, 3333, 3333]
-        );
-        assert_eq!(moves.values().filter(|n| **n == 2).count(), 6_667);
     }
 }

@@ -28,7 +28,6 @@ fn options() -> Options {
         poll_interval: "1s",
         orphan_sweep_schedule: "*/10 * * * * *",
         journal_extra: "max_connections = 4\n",
-        ..Options::default()
     }
 }
 

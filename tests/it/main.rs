@@ -14,7 +14,6 @@ mod clock;
 mod cluster;
 mod cluster_failover;
 mod cluster_faults;
-mod cluster_startup;
 mod conformance;
 mod crash;
 mod disk_full;

@@ -18,9 +18,6 @@ pub struct InstanceRow {
     pub heartbeat_at: chrono::DateTime<chrono::Utc>,
     /// Seconds until it counts as gone (negative: gone).
     pub expires_in: f64,
-    /// Seconds since it registered (how long new instances wait for each other at a start).
-    #[serde(skip)]
-    pub registered_ago: f64,
 }
 
 /// One portal's lease as the table holds it.
@@ -132,8 +129,7 @@ pub(super) async fn instances(conn: &Conn, live_only: bool) -> anyhow::Result<Ve
     let rows = conn
         .query(
             "SELECT id, host, pid, version, started_at, heartbeat_at,
-                    EXTRACT(EPOCH FROM expires_at - now())::float8,
-                    EXTRACT(EPOCH FROM now() - started_at)::float8
+                    EXTRACT(EPOCH FROM expires_at - now())::float8
              FROM instances WHERE NOT $1 OR expires_at > now() ORDER BY id",
             &[&live_only],
         )
@@ -148,7 +144,6 @@ pub(super) async fn instances(conn: &Conn, live_only: bool) -> anyhow::Result<Ve
             started_at: r.get(4),
             heartbeat_at: r.get(5),
             expires_in: r.get(6),
-            registered_ago: r.get(7),
         })
         .collect())
 }

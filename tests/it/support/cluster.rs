@@ -33,8 +33,6 @@ pub struct Options {
     pub orphan_sweep_schedule: &'static str,
     /// Appended to the shared `[journal]` table (e.g. `max_connections = 4`).
     pub journal_extra: &'static str,
-    /// `[journal] lease_ttl` ([`TTL`] unless a test needs a longer renewal period).
-    pub lease_ttl: &'static str,
 }
 
 impl Default for Options {
@@ -43,14 +41,12 @@ impl Default for Options {
             poll_interval: "200ms",
             orphan_sweep_schedule: "*/2 * * * * *",
             journal_extra: "",
-            lease_ttl: "3s",
         }
     }
 }
 
 /// `count` simulated portals, a deduplicating HTTP consumer, and a config every instance shares:
-/// the journal in a schema of its own, `lease_ttl` = [`TTL`] (unless [`Options`] say otherwise),
-/// `request_timeout` = 1 s.
+/// the journal in a schema of its own, `lease_ttl` = [`TTL`], `request_timeout` = 1 s.
 pub async fn cluster(dir: &Path, count: usize) -> Cluster {
     cluster_with(dir, count, &Options::default()).await
 }
@@ -71,8 +67,8 @@ async fn cluster_at(dir: &Path, count: usize, options: &Options, url: &str) -> C
     let schema = unique_schema();
     let sink = DedupEndpoint::start().await;
     let mut text = format!(
-        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"{}\"\n{}[admin]\nlisten = \"\"\n",
-        options.lease_ttl, options.journal_extra
+        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"3s\"\n{}[admin]\nlisten = \"\"\n",
+        options.journal_extra
     );
     let mut portals = Vec::new();
     let mut tokens: Vec<(String, Tokens)> = Vec::new();
