@@ -39,15 +39,8 @@ pub async fn run(events: u64) -> anyhow::Result<Report> {
     let db = dir.file("bare.db");
     let baseline =
         tokio::task::spawn_blocking(move || bare_inserts(&db, events, BATCH_SIZE)).await??;
-    for (subject, c) in [("baseline: bare inserts", &baseline), ("journal", &through)] {
-        report.row(subject, "events per second", events as f64 / c.seconds, "");
-        report.row(
-            subject,
-            "CPU per event",
-            c.cpu_seconds * 1e6 / events as f64,
-            "us",
-        );
-    }
+    baseline.report_rates(&mut report, "baseline: bare inserts", events);
+    through.report_rates(&mut report, "journal", events);
     report.ratio(
         "CPU per event (journal / baseline)",
         through.cpu_seconds / baseline.cpu_seconds.max(1e-9),

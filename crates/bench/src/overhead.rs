@@ -25,6 +25,24 @@ pub struct Cost {
     pub cpu_seconds: f64,
 }
 
+impl Cost {
+    /// Its rows of `report` for `events` events: events per second and CPU per event.
+    pub fn report_rates(&self, report: &mut Report, subject: &str, events: u64) {
+        report.row(
+            subject,
+            "events per second",
+            events as f64 / self.seconds,
+            "",
+        );
+        report.row(
+            subject,
+            "CPU per event",
+            self.cpu_seconds * 1e6 / events as f64,
+            "us",
+        );
+    }
+}
+
 pub async fn run(events: u64) -> anyhow::Result<Report> {
     let mut report = Report::new("overhead");
     report.setup = vec![
@@ -51,13 +69,7 @@ transaction of {BATCH_SIZE} rows; CPU = the inserting thread's CLOCK_THREAD_CPUT
         ("b24eventd", &daemon_cost),
     ] {
         report.row(subject, "wall time", c.seconds, "s");
-        report.row(subject, "events per second", events as f64 / c.seconds, "");
-        report.row(
-            subject,
-            "CPU per event",
-            c.cpu_seconds * 1e6 / events as f64,
-            "us",
-        );
+        c.report_rates(&mut report, subject, events);
     }
     report.row("b24eventd", "event.offline.get calls", gets as f64, "");
     report.ratio(
