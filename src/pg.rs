@@ -93,6 +93,44 @@ where
     Ok(client)
 }
 
+/// Connects with `config` and `LISTEN`s on `channel` (a plain identifier), calling
+/// `on_notify` for every notification until the connection ends: its error, or `Ok` when the
+/// server closed it. The connection is driven here (a pooled one drops its notifications).
+pub(crate) async fn listen<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    channel: &str,
+    on_notify: impl Fn() + Send + 'static,
+) -> Result<(), tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let (client, mut connection) = config.connect(tls).await?;
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message? {
+                on_notify();
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
+        driver.abort();
+        return Err(e);
+    }
+    // The client is kept until the connection ends: dropping it would close the connection.
+    let ended = driver.await;
+    drop(client);
+    match ended {
+        Ok(result) => result,
+        // Only an abort or a panic ends the task otherwise; either way the listening is over.
+        Err(_) => Ok(()),
+    }
+}
+
 /// rustls (ring) with the system's trust store; verifies the chain and the host name.
 pub(crate) fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     use rustls_platform_verifier::BuilderVerifierExt;

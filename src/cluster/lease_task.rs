@@ -24,7 +24,12 @@
 //!
 //! At the daemon's stop the task keeps renewing (the drain still writes) until the daemon calls
 //! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
-//! instances take the portals at their next tick.
+//! instances take the portals at once.
+//!
+//! Besides its period, the task ticks when it hears a lease change (`LISTEN`; the journal
+//! `NOTIFY`s when an instance joins, releases portals or retires): released portals are taken,
+//! and a new instance's share handed to it, within a tick's work rather than a third of the
+//! TTL. A change missed while the listener reconnects is caught by the next periodic tick.
 
 use super::plan::{self, LeaseSeen};
 use crate::BoxFuture;
@@ -100,13 +105,20 @@ impl LeaseTask {
             let leave = leave.clone();
             tokio::spawn(async move {
                 let every = state.settings.ttl / 3;
+                let changes = state.settings.cluster.leases.changes();
                 loop {
                     state.tick(!shutdown.is_cancelled()).await;
                     // At the next tick, or when the first held lease's clock runs out without
                     // a renewal, whichever comes first: its work stops then, not a tick later.
+                    // Or at once when another instance joined, released portals or retired:
+                    // a graceful stop's portals are taken now, a new instance gets its share
+                    // now (a change heard during a tick is kept for after it).
                     let wait = next_wait(every, state.earliest_left());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
+                        _ = changes.notified() => {
+                            tracing::debug!("lease change heard: planning again now");
+                        }
                         _ = leave.cancelled() => break,
                     }
                 }

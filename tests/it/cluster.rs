@@ -4,7 +4,7 @@
 //! handing over at once. They need PostgreSQL (`B24TEST_POSTGRES`, else the local server CI
 //! runs), so they are ignored unless asked for, and fail loudly when it is down.
 
-use crate::support::cluster::{TTL, cluster, spawn};
+use crate::support::cluster::{Options, TTL, cluster, cluster_with, spawn};
 use crate::support::daemon::{Daemon, signal, stop_with_sigterm};
 use crate::support::*;
 use std::path::PathBuf;
@@ -145,4 +145,50 @@ async fn a_paused_owner_is_fenced_by_the_epoch_and_stops_by_itself() {
     stop_with_sigterm(paused_child, paused_log);
     stop_with_sigterm(other_child, other_log);
     c.drop_schema();
+}
+
+/// With a long TTL (a tick every 20 s), an instance that joins gets its share, and a gracefully
+/// stopped one's portals are taken, within seconds: the others hear the change (`LISTEN`)
+/// instead of waiting for their next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL (B24TEST_POSTGRES, else 127.0.0.1:5432/test) and runs two daemons"]
+async fn a_join_and_a_graceful_stop_are_heard_at_once_not_at_the_next_tick() {
+    const HEARD_WITHIN: Duration = Duration::from_secs(8);
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        lease_ttl: "60s",
+        ..Options::default()
+    };
+    let c = cluster_with(dir.path(), 6, &options).await;
+    let (mut first, first_log) = spawn(dir.path(), &c.config, 0);
+    wait_for(
+        "the first instance owns every portal",
+        Duration::from_secs(30),
+        || c.balanced(1),
+    )
+    .await;
+    // Its first tick is done: its next is 20 s away.
+    let joined_at = Instant::now();
+    let (mut second, second_log) = spawn(dir.path(), &c.config, 1);
+    wait_for(
+        "the second instance has its share, before the first instance's next tick",
+        HEARD_WITHIN,
+        || c.balanced(2),
+    )
+    .await;
+    let balanced_after = joined_at.elapsed();
+    let stopped_at = Instant::now();
+    stop_with_sigterm(&mut first, &first_log);
+    wait_for(
+        "the second instance owns every portal, before its next tick",
+        HEARD_WITHIN,
+        || c.balanced(1),
+    )
+    .await;
+    eprintln!(
+        "lease_ttl 60 s: a join balanced {:.1} s after the spawn; a graceful stop's portals taken {:.1} s after SIGTERM",
+        balanced_after.as_secs_f64(),
+        stopped_at.elapsed().as_secs_f64()
+    );
+    stop_with_sigterm(&mut second, &second_log);
 }

@@ -64,14 +64,21 @@ pub(super) async fn heartbeat(
 ) -> anyhow::Result<BTreeMap<String, HeldLease>> {
     let ttl = ttl.as_secs_f64();
     let tx = conn.transaction().await?;
-    tx.execute(
-        "INSERT INTO instances (id, host, pid, version, expires_at)
-         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
-         ON CONFLICT (id) DO UPDATE
-         SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $5)",
-        &[&me.id, &me.host, &(me.pid as i32), &me.version, &ttl],
-    )
-    .await?;
+    let joined: bool = tx
+        .query_one(
+            "INSERT INTO instances (id, host, pid, version, expires_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+             ON CONFLICT (id) DO UPDATE
+             SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $5)
+             RETURNING xmax = 0",
+            &[&me.id, &me.host, &(me.pid as i32), &me.version, &ttl],
+        )
+        .await?
+        .get(0);
+    if joined {
+        // A new instance: the others plan again at once (delivered at the commit).
+        tx.execute("NOTIFY b24eventd_leases", &[]).await?;
+    }
     tx.execute(
         "INSERT INTO portal_leases (portal) SELECT unnest($1::text[]) ON CONFLICT (portal) DO NOTHING",
         &[&portals],

@@ -16,6 +16,7 @@ pub(super) mod import;
 mod inspect;
 mod instance_lock;
 pub(crate) mod lease;
+mod lease_changes;
 mod schema;
 mod settlements;
 mod status;
@@ -91,6 +92,9 @@ struct Inner {
     lock_health: Arc<instance_lock::LockHealth>,
     /// How long a new connection may take (see [`CONNECT_TIMEOUT`]), for the errors.
     connect_timeout: Duration,
+    /// The pool's connection settings and encryption, for the lease-change listener's own
+    /// connection.
+    listen: (tokio_postgres::Config, Tls),
 }
 
 impl Drop for Inner {
@@ -146,6 +150,7 @@ impl PgJournal {
             config.schema,
             IDLE_IN_TRANSACTION.as_millis()
         ));
+        let listen = (pg.clone(), tls);
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
@@ -185,6 +190,7 @@ impl PgJournal {
                 deadline: std::sync::OnceLock::new(),
                 lock_health: Arc::default(),
                 connect_timeout,
+                listen,
             }),
         };
         let schema = config.schema.clone();
@@ -331,6 +337,18 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
+    /// Notified when an instance joins, releases portals or retires (a `LISTEN` on a
+    /// connection of its own; see `lease_changes`). Each call starts a listener.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        let inner = &self.journal.inner;
+        lease_changes::watch(
+            &inner.handle,
+            inner.listen.0.clone(),
+            inner.listen.1,
+            inner.location.display().to_string(),
+        )
+    }
+
     /// Heartbeats `me` and renews the leases it holds; adds free rows for `portals` that have
     /// none. See [`lease::heartbeat`].
     pub async fn heartbeat(

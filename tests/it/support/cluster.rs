@@ -33,6 +33,8 @@ pub struct Options {
     pub orphan_sweep_schedule: &'static str,
     /// Appended to the shared `[journal]` table (e.g. `max_connections = 4`).
     pub journal_extra: &'static str,
+    /// `[journal] lease_ttl` ([`TTL`] unless set).
+    pub lease_ttl: &'static str,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             poll_interval: "200ms",
             orphan_sweep_schedule: "*/2 * * * * *",
             journal_extra: "",
+            lease_ttl: "3s",
         }
     }
 }
@@ -67,8 +70,8 @@ async fn cluster_at(dir: &Path, count: usize, options: &Options, url: &str) -> C
     let schema = unique_schema();
     let sink = DedupEndpoint::start().await;
     let mut text = format!(
-        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"3s\"\n{}[admin]\nlisten = \"\"\n",
-        options.journal_extra
+        "shutdown_timeout = \"10s\"\n[journal]\nurl = \"{url}\"\nschema = \"{schema}\"\nlease_ttl = \"{}\"\n{}[admin]\nlisten = \"\"\n",
+        options.lease_ttl, options.journal_extra
     );
     let mut portals = Vec::new();
     let mut tokens: Vec<(String, Tokens)> = Vec::new();
