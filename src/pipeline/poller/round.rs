@@ -458,12 +458,16 @@ impl Poller {
     }
 
     /// One wave: the settle calls and gets spread over up to `requests` combined requests sent
-    /// at once ([`split_wave`]). When every request has answered (or failed), the reservations
-    /// of all of them are journaled in one transaction, then the settle calls the portal
-    /// confirmed are marked in another: two commits a wave, whatever its width. A request that
-    /// failed is retried in a later round (its settle calls stay pending; a lost answer may
-    /// have reserved batches, which the orphan sweep adopts); the first failure is returned
-    /// once the others' reservations are journaled. Bitrix24 allows gets side by side:
+    /// at once ([`split_wave`]). The reservations of the requests that have answered are
+    /// journaled while the others are still out: whatever answered while one journal call ran
+    /// goes into the next, in one transaction (a group commit: at most one commit per request,
+    /// one per wave when they answer together). When every request has answered and its
+    /// reservations are journaled, the settle calls the portal confirmed are marked in one more
+    /// transaction. A request that failed is retried in a later round (its settle calls stay
+    /// pending; a lost answer may have reserved batches, which the orphan sweep adopts); the
+    /// first failure is returned once the others' reservations are journaled. A journal call
+    /// that fails stops the journaling of the rest of the wave: what it reserved stays reserved
+    /// upstream for the orphan sweep. Bitrix24 allows gets side by side:
     /// "several parallel requests to /rest/event.offline.get are permitted (subject to rate
     /// limits), and each will receive a different set of records" (bitrix24/b24restdocs
     /// `api-reference/events/event-offline-get.md`); the server reserves with one
@@ -477,49 +481,81 @@ impl Poller {
         requests: usize,
         width: &mut FetchWidth,
     ) -> anyhow::Result<Option<Fetched>> {
+        use futures_util::StreamExt;
         let parts = split_wave(groups, limits, requests);
-        let answers =
-            futures_util::future::join_all(parts.iter().map(|(g, l)| self.combined(g, l))).await;
+        let mut answers: futures_util::stream::FuturesUnordered<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (g, l))| async move { (i, self.combined(g, l).await) })
+            .collect();
+        // Each request's settle outcomes, by its place in `parts` (`None`: it failed).
+        let mut settle_outcomes: Vec<Option<Vec<OfflineOutcome>>> =
+            parts.iter().map(|_| None).collect();
         let mut wave = Combined::default();
         let mut failed = None;
-        let mut settled = Vec::new();
-        for ((groups, _), answer) in parts.into_iter().zip(answers) {
-            match answer {
-                Ok(c) => {
-                    wave.asked += c.asked;
-                    wave.full += c.full;
-                    wave.events += c.events;
-                    wave.elapsed = wave.elapsed.max(c.elapsed);
-                    if wave.get_error.is_none() {
-                        wave.get_error = c.get_error;
+        // Reservations answered and not yet journaled, and the journal call in flight.
+        let mut waiting: Vec<(String, Vec<crate::bitrix::OfflineEvent>)> = Vec::new();
+        let mut journaling: Option<futures_util::future::BoxFuture<'_, anyhow::Result<usize>>> =
+            None;
+        let mut journal_failed: Option<anyhow::Error> = None;
+        let mut process_ids: Vec<String> = Vec::new();
+        loop {
+            if journaling.is_none() && journal_failed.is_none() && !waiting.is_empty() {
+                let reservations = std::mem::take(&mut waiting);
+                process_ids.extend(reservations.iter().map(|(p, _)| p.clone()));
+                journaling = Some(Box::pin(self.record_many(
+                    reservations,
+                    Lane::Normal,
+                    BatchOrigin::Fetched,
+                )));
+            }
+            if answers.is_empty() && journaling.is_none() {
+                break;
+            }
+            tokio::select! {
+                Some((i, answer)) = answers.next(), if !answers.is_empty() => match answer {
+                    Ok(c) => {
+                        wave.asked += c.asked;
+                        wave.full += c.full;
+                        wave.events += c.events;
+                        wave.elapsed = wave.elapsed.max(c.elapsed);
+                        if wave.get_error.is_none() {
+                            wave.get_error = c.get_error;
+                        }
+                        waiting.extend(c.reservations);
+                        settle_outcomes[i] = Some(c.settle_outcomes);
                     }
-                    wave.reservations.extend(c.reservations);
-                    // Paired per request: a short answer leaves the rest of its calls pending.
-                    settled.extend(groups.into_iter().zip(c.settle_outcomes));
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                },
+                recorded = async { journaling.as_mut().expect("a journal call in flight").await },
+                    if journaling.is_some() =>
+                {
+                    journaling = None;
+                    if let Err(e) = recorded {
+                        // Reserved upstream but not journaled: the sweep adopts them once the
+                        // journal works.
+                        self.triggers.orphan_sweep.set_quietly();
+                        journal_failed = Some(e);
+                    }
                 }
             }
         }
-
-        // Reservations first: journaled before anything else happens.
-        let reserved = wave.reservations.len();
-        if reserved > 0 {
-            let pids: Vec<String> = wave.reservations.iter().map(|(p, _)| p.clone()).collect();
-            let reservations = std::mem::take(&mut wave.reservations);
-            if let Err(e) = self
-                .record_many(reservations, Lane::Normal, BatchOrigin::Fetched)
-                .await
-            {
-                // Reserved upstream but not journaled: the sweep adopts them once the journal works.
-                self.triggers.orphan_sweep.set_quietly();
-                return Err(e);
-            }
-            tracing::info!(portal = %self.portal(), reservations = reserved, events = wave.events, process_ids = ?pids, "reserved and journaled");
+        drop(answers);
+        if let Some(e) = journal_failed {
+            return Err(e);
         }
-        let (groups, outcomes): (Vec<PendingSettlement>, Vec<OfflineOutcome>) =
-            settled.into_iter().unzip();
+        if !process_ids.is_empty() {
+            tracing::info!(portal = %self.portal(), reservations = process_ids.len(), events = wave.events, process_ids = ?process_ids, "reserved and journaled");
+        }
+        // Paired per request: a short answer leaves the rest of its calls pending.
+        let (groups, outcomes): (Vec<PendingSettlement>, Vec<OfflineOutcome>) = parts
+            .into_iter()
+            .zip(settle_outcomes)
+            .filter_map(|((groups, _), outcomes)| outcomes.map(|o| groups.into_iter().zip(o)))
+            .flatten()
+            .unzip();
         self.settler.record_outcomes(&groups, outcomes).await?;
 
         width.observe(wave.asked, wave.full, wave.elapsed);
