@@ -354,7 +354,7 @@ async fn snapshot(
             .await?
             .and_then(|at| (chrono::Utc::now() - at).to_std().ok());
     }
-    s.journal_bytes = journal.size_bytes()?;
+    s.journal_bytes = journal.size_bytes().await?;
     Ok(s)
 }
 

@@ -339,6 +339,7 @@ impl Metrics {
         let path = journal.location();
         let size = journal
             .size_bytes()
+            .await
             .map_err(|e| anyhow::anyhow!("journal {path}: cannot read its size: {e}"))?;
         self.journal_bytes
             .set(i64::try_from(size).unwrap_or(i64::MAX));
@@ -571,6 +572,6 @@ mod tests {
             Some(0.0)
         );
         let bytes = sample(&text, "b24eventd_journal_bytes").expect("journal size rendered");
-        assert_eq!(bytes, journal.size_bytes().unwrap() as f64);
+        assert_eq!(bytes, journal.size_bytes().await.unwrap() as f64);
     }
 }

@@ -10,17 +10,23 @@
 //! 2. **self-fence**: a portal whose clock ran out without renewal (the database unreachable,
 //!    this process paused) stops its work by itself; the journal refuses its writes anyway
 //!    (the fence), and its clock stopped its upstream calls before that. The task wakes when
-//!    the first held clock runs out, if that comes before the next tick;
+//!    the first held clock runs out, if that comes before the next tick; the portals whose
+//!    clock runs out while that work stops (nothing is renewed meanwhile) are fenced with it;
 //! 3. **plan** (`super::plan`) on the live instances and the leases as the database sees them;
 //! 4. **release** the portals above this instance's share: their work stops first (its last
 //!    round and final settle done), then the lease is given up, so the next owner can start
-//!    at once;
+//!    at once. The work stops in the background while the task goes on ticking and renewing
+//!    every lease, theirs included: a release never holds up a renewal;
 //! 5. **acquire** the share's missing portals: each is fenced under its new epoch, then its work
 //!    starts; the orphan sweep waits for the grace (the former owner's calls are over by then).
 //!
-//! Every statement of steps 1, 3, 4 and 5 is given up after a tick's interval, or when the
+//! A renewal is sent a tick's interval after the previous one was (at once if a tick took
+//! longer), so a slow tick does not eat into the leases' time. Every statement of steps 1, 3,
+//! 4 and 5 is given up after a tick's interval, or when the
 //! first held clock runs out if sooner: a journal that stopped answering (a blackholed route)
-//! never keeps the task from self-fencing.
+//! never keeps the task from self-fencing. The statements run on a journal connection of the
+//! task's own, so a busy pipeline (every pooled connection taken, dozens of writes waiting)
+//! never delays a renewal.
 //!
 //! At the daemon's stop the task keeps renewing (the drain still writes) until the daemon calls
 //! [`LeaseTask::leave`]: every lease is then released and the instance retired, so the other
@@ -65,6 +71,9 @@ pub(crate) struct LeaseSettings {
 struct Held {
     epoch: i64,
     clock: LeaseClock,
+    /// Being released: its work is stopping (its last round and final settle, under the
+    /// lease, which the heartbeats go on renewing); the lease is given up once it has.
+    stopping: bool,
 }
 
 /// The running lease task.
@@ -93,6 +102,7 @@ impl LeaseTask {
         shutdown: CancellationToken,
     ) -> LeaseTask {
         let leave = CancellationToken::new();
+        let (stopped, mut stopped_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut state = State {
             margin: settings.ttl / 10,
             grace: settings.ttl / 3,
@@ -100,6 +110,8 @@ impl LeaseTask {
             work,
             metrics,
             held: BTreeMap::new(),
+            renewal_sent: None,
+            stopped,
         };
         let task = {
             let leave = leave.clone();
@@ -108,19 +120,30 @@ impl LeaseTask {
                 let changes = state.settings.cluster.leases.changes();
                 loop {
                     state.tick(!shutdown.is_cancelled()).await;
-                    // At the next tick, or when the first held lease's clock runs out without
-                    // a renewal, whichever comes first: its work stops then, not a tick later.
+                    // A tick's interval after the last renewal was sent (at once if this tick
+                    // took longer), or when the first held lease's clock runs out without a
+                    // renewal, whichever comes first: its work stops then, not a tick later.
                     // Or at once when another instance joined, released portals or retired:
                     // a graceful stop's portals are taken now, a new instance gets its share
-                    // now (a change heard during a tick is kept for after it).
-                    let wait = next_wait(every, state.earliest_left());
+                    // now (a change heard during a tick is kept for after it). Or when the work
+                    // of portals being released has stopped: their leases are given up now.
+                    let wait = next_wait(every, state.since_renewal_sent(), state.earliest_left());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = changes.notified() => {
                             tracing::debug!("lease change heard: planning again now");
                         }
+                        Some(portals) = stopped_rx.recv() => state.release_stopped(portals).await,
                         _ = leave.cancelled() => break,
                     }
+                }
+                // Releases under way finish first: their work's final settle runs under the
+                // lease (each stop is bounded).
+                while state.held.values().any(|held| held.stopping) {
+                    let Some(portals) = stopped_rx.recv().await else {
+                        break;
+                    };
+                    state.release_stopped(portals).await;
                 }
                 state.leave().await;
             })
@@ -147,10 +170,37 @@ impl LeaseTask {
     }
 }
 
-/// How long the lease task waits before its next tick: a tick's interval, less if a held lease's
-/// clock runs out sooner (`earliest_left`).
-fn next_wait(every: Duration, earliest_left: Option<Duration>) -> Duration {
+/// How long the lease task waits before its next tick: until a tick's interval has passed since
+/// the last renewal was sent (`since_renewal_sent`; none at once if the tick took longer, so a
+/// long tick does not eat the leases' time), less if a held lease's clock runs out sooner
+/// (`earliest_left`).
+fn next_wait(
+    every: Duration,
+    since_renewal_sent: Option<Duration>,
+    earliest_left: Option<Duration>,
+) -> Duration {
+    let next = since_renewal_sent.map_or(every, |since| every.saturating_sub(since));
+    earliest_left.map_or(next, |left| left.min(next))
+}
+
+/// How long one statement of the lease task may take: a tick's interval, less if a held
+/// lease's clock runs out sooner.
+fn statement_budget(every: Duration, earliest_left: Option<Duration>) -> Duration {
     earliest_left.map_or(every, |left| left.min(every))
+}
+
+/// The held portals to self-fence, given how long each one's clock runs yet (`lefts`): none
+/// while every clock runs; once one has run out, every portal whose clock runs out within
+/// `drop_bound` (the task is busy stopping work that long, and renews nothing).
+fn fence_due<'a>(lefts: &BTreeMap<&'a String, Duration>, drop_bound: Duration) -> Vec<&'a String> {
+    if !lefts.values().any(Duration::is_zero) {
+        return Vec::new();
+    }
+    lefts
+        .iter()
+        .filter(|(_, left)| **left <= drop_bound)
+        .map(|(portal, _)| *portal)
+        .collect()
 }
 
 /// What a heartbeat's answer means for the leases held here (by epoch).
@@ -200,11 +250,20 @@ struct State {
     margin: Duration,
     /// How long a new owner waits before its first orphan sweep.
     grace: Duration,
+    /// When the last renewal was sent (whether it went through or not).
+    renewal_sent: Option<Instant>,
+    /// Where a release's stopping work reports the portals whose work has stopped.
+    stopped: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
 }
 
 impl State {
     fn me(&self) -> &str {
         &self.settings.me.id
+    }
+
+    /// How long ago the last renewal was sent (`None`: never).
+    fn since_renewal_sent(&self) -> Option<Duration> {
+        self.renewal_sent.map(|sent| sent.elapsed())
     }
 
     /// How long the first held lease's clock runs yet (`None`: nothing held).
@@ -220,7 +279,7 @@ impl State {
         what: &str,
         call: impl std::future::Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        let budget = next_wait(self.settings.ttl / 3, self.earliest_left());
+        let budget = statement_budget(self.settings.ttl / 3, self.earliest_left());
         tokio::time::timeout(budget, call)
             .await
             .unwrap_or_else(|_| {
@@ -249,6 +308,7 @@ impl State {
     /// Step 1; whether the renewal went through.
     async fn renew(&mut self) -> bool {
         let sent = Instant::now();
+        self.renewal_sent = Some(sent);
         let (me, ttl) = (&self.settings.me, self.settings.ttl);
         let heartbeat = self
             .settings
@@ -307,13 +367,19 @@ impl State {
         true
     }
 
-    /// Step 2.
+    /// Step 2. Stopping the work of the portals whose clock ran out takes up to
+    /// [`State::drop_bound`], and nothing is renewed meanwhile: the portals whose clock runs
+    /// out within it are fenced with them, not a pass later (when their lease may have been
+    /// taken already).
     async fn self_fence(&mut self) {
-        let due: Vec<String> = self
+        let lefts: BTreeMap<&String, Duration> = self
             .held
             .iter()
-            .filter(|(_, held)| held.clock.left().is_zero())
-            .map(|(portal, _)| portal.clone())
+            .map(|(portal, held)| (portal, held.clock.left()))
+            .collect();
+        let due: Vec<String> = fence_due(&lefts, self.drop_bound())
+            .into_iter()
+            .cloned()
             .collect();
         for portal in &due {
             tracing::warn!(%portal, "portal lease not renewed before its deadline: stopping its work (self-fencing)");
@@ -361,15 +427,10 @@ impl State {
         let release: Vec<String> = wanted
             .release
             .into_iter()
-            .filter(|p| self.held.contains_key(p))
+            .filter(|p| self.held.get(p).is_some_and(|held| !held.stopping))
             .collect();
         if !release.is_empty() {
-            self.drop_portals(&release, false).await;
-            let me = self.me().to_string();
-            let released = self.settings.cluster.leases.release(&me, &release);
-            self.within("release", released).await?;
-            self.metrics.handover("released", release.len() as u64);
-            tracing::info!(portals = release.len(), first = %release[0], "portal leases released to rebalance");
+            self.stop_for_release(release);
         }
         if wanted.acquire.is_empty() {
             return Ok(());
@@ -394,6 +455,7 @@ impl State {
                 Held {
                     epoch: lease.epoch,
                     clock: clock.clone(),
+                    stopping: false,
                 },
             );
             self.work.start(portal, clock);
@@ -407,6 +469,62 @@ impl State {
             );
         }
         Ok(())
+    }
+
+    /// Step 4, first half: the work of `portals` stops in the background (its last round and
+    /// final settle, each bounded by a quarter of the TTL) while this task goes on renewing
+    /// every lease held, theirs too: a release never holds up a renewal.
+    /// [`State::release_stopped`] gives the leases up when the work has stopped.
+    fn stop_for_release(&mut self, portals: Vec<String>) {
+        for portal in &portals {
+            if let Some(held) = self.held.get_mut(portal) {
+                held.stopping = true;
+            }
+        }
+        let (work, stopped) = (self.work.clone(), self.stopped.clone());
+        let within = self.settings.ttl / 4;
+        tokio::spawn(async move {
+            futures_util::future::join_all(portals.iter().map(|p| work.stop(p, within))).await;
+            let _ = stopped.send(portals);
+        });
+    }
+
+    /// Step 4, second half: `portals`' work has stopped; the leases still held (not lost
+    /// meanwhile) are given up, so the next owner can start at once. One that cannot be
+    /// released now is dropped here all the same: the next heartbeat finds it renewed but not
+    /// held (a stray) and releases it.
+    async fn release_stopped(&mut self, portals: Vec<String>) {
+        let mut release = Vec::new();
+        for portal in portals {
+            if let Some(held) = self.held.remove(&portal) {
+                held.clock.end();
+                self.settings.cluster.fence.forget(&portal);
+                release.push(portal);
+            }
+        }
+        if release.is_empty() {
+            return;
+        }
+        self.metrics.portals_owned(self.held.len());
+        let me = self.me().to_string();
+        let released = self.settings.cluster.leases.release(&me, &release);
+        match self.within("release", released).await {
+            Ok(_) => {
+                self.metrics.handover("released", release.len() as u64);
+                tracing::info!(portals = release.len(), first = %release[0], "portal leases released to rebalance");
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                portals = release.len(),
+                "portal leases whose work stopped could not be released: the next heartbeat releases them"
+            ),
+        }
+    }
+
+    /// The longest [`State::drop_portals`] waits: a portal's last round, then its final
+    /// settle, each a quarter of the TTL at most.
+    fn drop_bound(&self) -> Duration {
+        self.settings.ttl / 4 * 2
     }
 
     /// Stops the work on `portals` and their writes, all at once, each bounded by a quarter of
@@ -501,14 +619,46 @@ mod tests {
     }
 
     #[test]
+    fn a_run_out_clock_fences_with_it_every_clock_that_runs_out_while_its_work_stops() {
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let lefts = |secs: [u64; 3]| -> BTreeMap<&String, Duration> {
+            names
+                .iter()
+                .zip(secs)
+                .map(|(n, s)| (n, Duration::from_secs(s)))
+                .collect()
+        };
+        let bound = Duration::from_secs(2);
+        // Every clock running: nothing, however close.
+        assert!(fence_due(&lefts([1, 1, 9]), bound).is_empty());
+        // a ran out: b runs out before a's work is stopped, c does not.
+        assert_eq!(fence_due(&lefts([0, 2, 9]), bound), [&names[0], &names[1]]);
+        assert_eq!(fence_due(&lefts([0, 0, 0]), bound).len(), 3);
+    }
+
+    #[test]
     fn the_task_wakes_when_the_first_clock_runs_out_if_that_is_before_the_next_tick() {
         let every = Duration::from_secs(10);
-        assert_eq!(next_wait(every, None), every);
-        assert_eq!(next_wait(every, Some(Duration::from_secs(25))), every);
+        let secs = Duration::from_secs;
+        assert_eq!(next_wait(every, None, None), every);
+        assert_eq!(next_wait(every, None, Some(secs(25))), every);
+        assert_eq!(next_wait(every, None, Some(secs(4))), secs(4));
+        assert_eq!(next_wait(every, None, Some(Duration::ZERO)), Duration::ZERO);
+        assert_eq!(statement_budget(every, Some(secs(4))), secs(4));
+        assert_eq!(statement_budget(every, None), every);
+    }
+
+    #[test]
+    fn the_next_renewal_is_a_tick_after_the_last_was_sent_not_after_the_tick_ended() {
+        let every = Duration::from_secs(10);
+        let secs = Duration::from_secs;
+        // Sent 3 s ago: 7 s more; a tick that took 12 s renews at once.
+        assert_eq!(next_wait(every, Some(secs(3)), Some(secs(25))), secs(7));
         assert_eq!(
-            next_wait(every, Some(Duration::from_secs(4))),
-            Duration::from_secs(4)
+            next_wait(every, Some(secs(12)), Some(secs(15))),
+            Duration::ZERO
         );
-        assert_eq!(next_wait(every, Some(Duration::ZERO)), Duration::ZERO);
+        // A clock running out before then still comes first.
+        assert_eq!(next_wait(every, Some(secs(3)), Some(secs(2))), secs(2));
     }
 }

@@ -118,8 +118,8 @@ pub struct PostgresJournalConfig {
     pub url: String,
     /// The schema holding the journal's tables (created at the first start).
     pub schema: String,
-    /// The most connections of this process's pool to PostgreSQL (`run` keeps two more: the
-    /// instance lock's and the lease-change listener's).
+    /// The most connections of this process's pool to PostgreSQL (`run` keeps three more:
+    /// the instance lock's, the lease-change listener's and the lease task's).
     pub max_connections: usize,
 }
 

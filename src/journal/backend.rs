@@ -39,7 +39,8 @@ pub trait JournalBackend: std::any::Any + Send + Sync {
     }
 
     /// Bytes the journal takes on disk (for SQLite: the file and its write-ahead log).
-    fn size_bytes(&self) -> std::io::Result<u64>;
+    /// Async: on PostgreSQL it is a query, which must not hold a runtime thread.
+    fn size_bytes(&self) -> BoxFuture<'_, std::io::Result<u64>>;
 
     /// Answers a trivial query: the journal is open and its connection is not stuck.
     fn ping(&self) -> BoxFuture<'_, anyhow::Result<()>>;

@@ -1,7 +1,8 @@
 //! The PostgreSQL backend: the journal in one schema of a PostgreSQL database, shared by every
 //! instance configured with the same `[journal] url` and `schema`. Connections come from a
 //! bounded pool (`deadpool-postgres`) that replaces a broken connection on the next call, so
-//! the journal recovers by itself after a server restart. The pool and the driver's
+//! the journal recovers by itself after a server restart (the lease task's statements have a
+//! pool of one connection to themselves). The pools and the driver's
 //! connection tasks run on a small runtime of the journal's own, so the same handle serves the
 //! daemon (async) and the operator commands (blocking, without a runtime of their own). The SQL
 //! lives in one file per concern, as in the SQLite backend; this file connects, migrates and
@@ -71,10 +72,17 @@ const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub(super) struct PgJournal {
     inner: Arc<Inner>,
+    /// Whether this handle's operations take the lease task's connection
+    /// (`Inner::lease_pool`, see [`PgJournal::lease_table`]) instead of the pool's.
+    lease_connection: bool,
 }
 
 struct Inner {
     pool: deadpool_postgres::Pool,
+    /// One connection for the lease task's statements alone: a heartbeat never queues for a
+    /// connection behind the pipeline's writes (a busy instance's pool has dozens of callers
+    /// waiting; a renewal that waits past its lease's clock self-fences every portal held).
+    lease_pool: deadpool_postgres::Pool,
     /// The runtime the pool's connections live on; shut down (without waiting) on drop.
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
@@ -108,6 +116,39 @@ impl Drop for Inner {
             runtime.shutdown_background();
         }
     }
+}
+
+/// A pool of at most `size` connections with `pg`'s settings (connected on first use).
+fn build_pool(
+    pg: &tokio_postgres::Config,
+    tls: Tls,
+    size: usize,
+    connect_timeout: Duration,
+    location: &Path,
+) -> anyhow::Result<deadpool_postgres::Pool> {
+    let manager_config = deadpool_postgres::ManagerConfig {
+        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        Tls::Off => deadpool_postgres::Manager::from_config(
+            pg.clone(),
+            tokio_postgres::NoTls,
+            manager_config,
+        ),
+        Tls::Prefer | Tls::Require => deadpool_postgres::Manager::from_config(
+            pg.clone(),
+            tls_connector().map_err(|e| anyhow::anyhow!("journal {}: {e}", location.display()))?,
+            manager_config,
+        ),
+    };
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(connect_timeout))
+        .recycle_timeout(Some(connect_timeout))
+        .build()
+        .context("cannot build the journal's connection pool")
 }
 
 impl PgJournal {
@@ -151,28 +192,8 @@ impl PgJournal {
             IDLE_IN_TRANSACTION.as_millis()
         ));
         let listen = (pg.clone(), tls);
-        let manager_config = deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        };
-        let manager = match tls {
-            Tls::Off => {
-                deadpool_postgres::Manager::from_config(pg, tokio_postgres::NoTls, manager_config)
-            }
-            Tls::Prefer | Tls::Require => deadpool_postgres::Manager::from_config(
-                pg,
-                tls_connector()
-                    .map_err(|e| anyhow::anyhow!("journal {}: {e}", location.display()))?,
-                manager_config,
-            ),
-        };
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(config.max_connections)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(connect_timeout))
-            .recycle_timeout(Some(connect_timeout))
-            .build()
-            .context("cannot build the journal's connection pool")?;
+        let pool = build_pool(&pg, tls, config.max_connections, connect_timeout, &location)?;
+        let lease_pool = build_pool(&pg, tls, 1, connect_timeout, &location)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("journal-pg")
@@ -180,8 +201,10 @@ impl PgJournal {
             .build()
             .context("cannot start the journal's runtime")?;
         let journal = PgJournal {
+            lease_connection: false,
             inner: Arc::new(Inner {
                 pool,
+                lease_pool,
                 handle: runtime.handle().clone(),
                 runtime: Mutex::new(Some(runtime)),
                 location,
@@ -263,7 +286,11 @@ impl PgJournal {
         Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
         R: Send + 'static,
     {
-        let pool = self.inner.pool.clone();
+        let pool = if self.lease_connection {
+            self.inner.lease_pool.clone()
+        } else {
+            self.inner.pool.clone()
+        };
         let handle = self.inner.handle.clone();
         let location = self.inner.location.clone();
         let connect_timeout = self.inner.connect_timeout;
@@ -359,7 +386,9 @@ impl LeaseTable {
     ) -> anyhow::Result<BTreeMap<String, lease::HeldLease>> {
         let (me, portals) = (me.clone(), portals.to_vec());
         self.journal
-            .run(move |mut conn| async move { lease::heartbeat(&mut conn, &me, ttl, &portals).await })
+            .run(move |mut conn| async move {
+                lease::heartbeat(&mut conn, &me, ttl, &portals).await
+            })
             .await
     }
 
@@ -445,9 +474,13 @@ impl PgJournal {
         self.inner.fence.get().filter(|f| f.active()).cloned()
     }
 
+    /// The lease table, whose statements run on the lease task's own connection.
     pub(super) fn lease_table(&self) -> LeaseTable {
         LeaseTable {
-            journal: self.clone(),
+            journal: PgJournal {
+                inner: self.inner.clone(),
+                lease_connection: true,
+            },
         }
     }
 }
@@ -513,9 +546,9 @@ impl JournalBackend for PgJournal {
     }
 
     /// The tables and indexes of the journal's schema.
-    fn size_bytes(&self) -> std::io::Result<u64> {
+    fn size_bytes(&self) -> BoxFuture<'_, std::io::Result<u64>> {
         let schema = self.inner.schema.clone();
-        self.block(self.run(move |conn| async move {
+        let size = self.run(move |conn| async move {
             let row = conn
                 .query_one(
                     "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint
@@ -525,8 +558,8 @@ impl JournalBackend for PgJournal {
                 )
                 .await?;
             Ok(row.get::<_, i64>(0).max(0) as u64)
-        }))
-        .map_err(std::io::Error::other)
+        });
+        Box::pin(async move { size.await.map_err(std::io::Error::other) })
     }
 
     fn ping(&self) -> BoxFuture<'_, anyhow::Result<()>> {
@@ -881,7 +914,12 @@ mod tests {
         PgJournal::connect(&config, Access::Read).unwrap();
         let path = journal.path().display().to_string();
         assert!(path.ends_with(&format!("#{}", config.schema)), "{path}");
-        assert!(journal.size_bytes().unwrap() > 0);
+        let size = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(journal.size_bytes());
+        assert!(size.unwrap() > 0);
         drop(again);
         drop_schema(&journal, &config.schema);
     }

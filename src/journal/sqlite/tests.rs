@@ -62,7 +62,7 @@ async fn journal_file_is_private_and_migrated() {
 async fn ping_answers_and_size_counts_the_file_and_its_wal() {
     let (_d, j) = open();
     j.ping().await.unwrap();
-    let empty = j.size_bytes().unwrap();
+    let empty = j.size_bytes().await.unwrap();
     assert!(empty > 0, "the migrated journal has pages");
     j.record_batch(batch("p1", Lane::Normal, vec![event(1, &["a"])]))
         .await
@@ -73,8 +73,11 @@ async fn ping_answers_and_size_counts_the_file_and_its_wal() {
         + std::fs::metadata(std::path::Path::new(&wal))
             .map(|m| m.len())
             .unwrap_or(0);
-    assert_eq!(j.size_bytes().unwrap(), expected);
-    assert!(j.size_bytes().unwrap() > empty, "the batch grew the WAL");
+    assert_eq!(j.size_bytes().await.unwrap(), expected);
+    assert!(
+        j.size_bytes().await.unwrap() > empty,
+        "the batch grew the WAL"
+    );
 }
 
 /// A journal written by the previous version (schema 4, keys `main:N`) migrates: every row

@@ -234,7 +234,9 @@ impl Cluster {
 }
 
 /// The established TCP connections process `pid` has open to `port` (its sockets in `/proc`
-/// matched with the kernel's TCP table); 0 when the process is gone.
+/// matched with the kernel's TCP table, each counted once: the table is read in chunks, and
+/// while connections come and go a read can list one twice, as seen: 25 for 7 open, which
+/// an immediate second read confirmed); 0 when the process is gone.
 pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return 0;
@@ -256,12 +258,14 @@ pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
         .iter()
         .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
         .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
-        .filter(|line| {
+        .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 9
+            (fields.len() > 9
                 && fields[2].ends_with(&remote)
                 && fields[3] == "01"
-                && inodes.contains(fields[9])
+                && inodes.contains(fields[9]))
+            .then(|| fields[9].to_string())
         })
-        .count()
+        .collect::<std::collections::BTreeSet<String>>()
+        .len()
 }
