@@ -482,7 +482,7 @@ impl State {
             }
         }
         let (work, stopped) = (self.work.clone(), self.stopped.clone());
-        let within = self.settings.ttl / 4;
+        let within = self.stop_within();
         tokio::spawn(async move {
             futures_util::future::join_all(portals.iter().map(|p| work.stop(p, within))).await;
             let _ = stopped.send(portals);
@@ -497,8 +497,7 @@ impl State {
         let mut release = Vec::new();
         for portal in portals {
             if let Some(held) = self.held.remove(&portal) {
-                held.clock.end();
-                self.settings.cluster.fence.forget(&portal);
+                self.let_go(&portal, &held);
                 release.push(portal);
             }
         }
@@ -521,10 +520,23 @@ impl State {
         }
     }
 
+    /// How long a portal's work is given to stop, for its last round and again for its final
+    /// settle ([`PortalWork::stop`]).
+    fn stop_within(&self) -> Duration {
+        self.settings.ttl / 4
+    }
+
     /// The longest [`State::drop_portals`] waits: a portal's last round, then its final
-    /// settle, each a quarter of the TTL at most.
+    /// settle.
     fn drop_bound(&self) -> Duration {
-        self.settings.ttl / 4 * 2
+        self.stop_within() * 2
+    }
+
+    /// The end of a held lease here, once its work has stopped: its clock stops and the fence
+    /// no longer passes its writes.
+    fn let_go(&self, portal: &str, held: &Held) {
+        held.clock.end();
+        self.settings.cluster.fence.forget(portal);
     }
 
     /// Stops the work on `portals` and their writes, all at once, each bounded by a quarter of
@@ -542,7 +554,7 @@ impl State {
                 held.clock.end();
             }
         }
-        let within = self.settings.ttl / 4;
+        let within = self.stop_within();
         futures_util::future::join_all(
             dropped
                 .iter()
@@ -550,8 +562,7 @@ impl State {
         )
         .await;
         for (portal, held) in &dropped {
-            held.clock.end();
-            self.settings.cluster.fence.forget(portal);
+            self.let_go(portal, held);
         }
     }
 
