@@ -302,10 +302,17 @@ pub(super) fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 /// SQLite's process-wide settings, made once before the process's first connection (SQLite
-/// takes them only before it initializes; a later call changes nothing). Memory statistics
-/// off (`SQLITE_CONFIG_MEMSTATUS`, <https://www.sqlite.org/c3ref/c_config_covering_index_scan.html>):
-/// with them on, every allocation SQLite makes takes a process-wide mutex to count it, 5 to 7%
-/// of the journal's CPU in a drain, and nothing here reads the counts.
+/// takes them only before it initializes; a later call changes nothing;
+/// <https://www.sqlite.org/c3ref/c_config_covering_index_scan.html>):
+/// - memory statistics off (`SQLITE_CONFIG_MEMSTATUS`): with them on, every allocation SQLite
+///   makes takes a process-wide mutex to count it, 5 to 7% of the journal's CPU in a drain,
+///   and nothing here reads the counts;
+/// - statement journals kept in memory up to [`STATEMENT_JOURNAL_SPILL`]
+///   (`SQLITE_CONFIG_STMTJRNL_SPILL`): a statement that writes several rows (the multi-row
+///   inserts, the updates over a JSON array of ids) keeps the pages it changes so that it can
+///   be undone alone, and with foreign keys on every such statement does. Past the default
+///   64 KiB (a 32-row insert passes it) SQLite opened a temporary file per transaction and
+///   wrote them there: a `pwrite` per page, 5% of the journal's CPU in `bench journal`.
 fn configure_library() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -320,6 +327,19 @@ fn configure_library() {
             tracing::debug!(
                 rc,
                 "sqlite was initialized before the journal: memory statistics stay on"
+            );
+        }
+        // SAFETY: SQLITE_CONFIG_STMTJRNL_SPILL takes one int.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_STMTJRNL_SPILL,
+                STATEMENT_JOURNAL_SPILL as std::ffi::c_int,
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "sqlite was initialized before the journal: statement journals spill at 64 KiB"
             );
         }
     });
@@ -342,6 +362,18 @@ fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The size in bytes up to which a statement journal stays in memory (see
+/// [`configure_library`]): above what the journal's own statements need (a delivered batch of
+/// 500 events changes about 150 pages), so only a statement over thousands of rows (`prune`)
+/// spills to a temporary file.
+const STATEMENT_JOURNAL_SPILL: usize = 4 << 20;
+
+/// How many prepared statements a connection keeps. The journal's statements (about 50, the
+/// multi-row inserts' shapes included) must all fit: rusqlite's default of 16 made the
+/// statements run once per delivered batch evict each other, so each was parsed and planned
+/// again every time (3% of the journal's CPU in `bench journal`).
+const STATEMENT_CACHE_CAPACITY: usize = 128;
+
 /// A read-write connection with the daemon's settings; `create` lets SQLite create the file.
 pub(super) fn open_read_write(
     path: &Path,
@@ -355,6 +387,7 @@ pub(super) fn open_read_write(
     configure_library();
     let conn = Connection::open_with_flags(path, flags)?;
     stable_plans(&conn)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
     let sync = match synchronous {
         Synchronous::Full => "FULL",

@@ -182,3 +182,63 @@ async fn per_event_statements_are_not_re_prepared_for_each_binding() {
     }
     assert_eq!(rows, 20, "one pending delivery per event");
 }
+
+/// A reservation is written by a few multi-row inserts (32, 16, 8, 4, 2, 1 rows): every row
+/// lands, in the order the portal listed them, with its own values and deliveries; an offline
+/// ID listed twice is written once.
+#[tokio::test]
+async fn a_reservation_of_63_events_lands_whole_and_in_order() {
+    let (dir, j) = open();
+    let sinks_of = |id: i64| -> &'static [&'static str] {
+        match id % 3 {
+            0 => &["a", "b"],
+            1 => &["a"],
+            _ => &[],
+        }
+    };
+    let mut events: Vec<NewEvent> = (1..=63).map(|id| event(id, sinks_of(id))).collect();
+    events.insert(10, event(5, &["a"]));
+    let recorded = j
+        .record_batches(vec![batch("p1", Lane::Normal, events)])
+        .await
+        .unwrap();
+    assert_eq!((recorded[0].inserted, recorded[0].known_unsettled), (63, 1));
+    let conn = Connection::open(dir.path().join("j.db")).unwrap();
+    let rows: Vec<(i64, String, String, String)> = conn
+        .prepare("SELECT offline_id, data, status, upstream FROM events ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 63);
+    for (n, (offline_id, data, status, upstream)) in rows.iter().enumerate() {
+        assert_eq!(*offline_id, n as i64 + 1, "rows in the portal's order");
+        let data: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data, json!({"FIELDS": {"ID": offline_id.to_string()}}));
+        let routed = !sinks_of(*offline_id).is_empty();
+        assert_eq!(
+            (status.as_str(), upstream.as_str()),
+            if routed {
+                ("pending", "reserved")
+            } else {
+                ("delivered", "clear_pending")
+            },
+            "event {offline_id}"
+        );
+    }
+    let deliveries: Vec<(i64, String)> = conn
+        .prepare(
+            "SELECT e.offline_id, d.sink FROM deliveries d JOIN events e ON e.id = d.event_id
+             ORDER BY e.offline_id, d.sink",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected: Vec<(i64, String)> = (1..=63)
+        .flat_map(|id| sinks_of(id).iter().map(move |s| (id, s.to_string())))
+        .collect();
+    assert_eq!(deliveries, expected);
+}
