@@ -91,13 +91,13 @@ pub struct BatchResponse {
 
 impl ApiResponse {
     /// Builds the response from a whole successful body (`{"result": …, "total": …, "time": …}`).
-    pub fn from_body(body: &Value) -> Result<ApiResponse, String> {
-        let obj = body
-            .as_object()
-            .ok_or_else(|| format!("the body is {} instead of an object", kind(body)))?;
+    pub fn from_body(body: Value) -> Result<ApiResponse, String> {
+        let Value::Object(mut obj) = body else {
+            return Err(format!("the body is {} instead of an object", kind(&body)));
+        };
+        // Taken, not cloned: a get's result holds every event of the reservation.
         let result = obj
-            .get("result")
-            .cloned()
+            .remove("result")
             .ok_or_else(|| "the body has neither result nor error".to_string())?;
         Ok(ApiResponse {
             result,
@@ -622,7 +622,7 @@ mod tests {
 
     #[test]
     fn offline_get_docs_example() {
-        let resp = ApiResponse::from_body(&body(GET_EXAMPLE)).unwrap();
+        let resp = ApiResponse::from_body(body(GET_EXAMPLE)).unwrap();
         assert_eq!(resp.time.operating, Some(0.0));
         assert_eq!(resp.time.operating_reset_at, None);
         let batch = parse_offline_get(&resp.result).unwrap();
@@ -715,7 +715,7 @@ mod tests {
 
     #[test]
     fn offline_list_docs_example_with_total() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{
             "result": [
                 {"ID": "2", "TIMESTAMP_X": "2024-07-18T12:32:31+02:00", "EVENT_NAME": "ONCRMCOMPANYADD",
@@ -758,7 +758,7 @@ mod tests {
         reserved["ID"] = json!(3);
         reserved["PROCESS_ID"] = json!("abc");
         reserved["ERROR"] = json!(1);
-        let resp = ApiResponse::from_body(&json!({
+        let resp = ApiResponse::from_body(json!({
             "result": [record, reserved], "total": "120", "next": 50, "time": {}
         }))
         .unwrap();
@@ -777,7 +777,7 @@ mod tests {
 
     #[test]
     fn offline_list_empty_result() {
-        let resp = ApiResponse::from_body(&json!({"result": [], "total": 0})).unwrap();
+        let resp = ApiResponse::from_body(json!({"result": [], "total": 0})).unwrap();
         let page = parse_offline_list(&resp).unwrap();
         assert!(page.items.is_empty());
         assert_eq!(page.total, 0);
@@ -785,7 +785,7 @@ mod tests {
 
     #[test]
     fn clear_example_result_true() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{
             "result": true,
             "time": {"start": 1721300421.210707, "finish": 1721300421.331026, "duration": 0.12031912803649902,
@@ -800,7 +800,7 @@ mod tests {
 
     #[test]
     fn time_block_of_the_limits_page() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{"result": true, "time": {
             "start": 1778747192.910734, "finish": 1778747193.530359, "duration": 0.6196250915527344,
             "processing": 0.032338857650756836, "date_start": "2026-05-14T10:26:32+02:00",
@@ -819,7 +819,7 @@ mod tests {
 
     #[test]
     fn batch_success_example() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{
             "result": {
                 "result": {
@@ -848,7 +848,7 @@ mod tests {
 
     #[test]
     fn batch_error_example_with_empty_arrays() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{
             "result": {
                 "result": [],
@@ -928,7 +928,7 @@ mod tests {
 
     #[test]
     fn event_get_docs_example_and_offline_handlers() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{
             "result": [
                 {"event": "ONCRMLEADADD", "handler": "https:\/\/www.my-domain.com\/handler\/", "auth_type": "0", "offline": 0},
@@ -966,7 +966,7 @@ mod tests {
 
     #[test]
     fn feature_get_values() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{"result": {"value": "Y"}, "time": {"start": 1722434594.84942, "finish": 1722434594.90542,
                 "duration": 0.0560011863708496, "processing": 0.000065088272094726,
                 "date_start": "2024-07-31T14:03:14+00:00", "date_finish": "2024-07-31T14:03:14+00:00", "operating": 0}}"#,
@@ -987,7 +987,7 @@ mod tests {
 
     #[test]
     fn server_time_docs_example() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{"result": "2024-08-05T09:02:13+00:00", "time": {"start": 1722848533.40768,
                 "finish": 1722848533.44277, "duration": 0.0350871086120606, "processing": 0.000040054321289062,
                 "date_start": "2024-08-05T09:02:13+00:00", "date_finish": "2024-08-05T09:02:13+00:00", "operating": 0}}"#,
@@ -1016,7 +1016,7 @@ mod tests {
 
     #[test]
     fn app_info_docs_example() {
-        let resp = ApiResponse::from_body(&body(
+        let resp = ApiResponse::from_body(body(
             r#"{"result": {"ID": 5, "CODE": "telefum24.kp10", "VERSION": 4, "STATUS": "F", "INSTALLED": true,
                 "PAYMENT_EXPIRED": "N", "DAYS": null, "LANGUAGE_ID": "de", "LICENSE": "de_ent10000",
                 "LICENSE_TYPE": "ent10000", "LICENSE_FAMILY": "ent"},
@@ -1054,7 +1054,7 @@ mod tests {
 
     #[test]
     fn body_without_result_is_an_error() {
-        assert!(ApiResponse::from_body(&json!({"time": {}})).is_err());
-        assert!(ApiResponse::from_body(&json!([1])).is_err());
+        assert!(ApiResponse::from_body(json!({"time": {}})).is_err());
+        assert!(ApiResponse::from_body(json!([1])).is_err());
     }
 }

@@ -23,8 +23,12 @@ struct Scenario {
     /// Random run time before each kill, in milliseconds.
     run_ms: std::ops::Range<u64>,
     batch_size: u32,
+    /// More lines of the portal's config (`batch_size` is set above).
+    portal_config: &'static str,
     /// Answers of the HTTP sink's endpoint; `None`: always 200.
     flapping_sink: Option<Duration>,
+    /// The least number of requests the portal must have served at once (waves side by side).
+    side_by_side: Option<u64>,
 }
 
 async fn crash_scenario(s: Scenario) {
@@ -57,7 +61,7 @@ async fn crash_scenario(s: Scenario) {
         dir.path(),
         &sim,
         None,
-        &format!("batch_size = {}", s.batch_size),
+        &format!("batch_size = {}\n{}", s.batch_size, s.portal_config),
         &sinks,
     );
     crate::support::cli::store_tokens(dir.path(), &tokens).await;
@@ -144,7 +148,7 @@ async fn crash_scenario(s: Scenario) {
         "crash test: {kills} SIGKILLs in {:.1} s, {} lost get responses, {} 500s, {} truncated \
          answers, {} reservations adopted, {} events journaled, {} JSONL lines for {} distinct \
          events ({} duplicates), {} HTTP deliveries ({} duplicates); {} changes, each under one key \
-         in both sinks",
+         in both sinks; at most {} requests at once",
         started.elapsed().as_secs_f64(),
         stats.dropped_after_commit,
         stats.faults_500,
@@ -156,7 +160,8 @@ async fn crash_scenario(s: Scenario) {
         lines - delivered.len(),
         endpoint.accepted_count(),
         endpoint.accepted_count() - reached.len(),
-        first_key.len()
+        first_key.len(),
+        stats.most_requests_at_once
     );
     assert_eq!(kills, s.kills);
     if s.faults.drop_get_after_commit > 0.0 {
@@ -167,6 +172,13 @@ async fn crash_scenario(s: Scenario) {
     }
     if s.faults.fail_500 > 0.0 {
         assert!(stats.faults_500 > 0, "the 500 fault was exercised");
+    }
+    if let Some(least) = s.side_by_side {
+        assert!(
+            stats.most_requests_at_once >= least,
+            "the kills landed among waves of requests side by side: at most {} at once",
+            stats.most_requests_at_once
+        );
     }
     if s.faults.truncate > 0.0 {
         assert!(stats.truncated > 0, "the truncation fault was exercised");
@@ -187,7 +199,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_leaves_nothing_reserved() {
         kills: 12,
         run_ms: 250..1500,
         batch_size: 20,
+        portal_config: "",
         flapping_sink: None,
+        side_by_side: None,
     })
     .await;
 }
@@ -211,7 +225,35 @@ async fn fifty_sigkills_with_a_misbehaving_portal_and_a_flapping_sink_lose_nothi
         kills: 50,
         run_ms: 200..900,
         batch_size: 50,
+        portal_config: "",
         flapping_sink: Some(Duration::from_secs(2)),
+        side_by_side: None,
+    })
+    .await;
+}
+
+/// A portal that limits nothing, its bucket opened: every round sends a wave of combined
+/// requests side by side (as many as the pipeline allows), so the kills land while dozens of
+/// gets and settle calls are out at once, some answered and journaled, some not, and 5% of
+/// the get answers are lost after the portal reserved them, 5% of requests fail with 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_waves_of_requests_side_by_side_loses_nothing() {
+    crash_scenario(Scenario {
+        seed: 23,
+        faults: Faults {
+            drop_get_after_commit: 0.05,
+            fail_500: 0.05,
+            ..Faults::default()
+        },
+        total: 10_000,
+        wave: 2_500,
+        wave_every: Duration::from_millis(1000),
+        kills: 20,
+        run_ms: 150..900,
+        batch_size: 20,
+        portal_config: "rate_limit = { burst = 1000000, per_second = 1000000.0, share = 1.0 }",
+        flapping_sink: None,
+        side_by_side: Some(16),
     })
     .await;
 }

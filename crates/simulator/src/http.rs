@@ -119,6 +119,28 @@ fn roll(rng: &mut fastrand::Rng, probability: f64) -> bool {
     probability > 0.0 && rng.f64() < probability
 }
 
+/// Counts a `/rest` request as being served until it is dropped (answered, or the client went
+/// away).
+struct Serving<'a>(&'a Inner);
+
+impl<'a> Serving<'a> {
+    fn start(inner: &'a Inner) -> Serving<'a> {
+        let mut state = inner.lock();
+        let counters = &mut state.counters;
+        counters.requests_being_served += 1;
+        counters.most_requests_at_once = counters
+            .most_requests_at_once
+            .max(counters.requests_being_served);
+        Serving(inner)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.lock().counters.requests_being_served -= 1;
+    }
+}
+
 async fn rest(
     State(inner): State<Arc<Inner>>,
     uri: Uri,
@@ -139,6 +161,7 @@ async fn rest(
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
 
+    let _serving = Serving::start(&inner);
     let (reply, delivery) = {
         let mut state = inner.lock();
         state.counters.requests += 1;

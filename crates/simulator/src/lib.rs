@@ -247,6 +247,11 @@ pub struct SimStats {
     pub error_lane: u64,
     /// HTTP requests to `/rest` (a batch counts once).
     pub requests: u64,
+    /// `/rest` requests being served now (from arrival until answered, the server time of
+    /// their calls included).
+    pub requests_being_served: u64,
+    /// The most `/rest` requests served at once.
+    pub most_requests_at_once: u64,
     /// Calls per method, batch sub-commands included.
     pub calls_by_method: BTreeMap<String, u64>,
     /// `batch` requests that carried both an `event.offline.clear` and an `event.offline.get`.

@@ -476,7 +476,7 @@ impl PortalClient {
                 sanitize_snippet(&json.to_string(), &secrets, 120)
             )));
         }
-        match ApiResponse::from_body(&json) {
+        match ApiResponse::from_body(json) {
             Ok(mut resp) => {
                 self.count_answer(method, Answer::Ok);
                 resp.waited = waited.as_secs_f64();
