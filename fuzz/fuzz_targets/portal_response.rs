@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(time) = body.get("time") {
         let _ = parse_time(time);
     }
-    if let Ok(resp) = ApiResponse::from_body(&body) {
+    if let Ok(resp) = ApiResponse::from_body(body) {
         let _ = parse_offline_get(&resp.result);
         let _ = parse_batch(&resp.result);
         let _ = parse_event_get(&resp.result);
