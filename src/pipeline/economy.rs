@@ -114,8 +114,11 @@ pub(crate) struct Budgets {
     pub(crate) batch: Budget,
 }
 
-/// The most requests a wave sends at once. A portal that limits nothing runs a `batch`'s
-/// commands one after the other, so a wave's time is its longest request: the more requests
+/// The most requests a wave sends at once. A portal runs a `batch`'s commands one after the
+/// other (`CRestProvider::methodsBatch` in `modules/rest/classes/general/rest_provider.php`: a
+/// `foreach` over `cmd`, each command processed by its own `CRestServerBatchItem` before the
+/// next, which may refer to the results before it), so a wave's time is its longest request:
+/// the more requests
 /// share a wave's calls, the shorter each is. Measured with the defaults (`batch_size` 50,
 /// `max_unsettled` 5,000: about 100 gets and as many settle calls a wave) on a simulated
 /// server taking 5 ms a call plus 0.2 ms an event, a 100,000-event backlog drained at

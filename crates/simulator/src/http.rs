@@ -126,18 +126,16 @@ struct Serving<'a>(&'a Inner);
 impl<'a> Serving<'a> {
     fn start(inner: &'a Inner) -> Serving<'a> {
         let mut state = inner.lock();
-        let counters = &mut state.counters;
-        counters.requests_being_served += 1;
-        counters.most_requests_at_once = counters
-            .most_requests_at_once
-            .max(counters.requests_being_served);
+        state.serving += 1;
+        state.counters.most_requests_at_once =
+            state.counters.most_requests_at_once.max(state.serving);
         Serving(inner)
     }
 }
 
 impl Drop for Serving<'_> {
     fn drop(&mut self) {
-        self.0.lock().counters.requests_being_served -= 1;
+        self.0.lock().serving -= 1;
     }
 }
 

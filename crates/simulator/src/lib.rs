@@ -247,10 +247,8 @@ pub struct SimStats {
     pub error_lane: u64,
     /// HTTP requests to `/rest` (a batch counts once).
     pub requests: u64,
-    /// `/rest` requests being served now (from arrival until answered, the server time of
-    /// their calls included).
-    pub requests_being_served: u64,
-    /// The most `/rest` requests served at once.
+    /// The most `/rest` requests served at once (from arrival until answered, the server time
+    /// of their calls included).
     pub most_requests_at_once: u64,
     /// Calls per method, batch sub-commands included.
     pub calls_by_method: BTreeMap<String, u64>,

@@ -301,7 +301,9 @@ fn charged_call(
 }
 
 /// A `batch` request: the batch is itself a call of the method `batch` (limited, and charged
-/// at half its time by the current limiter), running its commands one after the other.
+/// at half its time by the current limiter), running its commands one after the other, as
+/// `CRestProvider::methodsBatch` does (`modules/rest/classes/general/rest_provider.php`: a
+/// `foreach` over `cmd`, each through its own `CRestServerBatchItem`).
 fn batch_request(
     state: &mut State,
     ctx: &Ctx,

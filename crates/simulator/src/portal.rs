@@ -90,6 +90,8 @@ pub struct State {
     pub rng: fastrand::Rng,
     /// Counters; the queue counts are filled in by [`State::stats`].
     pub counters: SimStats,
+    /// `/rest` requests being served now (`SimStats::most_requests_at_once` is its peak).
+    pub serving: u64,
 }
 
 impl State {
@@ -109,6 +111,7 @@ impl State {
             faults: Faults::default(),
             rng: fastrand::Rng::with_seed(config.seed),
             counters: SimStats::default(),
+            serving: 0,
         }
     }
 
