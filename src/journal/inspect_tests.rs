@@ -9,7 +9,8 @@ use super::{
 use crate::envelope::{Envelope, Lane};
 use chrono::Utc;
 
-fn batch(pid: &str, ids: std::ops::RangeInclusive<i64>) -> NewBatch {
+/// A fetched batch of `main`'s events `ids` (even ids ADD, odd UPDATE), each routed to sink `a`.
+pub(super) fn batch(pid: &str, ids: std::ops::RangeInclusive<i64>) -> NewBatch {
     NewBatch {
         portal: "main".into(),
         process_id: pid.into(),

@@ -169,6 +169,12 @@ async fn import(
     tx.commit()
         .await
         .map_err(|e| anyhow::anyhow!("cannot commit the copy into {location}: {}", describe(&e)))?;
+    // The daemon's statements are planned from the tables' statistics: give it those of the
+    // copy rather than of the empty tables (see `planner_stats`). The copy is committed
+    // whatever happens here.
+    if let Err(e) = super::planner_stats::analyze(&client, &config.schema).await {
+        tracing::warn!(journal = %location, error = %format!("{e:#}"), "cannot analyze the copied journal's tables");
+    }
     Ok(copied)
 }
 
@@ -628,6 +634,18 @@ mod tests {
                 c.conformance
             ),
             (1, 1, 1, 5, 10, 9, 1)
+        );
+        // The copy's statistics are there for the daemon's plans (manual ANALYZEs only).
+        let analyzed = pg
+            .sql_rows(
+                "SELECT relname FROM pg_stat_user_tables
+                 WHERE schemaname = current_schema() AND analyze_count > 0 ORDER BY relname",
+            )
+            .unwrap();
+        assert_eq!(
+            analyzed,
+            ["batches", "deliveries", "delivery_attempts", "events"]
+                .map(|t| serde_json::json!({ "relname": t }))
         );
         // The same rows, ids, times and texts; a NUL, which PostgreSQL text cannot hold,
         // becomes U+FFFD.

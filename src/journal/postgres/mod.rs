@@ -18,6 +18,7 @@ mod inspect;
 mod instance_lock;
 pub(crate) mod lease;
 mod lease_changes;
+mod planner_stats;
 mod schema;
 mod settlements;
 mod status;
@@ -103,6 +104,8 @@ struct Inner {
     /// The pool's connection settings and encryption, for the lease-change listener's own
     /// connection.
     listen: (tokio_postgres::Config, Tls),
+    /// When the tables' planner statistics are next refreshed (see `planner_stats`).
+    analyze: Arc<planner_stats::AnalyzeSchedule>,
 }
 
 impl Drop for Inner {
@@ -214,6 +217,7 @@ impl PgJournal {
                 lock_health: Arc::default(),
                 connect_timeout,
                 listen,
+                analyze: Arc::default(),
             }),
         };
         let schema = config.schema.clone();
@@ -333,6 +337,41 @@ impl PgJournal {
                 .await
                 .context("journal task ended")?
         })
+    }
+
+    /// Starts an `ANALYZE` of the journal's tables, without waiting for it, when the `events`
+    /// just written make one due (see `planner_stats`).
+    fn analyze_when_due(&self, events: u64) {
+        let Some(due) = self.inner.analyze.wrote(events) else {
+            return;
+        };
+        let schema = self.inner.schema.clone();
+        let analyzing =
+            self.run(move |conn| async move { planner_stats::analyze(&conn, &schema).await });
+        let (schedule, location) = (self.inner.analyze.clone(), self.inner.location.clone());
+        self.inner.handle.spawn(async move {
+            let started = std::time::Instant::now();
+            let rows = match analyzing.await {
+                Ok(rows) => {
+                    tracing::debug!(
+                        journal = %location.display(),
+                        events = rows,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "journal tables analyzed"
+                    );
+                    Some(rows)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        journal = %location.display(),
+                        error = %format!("{e:#}"),
+                        "cannot analyze the journal's tables: the server plans its statements for their size at the last ANALYZE"
+                    );
+                    None
+                }
+            };
+            schedule.finished(due, rows);
+        });
     }
 
     /// Waits for `call` on the calling thread: the operator commands, which have no runtime.
@@ -600,8 +639,13 @@ impl JournalBackend for PgJournal {
         batches: Vec<NewBatch>,
     ) -> BoxFuture<'_, anyhow::Result<Vec<RecordedBatch>>> {
         let fence = self.fence();
-        self.run(move |mut conn| async move {
+        let recording = self.run(move |mut conn| async move {
             batches::record_batches(&mut conn, fence.as_deref(), &batches).await
+        });
+        Box::pin(async move {
+            let recorded = recording.await?;
+            self.analyze_when_due(recorded.iter().map(|b| b.inserted as u64).sum());
+            Ok(recorded)
         })
     }
 
