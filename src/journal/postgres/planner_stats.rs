@@ -29,7 +29,7 @@ pub(super) const FIRST_ANALYZE: u64 = 1_000;
 /// The tables the journal's hot statements read, all growing with the events.
 const TABLES: [&str; 4] = ["events", "deliveries", "delivery_attempts", "batches"];
 
-/// When the next `ANALYZE` is due; one per journal handle.
+/// When the next `ANALYZE` is due; one per opened journal, shared by its handle's clones.
 #[derive(Debug)]
 pub(super) struct AnalyzeSchedule {
     state: Mutex<State>,
