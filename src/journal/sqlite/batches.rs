@@ -9,24 +9,19 @@ use crate::journal::types::{NewBatch, NewEvent, OpenBatch, RecordedBatch};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
+/// Journals `batches`, inside the transaction of the group commit that runs it: the caller
+/// logs the known changes once that transaction is committed.
 pub(super) fn record_batches(
-    conn: &mut Connection,
+    tx: &Connection,
     batches: &[NewBatch],
 ) -> anyhow::Result<Vec<RecordedBatch>> {
-    let tx = conn.transaction()?;
-    let recorded = batches
+    batches
         .iter()
-        .map(|batch| record_batch_in(&tx, batch))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    tx.commit()?;
-    crate::journal::types::log_known_changes(batches, &recorded);
-    Ok(recorded)
+        .map(|batch| record_batch_in(tx, batch))
+        .collect::<anyhow::Result<Vec<_>>>()
 }
 
-fn record_batch_in(
-    tx: &rusqlite::Transaction<'_>,
-    batch: &NewBatch,
-) -> anyhow::Result<RecordedBatch> {
+fn record_batch_in(tx: &Connection, batch: &NewBatch) -> anyhow::Result<RecordedBatch> {
     ensure_portal(tx, &batch.portal)?;
     let fetched_at = now();
     if batch.new_reservation {
@@ -222,7 +217,7 @@ const MAX_ROWS_PER_INSERT: usize = 32;
 /// `CHECK (… IN …)` constraints and partial-index conditions once per statement, so a
 /// reservation of 50 events pays for them three times instead of fifty.
 fn insert_events(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     batch: &NewBatch,
     batch_id: i64,
     fetched_at: &str,

@@ -72,12 +72,13 @@ pub(super) fn envelope_at(
     })
 }
 
+/// Journals a sink's outcomes and settles the events they made final, inside the transaction
+/// of the group commit that runs it.
 pub(super) fn record_outcomes(
-    conn: &mut Connection,
+    tx: &Connection,
     sink: &str,
     outcomes: &[(i64, Outcome, Option<String>)],
 ) -> anyhow::Result<Vec<String>> {
-    let tx = conn.transaction()?;
     let at = now();
     // The events with a delivery made final here: the settle lattice runs on them at the end.
     let mut made_final: Vec<i64> = Vec::new();
@@ -158,9 +159,7 @@ pub(super) fn record_outcomes(
         .map(|(event_id, _, _)| *event_id)
         .filter(|event_id| made_final.contains(event_id))
         .collect();
-    let portals = settle_if_final(&tx, &in_order)?;
-    tx.commit()?;
-    Ok(portals)
+    settle_if_final(tx, &in_order)
 }
 
 /// Events and their deliveries, one row per delivery (one row with no status for an event with
@@ -175,10 +174,7 @@ pub(super) const SETTLE_SELECT: &str = "SELECT e.id, e.lane, e.portal, e.upstrea
 /// (as every backend does). An event settled upstream before
 /// (a replay, a dead retry, fetch-delete mode) only gets its status. One read and one update
 /// per kind of change, whatever the number of events.
-fn settle_if_final(
-    tx: &rusqlite::Transaction<'_>,
-    event_ids: &[i64],
-) -> anyhow::Result<Vec<String>> {
+fn settle_if_final(tx: &Connection, event_ids: &[i64]) -> anyhow::Result<Vec<String>> {
     if event_ids.is_empty() {
         return Ok(Vec::new());
     }

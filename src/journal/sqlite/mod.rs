@@ -1,6 +1,7 @@
 //! The SQLite backend: one file (WAL, `synchronous=FULL` by default) behind one connection.
 //! Every call runs on tokio's blocking pool, one at a time: async callers wait for their turn
-//! on a semaphore before they take a blocking thread. The SQL lives in one file per concern;
+//! on a semaphore before they take a blocking thread, and the hot writes that queue meanwhile
+//! share one transaction ([`group_commit`]). The SQL lives in one file per concern;
 //! this file opens the journal and maps [`JournalBackend`] (which documents each operation)
 //! onto them.
 
@@ -11,6 +12,7 @@ mod conformance;
 mod deliveries;
 mod enrichment;
 pub(super) mod export;
+mod group_commit;
 mod inspect;
 pub mod lock;
 pub(super) mod open;
@@ -64,6 +66,8 @@ pub(super) struct SqliteJournal {
     /// Async callers queue here, not on the blocking pool: the connection serves one call at a
     /// time, and a thousand pollers waiting on its mutex would each hold a blocking thread.
     turn: Arc<tokio::sync::Semaphore>,
+    /// The hot writes waiting for their turn, committed together (see [`group_commit`]).
+    writes: group_commit::WriteQueue,
     path: PathBuf,
     access: Access,
     synchronous: Synchronous,
@@ -139,6 +143,7 @@ impl SqliteJournal {
         Ok(SqliteJournal {
             conn: Arc::new(Mutex::new(conn)),
             turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            writes: Arc::default(),
             path: path.to_path_buf(),
             access,
             synchronous,
@@ -162,6 +167,38 @@ impl SqliteJournal {
             })
             .await
             .context("journal task panicked")?
+        })
+    }
+
+    /// Runs the write `f` in a transaction, with whichever writes queue beside it (see
+    /// [`group_commit`]); answers once the transaction that holds it is committed.
+    fn write<R, F>(&self, f: F) -> BoxFuture<'static, anyhow::Result<R>>
+    where
+        F: FnOnce(&Connection) -> anyhow::Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let turn = self.turn.clone();
+        let conn = self.conn.clone();
+        let queue = self.writes.clone();
+        Box::pin(async move {
+            let (write, answer) = group_commit::Write::queued(f);
+            queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(write);
+            let turn = turn.acquire_owned().await.context("journal closed")?;
+            // Empty when a group that ran while this caller waited took its write.
+            let group = group_commit::take_all(&queue);
+            if !group.is_empty() {
+                tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
+                    let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    group_commit::commit_group(&mut guard, group)
+                })
+                .await
+                .context("journal task panicked")?;
+            }
+            answer.await.context("journal task panicked")?
         })
     }
 
@@ -267,7 +304,14 @@ impl JournalBackend for SqliteJournal {
         &self,
         batches: Vec<NewBatch>,
     ) -> BoxFuture<'_, anyhow::Result<Vec<RecordedBatch>>> {
-        self.run(move |conn| batches::record_batches(conn, &batches))
+        let new_batches = Arc::new(batches);
+        let journaled = new_batches.clone();
+        let recorded = self.write(move |tx| batches::record_batches(tx, &journaled));
+        Box::pin(async move {
+            let recorded = recorded.await?;
+            super::types::log_known_changes(&new_batches, &recorded);
+            Ok(recorded)
+        })
     }
 
     fn open_batches<'a>(
@@ -328,7 +372,7 @@ impl JournalBackend for SqliteJournal {
         outcomes: Vec<(i64, Outcome, Option<String>)>,
     ) -> BoxFuture<'a, anyhow::Result<Vec<String>>> {
         let sink = sink.to_string();
-        self.run(move |conn| deliveries::record_outcomes(conn, &sink, &outcomes))
+        self.write(move |conn| deliveries::record_outcomes(conn, &sink, &outcomes))
     }
 
     fn drop_deliveries_to_unknown_sinks(
@@ -350,7 +394,7 @@ impl JournalBackend for SqliteJournal {
         &self,
         groups: Vec<(Vec<i64>, SettleAction)>,
     ) -> BoxFuture<'_, anyhow::Result<()>> {
-        self.run(move |conn| settlements::mark_settled(conn, &groups))
+        self.write(move |conn| settlements::mark_settled(conn, &groups))
     }
 
     fn pending_enrichment<'a>(

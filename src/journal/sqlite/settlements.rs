@@ -59,21 +59,21 @@ pub(super) fn pending_settlements(
     Ok(groups.into_values().collect())
 }
 
+/// Marks the events of `groups` settled upstream, inside the transaction of the group commit
+/// that runs it.
 pub(super) fn mark_settled(
-    conn: &mut Connection,
+    tx: &Connection,
     groups: &[(Vec<i64>, SettleAction)],
 ) -> anyhow::Result<()> {
-    let tx = conn.transaction()?;
     let at = now();
     for (event_ids, action) in groups {
-        mark_settled_in(&tx, event_ids, *action, &at)?;
+        mark_settled_in(tx, event_ids, *action, &at)?;
     }
-    tx.commit()?;
     Ok(())
 }
 
 fn mark_settled_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     event_ids: &[i64],
     action: SettleAction,
     at: &str,

@@ -242,3 +242,63 @@ async fn a_reservation_of_63_events_lands_whole_and_in_order() {
         .collect();
     assert_eq!(deliveries, expected);
 }
+
+/// Writes that queue while the connection is busy are committed together (group commit): each
+/// still gets its own answer, and one that fails takes nothing of the others with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_commit_together_and_fail_alone() {
+    let (_dir, j) = open();
+    // Hold the connection so that the writes below queue behind the first one.
+    let holder = j.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        holder.with_conn(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(())
+        })
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut writers = Vec::new();
+    for n in 0..40_i64 {
+        let j = j.clone();
+        let sinks: &[&str] = if n == 17 { &["s", "s"] } else { &["s"] };
+        let events = (1..=5).map(|k| event(n * 10 + k, sinks)).collect();
+        writers.push(tokio::spawn(async move {
+            j.record_batches(vec![batch(&format!("p{n}"), Lane::Normal, events)])
+                .await
+        }));
+    }
+    held.await.unwrap().unwrap();
+    for (n, writer) in writers.into_iter().enumerate() {
+        let answer = writer.await.unwrap();
+        if n == 17 {
+            let err = answer.unwrap_err();
+            assert!(
+                err.to_string().contains("routed to sink s twice"),
+                "{err:#}"
+            );
+        } else {
+            assert_eq!(answer.unwrap()[0].inserted, 5, "writer {n}");
+        }
+    }
+    let (events, batches, deliveries): (i64, i64, i64) = j
+        .with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM batches),
+                        (SELECT COUNT(*) FROM deliveries)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?)
+        })
+        .unwrap();
+    assert_eq!((events, batches, deliveries), (39 * 5, 39, 39 * 5));
+    let failed: i64 = j
+        .with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM batches WHERE process_id = 'p17'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(failed, 0, "the failed write left no batch row");
+}
