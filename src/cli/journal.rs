@@ -190,8 +190,10 @@ pub enum JournalCommand {
     /// Copy this SQLite journal into PostgreSQL (the daemon stopped): every table, ids kept, in
     /// one transaction; refuses a schema that holds anything. The file is left untouched
     Migrate {
-        /// The PostgreSQL database to copy into: postgres://user:password@host:5432/database
-        /// (add ?sslmode=require for TLS)
+        /// The PostgreSQL database to copy into: postgres://user@host:5432/database (add
+        /// ?sslmode=require for TLS), or "-" to read the URL from standard input. A password
+        /// not in the URL is taken from PGPASSWORD, as psql takes it: a password on the command
+        /// line is visible to every local user in the process list
         #[arg(long, value_name = "URL")]
         to: String,
         /// The schema to create the journal in; it must be absent or empty

@@ -11,6 +11,7 @@ use b24eventd::journal::test_support::{
 };
 use b24eventd::journal::{Access, EventFilter, Journal};
 use b24eventd_simulator::SimulatorConfig;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -32,14 +33,32 @@ async fn require_database(url: &str) {
 }
 
 fn b24eventd(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_b24eventd"))
+    b24eventd_with(config, args, None, "")
+}
+
+/// The binary with `PGPASSWORD` set to `password` (or unset) and `stdin` on its standard input.
+fn b24eventd_with(config: &Path, args: &[&str], password: Option<&str>, stdin: &str) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_b24eventd"));
+    match password {
+        Some(password) => command.env("PGPASSWORD", password),
+        None => command.env_remove("PGPASSWORD"),
+    };
+    let mut child = command
         .env_remove("B24EVENTD_CONFIG")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .arg("-c")
         .arg(config)
         .args(args)
-        .output()
-        .expect("the binary runs")
+        .spawn()
+        .expect("the binary runs");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input
+        .write_all(stdin.as_bytes())
+        .expect("stdin takes the input");
+    drop(input);
+    child.wait_with_output().expect("the binary ends")
 }
 
 /// Everything the operator commands show of a journal, as JSON.
@@ -115,14 +134,19 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
     stop_with_sigterm(&mut daemon, &log);
 
     let file_before = std::fs::read(&loaded.journal.path).unwrap();
-    let done = b24eventd(&config, &migrate);
+    // The password from PGPASSWORD, as psql takes it, so it is not in the process list. The
+    // test server trusts local connections, so it accepts any: what is checked here is that
+    // the password is taken and never shown.
+    const PASSWORD: &str = "pgpassword-not-shown-3fa1";
+    let done = b24eventd_with(&config, &migrate, Some(PASSWORD), "");
     let out = String::from_utf8_lossy(&done.stdout);
-    assert_eq!(
-        done.status.code(),
-        Some(0),
-        "{out}{}",
-        String::from_utf8_lossy(&done.stderr)
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{out}{err}");
+    assert!(
+        !out.contains(PASSWORD) && !err.contains(PASSWORD),
+        "{out}{err}"
     );
+    assert!(out.contains("with the password put back into url"), "{out}");
     let pg_config = JournalConfig {
         postgres: Some(target.clone()),
         ..test_journal_config(dir.path())
@@ -155,8 +179,10 @@ async fn a_daemons_sqlite_journal_moves_to_postgres_whole_and_once() {
         "{stored:?}"
     );
 
-    // A second copy into the same schema is refused, and changes nothing.
-    let again = b24eventd(&config, &migrate);
+    // A second copy into the same schema is refused, and changes nothing; here the URL comes
+    // on standard input (`--to -`), as it passes through `b24eventd-as-service`.
+    let from_stdin = ["journal", "migrate", "--to", "-", "--schema", &schema];
+    let again = b24eventd_with(&config, &from_stdin, None, &format!("{url}\n"));
     assert_eq!(again.status.code(), Some(1));
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("already holds a journal"), "{err}");
